@@ -1,0 +1,1 @@
+"""Benchmarks: each `bench/bench_<name>.py` measures one thing side by side in one run."""

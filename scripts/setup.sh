@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Create or update the two environments from the pinned locks. Idempotent: a second run
+# only checks (about a second per environment); uv's cache makes a fresh clone fast too.
+#
+#   scripts/setup.sh            both environments (.venv core/training, .venv-vllm labeling)
+#   scripts/setup.sh core       only .venv
+#   scripts/setup.sh vllm       only .venv-vllm
+#   LANCETAG_VLLM=gpu scripts/setup.sh vllm   GPU clusters: the CUDA build of vLLM
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION=0.13.9
+PYTHON_VERSION=3.11
+VLLM_BUILD="${LANCETAG_VLLM:-cpu}"
+what="${1:-all}"
+
+ensure_uv() {
+  if command -v uv >/dev/null 2>&1 && [ "$(uv --version | cut -d' ' -f2)" = "$UV_VERSION" ]; then
+    UV=uv; return
+  fi
+  local tools=.cache/tools
+  if [ ! -x "$tools/bin/uv" ] || [ "$("$tools/bin/uv" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+    python3 -m venv "$tools"
+    "$tools/bin/pip" install -q "uv==$UV_VERSION"
+  fi
+  UV="$tools/bin/uv"
+}
+
+sync_env() {  # sync_env VENV LOCK
+  local venv=$1 lock=$2
+  [ -x "$venv/bin/python" ] || "$UV" venv -q --python "$PYTHON_VERSION" "$venv"
+  # sync removes what the lock does not list: the environment is exactly the lock.
+  "$UV" pip sync -q -p "$venv/bin/python" "$lock"
+  "$UV" pip install -q -p "$venv/bin/python" --no-deps -e .
+  echo "setup: $venv matches $lock"
+}
+
+ensure_uv
+case "$what" in
+  core) sync_env .venv requirements/core.lock ;;
+  vllm) sync_env .venv-vllm "requirements/vllm-$VLLM_BUILD.lock" ;;
+  all)
+    sync_env .venv requirements/core.lock
+    sync_env .venv-vllm "requirements/vllm-$VLLM_BUILD.lock" ;;
+  *) echo "usage: scripts/setup.sh [all|core|vllm]" >&2; exit 2 ;;
+esac

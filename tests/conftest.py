@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray cluster per session, tiny offline models, temporary tables."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet, before anything imports Ray or transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+LANCETAG = str(Path(sys.executable).parent / "lancetag")  # the console script of this environment
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by the whole test session (2 CPUs, 512 MiB object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    """Folder of a tiny random Qwen2-VL (model, tokenizer, processor, chat template)."""
+    from serve_apps.tiny_models import build_tiny_model
+
+    return build_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory) -> Path:
+    """Folder of a tiny random LLaVA-NeXT (model, tokenizer, processor, chat template)."""
+    from serve_apps.tiny_models import build_tiny_model
+
+    return build_tiny_model("llava_next", tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The interpreter of the vLLM labeling environment; skips where it is not set up."""
+    if not VLLM_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(".venv-vllm is missing: CI must set up both environments")
+        pytest.skip(".venv-vllm is not set up (run `make setup`)")
+    return VLLM_PYTHON

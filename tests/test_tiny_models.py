@@ -1,0 +1,83 @@
+"""The tiny offline models load with from_pretrained(path) and generate from an image prompt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+
+import pytest
+from PIL import Image
+
+from serve_apps.tiny_models import build_tiny_model
+from tests.conftest import LANCETAG
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_vl", "tiny_llava_next"])
+def test_tiny_model_loads_from_folder_and_generates_from_an_image_prompt(fixture, request):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = request.getfixturevalue(fixture)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[Image.new("RGB", (56, 56), (200, 10, 10))], return_tensors="pt")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert (inputs["input_ids"] == image_token).sum() > 0, "the prompt carries image tokens"
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    assert 1 <= len(new_tokens) <= 4
+
+
+def test_same_seed_builds_identical_weights_and_other_seed_differs(tmp_path):
+    from safetensors.numpy import load_file
+
+    a = load_file(build_tiny_model("qwen2_vl", tmp_path / "a", seed=1) / "model.safetensors")
+    b = load_file(build_tiny_model("qwen2_vl", tmp_path / "b", seed=1) / "model.safetensors")
+    c = load_file(build_tiny_model("qwen2_vl", tmp_path / "c", seed=2) / "model.safetensors")
+    name = next(k for k in a if "embed_tokens" in k)
+    assert (a[name] == b[name]).all()
+    assert not (a[name] == c[name]).all()
+
+
+def test_unknown_arch_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="qwen2_vl, llava_next"):
+        build_tiny_model("blip2", tmp_path)  # type: ignore[arg-type]
+
+
+def test_cli_builds_a_tiny_model_folder(tmp_path):
+    out = tmp_path / "m"
+    subprocess.run([LANCETAG, "dev", "tiny-model", "--arch", "qwen2_vl", "--out", str(out)], check=True)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_vl"
+    assert (out / "tokenizer.json").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_environment_loads_tiny_qwen2_vl_and_generates(tiny_qwen2_vl, vllm_python):
+    script = textwrap.dedent(
+        f"""
+        import json, os
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if __name__ == "__main__":  # vLLM spawns engine processes
+            from PIL import Image
+            from vllm import LLM, SamplingParams
+            llm = LLM(model={str(tiny_qwen2_vl)!r}, dtype="float32", enforce_eager=True,
+                      max_model_len=512, limit_mm_per_prompt={{"image": 1}})
+            prompt = ("<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>"
+                      "What is this?<|im_end|>\\n<|im_start|>assistant\\n")
+            image = Image.new("RGB", (56, 56), (200, 10, 10))
+            out = llm.generate([{{"prompt": prompt, "multi_modal_data": {{"image": image}}}}],
+                               SamplingParams(max_tokens=4, temperature=0))
+            print("RESULT " + json.dumps(list(out[0].outputs[0].token_ids)))
+        """
+    )
+    proc = subprocess.run([str(vllm_python), "-c", script], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    tokens = json.loads(line.removeprefix("RESULT "))
+    assert 1 <= len(tokens) <= 4
