@@ -1,0 +1,156 @@
+"""Create, open and append to image tables; appending the same content twice adds it once.
+
+Example::
+
+    from lance_io import append_images, open_table
+    result = append_images("/data/hotel.lance", rows)   # rows: pa.Table in IMAGE_SCHEMA
+    print(result.added, len(result.duplicate_ids), result.version)
+    ds = open_table("/data/hotel.lance", version="before-finetune")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import lance
+import pyarrow as pa
+
+from lance_io.schema import ID, IMAGE_SCHEMA
+
+# Keeps fragments a size where one fragment is one unit of tagging work (see columns.py).
+DEFAULT_MAX_ROWS_PER_FILE = 1024
+_ID_LOOKUP_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append did: rows added, ids already present, and the version it created."""
+
+    added: int
+    duplicate_ids: list[str] = field(default_factory=list)
+    version: int | None = None
+
+
+def table_exists(uri: str, *, storage_options: dict[str, str] | None = None) -> bool:
+    """Return whether a Lance table exists at ``uri``."""
+    try:
+        lance.dataset(uri, storage_options=storage_options)
+    except (ValueError, FileNotFoundError, OSError):
+        return False
+    return True
+
+
+def open_table(
+    uri: str, version: int | str | None = None, *, storage_options: dict[str, str] | None = None
+) -> lance.LanceDataset:
+    """Open the table at ``uri``, at the latest version, a version number, or a tag name.
+
+    Raises ``FileNotFoundError`` naming the URI when there is no table there, and
+    ``ValueError`` naming the version when it does not exist.
+    """
+    try:
+        ds = lance.dataset(uri, storage_options=storage_options)
+    except (ValueError, OSError) as exc:
+        raise FileNotFoundError(f"no Lance table at {uri}: {exc}") from exc
+    if version is None:
+        return ds
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    try:
+        return ds.checkout_version(version)
+    except (ValueError, OSError) as exc:
+        known = ", ".join(sorted(ds.tags.list())) or "none"
+        raise ValueError(f"table {uri} has no version {version!r} (tags: {known})") from exc
+
+
+def _conform(rows: pa.Table, target: pa.Schema | None) -> pa.Table:
+    """Order and cast ``rows`` to the table schema; new optional columns are kept at the end."""
+    if target is None:
+        missing = [f.name for f in IMAGE_SCHEMA if f.name not in rows.column_names]
+        if missing:
+            raise ValueError(f"rows lack image table columns: {', '.join(missing)}")
+        extra = [rows.schema.field(n) for n in rows.column_names if n not in IMAGE_SCHEMA.names]
+        target = pa.schema(list(IMAGE_SCHEMA) + extra)
+    else:
+        unknown = [n for n in rows.column_names if n not in target.names]
+        if unknown:
+            raise ValueError(
+                f"columns {', '.join(unknown)} are not in the table; add them first (lance_io.ensure_columns)"
+            )
+    columns = []
+    for f in target:
+        if f.name in rows.column_names:
+            columns.append(rows.column(f.name).cast(f.type))
+        elif f.nullable:
+            columns.append(pa.nulls(rows.num_rows, f.type))
+        else:
+            raise ValueError(f"rows lack the required column {f.name!r}")
+    return pa.Table.from_arrays(columns, schema=target)
+
+
+def _sql_strings(values: Iterable[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def existing_ids(ds: lance.LanceDataset, ids: Iterable[str]) -> set[str]:
+    """Return which of ``ids`` are already rows of ``ds`` (uses the ``id`` index when present)."""
+    found: set[str] = set()
+    ids = list(ids)
+    for start in range(0, len(ids), _ID_LOOKUP_CHUNK):
+        chunk = ids[start : start + _ID_LOOKUP_CHUNK]
+        hits = ds.to_table(columns=[ID], filter=f"{ID} IN ({_sql_strings(chunk)})")
+        found.update(hits.column(ID).to_pylist())
+    return found
+
+
+def ensure_id_index(ds: lance.LanceDataset) -> None:
+    """Create the BTREE index on ``id`` if missing, else fold new fragments into it."""
+    if any(idx["fields"] == [ID] for idx in ds.list_indices()):
+        ds.optimize.optimize_indices()
+    else:
+        ds.create_scalar_index(ID, index_type="BTREE")
+
+
+def append_images(
+    uri: str,
+    rows: pa.Table,
+    *,
+    storage_options: dict[str, str] | None = None,
+    properties: dict[str, str] | None = None,
+    max_rows_per_file: int = DEFAULT_MAX_ROWS_PER_FILE,
+) -> AppendResult:
+    """Append image rows to the table at ``uri`` (created if missing), skipping known content.
+
+    Rows whose ``id`` is already in the table, or repeated within ``rows``, are not written
+    and are reported in ``duplicate_ids``. The write is one atomic commit; ``properties`` are
+    stored in that version's transaction (see :func:`lance_io.versions.list_versions`).
+    """
+    if rows.num_rows == 0:
+        return AppendResult(added=0)
+    ids = rows.column(ID).to_pylist()
+    first_seen: dict[str, int] = {}
+    for i, row_id in enumerate(ids):
+        first_seen.setdefault(row_id, i)
+    duplicates = [row_id for i, row_id in enumerate(ids) if first_seen[row_id] != i]
+
+    ds = lance.dataset(uri, storage_options=storage_options) if table_exists(uri, storage_options=storage_options) else None
+    known = existing_ids(ds, first_seen) if ds is not None else set()
+    duplicates += [row_id for row_id in first_seen if row_id in known]
+    keep = sorted(i for row_id, i in first_seen.items() if row_id not in known)
+    if not keep:
+        return AppendResult(added=0, duplicate_ids=duplicates, version=ds.version if ds else None)
+
+    new_rows = _conform(rows.take(pa.array(keep, pa.int64())), ds.schema if ds is not None else None)
+    written = lance.write_dataset(
+        new_rows,
+        uri,
+        mode="append" if ds is not None else "create",
+        max_rows_per_file=max_rows_per_file,
+        storage_options=storage_options,
+        transaction_properties={"lancetag.operation": "append_images", **(properties or {})},
+    )
+    if ds is None:
+        ensure_id_index(written)
+        written = lance.dataset(uri, storage_options=storage_options)
+    return AppendResult(added=len(keep), duplicate_ids=duplicates, version=written.version)

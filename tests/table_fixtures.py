@@ -1,0 +1,51 @@
+"""Builders of real image tables for tests: small PNGs, rows in the image table schema."""
+
+from __future__ import annotations
+
+import io
+import random
+from datetime import UTC, datetime
+
+import pyarrow as pa
+from PIL import Image
+
+from lance_io.schema import IMAGE_SCHEMA, content_hashes
+
+
+def png_bytes(seed: int, size: int = 16) -> bytes:
+    """A distinct small PNG for each seed."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    image.putpixel((seed % size, (seed // size) % size), (seed % 256, (seed * 7) % 256, (seed * 13) % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_rows(seeds: range | list[int], *, truth: bool = True, padding: int = 0) -> pa.Table:
+    """Rows in IMAGE_SCHEMA (plus ``truth``) for PNGs of the given seeds; ``padding`` adds bytes."""
+    records = []
+    for seed in seeds:
+        data = png_bytes(seed) + random.Random(seed).randbytes(padding)  # incompressible
+        row_id, sha = content_hashes(data)
+        records.append(
+            {
+                "id": row_id,
+                "image": data,
+                "sha256": sha,
+                "size_bytes": len(data),
+                "width": 16,
+                "height": 16,
+                "format": "PNG",
+                "mode": "RGB",
+                "exif_orientation": None,
+                "frames": 1,
+                "source": f"test://{seed}",
+                "source_kind": "test",
+                "ingested_at": datetime.now(UTC),
+                "ingest_job": "test",
+                **({"truth": str(seed % 3)} if truth else {}),
+            }
+        )
+    schema = pa.schema(list(IMAGE_SCHEMA) + ([pa.field("truth", pa.string())] if truth else []))
+    return pa.Table.from_pylist(records, schema=schema)

@@ -1,0 +1,207 @@
+"""Fragment-by-fragment column writes: incremental, resumable, append-safe, image bytes untouched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import lance
+import pyarrow as pa
+import pytest
+
+from lance_io import append_images, ensure_columns, open_table, plan_fragments, write_fragment
+from lance_io.schema import IMAGE
+from tests.table_fixtures import image_rows
+
+OUTPUT = pa.schema([pa.field("label", pa.string()), pa.field("label_len", pa.int32())])
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def upper_label(batch: pa.RecordBatch) -> pa.RecordBatch:
+    labels = [f"L-{i[:4]}" for i in batch.column("id").to_pylist()]
+    return pa.record_batch([pa.array(labels), pa.array([len(x) for x in labels], pa.int32())], schema=OUTPUT)
+
+
+def image_data_files(uri: str) -> set[str]:
+    ds = lance.dataset(uri)
+    image_field = ds.lance_schema.field(IMAGE).id() if hasattr(ds, "lance_schema") else 1
+    return {d.path for f in ds.get_fragments() for d in f.data_files() if image_field in d.fields}
+
+
+def label_everything(uri: str, where: str | None = None, todo: str = "label IS NULL") -> int:
+    ensure_columns(uri, OUTPUT)
+    written = 0
+    for frag in plan_fragments(uri, todo, where=where):
+        written += write_fragment(
+            uri, frag.fragment_id, upper_label, read_columns=["id"], output_schema=OUTPUT, todo=todo, where=where
+        ).rows_written
+    return written
+
+
+@pytest.fixture
+def table(tmp_path) -> str:
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(40), padding=100_000), max_rows_per_file=10)
+    return uri
+
+
+def test_adding_columns_is_metadata_only_and_plans_every_fragment(table, tmp_path):
+    before = bytes_on_disk(tmp_path / "t.lance")
+    ensure_columns(table, OUTPUT)
+    assert bytes_on_disk(tmp_path / "t.lance") - before < 10_000
+    plan = plan_fragments(table, "label IS NULL")
+    assert [(p.fragment_id, p.rows) for p in plan] == [(0, 10), (1, 10), (2, 10), (3, 10)]
+
+
+def test_each_fragment_commits_alone_and_image_bytes_are_never_rewritten(table, tmp_path):
+    images_before = image_data_files(table)
+    size_before = bytes_on_disk(tmp_path / "t.lance")
+    version_before = open_table(table).version
+
+    assert label_everything(table) == 40
+
+    ds = open_table(table)
+    assert ds.version - version_before == 1 + 4, "one version for the new columns, one per fragment"
+    assert ds.to_table(filter="label IS NULL").num_rows == 0
+    assert image_data_files(table) == images_before
+    written = bytes_on_disk(tmp_path / "t.lance") - size_before
+    assert written < 0.01 * size_before, f"{written} bytes written for labels of a {size_before}-byte table"
+    assert plan_fragments(table, "label IS NULL") == []
+
+
+def test_where_updates_only_matching_rows_without_rewriting_images(table, tmp_path):
+    label_everything(table)
+    ds = open_table(table)
+    target_ids = ds.to_table(columns=["id"], filter="truth = '1'").column("id").to_pylist()
+    images_before = image_data_files(table)
+
+    def relabel(batch: pa.RecordBatch) -> pa.RecordBatch:
+        return pa.record_batch([pa.array(["NEW"] * batch.num_rows), pa.array([3] * batch.num_rows, pa.int32())], schema=OUTPUT)
+
+    total = 0
+    for frag in plan_fragments(table, "label != 'NEW'", where="truth = '1'"):
+        total += write_fragment(
+            table, frag.fragment_id, relabel, read_columns=[], output_schema=OUTPUT, todo="label != 'NEW'", where="truth = '1'"
+        ).rows_written
+    assert total == len(target_ids) > 0
+    after = open_table(table).to_table(columns=["id", "label"])
+    changed = {i for i, lab in zip(after["id"].to_pylist(), after["label"].to_pylist(), strict=True) if lab == "NEW"}
+    assert changed == set(target_ids)
+    assert image_data_files(table) == images_before
+
+
+def test_rows_appended_during_a_write_are_kept_and_reported_as_still_to_do(table):
+    ensure_columns(table, OUTPUT)
+    plan = plan_fragments(table, "label IS NULL")
+    appended = False
+
+    def compute_and_append_once(batch: pa.RecordBatch) -> pa.RecordBatch:
+        nonlocal appended
+        if not appended:  # another writer appends while this fragment is being computed
+            append_images(table, image_rows(range(100, 105)))
+            appended = True
+        return upper_label(batch)
+
+    for frag in plan:
+        write_fragment(table, frag.fragment_id, compute_and_append_once, read_columns=[], output_schema=OUTPUT, todo="label IS NULL")
+    ds = open_table(table)
+    assert ds.count_rows() == 45
+    assert ds.to_table(filter="label IS NULL").num_rows == 5
+    assert sum(p.rows for p in plan_fragments(table, "label IS NULL")) == 5
+    assert label_everything(table) == 5
+
+
+def test_concurrent_job_on_the_same_column_does_not_overwrite_finished_rows(table):
+    """A second writer that computed values for rows the first already committed writes nothing there."""
+    ensure_columns(table, OUTPUT)
+    plan = plan_fragments(table, "label IS NULL")
+
+    def other_job_wins(batch: pa.RecordBatch) -> pa.RecordBatch:
+        # Before this job commits, another job labels the same fragment.
+        write_fragment(table, plan[0].fragment_id, upper_label, read_columns=[], output_schema=OUTPUT, todo="label IS NULL")
+        return pa.record_batch([pa.array(["LATE"] * batch.num_rows), pa.array([4] * batch.num_rows, pa.int32())], schema=OUTPUT)
+
+    result = write_fragment(table, plan[0].fragment_id, other_job_wins, read_columns=[], output_schema=OUTPUT, todo="label IS NULL")
+    assert result.rows_written == 0
+    assert open_table(table).to_table(filter="label = 'LATE'").num_rows == 0
+
+
+def test_compaction_between_compute_and_commit_reapplies_values_to_the_moved_rows(table):
+    ensure_columns(table, OUTPUT)
+    plan = plan_fragments(table, "label IS NULL")
+
+    def compute_then_compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+        lance.dataset(table).optimize.compact_files(target_rows_per_fragment=1000)
+        return upper_label(batch)
+
+    result = write_fragment(table, plan[0].fragment_id, compute_then_compact, read_columns=[], output_schema=OUTPUT, todo="label IS NULL")
+    assert result.rows_written == plan[0].rows
+    ds = open_table(table)
+    assert plan[0].fragment_id not in [f.fragment_id for f in ds.get_fragments()], "compaction moved the rows"
+    assert ds.count_rows() == 40
+    assert ds.to_table(filter="label IS NOT NULL").num_rows == plan[0].rows
+
+
+def test_kill_9_mid_write_leaves_a_valid_table_and_rerun_finishes_only_what_is_left(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(120)), max_rows_per_file=20)
+    log1, log2 = tmp_path / "run1.log", tmp_path / "run2.log"
+    cmd = [sys.executable, "-m", "tests.fragment_writer", uri]
+    proc = subprocess.Popen([*cmd, str(log1), "--delay", "0.15", "--commit-rows", "8"], cwd=REPO)
+    # Kill it once it has committed some, but not all, of its work.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ds = lance.dataset(uri)
+        done = ds.to_table(filter="label IS NOT NULL").num_rows if "label" in ds.schema.names else 0
+        if done >= 30:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    ds = open_table(uri)  # the table opens at a valid version
+    committed = set(ds.to_table(columns=["id"], filter="label IS NOT NULL").column("id").to_pylist())
+    assert 30 <= len(committed) < 120
+
+    subprocess.run([*cmd, str(log2)], cwd=REPO, check=True)
+    recomputed = set(log2.read_text().split())
+    assert not (recomputed & committed), "the rerun must not label a committed row again"
+    final = open_table(uri).to_table(columns=["id", "label"])
+    assert final.num_rows == 120 and final.filter(pa.compute.is_null(final["label"])).num_rows == 0
+    counts = Counter(log1.read_text().split()) + Counter(log2.read_text().split())
+    assert set(counts) == set(final["id"].to_pylist())
+
+
+def test_another_process_appending_while_a_process_writes_loses_no_row(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(60)), max_rows_per_file=10)
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.fragment_writer", uri, str(tmp_path / "w.log"), "--delay", "0.05", "--commit-rows", "8"],
+        cwd=REPO,
+    )
+    appender = subprocess.run(
+        [sys.executable, "-c", (
+            "import sys, time; sys.path.insert(0, '.');"
+            "from lance_io import append_images; from tests.table_fixtures import image_rows;"
+            f"[append_images({uri!r}, image_rows(range(1000 + 10 * k, 1010 + 10 * k))) or time.sleep(0.1) for k in range(5)]"
+        )],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert appender.returncode == 0, appender.stderr
+    assert writer.wait(timeout=120) == 0
+    ds = open_table(uri)
+    assert ds.count_rows() == 110
+    still_to_do = sum(p.rows for p in plan_fragments(uri, "label IS NULL"))
+    assert still_to_do == ds.to_table(filter="label IS NULL").num_rows
+    assert still_to_do <= 50
+    assert label_everything(uri) == still_to_do
+    assert open_table(uri).to_table(filter="label IS NULL").num_rows == 0

@@ -1,0 +1,69 @@
+"""Image tables: create, append with dedup, open at versions and tags, errors record."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from lance_io import ErrorRecord, append_images, errors_uri, open_table, read_errors, record_errors
+from lance_io.versions import tag_version
+from tests.table_fixtures import image_rows
+
+
+def test_appending_the_same_content_twice_adds_it_once_and_reports_duplicates(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    first = append_images(uri, image_rows(range(10)))
+    assert first.added == 10 and first.duplicate_ids == []
+
+    again = append_images(uri, image_rows(range(5, 15)))
+    assert again.added == 5
+    assert sorted(again.duplicate_ids) == sorted(image_rows(range(5, 10)).column("id").to_pylist())
+    assert open_table(uri).count_rows() == 15
+
+
+def test_duplicates_within_one_append_are_written_once(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    rows = pa.concat_tables([image_rows([1, 2]), image_rows([2, 3])])
+    result = append_images(uri, rows)
+    assert result.added == 3 and len(result.duplicate_ids) == 1
+    assert open_table(uri).count_rows() == 3
+
+
+def test_image_bytes_are_stored_unmodified(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    rows = image_rows(range(3), padding=1000)
+    append_images(uri, rows)
+    stored = open_table(uri).to_table(columns=["id", "image"]).sort_by("id")
+    assert stored.column("image").to_pylist() == rows.sort_by("id").column("image").to_pylist()
+
+
+def test_append_refuses_rows_missing_required_columns_naming_them(tmp_path):
+    rows = image_rows(range(2)).drop_columns(["sha256", "width"])
+    with pytest.raises(ValueError, match="sha256, width"):
+        append_images(str(tmp_path / "t.lance"), rows)
+
+
+def test_open_at_version_and_tag_sees_that_version(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    v1 = append_images(uri, image_rows(range(4))).version
+    tag_version(uri, "first", v1)
+    append_images(uri, image_rows(range(4, 8)))
+    assert open_table(uri).count_rows() == 8
+    assert open_table(uri, v1).count_rows() == 4
+    assert open_table(uri, "first").count_rows() == 4
+    with pytest.raises(ValueError, match="no version 'nope'"):
+        open_table(uri, "nope")
+    with pytest.raises(FileNotFoundError, match="no Lance table at"):
+        open_table(str(tmp_path / "missing.lance"))
+
+
+def test_errors_are_recorded_next_to_the_table_with_source_reason_and_job(tmp_path):
+    uri = str(tmp_path / "photos.lance")
+    assert errors_uri(uri) == str(tmp_path / "photos.errors.lance")
+    assert read_errors(uri).num_rows == 0
+    record_errors(uri, [ErrorRecord("a.jpg", "image_decode_failed", "truncated JPEG", job="j1")])
+    record_errors(uri, [ErrorRecord("b.jpg", "too_large", "3 GB > 50 MB", job="j2")])
+    errors = read_errors(uri)
+    assert errors.num_rows == 2
+    only_j2 = read_errors(uri, job="j2").to_pylist()
+    assert [(e["source"], e["reason"], e["stage"]) for e in only_j2] == [("b.jpg", "too_large", "ingest")]
