@@ -19,10 +19,15 @@ MESSAGES = "messages"
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
+# Image files are already compressed: Lance's general compression only costs time (measured
+# in bench/RESULTS.md: about 2x slower writes, no smaller files). Plain, uncompressed
+# large_binary beat blob encoding on random takes, and readers get the bytes directly.
+IMAGE_FIELD_METADATA = {"description": "original bytes, unmodified", "lance-encoding:compression": "none"}
+
 IMAGE_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False, metadata={"description": "first 32 hex digits of sha256(image)"}),
-        pa.field(IMAGE, pa.large_binary(), nullable=False, metadata={"description": "original bytes, unmodified"}),
+        pa.field(IMAGE, pa.large_binary(), nullable=False, metadata=IMAGE_FIELD_METADATA),
         pa.field(SHA256, pa.string(), nullable=False),
         pa.field("size_bytes", pa.int64(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),

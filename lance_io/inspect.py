@@ -1,0 +1,63 @@
+"""What a table holds: schema, rows, fragments, size, and each label column's coverage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from lance_io.schema import IMAGE_SCHEMA
+from lance_io.table import open_table
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    """A table at one version, as ``lancetag show`` prints it."""
+
+    uri: str
+    version: int
+    rows: int
+    fragments: int
+    size_bytes: int
+    schema: dict[str, str]
+    coverage: dict[str, int] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+
+
+def summarize_table(
+    uri: str, version: int | str | None = None, *, storage_options: dict[str, str] | None = None
+) -> TableSummary:
+    """Return rows, fragments, bytes, schema and non-null counts of the non-core columns."""
+    ds = open_table(uri, version, storage_options=storage_options)
+    extra = [f.name for f in ds.schema if f.name not in IMAGE_SCHEMA.names]
+    coverage = {name: ds.count_rows(filter=f"{name} IS NOT NULL") for name in extra}
+    size = sum(d.file_size_bytes or 0 for frag in ds.get_fragments() for d in frag.data_files())
+    return TableSummary(
+        uri=uri,
+        version=ds.version,
+        rows=ds.count_rows(),
+        fragments=len(ds.get_fragments()),
+        size_bytes=size,
+        schema={f.name: str(f.type) for f in ds.schema},
+        coverage=coverage,
+        tags=sorted(name for name, t in ds.tags.list().items() if t["version"] == ds.version),
+    )
+
+
+def query_table(
+    uri: str,
+    where: str | None = None,
+    *,
+    columns: list[str] | None = None,
+    limit: int | None = 20,
+    version: int | str | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> pa.Table:
+    """Return rows matching the SQL ``where``; by default every column but the image bytes."""
+    ds = open_table(uri, version, storage_options=storage_options)
+    if columns is None:
+        columns = [f.name for f in ds.schema if not pa.types.is_large_binary(f.type) and not pa.types.is_binary(f.type)]
+    unknown = [c for c in columns if c not in ds.schema.names]
+    if unknown:
+        raise ValueError(f"no column {', '.join(map(repr, unknown))} in {uri} (columns: {', '.join(ds.schema.names)})")
+    return ds.to_table(columns=columns, filter=where, limit=limit)

@@ -1,0 +1,116 @@
+"""Versions for data scientists, the table CLI, and tables on S3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pyarrow as pa
+import pytest
+
+from lance_io import append_images, ensure_columns, open_table, plan_fragments, write_fragment
+from lance_io.versions import diff_versions, list_versions, restore_version, tag_version
+from tests.conftest import LANCETAG
+from tests.table_fixtures import image_rows
+
+OUTPUT = pa.schema([pa.field("label", pa.string())])
+
+
+def set_labels(uri: str, labels: dict[str, str], job: str) -> None:
+    """Write `label` for the given ids (a hand-built labeling job)."""
+    ensure_columns(uri, OUTPUT)
+
+    def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
+        return pa.record_batch([pa.array([labels[i] for i in batch.column("id").to_pylist()])], schema=OUTPUT)
+
+    where = "id IN (" + ", ".join(f"'{i}'" for i in labels) + ")"
+    for frag in plan_fragments(uri, "true", where=where):
+        write_fragment(
+            uri, frag.fragment_id, compute, read_columns=[], output_schema=OUTPUT, todo="true", where=where,
+            properties={"lancetag.job": job},
+        )
+
+
+@pytest.fixture
+def history(tmp_path):
+    """A table with a hand-built history: 6 rows, labels a/b, then 2 relabeled and 2 rows added."""
+    uri = str(tmp_path / "h.lance")
+    rows = image_rows(range(6))
+    ids = rows.column("id").to_pylist()
+    append_images(uri, rows)
+    set_labels(uri, {i: ("a" if k < 3 else "b") for k, i in enumerate(ids)}, job="zero-shot")
+    v_before = tag_version(uri, "zero-shot")
+    set_labels(uri, {ids[0]: "b", ids[1]: "b"}, job="fine-tuned")
+    append_images(uri, image_rows(range(6, 8)))
+    v_after = tag_version(uri, "fine-tuned")
+    return uri, ids, v_before, v_after
+
+
+def test_diff_reports_added_rows_and_label_changes_on_a_hand_built_case(history):
+    uri, ids, v_before, v_after = history
+    d = diff_versions(uri, "zero-shot", "fine-tuned", column="label")
+    assert (d.before, d.after) == (v_before, v_after)
+    assert d.added == 2 and d.removed == 0
+    assert d.column.before == {"a": 3, "b": 3}
+    assert d.column.after == {"b": 5, "a": 1, None: 2}
+    assert d.column.changed == 2 and set(d.column.changed_ids) == {ids[0], ids[1]}
+
+
+def test_versions_list_what_each_did_with_job_parameters_and_tags(history):
+    uri, _, v_before, v_after = history
+    infos = list_versions(uri)
+    assert [v.version for v in infos] == sorted(v.version for v in infos)
+    by_version = {v.version: v for v in infos}
+    assert by_version[v_before].tags == ["zero-shot"] and by_version[v_after].tags == ["fine-tuned"]
+    jobs = [v.properties.get("lancetag.job") for v in infos]
+    assert "zero-shot" in jobs and "fine-tuned" in jobs
+    assert {v.properties.get("lancetag.operation") for v in infos} >= {"append_images", "write_fragment"}
+
+
+def test_restore_makes_an_old_version_latest_again(history):
+    uri, _, _, _ = history
+    new = restore_version(uri, "zero-shot")
+    ds = open_table(uri)
+    assert ds.version == new and ds.count_rows() == 6
+    assert ds.to_table(filter="label = 'a'").num_rows == 3
+
+
+def test_cli_show_versions_tag_diff_query_print_json(history):
+    uri, ids, _, v_after = history
+
+    def cli(*args: str):
+        out = subprocess.run([LANCETAG, *args, "--json"], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    shown = cli("show", uri)
+    assert shown["rows"] == 8 and shown["coverage"]["label"] == 6 and shown["version"] == v_after
+    assert {v["version"] for v in cli("versions", uri)} >= {v_after}
+    assert cli("tag", uri, "again")["version"] == v_after
+    diff = cli("diff", uri, "zero-shot", "again", "--column", "label")
+    assert diff["added"] == 2 and diff["column"]["changed"] == 2
+    rows = cli("query", uri, "--where", "label = 'a'", "--columns", "id,label")
+    assert [r["id"] for r in rows] == [ids[2]]
+
+
+def test_cli_errors_name_the_missing_column(history):
+    uri = history[0]
+    proc = subprocess.run([LANCETAG, "query", uri, "--columns", "nope"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "no column 'nope'" in proc.stderr
+
+
+@pytest.mark.s3
+def test_tables_on_s3_create_append_write_columns_and_version(s3):
+    uri, opts = s3.uri("t.lance"), s3.storage_options
+    assert append_images(uri, image_rows(range(10)), storage_options=opts, max_rows_per_file=5).added == 10
+    assert append_images(uri, image_rows(range(5, 12)), storage_options=opts).added == 2
+    ensure_columns(uri, OUTPUT, storage_options=opts)
+
+    def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
+        return pa.record_batch([pa.array(["x"] * batch.num_rows)], schema=OUTPUT)
+
+    for frag in plan_fragments(uri, "label IS NULL", storage_options=opts):
+        write_fragment(uri, frag.fragment_id, compute, read_columns=[], output_schema=OUTPUT, todo="label IS NULL", storage_options=opts)
+    tag_version(uri, "labeled", storage_options=opts)
+    ds = open_table(uri, "labeled", storage_options=opts)
+    assert ds.count_rows() == 12 and ds.to_table(filter="label = 'x'").num_rows == 12
+    assert len(list_versions(uri, storage_options=opts)) >= 5
