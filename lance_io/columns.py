@@ -130,6 +130,7 @@ def _commit_update(
     todo_predicate: str | None,
     properties: dict[str, str],
     storage_options: dict[str, str] | None,
+    on_commit: Callable[[pa.Table], None] | None = None,
     max_attempts: int = 8,
 ) -> tuple[list[int], int, int]:
     """Write ``values`` (id + output columns) into the rows with those ids; one commit per fragment.
@@ -150,6 +151,7 @@ def _commit_update(
             zip(located.column(ID).to_pylist(), (located.column(_ROW_ADDRESS).to_numpy() >> 32).tolist(), strict=True)
         )
         versions = []
+        committed: list[pa.Table] = []
         try:
             for fid in sorted(set(fragment_of.values())):
                 wanted = pa.array([i for i, f in fragment_of.items() if f == fid], pa.string())
@@ -163,6 +165,9 @@ def _commit_update(
                     storage_options=storage_options,
                 )
                 versions.append(ds.version)
+                committed.append(part)
+            if on_commit is not None:
+                on_commit(pa.concat_tables(committed))
             return versions, located.num_rows, conflicts
         except OSError as exc:  # a commit conflict Lance could not rebase: locate the rows again
             if "conflict" not in str(exc).lower() or attempt == max_attempts - 1:
@@ -185,6 +190,7 @@ def write_fragment(
     commit_rows: int = 4096,
     properties: dict[str, str] | None = None,
     storage_options: dict[str, str] | None = None,
+    on_commit: Callable[[pa.Table], None] | None = None,
 ) -> FragmentCommit:
     """Compute ``output_schema`` columns for the todo rows of one fragment and commit them.
 
@@ -192,7 +198,8 @@ def write_fragment(
     ``fragment_id``, calls ``compute`` on batches of ``batch_size`` rows, and commits every
     ``commit_rows`` rows (and at the end). Only the output columns are written. Returns what
     was committed; a fragment that no longer exists (compacted away) yields zero rows, and
-    the next plan finds its rows under their new fragment.
+    the next plan finds its rows under their new fragment. ``on_commit`` is called with the
+    rows (``id`` + outputs) each commit actually wrote.
     """
     ds = lance.dataset(uri, storage_options=storage_options)
     result = FragmentCommit(fragment_id)
@@ -210,7 +217,7 @@ def write_fragment(
             return
         values = pa.concat_tables(pending)
         versions, rows, conflicts = _commit_update(
-            uri, values, todo_predicate=todo, properties=props, storage_options=storage_options
+            uri, values, todo_predicate=todo, properties=props, storage_options=storage_options, on_commit=on_commit
         )
         result.rows_written += rows
         result.versions += versions

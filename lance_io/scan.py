@@ -102,7 +102,8 @@ def scan_batches(
         fragments = [ds.get_fragment(i) for i in fragment_ids]
         if any(f is None for f in fragments):
             raise TableReadError(
-                "fragment_not_found", f"{ds.uri} version {ds.version} has no fragment among {list(fragment_ids)}"
+                "fragment_not_found",
+                f"{ds.uri} version {ds.version} has no fragment among {list(fragment_ids)}",
             )
     scanner = ds.scanner(
         columns=list(columns), filter=where, fragments=fragments, batch_size=batch_size, scan_in_order=True

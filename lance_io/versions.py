@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ import pyarrow as pa
 
 from lance_io.schema import ID
 from lance_io.table import open_table
+
+RUN_KEY_PREFIX = "lancetag.run."
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,18 @@ def _tags_by_version(ds: lance.LanceDataset) -> dict[int, list[str]]:
     return by_version
 
 
+def _run_properties(transaction: object) -> dict[str, str]:
+    """Job summaries stored by :func:`record_run`, flattened to ``lancetag.*`` properties."""
+    updates = getattr(getattr(getattr(transaction, "operation", None), "table_metadata_updates", None), "updates", None)
+    properties: dict[str, str] = {}
+    for key, value in (updates or {}).items():
+        if key.startswith(RUN_KEY_PREFIX) and value:
+            summary = json.loads(value)
+            properties["lancetag.run"] = key.removeprefix(RUN_KEY_PREFIX)
+            properties.update({f"lancetag.{k}": str(v) for k, v in summary.items()})
+    return properties
+
+
 def list_versions(uri: str, *, storage_options: dict[str, str] | None = None) -> list[VersionInfo]:
     """Return every version of the table, oldest first, with operation, job properties and tags."""
     ds = open_table(uri, storage_options=storage_options)
@@ -77,6 +92,7 @@ def list_versions(uri: str, *, storage_options: dict[str, str] | None = None) ->
         transaction = ds.read_transaction(number)
         operation = type(transaction.operation).__name__ if transaction else "unknown"
         properties = dict(transaction.transaction_properties or {}) if transaction else {}
+        properties.update(_run_properties(transaction))
         infos.append(
             VersionInfo(
                 version=number,
@@ -88,6 +104,26 @@ def list_versions(uri: str, *, storage_options: dict[str, str] | None = None) ->
             )
         )
     return infos
+
+
+def record_run(
+    uri: str, run_id: str, summary: dict[str, object], *, storage_options: dict[str, str] | None = None
+) -> int:
+    """Store a job's parameters and counts in the table as a new version; return that version.
+
+    The summary is kept under the table metadata key ``lancetag.run.<run_id>`` and shows in
+    :func:`list_versions` as that version's ``properties``.
+    """
+    ds = open_table(uri, storage_options=storage_options)
+    ds.update_metadata({f"{RUN_KEY_PREFIX}{run_id}": json.dumps(summary, sort_keys=True, default=str)})
+    return open_table(uri, storage_options=storage_options).version
+
+
+def run_summaries(uri: str, *, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
+    """Return every recorded job summary of the table, by run id."""
+    metadata = open_table(uri, storage_options=storage_options).metadata
+    metadata = metadata() if callable(metadata) else metadata
+    return {k.removeprefix(RUN_KEY_PREFIX): json.loads(v) for k, v in metadata.items() if k.startswith(RUN_KEY_PREFIX)}
 
 
 def tag_version(

@@ -1,0 +1,47 @@
+"""`lancetag label`: add label columns to a table through the Serve labeler."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ray_jobs.cli_output import emit_json
+
+
+def label_command(
+    table: Annotated[str, typer.Argument(help="Lance table URI (local path or s3://...)")],
+    task: Annotated[str, typer.Option(help="Task name (configs/tasks) or YAML path")],
+    serve: Annotated[str | None, typer.Option(help="Base URL of a running labeler")] = None,
+    app_name: Annotated[str | None, typer.Option("--app", help="Labeler Serve app in this cluster (handle)")] = None,
+    model: Annotated[str | None, typer.Option(help="Start a labeler for this model (path or hub id)")] = None,
+    backend: Annotated[str, typer.Option(help="Backend of the started labeler")] = "transformers",
+    lora: Annotated[str | None, typer.Option(help="LoRA adapter of the started labeler")] = None,
+    column: Annotated[str, typer.Option(help="Column prefix of the labels")] = "label",
+    where: Annotated[str | None, typer.Option(help="SQL predicate restricting the rows")] = None,
+    relabel: Annotated[bool, typer.Option(help="Also redo rows labeled by another model/adapter/prompt")] = False,
+    concurrency: Annotated[int, typer.Option(help="Fragments labeled at once")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Images per labeler request")] = 8,
+    version_tag: Annotated[str | None, typer.Option(help="Tag the version the run ends at")] = None,
+    token_env: Annotated[str | None, typer.Option(help="Env var holding the labeler's bearer token")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+) -> None:
+    """Label the rows that still need it; commit fragment by fragment; resume after a crash."""
+    from lance_io.storage import resolve_storage_options
+    from ray_jobs.label import LabelOptions, label_table
+
+    options = LabelOptions(
+        task=task, column=column, serve=serve, app=app_name, model=model, backend=backend, lora=lora, where=where,
+        relabel=relabel, concurrency=concurrency, batch_size=batch_size, version_tag=version_tag, token_env=token_env,
+    )
+    summary = label_table(table, options, storage_options=resolve_storage_options(table), progress=not as_json, address=address)
+    keys = ("planned", "labeled", "failed", "skipped", "fragments_committed", "version", "seconds")
+    if as_json:
+        emit_json({k: getattr(summary, k) for k in keys} | {"errors": summary.errors, "provenance": summary.provenance})
+    else:
+        typer.echo(", ".join(f"{k} {getattr(summary, k)}" for k in keys))
+        for error in summary.errors:
+            typer.echo(f"error: {error}", err=True)
+    if summary.fragments_failed:
+        raise typer.Exit(1)
