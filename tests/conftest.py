@@ -69,3 +69,12 @@ def vllm_python() -> Path:
             pytest.fail(".venv-vllm is missing: CI must set up both environments")
         pytest.skip(".venv-vllm is not set up (run `make setup`)")
     return VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 with a bucket, for the whole session."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as server:
+        yield server
