@@ -35,7 +35,17 @@ sync_env() {  # sync_env VENV LOCK
   echo "setup: $venv matches $lock"
 }
 
+ensure_system_packages() {  # headless Chromium renders the eval report in the tests
+  command -v chromium >/dev/null 2>&1 && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium not found; the HTML report test will be skipped (apt-get install chromium)" >&2
+  fi
+}
+
 ensure_uv
+[ "$what" = vllm ] || ensure_system_packages
 case "$what" in
   core) sync_env .venv requirements/core.lock ;;
   vllm) sync_env .venv-vllm "requirements/vllm-$VLLM_BUILD.lock" ;;

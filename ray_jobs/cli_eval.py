@@ -1,0 +1,51 @@
+"""`lancetag eval`: accuracy, per-class P/R/F1, confusion, coverage, calibration, cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ray_jobs.cli_output import emit_json, print_rows
+
+
+def eval_command(
+    table: Annotated[str, typer.Argument(help="Lance table URI")],
+    column: Annotated[str, typer.Option(help="Label column (or prefix of attribute columns)")] = "label",
+    truth: Annotated[str, typer.Option(help="Ground-truth column (or prefix)")] = "truth",
+    version: Annotated[str | None, typer.Option(help="Version number or tag (default: latest)")] = None,
+    where: Annotated[str | None, typer.Option(help="SQL predicate, e.g. the held-out split")] = None,
+    report: Annotated[Path | None, typer.Option(help="Folder for report.html, confusion.png, metrics.json")] = None,
+    price_per_hour: Annotated[float, typer.Option(help="Hourly price of the labeling machine, $")] = 0.10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON")] = False,
+) -> None:
+    """Evaluate a label column against ground truth at a table version."""
+    from lance_io.storage import resolve_storage_options
+    from ray_jobs.evaluation import evaluate_table
+
+    result = evaluate_table(
+        table, column, truth, version=version, where=where, report_dir=report, price_per_hour=price_per_hour,
+        storage_options=resolve_storage_options(table),
+    )
+    if as_json:
+        emit_json(
+            {
+                "accuracy": result.accuracy, "version": result.version, "report": result.report,
+                "images_per_second": result.images_per_second, "cost_per_1000": result.cost_per_1000,
+                "evaluations": result.evaluations, "lineage": result.lineage,
+            }
+        )
+        return
+    print_rows(
+        f"{table} @ {result.version}: {column} vs {truth}",
+        [
+            {"column": name, "accuracy": f"{e.accuracy:.3f}", "macro F1": f"{e.macro_f1:.3f}", "coverage": f"{e.coverage:.3f}",
+             "invalid": e.invalid, "ECE": "n/a" if e.calibration_error is None else f"{e.calibration_error:.3f}"}
+            for name, e in result.evaluations.items()
+        ],
+    )
+    if result.cost_per_1000 is not None:
+        typer.echo(f"{result.images_per_second:.1f} images/s -> ${result.cost_per_1000:.4f} per 1,000 images at ${price_per_hour}/h")
+    if result.report:
+        typer.echo(f"report: {result.report}")

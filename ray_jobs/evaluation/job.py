@@ -1,0 +1,130 @@
+"""`lancetag eval`: compare a label column with a truth column at a table version; write a report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ray_jobs.evaluation.metrics import Evaluation, evaluate
+from ray_jobs.evaluation.report import REFERENCE_COSTS, confusion_png, cost_per_1000, html_report
+
+DEFAULT_PRICE_PER_HOUR = 0.10
+"""Hourly price of the machine that labeled, in dollars (a 2-core cloud VM is about this)."""
+
+
+@dataclass
+class EvalResult:
+    """Evaluation of one or more column/truth pairs, with throughput, cost and where the report is."""
+
+    table: str
+    version: int
+    column: str
+    truth: str
+    evaluations: dict[str, Evaluation]
+    images_per_second: float | None = None
+    cost_per_1000: float | None = None
+    price_per_hour: float = DEFAULT_PRICE_PER_HOUR
+    report: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        """Mean accuracy over the evaluated pairs (one pair unless an attribute task)."""
+        return sum(e.accuracy for e in self.evaluations.values()) / len(self.evaluations)
+
+
+def _pairs(schema_names: list[str], column: str, truth: str) -> dict[str, tuple[str, str]]:
+    """Column/truth pairs: ``column`` vs ``truth``, or each ``column_<attr>`` vs ``truth_<attr>``."""
+    if column in schema_names:
+        if truth not in schema_names:
+            raise ValueError(f"no truth column {truth!r} (columns: {', '.join(schema_names)})")
+        return {column: (column, truth)}
+    pairs = {
+        name.removeprefix(f"{column}_"): (name, f"{truth}_{name.removeprefix(f'{column}_')}")
+        for name in schema_names
+        if name.startswith(f"{column}_") and f"{truth}_{name.removeprefix(f'{column}_')}" in schema_names
+    }
+    if not pairs:
+        raise ValueError(f"no column {column!r} and no {column}_<attr>/{truth}_<attr> pairs in the table")
+    return pairs
+
+
+def _throughput(runs: dict[str, dict], column: str, version: int) -> tuple[float | None, dict[str, str]]:
+    """Images/s and lineage of the latest label run of ``column`` at or before ``version``."""
+    candidates = [
+        r for r in runs.values() if r.get("operation") == "label" and r.get("column") == column and r.get("labeled")
+    ]
+    if not candidates:
+        return None, {}
+    last = max(candidates, key=lambda r: int(r.get("version") or 0))
+    seconds = float(last.get("seconds") or 0)
+    ips = float(last["labeled"]) / seconds if seconds else None
+    lineage = {"labels_written_by": f"label run {last.get('run_id')}", "model": str(last.get("model")), "adapter": str(last.get("adapter") or "")}
+    return ips, lineage
+
+
+def evaluate_table(
+    table: str,
+    column: str,
+    truth: str = "truth",
+    *,
+    version: int | str | None = None,
+    where: str | None = None,
+    report_dir: str | Path | None = None,
+    price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
+    storage_options: dict[str, str] | None = None,
+) -> EvalResult:
+    """Evaluate ``column`` against ``truth`` on the rows matching ``where`` at ``version``.
+
+    With ``report_dir``, writes ``confusion.png`` (per attribute for attribute tasks),
+    ``report.html`` and ``metrics.json`` there.
+    """
+    from lance_io import open_table
+    from lance_io.versions import run_summaries
+
+    ds = open_table(table, version, storage_options=storage_options)
+    pairs = _pairs(ds.schema.names, column, truth)
+    extra = [c for c in (f"{column}_confidence", f"{column}_error") if c in ds.schema.names]
+    needed = sorted({c for pair in pairs.values() for c in pair} | set(extra))
+    data = ds.to_table(columns=needed, filter=where).to_pydict()
+    evaluations = {
+        name: evaluate(data[t], data[c], data.get(f"{column}_confidence"), data.get(f"{column}_error"))
+        for name, (c, t) in pairs.items()
+    }
+    ips, lineage = _throughput(run_summaries(table, storage_options=storage_options), column, ds.version)
+    lineage["evaluated_version"] = str(ds.version)
+    result = EvalResult(
+        table=table, version=ds.version, column=column, truth=truth, evaluations=evaluations,
+        images_per_second=ips, cost_per_1000=cost_per_1000(ips, price_per_hour) if ips else None,
+        price_per_hour=price_per_hour, lineage=lineage,
+    )
+    if report_dir is not None:
+        result.report = str(write_report(result, Path(report_dir)))
+    return result
+
+
+def write_report(result: EvalResult, out: Path) -> Path:
+    """Write PNG(s), report.html and metrics.json for ``result`` into ``out``; return the HTML path."""
+    out.mkdir(parents=True, exist_ok=True)
+    costs = dict(REFERENCE_COSTS)
+    if result.cost_per_1000 is not None:
+        costs = {
+            f"this run: {result.images_per_second:.1f} images/s at ${result.price_per_hour:.2f}/h": result.cost_per_1000,
+            **costs,
+        }
+    pages = []
+    for name, evaluation in result.evaluations.items():
+        png = out / (f"confusion-{name}.png" if len(result.evaluations) > 1 else "confusion.png")
+        cells = confusion_png(evaluation, png, title=name)
+        facts = {"table": result.table, "version": str(result.version), "column": name, "truth": result.truth, **result.lineage}
+        pages.append(html_report(evaluation, png, cells, title=f"lancetag eval: {name}", facts=facts, costs=costs))
+    page = pages[0] if len(pages) == 1 else "\n".join(pages)
+    (out / "report.html").write_text(page)
+    metrics = {
+        "table": result.table, "version": result.version, "accuracy": result.accuracy,
+        "images_per_second": result.images_per_second, "cost_per_1000": result.cost_per_1000,
+        "lineage": result.lineage, "evaluations": {k: asdict(v) for k, v in result.evaluations.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return out / "report.html"

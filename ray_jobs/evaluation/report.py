@@ -1,0 +1,105 @@
+"""Evaluation reports people can open: a confusion-matrix PNG and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from ray_jobs.evaluation.metrics import Evaluation
+
+# Published reference points (source articles): cost per 1,000 images.
+REFERENCE_COSTS = {
+    "fine-tuned LLaVA-1.6-Mistral-7B on vLLM, 1x A10G (article)": 0.26,
+    "GPT-4o API (article)": 5.54,
+}
+
+
+def cost_per_1000(images_per_second: float, price_per_hour: float) -> float:
+    """Return the dollars it costs to label 1,000 images at this throughput and hourly price."""
+    return price_per_hour / (images_per_second * 3600.0) * 1000.0
+
+
+Cells = dict[tuple[int, int], tuple[int, int, int]]
+"""(truth index, predicted index) -> (x, y, half-width) of the cell in the PNG, in pixels."""
+
+
+def confusion_png(evaluation: Evaluation, path: Path, title: str = "confusion matrix") -> Cells:
+    """Draw the confusion matrix (rows: truth, columns: predicted) with counts; return the cell positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(evaluation.classes)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    matrix = evaluation.confusion or [[0]]
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), evaluation.classes, rotation=90 if n > 10 else 0)
+    ax.set_yticks(range(n), evaluation.classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    height = fig.get_size_inches()[1] * fig.dpi
+    cells: Cells = {}
+    for i in range(n):
+        for j in range(n):
+            x, y = ax.transData.transform((j, i))
+            x1, _ = ax.transData.transform((j + 0.5, i))
+            cells[(i, j)] = (round(x), round(height - y), max(1, round(x1 - x)))
+    plt.close(fig)
+    return cells
+
+
+def html_report(
+    evaluation: Evaluation,
+    png: Path,
+    cells: Cells,
+    *,
+    title: str,
+    facts: dict[str, str],
+    costs: dict[str, float],
+) -> str:
+    """Return a self-contained HTML page: headline figures, per-class table, confusion image, costs."""
+    esc = html.escape
+    image = base64.b64encode(png.read_bytes()).decode()
+    fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts.items())
+    class_rows = "".join(
+        f"<tr><td>{esc(c)}</td><td>{m.precision:.3f}</td><td>{m.recall:.3f}</td><td>{m.f1:.3f}</td><td>{m.support}</td></tr>"
+        for c, m in evaluation.per_class.items()
+    )
+    cost_rows = "".join(f"<tr><td>{esc(k)}</td><td>${v:.4f}</td></tr>" for k, v in costs.items())
+    areas = "".join(
+        f'<area shape="rect" coords="{x - r},{y - r},{x + r},{y + r}" '
+        f'title="truth {esc(evaluation.classes[i])}, predicted {esc(evaluation.classes[j])}: {evaluation.confusion[i][j]}">'
+        for (i, j), (x, y, r) in cells.items()
+    )
+    conf = "n/a" if evaluation.mean_confidence is None else f"{evaluation.mean_confidence:.3f}"
+    ece = "n/a" if evaluation.calibration_error is None else f"{evaluation.calibration_error:.3f}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.big{{font-size:2em;font-weight:bold}}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<p><span class="big" id="accuracy">{100 * evaluation.accuracy:.1f}%</span> accuracy on {evaluation.rows} rows with truth;
+coverage {100 * evaluation.coverage:.1f}% ({evaluation.labeled} labeled, {evaluation.invalid} invalid);
+macro F1 {evaluation.macro_f1:.3f}; mean confidence {conf}; calibration error (ECE) {ece}.</p>
+<table id="facts">{fact_rows}</table>
+<h2>Per class</h2>
+<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{class_rows}</table>
+<h2>Confusion matrix</h2>
+<img id="confusion" alt="confusion matrix" usemap="#cells" src="data:image/png;base64,{image}">
+<map name="cells">{areas}</map>
+<h2>Cost per 1,000 images</h2>
+<table id="costs"><tr><th>labeler</th><th>$ / 1,000 images</th></tr>{cost_rows}</table>
+</body></html>
+"""

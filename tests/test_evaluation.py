@@ -1,0 +1,106 @@
+"""`lancetag eval`: metrics on hand-built cases, a correct confusion image, a report a browser renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from lance_io import append_images, ensure_columns, plan_fragments, write_fragment
+from ray_jobs.evaluation import evaluate, evaluate_table
+from ray_jobs.evaluation.metrics import expected_calibration_error
+from ray_jobs.evaluation.report import confusion_png, cost_per_1000
+from tests.conftest import LANCETAG
+from tests.table_fixtures import image_rows
+
+TRUTH = ["cat", "cat", "cat", "cat", "dog", "dog", "bird", None]
+PRED = ["cat", "cat", "cat", "dog", "dog", None, "bird", "cat"]
+CONF = [0.9, 0.8, 0.7, 0.6, 0.9, None, 0.5, 0.9]
+ERRS = [None, None, None, None, None, "invalid_answer: 'x'", None, None]
+
+
+def test_metrics_on_a_hand_built_case():
+    e = evaluate(TRUTH, PRED, CONF, ERRS)
+    assert e.rows == 7 and e.labeled == 6 and e.invalid == 1
+    assert e.accuracy == pytest.approx(5 / 7)
+    assert e.classes == ["bird", "cat", "dog"]
+    assert e.confusion == [[1, 0, 0], [0, 3, 1], [0, 0, 1]]  # the unlabeled dog row is in no column
+    assert e.per_class["cat"].recall == pytest.approx(3 / 4) and e.per_class["cat"].precision == 1.0
+    assert e.per_class["dog"].precision == pytest.approx(1 / 2) and e.per_class["dog"].recall == pytest.approx(1 / 2)
+    assert e.mean_confidence == pytest.approx(np.mean([0.9, 0.8, 0.7, 0.6, 0.9, 0.5]))
+
+
+def test_calibration_error_is_zero_when_confidence_matches_accuracy_and_large_when_overconfident():
+    confidence = np.array([0.75] * 4)
+    assert expected_calibration_error(confidence, np.array([1, 1, 1, 0])) == pytest.approx(0.0)
+    assert expected_calibration_error(np.array([0.99] * 4), np.array([0, 0, 0, 1])) == pytest.approx(0.74)
+
+
+def test_cost_per_thousand_images_follows_throughput_and_price():
+    # The article: 674 s per 1,000 images on a $1.006/h A10G is about $0.19 of GPU time.
+    assert cost_per_1000(1000 / 674, 1.006) == pytest.approx(1.006 * 674 / 3600)
+
+
+def test_confusion_image_shades_each_cell_by_its_count(tmp_path):
+    e = evaluate(["a"] * 6 + ["b"] * 3, ["a"] * 6 + ["a", "b", "b"])  # [[6, 0], [1, 2]]
+    assert e.confusion == [[6, 0], [1, 2]]
+    cells = confusion_png(e, tmp_path / "c.png")
+    image = np.asarray(Image.open(tmp_path / "c.png").convert("L"), dtype=float)
+
+    def shade(i: int, j: int) -> float:  # mean brightness of the cell, away from its count text
+        x, y, r = cells[(i, j)]
+        return float(image[y - r + 2 : y - r // 2, x - r + 2 : x + r - 2].mean())
+
+    assert shade(0, 0) < shade(1, 1) < shade(1, 0) < shade(0, 1), "darker means more rows"
+    assert shade(0, 1) > 240, "an empty cell is (near) white"
+
+
+def labeled_table(tmp_path) -> str:
+    uri = str(tmp_path / "t.lance")
+    rows = image_rows(range(30))  # truth = seed % 3
+    append_images(uri, rows)
+    schema = pa.schema([pa.field("label", pa.string()), pa.field("label_confidence", pa.float32())])
+    ensure_columns(uri, schema)
+
+    def predict(batch: pa.RecordBatch) -> pa.RecordBatch:
+        truth = batch.column("truth").to_pylist()
+        predicted = [t if k % 5 else "0" for k, t in enumerate(truth)]
+        return pa.record_batch([pa.array(predicted), pa.array([0.8] * len(truth), pa.float32())], schema=schema)
+
+    for frag in plan_fragments(uri, "label IS NULL"):
+        write_fragment(uri, frag.fragment_id, predict, read_columns=["truth"], output_schema=schema, todo="label IS NULL")
+    return uri
+
+
+def test_eval_cli_writes_png_html_and_json(tmp_path):
+    uri = labeled_table(tmp_path)
+    out = subprocess.run(
+        [LANCETAG, "eval", uri, "--column", "label", "--truth", "truth", "--report", str(tmp_path / "r"), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = json.loads(out)
+    expected = evaluate_table(uri, "label", "truth").accuracy
+    assert result["accuracy"] == pytest.approx(expected) and 0.7 < expected < 1.0
+    assert (tmp_path / "r" / "confusion.png").exists()
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["accuracy"] == pytest.approx(expected)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is installed by scripts/setup.sh")
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    uri = labeled_table(tmp_path)
+    report = evaluate_table(uri, "label", "truth", report_dir=tmp_path / "r").report
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", f"file://{report}"], capture_output=True, text=True, timeout=60).stdout
+    assert 'id="accuracy"' in dom and "Per class" in dom and dom.count("<area") == 9
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1000,1400", f"file://{report}"],
+                   capture_output=True, timeout=60, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
+    blue = (pixels[..., 2] > pixels[..., 0] + 60).sum()
+    assert blue > 2000, "the confusion matrix image is drawn on the page"
