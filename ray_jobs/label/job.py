@@ -18,6 +18,7 @@ and labels only what is left.
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -183,7 +184,11 @@ def _start_labeler(options: LabelOptions, run_id: str) -> str:
     from serve_apps.backends.base import BackendConfig
 
     app_name = f"lancetag-label-{run_id}"
+    with socket.socket() as probe:  # reached through a handle; its HTTP port only must not clash
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     config = LabelerConfig(
+        port=port,
         task=options.task,
         backend=BackendConfig(kind=options.backend, model=options.model, adapter=options.lora, batch_size=options.batch_size),
         app_name=app_name,
