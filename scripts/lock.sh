@@ -10,3 +10,4 @@ compile() {  # compile IN OVERRIDES OUT
 compile core.in core-overrides.txt core.lock
 compile vllm-cpu.in vllm-cpu-overrides.txt vllm-cpu.lock
 compile vllm-gpu.in vllm-gpu-overrides.txt vllm-gpu.lock
+compile train-gpu.in core-overrides.txt train-gpu.lock
