@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
 
 from lance_io.schema import ID
+from lance_io.table import translated_write_errors
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
 """Maps a batch of input columns (always with ``id``) to a batch of output columns, same length."""
@@ -156,14 +157,15 @@ def _commit_update(
             for fid in sorted(set(fragment_of.values())):
                 wanted = pa.array([i for i, f in fragment_of.items() if f == fid], pa.string())
                 part = values.filter(pc.is_in(values.column(ID), value_set=wanted))
-                meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
-                op = LanceOperation.Update(updated_fragments=[meta], fields_modified=fields_modified)
-                ds = lance.LanceDataset.commit(
-                    uri,
-                    Transaction(ds.version, op, transaction_properties=properties),
-                    read_version=ds.version,
-                    storage_options=storage_options,
-                )
+                with translated_write_errors(uri, ds.version):
+                    meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
+                    op = LanceOperation.Update(updated_fragments=[meta], fields_modified=fields_modified)
+                    ds = lance.LanceDataset.commit(
+                        uri,
+                        Transaction(ds.version, op, transaction_properties=properties),
+                        read_version=ds.version,
+                        storage_options=storage_options,
+                    )
                 versions.append(ds.version)
                 committed.append(part)
             if on_commit is not None:

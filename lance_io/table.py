@@ -10,7 +10,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lance
@@ -21,6 +22,38 @@ from lance_io.schema import ID, IMAGE_SCHEMA
 # Keeps fragments a size where one fragment is one unit of tagging work (see columns.py).
 DEFAULT_MAX_ROWS_PER_FILE = 1024
 _ID_LOOKUP_CHUNK = 2000
+
+
+class TableWriteError(OSError):
+    """A write to a table failed; the table is unchanged at ``version``. The message says what to do."""
+
+    def __init__(self, uri: str, version: int | None, cause: BaseException) -> None:
+        text = str(cause)
+        if "No space left" in text or "os error 28" in text:
+            what = "no space left on the device"
+            todo = "free space (or move the table) and rerun: nothing is written twice"
+        elif "Permission denied" in text or "os error 13" in text:
+            what = "permission denied"
+            todo = "check the permissions of the table's folder or bucket"
+        else:
+            what = text.splitlines()[0][:300]
+            todo = "rerun once the cause is fixed: nothing is written twice"
+        state = f"the table is unchanged at version {version}" if version is not None else "no table was created"
+        super().__init__(f"could not write to {uri}: {what}; {state}; {todo}")
+        self.uri, self.version = uri, version
+
+
+@contextmanager
+def translated_write_errors(uri: str, version: int | None) -> Iterator[None]:
+    """Turn a failed Lance write into a :class:`TableWriteError` naming the table and its intact version."""
+    try:
+        yield
+    except TableWriteError:
+        raise
+    except OSError as exc:
+        if "conflict" in str(exc).lower():
+            raise  # commit conflicts are for the caller to resolve
+        raise TableWriteError(uri, version, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -142,14 +175,15 @@ def append_images(
         return AppendResult(added=0, duplicate_ids=duplicates, version=ds.version if ds else None)
 
     new_rows = _conform(rows.take(pa.array(keep, pa.int64())), ds.schema if ds is not None else None)
-    written = lance.write_dataset(
-        new_rows,
-        uri,
-        mode="append" if ds is not None else "create",
-        max_rows_per_file=max_rows_per_file,
-        storage_options=storage_options,
-        transaction_properties={"lancetag.operation": "append_images", **(properties or {})},
-    )
+    with translated_write_errors(uri, ds.version if ds is not None else None):
+        written = lance.write_dataset(
+            new_rows,
+            uri,
+            mode="append" if ds is not None else "create",
+            max_rows_per_file=max_rows_per_file,
+            storage_options=storage_options,
+            transaction_properties={"lancetag.operation": "append_images", **(properties or {})},
+        )
     if ds is None:
         ensure_id_index(written)
         written = lance.dataset(uri, storage_options=storage_options)
