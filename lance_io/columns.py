@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
 
 from lance_io.schema import ID
-from lance_io.table import translated_write_errors
+from lance_io.table import TableWriteError, translated_write_errors
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
 """Maps a batch of input columns (always with ``id``) to a batch of output columns, same length."""
@@ -140,43 +140,53 @@ def _commit_update(
     """
     conflicts = 0
     for attempt in range(max_attempts):
-        ds = lance.dataset(uri, storage_options=storage_options)
-        id_list = ", ".join("'" + v.replace("'", "''") + "'" for v in values.column(ID).to_pylist())
-        # Where do these ids live now, and which of them still need the values?
-        located = ds.to_table(
-            columns=[ID], with_row_address=True, filter=_and(f"{ID} IN ({id_list})", todo_predicate)
-        )
-        if located.num_rows == 0:
-            return [], 0, conflicts
-        fragment_of = dict(
-            zip(located.column(ID).to_pylist(), (located.column(_ROW_ADDRESS).to_numpy() >> 32).tolist(), strict=True)
-        )
-        versions = []
-        committed: list[pa.Table] = []
         try:
-            for fid in sorted(set(fragment_of.values())):
-                wanted = pa.array([i for i, f in fragment_of.items() if f == fid], pa.string())
-                part = values.filter(pc.is_in(values.column(ID), value_set=wanted))
-                with translated_write_errors(uri, ds.version):
-                    meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
-                    op = LanceOperation.Update(updated_fragments=[meta], fields_modified=fields_modified)
-                    ds = lance.LanceDataset.commit(
-                        uri,
-                        Transaction(ds.version, op, transaction_properties=properties),
-                        read_version=ds.version,
-                        storage_options=storage_options,
-                    )
-                versions.append(ds.version)
-                committed.append(part)
-            if on_commit is not None:
-                on_commit(pa.concat_tables(committed))
-            return versions, located.num_rows, conflicts
+            with translated_write_errors(uri, None):
+                return (*_apply_by_id(uri, values, todo_predicate, properties, storage_options, on_commit), conflicts)
         except OSError as exc:  # a commit conflict Lance could not rebase: locate the rows again
-            if "conflict" not in str(exc).lower() or attempt == max_attempts - 1:
+            if isinstance(exc, TableWriteError) or "conflict" not in str(exc).lower() or attempt == max_attempts - 1:
                 raise
             conflicts += 1
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _apply_by_id(
+    uri: str,
+    values: pa.Table,
+    todo_predicate: str | None,
+    properties: dict[str, str],
+    storage_options: dict[str, str] | None,
+    on_commit: Callable[[pa.Table], None] | None,
+) -> tuple[list[int], int]:
+    """Locate the rows of ``values`` that still need them and commit, one fragment at a time."""
+    ds = lance.dataset(uri, storage_options=storage_options)
+    id_list = ", ".join("'" + v.replace("'", "''") + "'" for v in values.column(ID).to_pylist())
+    # Where do these ids live now, and which of them still need the values?
+    located = ds.to_table(columns=[ID], with_row_address=True, filter=_and(f"{ID} IN ({id_list})", todo_predicate))
+    if located.num_rows == 0:
+        return [], 0
+    fragment_of = dict(
+        zip(located.column(ID).to_pylist(), (located.column(_ROW_ADDRESS).to_numpy() >> 32).tolist(), strict=True)
+    )
+    versions = []
+    committed: list[pa.Table] = []
+    for fid in sorted(set(fragment_of.values())):
+        wanted = pa.array([i for i, f in fragment_of.items() if f == fid], pa.string())
+        part = values.filter(pc.is_in(values.column(ID), value_set=wanted))
+        meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
+        op = LanceOperation.Update(updated_fragments=[meta], fields_modified=fields_modified)
+        ds = lance.LanceDataset.commit(
+            uri,
+            Transaction(ds.version, op, transaction_properties=properties),
+            read_version=ds.version,
+            storage_options=storage_options,
+        )
+        versions.append(ds.version)
+        committed.append(part)
+    if on_commit is not None:
+        on_commit(pa.concat_tables(committed))
+    return versions, located.num_rows
 
 
 def write_fragment(

@@ -32,13 +32,16 @@ class TableWriteError(OSError):
         if "No space left" in text or "os error 28" in text:
             what = "no space left on the device"
             todo = "free space (or move the table) and rerun: nothing is written twice"
+        elif any(m in text for m in ("error sending request", "Connection refused", "connection closed", "timed out")):
+            what = "the object store did not answer"
+            todo = "rerun when it is reachable again: nothing is written twice"
         elif "Permission denied" in text or "os error 13" in text:
             what = "permission denied"
             todo = "check the permissions of the table's folder or bucket"
         else:
             what = text.splitlines()[0][:300]
             todo = "rerun once the cause is fixed: nothing is written twice"
-        state = f"the table is unchanged at version {version}" if version is not None else "no table was created"
+        state = f"the table is unchanged at version {version}" if version is not None else "the table keeps its last commit"
         super().__init__(f"could not write to {uri}: {what}; {state}; {todo}")
         self.uri, self.version = uri, version
 
@@ -50,9 +53,9 @@ def translated_write_errors(uri: str, version: int | None) -> Iterator[None]:
         yield
     except TableWriteError:
         raise
-    except OSError as exc:
-        if "conflict" in str(exc).lower():
-            raise  # commit conflicts are for the caller to resolve
+    except (OSError, ValueError) as exc:  # pylance reports I/O failures as OSError or ValueError
+        if "conflict" in str(exc).lower() or (isinstance(exc, ValueError) and "LanceError(IO)" not in str(exc)):
+            raise  # commit conflicts are for the caller; other ValueErrors are not I/O
         raise TableWriteError(uri, version, exc) from exc
 
 
