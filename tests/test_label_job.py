@@ -134,7 +134,7 @@ def test_ingest_during_tagging_loses_no_row_and_the_next_run_picks_the_new_rows_
             for k in range(4):
                 append_images(uri, image_rows(range(5000 + 8 * k, 5008 + 8 * k)))
                 time.sleep(0.3)
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
+        except BaseException as exc:
             errors.append(exc)
 
     writer = threading.Thread(target=ingest)
