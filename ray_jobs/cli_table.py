@@ -9,6 +9,11 @@ import typer
 
 from ray_jobs.cli_output import emit_json, print_rows
 
+# Lance operation names, as a person reads them in a table's history.
+OPERATION_NAMES = {"Merge": "add_columns", "CreateIndex": "create_index", "Overwrite": "create", "Append": "append",
+                   "Update": "update", "Delete": "delete", "Restore": "restore", "UpdateConfig": "metadata",
+                   "Rewrite": "compact", "Project": "drop_columns"}
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts")]
 VersionOpt = Annotated[str | None, typer.Option("--version", "-v", help="Version number or tag (default: latest)")]
 
@@ -52,7 +57,7 @@ def versions(table: str, as_json: JsonFlag = False) -> None:
             {
                 "version": v.version,
                 "time": v.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
-                "operation": v.properties.get("lancetag.operation", v.operation),
+                "operation": v.properties.get("lancetag.operation", OPERATION_NAMES.get(v.operation, v.operation)),
                 "rows": v.rows,
                 "job": v.properties.get("lancetag.job", ""),
                 "tags": ",".join(v.tags),

@@ -269,7 +269,7 @@ def label_table(
     summary.skipped = summary.planned - summary.labeled - summary.failed - unfinished_rows
     summary.seconds = round(time.perf_counter() - started, 3)
     record = {k: v for k, v in asdict(summary).items() if k not in ("errors",)}
-    record.update(operation="label", task=task.name, model=model, adapter=adapter or "", where=options.where or "")
+    record.update(operation="label", job=f"label-{run_id}", task=task.name, model=model, adapter=adapter or "", where=options.where or "")
     summary.version = record_run(table, run_id, record, storage_options=storage_options)
     if options.version_tag:
         tag_version(table, options.version_tag, summary.version, storage_options=storage_options)
