@@ -177,7 +177,8 @@ def append_images(
     if not keep:
         return AppendResult(added=0, duplicate_ids=duplicates, version=ds.version if ds else None)
 
-    new_rows = _conform(rows.take(pa.array(keep, pa.int64())), ds.schema if ds is not None else None)
+    kept = rows if len(keep) == rows.num_rows else rows.take(pa.array(keep, pa.int64()))  # no copy when all are new
+    new_rows = _conform(kept, ds.schema if ds is not None else None)
     with translated_write_errors(uri, ds.version if ds is not None else None):
         written = lance.write_dataset(
             new_rows,

@@ -109,14 +109,13 @@ def run_demo(
     log: Any = print,
 ) -> DemoResult:
     """Run the loop in ``workdir`` (default: a fresh ./lancetag-work/demo-<time>) and return the figures."""
-    import ray
-
     from lance_io.versions import tag_version
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.train import run_training
     from ray_jobs.evaluation import evaluate_table
     from ray_jobs.ingest import IngestOptions, ingest
     from ray_jobs.label import LabelOptions, label_table
+    from ray_jobs.ray_session import ensure_ray
     from serve_apps.tiny_models import build_tiny_model
 
     started = time.perf_counter()
@@ -139,8 +138,7 @@ def run_demo(
     base = str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4)) if tiny else model
     step("data + base model", t0)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False, object_store_memory=1024**3)
+    ensure_ray(object_store_memory=1024**3)
     t0 = time.perf_counter()
     ingested = ingest([str(data_dir)], table, IngestOptions(label_from_dir=True, progress=progress))
     add_split_column(table)

@@ -215,18 +215,16 @@ def label_table(
 
         summary = label_table("/data/hotel.lance", LabelOptions(task="hotel", model="Qwen/Qwen2-VL-2B-Instruct"))
     """
-    import ray
-
     from lance_io import ensure_columns, plan_fragments
     from lance_io.versions import record_run, tag_version
+    from ray_jobs.ray_session import ensure_ray
     from serve_apps.tasks import load_task
 
     started = time.perf_counter()
     run_id = uuid.uuid4().hex[:12]
     task = load_task(options.task)
     column = options.column
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ensure_ray(address)
 
     model, adapter = _labeler_identity(options, task.prompt_hash())
     provenance = provenance_of(model, adapter, task.prompt_hash())

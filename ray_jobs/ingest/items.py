@@ -1,0 +1,92 @@
+"""What flows through an ingest: input items from sources, outcomes from workers, the summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Locator = Literal["path", "url", "bytes", "none"]
+"""How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, or none
+(the source already knows the item failed, see ``InputItem.error``)."""
+
+
+@dataclass
+class InputItem:
+    """One input image as a source yields it, before any byte is read.
+
+    ``source`` is what a user recognises in an error record (a path, a URL, ``file.json#3``);
+    ``scan`` marks items found by scanning a folder: those that are not images by extension
+    and magic bytes count as skipped instead of errors.
+    """
+
+    source: str
+    source_kind: str
+    locator: Locator
+    path: str | None = None
+    url: str | None = None
+    data: bytes | None = None
+    scan: bool = False
+    truth: str | None = None
+    messages: list[dict[str, str]] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: tuple[str, str] | None = None
+    """``(reason, message)`` when the source already knows this input cannot be ingested."""
+    skip: str | None = None
+    """Why the source already knows this input is not an image (counted as skipped)."""
+
+
+@dataclass(frozen=True)
+class IngestError:
+    """Why one input was not ingested: a reason code and a message a user can act on."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What decode-validation learned about one image (the bytes are kept unmodified)."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    exif_orientation: int | None
+    frames: int
+
+
+@dataclass
+class IngestSummary:
+    """Where every input went. ``inputs == added + duplicates + errors + skipped`` always holds."""
+
+    table: str
+    job: str
+    inputs: int = 0
+    added: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    skipped: int = 0
+    version: int | None = None
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def reconciled(self) -> bool:
+        """True when every input is accounted for exactly once."""
+        return self.inputs == self.added + self.duplicates + self.errors + self.skipped
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` document: the issue's keys first, then errors by reason and timing."""
+        return {
+            "inputs": self.inputs,
+            "added": self.added,
+            "duplicates": self.duplicates,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "version": self.version,
+            "table": self.table,
+            "job": self.job,
+            "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.inputs / self.seconds, 1) if self.seconds > 0 else None,
+        }

@@ -1,0 +1,71 @@
+"""Sources of images, one module per kind, behind one registry.
+
+A SOURCE argument is ``[KIND:]LOCATION``; without a kind it is detected from the location
+(see ``detect_kind``). Kinds: folder, url, urls, manifest, parquet, lance, hf, modelscope, sharegpt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from ray_jobs.ingest.options import IngestOptions
+from ray_jobs.ingest.sources.base import ListedSource, Source, SourceError
+from ray_jobs.ingest.sources.folder import folder_source
+from ray_jobs.ingest.sources.hf import hf_disk_source, modelscope_source
+from ray_jobs.ingest.sources.manifest import lance_source, manifest_source, parquet_source
+from ray_jobs.ingest.sources.sharegpt import looks_like_sharegpt, sharegpt_source
+from ray_jobs.ingest.sources.urls import single_url_source, url_list_source
+
+SOURCE_KINDS: dict[str, Callable[[str, IngestOptions], ListedSource]] = {
+    "folder": folder_source,
+    "url": single_url_source,
+    "urls": url_list_source,
+    "manifest": manifest_source,
+    "parquet": parquet_source,
+    "lance": lance_source,
+    "hf": hf_disk_source,
+    "modelscope": modelscope_source,
+    "sharegpt": sharegpt_source,
+}
+_PREFIX = re.compile(rf"^({'|'.join(SOURCE_KINDS)}):(?!//)(.+)$")
+
+__all__ = ["SOURCE_KINDS", "Source", "SourceError", "detect_kind", "open_source"]
+
+
+def open_source(spec: str, options: IngestOptions) -> Source:
+    """Return the source named by ``[KIND:]LOCATION``; raise ``SourceError`` if it cannot be read."""
+    match = _PREFIX.match(spec)
+    kind, location = (match.group(1), match.group(2)) if match else (detect_kind(spec), spec)
+    return SOURCE_KINDS[kind](location, options)
+
+
+def detect_kind(location: str) -> str:
+    """Return the source kind a location looks like; raise ``SourceError`` when it is ambiguous."""
+    if location.startswith(("http://", "https://")):
+        return "url"
+    path = Path(location)
+    if not path.exists():
+        raise SourceError(f"{location} does not exist")
+    if path.is_dir():
+        if path.suffix == ".lance" or (path / "_versions").is_dir():
+            return "lance"
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "hf"
+        files = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if files and all(p.suffix == ".parquet" for p in files):
+            return "parquet"
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return "urls"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".json", ".jsonl", ".ndjson"):
+        return "sharegpt" if looks_like_sharegpt(path) else "manifest"
+    if suffix == ".csv":
+        return "manifest"
+    raise SourceError(
+        f"cannot tell what kind of source {location} is; prefix it with one of {', '.join(SOURCE_KINDS)}:"
+    )

@@ -1,0 +1,57 @@
+"""The common interface of sources: a source lists input items and declares its metadata columns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+
+from lance_io.schema import IMAGE_SCHEMA, MESSAGES, TRUTH
+from ray_jobs.ingest.items import InputItem
+
+RESERVED_COLUMNS = frozenset(IMAGE_SCHEMA.names) | {TRUTH, MESSAGES}
+"""Columns ingest computes itself: a source column of the same name is not passed through."""
+
+
+class Source(Protocol):
+    """What every source module provides: a kind, its metadata columns, and its items, lazily."""
+
+    kind: str
+    metadata_fields: dict[str, pa.DataType]
+
+    def items(self) -> Iterator[InputItem]:
+        """Yield one item per input image, in a stable order."""
+        ...
+
+
+@dataclass
+class ListedSource:
+    """A source whose items come from a generator function; most modules return one of these."""
+
+    kind: str
+    list_items: Callable[[], Iterator[InputItem]]
+    metadata_fields: dict[str, pa.DataType] = field(default_factory=dict)
+
+    def items(self) -> Iterator[InputItem]:
+        """Yield the items of the source."""
+        return self.list_items()
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing, unknown kind, unreadable file format)."""
+
+
+def inside_root(path: Path, root: Path) -> bool:
+    """True when `path`, symlinks resolved, stays inside `root` (also resolved)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def metadata_field_types(schema: pa.Schema, exclude: set[str]) -> dict[str, pa.DataType]:
+    """Return the pass-through columns of a tabular source: every column not used and not reserved."""
+    return {f.name: f.type for f in schema if f.name not in exclude and f.name not in RESERVED_COLUMNS}

@@ -1,0 +1,91 @@
+"""Manifests and existing tables: CSV, JSONL, JSON, Parquet (file or folder) and Lance tables.
+
+A URL list in CSV/JSONL/Parquet form is a manifest with a ``url`` column. Relative paths resolve
+against ``--manifest-root`` (default: the manifest's folder) and cannot leave it unless allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+from ray_jobs.ingest.options import IngestOptions
+from ray_jobs.ingest.sources.base import ListedSource, SourceError
+from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
+
+BATCH_ROWS = 1024
+Batches = Callable[[], Iterator[pa.RecordBatch]]
+
+
+def manifest_source(location: str, options: IngestOptions) -> ListedSource:
+    """Return the source of a CSV, JSONL or JSON manifest (one row per image)."""
+    path = Path(location)
+    if not path.is_file():
+        raise SourceError(f"{location} is not a file")
+    table = _read_manifest(path)
+    return _tabular(
+        location, "manifest", table.schema, lambda: iter(table.to_batches(BATCH_ROWS)), path.parent, options
+    )
+
+
+def parquet_source(location: str, options: IngestOptions) -> ListedSource:
+    """Return the source of a Parquet file or folder of Parquet files, read in batches."""
+    import pyarrow.dataset as pads
+
+    if not Path(location).exists():
+        raise SourceError(f"{location} does not exist")
+    dataset = pads.dataset(location, format="parquet")
+    root = Path(location) if Path(location).is_dir() else Path(location).parent
+    return _tabular(
+        location, "parquet", dataset.schema, lambda: dataset.to_batches(batch_size=BATCH_ROWS), root, options
+    )
+
+
+def lance_source(location: str, options: IngestOptions) -> ListedSource:
+    """Return the source of an existing Lance table (any schema with image bytes, paths or URLs)."""
+    import lance
+
+    try:
+        dataset = lance.dataset(location)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{location} is not a readable Lance table: {exc}") from exc
+    return _tabular(
+        location,
+        "lance",
+        dataset.schema,
+        lambda: dataset.to_batches(batch_size=BATCH_ROWS),
+        Path(location).parent,
+        options,
+    )
+
+
+def _tabular(
+    location: str, kind: str, schema: pa.Schema, batches: Batches, default_root: Path, options: IngestOptions
+) -> ListedSource:
+    mapping = map_columns(schema, options.columns, location)
+    root = Path(options.manifest_root) if options.manifest_root else default_root
+    context = RowContext(name=location, kind=kind, root=root, options=options)
+    return ListedSource(kind, lambda: rows_to_items(batches(), mapping, context), mapping.metadata_fields)
+
+
+def _read_manifest(path: Path) -> pa.Table:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            return pacsv.read_csv(path)
+        if suffix in (".jsonl", ".ndjson"):
+            with path.open(encoding="utf-8") as lines:
+                return pa.Table.from_pylist([json.loads(line) for line in lines if line.strip()])
+        if suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise SourceError(f"{path} must hold a JSON list of objects (one per image)")
+            return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read the manifest {path}: {exc}") from exc
+    raise SourceError(f"{path}: a manifest is .csv, .jsonl, .json or .parquet")

@@ -1,0 +1,153 @@
+"""Rows of a table (manifest, Parquet, Lance, Hugging Face Arrow) into input items, through a column mapping.
+
+Roles a column can play: ``path`` (local file, relative to the root), ``url``, ``image`` (inline
+bytes, or Hugging Face's ``{bytes, path}`` struct), ``truth`` (ground-truth label) and ``messages``
+(sharegpt turns). Columns playing no role pass through as user metadata columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ray_jobs.ingest.items import InputItem
+from ray_jobs.ingest.messages import InvalidMessages, normalize_messages
+from ray_jobs.ingest.options import IngestOptions
+from ray_jobs.ingest.sources.base import SourceError, inside_root, metadata_field_types
+
+ROLES = ("path", "url", "image", "truth", "messages")
+DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "path": ("path", "file", "file_name", "filename", "filepath", "image_path"),
+    "url": ("url", "image_url", "URL"),
+    "image": ("image", "image_bytes", "bytes", "img"),
+    "truth": ("truth", "label", "class", "category"),
+    "messages": ("messages", "conversations"),
+}
+
+
+@dataclass
+class ColumnMapping:
+    """Which column plays which role; the others pass through as metadata."""
+
+    roles: dict[str, str]
+    metadata_fields: dict[str, pa.DataType] = field(default_factory=dict)
+
+
+def map_columns(schema: pa.Schema, explicit: dict[str, str], where: str) -> ColumnMapping:
+    """Return the mapping for a table: explicit roles first, then the usual column names."""
+    unknown = set(explicit) - set(ROLES)
+    if unknown:
+        raise SourceError(f"unknown column roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
+    missing = {role: col for role, col in explicit.items() if col not in schema.names}
+    if missing:
+        raise SourceError(f"{where} has no column {missing} (columns: {', '.join(schema.names)})")
+    roles = dict(explicit)
+    for role, candidates in DEFAULT_COLUMNS.items():
+        if role in roles:
+            continue
+        for column in candidates:
+            if (
+                column in schema.names
+                and column not in roles.values()
+                and _fits(role, schema.field(column).type)
+            ):
+                roles[role] = column
+                break
+    if not {"path", "url", "image"} & set(roles):
+        raise SourceError(
+            f"{where} has no path, url or image column (columns: {', '.join(schema.names)}); "
+            "name one with --column path=COL, url=COL or image=COL"
+        )
+    return ColumnMapping(roles, metadata_field_types(schema, set(roles.values())))
+
+
+def _fits(role: str, dtype: pa.DataType) -> bool:
+    if role == "image":
+        return _is_binary(dtype) or (pa.types.is_struct(dtype) and dtype.get_field_index("bytes") >= 0)
+    if role in ("path", "url"):
+        return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+    return True
+
+
+def _is_binary(dtype: pa.DataType) -> bool:
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype)
+
+
+@dataclass
+class RowContext:
+    """What turning rows into items needs: names for messages, the root paths must stay in, labels."""
+
+    name: str
+    kind: str
+    root: Path
+    options: IngestOptions
+    label_names: list[str] | None = None
+
+
+def rows_to_items(
+    batches: Iterable[pa.RecordBatch], mapping: ColumnMapping, context: RowContext
+) -> Iterator[InputItem]:
+    """Yield one item per row of `batches`."""
+    row_number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield _row_item(row, row_number, mapping, context)
+            row_number += 1
+
+
+def _row_item(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx: RowContext) -> InputItem:
+    roles = mapping.roles
+    get: Callable[[str], Any] = lambda role: row.get(roles[role]) if role in roles else None  # noqa: E731
+    item = _locate(get("image"), get("url"), get("path"), f"{ctx.name}#{number}", ctx)
+    item.metadata = {name: row.get(name) for name in mapping.metadata_fields}
+    truth = get("truth")
+    if (
+        truth is not None
+        and ctx.label_names is not None
+        and isinstance(truth, int)
+        and 0 <= truth < len(ctx.label_names)
+    ):
+        truth = ctx.label_names[truth]
+    item.truth = None if truth is None else str(truth)
+    raw_messages = get("messages")
+    if raw_messages is not None and item.error is None:
+        try:
+            item.messages = normalize_messages(raw_messages)
+        except InvalidMessages as exc:
+            item.error = ("invalid_messages", str(exc))
+    return item
+
+
+def _locate(image: Any, url: Any, path: Any, row_name: str, ctx: RowContext) -> InputItem:
+    if isinstance(image, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+        image, path = image.get("bytes"), path or image.get("path")
+    if isinstance(image, bytes | bytearray | memoryview) and len(image) > 0:
+        return InputItem(
+            source=path or url or row_name, source_kind=ctx.kind, locator="bytes", data=bytes(image)
+        )
+    for value in (url, path):
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            return InputItem(source=value, source_kind=ctx.kind, locator="url", url=value)
+    if isinstance(path, str) and path:
+        resolved = Path(path) if Path(path).is_absolute() else ctx.root / path
+        if not ctx.options.allow_outside_root and not inside_root(resolved, ctx.root):
+            return InputItem(
+                source=path,
+                source_kind=ctx.kind,
+                locator="none",
+                error=(
+                    "outside_root",
+                    f"the path leads outside {ctx.root} (--manifest-root or --allow-outside-root)",
+                ),
+            )
+        return InputItem(source=path, source_kind=ctx.kind, locator="path", path=str(resolved))
+    return InputItem(
+        source=row_name,
+        source_kind=ctx.kind,
+        locator="none",
+        error=("missing_location", "the row has no image bytes, URL or path"),
+    )

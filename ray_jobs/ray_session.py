@@ -1,0 +1,23 @@
+"""Connect to the Ray cluster a job should run on: given, inherited (Ray Jobs), or a new local one."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, **local: Any) -> None:
+    """Initialise Ray once: ``address`` or ``$RAY_ADDRESS`` if set, else a local cluster with ``local`` settings.
+
+    Inside a submitted Ray Job, ``RAY_ADDRESS`` is set, so the job's driver joins its cluster;
+    settings that only make sense for a new cluster (CPUs, object store size) are then ignored.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **local)

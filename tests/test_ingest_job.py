@@ -1,0 +1,211 @@
+"""The ingest job end to end on the session's local Ray cluster: real folders, a real HTTP server on
+127.0.0.1, real Lance tables; every input accounted for, reruns add nothing, interrupted runs resume.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lance_io import open_table, read_errors
+from ray_jobs.ingest import IngestOptions, ingest
+from ray_jobs.ingest import job as job_module
+from tests.conftest import LANCETAG
+from tests.ingest_fixtures import HostileServer, build_class_folder, build_hostile_folder, image_bytes
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[HostileServer]:
+    with HostileServer() as running:
+        yield running
+
+
+def test_hostile_folder_counts_reconcile_and_every_error_is_recorded(ray_cluster, tmp_path: Path) -> None:
+    folder = build_hostile_folder(tmp_path)
+    table = str(tmp_path / "photos.lance")
+    summary = ingest([str(folder.root)], table, IngestOptions(label_from_dir=True, **QUIET))
+    assert summary.reconciled
+    assert (summary.inputs, summary.added, summary.duplicates, summary.skipped) == (
+        folder.inputs,
+        folder.added,
+        folder.duplicates,
+        folder.skipped,
+    )
+    assert summary.errors_by_reason == dict(folder.errors)
+    rows = open_table(table).to_table().to_pylist()
+    assert len(rows) == folder.added == len({r["id"] for r in rows})
+    by_name = {Path(r["source"]).name: r for r in rows}
+    assert by_name["photo.png"]["truth"] == "c"
+    assert by_name["animated.gif"]["frames"] == 3
+    assert by_name["rotated.jpg"]["exif_orientation"] == 6
+    assert by_name["cmyk.jpg"]["mode"] == "CMYK" and by_name["sixteen.png"]["mode"] == "I;16"
+    assert by_name["été photo ü 写真.jpg"]["image"] == (folder.root / "été photo ü 写真.jpg").read_bytes()
+    errors = read_errors(table, job=summary.job).to_pylist()
+    assert sorted(e["reason"] for e in errors) == sorted(folder.errors.elements())
+    assert all(e["message"] and e["source"] for e in errors)
+
+
+def test_rerunning_the_same_ingest_adds_nothing(ray_cluster, tmp_path: Path) -> None:
+    folder = build_hostile_folder(tmp_path)
+    table = str(tmp_path / "photos.lance")
+    first = ingest([str(folder.root)], table, IngestOptions(**QUIET))
+    again = ingest([str(folder.root)], table, IngestOptions(**QUIET))
+    assert again.added == 0 and again.version == first.version
+    assert again.duplicates == first.added + first.duplicates
+    assert again.reconciled and open_table(table).count_rows() == first.added
+
+
+def test_interrupted_ingest_leaves_a_valid_table_and_a_rerun_completes_it(
+    ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = build_class_folder(tmp_path, {"a": 6, "b": 6})
+    table = str(tmp_path / "t.lance")
+    options = IngestOptions(commit_rows=4, batch_size=4, **QUIET)
+    real_flush = job_module.ChunkWriter.flush
+    calls = {"n": 0}
+
+    def crash_after_first_commit(self) -> None:  # fault injection: the driver dies after one version
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("driver killed")
+        calls["n"] += 1
+        real_flush(self)
+
+    monkeypatch.setattr(job_module.ChunkWriter, "flush", crash_after_first_commit)
+    with pytest.raises(KeyboardInterrupt):
+        ingest([str(root)], table, options)
+    monkeypatch.undo()
+    committed = open_table(table).count_rows()
+    assert 4 <= committed < 12  # a valid version holding whole chunks only
+    resumed = ingest([str(root)], table, options)
+    assert resumed.added == 12 - committed and resumed.duplicates == committed
+    assert open_table(table).count_rows() == 12
+
+
+def test_url_list_ingest_accounts_for_every_url(ray_cluster, tmp_path: Path, server: HostileServer) -> None:
+    paths = [
+        "/img/1.jpg",
+        "/img/2.jpg",
+        "/redirect/1.jpg",
+        "/flaky/9.jpg",
+        "/missing.jpg",
+        "/loop",
+        "/reset.jpg",
+    ]
+    paths += ["/endless.jpg", "/html.jpg", "/slow.jpg", "/down.jpg"]
+    (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in paths) + "\nftp://nope/x.jpg\n")
+    options = IngestOptions(
+        allow_private_urls=True, read_timeout_s=1, url_deadline_s=3, retries=2, max_bytes=2 * 1024**2, **QUIET
+    )
+    table = str(tmp_path / "u.lance")
+    summary = ingest([str(tmp_path / "urls.txt")], table, options)
+    assert summary.reconciled and summary.inputs == 12
+    assert (summary.added, summary.duplicates) == (3, 1)
+    assert summary.errors_by_reason == {
+        "http_status": 2,
+        "too_many_redirects": 1,
+        "connection_failed": 1,
+        "too_large": 1,
+        "not_an_image": 1,
+        "timeout": 1,
+        "invalid_url": 1,
+    }
+    assert summary.seconds < 30
+
+
+def test_loopback_urls_are_refused_by_default_in_a_job(
+    ray_cluster, tmp_path: Path, server: HostileServer
+) -> None:
+    (tmp_path / "urls.txt").write_text(server.url("/img/1.jpg") + "\n")
+    summary = ingest([str(tmp_path / "urls.txt")], str(tmp_path / "u.lance"), IngestOptions(**QUIET))
+    assert summary.errors_by_reason == {"url_refused": 1} and summary.version is None
+
+
+def test_datasets_sharegpt_and_manifest_land_in_one_trainable_table(ray_cluster, tmp_path: Path) -> None:
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
+    )
+    hf_rows = {"image": [{"bytes": image_bytes(300 + n), "path": None} for n in range(2)], "label": [0, 1]}
+    datasets.Dataset.from_dict(hf_rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    modelscope_root = build_class_folder(tmp_path, {"beach": 2}, seed=400)
+    (tmp_path / "img").mkdir()
+    for n in range(3):
+        (tmp_path / "img" / f"{n}.jpg").write_bytes(image_bytes(500 + n))
+    turns = [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "a dog"}]
+    pair = [{"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "no"}]
+    samples = [
+        {"messages": turns, "images": ["img/0.jpg"]},
+        {"conversations": pair, "images": ["img/1.jpg", "img/2.jpg"]},
+    ]
+    (tmp_path / "lf.json").write_text(json.dumps(samples))
+    (tmp_path / "m.csv").write_text("path,caption\nimg/0.jpg,dup of the sharegpt image\n")
+    table = str(tmp_path / "all.lance")
+    summary = ingest(
+        [
+            str(tmp_path / "hf"),
+            f"modelscope:{modelscope_root}",
+            str(tmp_path / "lf.json"),
+            str(tmp_path / "m.csv"),
+        ],
+        table,
+        IngestOptions(prompt="<image>What animal is this?", answer_column="truth", **QUIET),
+    )
+    assert summary.reconciled and (summary.added, summary.duplicates, summary.errors) == (7, 1, 0)
+    rows = open_table(table).to_table().to_pylist()
+    kinds = sorted(r["source_kind"] for r in rows)
+    assert kinds == ["hf", "hf", "modelscope", "modelscope", "sharegpt", "sharegpt", "sharegpt"]
+    hf = [r for r in rows if r["source_kind"] == "hf"]
+    assert sorted(r["truth"] for r in hf) == ["cat", "dog"]
+    assert all(r["messages"][1]["content"] == r["truth"] for r in hf)  # built from the prompt template
+    single = next(
+        r for r in rows if r["source_kind"] == "sharegpt" and r["sharegpt_image_index"] == 0 and r["messages"]
+    )
+    assert single["messages"] == turns
+    for row in rows:  # what LLaMA-Factory needs: one <image> per row that has messages
+        if row["messages"]:
+            assert sum(t["content"].count("<image>") for t in row["messages"]) == 1
+
+
+def test_cli_ingest_json_prints_reconciled_counts(ray_cluster, tmp_path: Path) -> None:
+    folder = build_hostile_folder(tmp_path)
+    table = str(tmp_path / "cli.lance")
+    address = ray_cluster.get_runtime_context().gcs_address
+    run = subprocess.run(
+        [
+            LANCETAG,
+            "ingest",
+            str(folder.root),
+            "--table",
+            table,
+            "--label-from-dir",
+            "--address",
+            address,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"inputs", "added", "duplicates", "errors", "skipped", "version", "table"} <= out.keys()
+    assert out["inputs"] == out["added"] + out["duplicates"] + out["errors"] + out["skipped"] == folder.inputs
+    assert out["table"] == table and out["version"] == open_table(table).version
+
+
+def test_cli_reports_an_unreadable_source_as_a_json_error(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [LANCETAG, "ingest", str(tmp_path / "missing"), "--table", str(tmp_path / "t.lance"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert json.loads(run.stdout)["error"]["reason"] == "bad_source"

@@ -1,0 +1,241 @@
+"""Sources in isolation (no Ray): what each kind of input lists, with pass-through fields and safe defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ray_jobs.ingest.messages import InvalidMessages, messages_from_template, normalize_messages
+from ray_jobs.ingest.options import IngestOptions
+from ray_jobs.ingest.sources import SourceError, detect_kind, open_source
+from tests.ingest_fixtures import build_class_folder, build_hostile_folder, image_bytes
+
+
+def _items(spec: str, **options):
+    return list(open_source(spec, IngestOptions(**options)).items())
+
+
+def test_folder_walk_survives_symlink_loops_and_labels_from_parent_dir(tmp_path: Path) -> None:
+    folder = build_hostile_folder(tmp_path)
+    items = _items(str(folder.root), label_from_dir=True)
+    assert len(items) == folder.inputs
+    by_name = {Path(i.source).name: i for i in items}
+    assert by_name["photo.png"].truth == "c"
+    assert by_name["good.jpg"].truth is None  # directly under the root: no class
+    assert by_name["selfloop.jpg"].error[0] == "symlink_loop"
+    assert by_name["broken.jpg"].error[0] == "broken_symlink"
+    assert by_name["escape.jpg"].error[0] == "outside_root"
+    assert not any("loop/" in i.source for i in items)  # the folder loop is walked once
+
+
+def test_folder_symlink_outside_root_is_followed_when_allowed(tmp_path: Path) -> None:
+    folder = build_hostile_folder(tmp_path)
+    items = {Path(i.source).name: i for i in _items(str(folder.root), allow_outside_root=True)}
+    assert items["escape.jpg"].error is None and items["escape.jpg"].locator == "path"
+
+
+def test_image_folder_convention_gives_one_class_per_subfolder(tmp_path: Path) -> None:
+    root = build_class_folder(tmp_path, {"cat": 2, "dog": 3})
+    truths = sorted(i.truth for i in _items(f"folder:{root}", label_from_dir=True))
+    assert truths == ["cat", "cat", "dog", "dog", "dog"]
+
+
+def test_manifest_maps_columns_and_keeps_metadata(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(image_bytes(1))
+    (tmp_path / "m.csv").write_text(
+        "file,category,caption,score\nimgs/a.jpg,hotel,a room,0.5\nhttps://example.com/b.jpg,pool,a pool,0.7\n,lobby,x,0.1\n"
+    )
+    items = _items(str(tmp_path / "m.csv"), columns={"truth": "category"})
+    assert [i.locator for i in items] == ["path", "url", "none"]
+    assert items[0].path == str(tmp_path / "imgs" / "a.jpg") and items[0].truth == "hotel"
+    assert items[0].metadata == {"caption": "a room", "score": 0.5}
+    assert items[2].error[0] == "missing_location"
+
+
+def test_manifest_paths_cannot_escape_their_root_unless_allowed(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(image_bytes(2))
+    (tmp_path / "data").mkdir()
+    rows = [{"path": "../secret.jpg"}, {"path": str(secret)}, {"path": "ok/../../secret.jpg"}]
+    (tmp_path / "data" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    refused = _items(str(tmp_path / "data" / "m.jsonl"))
+    assert [i.error[0] for i in refused] == ["outside_root"] * 3
+    allowed = _items(str(tmp_path / "data" / "m.jsonl"), allow_outside_root=True)
+    assert all(i.error is None for i in allowed)
+    rooted = _items(str(tmp_path / "data" / "m.jsonl"), manifest_root=tmp_path)
+    assert rooted[1].error is None and rooted[0].error is not None  # ../ from the new root still escapes
+
+
+def test_manifest_with_unknown_column_mapping_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("path\na.jpg\n")
+    with pytest.raises(SourceError, match="no column"):
+        open_source(str(tmp_path / "m.csv"), IngestOptions(columns={"truth": "nope"}))
+    (tmp_path / "n.csv").write_text("name\na.jpg\n")
+    with pytest.raises(SourceError, match="--column path=COL"):
+        open_source(str(tmp_path / "n.csv"), IngestOptions())
+
+
+def test_url_list_ignores_blank_lines_and_comments(tmp_path: Path) -> None:
+    (tmp_path / "u.txt").write_text("# photos\nhttps://a.example/1.jpg\n\n  https://a.example/2.jpg  \n")
+    assert [i.url for i in _items(str(tmp_path / "u.txt"))] == [
+        "https://a.example/1.jpg",
+        "https://a.example/2.jpg",
+    ]
+
+
+def _sharegpt(tmp_path: Path) -> Path:
+    (tmp_path / "img").mkdir()
+    for n in range(3):
+        (tmp_path / "img" / f"{n}.jpg").write_bytes(image_bytes(20 + n))
+    samples = [
+        {
+            "messages": [
+                {"role": "user", "content": "<image>What is this?"},
+                {"role": "assistant", "content": "a cat"},
+            ],
+            "images": ["img/0.jpg"],
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "<image><image>Same?"},
+                {"from": "gpt", "value": "no"},
+            ],
+            "images": ["img/1.jpg", "img/2.jpg"],
+        },
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "images": [],
+        },
+        {
+            "messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}],
+            "images": ["../../etc/passwd"],
+        },
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+def test_sharegpt_single_image_samples_keep_their_messages(tmp_path: Path) -> None:
+    path = _sharegpt(tmp_path)
+    assert detect_kind(str(path)) == "sharegpt"
+    items = _items(str(path))
+    first = items[0]
+    assert first.path == str(tmp_path / "img" / "0.jpg")
+    assert first.messages == [
+        {"role": "user", "content": "<image>What is this?"},
+        {"role": "assistant", "content": "a cat"},
+    ]
+    assert (
+        first.metadata["sharegpt_sample"].endswith("data.json#0")
+        and first.metadata["sharegpt_conversation"] is None
+    )
+
+
+def test_sharegpt_multi_image_samples_keep_the_conversation_verbatim_not_as_messages(tmp_path: Path) -> None:
+    items = _items(str(_sharegpt(tmp_path)))
+    pair = [i for i in items if i.metadata.get("sharegpt_sample", "").endswith("#1")]
+    assert [i.metadata["sharegpt_image_index"] for i in pair] == [0, 1]
+    assert all(i.messages is None for i in pair)
+    assert json.loads(pair[0].metadata["sharegpt_conversation"])[1] == {"from": "gpt", "value": "no"}
+
+
+def test_sharegpt_text_only_samples_are_skipped_and_escaping_paths_refused(tmp_path: Path) -> None:
+    items = _items(str(_sharegpt(tmp_path)))
+    assert len(items) == 5
+    assert items[3].skip == "text-only sample"
+    assert items[4].error[0] == "outside_root"
+
+
+def test_hf_save_to_disk_dataset_with_image_feature_and_class_labels(tmp_path: Path) -> None:
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["cat", "dog"]),
+            "caption": datasets.Value("string"),
+        }
+    )
+    rows = {
+        "image": [{"bytes": image_bytes(n), "path": None} for n in range(3)],
+        "label": [0, 1, 1],
+        "caption": ["a", "b", "c"],
+    }
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    assert detect_kind(str(tmp_path / "hf")) == "hf"
+    source = open_source(str(tmp_path / "hf"), IngestOptions())
+    items = list(source.items())
+    assert [i.truth for i in items] == ["cat", "dog", "dog"]
+    assert items[0].data == image_bytes(0) and items[0].locator == "bytes"
+    assert source.metadata_fields.keys() == {"caption"}
+
+
+def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
+    import datasets
+
+    def split(offset: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"img": [image_bytes(offset + n) for n in range(2)], "n": [1, 2]})
+
+    datasets.DatasetDict({"train": split(0), "test": split(10)}).save_to_disk(str(tmp_path / "dd"))
+    items = _items(f"hf:{tmp_path / 'dd'}")
+    assert [i.metadata["split"] for i in items] == ["train", "train", "test", "test"]
+    assert all(i.locator == "bytes" for i in items)
+
+
+def test_modelscope_local_dataset_folder(tmp_path: Path) -> None:
+    root = build_class_folder(tmp_path, {"beach": 2, "room": 1})
+    items = _items(f"modelscope:{root}")
+    assert sorted(i.truth for i in items) == ["beach", "beach", "room"]
+    assert all(i.locator in ("bytes", "path") and i.source_kind == "modelscope" for i in items)
+
+
+def test_detect_kind_by_location(tmp_path: Path) -> None:
+    (tmp_path / "u.txt").write_text("")
+    (tmp_path / "m.csv").write_text("path\n")
+    (tmp_path / "plain.json").write_text('[{"path": "a.jpg"}]')
+    assert detect_kind("https://x.example/a.jpg") == "url"
+    assert detect_kind(str(tmp_path)) == "folder"
+    assert detect_kind(str(tmp_path / "u.txt")) == "urls"
+    assert detect_kind(str(tmp_path / "m.csv")) == "manifest"
+    assert detect_kind(str(tmp_path / "plain.json")) == "manifest"
+    with pytest.raises(SourceError, match="does not exist"):
+        detect_kind(str(tmp_path / "nope"))
+
+
+def test_messages_are_normalised_to_role_content_with_one_image_placeholder() -> None:
+    turns = normalize_messages(
+        '[{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "a pool"}]'
+    )
+    assert turns == [
+        {"role": "user", "content": "<image>Describe."},
+        {"role": "assistant", "content": "a pool"},
+    ]
+    with pytest.raises(InvalidMessages, match="2 <image>"):
+        normalize_messages([{"role": "user", "content": "<image><image>"}])
+    with pytest.raises(InvalidMessages):
+        normalize_messages([{"role": "robot", "content": "x"}])
+
+
+def test_prompt_template_builds_user_and_assistant_turns() -> None:
+    built = messages_from_template("Describe this {kind} photo.", "a sunny pool", {"kind": "hotel"})
+    assert built == [
+        {"role": "user", "content": "<image>Describe this hotel photo."},
+        {"role": "assistant", "content": "a sunny pool"},
+    ]
+    assert messages_from_template("<image>Describe.", None, {}) is None
+    assert messages_from_template("<image>{unknown}", "x", {})[0]["content"] == "<image>{unknown}"
+
+
+def test_manifest_paths_to_fifos_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    from ray_jobs.ingest.worker import read_file
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    for path in (tmp_path / "pipe.jpg", Path("/dev/zero"), tmp_path):
+        result = read_file(str(path), 1024)
+        assert getattr(result, "reason", None) == "not_a_file"
