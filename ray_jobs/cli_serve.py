@@ -1,0 +1,94 @@
+"""`lancetag serve`: start the labeler (a Ray Serve app) for a task and a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def serve_command(
+    task: Annotated[str, typer.Option(help="Task name (configs/tasks/<name>.yaml) or path to a task YAML")],
+    model: Annotated[str, typer.Option(help="Model folder or hub id (openai: the served model name)")],
+    backend: Annotated[str, typer.Option(help="transformers, vllm or openai")] = "transformers",
+    lora: Annotated[Path | None, typer.Option(help="LoRA adapter folder")] = None,
+    host: Annotated[
+        str, typer.Option(help="HTTP bind address (0.0.0.0 exposes it to the network)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    token_env: Annotated[
+        str | None, typer.Option(help="Env var holding a bearer token clients must send (unset: no auth)")
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="Number of replicas")] = 1,
+    gpus: Annotated[float, typer.Option(help="GPUs per replica")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per model call (dynamic batching)")] = 32,
+    base_url: Annotated[
+        str | None, typer.Option(help="openai backend: endpoint, e.g. http://host:8001/v1")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="openai backend: env var holding the API key")
+    ] = None,
+    python: Annotated[
+        Path | None,
+        typer.Option(
+            help="Interpreter of the replicas (default for vllm: .venv-vllm/bin/python when present)"
+        ),
+    ] = None,
+    app_name: Annotated[str, typer.Option(help="Serve application name")] = "lancetag-labeler",
+    blocking: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary")] = False,
+) -> None:
+    """Serve a labeling task over HTTP (POST /label, GET /health, GET /info, POST /v1/chat/completions)."""
+    from pydantic import ValidationError
+
+    from serve_apps.app import LabelerConfig, run_labeler
+    from serve_apps.backends.base import BackendConfig
+    from serve_apps.tasks import TaskConfigError, load_task
+
+    if python is None and backend == "vllm":
+        candidate = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+        python = candidate if candidate.exists() else None
+    runtime_env = {"py_executable": str(python)} if python else None
+    try:
+        load_task(task)  # fail here, with the field named, before Ray starts
+        config = LabelerConfig(
+            task=task,
+            backend=BackendConfig(
+                kind=backend,
+                model=model,
+                adapter=str(lora) if lora else None,
+                batch_size=batch_size,
+                base_url=base_url,
+                api_key_env=api_key_env,
+            ),
+            app_name=app_name,
+            host=host,
+            port=port,
+            token_env=token_env,
+            num_replicas=replicas,
+            num_gpus=gpus,
+            max_batch_size=batch_size,
+            runtime_env=runtime_env,
+        )
+    except (TaskConfigError, ValidationError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    summary = {"url": None, "app": app_name, "task": task, "model": model, "backend": backend}
+
+    def announce(url: str) -> None:
+        summary["url"] = url
+        typer.echo(json.dumps(summary) if as_json else f"labeler for task {task!r} serving at {url}")
+
+    url = run_labeler(config, blocking=False)
+    announce(url)
+    if blocking:
+        import time
+
+        from serve_apps.app import stop_labeler
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            stop_labeler(app_name)

@@ -1,0 +1,209 @@
+"""The backend interface, its typed config, and the registry that picks a backend by name.
+
+A backend turns image bytes plus a :mod:`task <serve_apps.tasks>` into
+:class:`~serve_apps.results.LabelResult` records, one per image, in order. It never raises for
+one bad image: that image gets an error record and the others are answered.
+
+Backends register themselves by name in their own module::
+
+    @register_backend("vllm")
+    class VllmBackend(Backend):
+        def __init__(self, config: BackendConfig) -> None: ...
+        def label(self, images, task): ...
+        def info(self): ...
+
+and :func:`create_backend` imports a backend's module lazily the first time its name is asked
+for (``BACKEND_MODULES``), so heavy imports (torch, vllm) happen only where that backend runs.
+
+Example::
+
+    backend = create_backend(BackendConfig(kind="transformers", model="/models/tiny-qwen"))
+    results = backend.label([png_bytes, jpeg_bytes], load_task("hotel"))
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_apps.results import ErrorCode, LabelResult, Provenance
+from serve_apps.tasks import Task
+
+BACKEND_MODULES: dict[str, str] = {
+    "transformers": "serve_apps.backends.transformers_backend",
+    "openai": "serve_apps.backends.openai_backend",
+    "vllm": "serve_apps.backends.vllm_backend",
+}
+"""Backend name -> module that registers it (imported on first use)."""
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Images with more pixels are refused (``image_too_large``) before decoding."""
+
+
+class BackendConfig(BaseModel):
+    """How to build a backend. Fields a backend does not use are ignored by it.
+
+    ``options`` carries backend-specific settings (for vllm, e.g. ``max_model_len``,
+    ``gpu_memory_utilization``, ``enforce_eager``) so this model stays the same for all.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field("transformers", description="Registered backend name: transformers, vllm, openai")
+    model: str = Field(description="Local folder or hub id (openai: the served model name)")
+    adapter: str | None = Field(None, description="LoRA adapter folder, optional")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = Field(8, ge=1, le=1024, description="Images per model call")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model (off unless set)")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+    # openai-compatible endpoints
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8001/v1")
+    api_key_env: str | None = Field(
+        None, description="Name of the env var holding the API key (never the key)"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout")
+    retries: int = Field(3, ge=0, le=10, description="Retries on transient errors (connect, 429, 5xx)")
+    logprobs: bool = Field(True, description="Ask the endpoint for log-probabilities when it supports them")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings")
+
+    @property
+    def adapter_id(self) -> str | None:
+        """The adapter's identity as stored in provenance (its path as given)."""
+        return self.adapter
+
+
+@dataclass
+class ChatMessage:
+    """One turn of a free-form conversation: role plus text and decoded images, in order.
+
+    ``parts`` holds ``str`` (text) and ``PIL.Image.Image`` (an image) items.
+    """
+
+    role: str
+    parts: list[Any]
+
+
+@dataclass
+class ChatReply:
+    """A backend's free-form answer with token counts (for the OpenAI-compatible route)."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+class Backend(ABC):
+    """Turns images into result records for a task. Subclasses register with ``register_backend``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
+        """Return one record per image, in order; a bad image gets an error record, never an exception."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Return what this backend serves: backend, model, adapter, library versions."""
+
+    def chat(self, messages: list[ChatMessage], *, max_tokens: int = 256) -> ChatReply:
+        """Return a free-form answer to a conversation (images allowed); optional for a backend."""
+        raise NotImplementedError(f"the {self.name} backend does not answer free-form chat")
+
+    def close(self) -> None:
+        """Release the model and any server or connection the backend holds."""
+        return None
+
+    def provenance(self, task: Task) -> Provenance:
+        """Return the provenance stamped on this backend's results for ``task``."""
+        return Provenance(
+            model_id=self.config.model,
+            adapter_id=self.config.adapter_id,
+            task_hash=task.prompt_hash(),
+            backend=self.name,
+        )
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+B = TypeVar("B", bound=type[Backend])
+
+
+def register_backend(name: str) -> Callable[[B], B]:
+    """Class decorator: make ``create_backend`` build this class for ``BackendConfig(kind=name)``."""
+
+    def decorate(cls: B) -> B:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_backends() -> list[str]:
+    """Return the backend names ``create_backend`` accepts."""
+    return sorted(set(BACKEND_MODULES) | set(_REGISTRY))
+
+
+def backend_class(kind: str) -> type[Backend]:
+    """Return the class registered as ``kind``, importing its module on first use."""
+    if kind not in _REGISTRY and kind in BACKEND_MODULES:
+        importlib.import_module(BACKEND_MODULES[kind])
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {kind!r}: choose one of {', '.join(available_backends())}"
+        ) from None
+
+
+def create_backend(config: BackendConfig) -> Backend:
+    """Return a ready backend of kind ``config.kind`` (loads the model)."""
+    return backend_class(config.kind)(config)
+
+
+@dataclass
+class ImageError:
+    """Why an image could not be used: a reason code and a message a user can act on."""
+
+    code: ErrorCode
+    message: str
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | ImageError:
+    """Return the image as RGB (EXIF orientation applied), or an ImageError saying why not."""
+    from PIL import ImageOps
+
+    if not data:
+        return ImageError(ErrorCode.IMAGE_DECODE_FAILED, "image_decode_failed: empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                return ImageError(
+                    ErrorCode.IMAGE_TOO_LARGE,
+                    f"image_too_large: {width}x{height} pixels exceeds the limit of {max_pixels}; resize it first",
+                )
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageError(ErrorCode.IMAGE_TOO_LARGE, f"image_too_large: {exc}")
+    except Exception as exc:  # Pillow raises many types for bad data
+        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        return ImageError(
+            ErrorCode.IMAGE_DECODE_FAILED,
+            f"image_decode_failed: {reason} ({len(data)} bytes, starting {data[:8]!r}); send PNG, JPEG or WebP bytes",
+        )

@@ -1,0 +1,297 @@
+"""The ``transformers`` backend: any image-text model that ``AutoModelForImageTextToText`` loads.
+
+Closed sets (classify, attributes, score) are answered by *scoring*, not generating: the image
+and prompt (the prefix) go through the model once per image, its KV cache is repeated for every
+candidate answer, and each candidate's summed log-likelihood is computed in one batched forward
+over the candidates. A softmax over those sums gives the probabilities, so the answer is always
+in the set. Captions are generated greedily. Tested with Qwen2-VL and LLaVA-NeXT; Qwen2.5-VL
+uses the same multimodal-RoPE path as Qwen2-VL.
+
+Example::
+
+    backend = create_backend(BackendConfig(kind="transformers", model="Qwen/Qwen2-VL-2B-Instruct"))
+    backend.label([jpeg_bytes], load_task("hotel"))[0].label   # 'Pool'
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from PIL import Image
+
+from serve_apps.backends.base import (
+    Backend,
+    BackendConfig,
+    ChatMessage,
+    ChatReply,
+    ImageError,
+    decode_image,
+    register_backend,
+)
+from serve_apps.results import Answer, ErrorCode, LabelResult, assemble, error_result
+from serve_apps.tasks import Question, Task
+
+DEFAULT_MAX_CANDIDATE_ROWS = 512
+"""Rows (images x candidates) scored in one forward; bounds the repeated KV cache's memory."""
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+@register_backend("transformers")
+class TransformersBackend(Backend):
+    """A local or hub image-text model run in this process with transformers (LoRA via peft)."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        super().__init__(config)
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.dtype = _torch_dtype(config.dtype, device)
+        self.processor = AutoProcessor.from_pretrained(
+            config.model, trust_remote_code=config.trust_remote_code
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # prefixes are left-padded so their last tokens line up
+        model = AutoModelForImageTextToText.from_pretrained(
+            config.model, dtype=self.dtype, trust_remote_code=config.trust_remote_code
+        )
+        if config.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, config.adapter).merge_and_unload()
+        self.model = model.to(device).eval()
+        self.max_rows = int(config.options.get("max_candidate_rows", DEFAULT_MAX_CANDIDATE_ROWS))
+        self._candidates: dict[tuple[str, ...], Any] = {}
+        # Qwen2-VL keeps rope_deltas on the model between calls: one model call at a time.
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- public interface
+
+    def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
+        """Return one record per image, in order; undecodable images get error records."""
+        provenance = self.provenance(task)
+        started = time.perf_counter()
+        decoded = [decode_image(b, max_pixels=self.config.max_image_pixels) for b in images]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
+        answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
+        failure: str | None = None
+        try:
+            with self._lock:
+                for question in task.questions():
+                    for start in range(0, len(good), self._group_size(question)):
+                        idx = good[start : start + self._group_size(question)]
+                        pil = [decoded[i] for i in idx]
+                        got = self._score(pil, question) if question.closed else self._generate(pil, question)
+                        for i, answer in zip(idx, got, strict=True):
+                            answers[i][question.key] = answer
+        except Exception as exc:  # the model itself failed: every image of the batch gets the reason
+            failure = f"backend_failed: {type(exc).__name__}: {exc}"
+        per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
+        out: list[LabelResult] = []
+        for i, d in enumerate(decoded):
+            if isinstance(d, ImageError):
+                out.append(error_result(task, provenance, d.code, d.message))
+            elif failure is not None:
+                out.append(error_result(task, provenance, ErrorCode.BACKEND_FAILED, failure))
+            else:
+                out.append(assemble(task, answers[i], provenance, per_image_ms))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Return backend, model, adapter, device, dtype and library versions."""
+        import torch
+        import transformers
+
+        return {
+            "backend": self.name,
+            "model": self.config.model,
+            "adapter": self.config.adapter,
+            "architecture": type(self.model).__name__,
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size": self.config.batch_size,
+            "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        }
+
+    def chat(self, messages: list[ChatMessage], *, max_tokens: int = 256) -> ChatReply:
+        """Return the greedy answer to a conversation whose turns may carry images."""
+        import torch
+
+        chat, images = [], []
+        for m in messages:
+            content = []
+            for part in m.parts:
+                if isinstance(part, Image.Image):
+                    images.append(part)
+                    content.append({"type": "image"})
+                else:
+                    content.append({"type": "text", "text": str(part)})
+            chat.append({"role": m.role, "content": content})
+        text = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=images or None, return_tensors="pt").to(self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        stopped = len(new) < max_tokens or int(new[-1]) in self._eos_ids()
+        return ChatReply(
+            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            prompt_tokens=int(inputs["input_ids"].shape[1]),
+            completion_tokens=len(new),
+            finish_reason="stop" if stopped else "length",
+        )
+
+    def close(self) -> None:
+        """Drop the model so its memory can be freed."""
+        self.model = None
+        self._candidates.clear()
+
+    # ----------------------------------------------------------------- internals
+
+    def _group_size(self, question: Question) -> int:
+        """Images per forward: the configured batch, fewer when the candidate rows would not fit."""
+        n = len(question.choices or ()) or 1
+        return max(1, min(self.config.batch_size, self.max_rows // n))
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _prompt_text(self, question: Question) -> str:
+        messages: list[dict[str, Any]] = []
+        if question.system:
+            messages.append({"role": "system", "content": question.system})
+        messages.append(
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.prompt}]}
+        )
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _prefix_inputs(self, images: list[Image.Image], question: Question) -> Any:
+        text = self._prompt_text(question)
+        return self.processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt").to(
+            self.device
+        )
+
+    def _candidate_ids(self, question: Question) -> tuple[Any, Any]:
+        """Token ids of every choice as the chat template ends it (answer + end of turn), right-padded.
+
+        Each continuation is the text the template adds after the generation prompt, cut after
+        the end-of-turn token, tokenized on its own as LLaMA-Factory tokenizes responses.
+        """
+        import torch
+
+        assert question.choices is not None
+        key = (question.system or "", question.prompt, *question.choices)
+        if key in self._candidates:
+            return self._candidates[key]
+        prompt = self._prompt_text(question)
+        eos = self.tokenizer.eos_token or ""
+        rows = []
+        for choice in question.choices:
+            messages: list[dict[str, Any]] = []
+            if question.system:
+                messages.append({"role": "system", "content": question.system})
+            messages += [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": choice}]},
+            ]
+            full = self.processor.apply_chat_template(messages, tokenize=False)
+            tail = full[len(prompt) :] if full.startswith(prompt) else choice + eos
+            if eos and eos in tail:
+                tail = tail[: tail.index(eos) + len(eos)]
+            rows.append(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        self._candidates[key] = (ids, mask)
+        return ids, mask
+
+    def _score(self, images: list[Image.Image], question: Question) -> list[Answer]:
+        """Answer a closed-set question for each image by candidate log-likelihood (prefix computed once)."""
+        import torch
+
+        assert question.choices is not None and question.values is not None
+        cand_ids, cand_mask = self._candidate_ids(question)
+        n = cand_ids.shape[0]
+        batch = len(images)
+        inputs = self._prefix_inputs(images, question)
+        with torch.inference_mode():
+            prefix = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)  # (B, V)
+            cache = prefix.past_key_values
+            cache.batch_repeat_interleave(n)
+            prefix_len = inputs["input_ids"].shape[1]
+            ids = cand_ids.to(self.device).repeat(batch, 1)  # image-major: b0c0, b0c1, ..., b1c0, ...
+            mask = cand_mask.to(self.device).repeat(batch, 1)
+            attention = torch.cat([inputs["attention_mask"].repeat_interleave(n, dim=0), mask], dim=1)
+            kwargs: dict[str, Any] = {}
+            rope_deltas = getattr(prefix, "rope_deltas", None)
+            if (
+                rope_deltas is not None
+            ):  # multimodal RoPE (Qwen2-VL family): real-token position + per-image delta
+                steps = (
+                    attention.long().cumsum(-1)[:, prefix_len:] - 1
+                )  # counts real tokens only (left padding)
+                positions = steps + rope_deltas.to(self.device).repeat_interleave(n, dim=0)
+                kwargs["position_ids"] = positions[None].expand(3, -1, -1)
+            cont = self.model(
+                input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=True, **kwargs
+            )
+            logp = torch.log_softmax(cont.logits.float(), dim=-1)  # (B*n, W, V)
+            first_lp = first.repeat_interleave(n, dim=0).gather(1, ids[:, :1]).squeeze(1)
+            rest_lp = logp[:, :-1, :].gather(2, ids[:, 1:, None]).squeeze(2) * mask[:, 1:]
+            totals = (first_lp + rest_lp.sum(dim=1)).view(batch, n)
+            probs = torch.softmax(totals, dim=-1).cpu()
+        answers = []
+        for row in probs:
+            best = int(row.argmax())
+            dist = {v: float(p) for v, p in zip(question.values, row.tolist(), strict=True)}
+            answers.append(
+                Answer(
+                    value=question.values[best],
+                    raw_text=question.choices[best],
+                    probabilities=dist,
+                    confidence=dist[question.values[best]],
+                )
+            )
+        return answers
+
+    def _generate(self, images: list[Image.Image], question: Question) -> list[Answer]:
+        """Answer a free-text question for each image by greedy decoding (mean token probability as confidence)."""
+        import torch
+
+        inputs = self._prefix_inputs(images, question)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=question.max_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            scores = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
+        eos = self._eos_ids() | {self.tokenizer.pad_token_id}
+        answers = []
+        for tokens, token_lp in zip(new.tolist(), scores, strict=True):
+            keep = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
+            text = self.tokenizer.decode(tokens[:keep], skip_special_tokens=True).strip()
+            lp = token_lp[: max(keep, 1)]
+            confidence = float(torch.exp(lp.float().mean())) if len(lp) else None
+            answers.append(Answer(value=text, raw_text=text, confidence=confidence))
+        return answers

@@ -1,0 +1,129 @@
+"""``LabelerClient``: label image bytes through a running labeler, over HTTP or a DeploymentHandle.
+
+Both paths return the same :class:`~serve_apps.results.LabelResult` records, one per image, in
+order. Over HTTP, connection errors and 503/429 answers are retried (honouring ``Retry-After``);
+undecodable images come back as error records (``on_invalid: record``), not as a failed batch.
+
+Example::
+
+    client = LabelerClient.over_http("http://127.0.0.1:8000", token=os.environ.get("LABELER_TOKEN"))
+    client = LabelerClient.over_handle("lancetag-labeler")   # inside the Ray cluster
+    results = client.label([png_bytes, jpeg_bytes])
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from serve_apps.results import LabelResult
+
+
+class LabelerUnavailable(RuntimeError):
+    """The labeler answered 503/429 (overloaded) or could not be reached; retry later."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LabelerRequestError(RuntimeError):
+    """The labeler refused the request (4xx): the message says what to change; retrying will not help."""
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, LabelerUnavailable | httpx.TransportError)
+
+
+def _wait(state: RetryCallState) -> float:
+    """Wait what the server asked for (Retry-After), else back off exponentially."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, LabelerUnavailable) and exc.retry_after_s is not None:
+        return min(exc.retry_after_s, 30.0)
+    return wait_exponential(multiplier=0.2, max=10)(state)
+
+
+class LabelerClient:
+    """Sends batches of image bytes to a labeler and returns one LabelResult per image."""
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        handle: Any = None,
+        token: str | None = None,
+        timeout_s: float = 300.0,
+        attempts: int = 5,
+    ) -> None:
+        if (url is None) == (handle is None):
+            raise ValueError("give exactly one of url= (HTTP) or handle= (DeploymentHandle)")
+        self.url = url.rstrip("/") if url else None
+        self.handle = handle
+        self.attempts = attempts
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(timeout=timeout_s, headers=headers) if url else None
+
+    @classmethod
+    def over_http(cls, url: str, *, token: str | None = None, timeout_s: float = 300.0) -> LabelerClient:
+        """Return a client for the labeler at ``url`` (its base URL, as ``run_labeler`` returns it)."""
+        return cls(url=url, token=token, timeout_s=timeout_s)
+
+    @classmethod
+    def over_handle(cls, app_name: str = "lancetag-labeler") -> LabelerClient:
+        """Return a client that calls the Serve app ``app_name`` in this Ray cluster through its handle."""
+        from ray import serve
+
+        return cls(handle=serve.get_app_handle(app_name))
+
+    def label(self, images: list[bytes]) -> list[LabelResult]:
+        """Return one LabelResult per image, in order; raise LabelerUnavailable after the retries run out."""
+        if not images:
+            return []
+        call = retry(
+            retry=retry_if_exception(_transient),
+            wait=_wait,
+            stop=stop_after_attempt(self.attempts),
+            reraise=True,
+        )(self._label_http if self._http is not None else self._label_handle)
+        return call(images)
+
+    def _label_handle(self, images: list[bytes]) -> list[LabelResult]:
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            records = self.handle.label.remote(images).result()
+        except BackPressureError as exc:
+            raise LabelerUnavailable(str(exc), retry_after_s=1.0) from exc
+        return [LabelResult.model_validate(r) for r in records]
+
+    def _label_http(self, images: list[bytes]) -> list[LabelResult]:
+        assert self._http is not None
+        body = {"images": [base64.b64encode(b).decode() for b in images], "on_invalid": "record"}
+        response = self._http.post(f"{self.url}/label", json=body)
+        if response.status_code in (429, 502, 503, 504):
+            retry_after = response.headers.get("retry-after")
+            raise LabelerUnavailable(
+                f"labeler at {self.url} answered {response.status_code}: {response.text[:200]}",
+                retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None,
+            )
+        if response.status_code >= 400:
+            raise LabelerRequestError(
+                f"labeler at {self.url} refused the request ({response.status_code}): {response.text[:500]}"
+            )
+        return [LabelResult.model_validate(r) for r in response.json()["results"]]
+
+    def info(self) -> dict[str, Any]:
+        """Return the labeler's /info (HTTP only)."""
+        if self._http is None:
+            raise LabelerRequestError("info() needs an HTTP client")
+        response = self._http.get(f"{self.url}/info")
+        response.raise_for_status()
+        return response.json()
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        if self._http is not None:
+            self._http.close()

@@ -1,0 +1,221 @@
+"""The labeler on real Ray Serve over HTTP on 127.0.0.1 (tiny models): API, auth, limits, overload, handle."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from serve_apps.app import LabelerConfig, run_labeler
+from serve_apps.backends import BackendConfig, create_backend
+from serve_apps.client import LabelerClient
+from serve_apps.tasks import load_task
+
+pytestmark = pytest.mark.slow  # four Serve apps start in the module fixture (~40 s on 2 cores)
+
+TOKEN = "test-token-not-a-secret"
+
+
+def png(color=(200, 10, 10), size=(56, 56)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def apps(ray_cluster, tiny_qwen2_vl, tiny_llava_next):
+    """Four labeler apps on one Serve instance: every task kind, both architectures."""
+    import os
+
+    from ray import serve
+
+    os.environ["LANCETAG_TEST_TOKEN"] = TOKEN
+    port = _free_port()
+    common = {"port": port, "num_cpus": 0}
+    qwen = BackendConfig(model=str(tiny_qwen2_vl))
+    llava = BackendConfig(model=str(tiny_llava_next))
+    specs = {
+        "qwen-digits": LabelerConfig(task="digits", backend=qwen, token_env="LANCETAG_TEST_TOKEN", **common),
+        "llava-fashion": LabelerConfig(task="fashion", backend=llava, max_images_per_request=8, **common),
+        "qwen-quality": LabelerConfig(task="quality", backend=qwen, **common),
+        "llava-caption": LabelerConfig(
+            task="caption",
+            backend=llava,
+            max_ongoing_requests=1,
+            max_queued_requests=1,
+            max_batch_size=4,
+            retry_after_s=2,
+            **common,
+        ),
+    }
+    urls = {}
+    for name, config in specs.items():
+        urls[name] = run_labeler(config.model_copy(update={"app_name": name, "route_prefix": f"/{name}"}))
+    yield urls
+    for name in specs:
+        serve.delete(name)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_label_returns_one_in_set_record_per_image_with_probabilities(apps):
+    images = [png(), png((0, 0, 255)), png((9, 9, 9), (112, 56))]
+    r = httpx.post(f"{apps['qwen-digits']}/label", json={"images": [b64(i) for i in images]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "digits" and body["task_hash"] == load_task("digits").prompt_hash()
+    assert len(body["results"]) == 3
+    for record in body["results"]:
+        assert record["label"] in [str(d) for d in range(10)]
+        assert math.isclose(sum(record["probabilities"].values()), 1.0, abs_tol=1e-4)
+
+
+def test_every_task_kind_is_served_for_both_architectures(apps):
+    images = {"images": [b64(png()), b64(png((1, 200, 1)))]}
+    fashion = httpx.post(f"{apps['llava-fashion']}/label", json=images).json()["results"]
+    task = load_task("fashion")
+    assert all(r["attributes"][n] in a.values for r in fashion for n, a in task.attributes.items())
+    quality = httpx.post(f"{apps['qwen-quality']}/label", json=images).json()["results"]
+    assert all(60 <= r["score"] <= 100 and 0 < r["confidence"] <= 1 for r in quality)
+    caption = httpx.post(f"{apps['llava-caption']}/label", json=images, timeout=60).json()["results"]
+    assert all(isinstance(r["caption"], str) and r["error"] is None for r in caption)
+
+
+def test_multipart_upload_labels_each_file(apps):
+    files = [("images", (f"{i}.png", png((i * 40, 0, 0)), "image/png")) for i in range(3)]
+    r = httpx.post(f"{apps['llava-fashion']}/label", files=files)
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        ({"json": {"images": ["not base64!"]}}, 400, "images[0]: not valid base64"),
+        ({"json": {"images": [b64(b"GIF89a but not really")]}}, 422, "images[0]"),
+        ({"json": {"pictures": []}}, 400, '"images"'),
+        ({"json": {"images": []}}, 400, "no images"),
+        ({"json": {"images": [b64(png())] * 9}}, 413, "too many images: 9 > 8"),
+        ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported content type"),
+        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_message(apps, kwargs, status, message):
+    r = httpx.post(f"{apps['llava-fashion']}/label", **kwargs)
+    assert r.status_code == status and message in r.json()["error"]
+
+
+def test_on_invalid_record_returns_error_records_for_bad_images_and_labels_the_rest(apps):
+    body = {"images": [b64(png()), b64(b"\x89PNG truncated"), b64(png((3, 3, 3)))], "on_invalid": "record"}
+    results = httpx.post(f"{apps['llava-fashion']}/label", json=body).json()["results"]
+    assert [r["error"] for r in results] == [None, "image_decode_failed", None]
+    assert results[1]["attributes"] is None and "image_decode_failed" in results[1]["error_message"]
+
+
+def test_auth_on_refuses_missing_or_wrong_tokens_and_health_stays_open(apps):
+    url = apps["qwen-digits"]
+    body = {"images": [b64(png())]}
+    missing = httpx.post(f"{url}/label", json=body)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(f"{url}/label", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{url}/info").status_code == 401
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.post(f"{url}/label", json=body, headers=AUTH).status_code == 200
+
+
+def test_auth_off_serves_without_a_token_and_info_names_task_model_backend_versions(apps):
+    info = httpx.get(f"{apps['llava-fashion']}/info").json()
+    assert info["task"]["name"] == "fashion" and info["task"]["kind"] == "attributes"
+    assert info["backend"]["backend"] == "transformers" and info["backend"]["model"].endswith(
+        "tiny-llava-next0"
+    )
+    assert {"ray", "transformers", "torch", "python"} <= set(info["versions"])
+
+
+def test_overload_gets_503_with_retry_after_not_500(apps):
+    url = apps["llava-caption"]
+    body = {"images": [b64(png((i, 0, 0))) for i in range(4)]}
+
+    def post(_):
+        return httpx.post(f"{url}/label", json=body, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(post, range(12)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses, statuses
+    assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 503)
+
+
+def test_client_retries_overload_and_gets_every_record(apps):
+    url = apps["llava-caption"]
+    client = LabelerClient.over_http(url, timeout_s=120)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        batches = list(pool.map(lambda i: client.label([png((i, 9, 9)), b"bad bytes"]), range(6)))
+    assert all(len(b) == 2 and b[0].ok and b[1].error == "image_decode_failed" for b in batches)
+
+
+def test_handle_and_http_give_the_same_records(apps):
+    images = [png(), png((0, 90, 0))]
+    over_http = LabelerClient.over_http(apps["qwen-digits"], token=TOKEN).label(images)
+    over_handle = LabelerClient.over_handle("qwen-digits").label(images)
+    assert [r.label for r in over_http] == [r.label for r in over_handle]
+    assert over_handle[0].probabilities == pytest.approx(over_http[0].probabilities, abs=1e-6)
+
+
+def test_openai_compatible_chat_route_answers_about_an_image(apps):
+    url = apps["qwen-digits"]
+    message = {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(png())}"}},
+            {"type": "text", "text": "What is in this picture?"},
+        ],
+    }
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [message], "max_tokens": 5}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] <= 5
+    remote = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}],
+    }
+    refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [remote]}, headers=AUTH)
+    assert refused.status_code == 400 and "data: URLs" in refused.json()["error"]
+
+
+def test_openai_backend_against_the_served_chat_route_records_invalid_answers_uncoerced(apps, monkeypatch):
+    """A real OpenAI-compatible server (our own route on a random tiny model): answers are rarely in the set."""
+    monkeypatch.setenv("LANCETAG_TEST_TOKEN", TOKEN)
+    backend = create_backend(
+        BackendConfig(
+            kind="openai",
+            model="tiny",
+            base_url=f"{apps['qwen-digits']}/v1",
+            api_key_env="LANCETAG_TEST_TOKEN",
+        )
+    )
+    task = load_task("digits")
+    for record in backend.label([png(), png((0, 0, 1))], task):
+        assert record.raw_text is not None
+        if record.ok:
+            assert record.label in task.labels
+        else:
+            assert record.error == "invalid_answer" and record.label is None

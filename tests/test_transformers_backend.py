@@ -1,0 +1,156 @@
+"""The transformers backend on tiny Qwen2-VL and LLaVA-NeXT: every task kind, closed sets stay closed."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from serve_apps.backends import BackendConfig, ChatMessage, create_backend
+from serve_apps.tasks import load_task
+
+ARCH_FIXTURES = ["tiny_qwen2_vl", "tiny_llava_next"]
+
+
+def png(size=(56, 56), color=(200, 10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg(size=(64, 48), color=(10, 120, 240)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module", params=ARCH_FIXTURES)
+def backend(request):
+    path = request.getfixturevalue(request.param)
+    backend = create_backend(BackendConfig(kind="transformers", model=str(path), batch_size=4))
+    yield backend
+    backend.close()
+
+
+IMAGES = [png(), jpeg(), png((112, 56), (0, 200, 0)), png((56, 84), (9, 9, 9)), jpeg((30, 30), (250, 250, 0))]
+
+
+@pytest.mark.parametrize("task_name", ["digits", "hotel", "quality"])
+def test_closed_set_answers_are_always_in_the_set_with_probabilities_summing_to_one(backend, task_name):
+    task = load_task(task_name)
+    (question,) = task.questions()
+    results = backend.label(IMAGES, task)
+    assert len(results) == len(IMAGES)
+    for r in results:
+        assert r.ok, r.error_message
+        answer = r.label if task.kind == "classify" else str(r.score)
+        assert answer in question.values
+        assert set(r.probabilities) == set(question.values)
+        assert math.isclose(sum(r.probabilities.values()), 1.0, abs_tol=1e-4)
+        assert r.confidence == pytest.approx(max(r.probabilities.values()))
+        assert r.probabilities[answer] == r.confidence
+        assert r.raw_text in question.choices
+        assert r.task_hash == task.prompt_hash() and r.backend == "transformers" and r.latency_ms > 0
+
+
+def test_attributes_get_one_in_set_value_and_distribution_per_attribute(backend):
+    task = load_task("fashion")
+    results = backend.label(IMAGES[:3], task)
+    for r in results:
+        assert r.ok and r.label is None
+        assert set(r.attributes) == set(task.attributes)
+        for name, value in r.attributes.items():
+            assert value in task.attributes[name].values
+            assert math.isclose(sum(r.attribute_probabilities[name].values()), 1.0, abs_tol=1e-4)
+        assert r.confidence == pytest.approx(math.prod(r.attribute_confidence.values()))
+
+
+def test_caption_is_free_text_with_a_token_confidence(backend):
+    results = backend.label(IMAGES[:2], load_task("caption"))
+    for r in results:
+        assert r.ok and isinstance(r.caption, str) and r.probabilities is None
+        assert r.confidence is None or 0 < r.confidence <= 1
+
+
+def test_a_bad_image_gets_an_error_record_and_the_others_are_answered_in_order(backend):
+    task = load_task("digits")
+    results = backend.label([png(), b"not an image", b"", jpeg()], task)
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert (
+        results[1].error == "image_decode_failed"
+        and "not a recognised image format" in results[1].error_message
+    )
+    assert results[1].label is None and results[2].error == "image_decode_failed"
+    assert results[0].label in task.labels and results[3].label in task.labels
+
+
+def test_batched_scores_equal_one_image_at_a_time_despite_left_padding(backend):
+    task = load_task("digits")
+    batched = backend.label(IMAGES, task)
+    for image, together in zip(IMAGES, batched, strict=True):
+        (alone,) = backend.label([image], task)
+        assert alone.label == together.label
+        for label, p in alone.probabilities.items():
+            assert together.probabilities[label] == pytest.approx(p, abs=1e-4)
+
+
+def test_shared_prefix_scoring_equals_scoring_each_full_sequence(backend):
+    """The KV-cache path gives the same distribution as one full forward per candidate."""
+    import torch
+
+    from serve_apps.backends.base import decode_image
+
+    task = load_task("digits")
+    (question,) = task.questions()
+    image = IMAGES[2]
+    (fast,) = backend.label([image], task)
+    prompt = backend._prompt_text(question)
+    ids, mask = backend._candidate_ids(question)
+    totals = []
+    for row, row_mask in zip(ids, mask, strict=True):
+        candidate = row[row_mask.bool()]
+        inputs = backend.processor(text=[prompt], images=[decode_image(image)], return_tensors="pt")
+        prefix_len = inputs["input_ids"].shape[1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], candidate[None]], 1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(candidate[None])], 1
+            )
+        with torch.no_grad():
+            logp = torch.log_softmax(backend.model(**inputs).logits.float(), -1)[0]
+        totals.append(sum(float(logp[prefix_len - 1 + j, t]) for j, t in enumerate(candidate.tolist())))
+    slow = torch.softmax(torch.tensor(totals), -1).tolist()
+    assert fast.probabilities == pytest.approx(dict(zip(question.values, slow, strict=True)), abs=1e-4)
+
+
+def test_chat_answers_a_free_form_question_about_an_image(backend):
+    from serve_apps.backends.base import decode_image
+
+    reply = backend.chat(
+        [ChatMessage("user", [decode_image(png()), "What is in this picture?"])], max_tokens=4
+    )
+    assert isinstance(reply.text, str) and 1 <= reply.completion_tokens <= 4 and reply.prompt_tokens > 0
+
+
+def test_lora_adapter_is_applied_and_recorded(tiny_qwen2_vl, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    task = load_task("digits")
+    plain = create_backend(BackendConfig(model=str(tiny_qwen2_vl)))
+    tuned = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(tmp_path / "adapter")))
+    before, after = plain.label([png()], task)[0], tuned.label([png()], task)[0]
+    assert after.adapter_id == str(tmp_path / "adapter") and before.adapter_id is None
+    assert after.probabilities != pytest.approx(before.probabilities, abs=1e-6)
+    assert tuned.info()["adapter"] == str(tmp_path / "adapter")
+
+
+def test_unknown_backend_name_lists_the_choices():
+    with pytest.raises(ValueError, match="openai, transformers, vllm"):
+        create_backend(BackendConfig(kind="nope", model="m"))
