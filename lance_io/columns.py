@@ -176,9 +176,10 @@ def _apply_by_id(
         part = values.filter(pc.is_in(values.column(ID), value_set=wanted))
         meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
         op = LanceOperation.Update(updated_fragments=[meta], fields_modified=fields_modified)
+        audit = {**properties, "lancetag.rows": str(part.num_rows)}  # rows written: sums audit reruns
         ds = lance.LanceDataset.commit(
             uri,
-            Transaction(ds.version, op, transaction_properties=properties),
+            Transaction(ds.version, op, transaction_properties=audit),
             read_version=ds.version,
             storage_options=storage_options,
         )

@@ -24,12 +24,12 @@ LANCETAG = str(Path(sys.executable).parent / "lancetag")  # the console script o
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster shared by the whole test session (2 CPUs, 512 MiB object store)."""
+    """A local Ray cluster shared by the whole test session (4 logical CPUs, 512 MiB object store)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
-            num_cpus=2,
+            num_cpus=4,  # logical CPUs on 2 cores: Serve replicas and job tasks never deadlock on accounting
             object_store_memory=512 * 1024**2,
             include_dashboard=False,
             log_to_driver=False,
@@ -78,3 +78,33 @@ def s3():
 
     with s3_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def digits_labeler(ray_cluster, tiny_qwen2_vl):
+    """A digits labeler (tiny Qwen2-VL, transformers backend) served over HTTP on 127.0.0.1."""
+    from serve_apps.app import LabelerConfig, run_labeler, stop_labeler
+    from serve_apps.backends.base import BackendConfig
+
+    config = LabelerConfig(
+        task="digits",
+        backend=BackendConfig(kind="transformers", model=str(tiny_qwen2_vl), batch_size=16),
+        app_name="test-digits-labeler",
+        route_prefix="/test-digits-labeler",
+        num_cpus=0.5,
+        max_batch_size=16,
+    )
+    url = run_labeler(config)
+    yield url
+    stop_labeler("test-digits-labeler")
+
+
+def rows_written_by_label_commits(uri: str, column: str = "label") -> int:
+    """Sum of the rows every commit of ``column`` wrote (the audit that shows nothing was written twice)."""
+    from lance_io.versions import list_versions
+
+    return sum(
+        int(v.properties.get("lancetag.rows", 0))
+        for v in list_versions(uri)
+        if v.properties.get("lancetag.column") == column and v.properties.get("lancetag.operation") == "write_fragment"
+    )

@@ -15,29 +15,15 @@ import pytest
 
 from lance_io import append_images, open_table
 from ray_jobs.label import LabelOptions, label_table
-from tests.conftest import LANCETAG
+from tests.conftest import LANCETAG, rows_written_by_label_commits
 from tests.table_fixtures import image_rows
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def labeler(ray_cluster, tiny_qwen2_vl):
-    """A digits labeler (tiny Qwen2-VL, transformers backend) served over HTTP on 127.0.0.1."""
-    from serve_apps.app import LabelerConfig, run_labeler, stop_labeler
-    from serve_apps.backends.base import BackendConfig
-
-    config = LabelerConfig(
-        task="digits",
-        backend=BackendConfig(kind="transformers", model=str(tiny_qwen2_vl), batch_size=16),
-        app_name="test-label-job",
-        route_prefix="/test-label-job",
-        num_cpus=0.5,
-        max_batch_size=16,
-    )
-    url = run_labeler(config)
-    yield url
-    stop_labeler("test-label-job")
+@pytest.fixture
+def labeler(digits_labeler):
+    return digits_labeler
 
 
 def images_served(url: str) -> int:
@@ -123,6 +109,7 @@ def test_kill_9_of_the_job_mid_run_then_rerun_labels_every_row_exactly_once(labe
     assert unlabeled(uri) == 0
     # Rows computed by run 1 but not committed before the kill are the only ones computed twice.
     assert served_in_run1 - (240 - left) <= 16
+    assert rows_written_by_label_commits(uri) == 240, "no row's label was committed twice"
 
 
 def test_ingest_during_tagging_loses_no_row_and_the_next_run_picks_the_new_rows_up(labeler, tmp_path):
