@@ -245,6 +245,10 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
     if config.runtime_env:
         actor_options["runtime_env"] = config.runtime_env
+    elif config.backend.kind == "vllm":  # the replica runs in the vLLM environment (or image)
+        from serve_apps.backends.vllm_env import vllm_runtime_env
+
+        actor_options["runtime_env"] = vllm_runtime_env(config.backend)
     deployment = Labeler.options(
         ray_actor_options=actor_options,
         max_ongoing_requests=config.max_ongoing_requests,

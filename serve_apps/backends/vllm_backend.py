@@ -138,6 +138,7 @@ class VllmBackend(Backend):
             config.model, trust_remote_code=config.trust_remote_code
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.lora_enabled = lora
         self._lora_ids: dict[str, int] = {}
         self._tails: dict[tuple[str, ...], list[list[int]]] = {}
 
@@ -255,6 +256,10 @@ class VllmBackend(Backend):
             return None
         from vllm.lora.request import LoRARequest
 
+        if not self.lora_enabled:
+            raise ValueError(
+                f"adapter {adapter}: this engine was built without LoRA; configure an adapter or options.enable_lora"
+            )
         if not (Path(adapter) / "adapter_config.json").exists():
             raise FileNotFoundError(
                 f"adapter {adapter}: no adapter_config.json (expected a peft LoRA folder)"
