@@ -27,7 +27,10 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
     """
     ray_bin = Path(sys.executable).parent / "ray"
     dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The head's environment is this virtualenv, as on a node of the lancetag image: jobs' `python` is it.
+    path = f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "VIRTUAL_ENV": str(ray_bin.parent.parent), "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
     process = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",

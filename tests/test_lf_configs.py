@@ -1,0 +1,58 @@
+"""The training configs in configs/train are valid LLaMA-Factory arguments plus a valid `lancetag:` block."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs" / "train").glob("*.yaml"))
+
+
+def _known_keys() -> set[str]:
+    from llamafactory.hparams import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
+    from llamafactory.hparams.training_args import TrainingArguments
+
+    classes = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments, TrainingArguments)
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+
+def test_the_documented_recipes_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {
+        "qwen2_vl_2b_lora",
+        "qwen2_5_vl_7b_lora",
+        "llava_v1_6_mistral_7b_article",
+        "tiny_qwen2_vl_cpu",
+    } <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_keys_templates_and_files_are_valid(path: Path):
+    from llamafactory.data.template import TEMPLATES
+
+    from llamafactory_ext.train import load_config
+
+    args, options = load_config(path)
+    unknown = set(args) - _known_keys()
+    assert not unknown, f"{path.name}: not LLaMA-Factory arguments: {sorted(unknown)}"
+    assert args["template"] in TEMPLATES
+    assert path.read_text().lstrip().startswith("#"), (
+        "each config starts with a comment saying what it is for"
+    )
+    if "deepspeed" in args:
+        assert Path(args["deepspeed"]).is_file()
+    assert options.workers >= 0
+
+
+def test_the_article_run_keeps_the_article_settings():
+    from llamafactory_ext.train import load_config
+
+    args, _ = load_config(REPO_ROOT / "configs" / "train" / "llava_v1_6_mistral_7b_article.yaml")
+    assert args["template"] == "llava_next_mistral" and args["bf16"] is True
+    assert args["learning_rate"] == 2e-5 and args["num_train_epochs"] == 20
+    assert args["per_device_train_batch_size"] == 1 and args["disable_gradient_checkpointing"] is False
+    assert '"stage": 3' in Path(args["deepspeed"]).read_text()

@@ -1,0 +1,271 @@
+"""Lance tables as LLaMA-Factory datasets: registration, loading, equivalence, pinning, streaming."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LANCETAG
+from tests.lf_fixtures import digit_images, write_native, write_table
+
+ARTICLE_PROMPT = (
+    "Fill in the blank: this is a photo of a {}, you should select the appropriate category "
+    "from the provided labels: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
+)
+
+
+NO_SUCH_COLUMN = ["--label-column", "no_such_column", "--json"]
+
+
+def _lf_args(model: Path, dataset_dir: Path, dataset: str, tmp: Path, **extra) -> dict:
+    return {
+        "model_name_or_path": str(model),
+        "template": "qwen2_vl",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset": dataset,
+        "dataset_dir": str(dataset_dir),
+        "cutoff_len": 256,
+        "output_dir": str(tmp / "out"),
+        "cache_dir": str(tmp / "hf-cache"),
+        "overwrite_cache": True,
+        "report_to": "none",
+        **extra,
+    }
+
+
+def _preprocess(args: dict) -> tuple:
+    """Run LLaMA-Factory's own get_dataset; return (train dataset, collator)."""
+    from llamafactory.data import (
+        MultiModalDataCollatorForSeq2Seq,
+        get_dataset,
+        get_template_and_fix_tokenizer,
+    )
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, _, _ = get_train_args(args)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    collator = MultiModalDataCollatorForSeq2Seq(template=template, **tokenizer_module)
+    return module["train_dataset"], collator
+
+
+@pytest.fixture(scope="module")
+def digits_table(tmp_path_factory) -> tuple[Path, list[tuple[bytes, str]]]:
+    """A 24-row table of real digit images in 3 fragments, labeled in ``truth``."""
+    images = digit_images(24)
+    uri = tmp_path_factory.mktemp("tables") / "digits.lance"
+    write_table(uri, images, rows_per_file=8)
+    return uri, images
+
+
+def test_register_pins_latest_version_and_stock_llamafactory_refuses_entry(digits_table, tmp_path):
+    from llamafactory.data.parser import get_dataset_list
+
+    uri, _ = digits_table
+    out = subprocess.run(
+        [LANCETAG, "lf", "register", str(uri), "--name", "digits", "--dataset-dir", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["ok"] and record["version"] == 1 and record["rows"] == 24
+    entry = json.loads((tmp_path / "dataset_info.json").read_text())["digits"]
+    assert entry["formatting"] == "sharegpt" and entry["lance"]["version"] == 1
+    assert entry["lance"]["task_config"]["labels"] == [str(i) for i in range(10)]
+
+    import llamafactory.data.loader as loader
+
+    stock = getattr(loader._load_single_dataset, "__wrapped__", loader._load_single_dataset)
+    (attr,) = get_dataset_list(["digits"], str(tmp_path))
+
+    class DataArgs:
+        dataset_dir = str(tmp_path)
+
+    with pytest.raises(ValueError, match="needs the lancetag LLaMA-Factory extension"):
+        stock(attr, None, DataArgs, None)
+
+
+def test_register_reports_missing_column_as_reason_code(digits_table, tmp_path):
+    uri, _ = digits_table
+    out = subprocess.run(
+        [
+            LANCETAG,
+            "lf",
+            "register",
+            str(uri),
+            "--name",
+            "x",
+            "--dataset-dir",
+            str(tmp_path),
+            *NO_SUCH_COLUMN,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["reason"] == "column_missing" and "no_such_column" in record["message"]
+
+
+def test_lance_entry_preprocesses_identically_to_native_json_and_files(digits_table, tiny_qwen2_vl, tmp_path):
+    import llamafactory_ext
+    from llamafactory_ext.register import register_dataset
+
+    llamafactory_ext.activate()
+    uri, images = digits_table
+    data_dir = tmp_path / "data"
+    register_dataset(str(uri), "digits_lance", data_dir)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "<image>" + ARTICLE_PROMPT},
+                {"role": "assistant", "content": f"this is a photo of {label}."},
+            ]
+        }
+        for _, label in images
+    ]
+    write_native(data_dir, "digits_native", rows, [data for data, _ in images])
+
+    native, collator = _preprocess(_lf_args(tiny_qwen2_vl, data_dir, "digits_native", tmp_path / "n"))
+    lance_ds, _ = _preprocess(_lf_args(tiny_qwen2_vl, data_dir, "digits_lance", tmp_path / "l"))
+
+    assert len(native) == len(lance_ds) == 24
+    for a, b in zip(native, lance_ds, strict=True):
+        assert a["input_ids"] == b["input_ids"]
+        assert a["labels"] == b["labels"]
+    keys = ("input_ids", "attention_mask", "labels")
+    batch_native = collator([{k: native[i][k] for k in (*keys, "images")} for i in range(4)])
+    batch_lance = collator([{k: lance_ds[i][k] for k in (*keys, "images")} for i in range(4)])
+    assert isinstance(lance_ds[0]["images"][0], bytes | dict)  # bytes from Lance, not paths
+    assert batch_native["pixel_values"].shape == batch_lance["pixel_values"].shape
+    assert (batch_native["pixel_values"] == batch_lance["pixel_values"]).all()
+    assert (batch_native["image_grid_thw"] == batch_lance["image_grid_thw"]).all()
+
+
+def test_split_where_and_max_samples_select_the_documented_rows(digits_table, tiny_qwen2_vl, tmp_path):
+    import llamafactory_ext
+    from llamafactory_ext.messages import split_of
+    from llamafactory_ext.register import register_dataset
+
+    llamafactory_ext.activate()
+    uri, images = digits_table
+    from lance_io.schema import image_id
+
+    ids_with_label = [(image_id(data), label) for data, label in images]
+    register_dataset(str(uri), "val", tmp_path, split="validation", val_fraction=0.5, where="truth != '0'")
+    expected = [i for i, label in ids_with_label if label != "0" and split_of(i, 0.5) == "validation"]
+    train, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path, "val", tmp_path / "a"))
+    assert 0 < len(train) == len(expected) < 24
+
+    capped, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path, "val", tmp_path / "b", max_samples=2))
+    assert len(capped) == 2
+
+    register_dataset(str(uri), "oversampled", tmp_path, num_samples=30)  # more than the 24 rows
+    oversampled, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path, "oversampled", tmp_path / "c"))
+    assert len(oversampled) == 30
+
+
+def test_appending_after_register_does_not_change_what_the_pinned_entry_loads(tiny_qwen2_vl, tmp_path):
+    import lance
+
+    import llamafactory_ext
+    from llamafactory_ext.register import register_dataset
+
+    llamafactory_ext.activate()
+    uri = tmp_path / "grow.lance"
+    write_table(uri, digit_images(6))
+    registered = register_dataset(str(uri), "grow", tmp_path / "data")
+    write_table(uri, digit_images(5, start=100), mode="append")
+    assert lance.dataset(str(uri)).count_rows() == 11
+
+    pinned, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path / "data", "grow", tmp_path / "p"))
+    assert len(pinned) == 6
+
+    latest = register_dataset(str(uri), "grow", tmp_path / "data")
+    assert latest.version == registered.version + 1
+    grown, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path / "data", "grow", tmp_path / "q"))
+    assert len(grown) == 11
+
+
+def test_streaming_gives_one_shard_per_fragment_and_ranks_read_disjoint_fragments(digits_table, monkeypatch):
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from llamafactory_ext import reader
+    from llamafactory_ext.source import LanceSource
+
+    uri, _ = digits_table
+    source = reader.resolve(LanceSource(uri=str(uri), version=1, label_column="truth"))
+    stream = reader.stream_rows(source)
+    assert stream.n_shards == 3
+
+    read_by_rank: dict[int, list[int]] = {0: [], 1: []}
+    original = reader.iter_tables
+
+    def recording(src, *, fragment_ids=None, report=None):
+        read_by_rank[rank].extend(fragment_ids or [])
+        return original(src, fragment_ids=fragment_ids, report=report)
+
+    monkeypatch.setattr(reader, "iter_tables", recording)
+    rows = {}
+    for rank in (0, 1):  # accelerate's own sharding, as `lancetag train` configures it for streams
+        loader = prepare_data_loader(
+            DataLoader(stream, batch_size=4, collate_fn=list),
+            num_processes=2,
+            process_index=rank,
+            dispatch_batches=False,
+            put_on_device=False,
+        )
+        rows[rank] = sum(len(batch) for batch in loader)
+    assert sorted(read_by_rank[0] + read_by_rank[1]) == [0, 1, 2]
+    assert not set(read_by_rank[0]) & set(read_by_rank[1])
+    assert rows[0] + rows[1] == 24 and min(rows.values()) > 0
+
+
+def test_streaming_lance_entry_yields_the_same_examples_as_the_in_memory_load(
+    digits_table, tiny_qwen2_vl, tmp_path
+):
+    import llamafactory_ext
+    from llamafactory_ext.register import register_dataset
+
+    llamafactory_ext.activate()
+    uri, _ = digits_table
+    register_dataset(str(uri), "digits", tmp_path)
+    eager, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path, "digits", tmp_path / "e"))
+    streamed, _ = _preprocess(
+        _lf_args(tiny_qwen2_vl, tmp_path, "digits", tmp_path / "s", streaming=True, max_steps=2)
+    )
+    streamed_ids = sorted(ex["input_ids"] for ex in streamed)  # LLaMA-Factory shuffles streams
+    assert streamed_ids == sorted(ex["input_ids"] for ex in eager)
+
+
+@pytest.mark.s3
+def test_s3_table_loads_with_storage_options_taken_from_environment_variables(s3, tmp_path, monkeypatch):
+    import lance
+
+    from llamafactory_ext.reader import load_rows
+    from llamafactory_ext.register import register_dataset
+    from llamafactory_ext.source import read_dataset_info
+    from tests.lf_fixtures import image_rows
+
+    uri = s3.uri("lf-digits.lance")
+    lance.write_dataset(image_rows(digit_images(6)), uri, storage_options=s3.storage_options)
+    env_names = {key: f"LANCETAG_TEST_S3_{key.upper()}" for key in s3.storage_options}
+    for key, value in s3.storage_options.items():
+        monkeypatch.setenv(env_names[key], value)
+    register_dataset(uri, "remote", tmp_path, storage_options_env=env_names)
+    entry = read_dataset_info(tmp_path)["remote"]
+    assert s3.storage_options["aws_secret_access_key"] not in json.dumps(entry)  # secrets stay in the env
+
+    from llamafactory_ext.source import LanceSource
+
+    rows = load_rows(LanceSource.model_validate(entry["lance"]))
+    assert len(rows) == 6 and rows[0]["images"][0].startswith(b"\x89PNG")
