@@ -140,6 +140,7 @@ def run(workdir: Path) -> Section:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(), object_store_memory=1024**3, include_dashboard=False, log_to_driver=False
     )
     try:

@@ -125,7 +125,7 @@ def run(workdir: Path) -> Section:
 
     in_process_ips = _in_process(model, images[:512])
 
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     url = run_labeler(
         LabelerConfig(task="digits", backend=BackendConfig(kind="transformers", model=model, batch_size=BATCH),

@@ -23,7 +23,7 @@ def run(workdir: Path) -> Section:
     from tests.table_fixtures import png_bytes
 
     model = str(build_tiny_model("qwen2_vl", workdir / "tiny"))
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     url = run_labeler(
         LabelerConfig(task="digits", backend=BackendConfig(model=model, batch_size=16), app_name=APP, route_prefix=f"/{APP}",
                       max_batch_size=16, max_ongoing_requests=8, max_queued_requests=16)

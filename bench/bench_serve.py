@@ -95,7 +95,7 @@ def run(workdir: Path) -> Section:
     full_sequence = _full_sequence_rate(backend, task, _images(32), 8)
     backend.close()
 
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     try:
         config = LabelerConfig(
             task="digits",

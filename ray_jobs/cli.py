@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import typer
 
+from ray_jobs import cli_ingest, cli_table
+from ray_jobs.cli_cluster import register as register_cluster
+from ray_jobs.cli_demo import demo_command
 from ray_jobs.cli_dev import dev_app
+from ray_jobs.cli_eval import eval_command
+from ray_jobs.cli_label import label_command
+from ray_jobs.cli_lf import lf_app, train, webui
+from ray_jobs.cli_serve import serve_command
 
 app = typer.Typer(
     name="lancetag",
@@ -18,6 +25,16 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(lf_app, name="lf")
+app.command("train")(train)
+app.command("webui")(webui)
+cli_table.register(app)
+app.command("label")(label_command)
+app.command("serve")(serve_command)
+app.command("eval")(eval_command)
+register_cluster(app)
+app.command("demo")(demo_command)
+cli_ingest.register(app)
 
 
 @app.command()
@@ -46,3 +63,7 @@ def version() -> None:
 def main() -> None:
     """Entry point of the `lancetag` console script."""
     app()
+
+
+if __name__ == "__main__":  # `python -m ray_jobs.cli ...`, as Ray Jobs run it
+    main()

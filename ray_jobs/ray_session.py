@@ -20,4 +20,5 @@ def ensure_ray(address: str | None = None, **local: Any) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
+        # "local": a new cluster, even when a `ray start` on this machine left one to auto-connect to.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, **local)

@@ -275,7 +275,8 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False) -> str:
             raise ValueError(f"token_env: environment variable {config.token_env} is not set or empty")
         token_hash = hashlib.sha256(token.encode()).hexdigest()
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
+        ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     app = build_app(config, token_sha256=token_hash)
     serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)

@@ -29,6 +29,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a new cluster, never one a `ray start` left on the machine
             num_cpus=4,  # logical CPUs on 2 cores: Serve replicas and job tasks never deadlock on accounting
             object_store_memory=512 * 1024**2,
             include_dashboard=False,

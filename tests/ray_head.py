@@ -59,3 +59,5 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        # As `ray stop` does: later ray.init() calls must not try to join this dead head.
+        Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)

@@ -30,7 +30,7 @@ def test_jobs_submitted_to_a_head_ingest_and_label_an_s3_table_readable_locally(
         (photos / digit).mkdir(parents=True)
         for k in range(3):
             buffer = io.BytesIO()
-            Image.new("L", (56, 56), 40 * k + int(digit) * 20).save(buffer, format="PNG")
+            Image.new("L", (56, 56), 30 * k + int(digit) * 10).save(buffer, format="PNG")  # 6 distinct images
             (photos / digit / f"{k}.png").write_bytes(buffer.getvalue())
     uri = s3.uri("submitted.lance")
     env = {**os.environ, "LANCETAG_STORAGE_OPTIONS": json.dumps(s3.storage_options)}

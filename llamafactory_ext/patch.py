@@ -1,0 +1,71 @@
+"""Make Lance entries loadable by LLaMA-Factory's own pipeline, without forking it.
+
+``activate()`` wraps ``llamafactory.data.loader._load_single_dataset`` (looked up at call time
+by ``_get_merged_dataset``): a Lance entry is read by :mod:`llamafactory_ext.reader` and then
+goes through LLaMA-Factory's ``align_dataset`` and preprocessing like any other dataset;
+every other entry goes to the original function. It also teaches the web UI's preview
+(``webui.components.data``) to show Lance entries. Idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+_MARK = "__lancetag_wrapped__"
+
+
+def _wrap_loader(original: Any) -> Any:
+    """Return ``_load_single_dataset`` that reads Lance entries itself and defers the rest."""
+
+    @functools.wraps(original)
+    def load_single_dataset(dataset_attr: Any, model_args: Any, data_args: Any, training_args: Any) -> Any:
+        from llamafactory.data.converter import align_dataset
+
+        from llamafactory_ext.reader import load_rows, resolve, stream_rows
+        from llamafactory_ext.source import find_lance_entry
+
+        found = None
+        if dataset_attr.load_from == "file":
+            found = find_lance_entry(data_args.dataset_dir, dataset_attr.dataset_name)
+        if found is None:
+            return original(dataset_attr, model_args, data_args, training_args)
+        name, _entry, source = found
+        source = resolve(source)
+        logger.info("lancetag: loading %s from Lance %s @ %s", name, source.uri, source.ref())
+        if data_args.streaming:
+            dataset = stream_rows(source)
+        else:
+            dataset = load_rows(
+                source, num_samples=dataset_attr.num_samples, max_samples=data_args.max_samples
+            )
+        return align_dataset(dataset, dataset_attr, data_args, training_args)
+
+    setattr(load_single_dataset, _MARK, True)
+    return load_single_dataset
+
+
+def activate() -> bool:
+    """Install the Lance loader (and web UI preview) into LLaMA-Factory; return True if it was newly installed."""
+    import llamafactory.data.loader as loader
+
+    if getattr(loader._load_single_dataset, _MARK, False):
+        return False
+    loader._load_single_dataset = _wrap_loader(loader._load_single_dataset)
+    try:
+        from llamafactory_ext.webui import patch_preview
+
+        patch_preview()
+    except ImportError:  # the web UI package is optional in some LLaMA-Factory builds
+        pass
+    return True
+
+
+def is_active() -> bool:
+    """Return whether the Lance loader is installed in this process (without importing LLaMA-Factory)."""
+    import sys
+
+    loader = sys.modules.get("llamafactory.data.loader")
+    return loader is not None and getattr(loader._load_single_dataset, _MARK, False)

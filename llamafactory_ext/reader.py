@@ -1,0 +1,195 @@
+"""Read a registered Lance entry into the rows LLaMA-Factory's sharegpt converter expects.
+
+Every row becomes ``{"messages": [{"role", "content"}, ...], "images": [<original bytes>]}``.
+Only the id, image and message/label columns are read, at the pinned version, with the
+entry's ``where`` filter pushed down to Lance.
+
+- :func:`load_rows` materialises an in-memory ``datasets.Dataset`` (nothing is written to the
+  Hugging Face cache: in-memory datasets map in memory).
+- :func:`stream_rows` returns a ``datasets.IterableDataset`` with one shard per fragment;
+  with ``accelerator_config.dispatch_batches: false`` each rank reads only its fragments.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from lance_io.scan import TableReadError, list_fragments, open_at, require_columns, scan_batches
+from lance_io.schema import MESSAGE_TYPE
+from llamafactory_ext.messages import (
+    LabelError,
+    classify_task_from_labels,
+    in_split,
+    load_task_config,
+    messages_from_label,
+)
+from llamafactory_ext.source import LanceSource
+
+logger = logging.getLogger(__name__)
+
+ROW_SCHEMA = pa.schema([("messages", pa.list_(MESSAGE_TYPE)), ("images", pa.list_(pa.binary()))])
+
+
+def row_features() -> Any:
+    """Return the ``datasets.Features`` of loaded rows (messages + images)."""
+    from datasets import Features, Sequence, Value
+
+    return Features(
+        {
+            "messages": [{"role": Value("string"), "content": Value("string")}],
+            "images": Sequence(Value("binary")),
+        }
+    )
+
+
+@dataclass
+class ReadReport:
+    """What a read kept and skipped, by reason code."""
+
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        """Return a one-line summary for logs."""
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        return f"kept {self.kept} rows; skipped: {skipped}"
+
+
+class RowBuilder:
+    """Turns record batches of one entry into message/image rows (picklable: holds no table handle)."""
+
+    def __init__(self, source: LanceSource) -> None:
+        self.source = source
+        self.questions = None
+        if source.label_column is not None:
+            self.questions = load_task_config(source.task, source.task_config).questions()
+
+    @property
+    def columns(self) -> list[str]:
+        """Return the table columns this entry reads."""
+        text = self.source.messages_column or self.source.label_column
+        return list(dict.fromkeys([self.source.id_column, self.source.image_column, text]))
+
+    def build(self, batch: pa.RecordBatch, report: ReadReport) -> pa.Table:
+        """Return the rows of ``batch`` in this entry's split, as a ``ROW_SCHEMA`` table."""
+        src = self.source
+        ids = batch.column(src.id_column).to_pylist()
+        texts = batch.column(src.messages_column or src.label_column).to_pylist()
+        keep, messages = [], []
+        for i, (row_id, text) in enumerate(zip(ids, texts, strict=True)):
+            if not in_split(str(row_id), src.split, src.val_fraction):
+                continue
+            if text is None:
+                report.skipped["label_missing"] += 1
+                continue
+            if self.questions is None:
+                turns = text
+            else:
+                try:
+                    turns = messages_from_label(self.questions, text)
+                except LabelError as err:
+                    report.skipped[err.reason] += 1
+                    continue
+            keep.append(i)
+            messages.append(turns)
+        report.kept += len(keep)
+        images = batch.column(src.image_column).take(pa.array(keep, pa.int64())).cast(pa.binary())
+        offsets = pa.array(np.arange(len(keep) + 1, dtype=np.int32))
+        return pa.table(
+            {
+                "messages": pa.array(messages, type=pa.list_(MESSAGE_TYPE)),
+                "images": pa.ListArray.from_arrays(offsets, images),
+            },
+            schema=ROW_SCHEMA,
+        )
+
+
+def resolve(source: LanceSource) -> LanceSource:
+    """Return ``source`` with a classify task derived from the label values when none is given."""
+    if source.label_column is None or source.task is not None or source.task_config is not None:
+        return source
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    require_columns(ds, [source.label_column], uri=source.uri)
+    values = ds.to_table(columns=[source.label_column], filter=source.where).column(0).drop_null().unique()
+    labels = sorted(str(v) for v in values.to_pylist())
+    task = classify_task_from_labels(source.label_column, labels)
+    return source.model_copy(update={"task_config": task.model_dump(mode="json")})
+
+
+def iter_tables(
+    source: LanceSource, *, fragment_ids: list[int] | None = None, report: ReadReport | None = None
+) -> Iterator[pa.Table]:
+    """Yield row tables of ``source`` batch by batch (optionally of some fragments only)."""
+    builder = RowBuilder(source)
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    require_columns(ds, builder.columns, uri=source.uri)
+    report = report if report is not None else ReadReport()
+    for batch in scan_batches(ds, builder.columns, where=source.where, fragment_ids=fragment_ids):
+        table = builder.build(batch, report)
+        if table.num_rows:
+            yield table
+
+
+def load_rows(source: LanceSource, *, num_samples: int | None = None, max_samples: int | None = None) -> Any:
+    """Return an in-memory ``datasets.Dataset`` of the entry's rows, honouring num_samples/max_samples.
+
+    ``num_samples`` samples like LLaMA-Factory does (a permutation, then repeats if larger);
+    ``max_samples`` stops reading as soon as enough rows are in.
+    """
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    report = ReadReport()
+    parts, rows = [], 0
+    for table in iter_tables(source, report=report):
+        parts.append(table)
+        rows += table.num_rows
+        if num_samples is None and max_samples is not None and rows >= max_samples:
+            break
+    if not parts:
+        raise TableReadError(
+            "no_rows",
+            f"{source.uri} (version {source.ref()}, where {source.where!r}, split {source.split}) "
+            f"gives no training rows ({report.summary()})",
+        )
+    table = pa.concat_tables(parts).combine_chunks()
+    logger.info("lance dataset %s: %s", source.uri, report.summary())
+    if num_samples is not None:
+        indexes = np.random.permutation(len(table))[:num_samples]
+        if num_samples > len(indexes):
+            extra = np.random.choice(len(table), num_samples - len(indexes))
+            indexes = np.concatenate((indexes, extra), axis=0)
+        table = table.take(pa.array(indexes))
+    if max_samples is not None:
+        table = table.slice(0, min(max_samples, len(table)))
+    return Dataset(InMemoryTable(table))
+
+
+def _stream_tables(source_json: str, fragment_ids: list[int]) -> Iterator[tuple[str, pa.Table]]:
+    """Yield ``(key, rows)`` tables of the given fragments (runs where the stream is consumed; opens the table there)."""
+    source = LanceSource.model_validate_json(source_json)
+    for i, table in enumerate(iter_tables(source, fragment_ids=fragment_ids)):
+        yield f"{fragment_ids[0]}-{i}", table
+
+
+def stream_rows(source: LanceSource) -> Any:
+    """Return a ``datasets.IterableDataset`` of the entry's rows with one shard per fragment.
+
+    Arrow tables go straight to ``datasets`` (no per-row Python dicts until a map needs them).
+    """
+    from datasets import DatasetInfo, IterableDataset
+    from datasets.iterable_dataset import ArrowExamplesIterable
+
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    fragments = [f.fragment_id for f in list_fragments(ds)]  # a list in kwargs: one shard per item
+    examples = ArrowExamplesIterable(
+        _stream_tables, {"source_json": source.model_dump_json(), "fragment_ids": fragments}
+    )
+    return IterableDataset(examples, info=DatasetInfo(features=row_features()))

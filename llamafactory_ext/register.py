@@ -1,0 +1,82 @@
+"""Register a Lance table as a LLaMA-Factory dataset: resolve and pin what training will read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lance_io.scan import open_at, require_columns
+from llamafactory_ext.reader import resolve
+from llamafactory_ext.source import LanceSource, Split, entry_for, write_entry
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What ``register_dataset`` wrote: entry name, file, pinned version and matching rows."""
+
+    name: str
+    dataset_info: Path
+    uri: str
+    version: int
+    tag: str | None
+    rows: int
+
+    def as_dict(self) -> dict:
+        """Return a JSON-ready dict."""
+        return {**self.__dict__, "dataset_info": str(self.dataset_info)}
+
+
+def register_dataset(
+    uri: str,
+    name: str,
+    dataset_dir: str | Path,
+    *,
+    version: int | str | None = None,
+    task: str | None = None,
+    where: str | None = None,
+    label_column: str | None = None,
+    messages_column: str | None = None,
+    split: Split = "all",
+    val_fraction: float = 0.1,
+    num_samples: int | None = None,
+    storage_options_env: dict[str, str] | None = None,
+) -> Registration:
+    """Write or update entry ``name`` of ``dataset_dir/dataset_info.json`` for the table at ``uri``.
+
+    Without ``version`` the current latest version is pinned; a tag stays a tag (tags can be
+    moved on purpose). Without ``label_column`` or ``messages_column``, a ``messages`` column
+    is used if the table has one, else ``truth``. Without ``task``, a label column gets the
+    default classify task over the labels present at that version (snapshotted in the entry).
+    """
+    from lance_io.schema import MESSAGES, TRUTH
+
+    probe = LanceSource(uri=uri, label_column="x", storage_options_env=storage_options_env or {})
+    ds = open_at(uri, version, storage_options=probe.storage_options())
+    if label_column is None and messages_column is None:
+        if MESSAGES in ds.schema.names:
+            messages_column = MESSAGES
+        else:
+            label_column = TRUTH
+    tag = version if isinstance(version, str) and not version.isdigit() else None
+    source = LanceSource(
+        uri=uri,
+        version=None if tag else ds.version,
+        tag=tag,
+        where=where,
+        split=split,
+        val_fraction=val_fraction,
+        label_column=label_column,
+        messages_column=messages_column,
+        task=task,
+        storage_options_env=storage_options_env or {},
+    )
+    require_columns(ds, [source.id_column, source.image_column, label_column or messages_column], uri=uri)
+    if task is not None:
+        from llamafactory_ext.messages import load_task_config
+
+        source = source.model_copy(
+            update={"task_config": load_task_config(task, None).model_dump(mode="json")}
+        )
+    source = resolve(source)
+    path = write_entry(dataset_dir, name, entry_for(source, name, num_samples=num_samples))
+    return Registration(name, path, uri, ds.version, tag, ds.count_rows(filter=where))

@@ -1,0 +1,179 @@
+"""Lance tables as entries of LLaMA-Factory's ``dataset_info.json``.
+
+An entry keeps LLaMA-Factory's own keys with their stock meaning (``formatting``,
+``columns``, ``tags``, ``ranking``, ``num_samples``) describing the *loaded* dataset, which
+always has a sharegpt ``messages`` column and an ``images`` column, and adds a ``lance``
+block saying where the rows come from::
+
+    "digits": {
+      "file_name": "lance:digits (needs the lancetag LLaMA-Factory extension, see docs/training.md)",
+      "formatting": "sharegpt",
+      "columns": {"messages": "messages", "images": "images"},
+      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+               "assistant_tag": "assistant", "system_tag": "system"},
+      "lance": {"uri": "/data/digits.lance", "version": 3, "where": "truth IS NOT NULL",
+                "split": "train", "label_column": "truth", "task": "digits", "task_config": {...}}
+    }
+
+``file_name`` names no file: stock LLaMA-Factory (extension inactive) fails with
+"File .../lance:digits (needs the lancetag ...) not found." instead of loading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DATA_CONFIG = "dataset_info.json"
+FILE_NAME_PREFIX = "lance:"
+SHAREGPT_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+}
+Split = Literal["train", "validation", "all"]
+
+
+class LanceSource(BaseModel):
+    """The ``lance`` block of a dataset entry: which rows of which table version, and how to turn them into chats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(description="Table URI (local path or s3://...)")
+    version: int | None = Field(None, description="Pinned version number; set by `lancetag lf register`")
+    tag: str | None = Field(None, description="Tag to read instead of a version number")
+    where: str | None = Field(None, description='SQL filter on table columns, e.g. "truth IS NOT NULL"')
+    split: Split = Field("all", description="Rows kept after the id-hash split")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of ids in the validation split")
+    id_column: str = Field("id", description="Column whose hash decides the split")
+    image_column: str = Field("image", description="Column of original image bytes")
+    messages_column: str | None = Field(
+        None, description="Column of sharegpt turns (list<struct<role, content>>)"
+    )
+    label_column: str | None = Field(None, description="Label column to build messages from (with task)")
+    task: str | None = Field(
+        None, description="Task name or YAML path the messages follow (serve_apps.tasks)"
+    )
+    task_config: dict[str, Any] | None = Field(None, description="Snapshot of the task at registration")
+    storage_options_env: dict[str, str] = Field(
+        default_factory=dict, description="storage option -> environment variable holding its value"
+    )
+
+    @model_validator(mode="after")
+    def _one_message_source(self) -> LanceSource:
+        if (self.messages_column is None) == (self.label_column is None):
+            raise ValueError("give exactly one of messages_column (ready chats) or label_column (+ task)")
+        if self.version is not None and self.tag is not None:
+            raise ValueError("give a version or a tag, not both")
+        return self
+
+    def ref(self) -> int | str | None:
+        """Return the version number or tag to open (None: latest)."""
+        return self.version if self.version is not None else self.tag
+
+    def storage_options(self) -> dict[str, str] | None:
+        """Return storage options read from the named environment variables (secrets stay out of JSON)."""
+        if not self.storage_options_env:
+            return None
+        missing = [env for env in self.storage_options_env.values() if env not in os.environ]
+        if missing:
+            raise ValueError(
+                f"storage options need environment variables {', '.join(missing)}; set them first"
+            )
+        return {key: os.environ[env] for key, env in self.storage_options_env.items()}
+
+
+class LanceEntryError(ValueError):
+    """A dataset entry that cannot be used; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def placeholder_file_name(name: str) -> str:
+    """Return the ``file_name`` of a Lance entry: a name that tells stock LLaMA-Factory what is missing."""
+    return f"{FILE_NAME_PREFIX}{name} (needs the lancetag LLaMA-Factory extension, see docs/training.md)"
+
+
+def entry_for(source: LanceSource, name: str, *, num_samples: int | None = None) -> dict[str, Any]:
+    """Return the full ``dataset_info.json`` entry for ``source`` registered as ``name``."""
+    entry: dict[str, Any] = {
+        "file_name": placeholder_file_name(name),
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": dict(SHAREGPT_TAGS),
+        "lance": source.model_dump(mode="json", exclude_none=True, exclude_defaults=False),
+    }
+    if num_samples is not None:
+        entry["num_samples"] = num_samples
+    return entry
+
+
+def read_dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
+    """Return the parsed ``dataset_info.json`` of ``dataset_dir`` ({} when absent)."""
+    path = Path(dataset_dir) / DATA_CONFIG
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_entry(dataset_dir: str | Path, name: str, entry: dict[str, Any]) -> Path:
+    """Add or replace entry ``name`` in ``dataset_dir/dataset_info.json``, keeping the others; return the path."""
+    directory = Path(dataset_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = read_dataset_info(directory)
+    info[name] = entry
+    path = directory / DATA_CONFIG
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: the web UI re-reads this file on every focus
+    return path
+
+
+def lance_source_of(entry: dict[str, Any], *, name: str = "?") -> LanceSource | None:
+    """Return the typed ``lance`` block of an entry, None for ordinary entries."""
+    block = entry.get("lance") if isinstance(entry, dict) else None
+    if block is None:
+        return None
+    try:
+        return LanceSource.model_validate(block)
+    except ValueError as err:
+        raise LanceEntryError("bad_lance_entry", f"dataset {name!r}: {err}") from err
+
+
+def find_lance_entry(dataset_dir: Any, file_name: str) -> tuple[str, dict[str, Any], LanceSource] | None:
+    """Return ``(name, entry, source)`` of the Lance entry whose ``file_name`` is ``file_name``, else None.
+
+    LLaMA-Factory passes only ``file_name`` down to the loader, so that is the key we match on.
+    """
+    if not isinstance(file_name, str) or not file_name.startswith(FILE_NAME_PREFIX):
+        return None
+    if isinstance(dataset_dir, dict):
+        info = dataset_dir
+    elif isinstance(dataset_dir, str | Path) and not str(dataset_dir).startswith(("ONLINE", "REMOTE:")):
+        info = read_dataset_info(dataset_dir)
+    else:
+        return None
+    for name, entry in info.items():
+        if isinstance(entry, dict) and entry.get("file_name") == file_name and "lance" in entry:
+            source = lance_source_of(entry, name=name)
+            assert source is not None
+            return name, entry, source
+    return None
+
+
+def lance_entries(dataset_dir: str | Path) -> dict[str, LanceSource]:
+    """Return every Lance entry of ``dataset_dir/dataset_info.json`` by name."""
+    out = {}
+    for name, entry in read_dataset_info(dataset_dir).items():
+        source = lance_source_of(entry, name=name)
+        if source is not None:
+            out[name] = source
+    return out

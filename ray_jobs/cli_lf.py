@@ -1,0 +1,211 @@
+"""`lancetag lf ...`, `lancetag train` and `lancetag webui`: LLaMA-Factory on Lance tables.
+
+Heavy imports (LLaMA-Factory, torch, Ray) happen inside the commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+lf_app = typer.Typer(
+    help="LLaMA-Factory extension: register Lance tables as datasets, install the loader hook.",
+    no_args_is_help=True,
+)
+
+
+def _fail(reason: str, message: str, as_json: bool) -> None:
+    """Print an error record (reason code + actionable message) and exit 1."""
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "reason": reason, "message": message}))
+    else:
+        typer.echo(f"error: {reason}: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _split_error(err: Exception) -> tuple[str, str]:
+    """Return (reason, message) of one of our errors (``reason: message``), else a generic reason."""
+    reason = getattr(err, "reason", None)
+    text = str(err)
+    if reason and text.startswith(f"{reason}: "):
+        return reason, text[len(reason) + 2 :]
+    return reason or type(err).__name__, text
+
+
+@lf_app.command("register")
+def register(
+    table: Annotated[str, typer.Argument(help="Lance table URI")],
+    name: Annotated[str, typer.Option(help="Dataset name in dataset_info.json")],
+    dataset_dir: Annotated[Path, typer.Option(help="LLaMA-Factory dataset_dir holding dataset_info.json")],
+    version: Annotated[
+        str | None, typer.Option(help="Version number or tag (default: pin the latest)")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task name or YAML the messages follow")] = None,
+    where: Annotated[str | None, typer.Option(help="SQL filter on table columns")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column to build messages from")] = None,
+    messages_column: Annotated[str | None, typer.Option(help="Column of ready sharegpt messages")] = None,
+    split: Annotated[str, typer.Option(help="train, validation or all (id-hash split)")] = "all",
+    val_fraction: Annotated[float, typer.Option(help="Share of ids in the validation split")] = 0.1,
+    num_samples: Annotated[
+        int | None, typer.Option(help="LLaMA-Factory num_samples: sample/repeat rows")
+    ] = None,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Lance storage option read from an env var at load time: KEY=ENV_VAR (repeatable)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+) -> None:
+    """Write or update a dataset_info.json entry that reads TABLE (pinned to a version) from Lance."""
+    from llamafactory_ext.register import register_dataset
+
+    if split not in ("train", "validation", "all"):
+        _fail("bad_split", f"--split must be train, validation or all, not {split!r}", as_json)
+    storage_options_env = {}
+    for item in storage_option or []:
+        key, sep, env = item.partition("=")
+        if not sep:
+            _fail("bad_storage_option", f"--storage-option needs KEY=ENV_VAR, got {item!r}", as_json)
+        storage_options_env[key.strip()] = env.strip()
+    try:
+        result = register_dataset(
+            table,
+            name,
+            dataset_dir,
+            version=version,
+            task=task,
+            where=where,
+            label_column=label_column,
+            messages_column=messages_column,
+            split=split,  # type: ignore[arg-type]
+            val_fraction=val_fraction,
+            num_samples=num_samples,
+            storage_options_env=storage_options_env,
+        )
+    except (ValueError, OSError) as err:
+        _fail(*_split_error(err), as_json)
+        return
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **result.as_dict()}))
+    else:
+        pinned = f"tag {result.tag}" if result.tag else f"version {result.version}"
+        typer.echo(f"registered {name}: {table} @ {pinned}, {result.rows} rows -> {result.dataset_info}")
+
+
+@lf_app.command("install-hook")
+def install_hook(
+    site_dir: Annotated[
+        Path | None, typer.Option(help="site-packages folder (default: this environment's)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+) -> None:
+    """Make every LLaMA-Factory process of this environment load Lance entries (a .pth file)."""
+    from llamafactory_ext.hook import ENV_SWITCH, install_pth
+
+    path = install_pth(site_dir)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "pth": str(path)}))
+    else:
+        typer.echo(
+            f"installed {path}; `llamafactory-cli` now loads Lance entries ({ENV_SWITCH}=0 turns it off)"
+        )
+
+
+@lf_app.command("uninstall-hook")
+def uninstall_hook(
+    site_dir: Annotated[
+        Path | None, typer.Option(help="site-packages folder (default: this environment's)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+) -> None:
+    """Remove the .pth file written by install-hook."""
+    from llamafactory_ext.hook import uninstall_pth
+
+    removed = uninstall_pth(site_dir)
+    typer.echo(
+        json.dumps({"ok": True, "removed": removed})
+        if as_json
+        else ("removed" if removed else "not installed")
+    )
+
+
+@lf_app.command("hook-path")
+def hook_path(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False) -> None:
+    """Print a PYTHONPATH entry that activates the extension for one process tree."""
+    from llamafactory_ext.hook import SITE_DIR
+
+    typer.echo(json.dumps({"ok": True, "path": str(SITE_DIR)}) if as_json else str(SITE_DIR))
+
+
+@lf_app.command("list")
+def list_entries(
+    dataset_dir: Annotated[Path, typer.Option(help="LLaMA-Factory dataset_dir")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+) -> None:
+    """List the Lance entries of a dataset_info.json with their pinned versions."""
+    from llamafactory_ext.source import lance_entries
+
+    entries = {
+        n: s.model_dump(mode="json", exclude={"task_config"}) for n, s in lance_entries(dataset_dir).items()
+    }
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "datasets": entries}))
+        return
+    for name, src in entries.items():
+        ref = f"tag {src['tag']}" if src.get("tag") else f"version {src.get('version')}"
+        typer.echo(f"{name}: {src['uri']} @ {ref} where={src.get('where')} split={src['split']}")
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="LLaMA-Factory training YAML (optional `lancetag:` block)")],
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (0: this process, no Ray)")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per Ray Train worker")] = None,
+    storage: Annotated[str | None, typer.Option(help="Ray Train storage path for checkpoints")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: --set max_steps=10 (YAML value)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record as the last line")] = False,
+) -> None:
+    """Fine-tune with LLaMA-Factory from Lance tables (pinned versions), locally or on Ray Train."""
+    import yaml
+
+    from llamafactory_ext.train import run_training
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail("bad_override", f"--set needs key=value, got {item!r}", as_json)
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        result = run_training(
+            config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides
+        )
+    except (ValueError, OSError) as err:
+        _fail(*_split_error(err), as_json)
+        return
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **result.as_dict()}))
+    else:
+        typer.echo(
+            f"trained in {result.seconds:.0f} s on {result.workers or 'no'} Ray workers: "
+            f"loss {result.train_loss}, output {result.output_dir}, lineage {result.lineage_path}"
+        )
+
+
+def webui(
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 7860,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record before serving")] = False,
+) -> None:
+    """Run LlamaBoard with Lance datasets listed, previewed and trainable (needs the webui extra)."""
+    from llamafactory_ext.webui import launch
+
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "url": f"http://{host}:{port}"}))
+    try:
+        launch(host=host, port=port)
+    except RuntimeError as err:
+        _fail(*_split_error(err), as_json)
