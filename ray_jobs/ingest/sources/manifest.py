@@ -86,6 +86,8 @@ def _read_manifest(path: Path) -> pa.Table:
             if not isinstance(rows, list):
                 raise SourceError(f"{path} must hold a JSON list of objects (one per image)")
             return pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a column mixing strings and numbers
+        raise SourceError(f"cannot read the manifest {path}: {exc}; give each column one type") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise SourceError(f"cannot read the manifest {path}: {exc}") from exc
     raise SourceError(f"{path}: a manifest is .csv, .jsonl, .json or .parquet")
