@@ -153,7 +153,7 @@ def run(workdir: Path) -> Section:
     append_images(ours_kill_uri, rows, max_rows_per_file=256)
     job = subprocess.Popen(
         [str(Path(sys.executable).parent / "lancetag"), "label", ours_kill_uri, "--task", "digits", "--serve", url,
-         "--address", address, "--batch-size", str(BATCH), "--json"],
+         "--address", address, "--batch-size", str(BATCH), "--concurrency", "2", "--commit-rows", "64", "--json"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     time.sleep(lr_full_s * 0.6)  # the same wall time as lance-ray's kill: both start as a new driver process

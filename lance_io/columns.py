@@ -82,7 +82,13 @@ def ensure_columns(
         else:
             missing.append(f)
     if missing:
-        ds.add_columns(missing)
+        try:
+            ds.add_columns(missing)
+        except (OSError, ValueError):
+            # Another job may have added them a moment ago: fine if they are all there now.
+            ds = lance.dataset(uri, storage_options=storage_options)
+            if any(f.name not in ds.schema.names for f in missing):
+                raise
         ds = lance.dataset(uri, storage_options=storage_options)
     return ds.version
 

@@ -22,6 +22,7 @@ def label_command(
     relabel: Annotated[bool, typer.Option(help="Also redo rows labeled by another model/adapter/prompt")] = False,
     concurrency: Annotated[int, typer.Option(help="Fragments labeled at once")] = 4,
     batch_size: Annotated[int, typer.Option(help="Images per labeler request")] = 8,
+    commit_rows: Annotated[int, typer.Option(help="Commit at least every N rows within a fragment")] = 1024,
     version_tag: Annotated[str | None, typer.Option(help="Tag the version the run ends at")] = None,
     token_env: Annotated[str | None, typer.Option(help="Env var holding the labeler's bearer token")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
@@ -33,7 +34,8 @@ def label_command(
 
     options = LabelOptions(
         task=task, column=column, serve=serve, app=app_name, model=model, backend=backend, lora=lora, where=where,
-        relabel=relabel, concurrency=concurrency, batch_size=batch_size, version_tag=version_tag, token_env=token_env,
+        relabel=relabel, concurrency=concurrency, batch_size=batch_size, commit_rows=commit_rows, version_tag=version_tag,
+        token_env=token_env,
     )
     summary = label_table(table, options, storage_options=resolve_storage_options(table), progress=not as_json, address=address)
     keys = ("planned", "labeled", "failed", "skipped", "fragments_committed", "version", "seconds")

@@ -92,3 +92,19 @@ def test_kill_9_mid_run_then_rerun_labels_every_row_exactly_once(victim, title, 
     assert final.count_rows(filter="label_error IS NOT NULL") == 0
     assert first.labeled + second.labeled == 160
     assert rows_written_by_label_commits(uri) == 160, "no row's label was committed twice"
+
+
+def test_two_label_jobs_on_the_same_column_label_every_row_exactly_once(digits_labeler, tmp_path):
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(96)), max_rows_per_file=16)
+    options = LabelOptions(task="digits", serve=digits_labeler, concurrency=2, batch_size=4, commit_rows=8)
+    summaries = []
+    jobs = [threading.Thread(target=lambda: summaries.append(label_table(uri, options, progress=False))) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(summaries) == 2 and all(s.fragments_failed == 0 for s in summaries)
+    assert open_table(uri).count_rows(filter="label_provenance IS NULL") == 0
+    assert rows_written_by_label_commits(uri) == 96, "racing jobs resolved the conflicts: no row labeled twice"
+    assert sum(s.labeled for s in summaries) == 96
