@@ -52,6 +52,10 @@ def test_jobs_submitted_to_a_head_ingest_and_label_an_s3_table_readable_locally(
     table = open_table(uri, storage_options=s3.storage_options).to_table(columns=["truth", "label", "label_provenance"])
     assert table.num_rows == 6 and set(table["truth"].to_pylist()) == {"3", "7"}
     assert table["label"].null_count == 0
+    from lance_io.versions import list_versions
+
+    history = repr(list_versions(uri, storage_options=s3.storage_options))
+    assert "lancetag.job" in history and s3.storage_options["aws_secret_access_key"] not in history, "no secret in versions"
     logs = subprocess.run([LANCETAG, "jobs", "logs", labeled["job_id"], "--address", head], capture_output=True, text=True, check=True)
     assert s3.storage_options["aws_secret_access_key"] not in logs.stdout
     status = subprocess.run([LANCETAG, "jobs", "status", labeled["job_id"], "--address", head], capture_output=True, text=True, check=True)
