@@ -38,6 +38,7 @@ def run(workdir: Path) -> Section:
             f"{r.p50_ms:.0f} / {r.p95_ms:.0f} / {r.p99_ms:.0f} | {r.images_per_s:.1f} | "
             f"{min(r.rss_mb):.0f} -> {max(r.rss_mb):.0f} | {'yes' if r.retry_after_on_all_503 else 'NO'} |"
         )
+        print(f"clients {clients}: statuses {r.statuses} errors {r.errors}", flush=True)
     ray.shutdown()
     md = (
         f"One replica (tiny Qwen2-VL, 4 images per request), `max_ongoing_requests=8`, `max_queued_requests=16`, "
