@@ -259,6 +259,16 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
     return deployment.bind(task.model_dump(mode="json"), config.model_dump(mode="json"), token_sha256)
 
 
+def token_sha256(token_env: str | None) -> str | None:
+    """Return the sha256 of the bearer token in ``$token_env`` (None without auth); only this reaches the cluster."""
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise ValueError(f"token_env: environment variable {token_env} is not set or empty")
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def run_labeler(config: LabelerConfig, *, blocking: bool = False) -> str:
     """Deploy the labeler on the current (or a new local) Ray cluster and return its base URL.
 
@@ -268,12 +278,7 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False) -> str:
     import ray
     from ray import serve
 
-    token_hash = None
-    if config.token_env:
-        token = os.environ.get(config.token_env)
-        if not token:
-            raise ValueError(f"token_env: environment variable {config.token_env} is not set or empty")
-        token_hash = hashlib.sha256(token.encode()).hexdigest()
+    token_hash = token_sha256(config.token_env)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
         ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)

@@ -9,20 +9,12 @@ Serve config, as Serve expects; see ``configs/serve/*.yaml``.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any
 
-from serve_apps.app import LabelerConfig, build_app
+from serve_apps.app import LabelerConfig, build_app, token_sha256
 
 
 def app(args: dict[str, Any]) -> Any:
     """Return the labeler application for the Serve config's ``args``."""
     config = LabelerConfig.model_validate(args)
-    token_hash = None
-    if config.token_env:
-        token = os.environ.get(config.token_env)
-        if not token:
-            raise ValueError(f"token_env: environment variable {config.token_env} is not set in the Serve controller")
-        token_hash = hashlib.sha256(token.encode()).hexdigest()
-    return build_app(config, token_sha256=token_hash)
+    return build_app(config, token_sha256=token_sha256(config.token_env))

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_apps.results import ErrorCode, LabelResult, Provenance
+from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
 from serve_apps.tasks import Task
 
 BACKEND_MODULES: dict[str, str] = {
@@ -207,3 +207,23 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
             ErrorCode.IMAGE_DECODE_FAILED,
             f"image_decode_failed: {reason} ({len(data)} bytes, starting {data[:8]!r}); send PNG, JPEG or WebP bytes",
         )
+
+
+def batch_records(
+    task: Task,
+    provenance: Provenance,
+    decoded: list[Any],
+    answers: dict[int, dict[str, Answer]] | list[dict[str, Answer]],
+    failure: str | None,
+    per_image_ms: float,
+) -> list[LabelResult]:
+    """Return one record per input of a batch: the image's error, the batch's failure, or its answers."""
+    out: list[LabelResult] = []
+    for i, d in enumerate(decoded):
+        if isinstance(d, ImageError):
+            out.append(error_result(task, provenance, d.code, d.message))
+        elif failure is not None:
+            out.append(error_result(task, provenance, ErrorCode.BACKEND_FAILED, failure))
+        else:
+            out.append(assemble(task, answers[i], provenance, per_image_ms))
+    return out

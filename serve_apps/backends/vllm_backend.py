@@ -45,11 +45,12 @@ from serve_apps.backends.base import (
     ChatMessage,
     ChatReply,
     ImageError,
+    batch_records,
     decode_image,
     register_backend,
 )
 from serve_apps.backends.vllm_env import ClosedSetMode, VllmOptions, vllm_options, vllm_runtime_env
-from serve_apps.results import Answer, ErrorCode, LabelResult, assemble, error_result
+from serve_apps.results import Answer, LabelResult
 from serve_apps.tasks import Question, Task
 
 __all__ = ["ClosedSetMode", "VllmBackend", "VllmOptions", "vllm_options", "vllm_runtime_env"]
@@ -181,15 +182,7 @@ class VllmBackend(Backend):
         except Exception as exc:  # the engine failed: every image of the batch gets the reason
             failure = f"backend_failed: {type(exc).__name__}: {exc}"
         per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
-        out: list[LabelResult] = []
-        for i, d in enumerate(decoded):
-            if isinstance(d, ImageError):
-                out.append(error_result(task, provenance, d.code, d.message))
-            elif failure is not None:
-                out.append(error_result(task, provenance, ErrorCode.BACKEND_FAILED, failure))
-            else:
-                out.append(assemble(task, answers[i], provenance, per_image_ms))
-        return out
+        return batch_records(task, provenance, decoded, answers, failure, per_image_ms)
 
     def info(self) -> dict[str, Any]:
         """Return backend, model, adapter, closed-set mode, device, interpreter and library versions."""
