@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
 
 from lance_io.schema import ID
+from lance_io.sql import sql_strings
 from lance_io.table import TableWriteError, translated_write_errors
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
@@ -167,7 +168,7 @@ def _apply_by_id(
 ) -> tuple[list[int], int]:
     """Locate the rows of ``values`` that still need them and commit, one fragment at a time."""
     ds = lance.dataset(uri, storage_options=storage_options)
-    id_list = ", ".join("'" + v.replace("'", "''") + "'" for v in values.column(ID).to_pylist())
+    id_list = sql_strings(values.column(ID).to_pylist())
     # Where do these ids live now, and which of them still need the values?
     located = ds.to_table(columns=[ID], with_row_address=True, filter=_and(f"{ID} IN ({id_list})", todo_predicate))
     if located.num_rows == 0:

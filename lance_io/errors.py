@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 import lance
 import pyarrow as pa
 
+from lance_io.sql import sql_string
+
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),
@@ -76,7 +78,7 @@ def read_errors(
         ds = lance.dataset(errors_uri(table_uri), storage_options=storage_options)
     except (ValueError, FileNotFoundError, OSError):
         return ERRORS_SCHEMA.empty_table()
-    job_filter = f"job = '{job.replace(chr(39), chr(39) * 2)}'" if job else None
+    job_filter = f"job = {sql_string(job)}" if job else None
     return ds.to_table(filter=job_filter)
 
 

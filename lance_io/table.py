@@ -18,6 +18,7 @@ import lance
 import pyarrow as pa
 
 from lance_io.schema import ID, IMAGE_SCHEMA
+from lance_io.sql import sql_strings
 
 # Keeps fragments a size where one fragment is one unit of tagging work (see columns.py).
 DEFAULT_MAX_ROWS_PER_FILE = 1024
@@ -125,17 +126,13 @@ def _conform(rows: pa.Table, target: pa.Schema | None) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=target)
 
 
-def _sql_strings(values: Iterable[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-
-
 def existing_ids(ds: lance.LanceDataset, ids: Iterable[str]) -> set[str]:
     """Return which of ``ids`` are already rows of ``ds`` (uses the ``id`` index when present)."""
     found: set[str] = set()
     ids = list(ids)
     for start in range(0, len(ids), _ID_LOOKUP_CHUNK):
         chunk = ids[start : start + _ID_LOOKUP_CHUNK]
-        hits = ds.to_table(columns=[ID], filter=f"{ID} IN ({_sql_strings(chunk)})")
+        hits = ds.to_table(columns=[ID], filter=f"{ID} IN ({sql_strings(chunk)})")
         found.update(hits.column(ID).to_pylist())
     return found
 

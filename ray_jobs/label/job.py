@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lance_io.sql import sql_string
 from ray_jobs.label.columns import label_schema, provenance_of
 from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
 
@@ -146,15 +147,11 @@ def label_fragment(fragment_id: int, planned: int, job: FragmentJob) -> Fragment
     return outcome
 
 
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def todo_predicate(column: str, provenance: str, relabel: bool) -> str:
     """Return the SQL predicate of rows that still need a label from this labeler."""
     todo = f"{column}_provenance IS NULL OR {column}_error IS NOT NULL"
     if relabel:
-        todo += f" OR {column}_provenance != {_sql_string(provenance)}"
+        todo += f" OR {column}_provenance != {sql_string(provenance)}"
     return todo
 
 
