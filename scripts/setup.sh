@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Create or update the two environments from the pinned locks. Idempotent: a second run
+# Create or update the environments from the pinned locks. Idempotent: a second run
 # only checks (about a second per environment); uv's cache makes a fresh clone fast too.
 #
-#   scripts/setup.sh            both environments (.venv core/training, .venv-vllm labeling)
+#   scripts/setup.sh            all three (.venv core/training, .venv-vllm labeling, .venv-webui)
 #   scripts/setup.sh core       only .venv
 #   scripts/setup.sh vllm       only .venv-vllm
+#   scripts/setup.sh webui      only .venv-webui: LlamaBoard (gradio cannot share .venv with Ray Serve)
 #   LANCETAG_VLLM=gpu scripts/setup.sh vllm   GPU clusters: the CUDA build of vLLM
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ sync_env() {  # sync_env VENV LOCK
   echo "setup: $venv matches $lock"
 }
 
-ensure_system_packages() {  # headless Chromium renders the eval report in the tests
+ensure_system_packages() {  # headless Chromium: the eval report and web UI tests
   command -v chromium >/dev/null 2>&1 && return
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
@@ -49,8 +50,10 @@ ensure_uv
 case "$what" in
   core) sync_env .venv requirements/core.lock ;;
   vllm) sync_env .venv-vllm "requirements/vllm-$VLLM_BUILD.lock" ;;
+  webui) sync_env .venv-webui requirements/webui.lock ;;
   all)
     sync_env .venv requirements/core.lock
-    sync_env .venv-vllm "requirements/vllm-$VLLM_BUILD.lock" ;;
-  *) echo "usage: scripts/setup.sh [all|core|vllm]" >&2; exit 2 ;;
+    sync_env .venv-vllm "requirements/vllm-$VLLM_BUILD.lock"
+    sync_env .venv-webui requirements/webui.lock ;;
+  *) echo "usage: scripts/setup.sh [all|core|vllm|webui]" >&2; exit 2 ;;
 esac
