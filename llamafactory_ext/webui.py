@@ -8,6 +8,9 @@
   the patch is applied before ``create_ui()``.
 - Training from the UI runs ``llamafactory-cli train`` in a subprocess: :func:`launch` puts
   the hook's ``sitecustomize`` on its PYTHONPATH so the extension is active there too.
+- gradio 5.50 sends a ``gr.JSON`` output of a non-queued event (LlamaBoard's preview is one) as
+  the text ``"root=[...]"``, which the page cannot show: :func:`plain_json_outputs` fixes that
+  for every dataset, Lance or not.
 """
 
 from __future__ import annotations
@@ -110,20 +113,61 @@ def subprocess_environment(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    """Run LlamaBoard with the extension active here and in its training subprocesses (blocks)."""
+def plain_json_outputs() -> None:
+    """Make ``gr.JSON`` outputs plain JSON values, so non-queued events show them (idempotent).
+
+    gradio's ``JSON.postprocess`` returns a pydantic ``JsonData``, but gradio dumps only its own
+    ``GradioModel``/``GradioRootModel`` outputs to plain data; the route of non-queued events
+    (``/run/predict``) then serialises ``JsonData`` with ``str()``. Same code in gradio 5.40-5.50.
+    """
+    import gradio as gr
+
+    stock = gr.JSON.postprocess
+    if getattr(stock, "__lancetag_wrapped__", False):
+        return
+
+    def postprocess(self: Any, value: Any) -> Any:
+        data = stock(self, value)
+        return getattr(data, "root", data)
+
+    postprocess.__lancetag_wrapped__ = True  # type: ignore[attr-defined]
+    gr.JSON.postprocess = postprocess
+
+
+def set_default_dataset_dir(dataset_dir: str) -> None:
+    """Make ``dataset_dir`` the value of the train and eval tabs' "Data dir" box (before ``create_ui()``)."""
+    from llamafactory.webui import control
+    from llamafactory.webui.components import eval as eval_tab
+    from llamafactory.webui.components import train as train_tab
+
+    for module in (control, eval_tab, train_tab):
+        module.DEFAULT_DATA_DIR = dataset_dir
+
+
+def launch(
+    host: str = "127.0.0.1", port: int = 7860, dataset_dir: str | None = None, share: bool = False
+) -> None:
+    """Run LlamaBoard with the extension active here and in its training subprocesses (blocks).
+
+    ``dataset_dir`` fills the "Data dir" box (LlamaBoard's default is ``data`` in the working
+    directory). gradio's usage analytics stay off unless ``GRADIO_ANALYTICS_ENABLED`` says otherwise.
+    """
     from llamafactory.extras.packages import is_gradio_available
 
     if not is_gradio_available():
         raise RuntimeError(
             "gradio_missing: the web UI needs gradio, which conflicts with Ray Serve in .venv; "
-            "set up the web UI environment (docs/training.md, 'Web UI') and run `lancetag webui` from it"
+            "set up .venv-webui (`scripts/setup.sh webui`) and run `.venv-webui/bin/lancetag webui`"
         )
     from llamafactory_ext.patch import activate
 
     os.environ.update(subprocess_environment(dict(os.environ)))
     os.environ.setdefault("GRADIO_SERVER_NAME", host)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     activate()
+    plain_json_outputs()
+    if dataset_dir is not None:
+        set_default_dataset_dir(dataset_dir)
     from llamafactory.webui.interface import create_ui
 
     create_ui().queue().launch(server_name=host, server_port=port, share=share, inbrowser=False)

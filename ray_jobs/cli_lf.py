@@ -198,14 +198,20 @@ def train(
 def webui(
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 7860,
+    dataset_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="LLaMA-Factory dataset_dir shown in the Data dir box (LlamaBoard's default: ./data)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record before serving")] = False,
 ) -> None:
-    """Run LlamaBoard with Lance datasets listed, previewed and trainable (needs the webui extra)."""
+    """Run LlamaBoard with Lance datasets listed, previewed and trainable (from .venv-webui)."""
     from llamafactory_ext.webui import launch
 
     if as_json:
         typer.echo(json.dumps({"ok": True, "url": f"http://{host}:{port}"}))
     try:
-        launch(host=host, port=port)
+        launch(host=host, port=port, dataset_dir=str(dataset_dir) if dataset_dir else None)
     except RuntimeError as err:
         _fail(*_split_error(err), as_json)

@@ -1,70 +1,57 @@
-"""LlamaBoard with Lance entries: its own listing and preview functions, without gradio.
+"""The web UI's pieces that need no gradio: preview rows of a Lance entry, the missing-gradio error.
 
-gradio cannot be installed next to Ray Serve in .venv (starlette conflict), so these tests use
-``FakeGradio``, a test double that records the components LlamaBoard's functions return; the
-functions themselves are LLaMA-Factory's (listing) and the extension's patch (preview).
+The real LlamaBoard, in Chromium, is tested in ``tests/test_lf_webui_browser.py`` (from .venv-webui).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 
-from tests.lf_fixtures import digit_images, write_native, write_table
-
-
-class _Component(SimpleNamespace):
-    """What a gradio component constructor was called with."""
-
-
-def fake_gradio() -> SimpleNamespace:
-    """Test double for the `gradio` module: Dropdown, Button and Column record their kwargs."""
-    return SimpleNamespace(Dropdown=_Component, Button=_Component, Column=_Component)
+from llamafactory_ext.messages import in_split
+from tests.lf_fixtures import digit_images, write_table
 
 
 @pytest.fixture()
-def board(monkeypatch, tmp_path):
-    """A dataset_dir with a Lance entry and a native entry, and LlamaBoard modules wired to FakeGradio."""
-    from llamafactory.webui import control
-    from llamafactory.webui.components import data
-
-    import llamafactory_ext
+def dataset_dir(tmp_path):
+    """A dataset_dir with a 5-row Lance table (2 rows per fragment) registered whole and as a split."""
     from llamafactory_ext.register import register_dataset
 
-    llamafactory_ext.activate()
-    monkeypatch.setattr(control, "gr", fake_gradio(), raising=False)
-    monkeypatch.setattr(data, "gr", fake_gradio(), raising=False)
-    images = digit_images(5)
-    write_table(tmp_path / "digits.lance", images)
+    write_table(tmp_path / "digits.lance", digit_images(5), rows_per_file=2)
     register_dataset(str(tmp_path / "digits.lance"), "digits_lance", tmp_path)
-    rows = [{"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "7"}]}]
-    write_native(tmp_path, "native", rows, [images[0][0]])
-    return SimpleNamespace(dir=str(tmp_path), control=control, data=data)
+    register_dataset(
+        str(tmp_path / "digits.lance"), "digits_val", tmp_path, split="validation", val_fraction=0.5
+    )
+    return tmp_path
 
 
-def test_llamaboard_lists_a_registered_lance_dataset_next_to_native_ones(board):
-    dropdown = board.control.list_datasets(board.dir, "Supervised Fine-Tuning")
-    assert set(dropdown.choices) == {"digits_lance", "native"}
+def test_preview_rows_pages_across_fragments_and_describes_images(dataset_dir):
+    from llamafactory_ext.webui import preview_rows
+
+    total, rows = preview_rows(str(dataset_dir), "digits_lance", page_index=1)
+    assert total == 5
+    assert [r["messages"][1]["content"] for r in rows] == ["this is a photo of 2.", "this is a photo of 3."]
+    assert rows[0]["images"][0].startswith("<image: ") and rows[0]["images"][0].endswith(" bytes>")
+    _, last = preview_rows(str(dataset_dir), "digits_lance", page_index=2)
+    assert len(last) == 1
 
 
-def test_llamaboard_preview_pages_through_a_lance_dataset(board):
-    assert board.data.can_preview(board.dir, ["digits_lance"]).interactive is True
-    total, rows, box = board.data.get_preview(board.dir, ["digits_lance"], 2)
-    assert total == 5 and box.visible is True
-    assert len(rows) == 1  # page 2 of size 2 over 5 rows
-    assert rows[0]["messages"][1]["content"].startswith("this is a photo of ")
-    assert rows[0]["images"][0].startswith("<image: ")
+def test_preview_rows_of_a_split_entry_count_and_show_only_that_split(dataset_dir):
+    import lance
+
+    from llamafactory_ext.webui import preview_rows
+
+    ids = lance.dataset(str(dataset_dir / "digits.lance")).to_table(columns=["id"]).column(0).to_pylist()
+    in_val = [i for i in ids if in_split(str(i), "validation", 0.5)]
+    total, rows = preview_rows(str(dataset_dir), "digits_val", page_size=10)
+    assert 0 < total < 5  # the split really splits these 5 rows
+    assert total == len(in_val) == len(rows)
 
 
-def test_llamaboard_preview_of_native_entries_is_unchanged(board):
-    assert board.data.can_preview(board.dir, ["native"]).interactive is True
-    total, rows, _ = board.data.get_preview(board.dir, ["native"], 0)
-    assert total == 1 and rows[0]["messages"][1]["content"] == "7"
-    info = json.loads((Path(board.dir) / "dataset_info.json").read_text())
-    assert "lance" not in info["native"]
+def test_preview_rows_of_a_native_entry_is_an_error_naming_it(dataset_dir):
+    from llamafactory_ext.webui import preview_rows
+
+    with pytest.raises(ValueError, match="'nope' is not a Lance entry"):
+        preview_rows(str(dataset_dir), "nope")
 
 
 def test_webui_without_gradio_fails_with_an_actionable_reason(monkeypatch):
@@ -73,5 +60,5 @@ def test_webui_without_gradio_fails_with_an_actionable_reason(monkeypatch):
     from llamafactory_ext import webui
 
     monkeypatch.setattr(packages, "is_gradio_available", lambda: False)
-    with pytest.raises(RuntimeError, match="gradio_missing"):
+    with pytest.raises(RuntimeError, match=r"gradio_missing: .*scripts/setup.sh webui"):
         webui.launch()
