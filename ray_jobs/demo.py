@@ -156,7 +156,8 @@ def run_demo(
         table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
     )
     trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs))
-    step(f"fine-tuning on {registration.rows} rows (loss {trained.train_loss})", t0)
+    loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"
+    step(f"fine-tuning on {registration.rows} rows (mean train loss {loss})", t0)
 
     t0 = time.perf_counter()
     tuned = LabelOptions(task=task, relabel=True, batch_size=16, version_tag="fine-tuned",
