@@ -43,8 +43,15 @@ def _label_commits(uri: str) -> list[tuple[datetime, int]]:
     ]
 
 
-def _kill(title: str) -> int:
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()]
+def _kill(title: str, timeout: float = 10) -> int:
+    """SIGKILL the processes whose title contains ``title``, waiting up to ``timeout`` for one to exist
+    (a Ray worker is titled after its task only while it runs one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()]
+        if pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return len(pids)
@@ -115,7 +122,11 @@ def run(workdir: Path) -> Section:
     )
     from serve_apps.client import LabelerClient
 
-    LabelerClient.over_http(url).label(rows.column("image").to_pylist()[:16])  # warm-up: lazy init is not a fault
+    # Warm-up: the replica's first batch and the tagging workers' imports are paid once, not per run.
+    LabelerClient.over_http(url).label(rows.column("image").to_pylist()[:16])
+    warm_uri = str(workdir / "warm-up.lance")
+    append_images(warm_uri, rows.slice(0, 128), max_rows_per_file=64)
+    label_table(warm_uri, LabelOptions(task="digits", serve=url, concurrency=2, batch_size=16), progress=False)
     baseline_uri = str(workdir / "baseline.lance")
     append_images(baseline_uri, rows, max_rows_per_file=64)
     baseline = label_table(baseline_uri, LabelOptions(task="digits", serve=url, concurrency=2, batch_size=16,
