@@ -23,6 +23,7 @@ the computed values are re-applied to the rows that still need them and nothing 
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,10 +33,13 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
+from lance.commit import CommitConflictError
 
 from lance_io.schema import ID
 from lance_io.sql import sql_strings
 from lance_io.table import TableWriteError, translated_write_errors
+
+ENSURE_ATTEMPTS = 20
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
 """Maps a batch of input columns (always with ``id``) to a batch of output columns, same length."""
@@ -71,27 +75,39 @@ def ensure_columns(
 ) -> int:
     """Add the fields missing from the table as all-null columns; return the table version.
 
-    Adding is metadata-only. A field that exists with another type is an error naming it.
+    Adding is metadata-only. A field that exists with another type is an error naming it. A
+    commit that loses a race (an ingest appending, another job adding the same columns) is
+    retried against the new version.
     """
-    ds = lance.dataset(uri, storage_options=storage_options)
-    missing = []
-    for f in fields:
-        if f.name in ds.schema.names:
-            have = ds.schema.field(f.name).type
-            if have != f.type:
-                raise ValueError(f"column {f.name!r} exists in {uri} as {have}, not {f.type}")
-        else:
-            missing.append(f)
-    if missing:
+    for attempt in range(ENSURE_ATTEMPTS):
+        ds = lance.dataset(uri, storage_options=storage_options)
+        missing = _missing_fields(ds, fields, uri)
+        if not missing:
+            return ds.version
         try:
             ds.add_columns(missing)
+        except CommitConflictError:
+            if attempt == ENSURE_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # let the other writer finish
+            continue
         except (OSError, ValueError):
             # Another job may have added them a moment ago: fine if they are all there now.
-            ds = lance.dataset(uri, storage_options=storage_options)
-            if any(f.name not in ds.schema.names for f in missing):
+            if _missing_fields(lance.dataset(uri, storage_options=storage_options), fields, uri):
                 raise
-        ds = lance.dataset(uri, storage_options=storage_options)
-    return ds.version
+        return lance.dataset(uri, storage_options=storage_options).version
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _missing_fields(ds: lance.LanceDataset, fields: pa.Schema | list[pa.Field], uri: str) -> list[pa.Field]:
+    """Return the fields the table lacks; a field present with another type is an error."""
+    missing = []
+    for f in fields:
+        if f.name not in ds.schema.names:
+            missing.append(f)
+        elif (have := ds.schema.field(f.name).type) != f.type:
+            raise ValueError(f"column {f.name!r} exists in {uri} as {have}, not {f.type}")
+    return missing
 
 
 def plan_fragments(

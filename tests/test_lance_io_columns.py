@@ -205,3 +205,27 @@ def test_another_process_appending_while_a_process_writes_loses_no_row(tmp_path)
     assert still_to_do <= 50
     assert label_everything(uri) == still_to_do
     assert open_table(uri).to_table(filter="label IS NULL").num_rows == 0
+
+
+
+def test_an_append_committed_between_reading_and_adding_columns_is_retried_not_fatal(tmp_path, monkeypatch):
+    """The race seen in CI: an ingest commits after ensure_columns read the table, before add_columns."""
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(10)))
+    real_dataset, appends = lance.dataset, []
+
+    def dataset_then_an_append(*args, **kwargs):  # fault injection: another writer wins the race, twice
+        ds = real_dataset(*args, **kwargs)
+        if len(appends) < 2:
+            k = len(appends)
+            appends.append(k)  # before appending: append_images opens the table too
+            append_images(uri, image_rows(range(100 + 10 * k, 110 + 10 * k)))
+        return ds
+
+    monkeypatch.setattr(lance, "dataset", dataset_then_an_append)
+    version = ensure_columns(uri, [pa.field("label", pa.string())])
+    monkeypatch.undo()
+
+    ds = open_table(uri)
+    assert len(appends) == 2 and "label" in ds.schema.names and ds.version == version
+    assert ds.count_rows() == 30 and ds.count_rows(filter="label IS NULL") == 30
