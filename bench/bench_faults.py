@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.bench_label import digits_rows
 from bench.report import Section
 from lance_io import append_images, open_table
-from lance_io.versions import list_versions
+from ray_jobs.label import label_commits
 
 N_ROWS = 960
 APP = "bench-faults"
@@ -36,11 +36,7 @@ def _labeled(uri: str) -> int:
 
 def _label_commits(uri: str) -> list[tuple[datetime, int]]:
     """(time, rows written) of every label commit, oldest first."""
-    return [
-        (v.timestamp.astimezone(UTC), int(v.properties.get("lancetag.rows", 0)))
-        for v in list_versions(uri)
-        if v.properties.get("lancetag.column") == "label" and v.properties.get("lancetag.operation") == "write_fragment"
-    ]
+    return [(v.timestamp.astimezone(UTC), int(v.properties.get("lancetag.rows", 0))) for v in label_commits(uri)]
 
 
 def _kill(title: str, timeout: float = 10) -> int:

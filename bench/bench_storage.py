@@ -159,9 +159,9 @@ Lance's compression buys no space ({sizes["compressed"] / sizes["plain"]:.2f}x t
 {write_s["compressed"] / write_s["plain"]:.2f}x the write time. Blob encoding wrote {write_s["plain"] / write_s["blob"]:.1f}x faster
 in this run and took {take["blob"][0] / take["plain"][0]:.2f}x the time for random takes, but hands every reader
 descriptors instead of bytes (the tagging job's scans, the LLaMA-Factory reader, Ray Data's
-`read_lance` would all need `take_blobs`). The price is real: in the ingest benchmark the append
-is about a third of the wall time (decode-only rerun 22.5 s vs 36 s with writes), so blob encoding
-is the first lever for ingest throughput; it is not pulled yet because every reader would change.
+`read_lance` would all need `take_blobs`). The price is real: in the ingest benchmark the appends
+are the gap between the first run and the decode-only rerun (see that section), so blob encoding
+is a lever for ingest throughput; it is not pulled yet because every reader would change.
 
 ### Adding a label column (label + confidence) to the 10,000-image table
 

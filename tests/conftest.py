@@ -102,10 +102,6 @@ def digits_labeler(ray_cluster, tiny_qwen2_vl):
 
 def rows_written_by_label_commits(uri: str, column: str = "label") -> int:
     """Sum of the rows every commit of ``column`` wrote (the audit that shows nothing was written twice)."""
-    from lance_io.versions import list_versions
+    from ray_jobs.label import label_commits
 
-    return sum(
-        int(v.properties.get("lancetag.rows", 0))
-        for v in list_versions(uri)
-        if v.properties.get("lancetag.column") == column and v.properties.get("lancetag.operation") == "write_fragment"
-    )
+    return sum(int(v.properties.get("lancetag.rows", 0)) for v in label_commits(uri, column))

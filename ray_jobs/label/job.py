@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lance_io.sql import sql_string
+from lance_io.versions import VersionInfo, list_versions
 from ray_jobs.label.columns import label_schema, provenance_of
 from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
 
@@ -145,6 +146,19 @@ def label_fragment(fragment_id: int, planned: int, job: FragmentJob) -> Fragment
     )
     outcome.written, outcome.versions = result.rows_written, result.versions
     return outcome
+
+
+def label_commits(table: str, column: str = "label", *, storage_options: dict[str, str] | None = None) -> list[VersionInfo]:
+    """Return the versions in which label runs wrote ``column``, oldest first.
+
+    Each records the rows it wrote (``lancetag.rows``): their sum equals the table's labeled rows
+    exactly when no row was labeled twice.
+    """
+    return [
+        v
+        for v in list_versions(table, storage_options=storage_options)
+        if v.properties.get("lancetag.column") == column and v.properties.get("lancetag.operation") == "write_fragment"
+    ]
 
 
 def todo_predicate(column: str, provenance: str, relabel: bool) -> str:
