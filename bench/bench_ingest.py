@@ -30,6 +30,7 @@ from bench.report import Section
 
 N_IMAGES = int(os.environ.get("LANCETAG_BENCH_INGEST_IMAGES", "5000"))
 WARM_UP = 64
+ATTEMPTS = 2
 PHOTOS = (
     "astronaut",
     "coffee",
@@ -155,52 +156,58 @@ def run(workdir: Path) -> Section:
             shutil.copy(path, warm / f"{path.parent.name}-{path.name}")
         ingest([str(warm)], str(workdir / "warm-ours.lance"), IngestOptions(progress=False))
         straightforward_ingest(sorted(warm.iterdir()), str(workdir / "warm-theirs.lance"))
-        ours_uri, theirs_uri = str(workdir / "lancetag.lance"), str(workdir / "straightforward.lance")
-        holder: dict = {}
-        ours_s = _timed(
-            lambda: holder.update(summary=ingest([str(folder)], ours_uri, IngestOptions(progress=False)))
-        )
-        theirs_s = _timed(straightforward_ingest, paths, theirs_uri)
+        # Two interleaved attempts each (fresh tables), best of 2: this 2-core machine is noisy.
+        ours_s, theirs_s, summaries = [], [], []
+        for attempt in range(ATTEMPTS):
+            ours_uri = str(workdir / f"lancetag-{attempt}.lance")
+            theirs_uri = str(workdir / f"straightforward-{attempt}.lance")
+            ours_s.append(
+                _timed(lambda uri=ours_uri: summaries.append(ingest([str(folder)], uri, IngestOptions(progress=False))))
+            )
+            theirs_s.append(_timed(straightforward_ingest, paths, theirs_uri))
+            assert lance.dataset(theirs_uri).count_rows() == len(paths)
+            shutil.rmtree(theirs_uri)
+        rerun = []
         rerun_s = _timed(
-            lambda: holder.update(rerun=ingest([str(folder)], ours_uri, IngestOptions(progress=False)))
+            lambda: rerun.append(ingest([str(folder)], ours_uri, IngestOptions(progress=False)))
         )
     finally:
         ray.shutdown()
-    summary, rerun = holder["summary"], holder["rerun"]
-    assert summary.added == len(paths) and summary.reconciled and rerun.added == 0
-    assert lance.dataset(theirs_uri).count_rows() == len(paths)
+    summary = summaries[0]
+    assert all(s.added == len(paths) and s.reconciled for s in summaries) and rerun[0].added == 0
+    samples = f"lancetag {', '.join(f'{t:.1f}' for t in ours_s)} s; script {', '.join(f'{t:.1f}' for t in theirs_s)} s"
+    ours_s, theirs_s = min(ours_s), min(theirs_s)
 
     n = len(paths)
     rate = {"raw": n / raw_s, "theirs": n / theirs_s, "ours": n / ours_s}
     mb = total_bytes / 1e6
     md = f"""
 {n:,} JPEGs, {mb / 1e3:.2f} GB (median {np.median(sizes) / 1e3:.0f} KB, {min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} KB),
-generated in {make_s:.0f} s (0 when reused); page cache warm; local Ray cluster with {os.cpu_count()} CPUs,\nwarmed up by both contenders on {WARM_UP} of the images first.
+generated in {make_s:.0f} s (0 when reused); page cache warm; local Ray cluster with {os.cpu_count()} CPUs,\nwarmed up by both contenders on {WARM_UP} of the images first; the two contenders ran\n{ATTEMPTS} times each, interleaved, into fresh tables ({samples}).
 
 | contender | seconds | images/s | MB/s | vs raw read | lancetag vs it |
 | --- | ---: | ---: | ---: | ---: | ---: |
 | raw read (`open().read()`, best of 3) | {raw_s:.2f} | {rate["raw"]:,.0f} | {mb / raw_s:,.0f} | 1.00x | {rate["ours"] / rate["raw"]:.2f}x |
-| straightforward script (map_batches + pandas + uuid + write_lance) | {theirs_s:.2f} | {rate["theirs"]:,.0f} | {mb / theirs_s:,.0f} | {rate["theirs"] / rate["raw"]:.3f}x | {rate["ours"] / rate["theirs"]:.2f}x |
-| **lancetag ingest** (validate, sha256, dedup, chunked commits) | {ours_s:.2f} | {rate["ours"]:,.0f} | {mb / ours_s:,.0f} | {rate["ours"] / rate["raw"]:.3f}x | 1.00x |
+| straightforward script (map_batches + pandas + uuid + write_lance), best of {ATTEMPTS} | {theirs_s:.2f} | {rate["theirs"]:,.0f} | {mb / theirs_s:,.0f} | {rate["theirs"] / rate["raw"]:.3f}x | {rate["ours"] / rate["theirs"]:.2f}x |
+| **lancetag ingest** (validate, sha256, dedup, chunked commits), best of {ATTEMPTS} | {ours_s:.2f} | {rate["ours"]:,.0f} | {mb / ours_s:,.0f} | {rate["ours"] / rate["raw"]:.3f}x | 1.00x |
 | lancetag rerun (everything a duplicate, nothing added) | {rerun_s:.2f} | {n / rerun_s:,.0f} | {mb / rerun_s:,.0f} | {n / rerun_s / rate["raw"]:.3f}x | |
 
 Goals: >= 0.5x raw read ({"met" if rate["ours"] >= 0.5 * rate["raw"] else "NOT met"}), >= 3x the straightforward
 script ({"met" if rate["ours"] >= 3 * rate["theirs"] else "NOT met"}). lancetag run: {summary.added} added,
 {summary.duplicates} duplicates, {summary.errors} errors, {summary.skipped} skipped; table version {summary.version}.
 
-Where the time goes: the rerun row is the job with nothing to write (read, draft-decode and
-hash every image in 2 Ray tasks): the ceiling of validating by decoding on 2 cores. The gap
-between the first run and the rerun is the driver's Lance appends (plain `large_binary`, see the
-storage section) competing with the workers for the same 2 cores. The raw read from the page
-cache is a memcpy; any ingest that decodes every image is bounded by the JPEG decoder instead
-(draft mode still entropy-decodes the whole stream: several ms per 1-2 MP image here), so 0.5x
-raw read is out of reach for a validating ingest on 2 cores. The straightforward script decodes
-fully and converts to RGB (about twice the draft decode), and has no dedup, no errors record and
-random ids: its rerun doubles its table.
+Where the time goes: the first run reads, hashes and draft-decodes every image in Ray Data tasks
+(one per CPU) while the driver appends chunks to the table. The JPEG decoder is the floor: draft
+mode still entropy-decodes the whole stream, several ms per 1-2 MP image here, so any ingest that
+validates by decoding is bounded by the decoder on 2 cores, not by the bytes; 0.5x the raw read
+(a memcpy from the page cache) is out of reach for a validating ingest on this machine. The
+rerun reads and hashes every file, finds all of them in the table (one `id IN (...)` lookup per
+batch in the worker) and decodes nothing: content in the table was validated when it was added.
+The straightforward script decodes fully and converts to RGB (about twice the draft decode), and
+has no dedup, no errors record and random ids: its rerun doubles its table.
 
-3x the script would need {theirs_s:.1f} s / 3 = {theirs_s / 3:.1f} s for the whole ingest; the rerun alone, with
-nothing written, takes {rerun_s:.1f} s, so writing {mb / 1e3:.2f} GB of image bytes would have to cost
-{theirs_s / 3 - rerun_s:.1f} s. This machine's disk takes 1-10 s for that (`lance.write_dataset` alone wrote
-170-800 MB/s here, varying run to run with writeback), on the same 2 cores as the decoders.
+What made the first run faster than before: Ray Data's per-operator resource reservation keeps
+half the CPUs away from a pipeline's only operator; with it, about one decode task ran at a time
+on 2 CPUs (25% of the machine idle). The ingest turns it off for its own dataset only.
 """
     return Section(title="Ingest throughput (ray_jobs.ingest)", markdown=md)

@@ -7,7 +7,14 @@ writes tables through it.
 from lance_io.columns import FragmentCommit, FragmentTodo, ensure_columns, plan_fragments, write_fragment
 from lance_io.errors import ErrorRecord, errors_uri, read_errors, record_errors, summarize_errors
 from lance_io.schema import IMAGE_SCHEMA, content_hashes, image_id
-from lance_io.table import AppendResult, TableWriteError, append_images, open_table, table_exists
+from lance_io.table import (
+    AppendResult,
+    TableWriteError,
+    append_images,
+    existing_ids,
+    open_table,
+    table_exists,
+)
 
 __all__ = [
     "IMAGE_SCHEMA",
@@ -20,6 +27,7 @@ __all__ = [
     "content_hashes",
     "ensure_columns",
     "errors_uri",
+    "existing_ids",
     "image_id",
     "open_table",
     "plan_fragments",

@@ -1,7 +1,7 @@
 """Run LLaMA-Factory training with the Lance extension active, in this process or on Ray Train.
 
 ``run_training(config)`` takes a LLaMA-Factory YAML (or dict), plus an optional ``lancetag:``
-block (:class:`RayOptions`) that LLaMA-Factory never sees. Before training it pins every
+block (:class:`RunOptions`) that LLaMA-Factory never sees. Before training it pins every
 Lance dataset the run names: a copy of ``dataset_info.json`` is written into the output
 folder with tags resolved to version numbers, and the run reads that copy, so a table that
 changes during or after the run cannot change what it trained on. Lineage (table URI +
@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.source import DATA_CONFIG, lance_source_of, read_dataset_info
 
 LINEAGE_FILE = "lancetag_lineage.json"
@@ -41,8 +42,11 @@ class TrainConfigError(ValueError):
         self.reason = reason
 
 
-class RayOptions(BaseModel):
-    """How to run: the ``lancetag:`` block of a training YAML (CLI flags override it)."""
+class RunOptions(BaseModel):
+    """The ``lancetag:`` block of a training YAML: where to run (Ray Train) and image augmentation.
+
+    CLI flags override it.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +58,7 @@ class RayOptions(BaseModel):
     name: str | None = Field(None, description="Ray Train run name (default: output folder name)")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts on failure (-1: unlimited)")
     checkpoints_to_keep: int | None = Field(None, ge=1, description="Checkpoints kept in storage")
+    augment: ImageAugment | None = Field(None, description="Random affine jitter of training images")
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class TrainResult:
         return asdict(self)
 
 
-def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], RayOptions]:
+def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], RunOptions]:
     """Return (LLaMA-Factory args, run options) from a YAML path or dict."""
     if isinstance(config, str | Path) and not Path(config).is_file():
         raise TrainConfigError(
@@ -84,7 +89,7 @@ def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Ra
             "config_not_mapping", f"{config} must be a YAML mapping of LLaMA-Factory arguments"
         )
     try:
-        options = RayOptions.model_validate(data.pop("lancetag", None) or {})
+        options = RunOptions.model_validate(data.pop("lancetag", None) or {})
     except ValueError as err:
         raise TrainConfigError("bad_lancetag_block", f"{config}: {err}") from err
     if isinstance(config, str | Path) and isinstance(data.get("deepspeed"), str):
@@ -184,13 +189,17 @@ def final_train_loss(output_dir: str | Path) -> float | None:
     return None
 
 
-def _train_in_process(args: dict[str, Any]) -> None:
+def _train_in_process(args: dict[str, Any], augment: ImageAugment | None) -> None:
     from llamafactory.train.tuner import run_exp
 
     from llamafactory_ext.patch import activate
 
     activate()
-    run_exp(args=args)
+    install(augment)
+    try:
+        run_exp(args=args)
+    finally:
+        install(None)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -202,6 +211,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from llamafactory_ext.patch import activate
 
     activate()
+    install(ImageAugment.model_validate(config["augment"]) if config.get("augment") else None)
     rank = ray.train.get_context().get_world_rank()
 
     class ReportCheckpoints(TrainerCallback):
@@ -267,7 +277,7 @@ def worker_env(args: dict[str, Any]) -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
-def _train_on_ray(args: dict[str, Any], options: RayOptions) -> str | None:
+def _train_on_ray(args: dict[str, Any], options: RunOptions) -> str | None:
     """Run ``args`` on a Ray Train TorchTrainer; return the URI of the last checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -283,7 +293,7 @@ def _train_on_ray(args: dict[str, Any], options: RayOptions) -> str | None:
     storage = options.storage or str(Path(args["output_dir"]).resolve().parent / "ray_results")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"args": args},
+        train_loop_config={"args": args, "augment": options.augment and options.augment.model_dump()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=options.workers,
@@ -333,7 +343,7 @@ def run_training(
     args, lineage = pin_datasets(args, output_dir / PINNED_DIR)
     checkpoint = None
     if options.workers == 0:
-        _train_in_process(args)
+        _train_in_process(args, options.augment)
     else:
         checkpoint = _train_on_ray(args, options)
     seconds = time.time() - started
@@ -347,6 +357,7 @@ def run_training(
         "datasets": lineage,
         "dataset_info": str(Path(args.get("dataset_dir", "")) / DATA_CONFIG),
         "workers": options.workers,
+        "augment": options.augment and options.augment.model_dump(),
         "ray_checkpoint": checkpoint,
         "train_loss": loss,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

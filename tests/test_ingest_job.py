@@ -61,6 +61,17 @@ def test_rerunning_the_same_ingest_adds_nothing(ray_cluster, tmp_path: Path) -> 
     assert again.reconciled and open_table(table).count_rows() == first.added
 
 
+def test_content_already_in_the_table_is_not_decoded_again(ray_cluster, tmp_path: Path) -> None:
+    """A rerun with a 1-pixel limit: decoding any image would refuse it; known content is a duplicate."""
+    folder = build_class_folder(tmp_path / "photos", {"a": 3, "b": 2})
+    table = str(tmp_path / "photos.lance")
+    first = ingest([str(folder)], table, IngestOptions(**QUIET))
+    (folder / "a" / "new.png").write_bytes(image_bytes(7, "PNG", size=(9, 7)))
+    again = ingest([str(folder)], table, IngestOptions(max_pixels=1, **QUIET))
+    assert (first.added, again.added, again.duplicates, again.errors) == (5, 0, 5, 1)
+    assert again.errors_by_reason == {"decompression_bomb": 1} and again.reconciled
+
+
 def test_interrupted_ingest_leaves_a_valid_table_and_a_rerun_completes_it(
     ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

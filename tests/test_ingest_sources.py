@@ -239,3 +239,23 @@ def test_manifest_paths_to_fifos_and_devices_are_refused_without_blocking(tmp_pa
     for path in (tmp_path / "pipe.jpg", Path("/dev/zero"), tmp_path):
         result = read_file(str(path), 1024)
         assert getattr(result, "reason", None) == "not_a_file"
+
+
+def test_read_file_returns_every_byte_and_refuses_only_what_is_over_the_limit(tmp_path: Path) -> None:
+    from ray_jobs.ingest.worker import SKIP, read_file
+
+    jpeg = (b"\xff\xd8\xff" + bytes(range(256)) * 4)[:1024]
+    for size in (0, 1, 15, 16, 17, 1000, 1024):
+        for name in (f"f{size}.jpg", f"f{size}"):
+            path = tmp_path / name
+            path.write_bytes(jpeg[:size])
+            # A scanned file without an image name needs the magic bytes (3 for JPEG) to be read.
+            expected = SKIP if name == f"f{size}" and size < 3 else jpeg[:size]
+            assert read_file(str(path), 1024, scan=True) == expected
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + b"x" * 1022)
+    assert getattr(read_file(str(big), 1024), "reason", None) == "too_large"
+    text = tmp_path / "notes"
+    text.write_bytes(b"plain text, no magic" * 100)
+    assert read_file(str(text), 1024, scan=True) == SKIP
+    assert read_file(str(text), 4096, scan=False) == text.read_bytes()  # listed explicitly: read, judged later

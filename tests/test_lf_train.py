@@ -84,11 +84,15 @@ def test_lancetag_train_cli_on_two_ray_workers_saves_adapter_lineage_and_checkpo
 
 @pytest.mark.slow
 def test_run_training_tiny_llava_next_on_one_ray_worker(ray_cluster, registered, tiny_llava_next, tmp_path):
+    import yaml
+
     from llamafactory_ext.train import run_training
 
     out = tmp_path / "llava-1w"
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["lancetag"]["augment"] = {"rotate_degrees": 10, "shift": 0.1}  # installed in the worker
     result = run_training(
-        TINY_CONFIG,
+        config,
         workers=1,
         storage=str(tmp_path / "ray"),
         overrides={
@@ -100,7 +104,8 @@ def test_run_training_tiny_llava_next_on_one_ray_worker(ray_cluster, registered,
         },
     )
     assert result.workers == 1 and math.isfinite(result.train_loss)
-    _assert_adapter_with_lineage(out)
+    lineage = _assert_adapter_with_lineage(out)
+    assert lineage["augment"] == {"rotate_degrees": 10, "scale": 0.0, "shift": 0.1, "fill": 0}
 
 
 @pytest.mark.slow

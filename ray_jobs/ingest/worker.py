@@ -1,8 +1,10 @@
-"""What a Ray task does with a batch of items: get the bytes, decide skip or error, validate, hash.
+"""What a Ray task does with a batch of items: get the bytes, hash, skip known content, validate.
 
 Input rows (``WORK_SCHEMA``): an index into the driver's items and how to get the bytes. Output
-rows (``RESULT_SCHEMA``): a status (``ok``, ``error``, ``skip``) and, for ``ok``, the image
-columns. Pass-through fields (truth, messages, metadata) stay on the driver.
+rows (``RESULT_SCHEMA``): a status (``ok``, ``error``, ``skip``, ``known``) and, for ``ok``, the
+image columns. Content already in the table (``known``) is neither decoded nor sent back: it was
+validated when it was added, so a rerun costs a read and a hash per image. Pass-through fields
+(truth, messages, metadata) stay on the driver.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lance_io import existing_ids, open_table
 from lance_io.schema import content_hashes
 from ray_jobs.ingest.decode import IMAGE_EXTENSIONS, SNIFF_BYTES, sniff_format, validate_image
 from ray_jobs.ingest.fetch import Fetcher
@@ -52,12 +55,18 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 SKIP = "skip"
+KNOWN = "known"
 _EMPTY = dict.fromkeys(RESULT_SCHEMA.names)
 _fetchers: dict[str, Fetcher] = {}
 
 
-def process_batch(batch: pa.Table, options_json: str) -> pa.Table:
-    """Return one result row per work row of `batch` (run inside a Ray task)."""
+def process_batch(
+    batch: pa.Table, options_json: str, table: str | None = None, storage_options: dict[str, str] | None = None
+) -> pa.Table:
+    """Return one result row per work row of `batch` (run inside a Ray task).
+
+    ``table`` is the table being ingested into: content already in it comes back as ``known``.
+    """
     options = IngestOptions.model_validate_json(options_json)
     rows = batch.to_pylist()
     urls = [row for row in rows if row["locator"] == "url"]
@@ -67,21 +76,41 @@ def process_batch(batch: pa.Table, options_json: str) -> pa.Table:
         with ThreadPoolExecutor(min(options.fetch_threads, len(urls))) as pool:
             bodies = pool.map(lambda row: fetcher.fetch(row["url"]), urls)
             fetched = {row["idx"]: body for row, body in zip(urls, bodies, strict=True)}
+    datas = [_bytes_of(row, fetched, options) for row in rows]
+    hashes = [content_hashes(d) if isinstance(d, bytes) and d else None for d in datas]
+    known = _known_ids(table, storage_options, [h[0] for h in hashes if h is not None])
     columns: dict[str, list] = {name: [] for name in RESULT_SCHEMA.names}
-    for row in rows:
-        if row["locator"] == "url":
-            data = fetched[row["idx"]]
-        elif row["locator"] == "path":
-            data = read_file(row["path"], options.max_bytes, scan=row["scan"])
+    for row, data, hashed in zip(rows, datas, hashes, strict=True):
+        if hashed is not None and hashed[0] in known:
+            result = {**_EMPTY, "idx": row["idx"], "status": KNOWN, "id": hashed[0]}
         else:
-            data = row["data"] or b""
-        for name, value in _result(row["idx"], data, options).items():
+            result = _result(row["idx"], data, hashed, options)
+        for name, value in result.items():
             columns[name].append(value)
     arrays = [
         binary_column(columns[f.name]) if f.name == "image" else pa.array(columns[f.name], f.type)
         for f in RESULT_SCHEMA
     ]
     return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
+
+
+def _bytes_of(row: dict, fetched: dict[int, bytes | IngestError], options: IngestOptions) -> bytes | IngestError | str:
+    if row["locator"] == "url":
+        return fetched[row["idx"]]
+    if row["locator"] == "path":
+        return read_file(row["path"], options.max_bytes, scan=row["scan"])
+    return row["data"] or b""
+
+
+def _known_ids(table: str | None, storage_options: dict[str, str] | None, ids: list[str]) -> set[str]:
+    """Return which of ``ids`` the table already holds (none when it does not exist yet)."""
+    if table is None or not ids:
+        return set()
+    try:
+        ds = open_table(table, storage_options=storage_options)
+    except FileNotFoundError:
+        return set()
+    return existing_ids(ds, ids)
 
 
 def binary_column(values: list[bytes | None]) -> pa.Array:
@@ -108,14 +137,21 @@ def read_file(path: str, max_bytes: int, *, scan: bool = False) -> bytes | Inges
             return IngestError("not_a_file", "not a regular file (a directory, device, FIFO or socket)")
         size = info.st_size
         with open(path, "rb") as handle:
-            head = handle.read(SNIFF_BYTES)
-            if scan and sniff_format(head) is None and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
-                return SKIP
+            data = b""
+            if scan and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+                data = handle.read(SNIFF_BYTES)  # a scanned file without an image name: sniff first
+                if sniff_format(data) is None:
+                    return SKIP
             if size > max_bytes:
                 return IngestError(
                     "too_large", f"{size} bytes is over the limit of {max_bytes} (raise --max-bytes)"
                 )
-            return head + handle.read(max_bytes + 1 - len(head))
+            # Sized to the file (a read of max_bytes would allocate max_bytes); a file that grew
+            # since stat is still read to the limit, and then refused as too large.
+            data += handle.read(size + 1 - len(data))
+            if len(data) > size:
+                data += handle.read(max_bytes + 1 - len(data))
+            return data
     except FileNotFoundError:
         return IngestError("not_found", "no such file (moved or deleted since it was listed?)")
     except PermissionError:
@@ -126,7 +162,9 @@ def read_file(path: str, max_bytes: int, *, scan: bool = False) -> bytes | Inges
         return IngestError("unreadable", f"cannot read: {exc.strerror or exc}")
 
 
-def _result(idx: int, data: bytes | IngestError | str, options: IngestOptions) -> dict:
+def _result(
+    idx: int, data: bytes | IngestError | str, hashed: tuple[str, str] | None, options: IngestOptions
+) -> dict:
     """Return every result column for one item (None where it does not apply)."""
     if data == SKIP:
         return {**_EMPTY, "idx": idx, "status": SKIP}
@@ -137,8 +175,8 @@ def _result(idx: int, data: bytes | IngestError | str, options: IngestOptions) -
     )
     if isinstance(info, IngestError):
         return {**_EMPTY, "idx": idx, "status": "error", "reason": info.reason, "message": info.message}
-    assert isinstance(info, ImageInfo) and isinstance(data, bytes)
-    image_id, sha256 = content_hashes(data)
+    assert isinstance(info, ImageInfo) and isinstance(data, bytes) and hashed is not None
+    image_id, sha256 = hashed
     return {
         "idx": idx,
         "status": "ok",
