@@ -107,10 +107,9 @@ def _known_ids(table: str | None, storage_options: dict[str, str] | None, ids: l
     if table is None or not ids:
         return set()
     try:
-        ds = open_table(table, storage_options=storage_options)
-    except FileNotFoundError:
+        return existing_ids(open_table(table, storage_options=storage_options), ids)
+    except (OSError, ValueError):  # no table yet, or unreachable: the driver's append dedups anyway
         return set()
-    return existing_ids(ds, ids)
 
 
 def binary_column(values: list[bytes | None]) -> pa.Array:

@@ -88,6 +88,8 @@ def _read_manifest(path: Path) -> pa.Table:
             return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a column mixing strings and numbers
         raise SourceError(f"cannot read the manifest {path}: {exc}; give each column one type") from exc
+    except OverflowError as exc:  # JSON integers have no size limit; Arrow's have 64 bits
+        raise SourceError(f"cannot read the manifest {path}: a number does not fit in 64 bits ({exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise SourceError(f"cannot read the manifest {path}: {exc}") from exc
     raise SourceError(f"{path}: a manifest is .csv, .jsonl, .json or .parquet")
