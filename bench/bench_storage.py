@@ -160,7 +160,7 @@ Lance's compression buys no space ({sizes["compressed"] / sizes["plain"]:.2f}x t
 in this run and took {take["blob"][0] / take["plain"][0]:.2f}x the time for random takes, but hands every reader
 descriptors instead of bytes (the tagging job's scans, the LLaMA-Factory reader, Ray Data's
 `read_lance` would all need `take_blobs`). The price is real: in the ingest benchmark the appends
-are the gap between the first run and the decode-only rerun (see that section), so blob encoding
+compete with the decoding workers for the same cores (see that section), so blob encoding
 is a lever for ingest throughput; it is not pulled yet because every reader would change.
 
 ### Adding a label column (label + confidence) to the 10,000-image table

@@ -207,6 +207,12 @@ class ChunkWriter:
         self.summary.skipped += 1
         progress.done(1)
 
+    def duplicate(self, progress: IngestProgress) -> None:
+        """Count one input whose content the table holds or this run has already seen."""
+        self.summary.inputs += 1
+        self.summary.duplicates += 1
+        progress.done(1)
+
     def failed(self, item: InputItem, reason: str, message: str, *, progress: IngestProgress) -> None:
         """Count one input that failed and queue its error record."""
         self.summary.inputs += 1
@@ -230,15 +236,12 @@ class ChunkWriter:
                 self.skipped(progress)
             elif status == "error":
                 self.failed(item, reason, message, progress=progress)
-            elif status == KNOWN:
+            elif status == KNOWN or not self._first_sighting(image_id):
+                self.duplicate(progress)
+            else:
                 self.summary.inputs += 1
-                self.summary.duplicates += 1
-                progress.done(1)
-            elif self._first_sighting(image_id):
                 keep.append(row)
                 progress.done(1, nbytes=size)
-            else:
-                progress.done(1)
         if keep:
             self._rows.append(self._rows_table(results, keep, [segment[columns["idx"][row]] for row in keep]))
             self._bytes += sum(columns["size_bytes"][row] for row in keep)
@@ -249,10 +252,9 @@ class ChunkWriter:
             self.flush()
 
     def _first_sighting(self, image_id: str) -> bool:
-        self.summary.inputs += 1
+        """Return whether this run sees the content for the first time (and remember it)."""
         key = bytes.fromhex(image_id)
         if key in self._seen:
-            self.summary.duplicates += 1
             return False
         self._seen.add(key)
         return True
