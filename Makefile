@@ -1,4 +1,4 @@
-# Every target sets up what it needs first (idempotent, about a second when up to date).
+# Every target sets up what it needs first (idempotent, a few seconds when up to date).
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or update the environments from the pinned locks. Idempotent: a second run
-# only checks (about a second per environment); uv's cache makes a fresh clone fast too.
+# only checks (one to two seconds per environment); uv's cache makes a fresh clone fast too.
 #
 #   scripts/setup.sh            all three (.venv core/training, .venv-vllm labeling, .venv-webui)
 #   scripts/setup.sh core       only .venv
