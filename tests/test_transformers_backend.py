@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from serve_apps.backends import BackendConfig, ChatMessage, create_backend
+from serve_apps.backends.base import label_images
 from serve_apps.tasks import load_task
 
 ARCH_FIXTURES = ["tiny_qwen2_vl", "tiny_llava_next"]
@@ -84,6 +85,23 @@ def test_a_bad_image_gets_an_error_record_and_the_others_are_answered_in_order(b
     )
     assert results[1].label is None and results[2].error == "image_decode_failed"
     assert results[0].label in task.labels and results[3].label in task.labels
+
+
+def test_a_model_call_that_raises_fails_the_batch_with_its_reason_and_bad_images_keep_theirs(backend):
+    task = load_task("fashion")  # several questions: the first is answered, the second raises
+    asked = []
+
+    def answer(question, images):
+        asked.append(question.key)
+        if len(asked) == 2:
+            raise RuntimeError("out of memory")
+        return backend._answer(question, images)
+
+    results = label_images([png(), b"not an image", jpeg()], task, backend.provenance(task), answer)
+    assert len(asked) == 2 and len(task.questions()) > 2
+    assert [r.error for r in results] == ["backend_failed", "image_decode_failed", "backend_failed"]
+    assert "RuntimeError: out of memory" in results[0].error_message
+    assert results[0].attributes is None and results[2].attributes is None
 
 
 def test_batched_scores_equal_one_image_at_a_time_despite_left_padding(backend):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
-from serve_apps.tasks import Task
+from serve_apps.tasks import Question, Task
 
 BACKEND_MODULES: dict[str, str] = {
     "transformers": "serve_apps.backends.transformers_backend",
@@ -209,15 +210,32 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         )
 
 
-def batch_records(
+def label_images(
+    images: list[bytes],
     task: Task,
     provenance: Provenance,
-    decoded: list[Any],
-    answers: dict[int, dict[str, Answer]] | list[dict[str, Answer]],
-    failure: str | None,
-    per_image_ms: float,
+    answer: Callable[[Question, list[Image.Image]], list[Answer]],
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[LabelResult]:
-    """Return one record per input of a batch: the image's error, the batch's failure, or its answers."""
+    """Decode ``images``, ask each of the task's questions of the good ones, return one record per input.
+
+    ``answer(question, images)`` is the backend's model call: one answer per image, in order. An
+    image that cannot be used gets its own error record; if the model call raises, every usable
+    image of the batch gets that reason.
+    """
+    started = time.perf_counter()
+    decoded = [decode_image(b, max_pixels=max_pixels) for b in images]
+    good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
+    answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
+    failure: str | None = None
+    try:
+        for question in task.questions() if good else ():
+            for i, got in zip(good, answer(question, [decoded[i] for i in good]), strict=True):
+                answers[i][question.key] = got
+    except Exception as exc:  # the model itself failed: every image of the batch gets the reason
+        failure = f"backend_failed: {type(exc).__name__}: {exc}"
+    per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
     out: list[LabelResult] = []
     for i, d in enumerate(decoded):
         if isinstance(d, ImageError):

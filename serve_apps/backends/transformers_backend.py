@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from PIL import Image
@@ -26,9 +25,7 @@ from serve_apps.backends.base import (
     BackendConfig,
     ChatMessage,
     ChatReply,
-    ImageError,
-    batch_records,
-    decode_image,
+    label_images,
     register_backend,
 )
 from serve_apps.results import Answer, LabelResult
@@ -82,25 +79,7 @@ class TransformersBackend(Backend):
 
     def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
         """Return one record per image, in order; undecodable images get error records."""
-        provenance = self.provenance(task)
-        started = time.perf_counter()
-        decoded = [decode_image(b, max_pixels=self.config.max_image_pixels) for b in images]
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-        answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
-        failure: str | None = None
-        try:
-            with self._lock:
-                for question in task.questions():
-                    for start in range(0, len(good), self._group_size(question)):
-                        idx = good[start : start + self._group_size(question)]
-                        pil = [decoded[i] for i in idx]
-                        got = self._score(pil, question) if question.closed else self._generate(pil, question)
-                        for i, answer in zip(idx, got, strict=True):
-                            answers[i][question.key] = answer
-        except Exception as exc:  # the model itself failed: every image of the batch gets the reason
-            failure = f"backend_failed: {type(exc).__name__}: {exc}"
-        per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
-        return batch_records(task, provenance, decoded, answers, failure, per_image_ms)
+        return label_images(images, task, self.provenance(task), self._answer, max_pixels=self.config.max_image_pixels)
 
     def info(self) -> dict[str, Any]:
         """Return backend, model, adapter, device, dtype and library versions."""
@@ -151,6 +130,15 @@ class TransformersBackend(Backend):
         self._candidates.clear()
 
     # ----------------------------------------------------------------- internals
+
+    def _answer(self, question: Question, images: list[Image.Image]) -> list[Answer]:
+        """One answer per image, in forwards of at most ``_group_size`` images."""
+        size, got = self._group_size(question), []
+        with self._lock:
+            for start in range(0, len(images), size):
+                group = images[start : start + size]
+                got += self._score(group, question) if question.closed else self._generate(group, question)
+        return got
 
     def _group_size(self, question: Question) -> int:
         """Images per forward: the configured batch, fewer when the candidate rows would not fit."""

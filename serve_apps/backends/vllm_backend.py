@@ -44,9 +44,7 @@ from serve_apps.backends.base import (
     BackendConfig,
     ChatMessage,
     ChatReply,
-    ImageError,
-    batch_records,
-    decode_image,
+    label_images,
     register_backend,
 )
 from serve_apps.backends.vllm_env import ClosedSetMode, VllmOptions, vllm_options, vllm_runtime_env
@@ -160,29 +158,16 @@ class VllmBackend(Backend):
         mode = closed_set or self.options.closed_set
         provenance = self.provenance(task)
         provenance.adapter_id = adapter
-        started = time.perf_counter()
-        decoded = [decode_image(b, max_pixels=self.config.max_image_pixels) for b in images]
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-        answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
-        failure: str | None = None
-        try:
+
+        def answer(question: Question, pil: list[Any]) -> list[Answer]:
             lora = self._lora_request(adapter)
-            pil = [decoded[i] for i in good]
-            for question in task.questions():
-                if not pil:
-                    break
-                if not question.closed:
-                    got = self._generate(pil, question, lora)
-                elif mode == "constrained":
-                    got = self._constrained(pil, question, lora)
-                else:
-                    got = self._score(pil, question, lora)
-                for i, answer in zip(good, got, strict=True):
-                    answers[i][question.key] = answer
-        except Exception as exc:  # the engine failed: every image of the batch gets the reason
-            failure = f"backend_failed: {type(exc).__name__}: {exc}"
-        per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
-        return batch_records(task, provenance, decoded, answers, failure, per_image_ms)
+            if not question.closed:
+                return self._generate(pil, question, lora)
+            if mode == "constrained":
+                return self._constrained(pil, question, lora)
+            return self._score(pil, question, lora)
+
+        return label_images(images, task, provenance, answer, max_pixels=self.config.max_image_pixels)
 
     def info(self) -> dict[str, Any]:
         """Return backend, model, adapter, closed-set mode, device, interpreter and library versions."""
