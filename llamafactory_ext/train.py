@@ -211,7 +211,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from llamafactory_ext.patch import activate
 
     activate()
-    install(ImageAugment.model_validate(config["augment"]) if config.get("augment") else None)
+    install(config.get("augment"))
     rank = ray.train.get_context().get_world_rank()
 
     class ReportCheckpoints(TrainerCallback):
@@ -293,7 +293,7 @@ def _train_on_ray(args: dict[str, Any], options: RunOptions) -> str | None:
     storage = options.storage or str(Path(args["output_dir"]).resolve().parent / "ray_results")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"args": args, "augment": options.augment and options.augment.model_dump()},
+        train_loop_config={"args": args, "augment": options.augment},  # pickled to the workers as is
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=options.workers,
