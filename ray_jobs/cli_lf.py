@@ -11,6 +11,10 @@ from typing import Annotated
 
 import typer
 
+from ray_jobs.cli_output import JsonFlag
+
+SiteDir = Annotated[Path | None, typer.Option(help="site-packages folder (default: this environment's)")]
+
 lf_app = typer.Typer(
     help="LLaMA-Factory extension: register Lance tables as datasets, install the loader hook.",
     no_args_is_help=True,
@@ -35,6 +39,17 @@ def _split_error(err: Exception) -> tuple[str, str]:
     return reason or type(err).__name__, text
 
 
+def _pairs(items: list[str] | None, flag: str, form: str, reason: str, as_json: bool) -> dict[str, str]:
+    """Parse repeated ``KEY=VALUE`` options into a dict; exit with ``reason`` on an item without ``=``."""
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(reason, f"{flag} needs {form}, got {item!r}", as_json)
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 @lf_app.command("register")
 def register(
     table: Annotated[str, typer.Argument(help="Lance table URI")],
@@ -56,19 +71,14 @@ def register(
         list[str] | None,
         typer.Option(help="Lance storage option read from an env var at load time: KEY=ENV_VAR (repeatable)"),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Write or update a dataset_info.json entry that reads TABLE (pinned to a version) from Lance."""
     from llamafactory_ext.register import register_dataset
 
     if split not in ("train", "validation", "all"):
         _fail("bad_split", f"--split must be train, validation or all, not {split!r}", as_json)
-    storage_options_env = {}
-    for item in storage_option or []:
-        key, sep, env = item.partition("=")
-        if not sep:
-            _fail("bad_storage_option", f"--storage-option needs KEY=ENV_VAR, got {item!r}", as_json)
-        storage_options_env[key.strip()] = env.strip()
+    storage_options_env = _pairs(storage_option, "--storage-option", "KEY=ENV_VAR", "bad_storage_option", as_json)
     try:
         result = register_dataset(
             table,
@@ -96,10 +106,8 @@ def register(
 
 @lf_app.command("install-hook")
 def install_hook(
-    site_dir: Annotated[
-        Path | None, typer.Option(help="site-packages folder (default: this environment's)")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+    site_dir: SiteDir = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Make every LLaMA-Factory process of this environment load Lance entries (a .pth file)."""
     from llamafactory_ext.hook import ENV_SWITCH, install_pth
@@ -115,10 +123,8 @@ def install_hook(
 
 @lf_app.command("uninstall-hook")
 def uninstall_hook(
-    site_dir: Annotated[
-        Path | None, typer.Option(help="site-packages folder (default: this environment's)")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+    site_dir: SiteDir = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Remove the .pth file written by install-hook."""
     from llamafactory_ext.hook import uninstall_pth
@@ -132,7 +138,7 @@ def uninstall_hook(
 
 
 @lf_app.command("hook-path")
-def hook_path(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False) -> None:
+def hook_path(as_json: JsonFlag = False) -> None:
     """Print a PYTHONPATH entry that activates the extension for one process tree."""
     from llamafactory_ext.hook import SITE_DIR
 
@@ -142,7 +148,7 @@ def hook_path(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON
 @lf_app.command("list")
 def list_entries(
     dataset_dir: Annotated[Path, typer.Option(help="LLaMA-Factory dataset_dir")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """List the Lance entries of a dataset_info.json with their pinned versions."""
     from llamafactory_ext.source import lance_entries
@@ -166,19 +172,14 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: --set max_steps=10 (YAML value)")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record as the last line")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune with LLaMA-Factory from Lance tables (pinned versions), locally or on Ray Train."""
     import yaml
 
     from llamafactory_ext.train import run_training
 
-    overrides = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _fail("bad_override", f"--set needs key=value, got {item!r}", as_json)
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = {k: yaml.safe_load(v) for k, v in _pairs(set_, "--set", "key=value", "bad_override", as_json).items()}
     try:
         result = run_training(
             config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides
@@ -204,7 +205,7 @@ def webui(
             help="LLaMA-Factory dataset_dir shown in the Data dir box (LlamaBoard's default: ./data)"
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record before serving")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Run LlamaBoard with Lance datasets listed, previewed and trainable (from .venv-webui)."""
     from llamafactory_ext.webui import launch

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import date, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts")]
 
 
 def _default(value: Any) -> Any:

@@ -7,14 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import emit_json, print_rows
+from ray_jobs.cli_output import JsonFlag, emit_json, print_rows
 
 # Lance operation names, as a person reads them in a table's history.
 OPERATION_NAMES = {"Merge": "add_columns", "CreateIndex": "create_index", "Overwrite": "create", "Append": "append",
                    "Update": "update", "Delete": "delete", "Restore": "restore", "UpdateConfig": "metadata",
                    "Rewrite": "compact", "Project": "drop_columns"}
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts")]
 VersionOpt = Annotated[str | None, typer.Option("--version", "-v", help="Version number or tag (default: latest)")]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -113,6 +114,26 @@ def test_register_reports_missing_column_as_reason_code(digits_table, tmp_path):
     assert out.returncode == 1
     record = json.loads(out.stdout.strip().splitlines()[-1])
     assert record["reason"] == "column_missing" and "no_such_column" in record["message"]
+
+
+def test_key_value_options_reach_the_entry_and_an_item_without_equals_is_refused(digits_table, tmp_path):
+    from llamafactory_ext.source import read_dataset_info
+
+    uri, _ = digits_table
+    register = [LANCETAG, "lf", "register", str(uri), "--name", "x", "--dataset-dir", str(tmp_path), "--json"]
+    env = {**os.environ, "MY_REGION": "eu-west-1"}  # register checks the variable is set, keeps only its name
+    ok = subprocess.run([*register, "--storage-option", "aws_region = MY_REGION"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert read_dataset_info(tmp_path)["x"]["lance"]["storage_options_env"] == {"aws_region": "MY_REGION"}
+    refusals = {
+        "bad_storage_option": [*register, "--storage-option", "aws_region"],
+        "bad_override": [LANCETAG, "train", str(tmp_path / "any.yaml"), "--set", "max_steps", "--json"],
+    }
+    for reason, command in refusals.items():
+        out = subprocess.run(command, capture_output=True, text=True)
+        assert out.returncode == 1
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        assert record["reason"] == reason and "=" in record["message"]
 
 
 def test_lance_entry_preprocesses_identically_to_native_json_and_files(digits_table, tiny_qwen2_vl, tmp_path):
