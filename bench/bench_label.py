@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lance
 import pyarrow as pa
@@ -30,10 +31,22 @@ from bench.report import Section
 from lance_io import append_images, open_table
 from lance_io.schema import IMAGE_SCHEMA, content_hashes
 
+if TYPE_CHECKING:
+    from serve_apps.app import LabelerConfig
+
 N_IMAGES = 2000
 N_BIG = 6000
 BATCH = 32
 REPO = Path(__file__).resolve().parent.parent
+
+
+def digits_labeler(model: str, **serve: object) -> LabelerConfig:
+    """The bench's labeler: ``model`` on the transformers backend, digits task, batches of ``BATCH``."""
+    from serve_apps.app import LabelerConfig
+    from serve_apps.backends.base import BackendConfig
+
+    backend = BackendConfig(kind="transformers", model=model, batch_size=BATCH)
+    return LabelerConfig(task="digits", backend=backend, max_batch_size=BATCH, max_ongoing_requests=32, **serve)
 
 
 def digits_rows(start: int, count: int) -> pa.Table:
@@ -91,17 +104,12 @@ def _efficiency(model: str, rows: pa.Table, workdir: Path, threads: int, repeats
     ``repeats`` times, interleaved, and keeps its best run (this machine is noisy).
     """
     from ray_jobs.label import LabelOptions, label_table
-    from serve_apps.app import LabelerConfig, run_labeler, stop_labeler
-    from serve_apps.backends.base import BackendConfig
+    from serve_apps.app import run_labeler, stop_labeler
     from serve_apps.client import LabelerClient
 
     images = rows.column("image").to_pylist()
     app = f"bench-labeler-{threads}cpu"
-    url = run_labeler(
-        LabelerConfig(task="digits", backend=BackendConfig(kind="transformers", model=model, batch_size=BATCH),
-                      app_name=app, route_prefix=f"/{app}", num_cpus=threads, max_batch_size=BATCH,
-                      max_ongoing_requests=32)
-    )
+    url = run_labeler(digits_labeler(model, app_name=app, route_prefix=f"/{app}", num_cpus=threads))
     LabelerClient.over_http(url).label(images[:BATCH])  # warm-up: the first batch pays for lazy init
     best: dict[str, float] = {"loop": 0.0, "http": 0.0, "handle": 0.0}
     for k in range(repeats):
@@ -155,8 +163,7 @@ def run(workdir: Path) -> Section:
     import ray
 
     from ray_jobs.label import LabelOptions, label_table
-    from serve_apps.app import LabelerConfig, run_labeler
-    from serve_apps.backends.base import BackendConfig
+    from serve_apps.app import run_labeler
     from serve_apps.tiny_models import build_tiny_model
 
     model = str(build_tiny_model("qwen2_vl", workdir / "tiny-qwen2-vl"))
@@ -168,10 +175,7 @@ def run(workdir: Path) -> Section:
     ray.init(address="local", num_cpus=3, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     efficiency = [_efficiency(model, rows, workdir, threads) for threads in (1, 2)]
-    url = run_labeler(
-        LabelerConfig(task="digits", backend=BackendConfig(kind="transformers", model=model, batch_size=BATCH),
-                      num_cpus=1, max_batch_size=BATCH, max_ongoing_requests=32)
-    )
+    url = run_labeler(digits_labeler(model, num_cpus=1))
     options = LabelOptions(task="digits", serve=url, batch_size=BATCH, concurrency=2, in_flight=2, commit_rows=256)
     full = label_table(uri, options, progress=False)
 
