@@ -138,7 +138,7 @@ def run_demo(
         data_dir = Path(data).resolve()
         task = task or str(folder_task(data_dir, work))
     tiny = model is None
-    base = str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4)) if tiny else model
+    base = model or str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4, vision_hidden=128))
     step("data + base model", t0)
 
     ensure_ray(object_store_memory=1024**3)

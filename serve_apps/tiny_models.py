@@ -91,7 +91,15 @@ def _train_tokenizer(special_tokens: list[str], vocab_size: int):
     return tokenizer
 
 
-def _qwen2_vl(out: Path, hidden: int, layers: int, heads: int, vocab_size: int, seed: int) -> None:
+def _vision_heads(vision_hidden: int, head_dim: int) -> int:
+    if vision_hidden % head_dim:
+        raise ValueError(f"vision_hidden ({vision_hidden}) must be a multiple of {head_dim} (the head size)")
+    return vision_hidden // head_dim
+
+
+def _qwen2_vl(
+    out: Path, hidden: int, layers: int, heads: int, vocab_size: int, seed: int, vision_hidden: int | None
+) -> None:
     import torch
     from transformers import (
         PreTrainedTokenizerFast,
@@ -137,9 +145,9 @@ def _qwen2_vl(out: Path, hidden: int, layers: int, heads: int, vocab_size: int, 
         },
         vision_config={
             "depth": 2,
-            "embed_dim": 64,
+            "embed_dim": vision_hidden or 64,
             "hidden_size": hidden,  # the merger's output must equal the text hidden size
-            "num_heads": 2,
+            "num_heads": _vision_heads(vision_hidden or 64, 32),
             "mlp_ratio": 2,
             "patch_size": 14,
             "spatial_merge_size": 2,
@@ -169,7 +177,9 @@ def _qwen2_vl(out: Path, hidden: int, layers: int, heads: int, vocab_size: int, 
     processor.save_pretrained(out)
 
 
-def _llava_next(out: Path, hidden: int, layers: int, heads: int, vocab_size: int, seed: int) -> None:
+def _llava_next(
+    out: Path, hidden: int, layers: int, heads: int, vocab_size: int, seed: int, vision_hidden: int | None
+) -> None:
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -196,13 +206,13 @@ def _llava_next(out: Path, hidden: int, layers: int, heads: int, vocab_size: int
     config = LlavaNextConfig(
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": vision_hidden or 32,
+            "intermediate_size": 2 * (vision_hidden or 32),
             "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "num_attention_heads": _vision_heads(vision_hidden or 32, 16),
             "image_size": image_size,
             "patch_size": patch_size,
-            "projection_dim": 32,
+            "projection_dim": vision_hidden or 32,
         },
         text_config={
             "model_type": "llama",
@@ -262,10 +272,13 @@ def build_tiny_model(
     heads: int = 2,
     vocab_size: int = 320,
     seed: int = 0,
+    vision_hidden: int | None = None,
 ) -> Path:
     """Build a tiny random ``arch`` model folder at ``out`` and return its path.
 
     The defaults (hidden 128, head dim 64) are sizes that vLLM's CPU attention accepts.
+    ``vision_hidden`` widens the vision tower (default: Qwen2-VL 64, LLaVA-NeXT's CLIP 32), keeping
+    its head size (32 and 16).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -274,8 +287,7 @@ def build_tiny_model(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     builder = _qwen2_vl if arch == "qwen2_vl" else _llava_next
-    builder(out, hidden, layers, heads, vocab_size, seed)
-    (out / "lancetag_tiny.json").write_text(
-        json.dumps({"arch": arch, "hidden": hidden, "layers": layers, "heads": heads, "seed": seed}) + "\n"
-    )
+    builder(out, hidden, layers, heads, vocab_size, seed, vision_hidden)
+    sizes = {"hidden": hidden, "layers": layers, "heads": heads, "vision_hidden": vision_hidden}
+    (out / "lancetag_tiny.json").write_text(json.dumps({"arch": arch, **sizes, "seed": seed}) + "\n")
     return out

@@ -12,12 +12,10 @@ from serve_apps.tiny_models import build_tiny_model
 from tests.conftest import LANCETAG
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2_vl", "tiny_llava_next"])
-def test_tiny_model_loads_from_folder_and_generates_from_an_image_prompt(fixture, request):
+def generates_from_an_image_prompt(path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = request.getfixturevalue(fixture)
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
@@ -30,6 +28,25 @@ def test_tiny_model_loads_from_folder_and_generates_from_an_image_prompt(fixture
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     assert 1 <= len(new_tokens) <= 4
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_vl", "tiny_llava_next"])
+def test_tiny_model_loads_from_folder_and_generates_from_an_image_prompt(fixture, request):
+    generates_from_an_image_prompt(request.getfixturevalue(fixture))
+
+
+@pytest.mark.parametrize(("arch", "width_key", "heads_key", "head_size"), [
+    ("qwen2_vl", "embed_dim", "num_heads", 32), ("llava_next", "hidden_size", "num_attention_heads", 16),
+])
+def test_vision_hidden_widens_the_vision_tower_and_keeps_its_head_size(arch, width_key, heads_key, head_size, tmp_path):
+    default = json.loads((build_tiny_model(arch, tmp_path / "a") / "config.json").read_text())["vision_config"]
+    wide_path = build_tiny_model(arch, tmp_path / "b", vision_hidden=2 * default[width_key])
+    wide = json.loads((wide_path / "config.json").read_text())["vision_config"]
+    assert wide[width_key] == 2 * default[width_key] and wide[heads_key] == 2 * default[heads_key]
+    assert wide[width_key] // wide[heads_key] == head_size
+    generates_from_an_image_prompt(wide_path)
+    with pytest.raises(ValueError, match="multiple of"):
+        build_tiny_model(arch, tmp_path / "c", vision_hidden=head_size + 1)
 
 
 def test_same_seed_builds_identical_weights_and_other_seed_differs(tmp_path):
