@@ -138,7 +138,8 @@ def run_demo(
         data_dir = Path(data).resolve()
         task = task or str(folder_task(data_dir, work))
     tiny = model is None
-    base = model or str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4, vision_hidden=128))
+    # the recipe's model (docs/training.md §7): text 4 heads of 32, vision tower 128 wide
+    base = str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4, vision_hidden=128)) if tiny else model
     step("data + base model", t0)
 
     ensure_ray(object_store_memory=1024**3)
