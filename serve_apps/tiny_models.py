@@ -127,6 +127,7 @@ def _qwen2_vl(
     t_section = half // 4
     h_section = (half - t_section) // 2
     mrope_section = [t_section, h_section, half - t_section - h_section]
+    vision_width = vision_hidden or 64
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -145,9 +146,9 @@ def _qwen2_vl(
         },
         vision_config={
             "depth": 2,
-            "embed_dim": vision_hidden or 64,
+            "embed_dim": vision_width,
             "hidden_size": hidden,  # the merger's output must equal the text hidden size
-            "num_heads": _vision_heads(vision_hidden or 64, 32),
+            "num_heads": _vision_heads(vision_width, 32),
             "mlp_ratio": 2,
             "patch_size": 14,
             "spatial_merge_size": 2,
@@ -203,16 +204,17 @@ def _llava_next(
     )
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     image_size, patch_size = 56, 14
+    vision_width = vision_hidden or 32
     config = LlavaNextConfig(
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": vision_hidden or 32,
-            "intermediate_size": 2 * (vision_hidden or 32),
+            "hidden_size": vision_width,
+            "intermediate_size": 2 * vision_width,
             "num_hidden_layers": 2,
-            "num_attention_heads": _vision_heads(vision_hidden or 32, 16),
+            "num_attention_heads": _vision_heads(vision_width, 16),
             "image_size": image_size,
             "patch_size": patch_size,
-            "projection_dim": vision_hidden or 32,
+            "projection_dim": vision_width,
         },
         text_config={
             "model_type": "llama",
