@@ -80,8 +80,8 @@ def _in_process(model: str, images: list[bytes], threads: int) -> float:
     """Images/s of the backend called in a tight loop with ``threads`` torch threads."""
     import torch
 
+    from lance_io.tasks import load_task
     from serve_apps.backends.base import BackendConfig, create_backend
-    from serve_apps.tasks import load_task
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)

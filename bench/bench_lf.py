@@ -31,7 +31,7 @@ def _du(path: Path) -> int:
 
 def _prepare(workdir: Path) -> tuple[Path, Path, int]:
     """Write the table, the native dataset and a tiny model; return (dataset_dir, model, image bytes)."""
-    from llamafactory_ext.messages import classify_task_from_labels, messages_from_label
+    from lance_io.labels import classify_task_from_labels, messages_from_answers
     from llamafactory_ext.register import register_dataset
     from serve_apps.tiny_models import build_tiny_model
     from tests.lf_fixtures import digit_images, write_native, write_table
@@ -41,7 +41,7 @@ def _prepare(workdir: Path) -> tuple[Path, Path, int]:
     write_table(workdir / "digits.lance", images)
     register_dataset(str(workdir / "digits.lance"), "lance", data_dir)
     questions = classify_task_from_labels("truth", [str(i) for i in range(10)]).questions()
-    rows = [{"messages": messages_from_label(questions, label)} for _, label in images]
+    rows = [{"messages": messages_from_answers(questions, {"label": label})} for _, label in images]
     write_native(data_dir, "native", rows, [data for data, _ in images])
     model = build_tiny_model("qwen2_vl", workdir / "model")
     return data_dir, model, sum(len(data) for data, _ in images)

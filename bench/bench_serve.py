@@ -77,10 +77,10 @@ def run(workdir: Path) -> Section:
     import torch
     from ray import serve
 
+    from lance_io.tasks import load_task
     from serve_apps.app import LabelerConfig, run_labeler
     from serve_apps.backends import BackendConfig, create_backend
     from serve_apps.client import LabelerClient
-    from serve_apps.tasks import load_task
     from serve_apps.tiny_models import build_tiny_model
 
     torch.set_num_threads(2)

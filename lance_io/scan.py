@@ -19,14 +19,11 @@ from dataclasses import dataclass
 import lance
 import pyarrow as pa
 
+from lance_io.reasons import ReasonError
 
-class TableReadError(ValueError):
+
+class TableReadError(ReasonError):
     """A table, version, tag or column that cannot be read; ``reason`` is a stable code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lance_io.labels import (
+    LabelError,
+    answer_columns,
+    answer_columns_in,
+    classify_task_from_labels,
+    messages_from_answers,
+)
 from lance_io.scan import TableReadError, list_fragments, open_at, require_columns, scan_batches
 from lance_io.schema import MESSAGE_TYPE
-from llamafactory_ext.messages import (
-    LabelError,
-    classify_task_from_labels,
-    in_split,
-    load_task_config,
-    messages_from_label,
-)
 from llamafactory_ext.source import LanceSource
 
 logger = logging.getLogger(__name__)
@@ -63,37 +63,48 @@ class ReadReport:
 
 
 class RowBuilder:
-    """Turns record batches of one entry into message/image rows (picklable: holds no table handle)."""
+    """Turns record batches of one entry into message/image rows (picklable: holds no table handle).
+
+    A label column is a prefix (:mod:`lance_io.labels`): the task's answer columns under it
+    (``truth``; ``attrs_category``, ``attrs_sleeve_length``, ...) become the chat's answers.
+    """
 
     def __init__(self, source: LanceSource) -> None:
         self.source = source
         self.questions = None
+        self.answers: dict[str, str] = {}
         if source.label_column is not None:
-            self.questions = load_task_config(source.task, source.task_config).questions()
+            task = source.load_task()
+            self.questions = task.questions()
+            self.answers = answer_columns(task, source.label_column)
 
     @property
     def columns(self) -> list[str]:
         """Return the table columns this entry reads."""
-        text = self.source.messages_column or self.source.label_column
-        return list(dict.fromkeys([self.source.id_column, self.source.image_column, text]))
+        text = [self.source.messages_column] if self.source.messages_column else list(self.answers.values())
+        return list(dict.fromkeys([self.source.id_column, self.source.image_column, *text]))
 
     def build(self, batch: pa.RecordBatch, report: ReadReport) -> pa.Table:
         """Return the rows of ``batch`` in this entry's split, as a ``ROW_SCHEMA`` table."""
         src = self.source
         ids = batch.column(src.id_column).to_pylist()
-        texts = batch.column(src.messages_column or src.label_column).to_pylist()
+        if self.questions is None:
+            texts = batch.column(src.messages_column).to_pylist()
+        else:
+            answers = {key: batch.column(name).to_pylist() for key, name in self.answers.items()}
+            texts = [{key: values[i] for key, values in answers.items()} for i in range(batch.num_rows)]
         keep, messages = [], []
         for i, (row_id, text) in enumerate(zip(ids, texts, strict=True)):
-            if not in_split(str(row_id), src.split, src.val_fraction):
-                continue
-            if text is None:
-                report.skipped["label_missing"] += 1
+            if not src.keeps(str(row_id)):
                 continue
             if self.questions is None:
+                if text is None:
+                    report.skipped["label_missing"] += 1
+                    continue
                 turns = text
             else:
                 try:
-                    turns = messages_from_label(self.questions, text)
+                    turns = messages_from_answers(self.questions, text)
                 except LabelError as err:
                     report.skipped[err.reason] += 1
                     continue
@@ -116,6 +127,13 @@ def resolve(source: LanceSource) -> LanceSource:
     if source.label_column is None or source.task is not None or source.task_config is not None:
         return source
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    found = answer_columns_in(ds.schema.names, source.label_column)
+    if found and source.label_column not in found.values():
+        raise LabelError(
+            "task_missing",
+            f"{source.uri} holds {', '.join(found.values())} under {source.label_column!r}: "
+            "give the task that wrote them (--task) so each becomes its question's answer",
+        )
     require_columns(ds, [source.label_column], uri=source.uri)
     values = ds.to_table(columns=[source.label_column], filter=source.where).column(0).drop_null().unique()
     labels = sorted(str(v) for v in values.to_pylist())

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lance_io.scan import open_at, require_columns
-from llamafactory_ext.reader import resolve
+from llamafactory_ext.reader import RowBuilder, resolve
 from llamafactory_ext.source import LanceSource, Split, entry_for, write_entry
 
 
@@ -70,13 +70,9 @@ def register_dataset(
         task=task,
         storage_options_env=storage_options_env or {},
     )
-    require_columns(ds, [source.id_column, source.image_column, label_column or messages_column], uri=uri)
     if task is not None:
-        from llamafactory_ext.messages import load_task_config
-
-        source = source.model_copy(
-            update={"task_config": load_task_config(task, None).model_dump(mode="json")}
-        )
+        source = source.model_copy(update={"task_config": source.load_task().model_dump(mode="json")})
     source = resolve(source)
+    require_columns(ds, RowBuilder(source).columns, uri=uri)
     path = write_entry(dataset_dir, name, entry_for(source, name, num_samples=num_samples))
     return Registration(name, path, uri, ds.version, tag, ds.count_rows(filter=where))

@@ -28,6 +28,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lance_io.reasons import ReasonError
+from lance_io.splits import split_of
+from lance_io.tasks import Task, load_task, task_from_dict
+
 DATA_CONFIG = "dataset_info.json"
 FILE_NAME_PREFIX = "lance:"
 SHAREGPT_TAGS = {
@@ -58,7 +62,7 @@ class LanceSource(BaseModel):
     )
     label_column: str | None = Field(None, description="Label column to build messages from (with task)")
     task: str | None = Field(
-        None, description="Task name or YAML path the messages follow (serve_apps.tasks)"
+        None, description="Task name or YAML path the messages follow (lance_io.tasks)"
     )
     task_config: dict[str, Any] | None = Field(None, description="Snapshot of the task at registration")
     storage_options_env: dict[str, str] = Field(
@@ -73,6 +77,20 @@ class LanceSource(BaseModel):
             raise ValueError("give a version or a tag, not both")
         return self
 
+    def keeps(self, row_id: str) -> bool:
+        """Return whether ``row_id`` is in this entry's split (validation drawn by a salted id hash)."""
+        if self.split == "all":
+            return True
+        return split_of(row_id, self.val_fraction, held_out="validation", salt="validation") == self.split
+
+    def load_task(self) -> Task:
+        """Return the task the messages follow: the snapshot taken at registration, else by name."""
+        if self.task_config is not None:
+            return task_from_dict(self.task_config, source=f"task snapshot {self.task or ''}".strip())
+        if self.task is None:
+            raise LanceEntryError("task_missing", "a label column needs a task (or labels to build a classify task)")
+        return load_task(self.task)
+
     def ref(self) -> int | str | None:
         """Return the version number or tag to open (None: latest)."""
         return self.version if self.version is not None else self.tag
@@ -83,18 +101,15 @@ class LanceSource(BaseModel):
             return None
         missing = [env for env in self.storage_options_env.values() if env not in os.environ]
         if missing:
-            raise ValueError(
+            raise LanceEntryError(
+                "storage_options_missing",
                 f"storage options need environment variables {', '.join(missing)}; set them first"
             )
         return {key: os.environ[env] for key, env in self.storage_options_env.items()}
 
 
-class LanceEntryError(ValueError):
-    """A dataset entry that cannot be used; ``reason`` is a stable code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+class LanceEntryError(ReasonError):
+    """A dataset entry that cannot be used."""
 
 
 def placeholder_file_name(name: str) -> str:

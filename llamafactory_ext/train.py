@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from lance_io.reasons import ReasonError
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.source import DATA_CONFIG, lance_source_of, read_dataset_info
 
@@ -34,12 +35,8 @@ PINNED_DIR = "lancetag_dataset_info"
 STREAM_PREPROCESSING_BATCH = 128
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ReasonError):
     """A training config that cannot run; ``reason`` is a stable code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
 
 
 class RunOptions(BaseModel):

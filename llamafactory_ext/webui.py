@@ -60,7 +60,6 @@ def preview_rows(
 def _count(source: Any) -> int:
     """Return the number of rows the entry loads (reads only the id column when a split applies)."""
     from lance_io.scan import open_at, scan_batches
-    from llamafactory_ext.messages import in_split
 
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
     if source.split == "all":
@@ -68,7 +67,7 @@ def _count(source: Any) -> int:
     ids = (
         i for b in scan_batches(ds, [source.id_column], where=source.where) for i in b.column(0).to_pylist()
     )
-    return sum(in_split(str(i), source.split, source.val_fraction) for i in ids)
+    return sum(source.keeps(str(i)) for i in ids)
 
 
 def patch_preview() -> None:

@@ -43,9 +43,9 @@ def serve_command(
     """Serve a labeling task over HTTP (POST /label, GET /health, GET /info, POST /v1/chat/completions)."""
     from pydantic import ValidationError
 
+    from lance_io.tasks import TaskConfigError, load_task
     from serve_apps.app import LabelerConfig, run_labeler
     from serve_apps.backends.base import BackendConfig
-    from serve_apps.tasks import TaskConfigError, load_task
 
     if python is None and backend == "vllm":
         candidate = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"

@@ -10,7 +10,6 @@ loop runs on a user's own photos with a real model. Every step is a Lance versio
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 import yaml
+
+from lance_io.splits import split_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Images per labeler request. Tagging the 1,797 digits on the 1-CPU replica here: 16 -> 56 img/s,
@@ -63,18 +64,12 @@ def write_digits(folder: Path) -> Path:
     return folder
 
 
-def split_of(row_id: str, test_fraction: float = TEST_FRACTION) -> str:
-    """Return ``"test"`` or ``"train"`` for an id, deterministically (a hash, not the row order)."""
-    bucket = int(hashlib.sha256(row_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < test_fraction else "train"
-
-
 def add_split_column(table: str) -> int:
     """Write the ``split`` column (train/test by id hash) through fragment commits; return the version."""
     from lance_io import ensure_columns, open_table, plan_fragments, write_fragment
 
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
-        return pa.record_batch([pa.array([split_of(i) for i in batch.column("id").to_pylist()])], schema=SPLIT)
+        return pa.record_batch([pa.array([split_of(i, TEST_FRACTION, held_out="test") for i in batch.column("id").to_pylist()])], schema=SPLIT)
 
     ensure_columns(table, SPLIT)
     for frag in plan_fragments(table, "split IS NULL"):

@@ -108,7 +108,7 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
     from ray import serve
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-    from serve_apps.tasks import load_task
+    from lance_io.tasks import load_task
 
     task = load_task(config.task)
     api = FastAPI(title="lancetag labeler", docs_url=None, redoc_url=None)
@@ -126,8 +126,8 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
         def __init__(
             self, task_data: dict[str, Any], settings: dict[str, Any], token_hash: str | None
         ) -> None:
+            from lance_io.tasks import task_from_dict
             from serve_apps.backends.base import create_backend
-            from serve_apps.tasks import task_from_dict
 
             self.config = LabelerConfig.model_validate(settings)
             self.task = task_from_dict(task_data)

@@ -1,6 +1,6 @@
 """The one result record every backend returns: one :class:`LabelResult` per input image.
 
-Backends answer each :class:`~serve_apps.tasks.Question` of a task with an :class:`Answer`
+Backends answer each :class:`~lance_io.tasks.Question` of a task with an :class:`Answer`
 and turn them into a record with :func:`assemble`, or report a failed image with
 :func:`error_result`; so a record looks the same whichever backend produced it.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_apps.tasks import Task
+from lance_io.tasks import Task
 
 
 class ErrorCode(StrEnum):

@@ -173,7 +173,7 @@ def test_lance_entry_preprocesses_identically_to_native_json_and_files(digits_ta
 
 def test_split_where_and_max_samples_select_the_documented_rows(digits_table, tiny_qwen2_vl, tmp_path):
     import llamafactory_ext
-    from llamafactory_ext.messages import split_of
+    from lance_io.splits import split_of
     from llamafactory_ext.register import register_dataset
 
     llamafactory_ext.activate()
@@ -182,7 +182,7 @@ def test_split_where_and_max_samples_select_the_documented_rows(digits_table, ti
 
     ids_with_label = [(image_id(data), label) for data, label in images]
     register_dataset(str(uri), "val", tmp_path, split="validation", val_fraction=0.5, where="truth != '0'")
-    expected = [i for i, label in ids_with_label if label != "0" and split_of(i, 0.5) == "validation"]
+    expected = [i for i, label in ids_with_label if label != "0" and split_of(i, 0.5, held_out="validation", salt="validation") == "validation"]
     train, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path, "val", tmp_path / "a"))
     assert 0 < len(train) == len(expected) < 24
 

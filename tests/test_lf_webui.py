@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamafactory_ext.messages import in_split
+from lance_io.splits import split_of
 from tests.lf_fixtures import digit_images, write_table
 
 
@@ -41,7 +41,7 @@ def test_preview_rows_of_a_split_entry_count_and_show_only_that_split(dataset_di
     from llamafactory_ext.webui import preview_rows
 
     ids = lance.dataset(str(dataset_dir / "digits.lance")).to_table(columns=["id"]).column(0).to_pylist()
-    in_val = [i for i in ids if in_split(str(i), "validation", 0.5)]
+    in_val = [i for i in ids if split_of(str(i), 0.5, held_out="validation", salt="validation") == "validation"]
     total, rows = preview_rows(str(dataset_dir), "digits_val", page_size=10)
     assert 0 < total < 5  # the split really splits these 5 rows
     assert total == len(in_val) == len(rows)

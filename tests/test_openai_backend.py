@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from lance_io.tasks import load_task
 from serve_apps.backends import BackendConfig, create_backend
-from serve_apps.tasks import load_task
 
 
 def png(color=(200, 10, 10)) -> bytes:

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from lance_io.tasks import task_from_dict
 from serve_apps.backends.base import BackendConfig, create_backend
-from serve_apps.tasks import task_from_dict
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -168,7 +168,7 @@ def test_answers_outside_the_set_are_invalid_with_their_raw_text_never_coerced(o
 
 
 def test_structured_outputs_constraint_keeps_every_answer_in_the_set(vllm_openai_server):
-    from serve_apps.tasks import load_task
+    from lance_io.tasks import load_task
 
     backend = create_backend(
         BackendConfig(

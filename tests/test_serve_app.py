@@ -12,10 +12,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from lance_io.tasks import load_task
 from serve_apps.app import LabelerConfig, run_labeler
 from serve_apps.backends import BackendConfig, create_backend
 from serve_apps.client import LabelerClient
-from serve_apps.tasks import load_task
 
 pytestmark = pytest.mark.slow  # four Serve apps start in the module fixture (~40 s on 2 cores)
 

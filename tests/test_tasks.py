@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serve_apps.app import Limits, RequestError, parse_label_request
-from serve_apps.tasks import (
+from lance_io.tasks import (
     ClassifyTask,
     ScoreTask,
     TaskConfigError,
@@ -19,6 +18,7 @@ from serve_apps.tasks import (
     load_task,
     task_from_dict,
 )
+from serve_apps.app import Limits, RequestError, parse_label_request
 
 
 def test_shipped_tasks_load_by_name_and_hotel_has_at_least_30_categories():

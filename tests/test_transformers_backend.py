@@ -8,9 +8,9 @@ import math
 import pytest
 from PIL import Image
 
+from lance_io.tasks import load_task
 from serve_apps.backends import BackendConfig, ChatMessage, create_backend
 from serve_apps.backends.base import label_images
-from serve_apps.tasks import load_task
 
 ARCH_FIXTURES = ["tiny_qwen2_vl", "tiny_llava_next"]
 

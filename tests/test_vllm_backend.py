@@ -17,10 +17,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from lance_io.tasks import load_task
 from serve_apps.backends.base import BackendConfig
 from serve_apps.backends.vllm_backend import vllm_runtime_env
 from serve_apps.results import LabelResult
-from serve_apps.tasks import load_task
 from tests.conftest import VLLM_PYTHON
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -35,18 +35,19 @@ class EvalResult:
 
 
 def _pairs(schema_names: list[str], column: str, truth: str) -> dict[str, tuple[str, str]]:
-    """Column/truth pairs: ``column`` vs ``truth``, or each ``column_<attr>`` vs ``truth_<attr>``."""
-    if column in schema_names:
-        if truth not in schema_names:
-            raise ValueError(f"no truth column {truth!r} (columns: {', '.join(schema_names)})")
-        return {column: (column, truth)}
-    pairs = {
-        name.removeprefix(f"{column}_"): (name, f"{truth}_{name.removeprefix(f'{column}_')}")
-        for name in schema_names
-        if name.startswith(f"{column}_") and f"{truth}_{name.removeprefix(f'{column}_')}" in schema_names
-    }
+    """Answer/truth column pairs by question key (:func:`lance_io.labels.answer_columns_in`)."""
+    from lance_io.labels import answer_columns_in
+    from lance_io.scan import TableReadError
+
+    answers, truths = answer_columns_in(schema_names, column), answer_columns_in(schema_names, truth)
+    if not answers:
+        raise TableReadError("column_missing", f"no label column {column!r} or {column}_<attribute> columns (columns: {', '.join(schema_names)})")
+    if len(answers) == 1 and len(truths) == 1:
+        (key, answer), (truth_column,) = next(iter(answers.items())), truths.values()
+        return {key: (answer, truth_column)}
+    pairs = {key: (answer, truths[key]) for key, answer in answers.items() if key in truths}
     if not pairs:
-        raise ValueError(f"no column {column!r} and no {column}_<attr>/{truth}_<attr> pairs in the table")
+        raise TableReadError("column_missing", f"no truth column {truth!r} or {truth}_<attribute> columns matching {', '.join(answers.values())}")
     return pairs
 
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lance_io.labels import label_schema, provenance_of
 from lance_io.sql import sql_string
 from lance_io.versions import VersionInfo, list_versions
-from ray_jobs.label.columns import label_schema, provenance_of
 from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
 
 
@@ -114,8 +114,8 @@ def label_fragment(fragment_id: int, planned: int, job: FragmentJob) -> Fragment
     import pyarrow.compute as pc
 
     from lance_io import write_fragment
-    from ray_jobs.label.columns import results_to_batch
-    from serve_apps.tasks import task_from_dict
+    from lance_io.labels import results_to_batch
+    from lance_io.tasks import task_from_dict
 
     task = task_from_dict(job.task_data)
     client = job.endpoint.connect()
@@ -227,9 +227,9 @@ def label_table(
         summary = label_table("/data/hotel.lance", LabelOptions(task="hotel", model="Qwen/Qwen2-VL-2B-Instruct"))
     """
     from lance_io import ensure_columns, plan_fragments
+    from lance_io.tasks import load_task
     from lance_io.versions import record_run, tag_version
     from ray_jobs.ray_session import ensure_ray
-    from serve_apps.tasks import load_task
 
     started = time.perf_counter()
     run_id = uuid.uuid4().hex[:12]

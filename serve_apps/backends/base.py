@@ -1,6 +1,6 @@
 """The backend interface, its typed config, and the registry that picks a backend by name.
 
-A backend turns image bytes plus a :mod:`task <serve_apps.tasks>` into
+A backend turns image bytes plus a :mod:`task <lance_io.tasks>` into
 :class:`~serve_apps.results.LabelResult` records, one per image, in order. It never raises for
 one bad image: that image gets an error record and the others are answered.
 
@@ -35,8 +35,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from lance_io.tasks import Question, Task
 from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
-from serve_apps.tasks import Question, Task
 
 BACKEND_MODULES: dict[str, str] = {
     "transformers": "serve_apps.backends.transformers_backend",

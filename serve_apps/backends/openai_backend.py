@@ -32,6 +32,7 @@ import httpx
 from PIL import Image
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from lance_io.tasks import Question, Task
 from serve_apps.backends.base import (
     Backend,
     BackendConfig,
@@ -42,7 +43,6 @@ from serve_apps.backends.base import (
     register_backend,
 )
 from serve_apps.results import Answer, ErrorCode, LabelResult, assemble, error_result
-from serve_apps.tasks import Question, Task
 
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 

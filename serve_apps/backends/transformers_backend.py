@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from lance_io.tasks import Question, Task
 from serve_apps.backends.base import (
     Backend,
     BackendConfig,
@@ -29,7 +30,6 @@ from serve_apps.backends.base import (
     register_backend,
 )
 from serve_apps.results import Answer, LabelResult
-from serve_apps.tasks import Question, Task
 
 DEFAULT_MAX_CANDIDATE_ROWS = 512
 """Rows (images x candidates) scored in one forward; bounds the repeated KV cache's memory."""

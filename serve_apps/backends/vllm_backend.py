@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lance_io.tasks import Question, Task
 from serve_apps.backends.base import (
     Backend,
     BackendConfig,
@@ -49,7 +50,6 @@ from serve_apps.backends.base import (
 )
 from serve_apps.backends.vllm_env import ClosedSetMode, VllmOptions, vllm_options, vllm_runtime_env
 from serve_apps.results import Answer, LabelResult
-from serve_apps.tasks import Question, Task
 
 __all__ = ["ClosedSetMode", "VllmBackend", "VllmOptions", "vllm_options", "vllm_runtime_env"]
 

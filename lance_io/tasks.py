@@ -1,5 +1,9 @@
 """Labeling tasks as typed YAML: what to ask a model about an image, and which answers count.
 
+Tasks live beside the tables because a task defines what a table's label columns hold
+(:mod:`lance_io.labels`); the labeler, the tagging job, training and evaluation all read them
+from here. Pure Python (pydantic, yaml): importable in every environment, vLLM's included.
+
 A task is one of four kinds (the ``kind`` key picks the model):
 
 - ``classify``: one label from a closed label set (optional per-label descriptions);
@@ -12,7 +16,7 @@ the same thing whichever backend serves it.
 
 Example::
 
-    from serve_apps.tasks import load_task
+    from lance_io.tasks import load_task
     task = load_task("hotel")              # configs/tasks/hotel.yaml
     task = load_task("my_tasks/shoes.yaml")
     q = task.questions()[0]
@@ -40,6 +44,8 @@ from pydantic import (
     model_validator,
 )
 
+from lance_io.reasons import ReasonError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR_ENV = "LANCETAG_TASKS_DIR"
 BUILTIN_TASKS_DIR = REPO_ROOT / "configs" / "tasks"
@@ -47,8 +53,11 @@ BUILTIN_TASKS_DIR = REPO_ROOT / "configs" / "tasks"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(ReasonError):
     """A task file that cannot be used; the message names the file and the field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_task", message)
 
 
 def _check_placeholders(template: str, allowed: set[str], field: str) -> str:

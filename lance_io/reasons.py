@@ -1,0 +1,26 @@
+"""The one error type users act on: a stable reason code and a message saying what to do.
+
+Every package raises :class:`ReasonError` (or a subclass) for an expected failure; the CLI
+prints it as ``error: <reason>: <message>`` and ``--json`` as
+``{"error": {"reason": ..., "message": ...}}``. This module imports nothing, so the vLLM
+labeling environment (no Lance, no pyarrow) can use it too.
+
+Example::
+
+    raise ReasonError("column_missing", "/data/t.lance has no column 'label'; label it first")
+"""
+
+from __future__ import annotations
+
+
+class ReasonError(ValueError):
+    """An expected failure: ``reason`` is a stable snake_case code, ``message`` what happened and what to do."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        """Return ``{"reason": ..., "message": ...}`` (the CLI's JSON error shape)."""
+        return {"reason": self.reason, "message": self.message}
