@@ -31,10 +31,10 @@ def _du(path: Path) -> int:
 
 def _prepare(workdir: Path) -> tuple[Path, Path, int]:
     """Write the table, the native dataset and a tiny model; return (dataset_dir, model, image bytes)."""
+    from bench.data import digit_images, write_native, write_table
     from lance_io.labels import classify_task_from_labels, messages_from_answers
     from llamafactory_ext.register import register_dataset
     from serve_apps.tiny_models import build_tiny_model
-    from tests.lf_fixtures import digit_images, write_native, write_table
 
     images = digit_images(N_IMAGES, size=IMAGE_SIZE)
     data_dir = workdir / "data"

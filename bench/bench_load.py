@@ -17,10 +17,10 @@ def run(workdir: Path) -> Section:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from bench.data import png_bytes
     from serve_apps.app import LabelerConfig, run_labeler
     from serve_apps.backends.base import BackendConfig
     from serve_apps.tiny_models import build_tiny_model
-    from tests.table_fixtures import png_bytes
 
     model = str(build_tiny_model("qwen2_vl", workdir / "tiny"))
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)

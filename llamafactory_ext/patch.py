@@ -55,7 +55,7 @@ def activate() -> bool:
         return False
     loader._load_single_dataset = _wrap_loader(loader._load_single_dataset)
     try:
-        from llamafactory_ext.webui import patch_preview
+        from llamafactory_ext.preview import patch_preview
 
         patch_preview()
     except ImportError:  # the web UI package is optional in some LLaMA-Factory builds

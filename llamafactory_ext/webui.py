@@ -1,11 +1,9 @@
-"""LlamaBoard (LLaMA-Factory's web UI) with Lance entries: listing, preview, training subprocess.
+"""LlamaBoard (LLaMA-Factory's web UI) with Lance entries: launching it, and its training subprocesses.
 
 - Listing needs nothing: the UI lists every ``dataset_info.json`` entry of the right stage,
   Lance entries included.
-- Preview: stock preview opens ``file_name`` as a file; :func:`patch_preview` makes the
-  preview button and pages read Lance entries through :func:`preview_rows` (images shown as
-  a short description, not bytes). Gradio binds these functions when the UI is built, so
-  the patch is applied before ``create_ui()``.
+- Preview of Lance entries: :mod:`llamafactory_ext.preview`, installed by
+  :func:`llamafactory_ext.patch.activate` before ``create_ui()``.
 - Training from the UI runs ``llamafactory-cli train`` in a subprocess: :func:`launch` puts
   the hook's ``sitecustomize`` on its PYTHONPATH so the extension is active there too.
 - gradio 5.50 sends a ``gr.JSON`` output of a non-queued event (LlamaBoard's preview is one) as
@@ -17,81 +15,6 @@ from __future__ import annotations
 
 import os
 from typing import Any
-
-from llamafactory_ext.source import FILE_NAME_PREFIX, lance_source_of, read_dataset_info
-
-PAGE_SIZE = 2  # as LLaMA-Factory's preview
-
-
-def _lance_source(dataset_dir: str, names: list[str]) -> Any:
-    """Return the Lance source of the first selected dataset, None for other entries."""
-    if not names:
-        return None
-    entry = read_dataset_info(dataset_dir).get(names[0], {})
-    if not str(entry.get("file_name", "")).startswith(FILE_NAME_PREFIX):
-        return None
-    return lance_source_of(entry, name=names[0])
-
-
-def preview_rows(
-    dataset_dir: str, name: str, page_index: int = 0, page_size: int = PAGE_SIZE
-) -> tuple[int, list]:
-    """Return ``(row count, rows of page_index)`` of a Lance entry, as the preview shows them."""
-    from llamafactory_ext.reader import iter_tables, resolve
-
-    source = _lance_source(dataset_dir, [name])
-    if source is None:
-        raise ValueError(f"{name!r} is not a Lance entry of {dataset_dir}")
-    source = resolve(source)
-    total = _count(source)
-    start, stop = page_index * page_size, (page_index + 1) * page_size
-    rows, seen = [], 0
-    for table in iter_tables(source):
-        if seen + table.num_rows > start:
-            for row in table.slice(max(0, start - seen), stop - max(seen, start)).to_pylist():
-                row["images"] = [f"<image: {len(b)} bytes>" for b in row["images"]]
-                rows.append(row)
-        seen += table.num_rows
-        if seen >= stop:
-            break
-    return total, rows
-
-
-def _count(source: Any) -> int:
-    """Return the number of rows the entry loads (reads only the id column when a split applies)."""
-    from lance_io.scan import open_at, scan_batches
-
-    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-    if source.split == "all":
-        return ds.count_rows(filter=source.where)
-    ids = (
-        i for b in scan_batches(ds, [source.id_column], where=source.where) for i in b.column(0).to_pylist()
-    )
-    return sum(source.keeps(str(i)) for i in ids)
-
-
-def patch_preview() -> None:
-    """Make LlamaBoard's preview button and pages work for Lance entries (idempotent)."""
-    from llamafactory.webui.components import data
-
-    if getattr(data.can_preview, "__lancetag_wrapped__", False):
-        return
-    stock_can_preview, stock_get_preview = data.can_preview, data.get_preview
-
-    def can_preview(dataset_dir: str, dataset: list) -> Any:
-        if _lance_source(dataset_dir, dataset) is None:
-            return stock_can_preview(dataset_dir, dataset)
-        return data.gr.Button(interactive=True)
-
-    def get_preview(dataset_dir: str, dataset: list, page_index: int) -> Any:
-        if _lance_source(dataset_dir, dataset) is None:
-            return stock_get_preview(dataset_dir, dataset, page_index)
-        total, rows = preview_rows(dataset_dir, dataset[0], int(page_index), data.PAGE_SIZE)
-        return total, rows, data.gr.Column(visible=True)
-
-    for fn in (can_preview, get_preview):
-        fn.__lancetag_wrapped__ = True  # type: ignore[attr-defined]
-    data.can_preview, data.get_preview = can_preview, get_preview
 
 
 def subprocess_environment(env: dict[str, str]) -> dict[str, str]:

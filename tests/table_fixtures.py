@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import random
 from datetime import UTC, datetime
 
 import pyarrow as pa
-from PIL import Image
 
+from bench.data import png_bytes
 from lance_io.schema import IMAGE_SCHEMA, content_hashes
-
-
-def png_bytes(seed: int, size: int = 16) -> bytes:
-    """A distinct small PNG for each seed."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", (size, size), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    image.putpixel((seed % size, (seed // size) % size), (seed % 256, (seed * 7) % 256, (seed * 13) % 256))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def image_rows(seeds: range | list[int], *, truth: bool = True, padding: int = 0) -> pa.Table:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.data import digit_images, write_native, write_table
 from tests.conftest import LANCETAG
-from tests.lf_fixtures import digit_images, write_native, write_table
 
 ARTICLE_PROMPT = (
     "Fill in the blank: this is a photo of a {}, you should select the appropriate category "
@@ -272,10 +272,10 @@ def test_streaming_lance_entry_yields_the_same_examples_as_the_in_memory_load(
 def test_s3_table_loads_with_storage_options_taken_from_environment_variables(s3, tmp_path, monkeypatch):
     import lance
 
+    from bench.data import image_rows
     from llamafactory_ext.reader import load_rows
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.source import read_dataset_info
-    from tests.lf_fixtures import image_rows
 
     uri = s3.uri("lf-digits.lance")
     lance.write_dataset(image_rows(digit_images(6)), uri, storage_options=s3.storage_options)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.data import digit_images, write_table
 from tests.conftest import LANCETAG, REPO_ROOT
-from tests.lf_fixtures import digit_images, write_table
 
 TINY_CONFIG = REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_cpu.yaml"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from bench.data import digit_images, write_table
 from lance_io.splits import split_of
-from tests.lf_fixtures import digit_images, write_table
 
 
 @pytest.fixture()
@@ -25,7 +25,7 @@ def dataset_dir(tmp_path):
 
 
 def test_preview_rows_pages_across_fragments_and_describes_images(dataset_dir):
-    from llamafactory_ext.webui import preview_rows
+    from llamafactory_ext.preview import preview_rows
 
     total, rows = preview_rows(str(dataset_dir), "digits_lance", page_index=1)
     assert total == 5
@@ -38,7 +38,7 @@ def test_preview_rows_pages_across_fragments_and_describes_images(dataset_dir):
 def test_preview_rows_of_a_split_entry_count_and_show_only_that_split(dataset_dir):
     import lance
 
-    from llamafactory_ext.webui import preview_rows
+    from llamafactory_ext.preview import preview_rows
 
     ids = lance.dataset(str(dataset_dir / "digits.lance")).to_table(columns=["id"]).column(0).to_pylist()
     in_val = [i for i in ids if split_of(str(i), 0.5, held_out="validation", salt="validation") == "validation"]
@@ -48,7 +48,7 @@ def test_preview_rows_of_a_split_entry_count_and_show_only_that_split(dataset_di
 
 
 def test_preview_rows_of_a_native_entry_is_an_error_naming_it(dataset_dir):
-    from llamafactory_ext.webui import preview_rows
+    from llamafactory_ext.preview import preview_rows
 
     with pytest.raises(ValueError, match="'nope' is not a Lance entry"):
         preview_rows(str(dataset_dir), "nope")

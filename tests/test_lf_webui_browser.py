@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
+from bench.data import digit_images, write_native, write_table
 from tests.conftest import REPO_ROOT
-from tests.lf_fixtures import digit_images, write_native, write_table
 
 pytestmark = pytest.mark.slow  # about 45 s: most of it the server importing torch and LLaMA-Factory
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from bench.data import png_bytes
 from bench.load import replica_rss_mb, run_load
-from tests.table_fixtures import png_bytes
 
 pytestmark = pytest.mark.slow
 APP = "test-load-labeler"

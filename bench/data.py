@@ -1,21 +1,37 @@
-"""Small real image tables and matching native LLaMA-Factory datasets for the extension's tests."""
+"""Small real image data shared by benchmarks and tests: scikit-learn digits and distinct PNGs, Lance
+tables of them, and matching native LLaMA-Factory (sharegpt JSON + image files) datasets.
+
+It lives here, not under ``tests/``, because benchmarks use it too and ``bench`` imports nothing
+from ``tests``.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 
 import lance
 import pyarrow as pa
+from PIL import Image
 
 from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH, content_hashes
 
 
+def png_bytes(seed: int, size: int = 16) -> bytes:
+    """Return a distinct small PNG for each seed."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    image.putpixel((seed % size, (seed // size) % size), (seed % 256, (seed * 7) % 256, (seed * 13) % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def digit_images(n: int, *, start: int = 0, size: int = 56) -> list[tuple[bytes, str]]:
     """Return ``n`` scikit-learn digits as ``(PNG bytes, label)``, upscaled nearest-neighbour to ``size``."""
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
