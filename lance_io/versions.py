@@ -8,7 +8,7 @@ Example::
     from lance_io.versions import list_versions, tag_version, diff_versions
     for v in list_versions(uri): print(v.version, v.operation, v.properties.get("lancetag.job"))
     tag_version(uri, "zero-shot", 12)
-    diff_versions(uri, "zero-shot", "fine-tuned", column="label").changed
+    diff_versions(uri, "zero-shot", "fine-tuned", column="attrs").changed  # rows, any attribute
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 import lance
 import pyarrow as pa
 
+from lance_io.labels import answer_columns_in
+from lance_io.reasons import ReasonError
 from lance_io.schema import ID
 from lance_io.table import open_table
 
@@ -52,7 +54,12 @@ class ColumnDiff:
 
 @dataclass(frozen=True)
 class VersionDiff:
-    """Rows added and removed between two versions, and optionally one column's changes."""
+    """Rows added and removed between two versions and, for a label column, how its answers changed.
+
+    ``columns`` holds one :class:`ColumnDiff` per answer column under the compared prefix (one
+    for classify/score/caption, one per attribute); ``changed`` counts the rows present in both
+    versions whose value changed in any of them.
+    """
 
     before: int
     after: int
@@ -60,7 +67,9 @@ class VersionDiff:
     removed: int
     added_ids: list[str]
     removed_ids: list[str]
-    column: ColumnDiff | None = None
+    columns: list[ColumnDiff] = field(default_factory=list)
+    changed: int = 0
+    changed_ids: list[str] = field(default_factory=list)
 
 
 def _tags_by_version(ds: lance.LanceDataset) -> dict[int, list[str]]:
@@ -174,29 +183,42 @@ def diff_versions(
     max_ids: int = 100,
     storage_options: dict[str, str] | None = None,
 ) -> VersionDiff:
-    """Compare two versions (numbers or tags): rows added/removed and, for ``column``, changes.
+    """Compare two versions (numbers or tags): rows added/removed and, for ``column``, its changes.
 
-    Only ``id`` and ``column`` are read. Id lists are cut at ``max_ids``; counts are exact.
+    ``column`` is a label column prefix (:func:`lance_io.labels.answer_columns_in`): ``label``
+    compares that column, ``attrs`` compares every ``attrs_<attribute>`` answer column. Only
+    ``id`` and those columns are read. Id lists are cut at ``max_ids``; counts are exact.
     """
     a = open_table(uri, before, storage_options=storage_options)
     b = open_table(uri, after, storage_options=storage_options)
     ids_a = set(a.to_table(columns=[ID]).column(ID).to_pylist())
     ids_b = set(b.to_table(columns=[ID]).column(ID).to_pylist())
     added, removed = sorted(ids_b - ids_a), sorted(ids_a - ids_b)
-    column_diff = None
+    diffs: list[ColumnDiff] = []
+    changed_any: set[str] = set()
     if column is not None:
-        if column not in a.schema.names and column not in b.schema.names:
-            raise ValueError(f"column {column!r} is in neither version {before} nor {after} of {uri}")
-        va, vb = _column_by_id(a, column), _column_by_id(b, column)
+        # the union of both versions' answer columns: a prefix labeled only in `after` still compares
+        answers = {**answer_columns_in(a.schema.names, column), **answer_columns_in(b.schema.names, column)}
+        if not answers:
+            raise ReasonError(
+                "column_missing",
+                f"neither version {before} nor {after} of {uri} has a column {column!r} or {column}_<attribute> "
+                "answer columns; give the prefix `lancetag label --column` wrote",
+            )
         common = ids_a & ids_b
-        changed = sorted(i for i in common if va.get(i) != vb.get(i))
-        column_diff = ColumnDiff(
-            column=column,
-            before=dict(Counter(va.get(i) for i in ids_a).most_common()),
-            after=dict(Counter(vb.get(i) for i in ids_b).most_common()),
-            changed=len(changed),
-            changed_ids=changed[:max_ids],
-        )
+        for name in sorted(answers.values()):
+            va, vb = _column_by_id(a, name), _column_by_id(b, name)
+            changed = sorted(i for i in common if va.get(i) != vb.get(i))
+            changed_any.update(changed)
+            diffs.append(
+                ColumnDiff(
+                    column=name,
+                    before=dict(Counter(va.get(i) for i in ids_a).most_common()),
+                    after=dict(Counter(vb.get(i) for i in ids_b).most_common()),
+                    changed=len(changed),
+                    changed_ids=changed[:max_ids],
+                )
+            )
     return VersionDiff(
         before=a.version,
         after=b.version,
@@ -204,5 +226,7 @@ def diff_versions(
         removed=len(removed),
         added_ids=added[:max_ids],
         removed_ids=removed[:max_ids],
-        column=column_diff,
+        columns=diffs,
+        changed=len(changed_any),
+        changed_ids=sorted(changed_any)[:max_ids],
     )

@@ -83,7 +83,9 @@ def diff(
     table: str,
     before: str,
     after: str,
-    column: Annotated[str | None, typer.Option("--column", "-c", help="Also compare this column")] = None,
+    column: Annotated[
+        str | None, typer.Option("--column", "-c", help="Also compare this label column (prefix: every answer column)")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Compare two versions (numbers or tags): rows added/removed; a column's distribution and changes."""
@@ -94,11 +96,12 @@ def diff(
         emit_json(result)
         return
     typer.echo(f"version {result.before} -> {result.after}: +{result.added} rows, -{result.removed} rows")
-    if result.column:
-        c = result.column
-        typer.echo(f"{c.column}: {c.changed} rows changed")
+    if result.columns:
+        typer.echo(f"{column}: {result.changed} rows changed")
+    for c in result.columns:
         keys = sorted(set(c.before) | set(c.after), key=lambda k: (k is None, str(k)))
-        print_rows(c.column, [{"value": k, "before": c.before.get(k, 0), "after": c.after.get(k, 0)} for k in keys])
+        rows = [{"value": k, "before": c.before.get(k, 0), "after": c.after.get(k, 0)} for k in keys]
+        print_rows(f"{c.column}: {c.changed} rows changed", rows)
 
 
 def query(

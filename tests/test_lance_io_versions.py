@@ -51,9 +51,10 @@ def test_diff_reports_added_rows_and_label_changes_on_a_hand_built_case(history)
     d = diff_versions(uri, "zero-shot", "fine-tuned", column="label")
     assert (d.before, d.after) == (v_before, v_after)
     assert d.added == 2 and d.removed == 0
-    assert d.column.before == {"a": 3, "b": 3}
-    assert d.column.after == {"b": 5, "a": 1, None: 2}
-    assert d.column.changed == 2 and set(d.column.changed_ids) == {ids[0], ids[1]}
+    (column,) = d.columns
+    assert column.before == {"a": 3, "b": 3}
+    assert column.after == {"b": 5, "a": 1, None: 2}
+    assert column.changed == 2 and set(column.changed_ids) == {ids[0], ids[1]}
 
 
 def test_versions_list_what_each_did_with_job_parameters_and_tags(history):
@@ -87,7 +88,7 @@ def test_cli_show_versions_tag_diff_query_print_json(history):
     assert {v["version"] for v in cli("versions", uri)} >= {v_after}
     assert cli("tag", uri, "again")["version"] == v_after
     diff = cli("diff", uri, "zero-shot", "again", "--column", "label")
-    assert diff["added"] == 2 and diff["column"]["changed"] == 2
+    assert diff["added"] == 2 and diff["changed"] == 2 and diff["columns"][0]["changed"] == 2
     rows = cli("query", uri, "--where", "label = 'a'", "--columns", "id,label")
     assert [r["id"] for r in rows] == [ids[2]]
 
