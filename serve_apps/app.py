@@ -109,8 +109,10 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
     from lance_io.tasks import load_task
+    from serve_apps.backends.base import backend_class
 
     task = load_task(config.task)
+    backend_class(config.backend.kind).check_task(task)  # refuse here, not in a replica that fails to start
     api = FastAPI(title="lancetag labeler", docs_url=None, redoc_url=None)
 
     @api.exception_handler(RequestError)

@@ -42,6 +42,7 @@ BACKEND_MODULES: dict[str, str] = {
     "transformers": "serve_apps.backends.transformers_backend",
     "openai": "serve_apps.backends.openai_backend",
     "vllm": "serve_apps.backends.vllm_backend",
+    "random": "serve_apps.backends.random_backend",
 }
 """Backend name -> module that registers it (imported on first use)."""
 
@@ -58,7 +59,7 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str = Field("transformers", description="Registered backend name: transformers, vllm, openai")
+    kind: str = Field("transformers", description="Registered backend name: transformers, vllm, openai, random")
     model: str = Field(description="Local folder or hub id (openai: the served model name)")
     adapter: str | None = Field(None, description="LoRA adapter folder, optional")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -118,6 +119,11 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> dict[str, Any]:
         """Return what this backend serves: backend, model, adapter, library versions."""
+
+    @classmethod
+    def check_task(cls, task: Task) -> None:
+        """Raise ReasonError if this backend cannot answer ``task`` (checked before the labeler is deployed)."""
+        return None
 
     def chat(self, messages: list[ChatMessage], *, max_tokens: int = 256) -> ChatReply:
         """Return a free-form answer to a conversation (images allowed); optional for a backend."""
