@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
 
@@ -45,7 +46,20 @@ def test_config_keys_templates_and_files_are_valid(path: Path):
     )
     if "deepspeed" in args:
         assert Path(args["deepspeed"]).is_file()
-    assert options.workers >= 0
+    block = yaml.safe_load(path.read_text()).get("lancetag") or {}
+    assert options.model_dump(mode="json", exclude_unset=True) == block, "every lancetag: key reaches RunOptions"
+
+
+@pytest.mark.parametrize(
+    ("block", "wrong"),
+    [({"workers": -1}, "workers"), ({"worker": 2}, "worker"), ({"augment": {"rotate": 10}}, "rotate")],
+)
+def test_a_wrong_lancetag_block_is_refused_with_its_reason_and_key(block: dict, wrong: str):
+    from llamafactory_ext.train import TrainConfigError, load_config
+
+    with pytest.raises(TrainConfigError, match=wrong) as refused:
+        load_config({"model_name_or_path": "m", "template": "qwen2_vl", "lancetag": block})
+    assert refused.value.reason == "bad_lancetag_block"
 
 
 def test_the_article_run_keeps_the_article_settings():
