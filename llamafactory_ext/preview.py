@@ -29,13 +29,13 @@ def preview_rows(
     dataset_dir: str, name: str, page_index: int = 0, page_size: int = PAGE_SIZE
 ) -> tuple[int, list]:
     """Return ``(row count, rows of page_index)`` of a Lance entry, as the preview shows them."""
-    from llamafactory_ext.reader import iter_tables, resolve
+    from llamafactory_ext.reader import count_rows, iter_tables, resolve
 
     source = _lance_source(dataset_dir, [name])
     if source is None:
         raise ValueError(f"{name!r} is not a Lance entry of {dataset_dir}")
     source = resolve(source)
-    total = _count(source)
+    total = count_rows(source)
     start, stop = page_index * page_size, (page_index + 1) * page_size
     rows, seen = [], 0
     for table in iter_tables(source):
@@ -47,19 +47,6 @@ def preview_rows(
         if seen >= stop:
             break
     return total, rows
-
-
-def _count(source: Any) -> int:
-    """Return the number of rows the entry loads (reads only the id column when a split applies)."""
-    from lance_io.scan import open_at, scan_batches
-
-    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-    if source.split == "all":
-        return ds.count_rows(filter=source.where)
-    ids = (
-        i for b in scan_batches(ds, [source.id_column], where=source.where) for i in b.column(0).to_pylist()
-    )
-    return sum(source.keeps(str(i)) for i in ids)
 
 
 def patch_preview() -> None:

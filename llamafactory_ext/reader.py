@@ -79,10 +79,18 @@ class RowBuilder:
             self.answers = answer_columns(task, source.label_column)
 
     @property
+    def text_columns(self) -> list[str]:
+        """Return the columns the chats come from: the messages column, or the task's answer columns."""
+        return [self.source.messages_column] if self.source.messages_column else list(self.answers.values())
+
+    @property
     def columns(self) -> list[str]:
         """Return the table columns this entry reads."""
-        text = [self.source.messages_column] if self.source.messages_column else list(self.answers.values())
-        return list(dict.fromkeys([self.source.id_column, self.source.image_column, *text]))
+        return list(dict.fromkeys([self.source.id_column, self.source.image_column, *self.text_columns]))
+
+    def has_text(self) -> str:
+        """Return the SQL predicate of rows with something to train on: messages, or at least one answer."""
+        return " OR ".join(f"{name} IS NOT NULL" for name in self.text_columns)
 
     def build(self, batch: pa.RecordBatch, report: ReadReport) -> pa.Table:
         """Return the rows of ``batch`` in this entry's split, as a ``ROW_SCHEMA`` table."""
@@ -139,6 +147,23 @@ def resolve(source: LanceSource) -> LanceSource:
     labels = sorted(str(v) for v in values.to_pylist())
     task = classify_task_from_labels(source.label_column, labels)
     return source.model_copy(update={"task_config": task.model_dump(mode="json")})
+
+
+def count_rows(source: LanceSource) -> int:
+    """Return how many rows the entry gives training: in its ``where`` and split, with messages or an answer.
+
+    Reads no image bytes (only ``id`` when a split applies). Rows a label run skipped or failed
+    (all answers null) do not count; a stored answer the task does not allow still does (it is
+    skipped at load time as ``label_not_in_task``).
+    """
+    builder = RowBuilder(source)
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    require_columns(ds, builder.columns, uri=source.uri)
+    where = f"({source.where}) AND ({builder.has_text()})" if source.where else builder.has_text()
+    if source.split == "all":
+        return ds.count_rows(filter=where)
+    ids = (i for b in scan_batches(ds, [source.id_column], where=where) for i in b.column(0).to_pylist())
+    return sum(source.keeps(str(i)) for i in ids)
 
 
 def iter_tables(

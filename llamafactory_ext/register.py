@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lance_io.scan import open_at, require_columns
-from llamafactory_ext.reader import RowBuilder, resolve
+from lance_io.scan import open_at
+from llamafactory_ext.reader import count_rows, resolve
 from llamafactory_ext.source import LanceSource, Split, entry_for, write_entry
 
 
 @dataclass(frozen=True)
 class Registration:
-    """What ``register_dataset`` wrote: entry name, file, pinned version and matching rows."""
+    """What ``register_dataset`` wrote: entry name, file, pinned version and the rows training gets."""
 
     name: str
     dataset_info: Path
@@ -73,6 +73,6 @@ def register_dataset(
     if task is not None:
         source = source.model_copy(update={"task_config": source.load_task().model_dump(mode="json")})
     source = resolve(source)
-    require_columns(ds, RowBuilder(source).columns, uri=uri)
+    rows = count_rows(source)  # checks the columns too, before anything is written
     path = write_entry(dataset_dir, name, entry_for(source, name, num_samples=num_samples))
-    return Registration(name, path, uri, ds.version, tag, ds.count_rows(filter=where))
+    return Registration(name, path, uri, ds.version, tag, rows)

@@ -45,6 +45,8 @@ def _pairs(schema_names: list[str], column: str, truth: str) -> dict[str, tuple[
     if len(answers) == 1 and len(truths) == 1:
         (key, answer), (truth_column,) = next(iter(answers.items())), truths.values()
         return {key: (answer, truth_column)}
+    if len(answers) > 1:  # one truth_<key> per answer, also beside a `truth` column (every ingested table has one)
+        truths = answer_columns_in([name for name in schema_names if name != truth], truth)
     pairs = {key: (answer, truths[key]) for key, answer in answers.items() if key in truths}
     if not pairs:
         raise TableReadError("column_missing", f"no truth column {truth!r} or {truth}_<attribute> columns matching {', '.join(answers.values())}")
