@@ -174,14 +174,17 @@ def test_datasets_sharegpt_and_manifest_land_in_one_trainable_table(ray_cluster,
     assert kinds == ["hf", "hf", "modelscope", "modelscope", "sharegpt", "sharegpt", "sharegpt"]
     hf = [r for r in rows if r["source_kind"] == "hf"]
     assert sorted(r["truth"] for r in hf) == ["cat", "dog"]
-    assert all(r["messages"][1]["content"] == r["truth"] for r in hf)  # built from the prompt template
-    single = next(
-        r for r in rows if r["source_kind"] == "sharegpt" and r["sharegpt_image_index"] == 0 and r["messages"]
-    )
-    assert single["messages"] == turns
-    for row in rows:  # what LLaMA-Factory needs: one <image> per row that has messages
-        if row["messages"]:
-            assert sum(t["content"].count("<image>") for t in row["messages"]) == 1
+    # conversations are samples beside the images: template ones (hf, modelscope) and sharegpt's
+    from lance_io.samples import open_samples
+
+    samples = open_samples(table).to_table().to_pylist()
+    truth_of = {r["id"]: r["truth"] for r in rows}
+    templated = [s for s in samples if s["source_kind"] in ("hf", "modelscope")]
+    assert len(templated) == 2 and all(s["messages"][1]["content"] == truth_of[s["image_ids"][0]] for s in templated)
+    assert [s["messages"] for s in samples if s["source_kind"] == "sharegpt" and len(s["image_ids"]) == 1] == [turns]
+    assert summary.samples.samples_in == summary.samples.added == 4
+    for sample in samples:  # what LLaMA-Factory needs: one <image> per image
+        assert sum(t["content"].count("<image>") for t in sample["messages"]) == len(sample["image_ids"])
 
 
 def test_cli_ingest_json_prints_reconciled_counts(ray_cluster, tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def test_sharegpt_single_image_samples_keep_their_messages(tmp_path: Path) -> No
     items = _items(str(path))
     first = items[0]
     assert first.path == str(tmp_path / "img" / "0.jpg")
-    assert first.messages == [
+    assert first.sample.messages == [
         {"role": "user", "content": "<image>What is this?"},
         {"role": "assistant", "content": "a cat"},
     ]

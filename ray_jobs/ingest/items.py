@@ -11,6 +11,27 @@ Locator = Literal["path", "url", "bytes", "none"]
 
 
 @dataclass
+class SampleSpec:
+    """One training sample as a source lists it: a conversation over ``images`` images, in order.
+
+    Each of its images is an :class:`InputItem` pointing back here with its position; the sample
+    is settled when all of them are (see :mod:`ray_jobs.ingest.samples`). ``error`` is a problem
+    the source already found in the conversation itself (``(reason, message)``).
+    """
+
+    source: str
+    source_kind: str
+    index: int | None
+    images: int
+    messages: list[dict[str, str]] | None
+    system: str | None = None
+    tools: str | None = None
+    split: str | None = None
+    metadata: dict[str, Any] | None = None
+    error: tuple[str, str] | None = None
+
+
+@dataclass
 class InputItem:
     """One input image as a source yields it, before any byte is read.
 
@@ -33,6 +54,9 @@ class InputItem:
     """``(reason, message)`` when the source already knows this input cannot be ingested."""
     skip: str | None = None
     """Why the source already knows this input is not an image (counted as skipped)."""
+    sample: SampleSpec | None = None
+    """The training sample this image belongs to (sharegpt), at ``sample_position`` among its images."""
+    sample_position: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,8 +80,27 @@ class ImageInfo:
 
 
 @dataclass
+class SampleCounts:
+    """Where every training sample went. ``samples_in == added + duplicates + errors`` always holds."""
+
+    samples_in: int = 0
+    added: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    version: int | None = None
+
+    @property
+    def reconciled(self) -> bool:
+        """True when every sample is accounted for exactly once."""
+        return self.samples_in == self.added + self.duplicates + self.errors
+
+
+@dataclass
 class IngestSummary:
-    """Where every input went. ``inputs == added + duplicates + errors + skipped`` always holds."""
+    """Where every input went. ``inputs == added + duplicates + errors + skipped`` always holds.
+
+    ``samples`` counts the training samples (conversations) the inputs belong to, if any.
+    """
 
     table: str
     job: str
@@ -69,11 +112,12 @@ class IngestSummary:
     version: int | None = None
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    samples: SampleCounts = field(default_factory=SampleCounts)
 
     @property
     def reconciled(self) -> bool:
-        """True when every input is accounted for exactly once."""
-        return self.inputs == self.added + self.duplicates + self.errors + self.skipped
+        """True when every input, and every sample, is accounted for exactly once."""
+        return self.inputs == self.added + self.duplicates + self.errors + self.skipped and self.samples.reconciled
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document: the issue's keys first, then errors by reason and timing."""
@@ -89,4 +133,11 @@ class IngestSummary:
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.inputs / self.seconds, 1) if self.seconds > 0 else None,
+            "samples": {
+                "samples_in": self.samples.samples_in,
+                "samples_added": self.samples.added,
+                "samples_duplicate": self.samples.duplicates,
+                "samples_error": self.samples.errors,
+                "version": self.samples.version,
+            },
         }

@@ -10,10 +10,14 @@ Lifecycle, in one screen:
 3. **Commit**: the driver streams results back, drops ids seen earlier in this run, and appends
    chunks through ``lance_io.append_images`` (one version each; ids already in the table are
    reported as duplicates) and records errors through ``lance_io.record_errors``.
+4. **Samples**: a training sample (a sharegpt conversation, or an image that brings messages)
+   is settled once all its images are (``samples.SampleCollector``); settled samples are appended
+   to the samples table (``lance_io.samples``) in the same commit step, *after* the images they
+   refer to, so a sample never points at an image that is not in the table.
 
 An interrupted ingest leaves the table at its last committed chunk; a rerun re-reads and hashes
 everything, finds the committed ids already present (duplicates, not decoded again) and adds the
-rest, so nothing is added twice.
+rest, so nothing is added twice; samples likewise (a sample's id is its content).
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from typing import Any
 import pyarrow as pa
 
 from lance_io import AppendResult, ErrorRecord, append_images, ensure_columns, record_errors, table_exists
-from lance_io.schema import IMAGE_SCHEMA, MESSAGES, OPTIONAL_FIELDS, TRUTH
+from lance_io.samples import append_samples, sample_rows
+from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH
 from ray_jobs.ingest.items import IngestSummary, InputItem
-from ray_jobs.ingest.messages import messages_from_template
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
+from ray_jobs.ingest.samples import SampleCollector
 from ray_jobs.ingest.sources import Source, open_source
 from ray_jobs.ingest.worker import KNOWN, RESULT_SCHEMA, SKIP, WORK_SCHEMA, options_key, process_batch
 
@@ -79,6 +84,7 @@ def ingest(
     finally:
         writer.close()
     summary = writer.summary
+    summary.samples = writer.samples.counts
     summary.seconds = time.monotonic() - started
     if summary.version is None and table_exists(table, storage_options=storage_options):
         from lance_io import open_table
@@ -133,7 +139,7 @@ def _run_segment(
     for idx, item in enumerate(segment):
         progress.listed(1)
         if item.skip is not None:
-            writer.skipped(progress)
+            writer.skipped(progress, item)
         elif item.error is not None:
             writer.failed(item, *item.error, progress=progress)
         else:
@@ -187,7 +193,7 @@ class ChunkWriter:
     ) -> None:
         self.table, self.job, self.options, self.storage_options = table, job, options, storage_options
         self.schema = pa.schema(
-            [*IMAGE_SCHEMA, OPTIONAL_FIELDS[TRUTH], OPTIONAL_FIELDS[MESSAGES]]
+            [*IMAGE_SCHEMA, OPTIONAL_FIELDS[TRUTH]]
             + [pa.field(name, dtype) for name, dtype in metadata.items()]
         )
         self.summary = IngestSummary(table=table, job=job)
@@ -198,19 +204,22 @@ class ChunkWriter:
         self._bytes = 0
         self._errors: list[ErrorRecord] = []
         self._columns_checked = False
-        self._pending: Future[AppendResult | None] | None = None
+        self._pending: Future[tuple[AppendResult | None, AppendResult | None]] | None = None
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lancetag-commit")
+        self.samples = SampleCollector(job, options)
 
-    def skipped(self, progress: IngestProgress) -> None:
+    def skipped(self, progress: IngestProgress, item: InputItem) -> None:
         """Count one input that is not an image."""
         self.summary.inputs += 1
         self.summary.skipped += 1
+        self.samples.settle(item, None, ("not_an_image", item.skip or "not an image"))
         progress.done(1)
 
-    def duplicate(self, progress: IngestProgress) -> None:
+    def duplicate(self, progress: IngestProgress, item: InputItem, image_id: str) -> None:
         """Count one input whose content the table holds or this run has already seen."""
         self.summary.inputs += 1
         self.summary.duplicates += 1
+        self.samples.settle(item, image_id)
         progress.done(1)
 
     def failed(self, item: InputItem, reason: str, message: str, *, progress: IngestProgress) -> None:
@@ -219,6 +228,7 @@ class ChunkWriter:
         self.summary.errors += 1
         self.reasons[reason] += 1
         self._errors.append(ErrorRecord(source=item.source, reason=reason, message=message, job=self.job))
+        self.samples.settle(item, None, (reason, message))
         progress.done(1, error=True)
 
     def add_results(self, results: pa.Table, segment: list[InputItem], progress: IngestProgress) -> None:
@@ -233,13 +243,14 @@ class ChunkWriter:
         ):
             item = segment[idx]
             if status == SKIP:
-                self.skipped(progress)
+                self.skipped(progress, item)
             elif status == "error":
                 self.failed(item, reason, message, progress=progress)
             elif status == KNOWN or not self._first_sighting(image_id):
-                self.duplicate(progress)
+                self.duplicate(progress, item, image_id)
             else:
                 self.summary.inputs += 1
+                self.samples.settle(item, image_id)
                 keep.append(row)
                 progress.done(1, nbytes=size)
         if keep:
@@ -248,6 +259,7 @@ class ChunkWriter:
         if (
             sum(t.num_rows for t in self._rows) >= self.options.commit_rows
             or self._bytes >= self.options.commit_bytes
+            or len(self.samples.ready) >= self.options.commit_rows
         ):
             self.flush()
 
@@ -269,23 +281,12 @@ class ChunkWriter:
             "source_kind": [i.source_kind for i in items],
             "ingest_job": [self.job] * len(items),
             TRUTH: [i.truth for i in items],
-            MESSAGES: [i.messages or self._template_messages(i) for i in items],
         }
         for name in self.metadata:
             passthrough[name] = [i.metadata.get(name) for i in items]
         for name, values in passthrough.items():
             table = table.append_column(self.schema.field(name), _array(values, self.schema.field(name).type))
         return table
-
-    def _template_messages(self, item: InputItem) -> list[dict[str, str]] | None:
-        if not self.options.prompt or not self.options.answer_column:
-            return None
-        answer = (
-            item.truth
-            if self.options.answer_column == TRUTH
-            else item.metadata.get(self.options.answer_column)
-        )
-        return messages_from_template(self.options.prompt, answer, {TRUTH: item.truth, **item.metadata})
 
     def flush(self) -> None:
         """Hand the pending rows and errors to the committer thread (one version per chunk).
@@ -299,20 +300,27 @@ class ChunkWriter:
             now = pa.array([datetime.now(UTC)] * rows.num_rows, pa.timestamp("us", tz="UTC"))
             rows = rows.append_column(self.schema.field("ingested_at"), now).select(self.schema.names)
         errors, self._rows, self._bytes, self._errors = self._errors, [], 0, []
+        samples, sample_errors = self.samples.take()
+        errors += sample_errors
         self.wait()
-        if rows is not None or errors:
-            self._pending = self._committer.submit(self._commit, rows, errors)
+        if rows is not None or errors or samples:
+            self._pending = self._committer.submit(self._commit, rows, errors, samples)
         self.summary.errors_by_reason = dict(self.reasons.most_common())
 
     def wait(self) -> None:
         """Wait for the commit in flight and count what it added (re-raises its failure)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            result = pending.result()
+            result, sampled = pending.result()
             if result is not None:
                 self.summary.added += result.added
                 self.summary.duplicates += len(result.duplicate_ids)
                 self.summary.version = result.version
+            if sampled is not None:
+                counts = self.samples.counts
+                counts.added += sampled.added
+                counts.duplicates += len(sampled.duplicate_ids)
+                counts.version = sampled.version
 
     def close(self) -> None:
         """Finish the commit in flight, then stop the committer thread."""
@@ -321,16 +329,34 @@ class ChunkWriter:
         finally:
             self._committer.shutdown(wait=True)
 
-    def _commit(self, rows: pa.Table | None, errors: list[ErrorRecord]) -> AppendResult | None:
-        result = None
+    def _commit(
+        self, rows: pa.Table | None, errors: list[ErrorRecord], samples: list[dict[str, Any]]
+    ) -> tuple[AppendResult | None, AppendResult | None]:
+        result = sampled = None
         if rows is not None:
             self._ensure_columns()
             result = append_images(
                 self.table, rows, storage_options=self.storage_options, properties={"lancetag.job": self.job}
             )
+        if samples:  # after the images: every id a sample refers to is in the table by now
+            images_version = result.version if result is not None else self._images_version()
+            sampled = append_samples(
+                self.table,
+                sample_rows(samples, job=self.job),
+                images_version=images_version,
+                storage_options=self.storage_options,
+                properties={"lancetag.job": self.job},
+            )
         if errors:
             record_errors(self.table, errors, storage_options=self.storage_options)
-        return result
+        return result, sampled
+
+    def _images_version(self) -> int | None:
+        if not table_exists(self.table, storage_options=self.storage_options):
+            return None  # text-only samples before any image
+        from lance_io import open_table
+
+        return open_table(self.table, storage_options=self.storage_options).version
 
     def _ensure_columns(self) -> None:
         # An existing table gets this run's extra columns (metadata-only) before the first append.

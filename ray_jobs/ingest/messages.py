@@ -6,6 +6,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from lance_io.reasons import ReasonError
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {
     "human": "user",
@@ -14,19 +16,25 @@ ROLE_ALIASES = {
     "assistant": "assistant",
     "system": "system",
 }
+SAMPLE_ROLES = {**ROLE_ALIASES, "observation": "observation", "function_call": "function_call", "function": "function_call"}
+"""Roles a training sample may use: LLaMA-Factory's sharegpt tags (tool calls and results too)."""
 
 
-class InvalidMessages(ValueError):
-    """Messages that cannot train one image row; the message says what to fix."""
+class InvalidMessages(ReasonError):
+    """Messages that cannot train one image row (``invalid_messages``); the message says what to fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_messages", message)
+
+    def __str__(self) -> str:  # recorded as an error record's message, next to its reason
+        return self.message
 
 
-def normalize_messages(raw: Any) -> list[dict[str, str]]:
-    """Return sharegpt turns as ``[{"role", "content"}]`` with exactly one ``<image>`` placeholder.
+def normalize_turns(raw: Any, roles: Mapping[str, str] = SAMPLE_ROLES) -> list[dict[str, str]]:
+    """Return sharegpt turns as ``[{"role", "content"}]``, roles renamed, placeholders untouched.
 
     Accepts a JSON string or a list of turns with ``role``/``content`` or LLaMA-Factory's
-    ``from``/``value`` keys (human/gpt roles). A row holds one image, so the turns must hold one
-    placeholder; when they hold none, it is put at the start of the first user turn (LLaMA-Factory
-    requires as many placeholders as images).
+    ``from``/``value`` keys (human/gpt roles).
     """
     if isinstance(raw, str):
         try:
@@ -43,11 +51,33 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
             )
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
-        if role not in ROLE_ALIASES or not isinstance(content, str):
+        if role not in roles or not isinstance(content, str):
             raise InvalidMessages(
-                f"a turn needs a role among {sorted(ROLE_ALIASES)} and a text content, got {dict(turn)}"
+                f"a turn needs a role among {sorted(roles)} and a text content, got {dict(turn)}"
             )
-        turns.append({"role": ROLE_ALIASES[role], "content": content})
+        turns.append({"role": roles[role], "content": content})
+    return turns
+
+
+def placeholder_problem(turns: list[dict[str, str]], images: int) -> str | None:
+    """Return what is wrong when the turns' ``<image>`` placeholders do not match ``images`` images, else None."""
+    placeholders = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placeholders == images:
+        return None
+    return (
+        f"the turns hold {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {images} image(s); "
+        f"put one {IMAGE_PLACEHOLDER} in the turns per image, in the order of the images list"
+    )
+
+
+def normalize_messages(raw: Any) -> list[dict[str, str]]:
+    """Return sharegpt turns as ``[{"role", "content"}]`` with exactly one ``<image>`` placeholder.
+
+    Accepts what :func:`normalize_turns` accepts (user, assistant and system turns). A row holds one image, so the turns must hold one
+    placeholder; when they hold none, it is put at the start of the first user turn (LLaMA-Factory
+    requires as many placeholders as images).
+    """
+    turns = normalize_turns(raw, ROLE_ALIASES)
     placeholders = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders > 1:
         raise InvalidMessages(

@@ -1,11 +1,12 @@
 """LLaMA-Factory sharegpt JSON: samples of chat turns with ``<image>`` placeholders and an ``images`` list.
 
-A table row is one image. A sample with one image becomes one row carrying the sample's
-``messages`` (LLaMA-Factory trains from such rows again as they are). A sample with several
-images cannot be one image row: each image becomes a row without ``messages``, and the sample's
-turns are kept verbatim in the ``sharegpt_conversation`` metadata column, so nothing is lost.
-Every row records its sample (``file.json#index``) and its position among the sample's images.
-A sample without images is counted as skipped: it is text, not an image.
+Each sample becomes one row of the samples table (:mod:`lance_io.samples`): its turns (both role
+spellings, ``role``/``content`` and ``from``/``value``), optional ``system`` and ``tools``, and
+its images in order, each an item of the image table (deduplicated by content there). A sample
+whose ``<image>`` placeholders do not match its images, or whose turns are not sharegpt, is an
+error record of its own; its images are still ingested. A sample without images is a text-only
+sample: its item counts as skipped (no image), the sample is kept.
+Every image row also records its first sample (``file.json#index``) and position in it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_jobs.ingest.items import InputItem
-from ray_jobs.ingest.messages import InvalidMessages, normalize_messages
+from ray_jobs.ingest.items import InputItem, SampleSpec
+from ray_jobs.ingest.messages import InvalidMessages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError, inside_root
 
@@ -61,30 +62,56 @@ def _samples(path: Path) -> list[Any]:
 def _items(path: Path, root: Path, options: IngestOptions) -> Iterator[InputItem]:
     for index, sample in enumerate(_samples(path)):
         name = f"{path}#{index}"
+        spec = _spec(sample, str(path), index)
         images = sample.get("images") if isinstance(sample, dict) else None
         if isinstance(images, str):
             images = [images]
         if not images:
-            yield InputItem(source=name, source_kind=KIND, locator="none", skip="text-only sample")
+            yield InputItem(source=name, source_kind=KIND, locator="none", skip="text-only sample", sample=spec)
             continue
         turns = sample.get("messages", sample.get("conversations"))
-        messages, problem = None, None
-        if len(images) == 1:
-            try:
-                messages = normalize_messages(turns)
-            except InvalidMessages as exc:
-                problem = ("invalid_messages", f"{exc} (sample {index})")
         for position, image in enumerate(images):
             item = _image_item(image, root, options, f"{name}/images/{position}")
-            item.messages = messages
+            item.sample, item.sample_position = spec, position
             item.metadata = {
                 SAMPLE: name,
                 IMAGE_INDEX: position,
                 CONVERSATION: json.dumps(turns, ensure_ascii=False) if len(images) > 1 else None,
             }
-            if problem and item.error is None:
-                item.locator, item.error = "none", problem
             yield item
+
+
+def _spec(sample: Any, source: str, index: int) -> SampleSpec:
+    """Return the training sample of one sharegpt record (with its error when the turns are unusable)."""
+    images = sample.get("images") if isinstance(sample, dict) else None
+    count = 1 if isinstance(images, str) else len(images or [])
+    spec = SampleSpec(source=source, source_kind=KIND, index=index, images=count, messages=None)
+    if not isinstance(sample, dict):
+        spec.error = ("invalid_sample", f"a sample must be a JSON object, got {type(sample).__name__}")
+        return spec
+    try:
+        spec.messages = normalize_turns(sample.get("messages", sample.get("conversations")))
+    except InvalidMessages as exc:
+        spec.error = ("invalid_messages", f"{exc} (sample {index})")
+        return spec
+    problem = placeholder_problem(spec.messages, count)
+    if problem is not None:
+        spec.error = ("placeholder_mismatch", f"{problem} (sample {index})")
+    spec.system = _text(sample.get("system"))
+    spec.tools = _text(sample.get("tools"))
+    extra = {k: v for k, v in sample.items() if k not in _SAMPLE_KEYS}
+    spec.metadata = extra or None
+    spec.split = sample.get("split") if isinstance(sample.get("split"), str) else None
+    return spec
+
+
+_SAMPLE_KEYS = {"messages", "conversations", "images", "system", "tools", "split"}
+
+
+def _text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def _image_item(image: Any, root: Path, options: IngestOptions, name: str) -> InputItem:

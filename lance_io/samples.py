@@ -1,0 +1,237 @@
+"""The samples table: one row per training sample (a conversation), referring to images by id.
+
+An image table ``/data/t.lance`` holds one row per distinct image; its samples live beside it in
+``/data/t.samples.lance``, versioned on their own. A sample is sharegpt ``messages`` (optional
+``system`` and ``tools``) plus the ordered ``image_ids`` its ``<image>`` placeholders stand for:
+many questions about one image are many samples over one image row, and one conversation over
+two images is one sample with two ids (the same id twice when it shows one image twice).
+
+The sample id hashes exactly what a sample trains on (image ids in order, messages, system,
+tools), so "duplicate sample" is exact and appending the same dataset twice adds nothing. Each
+samples version records the image-table version it was written against
+(``lancetag.images_version``), so a registered dataset pins both tables.
+
+Example::
+
+    from lance_io.samples import append_samples, sample_rows, samples_uri
+    rows = sample_rows([{"image_ids": [img], "messages": turns, "source": "data.json", "source_index": 0}], job="j")
+    append_samples("/data/t.lance", rows, images_version=3).added
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import lance
+import pyarrow as pa
+
+from lance_io.schema import ID, MESSAGE_TYPE
+from lance_io.table import (
+    AppendResult,
+    ensure_id_index,
+    existing_ids,
+    open_table,
+    table_exists,
+    translated_write_errors,
+)
+
+IMAGE_IDS = "image_ids"
+IMAGES_VERSION_KEY = "lancetag.images_version"
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False, metadata={"description": "hash of image ids, messages, system, tools"}),
+        pa.field(IMAGE_IDS, pa.list_(pa.string()), nullable=False, metadata={"description": "image ids, in placeholder order"}),
+        pa.field("messages", pa.list_(MESSAGE_TYPE), nullable=False, metadata={"description": "sharegpt chat turns"}),
+        pa.field("system", pa.string()),
+        pa.field("tools", pa.string()),
+        pa.field("source", pa.string(), nullable=False, metadata={"description": "dataset file, table or labels"}),
+        pa.field("source_index", pa.int64(), metadata={"description": "position of the sample in its source"}),
+        pa.field("source_kind", pa.string(), nullable=False, metadata={"description": "sharegpt, manifest, hf, labels, ..."}),
+        pa.field("split", pa.string(), metadata={"description": "the source's own split (train, test, ...), if any"}),
+        pa.field("metadata", pa.string(), metadata={"description": "free metadata, JSON"}),
+        pa.field("ingest_job", pa.string(), nullable=False),
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+"""Columns of every samples table, in order."""
+
+
+def samples_uri(table_uri: str) -> str:
+    """Return the URI of the samples table that belongs to the image table ``table_uri``."""
+    return f"{table_uri.rstrip('/').removesuffix('.lance')}.samples.lance"
+
+
+def sample_id(
+    image_ids: Sequence[str], messages: Sequence[Mapping[str, str]], system: str | None = None, tools: str | None = None
+) -> str:
+    """Return the stable id of a sample: 32 hex digits of the sha256 of its canonical JSON."""
+    canonical = json.dumps(
+        {
+            "images": list(image_ids),
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "system": system or None,
+            "tools": tools or None,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def sample_rows(samples: Iterable[Mapping[str, Any]], *, job: str) -> pa.Table:
+    """Return ``SAMPLES_SCHEMA`` rows for sample dicts (``image_ids``, ``messages``, ``source``, ...), ids computed."""
+    now = datetime.now(UTC)
+    rows = []
+    for s in samples:
+        metadata = s.get("metadata")
+        rows.append(
+            {
+                ID: sample_id(s[IMAGE_IDS], s["messages"], s.get("system"), s.get("tools")),
+                IMAGE_IDS: list(s[IMAGE_IDS]),
+                "messages": [{"role": m["role"], "content": m["content"]} for m in s["messages"]],
+                "system": s.get("system") or None,
+                "tools": s.get("tools") or None,
+                "source": s["source"],
+                "source_index": s.get("source_index"),
+                "source_kind": s.get("source_kind", "unknown"),
+                "split": s.get("split"),
+                "metadata": json.dumps(metadata, ensure_ascii=False, default=str) if metadata else None,
+                "ingest_job": job,
+                "ingested_at": now,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+
+
+def append_samples(
+    table_uri: str,
+    rows: pa.Table,
+    *,
+    images_version: int | None,
+    storage_options: dict[str, str] | None = None,
+    properties: dict[str, str] | None = None,
+) -> AppendResult:
+    """Append sample rows to the samples table of ``table_uri`` (created if missing), skipping known ids.
+
+    Rows whose ``id`` is already in the table, or repeated within ``rows``, are reported in
+    ``duplicate_ids``. One atomic commit, which records ``images_version`` (the image-table
+    version every referred image is in) and ``properties`` in its transaction.
+    """
+    uri = samples_uri(table_uri)
+    if rows.num_rows == 0:
+        return AppendResult(added=0)
+    ids = rows.column(ID).to_pylist()
+    first_seen: dict[str, int] = {}
+    for i, row_id in enumerate(ids):
+        first_seen.setdefault(row_id, i)
+    duplicates = [row_id for i, row_id in enumerate(ids) if first_seen[row_id] != i]
+    ds = lance.dataset(uri, storage_options=storage_options) if table_exists(uri, storage_options=storage_options) else None
+    known = existing_ids(ds, first_seen) if ds is not None else set()
+    duplicates += [row_id for row_id in first_seen if row_id in known]
+    keep = sorted(i for row_id, i in first_seen.items() if row_id not in known)
+    if not keep:
+        return AppendResult(added=0, duplicate_ids=duplicates, version=ds.version if ds else None)
+    kept = rows.take(pa.array(keep, pa.int64())).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+    transaction = {"lancetag.operation": "append_samples", **(properties or {})}
+    if images_version is not None:
+        transaction[IMAGES_VERSION_KEY] = str(images_version)
+    with translated_write_errors(uri, ds.version if ds is not None else None):
+        written = lance.write_dataset(
+            kept,
+            uri,
+            mode="append" if ds is not None else "create",
+            storage_options=storage_options,
+            transaction_properties=transaction,
+        )
+    if ds is None:
+        ensure_id_index(written)  # an index commit of its own: loaders look samples up by id
+        written = lance.dataset(uri, storage_options=storage_options)
+    return AppendResult(added=len(keep), duplicate_ids=duplicates, version=written.version)
+
+
+def samples_exist(table_uri: str, *, storage_options: dict[str, str] | None = None) -> bool:
+    """Return whether ``table_uri`` has a samples table."""
+    return table_exists(samples_uri(table_uri), storage_options=storage_options)
+
+
+def open_samples(
+    table_uri: str, version: int | str | None = None, *, storage_options: dict[str, str] | None = None
+) -> lance.LanceDataset:
+    """Open the samples table of ``table_uri`` at a version (latest when None); ``FileNotFoundError`` if none."""
+    return open_table(samples_uri(table_uri), version, storage_options=storage_options)
+
+
+def images_version_of(samples: lance.LanceDataset, version: int | None = None) -> int | None:
+    """Return the image-table version recorded by samples version ``version`` (its last append at or before it)."""
+    version = samples.version if version is None else version
+    for number in range(version, 0, -1):
+        transaction = samples.read_transaction(number)
+        recorded = (transaction.transaction_properties or {}).get(IMAGES_VERSION_KEY) if transaction else None
+        if recorded is not None:
+            return int(recorded)
+    return None
+
+
+def samples_version_at(
+    table_uri: str, images_version: int, *, storage_options: dict[str, str] | None = None
+) -> int | None:
+    """Return the latest samples version written against image-table version ``images_version`` or earlier.
+
+    That is "the samples as of image version N": None when no sample existed yet.
+    """
+    if not samples_exist(table_uri, storage_options=storage_options):
+        return None
+    samples = open_samples(table_uri, storage_options=storage_options)
+    found, recorded = None, None
+    for entry in samples.versions():  # index commits record nothing: they keep the last append's
+        transaction = samples.read_transaction(entry["version"])
+        value = (transaction.transaction_properties or {}).get(IMAGES_VERSION_KEY) if transaction else None
+        recorded = int(value) if value is not None else recorded
+        if recorded is not None and recorded <= images_version:
+            found = entry["version"]
+    return found
+
+
+@dataclass(frozen=True)
+class SamplesDiff:
+    """Samples before and after, and how many were added and removed, between two image-table versions."""
+
+    before: int
+    after: int
+    added: int
+    removed: int
+    samples_version_before: int | None
+    samples_version_after: int | None
+
+
+def _sample_ids(table_uri: str, version: int | None, storage_options: dict[str, str] | None) -> set[str]:
+    if version is None:
+        return set()
+    ds = open_samples(table_uri, version, storage_options=storage_options)
+    return set(ds.to_table(columns=[ID]).column(ID).to_pylist())
+
+
+def diff_samples(
+    table_uri: str, before: int | str, after: int | str, *, storage_options: dict[str, str] | None = None
+) -> SamplesDiff:
+    """Return the samples added and removed between two versions (numbers or tags) of the image table."""
+    a = open_table(table_uri, before, storage_options=storage_options).version
+    b = open_table(table_uri, after, storage_options=storage_options).version
+    va = samples_version_at(table_uri, a, storage_options=storage_options)
+    vb = samples_version_at(table_uri, b, storage_options=storage_options)
+    ids_a, ids_b = _sample_ids(table_uri, va, storage_options), _sample_ids(table_uri, vb, storage_options)
+    return SamplesDiff(
+        before=len(ids_a),
+        after=len(ids_b),
+        added=len(ids_b - ids_a),
+        removed=len(ids_a - ids_b),
+        samples_version_before=va,
+        samples_version_after=vb,
+    )
