@@ -1,5 +1,6 @@
 """The ingest job end to end on the session's local Ray cluster: real folders, a real HTTP server on
-127.0.0.1, real Lance tables; every input accounted for, reruns add nothing, interrupted runs resume.
+127.0.0.1, real Lance tables; every input accounted for, reruns add nothing. A kill -9 mid-run:
+tests/reliability/test_ingest_kill.py; private URLs refused: tests/reliability/test_safe_defaults.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import pytest
 
 from lance_io import open_table, read_errors
 from ray_jobs.ingest import IngestOptions, ingest
-from ray_jobs.ingest import job as job_module
 from tests.conftest import LANCETAG
 from tests.ingest_fixtures import HostileServer, build_class_folder, build_hostile_folder, image_bytes
 
@@ -72,32 +72,6 @@ def test_content_already_in_the_table_is_not_decoded_again(ray_cluster, tmp_path
     assert again.errors_by_reason == {"decompression_bomb": 1} and again.reconciled
 
 
-def test_interrupted_ingest_leaves_a_valid_table_and_a_rerun_completes_it(
-    ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = build_class_folder(tmp_path, {"a": 6, "b": 6})
-    table = str(tmp_path / "t.lance")
-    options = IngestOptions(commit_rows=4, batch_size=4, **QUIET)
-    real_flush = job_module.ChunkWriter.flush
-    calls = {"n": 0}
-
-    def crash_after_first_commit(self) -> None:  # fault injection: the driver dies after one version
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("driver killed")
-        calls["n"] += 1
-        real_flush(self)
-
-    monkeypatch.setattr(job_module.ChunkWriter, "flush", crash_after_first_commit)
-    with pytest.raises(KeyboardInterrupt):
-        ingest([str(root)], table, options)
-    monkeypatch.undo()
-    committed = open_table(table).count_rows()
-    assert 4 <= committed < 12  # a valid version holding whole chunks only
-    resumed = ingest([str(root)], table, options)
-    assert resumed.added == 12 - committed and resumed.duplicates == committed
-    assert open_table(table).count_rows() == 12
-
-
 def test_url_list_ingest_accounts_for_every_url(ray_cluster, tmp_path: Path, server: HostileServer) -> None:
     paths = [
         "/img/1.jpg",
@@ -127,14 +101,6 @@ def test_url_list_ingest_accounts_for_every_url(ray_cluster, tmp_path: Path, ser
         "invalid_url": 1,
     }
     assert summary.seconds < 30
-
-
-def test_loopback_urls_are_refused_by_default_in_a_job(
-    ray_cluster, tmp_path: Path, server: HostileServer
-) -> None:
-    (tmp_path / "urls.txt").write_text(server.url("/img/1.jpg") + "\n")
-    summary = ingest([str(tmp_path / "urls.txt")], str(tmp_path / "u.lance"), IngestOptions(**QUIET))
-    assert summary.errors_by_reason == {"url_refused": 1} and summary.version is None
 
 
 def test_datasets_sharegpt_and_manifest_land_in_one_trainable_table(ray_cluster, tmp_path: Path) -> None:

@@ -1,0 +1,122 @@
+"""A real kill -9 of a running ingest: its process group (driver, its local Ray cluster, the workers)
+dies mid-run with no ``finally`` and no commit thread finishing its work, as when a machine is lost.
+
+What must hold afterwards: the table opens at a valid version holding whole chunks, no id twice,
+every committed row's bytes intact (sha256 matches the id and the file on disk); and the same
+command run again finishes the job with counts that reconcile across both runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lance_io import open_table, table_exists
+from lance_io.schema import content_hashes
+from tests.conftest import REPO_ROOT
+from tests.ingest_fixtures import image_bytes
+
+pytestmark = pytest.mark.slow  # two ingests, each starting its own Ray cluster: about 40 s
+
+IMAGES = 1500
+COMMIT_ROWS = 64  # about 24 versions: the kill lands with most of the folder still to do
+
+# The ingest command: the library call `lancetag ingest` makes, with small chunks so that one run
+# makes many commits (the CLI keeps the production chunk size, 2048 rows).
+INGEST = """
+import json, sys
+from ray_jobs.ingest import IngestOptions, ingest
+options = IngestOptions(commit_rows={commit_rows}, batch_size=32, num_cpus=2, progress=False)
+print(json.dumps(ingest([sys.argv[1]], sys.argv[2], options).to_json()), flush=True)
+"""
+
+
+def _command(folder: Path, table: str) -> list[str]:
+    return [sys.executable, "-c", INGEST.format(commit_rows=COMMIT_ROWS), str(folder), table]
+
+
+def _environment() -> dict[str, str]:
+    """This environment without RAY_ADDRESS: each run starts (and loses) its own local cluster."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _rows_committed(table: str) -> int:
+    """Rows of the table's latest version, 0 while it does not exist yet (read-only, safe mid-write)."""
+    if not table_exists(table):
+        return 0
+    return open_table(table).count_rows()
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """SIGKILL the process group and anything else left in its session (Ray daemons included)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    for other in psutil.process_iter():
+        try:
+            if os.getsid(other.pid) == process.pid:
+                other.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+
+
+def _check_rows(table: str, files: dict[str, bytes]) -> list[dict]:
+    """Return the table's rows after checking ids unique and every row's bytes intact."""
+    ds = open_table(table)
+    ds.validate()  # Lance's own consistency check of the manifest and its fragments
+    rows = ds.to_table(columns=["id", "sha256", "image", "source"]).to_pylist()
+    assert len({r["id"] for r in rows}) == len(rows), "an id appears twice"
+    for row in rows:
+        assert content_hashes(row["image"]) == (row["id"], row["sha256"]), row["source"]
+        assert files[row["source"]] == row["image"], row["source"]
+    return rows
+
+
+def test_kill_9_mid_ingest_leaves_a_valid_table_and_the_rerun_completes_it(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    files: dict[str, bytes] = {}
+    for n in range(IMAGES):
+        path = folder / f"{n:05d}.png"
+        path.write_bytes(image_bytes(n, "PNG", size=(8, 8)))
+        files[str(path)] = path.read_bytes()
+    table = str(tmp_path / "photos.lance")
+
+    with open(tmp_path / "killed.log", "w") as log:
+        victim = subprocess.Popen(
+            _command(folder, table), cwd=REPO_ROOT, env=_environment(), stdout=log, stderr=log,
+            text=True, start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while _rows_committed(table) == 0 and victim.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            running = victim.poll() is None
+        finally:
+            _kill_group(victim)
+    assert running, f"the ingest ended before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+
+    committed = _check_rows(table, files)
+    assert COMMIT_ROWS <= len(committed) < IMAGES, "killed after one chunk and before the last"
+
+    rerun = subprocess.run(
+        _command(folder, table), cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["inputs"] == IMAGES
+    assert (summary["errors"], summary["skipped"]) == (0, 0)
+    assert summary["added"] + summary["duplicates"] + summary["errors"] == summary["inputs"]
+    assert summary["duplicates"] == len(committed), "what the killed run committed is found, not re-added"
+    assert len(committed) + summary["added"] == IMAGES  # both runs together: every input added once
+
+    final = _check_rows(table, files)
+    assert sorted(r["source"] for r in final) == sorted(files), "every input file present exactly once"
+    assert summary["version"] == open_table(table).version
