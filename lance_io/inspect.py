@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from lance_io.scan import require_columns, translated_where
 from lance_io.schema import IMAGE_SCHEMA
 from lance_io.table import open_table
 
@@ -53,11 +54,14 @@ def query_table(
     version: int | str | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> pa.Table:
-    """Return rows matching the SQL ``where``; by default every column but the image bytes."""
+    """Return rows matching the SQL ``where``; by default every column but the image bytes.
+
+    Raises :class:`lance_io.scan.TableReadError` (``column_missing``, ``bad_where``, or one of
+    :func:`lance_io.scan.open_at`'s) for what the caller can fix.
+    """
     ds = open_table(uri, version, storage_options=storage_options)
     if columns is None:
         columns = [f.name for f in ds.schema if not pa.types.is_large_binary(f.type) and not pa.types.is_binary(f.type)]
-    unknown = [c for c in columns if c not in ds.schema.names]
-    if unknown:
-        raise ValueError(f"no column {', '.join(map(repr, unknown))} in {uri} (columns: {', '.join(ds.schema.names)})")
-    return ds.to_table(columns=columns, filter=where, limit=limit)
+    require_columns(ds, columns, uri=uri)
+    with translated_where(ds, where):
+        return ds.to_table(columns=columns, filter=where, limit=limit)

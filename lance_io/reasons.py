@@ -24,3 +24,17 @@ class ReasonError(ValueError):
     def as_dict(self) -> dict[str, str]:
         """Return ``{"reason": ..., "message": ...}`` (the CLI's JSON error shape)."""
         return {"reason": self.reason, "message": self.message}
+
+    def __reduce__(self) -> tuple:
+        # Subclasses take other constructor arguments; rebuilding from the fields lets every one
+        # cross a process boundary (a Ray task's error reaches the driver pickled).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[ReasonError], args: tuple, state: dict) -> ReasonError:
+    # The built-in exception whose layout ``cls`` has (OSError for TableWriteError) must allocate it.
+    solid = max((b for b in cls.__mro__ if b.__module__ == "builtins"), key=lambda b: b.__basicsize__)
+    err = solid.__new__(cls, *args)
+    BaseException.__init__(err, *args)
+    err.__dict__.update(state)
+    return err

@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lance
@@ -24,6 +26,66 @@ from lance_io.reasons import ReasonError
 
 class TableReadError(ReasonError):
     """A table, version, tag or column that cannot be read; ``reason`` is a stable code."""
+
+
+# Lance reports I/O and SQL failures as ValueError/OSError whose text is the only clue; these
+# markers turn the texts we have met into reasons. Checked in order: the first match wins.
+_LANCE_REASONS = (
+    ("permission_denied", ("Permission denied", "os error 13", "AccessDenied", "InvalidAccessKeyId",
+                           "SignatureDoesNotMatch", "403 Forbidden")),
+    ("storage_full", ("No space left", "os error 28")),
+    ("storage_unreachable", ("error sending request", "Connection refused", "connection closed", "timed out",
+                             "dns error")),
+    ("bad_where", ("Error parsing statement", "sql parser error", "No field named", "Schema error")),
+    ("version_not_found", ("Version not found error", "Ref not found error")),
+    ("table_not_found", ("was not found", "Not found", "Not a directory", "os error 2)", "os error 20")),
+)
+_RUST_LOCATION = re.compile(r",\s*/\S+\.rs:\d+:\d+")
+
+
+def lance_reason(err: BaseException) -> str | None:
+    """Return the reason code of a Lance I/O or SQL error we recognise by its text, else None."""
+    text = str(err)
+    return next((reason for reason, markers in _LANCE_REASONS if any(m in text for m in markers)), None)
+
+
+def lance_detail(err: BaseException) -> str:
+    """Return a Lance error's text on one line, without the Rust source locations it appends."""
+    return " ".join(_RUST_LOCATION.sub("", str(err)).split())[:400]
+
+
+def _open_error(uri: str, err: BaseException) -> TableReadError:
+    reason = lance_reason(err)
+    detail = lance_detail(err)
+    if reason == "permission_denied":
+        return TableReadError(
+            reason, f"cannot read {uri}: permission denied ({detail}); check the permissions of its folder, "
+            "or the bucket's credentials and policy"
+        )
+    if reason == "storage_unreachable":
+        return TableReadError(
+            reason, f"cannot reach the object store of {uri} ({detail}); check the endpoint "
+            "(storage options, $LANCETAG_STORAGE_OPTIONS) and that the store is up, then rerun"
+        )
+    return TableReadError(
+        "table_not_found", f"no Lance table at {uri} ({detail}); check the path, or create the table with "
+        f"`lancetag ingest SOURCE --table {uri}`"
+    )
+
+
+@contextmanager
+def translated_where(ds: lance.LanceDataset, where: str | None) -> Iterator[None]:
+    """Turn Lance's error for an invalid SQL ``where`` into :class:`TableReadError` (``bad_where``)."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        if not where or isinstance(err, ReasonError) or lance_reason(err) != "bad_where":
+            raise
+        raise TableReadError(
+            "bad_where",
+            f"{where!r} is not a valid SQL predicate on {ds.uri} ({lance_detail(err)}); "
+            f"columns are {', '.join(ds.schema.names)}",
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -47,24 +109,25 @@ def open_at(
 ) -> lance.LanceDataset:
     """Open the table at ``uri`` at a version number or tag (latest when None).
 
-    Raises :class:`TableReadError` with reason ``table_not_found`` or ``version_not_found``.
+    Raises :class:`TableReadError` with reason ``table_not_found``, ``version_not_found``,
+    ``permission_denied`` or ``storage_unreachable``.
     """
     ref = parse_version(version)
     try:
         latest = lance.dataset(uri, storage_options=storage_options)
     except (ValueError, OSError) as err:
-        raise TableReadError("table_not_found", f"no Lance table at {uri} ({err})") from err
+        raise _open_error(uri, err) from err
     if ref is None:
         return latest
     try:
-        return lance.dataset(uri, version=ref, storage_options=storage_options)
+        return latest.checkout_version(ref)
     except (ValueError, OSError, KeyError) as err:
         known = [v["version"] for v in latest.versions()][-5:]
         tags = sorted(latest.tags.list())
         raise TableReadError(
             "version_not_found",
-            f"{uri} has no version or tag {ref!r} (latest versions {known}, tags {tags}); "
-            "pick one of them or re-register the dataset",
+            f"{uri} has no version {ref!r} (no such version number or tag; latest versions {known}, "
+            f"tags {tags}); pick one of them",
         ) from err
 
 
@@ -78,6 +141,23 @@ def require_columns(ds: lance.LanceDataset, columns: Sequence[str], *, uri: str 
             f"{uri or ds.uri} (version {ds.version}) has no column {', '.join(missing)}; "
             f"columns are {', '.join(ds.schema.names)}",
         )
+
+
+def check_where(ds: lance.LanceDataset, where: str | None, *, new_columns: Sequence[str] = ()) -> None:
+    """Raise :class:`TableReadError` (``bad_where``) unless ``where`` is valid SQL on ``ds`` (plans, reads nothing).
+
+    ``new_columns`` are columns a job adds before it filters (a label run's own columns): a
+    predicate may name them although ``ds`` does not have them yet.
+    """
+    if not where:
+        return
+    try:
+        with translated_where(ds, where):
+            ds.scanner(filter=where, columns=[ds.schema.names[0]]).explain_plan()
+    except TableReadError as err:
+        unknown = re.search(r"No field named ([^\s.]+)", str(err.__cause__))
+        if not (unknown and unknown.group(1).strip('"`') in new_columns):
+            raise
 
 
 def list_fragments(ds: lance.LanceDataset) -> list[FragmentInfo]:
@@ -102,12 +182,14 @@ def scan_batches(
                 "fragment_not_found",
                 f"{ds.uri} version {ds.version} has no fragment among {list(fragment_ids)}",
             )
-    scanner = ds.scanner(
-        columns=list(columns), filter=where, fragments=fragments, batch_size=batch_size, scan_in_order=True
-    )
-    yield from scanner.to_batches()
+    with translated_where(ds, where):
+        scanner = ds.scanner(
+            columns=list(columns), filter=where, fragments=fragments, batch_size=batch_size, scan_in_order=True
+        )
+        yield from scanner.to_batches()
 
 
 def count_rows(ds: lance.LanceDataset, where: str | None = None) -> int:
-    """Return the number of rows matching ``where`` in this version."""
-    return ds.count_rows(filter=where)
+    """Return the number of rows matching ``where`` in this version (``bad_where`` for invalid SQL)."""
+    with translated_where(ds, where):
+        return ds.count_rows(filter=where)

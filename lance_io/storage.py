@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from lance_io.reasons import ReasonError
+
 ENV_VAR = "LANCETAG_STORAGE_OPTIONS"
 _SECRET_WORDS = ("secret", "key", "token", "password", "session")
 
@@ -24,7 +26,9 @@ def resolve_storage_options(uri: str, explicit: dict[str, str] | None = None) ->
         try:
             options.update({k: str(v) for k, v in json.loads(raw).items()})
         except (json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"${ENV_VAR} must be a JSON object of strings ({exc.__class__.__name__})") from None
+            raise ReasonError(
+                "bad_storage_options", f"${ENV_VAR} must be a JSON object of strings ({exc.__class__.__name__})"
+            ) from None
     options.update(explicit or {})
     return options or None
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import lance
 import pyarrow as pa
 
+from lance_io.reasons import ReasonError
+from lance_io.scan import lance_detail, lance_reason, open_at
 from lance_io.schema import ID, IMAGE_SCHEMA
 from lance_io.sql import sql_strings
 
@@ -25,25 +27,29 @@ DEFAULT_MAX_ROWS_PER_FILE = 1024
 _ID_LOOKUP_CHUNK = 2000
 
 
-class TableWriteError(OSError):
-    """A write to a table failed; the table is unchanged at ``version``. The message says what to do."""
+# What a failed write means and what to do, by the reason lance_reason() finds in Lance's error.
+_WRITE_FAILURES = {
+    "storage_full": ("no space left on the device", "free space (or move the table) and rerun: nothing is written twice"),
+    "storage_unreachable": ("the object store did not answer", "rerun when it is reachable again: nothing is written twice"),
+    "permission_denied": ("permission denied", "check the permissions of the table's folder or bucket"),
+}
+
+
+class TableWriteError(ReasonError, OSError):
+    """A write to a table failed; the table is unchanged at ``version``. The message says what to do.
+
+    An ``OSError`` too, so callers that handle I/O failures keep handling it.
+    """
 
     def __init__(self, uri: str, version: int | None, cause: BaseException) -> None:
-        text = str(cause)
-        if "No space left" in text or "os error 28" in text:
-            what = "no space left on the device"
-            todo = "free space (or move the table) and rerun: nothing is written twice"
-        elif any(m in text for m in ("error sending request", "Connection refused", "connection closed", "timed out")):
-            what = "the object store did not answer"
-            todo = "rerun when it is reachable again: nothing is written twice"
-        elif "Permission denied" in text or "os error 13" in text:
-            what = "permission denied"
-            todo = "check the permissions of the table's folder or bucket"
-        else:
-            what = text.splitlines()[0][:300]
-            todo = "rerun once the cause is fixed: nothing is written twice"
+        reason = lance_reason(cause)
+        if reason not in _WRITE_FAILURES:
+            reason = "write_failed"
+        what, todo = _WRITE_FAILURES.get(
+            reason, (lance_detail(cause)[:300], "rerun once the cause is fixed: nothing is written twice")
+        )
         state = f"the table is unchanged at version {version}" if version is not None else "the table keeps its last commit"
-        super().__init__(f"could not write to {uri}: {what}; {state}; {todo}")
+        super().__init__(reason, f"could not write to {uri}: {what}; {state}; {todo}")
         self.uri, self.version = uri, version
 
 
@@ -83,22 +89,10 @@ def open_table(
 ) -> lance.LanceDataset:
     """Open the table at ``uri``, at the latest version, a version number, or a tag name.
 
-    Raises ``FileNotFoundError`` naming the URI when there is no table there, and
-    ``ValueError`` naming the version when it does not exist.
+    Raises :class:`lance_io.scan.TableReadError` naming the URI or the version (``table_not_found``,
+    ``version_not_found``, ``permission_denied``, ``storage_unreachable``).
     """
-    try:
-        ds = lance.dataset(uri, storage_options=storage_options)
-    except (ValueError, OSError) as exc:
-        raise FileNotFoundError(f"no Lance table at {uri}: {exc}") from exc
-    if version is None:
-        return ds
-    if isinstance(version, str) and version.isdigit():
-        version = int(version)
-    try:
-        return ds.checkout_version(version)
-    except (ValueError, OSError) as exc:
-        known = ", ".join(sorted(ds.tags.list())) or "none"
-        raise ValueError(f"table {uri} has no version {version!r} (tags: {known})") from exc
+    return open_at(uri, version, storage_options=storage_options)
 
 
 def _conform(rows: pa.Table, target: pa.Schema | None) -> pa.Table:

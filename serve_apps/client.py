@@ -19,19 +19,23 @@ from typing import Any
 import httpx
 from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from lance_io.reasons import ReasonError
 from serve_apps.results import LabelResult
 
 
-class LabelerUnavailable(RuntimeError):
-    """The labeler answered 503/429 (overloaded) or could not be reached; retry later."""
+class LabelerUnavailable(ReasonError):
+    """The labeler could not be reached (``labeler_unreachable``) or answered 503/429 (``labeler_busy``)."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after_s: float | None = None, reason: str = "labeler_busy") -> None:
+        super().__init__(reason, message)
         self.retry_after_s = retry_after_s
 
 
-class LabelerRequestError(RuntimeError):
+class LabelerRequestError(ReasonError):
     """The labeler refused the request (4xx): the message says what to change; retrying will not help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("labeler_refused", message)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -119,8 +123,19 @@ class LabelerClient:
         """Return the labeler's /info (HTTP only)."""
         if self._http is None:
             raise LabelerRequestError("info() needs an HTTP client")
-        response = self._http.get(f"{self.url}/info")
-        response.raise_for_status()
+        try:
+            response = self._http.get(f"{self.url}/info")
+        except httpx.TransportError as exc:
+            raise LabelerUnavailable(
+                f"no labeler answers at {self.url} ({exc or type(exc).__name__}); start one with "
+                "`lancetag serve --task T --model M`, or check the URL",
+                reason="labeler_unreachable",
+            ) from exc
+        if response.status_code >= 400:
+            raise LabelerRequestError(
+                f"labeler at {self.url} refused /info ({response.status_code}: {response.text[:200]}); "
+                "a 401 needs its token (--token-env)"
+            )
         return response.json()
 
     def close(self) -> None:

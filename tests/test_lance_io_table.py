@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from lance_io import ErrorRecord, append_images, errors_uri, open_table, read_errors, record_errors
+from lance_io.scan import TableReadError
 from lance_io.versions import tag_version
 from tests.table_fixtures import image_rows
 
@@ -53,7 +54,7 @@ def test_open_at_version_and_tag_sees_that_version(tmp_path):
     assert open_table(uri, "first").count_rows() == 4
     with pytest.raises(ValueError, match="no version 'nope'"):
         open_table(uri, "nope")
-    with pytest.raises(FileNotFoundError, match="no Lance table at"):
+    with pytest.raises(TableReadError, match="table_not_found: no Lance table at"):
         open_table(str(tmp_path / "missing.lance"))
 
 

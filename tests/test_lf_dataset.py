@@ -77,7 +77,7 @@ def test_register_pins_latest_version_and_stock_llamafactory_refuses_entry(digit
         check=True,
     )
     record = json.loads(out.stdout.strip().splitlines()[-1])
-    assert record["ok"] and record["version"] == 1 and record["rows"] == 24
+    assert record["version"] == 1 and record["rows"] == 24
     entry = json.loads((tmp_path / "dataset_info.json").read_text())["digits"]
     assert entry["formatting"] == "sharegpt" and entry["lance"]["version"] == 1
     assert entry["lance"]["task_config"]["labels"] == [str(i) for i in range(10)]
@@ -111,8 +111,8 @@ def test_register_reports_missing_column_as_reason_code(digits_table, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 1
-    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 2
+    record = json.loads(out.stdout)["error"]
     assert record["reason"] == "column_missing" and "no_such_column" in record["message"]
 
 
@@ -131,8 +131,8 @@ def test_key_value_options_reach_the_entry_and_an_item_without_equals_is_refused
     }
     for reason, command in refusals.items():
         out = subprocess.run(command, capture_output=True, text=True)
-        assert out.returncode == 1
-        record = json.loads(out.stdout.strip().splitlines()[-1])
+        assert out.returncode == 2
+        record = json.loads(out.stdout)["error"]
         assert record["reason"] == reason and "=" in record["message"]
 
 

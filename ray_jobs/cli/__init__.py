@@ -1,21 +1,20 @@
 """The `lancetag` console command: a thin layer over library functions.
 
-Each subcommand lives next to the library code it calls and is registered here; heavy
-imports (Ray, torch, transformers) happen inside the commands so `--help` stays instant.
+One module per command group (table, ingest, label, serve, lf, eval, cluster, demo, dev); each
+registers its commands here. Heavy imports (Ray, torch, transformers) happen inside the commands
+so `--help` stays instant. Every failure goes through one boundary (:mod:`ray_jobs.cli.errors`,
+described in docs/cli.md).
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
 import typer
 
-from ray_jobs import cli_ingest, cli_table
-from ray_jobs.cli_cluster import register as register_cluster
-from ray_jobs.cli_demo import demo_command
-from ray_jobs.cli_dev import dev_app
-from ray_jobs.cli_eval import eval_command
-from ray_jobs.cli_label import label_command
-from ray_jobs.cli_lf import lf_app, train, webui
-from ray_jobs.cli_serve import serve_command
+from ray_jobs.cli import cluster, demo, dev, eval, ingest, label, lf, serve, table
+from ray_jobs.cli.errors import DEBUG_ENV, run_app
 
 app = typer.Typer(
     name="lancetag",
@@ -24,17 +23,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(dev_app, name="dev")
-app.add_typer(lf_app, name="lf")
-app.command("train")(train)
-app.command("webui")(webui)
-cli_table.register(app)
-app.command("label")(label_command)
-app.command("serve")(serve_command)
-app.command("eval")(eval_command)
-register_cluster(app)
-app.command("demo")(demo_command)
-cli_ingest.register(app)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Print the traceback of a failure (anywhere before --; or {DEBUG_ENV}=1)")
+    ] = False,
+) -> None:
+    """Ingest images into Lance tables, tag them with a VLM on Ray Serve, fine-tune with LLaMA-Factory."""
+    # --debug is acted on by the error boundary (ray_jobs.cli.errors.run_app), which sees it first.
+
+
+for group in (table, ingest, label, serve, lf, eval, cluster, demo, dev):
+    group.register(app)
 
 
 @app.command()
@@ -60,10 +62,6 @@ def version() -> None:
             continue
 
 
-def main() -> None:
-    """Entry point of the `lancetag` console script."""
-    app()
-
-
-if __name__ == "__main__":  # `python -m ray_jobs.cli ...`, as Ray Jobs run it
-    main()
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `lancetag` console script: run the command, exit with its code."""
+    sys.exit(run_app(app, sys.argv[1:] if args is None else list(args)))

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import emit_json
+from ray_jobs.cli.errors import EXIT_PARTIAL
+from ray_jobs.cli.output import emit_json
 
 jobs_app = typer.Typer(help="Status, logs and stop of submitted jobs.", no_args_is_help=True)
 AddressOpt = Annotated[str, typer.Option(envvar="RAY_JOBS_ADDRESS", help="Ray dashboard address, http://HEAD:8265")]
@@ -35,7 +36,7 @@ def submit_command(
     else:
         typer.echo(f"job {job_id} {status}")
     if wait and status != "SUCCEEDED":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @jobs_app.command("status")

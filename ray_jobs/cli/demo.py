@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import emit_json, print_rows
+from ray_jobs.cli.output import emit_json, print_rows
 
 
 def demo_command(
@@ -37,3 +37,8 @@ def demo_command(
         typer.echo(f"history: lancetag versions {result.table}")
     if as_json:
         emit_json(dataclasses.asdict(result))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the demo command to the CLI."""
+    app.command("demo")(demo_command)

@@ -19,9 +19,15 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
 ) -> None:
     """Build a tiny randomly initialised VLM folder, loadable with from_pretrained(path)."""
+    from lance_io.reasons import ReasonError
     from serve_apps.tiny_models import ARCHS, build_tiny_model
 
     if arch not in ARCHS:
-        raise typer.BadParameter(f"choose one of {', '.join(ARCHS)}", param_hint="--arch")
+        raise ReasonError("bad_option", f"--arch {arch!r} is not one of {', '.join(ARCHS)}")
     path = build_tiny_model(arch, out, seed=seed)  # type: ignore[arg-type]
     typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the dev group to the CLI."""
+    app.add_typer(dev_app, name="dev")

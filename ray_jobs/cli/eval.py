@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import emit_json, print_rows
+from ray_jobs.cli.output import emit_json, print_rows
 
 
 def eval_command(
@@ -49,3 +49,8 @@ def eval_command(
         typer.echo(f"{result.images_per_second:.1f} images/s -> ${result.cost_per_1000:.4f} per 1,000 images at ${price_per_hour}/h")
     if result.report:
         typer.echo(f"report: {result.report}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the eval command to the CLI."""
+    app.command("eval")(eval_command)

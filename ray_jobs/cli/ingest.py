@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import emit_json, print_rows
+from ray_jobs.cli.output import emit_json, key_values, print_rows
 
 
 def ingest(
@@ -59,31 +59,22 @@ def ingest(
     from lance_io.storage import resolve_storage_options
     from ray_jobs.ingest import IngestOptions
     from ray_jobs.ingest import ingest as run_ingest
-    from ray_jobs.ingest.sources import SourceError
 
-    try:
-        options = IngestOptions(
-            label_from_dir=label_from_dir,
-            max_pixels=max_pixels,
-            max_bytes=max_bytes,
-            allow_private_urls=allow_private_urls,
-            manifest_root=manifest_root,
-            allow_outside_root=allow_outside_root,
-            columns=_mapping(column or []),
-            prompt=prompt,
-            answer_column=answer_column,
-            address=address,
-            num_cpus=num_cpus,
-            progress=not as_json,
-        )
-        summary = run_ingest(sources, table, options, storage_options=resolve_storage_options(table))
-    except (SourceError, ValueError) as exc:
-        reason = "bad_source" if isinstance(exc, SourceError) else "bad_option"
-        if as_json:
-            emit_json({"error": {"reason": reason, "message": str(exc)}})
-        else:
-            typer.echo(f"{reason}: {exc}", err=True)
-        raise typer.Exit(2) from None
+    options = IngestOptions(
+        label_from_dir=label_from_dir,
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        allow_private_urls=allow_private_urls,
+        manifest_root=manifest_root,
+        allow_outside_root=allow_outside_root,
+        columns=key_values(column, "--column", "ROLE=COLUMN"),
+        prompt=prompt,
+        answer_column=answer_column,
+        address=address,
+        num_cpus=num_cpus,
+        progress=not as_json,
+    )
+    summary = run_ingest(sources, table, options, storage_options=resolve_storage_options(table))
     if as_json:
         emit_json(summary.to_json())
         return
@@ -97,16 +88,6 @@ def ingest(
             "errors by reason (details: the errors table next to the table)",
             [{"reason": r, "inputs": n} for r, n in summary.errors_by_reason.items()],
         )
-
-
-def _mapping(pairs: list[str]) -> dict[str, str]:
-    mapping = {}
-    for pair in pairs:
-        role, sep, name = pair.partition("=")
-        if not sep or not role or not name:
-            raise typer.BadParameter(f"{pair!r} is not ROLE=COLUMN", param_hint="--column")
-        mapping[role.strip()] = name.strip()
-    return mapping
 
 
 def register(app: typer.Typer) -> None:

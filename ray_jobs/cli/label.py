@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ray_jobs.cli_output import emit_json
+from ray_jobs.cli.errors import EXIT_PARTIAL
+from ray_jobs.cli.output import emit_json
+
+if TYPE_CHECKING:
+    from ray_jobs.label import LabelOptions
 
 
 def label_command(
@@ -37,13 +41,44 @@ def label_command(
         relabel=relabel, concurrency=concurrency, batch_size=batch_size, commit_rows=commit_rows, version_tag=version_tag,
         token_env=token_env,
     )
-    summary = label_table(table, options, storage_options=resolve_storage_options(table), progress=not as_json, address=address)
+    storage_options = resolve_storage_options(table)
+    _preflight(table, options, storage_options)
+    summary = label_table(table, options, storage_options=storage_options, progress=not as_json, address=address)
     keys = ("planned", "labeled", "failed", "skipped", "fragments_committed", "version", "seconds")
     if as_json:
         emit_json({k: getattr(summary, k) for k in keys} | {"errors": summary.errors, "provenance": summary.provenance})
     else:
         typer.echo(", ".join(f"{k} {getattr(summary, k)}" for k in keys))
         for error in summary.errors:
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"fragment failed: {error}", err=True)
     if summary.fragments_failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _preflight(table: str, options: LabelOptions, storage_options: dict[str, str] | None) -> None:
+    """Raise the ReasonError of a bad task, table, --where or unreachable --serve labeler.
+
+    Checked here, before label_table starts Ray: a typo then costs a second, not a cluster start.
+    """
+    import os
+
+    from lance_io.labels import label_schema
+    from lance_io.scan import check_where, open_at
+    from lance_io.tasks import load_task
+    from serve_apps.client import LabelerClient
+
+    task = load_task(options.task)
+    new_columns = label_schema(task, options.column).names
+    check_where(open_at(table, storage_options=storage_options), options.where, new_columns=new_columns)
+    if options.serve:
+        token = os.environ.get(options.token_env) if options.token_env else None
+        client = LabelerClient.over_http(options.serve, token=token, timeout_s=30.0)
+        try:
+            client.info()
+        finally:
+            client.close()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the label command to the CLI."""
+    app.command("label")(label_command)

@@ -5,13 +5,12 @@ Heavy imports (LLaMA-Factory, torch, Ray) happen inside the commands so `--help`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import JsonFlag
+from ray_jobs.cli.output import JsonFlag, emit_json, key_values
 
 SiteDir = Annotated[Path | None, typer.Option(help="site-packages folder (default: this environment's)")]
 
@@ -21,37 +20,8 @@ lf_app = typer.Typer(
 )
 
 
-def _fail(reason: str, message: str, as_json: bool) -> None:
-    """Print an error record (reason code + actionable message) and exit 1."""
-    if as_json:
-        typer.echo(json.dumps({"ok": False, "reason": reason, "message": message}))
-    else:
-        typer.echo(f"error: {reason}: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def _split_error(err: Exception) -> tuple[str, str]:
-    """Return (reason, message) of one of our errors (``reason: message``), else a generic reason."""
-    reason = getattr(err, "reason", None)
-    text = str(err)
-    if reason and text.startswith(f"{reason}: "):
-        return reason, text[len(reason) + 2 :]
-    return reason or type(err).__name__, text
-
-
-def _pairs(items: list[str] | None, flag: str, form: str, reason: str, as_json: bool) -> dict[str, str]:
-    """Parse repeated ``KEY=VALUE`` options into a dict; exit with ``reason`` on an item without ``=``."""
-    pairs = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _fail(reason, f"{flag} needs {form}, got {item!r}", as_json)
-        pairs[key.strip()] = value.strip()
-    return pairs
-
-
 @lf_app.command("register")
-def register(
+def register_command(
     table: Annotated[str, typer.Argument(help="Lance table URI")],
     name: Annotated[str, typer.Option(help="Dataset name in dataset_info.json")],
     dataset_dir: Annotated[Path, typer.Option(help="LLaMA-Factory dataset_dir holding dataset_info.json")],
@@ -74,31 +44,28 @@ def register(
     as_json: JsonFlag = False,
 ) -> None:
     """Write or update a dataset_info.json entry that reads TABLE (pinned to a version) from Lance."""
+    from lance_io.reasons import ReasonError
     from llamafactory_ext.register import register_dataset
 
     if split not in ("train", "validation", "all"):
-        _fail("bad_split", f"--split must be train, validation or all, not {split!r}", as_json)
-    storage_options_env = _pairs(storage_option, "--storage-option", "KEY=ENV_VAR", "bad_storage_option", as_json)
-    try:
-        result = register_dataset(
-            table,
-            name,
-            dataset_dir,
-            version=version,
-            task=task,
-            where=where,
-            label_column=label_column,
-            messages_column=messages_column,
-            split=split,  # type: ignore[arg-type]
-            val_fraction=val_fraction,
-            num_samples=num_samples,
-            storage_options_env=storage_options_env,
-        )
-    except (ValueError, OSError) as err:
-        _fail(*_split_error(err), as_json)
-        return
+        raise ReasonError("bad_split", f"--split must be train, validation or all, not {split!r}")
+    storage_options_env = key_values(storage_option, "--storage-option", "KEY=ENV_VAR", "bad_storage_option")
+    result = register_dataset(
+        table,
+        name,
+        dataset_dir,
+        version=version,
+        task=task,
+        where=where,
+        label_column=label_column,
+        messages_column=messages_column,
+        split=split,  # type: ignore[arg-type]
+        val_fraction=val_fraction,
+        num_samples=num_samples,
+        storage_options_env=storage_options_env,
+    )
     if as_json:
-        typer.echo(json.dumps({"ok": True, **result.as_dict()}))
+        emit_json(result.as_dict())
     else:
         pinned = f"tag {result.tag}" if result.tag else f"version {result.version}"
         typer.echo(f"registered {name}: {table} @ {pinned}, {result.rows} rows -> {result.dataset_info}")
@@ -114,7 +81,7 @@ def install_hook(
 
     path = install_pth(site_dir)
     if as_json:
-        typer.echo(json.dumps({"ok": True, "pth": str(path)}))
+        emit_json({"pth": str(path)})
     else:
         typer.echo(
             f"installed {path}; `llamafactory-cli` now loads Lance entries ({ENV_SWITCH}=0 turns it off)"
@@ -130,11 +97,10 @@ def uninstall_hook(
     from llamafactory_ext.hook import uninstall_pth
 
     removed = uninstall_pth(site_dir)
-    typer.echo(
-        json.dumps({"ok": True, "removed": removed})
-        if as_json
-        else ("removed" if removed else "not installed")
-    )
+    if as_json:
+        emit_json({"removed": removed})
+    else:
+        typer.echo("removed" if removed else "not installed")
 
 
 @lf_app.command("hook-path")
@@ -142,7 +108,7 @@ def hook_path(as_json: JsonFlag = False) -> None:
     """Print a PYTHONPATH entry that activates the extension for one process tree."""
     from llamafactory_ext.hook import SITE_DIR
 
-    typer.echo(json.dumps({"ok": True, "path": str(SITE_DIR)}) if as_json else str(SITE_DIR))
+    emit_json({"path": str(SITE_DIR)}) if as_json else typer.echo(str(SITE_DIR))
 
 
 @lf_app.command("list")
@@ -157,7 +123,7 @@ def list_entries(
         n: s.model_dump(mode="json", exclude={"task_config"}) for n, s in lance_entries(dataset_dir).items()
     }
     if as_json:
-        typer.echo(json.dumps({"ok": True, "datasets": entries}))
+        emit_json({"datasets": entries})
         return
     for name, src in entries.items():
         ref = f"tag {src['tag']}" if src.get("tag") else f"version {src.get('version')}"
@@ -179,16 +145,10 @@ def train(
 
     from llamafactory_ext.train import run_training
 
-    overrides = {k: yaml.safe_load(v) for k, v in _pairs(set_, "--set", "key=value", "bad_override", as_json).items()}
-    try:
-        result = run_training(
-            config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides
-        )
-    except (ValueError, OSError) as err:
-        _fail(*_split_error(err), as_json)
-        return
+    overrides = {k: yaml.safe_load(v) for k, v in key_values(set_, "--set", "key=value", "bad_override").items()}
+    result = run_training(config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides)
     if as_json:
-        typer.echo(json.dumps({"ok": True, **result.as_dict()}))
+        emit_json(result.as_dict())
     else:
         typer.echo(
             f"trained in {result.seconds:.0f} s on {result.workers or 'no'} Ray workers: "
@@ -208,11 +168,24 @@ def webui(
     as_json: JsonFlag = False,
 ) -> None:
     """Run LlamaBoard with Lance datasets listed, previewed and trainable (from .venv-webui)."""
+    from llamafactory.extras.packages import is_gradio_available
+
+    from lance_io.reasons import ReasonError
     from llamafactory_ext.webui import launch
 
+    if not is_gradio_available():  # checked before the URL is announced: --json prints one object
+        raise ReasonError(
+            "gradio_missing",
+            "the web UI needs gradio, which conflicts with Ray Serve in .venv; set up .venv-webui "
+            "(`scripts/setup.sh webui`) and run `.venv-webui/bin/lancetag webui`",
+        )
     if as_json:
-        typer.echo(json.dumps({"ok": True, "url": f"http://{host}:{port}"}))
-    try:
-        launch(host=host, port=port, dataset_dir=str(dataset_dir) if dataset_dir else None)
-    except RuntimeError as err:
-        _fail(*_split_error(err), as_json)
+        emit_json({"url": f"http://{host}:{port}"})
+    launch(host=host, port=port, dataset_dir=str(dataset_dir) if dataset_dir else None)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `lf`, `train` and `webui` to the CLI."""
+    app.add_typer(lf_app, name="lf")
+    app.command("train")(train)
+    app.command("webui")(webui)

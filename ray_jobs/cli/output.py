@@ -1,4 +1,7 @@
-"""How CLI commands print: JSON for scripts (``--json``), rich tables for people."""
+"""How CLI commands print: JSON for scripts (``--json``), rich tables for people; KEY=VALUE options.
+
+Failures are not printed here: they raise, and :mod:`ray_jobs.cli.errors` prints them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from datetime import date, datetime
 from typing import Annotated, Any
 
 import typer
+
+from lance_io.reasons import ReasonError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts")]
 
@@ -32,6 +37,17 @@ def to_jsonable(value: Any) -> Any:
 def emit_json(value: Any) -> None:
     """Print ``value`` as one line of JSON on stdout."""
     typer.echo(json.dumps(value, default=_default))
+
+
+def key_values(items: list[str] | None, flag: str, form: str, reason: str = "bad_option") -> dict[str, str]:
+    """Return repeated ``KEY=VALUE`` options as a dict; raise ``reason`` for an item without ``=`` or key."""
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ReasonError(reason, f"{flag} needs {form}, got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:

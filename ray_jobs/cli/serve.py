@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from ray_jobs.cli.output import emit_json
 
 
 def serve_command(
@@ -41,44 +42,39 @@ def serve_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary")] = False,
 ) -> None:
     """Serve a labeling task over HTTP (POST /label, GET /health, GET /info, POST /v1/chat/completions)."""
-    from pydantic import ValidationError
-
-    from lance_io.tasks import TaskConfigError, load_task
+    from lance_io.tasks import load_task
     from serve_apps.app import LabelerConfig, run_labeler
     from serve_apps.backends.base import BackendConfig
 
     if python is None and backend == "vllm":
-        candidate = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+        candidate = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
         python = candidate if candidate.exists() else None
     runtime_env = {"py_executable": str(python)} if python else None
-    try:
-        load_task(task)  # fail here, with the field named, before Ray starts
-        config = LabelerConfig(
-            task=task,
-            backend=BackendConfig(
-                kind=backend,
-                model=model,
-                adapter=str(lora) if lora else None,
-                batch_size=batch_size,
-                base_url=base_url,
-                api_key_env=api_key_env,
-            ),
-            app_name=app_name,
-            host=host,
-            port=port,
-            token_env=token_env,
-            num_replicas=replicas,
-            num_gpus=gpus,
-            max_batch_size=batch_size,
-            runtime_env=runtime_env,
-        )
-    except (TaskConfigError, ValidationError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+    load_task(task)  # fail here, with the field named, before Ray starts
+    config = LabelerConfig(
+        task=task,
+        backend=BackendConfig(
+            kind=backend,
+            model=model,
+            adapter=str(lora) if lora else None,
+            batch_size=batch_size,
+            base_url=base_url,
+            api_key_env=api_key_env,
+        ),
+        app_name=app_name,
+        host=host,
+        port=port,
+        token_env=token_env,
+        num_replicas=replicas,
+        num_gpus=gpus,
+        max_batch_size=batch_size,
+        runtime_env=runtime_env,
+    )
     summary = {"url": None, "app": app_name, "task": task, "model": model, "backend": backend}
 
     def announce(url: str) -> None:
         summary["url"] = url
-        typer.echo(json.dumps(summary) if as_json else f"labeler for task {task!r} serving at {url}")
+        emit_json(summary) if as_json else typer.echo(f"labeler for task {task!r} serving at {url}")
 
     url = run_labeler(config, blocking=False)
     announce(url)
@@ -92,3 +88,8 @@ def serve_command(
                 time.sleep(3600)
         except KeyboardInterrupt:
             stop_labeler(app_name)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serve command to the CLI."""
+    app.command("serve")(serve_command)

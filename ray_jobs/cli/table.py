@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli_output import JsonFlag, emit_json, print_rows
+from ray_jobs.cli.output import JsonFlag, emit_json, print_rows
 
 # Lance operation names, as a person reads them in a table's history.
 OPERATION_NAMES = {"Merge": "add_columns", "CreateIndex": "create_index", "Overwrite": "create", "Append": "append",

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from lance_io.reasons import ReasonError
 from lance_io.schema import IMAGE_SCHEMA, MESSAGES, TRUTH
 from ray_jobs.ingest.items import InputItem
 
@@ -40,8 +41,11 @@ class ListedSource:
         return self.list_items()
 
 
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing, unknown kind, unreadable file format)."""
+class SourceError(ReasonError):
+    """A source that cannot be read at all (missing, unknown kind, unreadable file format): ``bad_source``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_source", message)
 
 
 def inside_root(path: Path, root: Path) -> bool:
