@@ -10,6 +10,10 @@ version + filter -> output folder) is written to ``<output_dir>/lancetag_lineage
 With ``workers >= 1`` the run is a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU), one
 LLaMA-Factory process per worker, with the ``ScalingConfig``/``RunConfig`` knobs LLaMA-Factory
 0.9.5 dropped; the adapter and HF checkpoints are reported to Ray's storage path.
+
+With a ``validation:`` entry in the block (:mod:`llamafactory_ext.validation`) each Lance dataset is
+split again into train and validation rows; the run scores the task on the validation rows at
+intervals, keeps the best weights, stops on a plateau, and records the curve in the lineage.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from lance_io.reasons import ReasonError
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.source import DATA_CONFIG, lance_source_of, read_dataset_info
+from llamafactory_ext.validation import (
+    CURVE_FILE,
+    InTrainingLabeler,
+    ValidationOptions,
+    ValidationPlan,
+    plan_validation,
+    read_curve,
+)
 
 LINEAGE_FILE = "lancetag_lineage.json"
 PINNED_DIR = "lancetag_dataset_info"
@@ -40,7 +52,7 @@ class TrainConfigError(ReasonError):
 
 
 class RunOptions(BaseModel):
-    """The ``lancetag:`` block of a training YAML: where to run (Ray Train) and image augmentation.
+    """The ``lancetag:`` block of a training YAML: where to run (Ray Train), augmentation, validation.
 
     CLI flags override it.
     """
@@ -56,11 +68,14 @@ class RunOptions(BaseModel):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts on failure (-1: unlimited)")
     checkpoints_to_keep: int | None = Field(None, ge=1, description="Checkpoints kept in storage")
     augment: ImageAugment | None = Field(None, description="Random affine jitter of training images")
+    validation: ValidationOptions | None = Field(
+        None, description="Hold back rows, score the task on them, keep the best weights, stop on a plateau"
+    )
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a run produced: output folder, final train loss, lineage file and Ray checkpoint."""
+    """What a run produced: output folder, final train loss, lineage file, Ray checkpoint, validation curve."""
 
     output_dir: str
     train_loss: float | None
@@ -68,6 +83,7 @@ class TrainResult:
     seconds: float
     workers: int
     checkpoint: str | None = None
+    validation: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -186,7 +202,16 @@ def final_train_loss(output_dir: str | Path) -> float | None:
     return None
 
 
-def _train_in_process(args: dict[str, Any], augment: ImageAugment | None) -> None:
+def _callbacks(validation: ValidationPlan | None) -> list[Any]:
+    """Return the callbacks every training process adds to LLaMA-Factory's own."""
+    if validation is None:
+        return []
+    from llamafactory_ext.validation import validation_callback
+
+    return [validation_callback(validation)]
+
+
+def _train_in_process(args: dict[str, Any], augment: ImageAugment | None, validation: ValidationPlan | None) -> None:
     from llamafactory.train.tuner import run_exp
 
     from llamafactory_ext.patch import activate
@@ -194,7 +219,7 @@ def _train_in_process(args: dict[str, Any], augment: ImageAugment | None) -> Non
     activate()
     install(augment)
     try:
-        run_exp(args=args)
+        run_exp(args=args, callbacks=_callbacks(validation))
     finally:
         install(None)
 
@@ -223,7 +248,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 {"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=ckpt_dir.name
             )
 
-    run_exp(args=dict(config["args"]), callbacks=[ReportCheckpoints()])
+    run_exp(args=dict(config["args"]), callbacks=[ReportCheckpoints(), *_callbacks(config.get("validation"))])
     output_dir = Path(config["args"]["output_dir"])
     loss = final_train_loss(output_dir) if rank == 0 else None
     with tempfile.TemporaryDirectory(prefix="lancetag-final-") as staging:
@@ -274,7 +299,7 @@ def worker_env(args: dict[str, Any]) -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
-def _train_on_ray(args: dict[str, Any], options: RunOptions) -> str | None:
+def _train_on_ray(args: dict[str, Any], options: RunOptions, validation: ValidationPlan | None) -> str | None:
     """Run ``args`` on a Ray Train TorchTrainer; return the URI of the last checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -290,7 +315,8 @@ def _train_on_ray(args: dict[str, Any], options: RunOptions) -> str | None:
     storage = options.storage or str(Path(args["output_dir"]).resolve().parent / "ray_results")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"args": args, "augment": options.augment},  # pickled to the workers as is
+        # pickled to the workers as is
+        train_loop_config={"args": args, "augment": options.augment, "validation": validation},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=options.workers,
@@ -317,8 +343,12 @@ def run_training(
     gpus_per_worker: float | None = None,
     storage: str | None = None,
     overrides: dict[str, Any] | None = None,
+    labeler: InTrainingLabeler | None = None,
 ) -> TrainResult:
     """Train as ``config`` says with Lance datasets pinned; return the output folder, loss and lineage.
+
+    ``labeler`` answers validation rows with the model being trained (needed with a ``validation``
+    block; ``lancetag train`` passes ``ray_jobs.evaluation.in_training.transformers_labeler``).
 
     Example::
 
@@ -338,13 +368,22 @@ def run_training(
     output_dir = Path(args["output_dir"])
     started = time.time()
     args, lineage = pin_datasets(args, output_dir / PINNED_DIR)
+    validation = None
+    if options.validation is not None:
+        validation, changed = plan_validation(args, options.validation, labeler)
+        for record in lineage:
+            record.update(changed.get(record["dataset"], {}))
+    (output_dir / CURVE_FILE).unlink(missing_ok=True)  # a curve left by an earlier run in this folder
     checkpoint = None
     if options.workers == 0:
-        _train_in_process(args, options.augment)
+        _train_in_process(args, options.augment, validation)
     else:
-        checkpoint = _train_on_ray(args, options)
+        checkpoint = _train_on_ray(args, options, validation)
     seconds = time.time() - started
     loss = final_train_loss(output_dir)
+    curve = read_curve(output_dir) if validation is not None else None
+    if curve is not None:
+        curve.update(datasets=validation.datasets, options=options.validation.model_dump())
     lineage_path = output_dir / LINEAGE_FILE
     record = {
         "output_dir": str(output_dir),
@@ -355,6 +394,7 @@ def run_training(
         "dataset_info": str(Path(args.get("dataset_dir", "")) / DATA_CONFIG),
         "workers": options.workers,
         "augment": options.augment and options.augment.model_dump(),
+        "validation": curve,
         "ray_checkpoint": checkpoint,
         "train_loss": loss,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -371,5 +411,5 @@ def run_training(
         with fs.open_output_stream(f"{path}/{LINEAGE_FILE}") as out:
             out.write((json.dumps(record, indent=2) + "\n").encode())
     return TrainResult(
-        str(output_dir), loss, str(lineage_path), round(seconds, 2), options.workers, checkpoint
+        str(output_dir), loss, str(lineage_path), round(seconds, 2), options.workers, checkpoint, curve
     )

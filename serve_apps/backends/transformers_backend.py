@@ -69,8 +69,26 @@ class TransformersBackend(Backend):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, config.adapter).merge_and_unload()
-        self.model = model.to(device).eval()
-        self.max_rows = int(config.options.get("max_candidate_rows", DEFAULT_MAX_CANDIDATE_ROWS))
+        self._use(model.to(device).eval())
+
+    @classmethod
+    def around(cls, model: Any, processor: Any, config: BackendConfig) -> TransformersBackend:
+        """Return a backend answering with an already loaded ``model`` (e.g. one being trained), as is.
+
+        The caller owns the model: this backend neither moves it nor switches it to eval mode.
+        """
+        backend = cls.__new__(cls)
+        Backend.__init__(backend, config)
+        backend.processor, backend.tokenizer = processor, processor.tokenizer
+        backend.tokenizer.padding_side = "left"
+        parameter = next(model.parameters())
+        backend.device, backend.dtype = str(parameter.device), parameter.dtype
+        backend._use(model)
+        return backend
+
+    def _use(self, model: Any) -> None:
+        self.model = model
+        self.max_rows = int(self.config.options.get("max_candidate_rows", DEFAULT_MAX_CANDIDATE_ROWS))
         self._candidates: dict[tuple[str, ...], Any] = {}
         # Qwen2-VL keeps rope_deltas on the model between calls: one model call at a time.
         self._lock = threading.Lock()

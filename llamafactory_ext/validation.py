@@ -1,0 +1,429 @@
+"""Validation inside training: score the task on held-back rows, keep the best weights, stop on a plateau.
+
+Configured in the ``lancetag:`` block of a training YAML (off when absent)::
+
+    lancetag:
+      validation: {fraction: 0.1, every_epochs: 1, patience: 3}
+
+Each Lance dataset of the run is split again by id hash (:func:`lance_io.splits.split_of` with
+salt ``validation``, as :meth:`LanceSource.keeps` does): its ``train`` rows are trained on and its
+``validation`` rows never are. At every evaluation point (``every_epochs`` or ``every_steps``) the
+model being trained answers the validation rows exactly as the labeler would: the run's
+:data:`InTrainingLabeler` (``ray_jobs.evaluation.in_training.transformers_labeler``: the
+transformers backend's closed-set scoring, summed log-likelihood of each candidate answer) wraps
+the in-training model. This package does not import the labeler's code (``serve_apps``): the
+caller hands it in. The share of answers that match the truth is the validation accuracy.
+
+The trainable weights of the best evaluation (LoRA adapters, or every weight of a full
+fine-tune) are copied to CPU memory and put back when training ends, so what LLaMA-Factory saves
+into ``output_dir`` is the best checkpoint, not the last. ``patience`` evaluations without a
+better accuracy stop the run. Rank 0 evaluates and decides; under Ray Train every rank receives
+the decision (a broadcast at the same point of every rank's loop), so all stop together. The
+curve (step, epoch, validation accuracy, train loss) goes to ``<output_dir>/lancetag_validation.json``
+after each evaluation and into the run's lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lance_io.labels import LabelRecord, answer_columns, results_to_batch
+from lance_io.reasons import ReasonError
+from lance_io.tasks import Task
+from llamafactory_ext.source import DATA_CONFIG, LanceSource, lance_source_of, read_dataset_info
+
+logger = logging.getLogger(__name__)
+
+CURVE_FILE = "lancetag_validation.json"
+
+LabelImages = Callable[[list[bytes], Task], Sequence[LabelRecord]]
+"""Labels images for a task, one record per image, in order (a backend's ``label``)."""
+
+InTrainingLabeler = Callable[[Any, str, int], LabelImages]
+"""(model being trained, its base model's folder or hub id, images per forward) -> its ``label``.
+
+Must be picklable (a module-level function): it travels to Ray Train workers."""
+
+
+class ValidationError(ReasonError):
+    """A validation setting the run cannot honour; ``reason`` is a stable code."""
+
+
+class ValidationOptions(BaseModel):
+    """The ``validation:`` entry of the ``lancetag:`` block: how much to hold back, when to score, when to stop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of each Lance dataset's ids held back")
+    every_epochs: int | None = Field(None, ge=1, description="score after every this many epochs (default 1)")
+    every_steps: int | None = Field(None, ge=1, description="score every this many optimizer steps instead")
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without a better accuracy (None: never)"
+    )
+    batch_size: int = Field(16, ge=1, description="validation images per forward")
+
+    @model_validator(mode="after")
+    def _one_interval(self) -> ValidationOptions:
+        if self.every_epochs is not None and self.every_steps is not None:
+            raise ValueError("give every_epochs or every_steps, not both")
+        if self.every_epochs is None and self.every_steps is None:
+            object.__setattr__(self, "every_epochs", 1)
+        return self
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """What the training process needs to validate (picklable: goes to Ray Train workers)."""
+
+    options: ValidationOptions
+    sources: list[LanceSource]
+    datasets: list[str]
+    model: str
+    output_dir: str
+    labeler: InTrainingLabeler
+
+
+@dataclass
+class CurvePoint:
+    """One evaluation: where training was, the validation accuracy then, and the train loss logged."""
+
+    step: int
+    epoch: float
+    validation_accuracy: float
+    train_loss: float | None
+    seconds: float
+
+
+@dataclass
+class Curve:
+    """The validation record of a run, as written to ``lancetag_validation.json`` and the lineage."""
+
+    fraction: float
+    rows: int
+    points: list[CurvePoint] = field(default_factory=list)
+    best: CurvePoint | None = None
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ planning (driver side)
+
+
+def plan_validation(
+    args: dict[str, Any], options: ValidationOptions, labeler: InTrainingLabeler | None
+) -> tuple[ValidationPlan, dict[str, Any]]:
+    """Split each Lance training dataset of the pinned ``args`` into train and validation rows.
+
+    Rewrites the pinned ``dataset_info.json`` (entries read ``split: train`` at
+    ``val_fraction: fraction``) and returns the plan with the matching ``validation`` sources,
+    plus what changed per dataset (for the lineage).
+    """
+    if labeler is None:
+        raise ValidationError(
+            "validation_needs_labeler",
+            "validation scores with the labeler's model code: train with `lancetag train`, or pass "
+            "labeler=ray_jobs.evaluation.in_training.transformers_labeler to run_training",
+        )
+    _refuse_zero3(args.get("deepspeed"))
+    dataset_dir = Path(args.get("dataset_dir", "data"))
+    info = read_dataset_info(dataset_dir)
+    names = [n.strip() for n in str(args.get("dataset") or "").split(",") if n.strip()]
+    sources, changed = [], {}
+    for name in names:
+        source = lance_source_of(info.get(name, {}), name=name)
+        if source is None:
+            continue
+        if source.split == "validation" or (
+            source.split == "train" and abs(source.val_fraction - options.fraction) > 1e-12
+        ):
+            raise ValidationError(
+                "validation_split_conflict",
+                f"dataset {name!r} is registered as split {source.split!r} with val_fraction "
+                f"{source.val_fraction}: validation holds back fraction {options.fraction} of it; "
+                "register it with --split all, or set validation.fraction to its val_fraction",
+            )
+        _require_closed(source, name)
+        training = source.model_copy(update={"split": "train", "val_fraction": options.fraction})
+        info[name]["lance"] = training.model_dump(mode="json", exclude_none=True)
+        sources.append(training.model_copy(update={"split": "validation"}))
+        changed[name] = {"split": "train", "val_fraction": options.fraction}
+    if not sources:
+        raise ValidationError(
+            "validation_needs_lance",
+            f"validation splits Lance datasets by id, and none of {names} is one; "
+            "register a table with `lancetag lf register` or drop the validation block",
+        )
+    (dataset_dir / DATA_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    plan = ValidationPlan(
+        options=options,
+        sources=sources,
+        datasets=list(changed),
+        model=str(args["model_name_or_path"]),
+        output_dir=str(args["output_dir"]),
+        labeler=labeler,
+    )
+    return plan, changed
+
+
+def _require_closed(source: LanceSource, name: str) -> None:
+    if source.label_column is None:
+        raise ValidationError(
+            "validation_needs_labels",
+            f"dataset {name!r} has no label column; validation scores a task's answers against it: "
+            "register the table with --label-column (and --task)",
+        )
+    open_questions = [q.key for q in source.load_task().questions() if not q.closed]
+    if open_questions:
+        raise ValidationError(
+            "validation_needs_closed_task",
+            f"dataset {name!r}: validation accuracy needs closed-set questions, and "
+            f"{', '.join(open_questions)} is free text; drop the validation block for captions",
+        )
+
+
+def _refuse_zero3(deepspeed: Any) -> None:
+    """Validation copies the trainable weights on rank 0, which ZeRO-3 has partitioned across ranks."""
+    if not isinstance(deepspeed, str) or not Path(deepspeed).is_file():
+        return
+    stage = json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+    if stage == 3:
+        raise ValidationError(
+            "validation_with_zero3",
+            f"{deepspeed} partitions weights (ZeRO stage 3), which validation cannot copy on rank 0; "
+            "use ZeRO stage 2 or drop the validation block",
+        )
+
+
+def validation_sources(dataset_dir: str | Path, names: list[str], fraction: float) -> list[LanceSource]:
+    """Return the ``validation`` sources of the named Lance entries (e.g. of a run's pinned copy)."""
+    info = read_dataset_info(dataset_dir)
+    out = []
+    for name in names:
+        source = lance_source_of(info[name], name=name)
+        if source is not None:
+            out.append(source.model_copy(update={"split": "validation", "val_fraction": fraction}))
+    return out
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def _validation_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[bytes], dict[str, list]]]:
+    """Yield (image bytes, truth per question key) of ``source``'s validation rows, ``batch_size`` at a time."""
+    from lance_io.scan import open_at, require_columns, scan_batches
+
+    task = source.load_task()
+    truths = answer_columns(task, source.label_column or "")
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    columns = [source.id_column, source.image_column, *truths.values()]
+    require_columns(ds, columns, uri=source.uri)
+    for batch in scan_batches(ds, columns, where=source.where, batch_size=batch_size):
+        ids = batch.column(source.id_column).to_pylist()
+        keep = [i for i, row_id in enumerate(ids) if source.keeps(str(row_id))]
+        if keep:
+            images = [batch.column(source.image_column)[i].as_py() for i in keep]
+            yield images, {key: [batch.column(col)[i].as_py() for i in keep] for key, col in truths.items()}
+
+
+def validation_accuracy(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> tuple[float, int]:
+    """Return (share of validation answers matching the truth, validation rows) as ``label`` answers them.
+
+    Every closed question of each row with a truth value in the task's set counts once; an image
+    the backend could not answer counts as wrong, as in ``lancetag eval``.
+    """
+    right = total = rows = 0
+    for source in sources:
+        task = source.load_task()
+        allowed = {q.key: set(q.values or ()) for q in task.questions()}
+        predicted_columns = answer_columns(task, "predicted")
+        for images, truths in _validation_batches(source, batch_size):
+            batch = results_to_batch(label(images, task), task, "predicted")
+            rows += len(images)
+            for key, truth in truths.items():
+                predicted = batch.column(predicted_columns[key]).to_pylist()
+                for want, got in zip(truth, predicted, strict=True):
+                    if want is None or str(want) not in allowed[key]:
+                        continue  # rows training skips too (label_missing, label_not_in_task)
+                    total += 1
+                    right += got is not None and str(got) == str(want)
+    if total == 0:
+        names = ", ".join(s.uri for s in sources)
+        raise ValidationError(
+            "validation_no_rows",
+            f"no validation rows with a truth in the task's set in {names}; raise validation.fraction",
+        )
+    return right / total, rows
+
+
+# ------------------------------------------------------------------ during training
+
+
+class Validator:
+    """Decides when to evaluate, keeps the best weights and the curve, and says when to stop.
+
+    One per training process; only the world's rank 0 (``is_main``) loads a processor, scores and
+    copies weights. Every rank calls :meth:`agree` at the same points, so a stop reaches all.
+    """
+
+    def __init__(self, plan: ValidationPlan, *, is_main: bool) -> None:
+        self.plan = plan
+        self.is_main = is_main
+        self.curve = Curve(fraction=plan.options.fraction, rows=0)
+        self.best_weights: dict[str, Any] | None = None
+        self.since_best = 0
+        self.pending = False
+        self.last_log: tuple[int, float] | None = None  # (step, loss) of the latest training log
+        self._label: LabelImages | None = None
+
+    def due_after_step(self, step: int) -> bool:
+        """Return whether an evaluation falls on optimizer step ``step``."""
+        every = self.plan.options.every_steps
+        return every is not None and step % every == 0
+
+    def due_after_epoch(self, epoch: float) -> bool:
+        """Return whether an evaluation falls at the end of the epoch that ends at ``epoch``."""
+        every = self.plan.options.every_epochs
+        return every is not None and round(epoch) % every == 0
+
+    def evaluate(self, model: Any, step: int, epoch: float, train_loss: float | None, *, final: bool = False) -> bool:
+        """Score ``model`` (rank 0), record the point, keep its weights if best; return whether to stop.
+
+        ``final``: the end of training, where no other rank waits for a decision.
+        """
+        stop = False
+        if self.is_main:
+            started = time.perf_counter()
+            accuracy, rows = self._score(model)
+            point = CurvePoint(step, round(epoch, 4), accuracy, train_loss, round(time.perf_counter() - started, 2))
+            self.curve.rows = rows
+            self.curve.points.append(point)
+            if self.curve.best is None or accuracy > self.curve.best.validation_accuracy:
+                self.curve.best, self.since_best = point, 0
+                self.best_weights = {
+                    name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
+                }
+            else:
+                self.since_best += 1
+            patience = self.plan.options.patience
+            stop = not final and patience is not None and self.since_best >= patience
+            self.curve.stopped_early = stop
+            self.write()
+            logger.info("validation at step %d (epoch %.2f): accuracy %.4f%s", step, epoch, accuracy,
+                        " -> stopping" if stop else "")
+        return stop if final else self.agree(stop, model)
+
+    def agree(self, stop: bool, model: Any) -> bool:
+        """Return rank 0's ``stop`` on every rank (a broadcast when a process group is running)."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return stop
+        flag = torch.tensor([int(stop)], device=next(model.parameters()).device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def restore_best(self, model: Any) -> None:
+        """Put the best evaluation's trainable weights back into ``model`` (rank 0, which saves)."""
+        import torch
+
+        if not self.is_main or self.best_weights is None:
+            return
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.best_weights:
+                    p.copy_(self.best_weights[name].to(p.device))
+        logger.info("validation: kept the weights of step %d (accuracy %.4f)",
+                    self.curve.best.step, self.curve.best.validation_accuracy)  # type: ignore[union-attr]
+
+    def write(self) -> Path:
+        """Write the curve so far to ``<output_dir>/lancetag_validation.json``; return its path."""
+        path = Path(self.plan.output_dir) / CURVE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.curve.as_dict(), indent=2) + "\n")
+        return path
+
+    def _score(self, model: Any) -> tuple[float, int]:
+        batch_size = self.plan.options.batch_size
+        if self._label is None:  # the trainer keeps one model object for the whole run
+            self._label = self.plan.labeler(model, self.plan.model, batch_size)
+        was_training = model.training
+        model.eval()
+        try:
+            return validation_accuracy(self._label, self.plan.sources, batch_size=batch_size)
+        finally:
+            model.train(was_training)
+
+
+def validation_callback(plan: ValidationPlan) -> Any:
+    """Return the ``TrainerCallback`` that validates ``plan`` in this training process."""
+    from transformers import TrainerCallback
+
+    class ValidationCallback(TrainerCallback):
+        """Evaluates at the plan's points, with the train loss HF logs there, and stops on a plateau.
+
+        An evaluation point asks the trainer to log (``should_log``), and the evaluation runs in
+        the ``on_log`` that follows, so the curve's train loss is the mean since the previous log.
+        """
+
+        validator: Validator | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.validator = Validator(plan, is_main=state.is_world_process_zero)
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if self.validator.due_after_step(state.global_step):
+                self._at_point(state, control, kwargs["model"])
+
+        def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if self.validator.due_after_epoch(state.epoch):
+                self._at_point(state, control, kwargs["model"])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            if logs and "loss" in logs:
+                self.validator.last_log = (state.global_step, float(logs["loss"]))
+                if self.validator.pending:
+                    self.validator.pending = False
+                    self._evaluate(state, control, kwargs["model"], float(logs["loss"]))
+
+        def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            validator, model = self.validator, kwargs["model"]
+            points = validator.curve.points
+            if validator.is_main and not validator.curve.stopped_early and (
+                not points or points[-1].step != state.global_step
+            ):  # steps after the last evaluation point count too
+                last = validator.last_log
+                loss = last[1] if last is not None and last[0] == state.global_step else None
+                validator.evaluate(model, state.global_step, state.epoch or 0.0, loss, final=True)
+            validator.restore_best(model)
+
+        def _at_point(self, state, control, model):  # type: ignore[no-untyped-def]
+            last = self.validator.last_log
+            if last is not None and last[0] == state.global_step:  # already logged at this step
+                self._evaluate(state, control, model, last[1])
+            else:
+                self.validator.pending = True
+                control.should_log = True
+
+        def _evaluate(self, state, control, model, loss):  # type: ignore[no-untyped-def]
+            if self.validator.evaluate(model, state.global_step, state.epoch or 0.0, loss):
+                control.should_training_stop = True
+
+    return ValidationCallback()
+
+
+def read_curve(output_dir: str | Path) -> dict[str, Any] | None:
+    """Return the validation record a run wrote into ``output_dir``, or None."""
+    path = Path(output_dir) / CURVE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

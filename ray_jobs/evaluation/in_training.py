@@ -1,0 +1,27 @@
+"""The labeler's closed-set scoring on a model that is still training (validation inside training).
+
+``llamafactory_ext`` does not import the labeler's code, so ``run_training`` receives this
+function from its callers (``lancetag train``, the demo) and calls it in the training process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def transformers_labeler(model: Any, model_path: str, batch_size: int) -> Callable[..., Any]:
+    """Return a ``label(images, task)`` that answers with ``model`` as the transformers backend does.
+
+    The processor comes from ``model_path`` (the base model the run trains), as the labeler later
+    loads it from the fine-tuned folder; the model stays where and as it is (the caller switches
+    it to eval mode around each evaluation).
+    """
+    from transformers import AutoProcessor
+
+    from serve_apps.backends.base import BackendConfig
+    from serve_apps.backends.transformers_backend import TransformersBackend
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    backend = TransformersBackend.around(model, processor, BackendConfig(model=model_path, batch_size=batch_size))
+    return backend.label
