@@ -1,24 +1,27 @@
-"""Fragment-by-fragment column writes: the primitive behind incremental, resumable tagging.
+"""Computed columns (labels, splits): add them, find the rows still to do, commit values by ``id``.
 
-The protocol, in the order a job runs it:
+The one commit protocol of every computed column (the labeling run's phases around it:
+docs/labeling.md, "The lifecycle of a run"):
 
-1. :func:`ensure_columns` adds the output columns as all-null columns. Metadata only: no
-   data is written, so adding ``label`` to a table of ten million images is instant.
-2. :func:`plan_fragments` finds the fragments holding rows that still need work: rows
-   matching a *todo* predicate (``label IS NULL``, or provenance differs) and the user's
-   ``where``. It reads only the predicate's columns.
-3. :func:`write_fragment` computes the output columns for the todo rows of ONE fragment
-   (reading only the input columns it needs) and commits them, that fragment alone, as a
-   Lance ``Update`` that writes a new data file holding only the output columns. Image
-   bytes are never rewritten. Large fragments commit every ``commit_rows`` rows, so a kill
-   loses at most that much work.
-4. There is no "finish" step: each commit is a complete, readable version. A rerun plans
-   again and finds only what is left.
+1. :func:`ensure_columns` adds the output columns as all-null columns. Metadata only: adding
+   ``label`` to a table of ten million images writes nothing.
+2. :func:`plan_fragments` finds the fragments holding rows that still need work (a *todo*
+   predicate such as ``label IS NULL``, and the user's ``where``), reading only those columns.
+3. Someone computes values: ``id`` plus the output columns, never the image bytes.
+4. :func:`commit_values` writes a group of such values, from any number of fragments, as ONE
+   Lance ``Update``: it locates the ids *at commit time*, keeps only the rows that still match
+   the todo predicate, writes one small data file of output columns per touched fragment and
+   commits them together. :class:`PendingValues` decides when a group is due (rows or age).
 
-Rows are matched by ``id``, not by position, so a commit is correct whatever happened to
-the table meanwhile: appends by another writer are rebased over (the new rows are simply
-still to do), and if a fragment was rewritten (compaction) or labeled by a concurrent job,
-the computed values are re-applied to the rows that still need them and nothing else.
+Because rows are located by ``id`` when the commit is made, the commit is right whatever
+happened meanwhile: rows appended by another writer are rebased over (they stay todo); a
+compaction or a concurrent job on the same rows makes Lance refuse the commit with
+``CommitConflictError``, and the values are located again and re-applied to the rows that
+still need them. No row is ever written twice, and every commit records how many rows it
+wrote (``lancetag.rows``) so that can be audited.
+
+:func:`fill_column` runs steps 1-4 in the calling process for columns cheap to compute (the
+demo's ``split``); :func:`write_fragment` is the same for one fragment.
 """
 
 from __future__ import annotations
@@ -37,14 +40,15 @@ from lance.commit import CommitConflictError
 
 from lance_io.schema import ID
 from lance_io.sql import sql_strings
-from lance_io.table import TableWriteError, translated_write_errors
+from lance_io.table import translated_write_errors
 
 ENSURE_ATTEMPTS = 20
+COMMIT_ATTEMPTS = 20
+_LOCATE_CHUNK = 2000  # ids per IN (...) lookup: the id index answers each in one probe
+_ROW_ADDRESS = "_rowaddr"
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
 """Maps a batch of input columns (always with ``id``) to a batch of output columns, same length."""
-
-_ROW_ADDRESS = "_rowaddr"
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,35 @@ class FragmentTodo:
     rows: int
 
 
-@dataclass
-class FragmentCommit:
-    """What :func:`write_fragment` did for one fragment."""
+@dataclass(frozen=True)
+class ValuesCommit:
+    """What one :func:`commit_values` call wrote.
 
-    fragment_id: int
+    ``version`` is None when no row still needed a value (nothing committed); ``written`` holds
+    the rows written (``id`` + output columns); ``fragments`` the fragments they live in.
+    """
+
+    version: int | None
+    written: pa.Table
+    fragments: tuple[int, ...] = ()
+    conflicts: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows written by this commit."""
+        return self.written.num_rows
+
+
+@dataclass
+class FillResult:
+    """What :func:`fill_column` (or :func:`write_fragment`) committed."""
+
     rows_written: int = 0
     versions: list[int] = field(default_factory=list)
     conflicts_resolved: int = 0
+
+
+FragmentCommit = FillResult  # the name write_fragment's result had
 
 
 def _and(*predicates: str | None) -> str | None:
@@ -130,11 +155,151 @@ def plan_fragments(
     return [FragmentTodo(fid, n) for fid, n in sorted(counts.items())]
 
 
-def _todo_batches(
-    frag: lance.LanceFragment, read_columns: list[str], predicate: str | None, batch_size: int
+def todo_batches(
+    ds: lance.LanceDataset, fragment_id: int, read_columns: list[str], predicate: str | None, batch_size: int
 ) -> Iterator[pa.RecordBatch]:
+    """Yield ``id`` + ``read_columns`` of the rows of one fragment matching ``predicate``.
+
+    A fragment that no longer exists (compacted away since the plan) yields nothing: its rows
+    live in another fragment now, and the next plan finds them there.
+    """
+    fragment = ds.get_fragment(fragment_id)
+    if fragment is None:
+        return
     columns = [ID, *[c for c in read_columns if c != ID]]
-    yield from frag.scanner(columns=columns, filter=predicate, batch_size=batch_size).to_batches()
+    yield from fragment.scanner(columns=columns, filter=predicate, batch_size=batch_size).to_batches()
+
+
+class PendingValues:
+    """Computed values not yet committed; says when they are due for one commit.
+
+    Due when they hold ``commit_rows`` rows or the oldest is ``commit_seconds`` old (if given):
+    the rows a crash can lose are bounded by both, and fragments that finish close together
+    share one table version.
+    """
+
+    def __init__(self, commit_rows: int, commit_seconds: float | None = None) -> None:
+        self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
+        self._parts: list[pa.Table] = []
+        self._since: float | None = None
+        self.rows = 0
+
+    def add(self, values: pa.Table) -> None:
+        """Keep ``values`` (``id`` + output columns) for the next commit."""
+        if values.num_rows:
+            self._parts.append(values)
+            self.rows += values.num_rows
+            self._since = self._since or time.monotonic()
+
+    def due(self) -> bool:
+        """Return whether the pending values should be committed now."""
+        if not self.rows:
+            return False
+        aged = self.commit_seconds is not None and time.monotonic() - (self._since or 0) >= self.commit_seconds
+        return self.rows >= self.commit_rows or aged
+
+    def take(self) -> pa.Table | None:
+        """Return every pending value as one table (None if there are none) and forget them."""
+        if not self._parts:
+            return None
+        values = pa.concat_tables(self._parts)
+        self._parts, self._since, self.rows = [], None, 0
+        return values
+
+
+def commit_values(
+    uri: str,
+    values: pa.Table,
+    *,
+    todo: str | None,
+    properties: dict[str, str] | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> ValuesCommit:
+    """Write ``values`` (``id`` + output columns) into the rows with those ids that still match ``todo``.
+
+    One Lance ``Update`` for all the fragments the rows live in, whatever their number: only
+    the output columns are written (a small data file per touched fragment), never the image
+    bytes. The rows are located by ``id`` at commit time; on ``CommitConflictError`` (a
+    compaction or another job touched those fragments first) they are located again and the
+    commit retried, so values land on the rows' current fragments and only on rows that still
+    need them. ``properties`` go into the version's transaction together with
+    ``lancetag.rows``, the rows this commit wrote. Storage failures raise
+    :class:`~lance_io.table.TableWriteError`; the table is then unchanged.
+
+    Example::
+
+        values = pa.table({"id": ["a1", "b2"], "label": ["cat", "dog"]})
+        commit_values("/data/t.lance", values, todo="label IS NULL", properties={"lancetag.job": "j1"})
+    """
+    values = _first_per_id(values)
+    audit = {"lancetag.operation": "commit_values", **(properties or {})}
+    for attempt in range(COMMIT_ATTEMPTS):
+        ds = lance.dataset(uri, storage_options=storage_options)
+        try:
+            with translated_write_errors(uri, ds.version):
+                result = _commit_once(ds, uri, values, todo, audit, storage_options)
+            return ValuesCommit(result.version, result.written, result.fragments, conflicts=attempt)
+        except CommitConflictError:
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))  # let the other writer finish
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _first_per_id(values: pa.Table) -> pa.Table:
+    """Drop repeated ids (a row gets one value per commit: the first)."""
+    ids = values.column(ID)
+    if pc.count_distinct(ids).as_py() == values.num_rows:
+        return values
+    first: dict[str, int] = {}
+    for i, row_id in enumerate(ids.to_pylist()):
+        first.setdefault(row_id, i)
+    return values.take(pa.array(sorted(first.values()), pa.int64()))
+
+
+def _locate(ds: lance.LanceDataset, ids: list[str], todo: str | None) -> tuple[list[str], list[int]]:
+    """Return the ids that still match ``todo`` and the fragment each lives in now."""
+    found_ids: list[str] = []
+    fragments: list[int] = []
+    for start in range(0, len(ids), _LOCATE_CHUNK):
+        chunk = sql_strings(ids[start : start + _LOCATE_CHUNK])
+        hits = ds.to_table(columns=[ID], with_row_address=True, filter=_and(f"{ID} IN ({chunk})", todo))
+        found_ids += hits.column(ID).to_pylist()
+        fragments += (hits.column(_ROW_ADDRESS).to_numpy() >> 32).tolist()
+    return found_ids, fragments
+
+
+def _commit_once(
+    ds: lance.LanceDataset,
+    uri: str,
+    values: pa.Table,
+    todo: str | None,
+    properties: dict[str, str],
+    storage_options: dict[str, str] | None,
+) -> ValuesCommit:
+    """One attempt: locate the rows in ``ds``, write their values per fragment, commit on ``ds.version``."""
+    ids, fragment_ids = _locate(ds, values.column(ID).to_pylist(), todo)
+    if not ids:
+        return ValuesCommit(None, values.slice(0, 0))
+    fragment_of = dict(zip(ids, fragment_ids, strict=True))
+    written = values.filter(pc.is_in(values.column(ID), value_set=pa.array(ids, pa.string())))
+    where = pa.array([fragment_of[i] for i in written.column(ID).to_pylist()], pa.int64())
+    updated, fields_modified = [], []
+    touched = tuple(sorted(set(fragment_ids)))
+    for fid in touched:
+        part = written.filter(pc.equal(where, fid))
+        meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
+        updated.append(meta)
+    operation = LanceOperation.Update(updated_fragments=updated, fields_modified=fields_modified)
+    # lancetag.rows: the rows this version wrote; summed over a column's commits, it audits reruns.
+    audit = {**properties, "lancetag.rows": str(written.num_rows), "lancetag.fragments": str(len(touched))}
+    new = lance.LanceDataset.commit(
+        uri,
+        Transaction(ds.version, operation, transaction_properties=audit),
+        read_version=ds.version,
+        storage_options=storage_options,
+    )
+    return ValuesCommit(new.version, written, touched)
 
 
 def _conform_output(out: pa.RecordBatch | pa.Table, ids: pa.Array, output_schema: pa.Schema) -> pa.Table:
@@ -147,70 +312,58 @@ def _conform_output(out: pa.RecordBatch | pa.Table, ids: pa.Array, output_schema
     return pa.Table.from_arrays(arrays, schema=pa.schema([pa.field(ID, pa.string()), *output_schema]))
 
 
-def _commit_update(
+def fill_column(
     uri: str,
-    values: pa.Table,
+    compute: Compute,
     *,
-    todo_predicate: str | None,
-    properties: dict[str, str],
-    storage_options: dict[str, str] | None,
-    on_commit: Callable[[pa.Table], None] | None = None,
-    max_attempts: int = 8,
-) -> tuple[list[int], int, int]:
-    """Write ``values`` (id + output columns) into the rows with those ids; one commit per fragment.
+    read_columns: list[str],
+    output_schema: pa.Schema,
+    todo: str,
+    where: str | None = None,
+    fragment_ids: list[int] | None = None,
+    batch_size: int = 1024,
+    commit_rows: int = 4096,
+    properties: dict[str, str] | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> FillResult:
+    """Compute ``output_schema`` columns for the rows matching ``todo AND where`` here, and commit them.
 
-    Returns the versions created, the rows written, and how many conflicts were resolved.
+    The columns are added if missing. Reads ``id`` plus ``read_columns`` of the todo rows
+    (of ``fragment_ids`` only, if given), calls ``compute`` on batches of ``batch_size`` rows
+    and commits through :func:`commit_values` every ``commit_rows`` rows and at the end: many
+    small fragments share one version. For columns cheap enough to compute in the calling
+    process; labeling computes on Ray workers and commits the same way
+    (``ray_jobs.label.lifecycle``).
+
+    Example::
+
+        split = pa.schema([pa.field("split", pa.string())])
+        fill_column(uri, lambda b: pa.record_batch([pa.array(["train"] * b.num_rows)], schema=split),
+                    read_columns=[], output_schema=split, todo="split IS NULL")
     """
-    conflicts = 0
-    for attempt in range(max_attempts):
-        try:
-            with translated_write_errors(uri, None):
-                return (*_apply_by_id(uri, values, todo_predicate, properties, storage_options, on_commit), conflicts)
-        except OSError as exc:  # a commit conflict Lance could not rebase: locate the rows again
-            if isinstance(exc, TableWriteError) or "conflict" not in str(exc).lower() or attempt == max_attempts - 1:
-                raise
-            conflicts += 1
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+    ensure_columns(uri, output_schema, storage_options=storage_options)
+    props = {"lancetag.operation": "fill_column", **(properties or {})}
+    if fragment_ids is None:
+        fragment_ids = [f.fragment_id for f in plan_fragments(uri, todo, where=where, storage_options=storage_options)]
+    result = FillResult()
+    pending = PendingValues(commit_rows)
 
+    def commit() -> None:
+        values = pending.take()
+        if values is not None:
+            done = commit_values(uri, values, todo=todo, properties=props, storage_options=storage_options)
+            result.rows_written += done.rows
+            result.versions += [done.version] if done.version is not None else []
+            result.conflicts_resolved += done.conflicts
 
-def _apply_by_id(
-    uri: str,
-    values: pa.Table,
-    todo_predicate: str | None,
-    properties: dict[str, str],
-    storage_options: dict[str, str] | None,
-    on_commit: Callable[[pa.Table], None] | None,
-) -> tuple[list[int], int]:
-    """Locate the rows of ``values`` that still need them and commit, one fragment at a time."""
     ds = lance.dataset(uri, storage_options=storage_options)
-    id_list = sql_strings(values.column(ID).to_pylist())
-    # Where do these ids live now, and which of them still need the values?
-    located = ds.to_table(columns=[ID], with_row_address=True, filter=_and(f"{ID} IN ({id_list})", todo_predicate))
-    if located.num_rows == 0:
-        return [], 0
-    fragment_of = dict(
-        zip(located.column(ID).to_pylist(), (located.column(_ROW_ADDRESS).to_numpy() >> 32).tolist(), strict=True)
-    )
-    versions = []
-    committed: list[pa.Table] = []
-    for fid in sorted(set(fragment_of.values())):
-        wanted = pa.array([i for i, f in fragment_of.items() if f == fid], pa.string())
-        part = values.filter(pc.is_in(values.column(ID), value_set=wanted))
-        meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
-        op = LanceOperation.Update(updated_fragments=[meta], fields_modified=fields_modified)
-        audit = {**properties, "lancetag.rows": str(part.num_rows)}  # rows written: sums audit reruns
-        ds = lance.LanceDataset.commit(
-            uri,
-            Transaction(ds.version, op, transaction_properties=audit),
-            read_version=ds.version,
-            storage_options=storage_options,
-        )
-        versions.append(ds.version)
-        committed.append(part)
-    if on_commit is not None:
-        on_commit(pa.concat_tables(committed))
-    return versions, located.num_rows
+    for fid in fragment_ids:
+        for batch in todo_batches(ds, fid, read_columns, _and(todo, where), batch_size):
+            pending.add(_conform_output(compute(batch), batch.column(ID), output_schema))
+            if pending.due():
+                commit()
+    commit()
+    return result
 
 
 def write_fragment(
@@ -226,45 +379,22 @@ def write_fragment(
     commit_rows: int = 4096,
     properties: dict[str, str] | None = None,
     storage_options: dict[str, str] | None = None,
-    on_commit: Callable[[pa.Table], None] | None = None,
-) -> FragmentCommit:
-    """Compute ``output_schema`` columns for the todo rows of one fragment and commit them.
+) -> FillResult:
+    """Run :func:`fill_column` on one fragment: its todo rows are committed when it ends (and every ``commit_rows``).
 
-    Reads ``id`` plus ``read_columns`` of the rows matching ``todo AND where`` in fragment
-    ``fragment_id``, calls ``compute`` on batches of ``batch_size`` rows, and commits every
-    ``commit_rows`` rows (and at the end). Only the output columns are written. Returns what
-    was committed; a fragment that no longer exists (compacted away) yields zero rows, and
-    the next plan finds its rows under their new fragment. ``on_commit`` is called with the
-    rows (``id`` + outputs) each commit actually wrote.
+    A fragment that no longer exists (compacted away) yields zero rows; the next plan finds
+    its rows under their new fragment.
     """
-    ds = lance.dataset(uri, storage_options=storage_options)
-    result = FragmentCommit(fragment_id)
-    fragment = ds.get_fragment(fragment_id)
-    if fragment is None:
-        return result
-    predicate = _and(todo, where)
-    props = {"lancetag.operation": "write_fragment", "lancetag.fragment": str(fragment_id), **(properties or {})}
-    pending: list[pa.Table] = []
-    pending_rows = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_rows
-        if not pending:
-            return
-        values = pa.concat_tables(pending)
-        versions, rows, conflicts = _commit_update(
-            uri, values, todo_predicate=todo, properties=props, storage_options=storage_options, on_commit=on_commit
-        )
-        result.rows_written += rows
-        result.versions += versions
-        result.conflicts_resolved += conflicts
-        pending, pending_rows = [], 0
-
-    for batch in _todo_batches(fragment, read_columns, predicate, batch_size):
-        out = compute(batch)
-        pending.append(_conform_output(out, batch.column(ID), output_schema))
-        pending_rows += batch.num_rows
-        if pending_rows >= commit_rows:
-            flush()
-    flush()
-    return result
+    return fill_column(
+        uri,
+        compute,
+        read_columns=read_columns,
+        output_schema=output_schema,
+        todo=todo,
+        where=where,
+        fragment_ids=[fragment_id],
+        batch_size=batch_size,
+        commit_rows=commit_rows,
+        properties={"lancetag.operation": "write_fragment", "lancetag.fragment": str(fragment_id), **(properties or {})},
+        storage_options=storage_options,
+    )

@@ -65,16 +65,15 @@ def write_digits(folder: Path) -> Path:
 
 
 def add_split_column(table: str) -> int:
-    """Write the ``split`` column (train/test by id hash) through fragment commits; return the version."""
-    from lance_io import ensure_columns, open_table, plan_fragments, write_fragment
+    """Write the ``split`` column (train/test by id hash) for rows without one; return the version."""
+    from lance_io import open_table
+    from lance_io.columns import fill_column
 
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
         return pa.record_batch([pa.array([split_of(i, TEST_FRACTION, held_out="test") for i in batch.column("id").to_pylist()])], schema=SPLIT)
 
-    ensure_columns(table, SPLIT)
-    for frag in plan_fragments(table, "split IS NULL"):
-        write_fragment(table, frag.fragment_id, compute, read_columns=[], output_schema=SPLIT, todo="split IS NULL",
-                       batch_size=1024, properties={"lancetag.job": "demo-split"})
+    # The labeling run's commit protocol, computed here: the whole column in a commit or two.
+    fill_column(table, compute, read_columns=[], output_schema=SPLIT, todo="split IS NULL", properties={"lancetag.job": "demo-split"})
     return open_table(table).version
 
 

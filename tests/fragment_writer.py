@@ -1,4 +1,4 @@
-"""A process that writes a `label` column fragment by fragment, for crash and concurrency tests.
+"""A process that fills a `label` column with grouped commits (lance_io.columns.fill_column), for crash tests.
 
     python -m tests.fragment_writer URI COMPUTED_LOG [--delay SECONDS] [--commit-rows N]
 
@@ -12,7 +12,7 @@ import time
 
 import pyarrow as pa
 
-from lance_io import ensure_columns, plan_fragments, write_fragment
+from lance_io.columns import fill_column
 
 OUTPUT = pa.schema([pa.field("label", pa.string()), pa.field("label_len", pa.int32())])
 
@@ -26,7 +26,6 @@ def main() -> None:
     parser.add_argument("--tag", default="L")
     args = parser.parse_args()
 
-    ensure_columns(args.uri, OUTPUT)
     with open(args.log, "a") as log:
 
         def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -37,19 +36,16 @@ def main() -> None:
             labels = [f"{args.tag}-{len(b)}" for b in batch.column("image").to_pylist()]
             return pa.record_batch([pa.array(labels), pa.array([len(x) for x in labels], pa.int32())], schema=OUTPUT)
 
-        for todo in plan_fragments(args.uri, "label IS NULL"):
-            write_fragment(
-                args.uri,
-                todo.fragment_id,
-                compute,
-                read_columns=["image"],
-                output_schema=OUTPUT,
-                todo="label IS NULL",
-                batch_size=8,
-                commit_rows=args.commit_rows,
-                properties={"lancetag.job": "fragment_writer"},
-            )
-
+        fill_column(
+            args.uri,
+            compute,
+            read_columns=["image"],
+            output_schema=OUTPUT,
+            todo="label IS NULL",
+            batch_size=8,
+            commit_rows=args.commit_rows,
+            properties={"lancetag.job": "fragment_writer"},
+        )
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The incremental tagging job: label columns through the Serve labeler, fragment by fragment."""
+"""The incremental tagging job: label columns through the Serve labeler, grouped commits by the driver."""
 
 from ray_jobs.label.job import LabelOptions, LabelSummary, label_commits, label_table
 

@@ -1,19 +1,7 @@
-"""`lancetag label`: add label columns to an image table, fragment by fragment, on Ray.
+"""`lancetag label`: add label columns to an image table on Ray; its options and the wiring of one run.
 
-The lifecycle, in one screen:
-
-1. **plan** (driver): add the task's columns (metadata only), then find the fragments with
-   rows still to do: never labeled, failed last time, or (``relabel``) labeled by another
-   model/adapter/prompt; restricted by ``where``. Only those columns are read.
-2. **label** (one Ray task per fragment, ``concurrency`` at a time): read ``id`` + image bytes
-   of the todo rows, send them to the labeler with several requests in flight.
-3. **commit** (inside the same task): every ``commit_rows`` rows and at the end of the
-   fragment, the label columns of those rows are committed alone (``lance_io.write_fragment``).
-   Image bytes are never rewritten; rows appended meanwhile are untouched and stay todo.
-4. **finish** (driver): store the run's parameters and counts as a table version, tag it.
-
-A crash anywhere leaves the table at its last commit; rerunning the same command plans again
-and labels only what is left.
+The run's phases (plan, label on workers, grouped commits on the driver, failures, finish)
+are in :mod:`ray_jobs.label.lifecycle`, in one screen; docs/labeling.md describes them.
 """
 
 from __future__ import annotations
@@ -21,15 +9,15 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lance_io.labels import label_schema, provenance_of
 from lance_io.sql import sql_string
-from lance_io.versions import VersionInfo, list_versions
-from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
+from ray_jobs.label.labeler import LabelerEndpoint
+from ray_jobs.label.lifecycle import LabelRun, LabelSummary, WorkerSpec, label_commits, run_units
+
+__all__ = ["LabelOptions", "LabelSummary", "label_commits", "label_table", "todo_predicate"]
 
 
 class LabelOptions(BaseModel):
@@ -46,10 +34,11 @@ class LabelOptions(BaseModel):
     lora: str | None = Field(None, description="LoRA adapter of the started labeler")
     where: str | None = Field(None, description="SQL predicate restricting the rows")
     relabel: bool = Field(False, description="Also redo rows labeled by another model/adapter/prompt")
-    concurrency: int = Field(4, ge=1, description="Fragments labeled at once")
+    concurrency: int = Field(4, ge=1, description="Workers labeling at once (each a unit of fragments)")
     batch_size: int = Field(8, ge=1, description="Images per labeler request")
-    in_flight: int = Field(4, ge=1, description="Requests open at once per fragment")
-    commit_rows: int = Field(1024, ge=1, description="Commit at least this often within a fragment")
+    in_flight: int = Field(4, ge=1, description="Requests open at once per worker")
+    commit_rows: int = Field(1024, ge=1, description="Commit when this many labeled rows wait (any fragments)")
+    commit_seconds: float = Field(30.0, gt=0, description="Commit when the oldest waiting labels are this old")
     version_tag: str | None = Field(None, description="Tag the version the run ends at")
     token_env: str | None = Field(None, description="Env var with the labeler's bearer token")
     labeler_num_cpus: float = Field(1.0, ge=0, description="CPUs of the started labeler replica")
@@ -61,104 +50,6 @@ class LabelOptions(BaseModel):
         if len(given) != 1:
             raise ValueError(f"give exactly one of --serve URL, --app NAME or --model M (got: {', '.join(given) or 'none'})")
         return self
-
-
-@dataclass
-class LabelSummary:
-    """What a run did. ``planned == labeled + failed + skipped`` for the fragments that finished."""
-
-    table: str
-    column: str
-    planned: int = 0
-    labeled: int = 0
-    failed: int = 0
-    skipped: int = 0
-    fragments_planned: int = 0
-    fragments_committed: int = 0
-    fragments_failed: int = 0
-    version: int | None = None
-    seconds: float = 0.0
-    run_id: str = ""
-    provenance: str = ""
-    errors: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class FragmentJob:
-    """Everything a fragment task needs; plain data so it crosses process boundaries."""
-
-    uri: str
-    column: str
-    task_data: dict[str, Any]
-    todo: str
-    where: str | None
-    endpoint: LabelerEndpoint
-    commit_rows: int
-    properties: dict[str, str]
-    storage_options: dict[str, str] | None
-
-
-@dataclass
-class FragmentOutcome:
-    """What one fragment task committed."""
-
-    fragment_id: int
-    planned: int
-    written: int = 0
-    failed: int = 0
-    versions: list[int] = field(default_factory=list)
-
-
-def label_fragment(fragment_id: int, planned: int, job: FragmentJob) -> FragmentOutcome:
-    """Label the todo rows of one fragment and commit them; runs inside a Ray task."""
-    import pyarrow.compute as pc
-
-    from lance_io import write_fragment
-    from lance_io.labels import results_to_batch
-    from lance_io.tasks import task_from_dict
-
-    task = task_from_dict(job.task_data)
-    client = job.endpoint.connect()
-    outcome = FragmentOutcome(fragment_id, planned)
-    schema = label_schema(task, job.column)
-
-    def compute(batch):  # type: ignore[no-untyped-def]
-        images = batch.column("image").to_pylist()
-        results = label_concurrently(client, images, job.endpoint.request_size, job.endpoint.in_flight)
-        return results_to_batch(results, task, job.column)
-
-    def tally(committed) -> None:  # type: ignore[no-untyped-def]
-        outcome.failed += committed.num_rows - pc.sum(pc.is_null(committed[f"{job.column}_error"])).as_py()
-
-    result = write_fragment(
-        job.uri,
-        fragment_id,
-        compute,
-        read_columns=["image"],
-        output_schema=schema,
-        todo=job.todo,
-        where=job.where,
-        batch_size=job.endpoint.request_size * job.endpoint.in_flight,
-        commit_rows=job.commit_rows,
-        properties=job.properties,
-        storage_options=job.storage_options,
-        on_commit=tally,
-    )
-    outcome.written, outcome.versions = result.rows_written, result.versions
-    return outcome
-
-
-def label_commits(table: str, column: str = "label", *, storage_options: dict[str, str] | None = None) -> list[VersionInfo]:
-    """Return the versions in which label runs wrote ``column``, oldest first.
-
-    Each records the rows it wrote (``lancetag.rows``): their sum equals the table's labeled rows
-    exactly when no row was labeled twice.
-    """
-    return [
-        v
-        for v in list_versions(table, storage_options=storage_options)
-        if v.properties.get("lancetag.column") == column and v.properties.get("lancetag.operation") == "write_fragment"
-    ]
 
 
 def todo_predicate(column: str, provenance: str, relabel: bool) -> str:
@@ -226,9 +117,7 @@ def label_table(
 
         summary = label_table("/data/hotel.lance", LabelOptions(task="hotel", model="Qwen/Qwen2-VL-2B-Instruct"))
     """
-    from lance_io import ensure_columns, plan_fragments
     from lance_io.tasks import load_task
-    from lance_io.versions import record_run, tag_version
     from ray_jobs.ray_session import ensure_ray
 
     started = time.perf_counter()
@@ -239,12 +128,7 @@ def label_table(
 
     model, adapter = _labeler_identity(options, task.prompt_hash())
     provenance = provenance_of(model, adapter, task.prompt_hash())
-    ensure_columns(table, label_schema(task, column), storage_options=storage_options)
     todo = todo_predicate(column, provenance, options.relabel)
-    plan = plan_fragments(table, todo, where=options.where, storage_options=storage_options)
-    summary = LabelSummary(table=table, column=column, run_id=run_id, provenance=provenance)
-    summary.planned = sum(p.rows for p in plan)
-    summary.fragments_planned = len(plan)
     properties = {
         "lancetag.job": f"label-{run_id}",
         "lancetag.task": task.name,
@@ -253,9 +137,20 @@ def label_table(
         "lancetag.adapter": adapter or "",
         "lancetag.column": column,
     }
-    unfinished_rows = 0
+    run = LabelRun(
+        table,
+        label_schema(task, column),
+        todo=todo,
+        where=options.where,
+        properties=properties,
+        commit_rows=options.commit_rows,
+        commit_seconds=options.commit_seconds,
+        storage_options=storage_options,
+        summary=LabelSummary(table=table, column=column, run_id=run_id, provenance=provenance),
+    )
+    units = run.plan(options.concurrency)
     # A labeler the job starts itself costs a model load: only when there is work.
-    started_app = _start_labeler(options, run_id) if options.model and plan else None
+    started_app = _start_labeler(options, run_id) if options.model and units else None
     try:
         endpoint = LabelerEndpoint(
             url=options.serve,
@@ -264,58 +159,13 @@ def label_table(
             request_size=options.batch_size,
             in_flight=options.in_flight,
         )
-        job = FragmentJob(
-            table, column, task.model_dump(mode="json"), todo, options.where, endpoint, options.commit_rows, properties, storage_options
-        )
-        if plan:
-            unfinished_rows = _run_fragments(plan, job, summary, concurrency=options.concurrency, progress=progress)
+        rows_to_do = f"({todo}) AND ({options.where})" if options.where else todo
+        spec = WorkerSpec(table, column, task.model_dump(mode="json"), rows_to_do, endpoint, storage_options)
+        run_units(run, units, spec, concurrency=options.concurrency, progress=progress)
     finally:
         if started_app:
             from serve_apps.app import stop_labeler
 
             stop_labeler(started_app)
-
-    summary.skipped = summary.planned - summary.labeled - summary.failed - unfinished_rows
-    summary.seconds = round(time.perf_counter() - started, 3)
-    record = {k: v for k, v in asdict(summary).items() if k not in ("errors",)}
-    record.update(operation="label", job=f"label-{run_id}", task=task.name, model=model, adapter=adapter or "", where=options.where or "")
-    summary.version = record_run(table, run_id, record, storage_options=storage_options)
-    if options.version_tag:
-        tag_version(table, options.version_tag, summary.version, storage_options=storage_options)
-    return summary
-
-
-def _run_fragments(plan: list, job: FragmentJob, summary: LabelSummary, *, concurrency: int, progress: bool) -> int:
-    """Run one Ray task per planned fragment, ``concurrency`` at a time; tally outcomes into ``summary``.
-
-    Returns the planned rows of fragments whose task failed (they stay todo for a rerun).
-    """
-    import ray
-
-    from ray_jobs.label.progress import RowProgress
-
-    remote = ray.remote(num_cpus=0.25, max_retries=2)(label_fragment)
-    queue = list(plan)
-    running: dict[Any, Any] = {}
-    unfinished_rows = 0
-    with RowProgress(summary.planned, enabled=progress) as bar:
-        while queue or running:
-            while queue and len(running) < concurrency:
-                todo = queue.pop(0)
-                running[remote.remote(todo.fragment_id, todo.rows, job)] = todo
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in done:
-                todo = running.pop(ref)
-                try:
-                    outcome: FragmentOutcome = ray.get(ref)
-                except Exception as exc:  # the fragment's committed rows stay; a rerun finishes it
-                    summary.fragments_failed += 1
-                    summary.errors.append(f"fragment {todo.fragment_id}: {type(exc).__name__}: {str(exc)[:300]}")
-                    unfinished_rows += todo.rows
-                    bar.advance(todo.rows)
-                    continue
-                summary.labeled += outcome.written - outcome.failed
-                summary.failed += outcome.failed
-                summary.fragments_committed += 1 if outcome.versions else 0
-                bar.advance(outcome.planned)
-    return unfinished_rows
+    record = dict(operation="label", job=run.job, task=task.name, model=model, adapter=adapter or "", where=options.where or "")
+    return run.finish(started, record, options.version_tag)
