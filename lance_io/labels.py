@@ -38,6 +38,7 @@ from lance_io.tasks import ClassifyTask, Question, Task
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image token in sharegpt content
 META_SUFFIXES = ("confidence", "provenance", "error")
+KIND_KEY = "lancetag.kind"  # answer field metadata: the kind of the task that wrote the column
 Message = dict[str, str]
 
 
@@ -73,16 +74,28 @@ def answer_columns(task: Task, column: str) -> dict[str, str]:
 
 
 def label_schema(task: Task, column: str) -> pa.Schema:
-    """Return every column the task writes under prefix ``column``, answers first."""
+    """Return every column the task writes under prefix ``column``, answers first.
+
+    Each answer field carries the task's kind in its metadata (``lancetag.kind``), so readers
+    that know only the table (``lancetag eval``) can tell free text from a closed set.
+    """
     answer_type = pa.int32() if task.kind == "score" else pa.string()
+    kind = {KIND_KEY: task.kind}
     return pa.schema(
         [
-            *(pa.field(name, answer_type) for name in answer_columns(task, column).values()),
+            *(pa.field(name, answer_type, metadata=kind) for name in answer_columns(task, column).values()),
             pa.field(f"{column}_confidence", pa.float32()),
             pa.field(f"{column}_provenance", pa.string()),
             pa.field(f"{column}_error", pa.string()),
         ]
     )
+
+
+def kind_of(schema: pa.Schema, column: str) -> str | None:
+    """Return the task kind :func:`label_schema` stored with answer column ``column`` (None when unknown)."""
+    metadata = (schema.field(column).metadata or {}) if column in schema.names else {}
+    kind = metadata.get(KIND_KEY.encode())
+    return kind.decode() if kind else None
 
 
 def _answer_of(record: LabelRecord, task: Task, key: str) -> Any:

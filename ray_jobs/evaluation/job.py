@@ -1,13 +1,23 @@
-"""`lancetag eval`: compare a label column with a truth column at a table version; write a report."""
+"""`lancetag eval`: compare a label column with a truth column at a table version; write a report.
+
+Next to the model's figures: classical baselines fitted on another filter's rows
+(:mod:`ray_jobs.evaluation.baselines`) and, when the labels came from a model trained with
+validation, that run's validation curve (from its ``lancetag_lineage.json``).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ray_jobs.evaluation.baselines import Baseline, table_baselines
 from ray_jobs.evaluation.metrics import Evaluation, evaluate
 from ray_jobs.evaluation.report import REFERENCE_COSTS, confusion_png, cost_per_1000, html_report
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_PRICE_PER_HOUR = 0.10
 """Hourly price of the machine that labeled, in dollars (a 2-core cloud VM is about this)."""
@@ -27,6 +37,8 @@ class EvalResult:
     price_per_hour: float = DEFAULT_PRICE_PER_HOUR
     report: str | None = None
     lineage: dict[str, str] = field(default_factory=dict)
+    baselines: dict[str, list[Baseline]] = field(default_factory=dict)
+    training: dict | None = None
 
     @property
     def accuracy(self) -> float:
@@ -53,6 +65,20 @@ def _pairs(schema_names: list[str], column: str, truth: str) -> dict[str, tuple[
     return pairs
 
 
+def _refuse_free_text(schema: pa.Schema, column: str, answers: list[str]) -> None:
+    """Refuse answer columns a caption task wrote: accuracy and confusion need a closed answer set."""
+    from lance_io.labels import kind_of
+    from lance_io.reasons import ReasonError
+
+    if any(kind_of(schema, answer) == "caption" for answer in answers):
+        raise ReasonError(
+            "free_text",
+            f"{column!r} holds captions (free text): exact-match accuracy, per-class scores and a confusion "
+            f"matrix mean nothing there; compare two runs with `lancetag diff TABLE A B --column {column}` "
+            f"or read them with `lancetag query TABLE --columns id,{column}`",
+        )
+
+
 def _throughput(runs: dict[str, dict], column: str, version: int) -> tuple[float | None, dict[str, str]]:
     """Images/s and lineage of the latest label run of ``column`` at or before ``version``."""
     candidates = [
@@ -67,6 +93,15 @@ def _throughput(runs: dict[str, dict], column: str, version: int) -> tuple[float
     return ips, lineage
 
 
+def training_record(lineage: dict[str, str]) -> dict | None:
+    """Return the validation curve of the run that trained the labeling model (adapter, else model), or None."""
+    for folder in (lineage.get("adapter"), lineage.get("model")):
+        path = Path(folder) / "lancetag_lineage.json" if folder and "://" not in folder else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text()).get("validation")
+    return None
+
+
 def evaluate_table(
     table: str,
     column: str,
@@ -77,17 +112,20 @@ def evaluate_table(
     report_dir: str | Path | None = None,
     price_per_hour: float = DEFAULT_PRICE_PER_HOUR,
     storage_options: dict[str, str] | None = None,
+    baseline_train: str | None = None,
 ) -> EvalResult:
     """Evaluate ``column`` against ``truth`` on the rows matching ``where`` at ``version``.
 
-    With ``report_dir``, writes ``confusion.png`` (per attribute for attribute tasks),
-    ``report.html`` and ``metrics.json`` there.
+    With ``baseline_train`` (a SQL filter, e.g. ``"split = 'train'"``), classical baselines are fitted
+    on those rows and scored on the same rows as the model. With ``report_dir``, writes
+    ``confusion.png`` (per attribute for attribute tasks), ``report.html`` and ``metrics.json`` there.
     """
     from lance_io import open_table
     from lance_io.versions import run_summaries
 
     ds = open_table(table, version, storage_options=storage_options)
     pairs = _pairs(ds.schema.names, column, truth)
+    _refuse_free_text(ds.schema, column, [answer for answer, _ in pairs.values()])
     extra = [c for c in (f"{column}_confidence", f"{column}_error") if c in ds.schema.names]
     needed = sorted({c for pair in pairs.values() for c in pair} | set(extra))
     data = ds.to_table(columns=needed, filter=where).to_pydict()
@@ -97,10 +135,13 @@ def evaluate_table(
     }
     ips, lineage = _throughput(run_summaries(table, storage_options=storage_options), column, ds.version)
     lineage["evaluated_version"] = str(ds.version)
+    baselines = {}
+    if baseline_train is not None:
+        baselines = {name: table_baselines(ds, t, baseline_train, where) for name, (_c, t) in pairs.items()}
     result = EvalResult(
         table=table, version=ds.version, column=column, truth=truth, evaluations=evaluations,
         images_per_second=ips, cost_per_1000=cost_per_1000(ips, price_per_hour) if ips else None,
-        price_per_hour=price_per_hour, lineage=lineage,
+        price_per_hour=price_per_hour, lineage=lineage, baselines=baselines, training=training_record(lineage),
     )
     if report_dir is not None:
         result.report = str(write_report(result, Path(report_dir)))
@@ -121,13 +162,15 @@ def write_report(result: EvalResult, out: Path) -> Path:
         png = out / (f"confusion-{name}.png" if len(result.evaluations) > 1 else "confusion.png")
         cells = confusion_png(evaluation, png, title=name)
         facts = {"table": result.table, "version": str(result.version), "column": name, "truth": result.truth, **result.lineage}
-        pages.append(html_report(evaluation, png, cells, title=f"lancetag eval: {name}", facts=facts, costs=costs))
+        pages.append(html_report(evaluation, png, cells, title=f"lancetag eval: {name}", facts=facts, costs=costs,
+                                 baselines=result.baselines.get(name, []), training=result.training))
     page = pages[0] if len(pages) == 1 else "\n".join(pages)
     (out / "report.html").write_text(page)
     metrics = {
         "table": result.table, "version": result.version, "accuracy": result.accuracy,
         "images_per_second": result.images_per_second, "cost_per_1000": result.cost_per_1000,
         "lineage": result.lineage, "evaluations": {k: asdict(v) for k, v in result.evaluations.items()},
+        "baselines": {k: [asdict(b) for b in v] for k, v in result.baselines.items()}, "training": result.training,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return out / "report.html"
