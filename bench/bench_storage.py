@@ -26,7 +26,6 @@ from lance_io.schema import IMAGE_FIELD_METADATA, IMAGE_SCHEMA, content_hashes
 
 N_IMAGES = 10_000
 TAKES = 500
-BLOB_META = {"lance-encoding:blob": "true"}
 
 
 def _disk(path: Path) -> int:

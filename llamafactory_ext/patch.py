@@ -61,11 +61,3 @@ def activate() -> bool:
     except ImportError:  # the web UI package is optional in some LLaMA-Factory builds
         pass
     return True
-
-
-def is_active() -> bool:
-    """Return whether the Lance loader is installed in this process (without importing LLaMA-Factory)."""
-    import sys
-
-    loader = sys.modules.get("llamafactory.data.loader")
-    return loader is not None and getattr(loader._load_single_dataset, _MARK, False)
