@@ -6,6 +6,7 @@ import base64
 import html
 from pathlib import Path
 
+from ray_jobs.evaluation.baselines import Baseline
 from ray_jobs.evaluation.metrics import Evaluation
 
 # Published reference points (source articles): cost per 1,000 images.
@@ -67,8 +68,13 @@ def html_report(
     title: str,
     facts: dict[str, str],
     costs: dict[str, float],
+    baselines: list[Baseline] | None = None,
+    training: dict | None = None,
 ) -> str:
-    """Return a self-contained HTML page: headline figures, per-class table, confusion image, costs."""
+    """Return a self-contained HTML page: headline figures, baselines, per-class table, confusion, costs.
+
+    ``training``: the validation record of the run that trained the model (its curve), if any.
+    """
     esc = html.escape
     image = base64.b64encode(png.read_bytes()).decode()
     fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts.items())
@@ -82,6 +88,8 @@ def html_report(
         f'title="truth {esc(evaluation.classes[i])}, predicted {esc(evaluation.classes[j])}: {evaluation.confusion[i][j]}">'
         for (i, j), (x, y, r) in cells.items()
     )
+    baseline_section = _baselines_html(evaluation, baselines) if baselines else ""
+    training_section = _training_html(training) if training else ""
     conf = "n/a" if evaluation.mean_confidence is None else f"{evaluation.mean_confidence:.3f}"
     ece = "n/a" if evaluation.calibration_error is None else f"{evaluation.calibration_error:.3f}"
     return f"""<!doctype html>
@@ -94,7 +102,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.big{{font-size:
 coverage {100 * evaluation.coverage:.1f}% ({evaluation.labeled} labeled, {evaluation.invalid} invalid);
 macro F1 {evaluation.macro_f1:.3f}; mean confidence {conf}; calibration error (ECE) {ece}.</p>
 <table id="facts">{fact_rows}</table>
-<h2>Per class</h2>
+{baseline_section}{training_section}<h2>Per class</h2>
 <table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{class_rows}</table>
 <h2>Confusion matrix</h2>
 <img id="confusion" alt="confusion matrix" usemap="#cells" src="data:image/png;base64,{image}">
@@ -103,3 +111,39 @@ macro F1 {evaluation.macro_f1:.3f}; mean confidence {conf}; calibration error (E
 <table id="costs"><tr><th>labeler</th><th>$ / 1,000 images</th></tr>{cost_rows}</table>
 </body></html>
 """
+
+
+def _baselines_html(evaluation: Evaluation, baselines: list[Baseline]) -> str:
+    """The model's accuracy and each classical baseline's, on the same rows."""
+    esc = html.escape
+    rows = f"<tr><td>this model</td><td>{100 * evaluation.accuracy:.1f}%</td><td>{evaluation.rows}</td><td></td></tr>"
+    for b in baselines:
+        overlap = f" ({b.overlap} evaluated rows among them)" if b.overlap else ""
+        rows += (
+            f"<tr><td>{esc(b.name)}</td><td>{100 * b.accuracy:.1f}%</td><td>{b.rows}</td>"
+            f"<td>{b.train_rows} rows where {esc(b.train_filter)}{esc(overlap)}</td></tr>"
+        )
+    return (
+        "<h2>Baselines on the same rows</h2>\n<table id=\"baselines\"><tr><th>model</th><th>accuracy</th>"
+        f"<th>rows</th><th>trained on</th></tr>{rows}</table>\n"
+    )
+
+
+def _training_html(training: dict) -> str:
+    """The validation curve of the training run: step, epoch, validation accuracy, train loss."""
+    best = (training.get("best") or {}).get("step")
+    rows = ""
+    for p in training.get("points", []):
+        loss = "n/a" if p.get("train_loss") is None else f"{p['train_loss']:.4f}"
+        mark = " (kept)" if p.get("step") == best else ""
+        rows += (
+            f"<tr><td>{p['step']}{mark}</td><td>{p['epoch']:.2f}</td>"
+            f"<td>{100 * p['validation_accuracy']:.1f}%</td><td>{loss}</td></tr>"
+        )
+    stopped = "stopped early" if training.get("stopped_early") else "ran to the end"
+    return (
+        f"<h2>Validation during training</h2>\n<p>{training.get('rows', 0)} validation rows "
+        f"(fraction {training.get('fraction')}), {stopped}; the weights of the best step were kept.</p>\n"
+        "<table id=\"training\"><tr><th>step</th><th>epoch</th><th>validation accuracy</th>"
+        f"<th>train loss</th></tr>{rows}</table>\n"
+    )
