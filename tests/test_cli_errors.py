@@ -1,0 +1,276 @@
+"""The `lancetag` command's one error boundary, run as users run it (the console script, in subprocesses).
+
+Every expected failure ends as exactly one line ``error: <reason>: <message>`` on stderr and exit 2;
+with ``--json`` stdout holds exactly ``{"error": {"reason": ..., "message": ...}}``; no traceback
+unless ``--debug``/``LANCETAG_DEBUG=1``; a bug is ``error: internal: ...`` with exit 3 (docs/cli.md).
+Commands that fail before Ray run with ``RAY_ADDRESS`` pointing at a closed port: had one of them
+started or joined Ray, it would fail differently (or hang) instead of giving its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LANCETAG
+from tests.table_fixtures import image_rows
+
+UNREACHABLE_LABELER = "http://127.0.0.1:9"  # nothing listens on the discard port
+BAD_SQL = "nonsense ==="
+DROP_READ_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search", "--"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+NO_RAY = {"RAY_ADDRESS": f"127.0.0.1:{_closed_port()}"}
+
+
+def lancetag(args: Sequence[str], *, env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run the console command; return the finished process (text output)."""
+    return subprocess.run(
+        [*prefix, LANCETAG, *args], capture_output=True, text=True, timeout=180, env={**os.environ, **NO_RAY, **(env or {})}
+    )
+
+
+def refusal_problems(proc: subprocess.CompletedProcess, reason: str, *, as_json: bool) -> list[str]:
+    """Return how ``proc`` breaks the error contract for ``reason`` (empty when it keeps it)."""
+    problems = []
+    if proc.returncode != 2:
+        problems.append(f"exit {proc.returncode}, not 2")
+    if "Traceback" in proc.stdout + proc.stderr:
+        problems.append("a traceback")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    if len(errors) != 1 or not errors[0].startswith(f"error: {reason}: "):
+        return [*problems, f"error lines {errors}"]
+    message = errors[0][len(f"error: {reason}: ") :]
+    if not message.strip():
+        problems.append("an empty message")
+    if as_json:
+        try:
+            printed = json.loads(proc.stdout)  # the whole stdout: one object, nothing else
+        except json.JSONDecodeError:
+            printed = proc.stdout
+        if printed != {"error": {"reason": reason, "message": message}}:
+            problems.append(f"stdout {proc.stdout!r}")
+    elif proc.stdout:
+        problems.append(f"stdout {proc.stdout!r} without --json")
+    return problems
+
+
+def assert_refused(
+    cases: dict[str, tuple[Sequence[str], str]],
+    *,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    as_json: bool = True,
+) -> None:
+    """Run every case (name -> (args, reason)) two at a time; fail listing each broken contract."""
+    flag = ["--json"] if as_json else []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip(cases, pool.map(lambda c: lancetag([*c[0], *flag], env=env, prefix=prefix), cases.values()), strict=True))
+    failures = [
+        f"{name}: {'; '.join(problems)}\n  stderr: {procs[name].stderr[-600:]!r}"
+        for name, (_, reason) in cases.items()
+        if (problems := refusal_problems(procs[name], reason, as_json=as_json))
+    ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> str:
+    """A real 6-row image table at versions 1 (create) and 2 (append), with a `truth` column."""
+    from lance_io import append_images
+
+    uri = str(tmp_path_factory.mktemp("cli-errors") / "t.lance")
+    append_images(uri, image_rows(range(3)))
+    append_images(uri, image_rows(range(3, 6)))
+    return uri
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> Path:
+    """A folder of broken inputs: an invalid task, invalid YAML, a training config with an unknown key."""
+    folder = tmp_path_factory.mktemp("cli-error-configs")
+    (folder / "bad_task.yaml").write_text("kind: classify\nlabels: [only-one]\n")
+    (folder / "not_yaml.yaml").write_text("model_name_or_path: [unclosed\n")
+    (folder / "unknown_key.yaml").write_text("model_name_or_path: m\nstage: sft\nlancetag:\n  no_such_key: 1\n")
+    return folder
+
+
+def test_missing_tables_versions_and_columns_are_one_error_line_and_one_json_object(table, tmp_path):
+    missing = str(tmp_path / "none.lance")
+    datasets = str(tmp_path / "datasets")
+    assert_refused(
+        {
+            "show": (["show", missing], "table_not_found"),
+            "versions": (["versions", missing], "table_not_found"),
+            "query": (["query", missing], "table_not_found"),
+            "diff": (["diff", missing, "1", "2"], "table_not_found"),
+            "tag": (["tag", missing, "x"], "table_not_found"),
+            "restore": (["restore", missing, "1"], "table_not_found"),
+            "eval": (["eval", missing], "table_not_found"),
+            "label": (["label", missing, "--task", "digits", "--serve", UNREACHABLE_LABELER], "table_not_found"),
+            "lf register": (["lf", "register", missing, "--name", "x", "--dataset-dir", datasets], "table_not_found"),
+            "show -v": (["show", table, "--version", "99"], "version_not_found"),
+            "query -v": (["query", table, "--version", "no-such-tag"], "version_not_found"),
+            "diff v": (["diff", table, "1", "99"], "version_not_found"),
+            "tag -v": (["tag", table, "x", "--version", "99"], "version_not_found"),
+            "restore v": (["restore", table, "99"], "version_not_found"),
+            "eval --version": (["eval", table, "--column", "truth", "--version", "99"], "version_not_found"),
+            "lf register --version": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--version", "99"], "version_not_found"),
+            "query --columns": (["query", table, "--columns", "id,nope"], "column_missing"),
+            "diff --column": (["diff", table, "1", "2", "--column", "nope"], "column_missing"),
+            "eval --column": (["eval", table, "--column", "nope"], "column_missing"),
+            "lf register --label-column": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--label-column", "nope"], "column_missing"),
+        }
+    )
+    assert not (tmp_path / "none.lance").exists(), "a failed read must not create the table"
+
+
+def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, configs, tmp_path):
+    datasets = str(tmp_path / "datasets")
+    label = ["label", table, "--serve", UNREACHABLE_LABELER]
+    assert_refused(
+        {
+            "query --where": (["query", table, "--where", BAD_SQL], "bad_where"),
+            "query --where unknown column": (["query", table, "--where", "nope = 1"], "bad_where"),
+            "label --where": ([*label, "--task", "digits", "--where", BAD_SQL], "bad_where"),
+            "eval --where": (["eval", table, "--column", "truth", "--where", BAD_SQL], "bad_where"),
+            "lf register --where": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--where", BAD_SQL], "bad_where"),
+            "label unreachable": ([*label, "--task", "digits"], "labeler_unreachable"),
+            "label bad task": ([*label, "--task", str(configs / "bad_task.yaml")], "bad_task"),
+            "label no task": ([*label, "--task", "no_such_task"], "bad_task"),
+            "serve bad task": (["serve", "--task", str(configs / "bad_task.yaml"), "--model", "m", "--no-blocking"], "bad_task"),
+            "serve no task": (["serve", "--task", "no_such_task", "--model", "m", "--no-blocking"], "bad_task"),
+            "lf register bad task": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--task", str(configs / "bad_task.yaml")], "bad_task"),
+            "train no config": (["train", str(configs / "none.yaml")], "config_not_found"),
+            "train not yaml": (["train", str(configs / "not_yaml.yaml")], "bad_yaml"),
+            "train unknown key": (["train", str(configs / "unknown_key.yaml")], "bad_lancetag_block"),
+            "train --set": (["train", str(configs / "unknown_key.yaml"), "--set", "max_steps"], "bad_override"),
+            "ingest --column": (["ingest", str(configs), "--table", str(tmp_path / "i.lance"), "--column", "path"], "bad_option"),
+            "missing argument": (["show"], "bad_usage"),
+            "unknown option": (["show", table, "--no-such-option"], "bad_usage"),
+            "unknown command": (["no-such-command"], "bad_usage"),
+        }
+    )
+
+
+def test_without_json_stdout_stays_empty_and_stderr_holds_the_one_line(table, tmp_path):
+    assert_refused(
+        {
+            "missing table": (["show", str(tmp_path / "none.lance")], "table_not_found"),
+            "bad sql": (["query", table, "--where", BAD_SQL], "bad_where"),
+            "labeler": (["label", table, "--task", "digits", "--serve", UNREACHABLE_LABELER], "labeler_unreachable"),
+        },
+        as_json=False,
+    )
+
+
+def test_an_unreachable_object_store_is_storage_unreachable(table):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    options = {"endpoint": endpoint, "allow_http": "true", "aws_access_key_id": "k", "aws_secret_access_key": "s",
+               "region": "us-east-1", "client_max_retries": "0"}  # Lance retries 3 times by default
+    uri = "s3://bucket/t.lance"
+    assert_refused(
+        {
+            "show": (["show", uri], "storage_unreachable"),
+            "versions": (["versions", uri], "storage_unreachable"),
+            "query": (["query", uri, "--where", "truth = '1'"], "storage_unreachable"),
+            "label": (["label", uri, "--task", "digits", "--serve", UNREACHABLE_LABELER], "storage_unreachable"),
+            "eval": (["eval", uri], "storage_unreachable"),
+        },
+        env={"LANCETAG_STORAGE_OPTIONS": json.dumps(options)},
+    )
+
+
+@pytest.fixture
+def locked_table(table, tmp_path) -> Iterator[Path]:
+    """A copy of the table whose folder its reader may not open (chmod 000); restored afterwards."""
+    locked = tmp_path / "locked.lance"
+    shutil.copytree(table, locked)
+    locked.chmod(0)
+    yield locked
+    locked.chmod(0o755)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_a_table_the_user_may_not_read_or_write_is_permission_denied(locked_table):
+    # Tests run as root, which permission bits do not stop: drop the capabilities that let it pass.
+    probe = subprocess.run([*DROP_READ_OVERRIDE, "ls", str(locked_table)], capture_output=True)
+    assert probe.returncode != 0, "the dropped capabilities must make chmod 000 deny the reader"
+    uri = str(locked_table)
+    assert_refused(
+        {
+            "show": (["show", uri], "permission_denied"),
+            "query": (["query", uri], "permission_denied"),
+            "versions": (["versions", uri], "permission_denied"),
+            "label": (["label", uri, "--task", "digits", "--serve", UNREACHABLE_LABELER], "permission_denied"),
+        },
+        prefix=DROP_READ_OVERRIDE,
+    )
+    locked_table.chmod(0o555)  # readable, not writable: the write fails, the boundary names why
+    assert_refused({"tag": (["tag", uri, "x"], "permission_denied")}, prefix=DROP_READ_OVERRIDE)
+
+
+def test_debug_shows_the_traceback_and_still_ends_with_the_error_line(tmp_path):
+    missing = str(tmp_path / "none.lance")
+    for args, env in ((["--debug", "show", missing], {}), (["show", missing, "--debug"], {}), (["show", missing], {"LANCETAG_DEBUG": "1"})):
+        proc = lancetag([*args, "--json"], env=env)
+        assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr, (args, proc.stderr)
+        assert "TableReadError" in proc.stderr
+        assert proc.stderr.splitlines()[-1].startswith("error: table_not_found: no Lance table at ")
+        assert json.loads(proc.stdout)["error"]["reason"] == "table_not_found"
+
+
+def test_an_unexpected_error_is_internal_with_exit_3_and_a_hint(capsys):
+    import typer
+
+    from ray_jobs.cli.errors import EXIT_INTERNAL, run_app
+
+    app = typer.Typer()
+
+    @app.callback()
+    def options(debug: bool = typer.Option(False, "--debug")) -> None:
+        """The global options lancetag has."""
+
+    @app.command()
+    def broken(as_json: bool = typer.Option(False, "--json")) -> None:
+        """Fail the way a bug does."""
+        {}["missing"]
+
+    assert run_app(app, ["broken", "--json"]) == EXIT_INTERNAL
+    out, err = capsys.readouterr()
+    line = "error: internal: KeyError: 'missing' (run with --debug for the traceback)"
+    assert err.splitlines() == [line] and "Traceback" not in err
+    assert json.loads(out) == {"error": {"reason": "internal", "message": line[len("error: internal: ") :]}}
+
+    assert run_app(app, ["broken", "--debug"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1] == "error: internal: KeyError: 'missing'"
+
+
+@pytest.mark.slow
+def test_ingest_into_an_unreachable_object_store_is_storage_unreachable(tmp_path):
+    from tests.ingest_fixtures import build_class_folder
+
+    folder = build_class_folder(tmp_path, {"cat": 2, "dog": 2})
+    options = {"endpoint": f"http://127.0.0.1:{_closed_port()}", "allow_http": "true", "aws_access_key_id": "k",
+               "aws_secret_access_key": "s", "region": "us-east-1"}
+    proc = lancetag(
+        ["ingest", str(folder), "--table", "s3://bucket/t.lance", "--num-cpus", "1", "--json"],
+        env={"LANCETAG_STORAGE_OPTIONS": json.dumps(options), "RAY_ADDRESS": ""},  # ingest starts its own Ray
+    )
+    assert refusal_problems(proc, "storage_unreachable", as_json=True) == [], proc.stderr[-2000:]
+    assert "the object store did not answer" in json.loads(proc.stdout)["error"]["message"]
