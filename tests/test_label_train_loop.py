@@ -2,8 +2,8 @@
 
 Every step is the real `lancetag` console command in a subprocess, on a table ingested from real
 photos (scikit-image's sample images, cropped at random so every image differs), labeled by a
-tiny Qwen2-VL on a Serve labeler in the session's Ray cluster. Half of a second delivery stays
-unlabeled, so counts that ignore which rows have labels show up.
+tiny Qwen2-VL on a Serve labeler in the session's Ray cluster. A second delivery of photos stays
+unlabeled, so a count that ignores which rows have labels shows up.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def test_attribute_labels_train_an_adapter_whose_relabel_is_evaluated_per_attrib
 def test_caption_labels_train_an_adapter_and_eval_refuses_free_text_with_a_reason(
     ray_cluster, photo_table, tiny_qwen2_vl, tmp_path
 ):
+    # The tiny random model's captions are empty strings: this checks the plumbing, not what is learned.
     address = ray_cluster.get_runtime_context().gcs_address
     label_train_relabel(photo_table, CAPTION_YAML, "caption", tiny_qwen2_vl, tmp_path, address)
 

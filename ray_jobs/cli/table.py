@@ -88,7 +88,7 @@ def diff(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compare two versions (numbers or tags): rows added/removed; a column's distribution and changes."""
+    """Compare two versions (numbers or tags): rows added/removed; each answer column's distribution and changes."""
     from lance_io.versions import diff_versions
 
     result = diff_versions(table, before, after, column=column, storage_options=_options(table))
@@ -96,12 +96,14 @@ def diff(
         emit_json(result)
         return
     typer.echo(f"version {result.before} -> {result.after}: +{result.added} rows, -{result.removed} rows")
-    if result.columns:
+    if len(result.columns) > 1:
+        each = ", ".join(f"{c.column} {c.changed}" for c in result.columns)
+        typer.echo(f"{column}: {result.changed} rows changed ({each})")
+    elif result.columns:
         typer.echo(f"{column}: {result.changed} rows changed")
     for c in result.columns:
         keys = sorted(set(c.before) | set(c.after), key=lambda k: (k is None, str(k)))
-        rows = [{"value": k, "before": c.before.get(k, 0), "after": c.after.get(k, 0)} for k in keys]
-        print_rows(f"{c.column}: {c.changed} rows changed", rows)
+        print_rows(c.column, [{"value": k, "before": c.before.get(k, 0), "after": c.after.get(k, 0)} for k in keys])
 
 
 def query(
