@@ -30,6 +30,12 @@ from lance_io.labels import (
 )
 from lance_io.scan import TableReadError, list_fragments, open_at, require_columns, scan_batches
 from lance_io.schema import MESSAGE_TYPE
+from llamafactory_ext.samples_reader import (
+    count_samples,
+    iter_sample_tables,
+    sample_features,
+    sample_fragment_ids,
+)
 from llamafactory_ext.source import LanceSource
 
 logger = logging.getLogger(__name__)
@@ -156,6 +162,8 @@ def count_rows(source: LanceSource) -> int:
     (all answers null) do not count; a stored answer the task does not allow still does (it is
     skipped at load time as ``label_not_in_task``).
     """
+    if source.samples_version is not None:
+        return count_samples(source)
     builder = RowBuilder(source)
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
     require_columns(ds, builder.columns, uri=source.uri)
@@ -170,10 +178,15 @@ def iter_tables(
     source: LanceSource, *, fragment_ids: list[int] | None = None, report: ReadReport | None = None
 ) -> Iterator[pa.Table]:
     """Yield row tables of ``source`` batch by batch (optionally of some fragments only)."""
+    report = report if report is not None else ReadReport()
+    if source.samples_version is not None:  # fragments of the samples table
+        for table in iter_sample_tables(source, fragment_ids=fragment_ids, skipped=report.skipped):
+            report.kept += table.num_rows
+            yield table
+        return
     builder = RowBuilder(source)
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
     require_columns(ds, builder.columns, uri=source.uri)
-    report = report if report is not None else ReadReport()
     for batch in scan_batches(ds, builder.columns, where=source.where, fragment_ids=fragment_ids):
         table = builder.build(batch, report)
         if table.num_rows:
@@ -230,9 +243,12 @@ def stream_rows(source: LanceSource) -> Any:
     from datasets import DatasetInfo, IterableDataset
     from datasets.iterable_dataset import ArrowExamplesIterable
 
-    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-    fragments = [f.fragment_id for f in list_fragments(ds)]  # a list in kwargs: one shard per item
-    examples = ArrowExamplesIterable(
+    if source.samples_version is not None:
+        fragments, features = sample_fragment_ids(source), sample_features()
+    else:
+        ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+        fragments, features = [f.fragment_id for f in list_fragments(ds)], row_features()
+    examples = ArrowExamplesIterable(  # a list in kwargs: one shard per fragment
         _stream_tables, {"source_json": source.model_dump_json(), "fragment_ids": fragments}
     )
-    return IterableDataset(examples, info=DatasetInfo(features=row_features()))
+    return IterableDataset(examples, info=DatasetInfo(features=features))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lance_io.samples import open_samples, samples_exist, samples_version_at
 from lance_io.scan import open_at
 from llamafactory_ext.reader import count_rows, resolve
-from llamafactory_ext.source import LanceSource, Split, entry_for, write_entry
+from llamafactory_ext.source import LanceEntryError, LanceSource, Split, entry_for, write_entry
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,21 @@ def register_dataset(
     """Write or update entry ``name`` of ``dataset_dir/dataset_info.json`` for the table at ``uri``.
 
     Without ``version`` the current latest version is pinned; a tag stays a tag (tags can be
-    moved on purpose). Without ``label_column`` or ``messages_column``, a ``messages`` column
-    is used if the table has one, else ``truth``. Without ``task``, a label column gets the
-    default classify task over the labels present at that version (snapshotted in the entry).
+    moved on purpose). Without ``label_column`` or ``messages_column``, the table's samples
+    (:mod:`lance_io.samples`) are registered if it has any, pinned at the samples version that
+    goes with the image version; else a ``messages`` column if the table has one, else
+    ``truth``. Without ``task``, a label column gets the default classify task over the labels
+    present at that version (snapshotted in the entry).
     """
     from lance_io.schema import MESSAGES, TRUTH
 
     probe = LanceSource(uri=uri, label_column="x", storage_options_env=storage_options_env or {})
     ds = open_at(uri, version, storage_options=probe.storage_options())
+    samples_version = None
     if label_column is None and messages_column is None:
-        if MESSAGES in ds.schema.names:
+        if samples_exist(uri, storage_options=probe.storage_options()):
+            samples_version = _samples_version(uri, version, ds.version, probe.storage_options())
+        elif MESSAGES in ds.schema.names:
             messages_column = MESSAGES
         else:
             label_column = TRUTH
@@ -67,6 +73,7 @@ def register_dataset(
         val_fraction=val_fraction,
         label_column=label_column,
         messages_column=messages_column,
+        samples_version=samples_version,
         task=task,
         storage_options_env=storage_options_env or {},
     )
@@ -76,3 +83,19 @@ def register_dataset(
     rows = count_rows(source)  # checks the columns too, before anything is written
     path = write_entry(dataset_dir, name, entry_for(source, name, num_samples=num_samples))
     return Registration(name, path, uri, ds.version, tag, rows)
+
+
+def _samples_version(
+    uri: str, asked: int | str | None, images_version: int, storage_options: dict[str, str] | None
+) -> int:
+    """Return the samples version to pin: the latest, or the one written against an older image version asked for."""
+    pinned = (
+        open_samples(uri, storage_options=storage_options).version
+        if asked is None
+        else samples_version_at(uri, images_version, storage_options=storage_options)
+    )
+    if pinned is None:
+        raise LanceEntryError(
+            "no_samples", f"{uri} had no samples at version {asked}; register a later version or a label column"
+        )
+    return pinned

@@ -61,6 +61,9 @@ class LanceSource(BaseModel):
         None, description="Column of sharegpt turns (list<struct<role, content>>)"
     )
     label_column: str | None = Field(None, description="Label column to build messages from (with task)")
+    samples_version: int | None = Field(
+        None, description="Read the table's samples (lance_io.samples) at this samples-table version"
+    )
     task: str | None = Field(
         None, description="Task name or YAML path the messages follow (lance_io.tasks)"
     )
@@ -71,8 +74,12 @@ class LanceSource(BaseModel):
 
     @model_validator(mode="after")
     def _one_message_source(self) -> LanceSource:
-        if (self.messages_column is None) == (self.label_column is None):
-            raise ValueError("give exactly one of messages_column (ready chats) or label_column (+ task)")
+        given = [self.messages_column, self.label_column, self.samples_version]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError(
+                "give exactly one of samples_version (the table's samples), messages_column (ready chats) "
+                "or label_column (+ task)"
+            )
         if self.version is not None and self.tag is not None:
             raise ValueError("give a version or a tag, not both")
         return self
@@ -126,6 +133,8 @@ def entry_for(source: LanceSource, name: str, *, num_samples: int | None = None)
         "tags": dict(SHAREGPT_TAGS),
         "lance": source.model_dump(mode="json", exclude_none=True, exclude_defaults=False),
     }
+    if source.samples_version is not None:  # samples carry their own system prompt and tools
+        entry["columns"].update(system="system", tools="tools")
     if num_samples is not None:
         entry["num_samples"] = num_samples
     return entry
