@@ -26,7 +26,7 @@ from ray_jobs.label import label_commits
 
 N_ROWS = 960
 APP = "bench-faults"
-VICTIMS = {"serve replica": f"ray::ServeReplica:{APP}", "tagging worker": "ray::label_fragment", "job driver": None}
+VICTIMS = {"serve replica": f"ray::ServeReplica:{APP}", "tagging worker": "ray::label_fragments", "job driver": None}
 
 
 def _labeled(uri: str) -> int:
@@ -137,15 +137,15 @@ def run(workdir: Path) -> Section:
     ray.shutdown()
     md = f"""
 {N_ROWS} real digit images in fragments of 64 rows, one tiny Qwen2-VL replica (1 CPU), label job with
-2 fragments at once and a commit every 32 rows; each victim killed (SIGKILL) once 20% of the rows
+2 workers at once and a commit (by the driver) every 32 rows; each victim killed (SIGKILL) once 20% of the rows
 were labeled. Undisturbed run: {baseline:.1f} s. Time to recover = kill to the next label commit.
 
 | victim | time to recover | time to finish (vs undisturbed) | rows lost | rows labeled twice |
 | --- | ---: | ---: | ---: | ---: |
 {chr(10).join(lines)}
 
-A killed replica is restarted by Serve (the model reloads); a killed tagging worker is retried by Ray
-(the fragment resumes from its last commit); a killed driver is rerun by the user (here at once), and
+A killed replica is restarted by Serve (the model reloads); a killed tagging worker's fragments are run
+again by the driver once it committed what that worker sent (only rows still todo); a killed driver is rerun by the user (here at once), and
 the rerun plans only the unlabeled rows.
 """
     return Section("Recovery from kill -9 during tagging", md)

@@ -234,8 +234,9 @@ def commit_values(
     values = _first_per_id(values)
     audit = {"lancetag.operation": "commit_values", **(properties or {})}
     for attempt in range(COMMIT_ATTEMPTS):
-        ds = lance.dataset(uri, storage_options=storage_options)
         try:
+            with translated_write_errors(uri, None):
+                ds = lance.dataset(uri, storage_options=storage_options)
             with translated_write_errors(uri, ds.version):
                 result = _commit_once(ds, uri, values, todo, audit, storage_options)
             return ValuesCommit(result.version, result.written, result.fragments, conflicts=attempt)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import lance
@@ -172,6 +173,61 @@ def test_another_process_appending_while_groups_are_pending_loses_no_row_and_the
     assert second.planned == second.labeled == left
     assert unlabeled(uri) == 0 and open_table(uri).count_rows() == total
     assert rows_written_by_label_commits(uri) == total
+
+
+def test_a_sparse_run_over_many_small_fragments_commits_once_and_a_full_run_in_few_versions(labeler, tmp_path):
+    uri = make_table(tmp_path, 240, rows_per_fragment=4)  # 60 fragments
+    version_before = open_table(uri).version
+    sparse = label_table(uri, LabelOptions(task="digits", serve=labeler, where="id LIKE '0%'", commit_seconds=3600), progress=False)
+    assert sparse.planned == sparse.labeled == open_table(uri).count_rows(filter="id LIKE '0%'") > 0
+    assert sparse.fragments_committed >= 8, "the rows are spread over many fragments"
+    assert sparse.commits == 1, "one commit for every fragment touched"
+    assert open_table(uri).version - version_before == 3, "the new columns, the labels, the run's summary"
+
+    rest = label_table(uri, LabelOptions(task="digits", serve=labeler, commit_rows=64, commit_seconds=3600), progress=False)
+    assert rest.labeled == 240 - sparse.labeled and rest.fragments_committed >= 50
+    assert rest.commits <= -(-rest.labeled // 64) + 1, "a commit per 64 rows, not per fragment"
+    # A group is committed once it holds 64 rows; a worker hands back at most a fragment (4 rows) at a time.
+    assert all(64 <= int(v.properties["lancetag.rows"]) < 68 for v in label_commits(uri)[1:-1])
+    assert rows_written_by_label_commits(uri) == 240 and unlabeled(uri) == 0
+
+
+def test_fragments_whose_labeler_went_away_become_error_records_with_their_reason_and_stay_todo(labeler, tmp_path):
+    from urllib.parse import urlsplit
+
+    from lance_io import read_errors
+    from tests.tcp_proxy import KillableProxy
+
+    uri = make_table(tmp_path, 128, rows_per_fragment=8)
+    target = urlsplit(labeler)
+    proxy = KillableProxy(target.hostname, target.port)
+    proxy.start()
+
+    def kill_the_labeler_once_the_run_planned() -> None:  # the labeler becomes unreachable as the workers start
+        deadline = time.monotonic() + 120
+        while "label_provenance" not in lance.dataset(uri).schema.names and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.kill()
+
+    killer = threading.Thread(target=kill_the_labeler_once_the_run_planned)
+    killer.start()
+    options = LabelOptions(task="digits", serve=proxy.endpoint + target.path, concurrency=2, batch_size=4, in_flight=1)
+    summary = label_table(uri, options, progress=False)
+    killer.join()
+
+    errors = read_errors(uri, job=f"label-{summary.run_id}").to_pylist()
+    assert summary.fragments_failed == len(errors) > 0
+    assert summary.errors == {"labeler_unreachable": len(errors)}
+    assert {(e["reason"], e["stage"]) for e in errors} == {("labeler_unreachable", "label")}
+    failed_fragments = {int(e["source"].rsplit("#fragment=", 1)[1]) for e in errors}
+    assert all(e["source"].startswith(uri) and "rerun" in e["message"] for e in errors)
+    left = unlabeled(uri)
+    assert left > 0 and summary.labeled == 128 - left and summary.skipped == 0
+    assert left <= 8 * len(failed_fragments), "only the failed fragments' rows stay todo"
+
+    rerun = label_table(uri, LabelOptions(task="digits", serve=labeler), progress=False)
+    assert rerun.labeled == left and rerun.fragments_failed == 0 and unlabeled(uri) == 0
+    assert rows_written_by_label_commits(uri) == 128
 
 
 def test_where_relabels_only_matching_rows_and_relabel_after_switching_model_touches_all(labeler, tmp_path, tiny_qwen2_vl):

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import lance
 import pyarrow as pa
 
 from lance_io.columns import (
@@ -133,8 +134,6 @@ def label_fragments(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.
     writes the table: a worker killed at any point leaves nothing half-written, and what it
     had not yielded is simply still todo.
     """
-    import lance
-
     from lance_io.labels import results_to_batch
     from lance_io.tasks import task_from_dict
 
@@ -332,20 +331,17 @@ def _worker_lost(error: BaseException) -> bool:
 
 def failure_reason(error: BaseException) -> tuple[str, str]:
     """Return (reason, message) for a failed unit: the task's own ReasonError, else a code for its kind."""
+    import httpx
     from ray.exceptions import RayTaskError
 
-    from serve_apps.client import LabelerRequestError, LabelerUnavailable
-
     cause = (error.cause or error) if isinstance(error, RayTaskError) else error
-    if isinstance(cause, ReasonError):
+    if isinstance(cause, ReasonError):  # e.g. the labeler client's labeler_busy, labeler_refused
         return cause.reason, cause.message
     if _worker_lost(cause):
         return "label_worker_died", f"the worker labeling it died {UNIT_ATTEMPTS} times ({type(cause).__name__})"
     text = str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else type(cause).__name__
-    if isinstance(cause, LabelerUnavailable):
-        return "labeler_unavailable", f"the labeler did not answer after its retries ({text})"
-    if isinstance(cause, LabelerRequestError):
-        return "labeler_refused", f"the labeler refused the request ({text})"
+    if isinstance(cause, httpx.TransportError):
+        return "labeler_unreachable", f"the labeler did not answer after the client's retries ({text})"
     return "label_task_failed", f"{type(cause).__name__}: {text}"
 
 
@@ -355,8 +351,6 @@ def label_commits(table: str, column: str = "label", *, storage_options: dict[st
     Each records the rows it wrote (``lancetag.rows``): their sum equals the table's labeled rows
     exactly when no row was labeled twice.
     """
-    import lance
-
     ds = lance.dataset(table, storage_options=storage_options)
     commits = []
     for v in ds.versions():
