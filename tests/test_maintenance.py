@@ -147,6 +147,19 @@ def test_compaction_merges_small_appends_indexes_them_and_labels_stay_with_their
     assert report.bytes_freed > 0 and report.versions_kept == 1
 
 
+def test_cli_maintain_prints_what_it_did_and_refuses_a_bad_duration(history):
+    open_table(history).tags.create("zero-shot", 2)
+    done = subprocess.run(
+        [LANCETAG, "maintain", history, "--older-than", "0", "--retain-versions", "1", "--orphan-age", "1h", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["versions_removed"] > 0 and report["protected"] == {"2": ["tag zero-shot"]}
+    assert {v["version"] for v in open_table(history).versions()} == {2, report["version_after"]}
+    refused = subprocess.run([LANCETAG, "maintain", history, "--older-than", "3x", "--json"], capture_output=True, text=True)
+    assert refused.returncode != 0 and json.loads(refused.stdout)["error"]["reason"] == "bad_duration"
+
+
 ORPHAN_WRITER = """
 import sys, lance, pyarrow as pa
 from tests.table_fixtures import image_rows

@@ -1,6 +1,6 @@
 """The `lancetag` console command: a thin layer over library functions.
 
-One module per command group (table, ingest, label, serve, lf, eval, cluster, demo, dev); each
+One module per command group (table, maintain, ingest, label, serve, lf, eval, cluster, demo, dev); each
 registers its commands here. Heavy imports (Ray, torch, transformers) happen inside the commands
 so `--help` stays instant. Every failure goes through one boundary (:mod:`ray_jobs.cli.errors`,
 described in docs/cli.md).
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ray_jobs.cli import cluster, demo, dev, eval, ingest, label, lf, serve, table
+from ray_jobs.cli import cluster, demo, dev, eval, ingest, label, lf, maintain, serve, table
 from ray_jobs.cli.errors import DEBUG_ENV, run_app
 
 app = typer.Typer(
@@ -35,7 +35,7 @@ def _options(
     # --debug is acted on by the error boundary (ray_jobs.cli.errors.run_app), which sees it first.
 
 
-for group in (table, ingest, label, serve, lf, eval, cluster, demo, dev):
+for group in (table, maintain, ingest, label, serve, lf, eval, cluster, demo, dev):
     group.register(app)
 
 
