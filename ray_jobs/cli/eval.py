@@ -18,6 +18,9 @@ def eval_command(
     where: Annotated[str | None, typer.Option(help="SQL predicate, e.g. the held-out split")] = None,
     report: Annotated[Path | None, typer.Option(help="Folder for report.html, confusion.png, metrics.json")] = None,
     price_per_hour: Annotated[float, typer.Option(help="Hourly price of the labeling machine, $")] = 0.10,
+    baseline_train: Annotated[
+        str | None, typer.Option(help="SQL filter of rows to fit classical pixel baselines on, e.g. \"split = 'train'\"")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON")] = False,
 ) -> None:
     """Evaluate a label column against ground truth at a table version."""
@@ -26,7 +29,7 @@ def eval_command(
 
     result = evaluate_table(
         table, column, truth, version=version, where=where, report_dir=report, price_per_hour=price_per_hour,
-        storage_options=resolve_storage_options(table),
+        storage_options=resolve_storage_options(table), baseline_train=baseline_train,
     )
     if as_json:
         emit_json(
@@ -34,6 +37,7 @@ def eval_command(
                 "accuracy": result.accuracy, "version": result.version, "report": result.report,
                 "images_per_second": result.images_per_second, "cost_per_1000": result.cost_per_1000,
                 "evaluations": result.evaluations, "lineage": result.lineage,
+                "baselines": result.baselines, "training": result.training,
             }
         )
         return
@@ -43,6 +47,11 @@ def eval_command(
             {"column": name, "accuracy": f"{e.accuracy:.3f}", "macro F1": f"{e.macro_f1:.3f}", "coverage": f"{e.coverage:.3f}",
              "invalid": e.invalid, "ECE": "n/a" if e.calibration_error is None else f"{e.calibration_error:.3f}"}
             for name, e in result.evaluations.items()
+        ]
+        + [
+            {"column": f"{name}: {b.name}", "accuracy": f"{b.accuracy:.3f}"}
+            for name, found in result.baselines.items()
+            for b in found
         ],
     )
     if result.cost_per_1000 is not None:

@@ -144,9 +144,11 @@ def train(
     import yaml
 
     from llamafactory_ext.train import run_training
+    from ray_jobs.evaluation.in_training import transformers_labeler
 
     overrides = {k: yaml.safe_load(v) for k, v in key_values(set_, "--set", "key=value", "bad_override").items()}
-    result = run_training(config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides)
+    result = run_training(config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides,
+                          labeler=transformers_labeler)  # scores a `validation` block's rows with the labeler's code
     if as_json:
         emit_json(result.as_dict())
     else:
