@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,26 +20,19 @@ import pytest
 
 from lance_io import open_table, table_exists
 from lance_io.schema import content_hashes
-from tests.conftest import REPO_ROOT
+from ray_jobs.ingest.options import IngestOptions
+from tests.conftest import LANCETAG, REPO_ROOT
 from tests.ingest_fixtures import image_bytes
 
-pytestmark = pytest.mark.slow  # two ingests, each starting its own Ray cluster: about 40 s
+pytestmark = pytest.mark.slow  # two CLI ingests of 6,500 files, each starting its own Ray cluster
 
-IMAGES = 1500
-COMMIT_ROWS = 64  # about 24 versions: the kill lands with most of the folder still to do
-
-# The ingest command: the library call `lancetag ingest` makes, with small chunks so that one run
-# makes many commits (the CLI keeps the production chunk size, 2048 rows).
-INGEST = """
-import json, sys
-from ray_jobs.ingest import IngestOptions, ingest
-options = IngestOptions(commit_rows={commit_rows}, batch_size=32, num_cpus=2, progress=False)
-print(json.dumps(ingest([sys.argv[1]], sys.argv[2], options).to_json()), flush=True)
-"""
+COMMIT_ROWS = IngestOptions().commit_rows  # the CLI's chunk: rows per table version (2,048)
+IMAGES = 3 * COMMIT_ROWS + 356  # four chunks: the kill after the first leaves most of the folder to do
 
 
 def _command(folder: Path, table: str) -> list[str]:
-    return [sys.executable, "-c", INGEST.format(commit_rows=COMMIT_ROWS), str(folder), table]
+    """The command a user runs (its own local Ray cluster, as on a laptop)."""
+    return [LANCETAG, "ingest", str(folder), "--table", table, "--num-cpus", "2", "--json"]
 
 
 def _environment() -> dict[str, str]:
