@@ -97,6 +97,7 @@ def test_kill_9_mid_ingest_leaves_a_valid_table_and_the_rerun_completes_it(tmp_p
 
     committed = _check_rows(table, files)
     assert COMMIT_ROWS <= len(committed) < IMAGES, "killed after one chunk and before the last"
+    assert len(committed) % COMMIT_ROWS == 0, "a version holds whole chunks, never part of one"
 
     rerun = subprocess.run(
         _command(folder, table), cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300
