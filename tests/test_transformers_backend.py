@@ -171,5 +171,5 @@ def test_lora_adapter_is_applied_and_recorded(tiny_qwen2_vl, tmp_path):
 
 
 def test_unknown_backend_name_lists_the_choices():
-    with pytest.raises(ValueError, match="openai, transformers, vllm"):
+    with pytest.raises(ValueError, match="openai, random, transformers, vllm"):
         create_backend(BackendConfig(kind="nope", model="m"))
