@@ -46,6 +46,7 @@ class DemoResult:
     report: str
     seconds: float
     steps: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)  # held-out accuracy of pixel baselines
 
 
 def write_digits(folder: Path) -> Path:
@@ -110,6 +111,7 @@ def run_demo(
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.train import run_training
     from ray_jobs.evaluation import evaluate_table
+    from ray_jobs.evaluation.in_training import transformers_labeler
     from ray_jobs.ingest import IngestOptions, ingest
     from ray_jobs.label import LabelOptions, label_table
     from ray_jobs.ray_session import ensure_ray
@@ -153,7 +155,8 @@ def run_demo(
     registration = register_dataset(
         table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
     )
-    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs))
+    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs),
+                           labeler=transformers_labeler)
     loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"
     step(f"fine-tuning on {registration.rows} rows (mean train loss {loss})", t0)
 
@@ -162,7 +165,8 @@ def run_demo(
                          **({"model": trained.output_dir} if tiny else {"model": base, "lora": trained.output_dir}))
     label_table(table, tuned, progress=progress)
     versions["fine-tuned"] = tag_version(table, "fine-tuned")
-    after = evaluate_table(table, "label", "truth", version="fine-tuned", where="split = 'test'", report_dir=work / "report")
+    after = evaluate_table(table, "label", "truth", version="fine-tuned", where="split = 'test'", report_dir=work / "report",
+                           baseline_train="split = 'train'")
     step(f"re-tagging (held-out accuracy {100 * after.accuracy:.1f}%)", t0)
 
     test_rows = next(iter(after.evaluations.values())).rows
@@ -178,4 +182,5 @@ def run_demo(
         report=str(after.report),
         seconds=round(time.perf_counter() - started, 1),
         steps=steps,
+        baselines={b.name: b.accuracy for found in after.baselines.values() for b in found},
     )

@@ -30,6 +30,8 @@ def demo_command(
             [
                 {"model": "base (zero-shot)", "accuracy": f"{100 * result.accuracy_before:.1f}%", "version": result.versions["zero-shot"]},
                 {"model": "fine-tuned", "accuracy": f"{100 * result.accuracy_after:.1f}%", "version": result.versions["fine-tuned"]},
+                *({"model": f"baseline: {name}", "accuracy": f"{100 * accuracy:.1f}%", "version": "train split"}
+                  for name, accuracy in result.baselines.items()),
             ],
         )
         typer.echo(f"table {result.table}  tags: " + ", ".join(f"{k}=v{v}" for k, v in result.versions.items()))
