@@ -1,4 +1,4 @@
-"""What a table holds: schema, rows, fragments, size, and each label column's coverage."""
+"""What a table holds: schema, rows, fragments, size, each label column's coverage, and its training samples."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from lance_io.samples import open_samples, samples_version_at
 from lance_io.scan import require_columns, translated_where
 from lance_io.schema import IMAGE_SCHEMA
 from lance_io.table import open_table
@@ -23,6 +24,9 @@ class TableSummary:
     schema: dict[str, str]
     coverage: dict[str, int] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+    samples: int | None = None
+    """Training samples (:mod:`lance_io.samples`) as of this version; None when the table has none."""
+    samples_version: int | None = None
 
 
 def summarize_table(
@@ -33,6 +37,12 @@ def summarize_table(
     extra = [f.name for f in ds.schema if f.name not in IMAGE_SCHEMA.names]
     coverage = {name: ds.count_rows(filter=f"{name} IS NOT NULL") for name in extra}
     size = sum(d.file_size_bytes or 0 for frag in ds.get_fragments() for d in frag.data_files())
+    samples_version = samples_version_at(uri, ds.version, storage_options=storage_options)
+    samples = (
+        None
+        if samples_version is None
+        else open_samples(uri, samples_version, storage_options=storage_options).count_rows()
+    )
     return TableSummary(
         uri=uri,
         version=ds.version,
@@ -42,6 +52,8 @@ def summarize_table(
         schema={f.name: str(f.type) for f in ds.schema},
         coverage=coverage,
         tags=sorted(name for name, t in ds.tags.list().items() if t["version"] == ds.version),
+        samples=samples,
+        samples_version=samples_version,
     )
 
 

@@ -1,14 +1,16 @@
-"""Ingesting training samples: errors with reasons, both sharegpt spellings, manifests and HF datasets, diff."""
+"""Ingesting training samples: errors with reasons, both sharegpt spellings, manifests and HF datasets, show, diff."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from bench.samples_data import write_mllm_demo
 from lance_io.errors import read_errors
 from lance_io.samples import diff_samples, open_samples, sample_id
 from ray_jobs.ingest import IngestOptions, ingest
+from tests.conftest import LANCETAG
 
 QUIET = {"progress": False}
 A, B, C = "mllm_demo_data/1.png", "mllm_demo_data/2.png", "mllm_demo_data/3.png"
@@ -117,3 +119,11 @@ def test_sample_id_is_the_content_and_diff_counts_samples_between_image_versions
     ingest([str(second)], table, IngestOptions(**QUIET))
     diff = diff_samples(table, before, open_table(table).version)
     assert (diff.before, diff.after, diff.added, diff.removed) == (1, 3, 2, 0)
+
+    def cli(*args: str) -> dict:
+        out = subprocess.run([LANCETAG, *args, "--json"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert cli("show", table)["samples"] == 3 and cli("show", table, "--version", str(before))["samples"] == 1
+    assert cli("diff", table, str(before), str(open_table(table).version))["samples"]["added"] == 2

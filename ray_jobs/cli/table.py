@@ -33,6 +33,8 @@ def show(table: str, version: VersionOpt = None, as_json: JsonFlag = False) -> N
         return
     typer.echo(f"{summary.uri} @ version {summary.version} {summary.tags or ''}")
     typer.echo(f"rows {summary.rows}  fragments {summary.fragments}  size {summary.size_bytes / 1e6:.1f} MB")
+    if summary.samples is not None:
+        typer.echo(f"samples {summary.samples} (samples table version {summary.samples_version})")
     print_rows(
         "columns",
         [
@@ -89,13 +91,17 @@ def diff(
     as_json: JsonFlag = False,
 ) -> None:
     """Compare two versions (numbers or tags): rows added/removed; each answer column's distribution and changes."""
+    from lance_io.samples import diff_samples, samples_exist
     from lance_io.versions import diff_versions
 
     result = diff_versions(table, before, after, column=column, storage_options=_options(table))
+    samples = diff_samples(table, before, after, storage_options=_options(table)) if samples_exist(table, storage_options=_options(table)) else None
     if as_json:
-        emit_json(result)
+        emit_json(result if samples is None else {**dataclasses.asdict(result), "samples": samples})
         return
     typer.echo(f"version {result.before} -> {result.after}: +{result.added} rows, -{result.removed} rows")
+    if samples is not None:
+        typer.echo(f"samples {samples.before} -> {samples.after}: +{samples.added} samples, -{samples.removed} samples")
     if len(result.columns) > 1:
         each = ", ".join(f"{c.column} {c.changed}" for c in result.columns)
         typer.echo(f"{column}: {result.changed} rows changed ({each})")
