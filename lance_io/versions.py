@@ -98,8 +98,11 @@ def list_versions(uri: str, *, storage_options: dict[str, str] | None = None) ->
     infos = []
     for v in ds.versions():
         number = v["version"]
-        transaction = ds.read_transaction(number)
-        operation = type(transaction.operation).__name__ if transaction else "unknown"
+        try:
+            transaction = ds.read_transaction(number)
+            operation = type(transaction.operation).__name__ if transaction else "unknown"
+        except TypeError:  # pylance 14.0.2 cannot read a compaction that remapped an index (lancetag maintain)
+            transaction, operation = None, "Rewrite"
         properties = dict(transaction.transaction_properties or {}) if transaction else {}
         properties.update(_run_properties(transaction))
         infos.append(

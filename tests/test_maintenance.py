@@ -145,6 +145,9 @@ def test_compaction_merges_small_appends_indexes_them_and_labels_stay_with_their
     assert got == {i: expected.get(i) for i in ids}, "every label is still on its id"
     assert ds.to_table(columns=["id"], filter=f"id = '{ids[-1]}'").num_rows == 1  # the index answers
     assert report.bytes_freed > 0 and report.versions_kept == 1
+    from lance_io.versions import list_versions
+
+    assert [v.operation for v in list_versions(uri)] == ["Rewrite"], "the history still reads after compaction"
 
 
 def test_cli_maintain_prints_what_it_did_and_refuses_a_bad_duration(history):
