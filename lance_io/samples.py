@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +31,9 @@ from typing import Any
 import lance
 import pyarrow as pa
 
+from lance_io.labels import LabelError, answer_columns, messages_for_row
 from lance_io.schema import ID, MESSAGE_TYPE
+from lance_io.sql import sql_string
 from lance_io.table import (
     AppendResult,
     ensure_id_index,
@@ -39,6 +42,7 @@ from lance_io.table import (
     table_exists,
     translated_write_errors,
 )
+from lance_io.tasks import Task
 
 IMAGE_IDS = "image_ids"
 IMAGES_VERSION_KEY = "lancetag.images_version"
@@ -234,4 +238,71 @@ def diff_samples(
         removed=len(ids_a - ids_b),
         samples_version_before=va,
         samples_version_after=vb,
+    )
+
+
+@dataclass(frozen=True)
+class LabelSamples:
+    """What :func:`label_samples` did: samples the labels teach now, added and removed, rows skipped by reason."""
+
+    source: str
+    samples: int
+    added: int
+    removed: int
+    skipped: dict[str, int]
+    version: int | None
+
+
+def label_samples(
+    table_uri: str,
+    task: Task,
+    column: str,
+    *,
+    version: int | str | None = None,
+    where: str | None = None,
+    job: str = "labels",
+    storage_options: dict[str, str] | None = None,
+) -> LabelSamples:
+    """Make the chats label column ``column`` teaches (task prompt + stored answer) the table's samples from it.
+
+    One sample per labeled image, ``source`` ``labels:<column>``: the same turns the extension
+    builds for ``--label-column`` (:func:`lance_io.labels.messages_for_row`). Earlier samples of
+    that source that the labels no longer teach (relabeled or unlabeled rows) are removed in
+    the same atomic commit; samples of other sources (a human-written dataset) are untouched.
+    """
+    images = open_table(table_uri, version, storage_options=storage_options)
+    names = list(answer_columns(task, column).values())
+    source = f"labels:{column}"
+    skipped: dict[str, int] = {}
+    found = []
+    for row in images.to_table(columns=[ID, *names], filter=where).to_pylist():
+        try:
+            messages = messages_for_row(task, column, row)
+        except LabelError as err:
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            continue
+        metadata = {"task": task.name, "column": column}
+        found.append({IMAGE_IDS: [row[ID]], "messages": messages, "source": source, "source_kind": "labels",
+                      "metadata": metadata})
+    rows = sample_rows(found, job=job)
+    if not samples_exist(table_uri, storage_options=storage_options):
+        written = append_samples(table_uri, rows, images_version=images.version, storage_options=storage_options,
+                                 properties={"lancetag.job": job, "lancetag.source": source})
+        return LabelSamples(source, rows.num_rows, written.added, 0, skipped, written.version)
+    uri = samples_uri(table_uri)
+    samples = lance.dataset(uri, storage_options=storage_options)
+    builder = (
+        samples.merge_insert(ID)
+        .when_not_matched_insert_all()
+        .when_not_matched_by_source_delete(f"source = {sql_string(source)}")
+    )
+    transaction, stats = builder.execute_uncommitted(rows)
+    properties = {"lancetag.operation": "label_samples", "lancetag.job": job, "lancetag.source": source,
+                  IMAGES_VERSION_KEY: str(images.version)}
+    transaction = dataclasses.replace(transaction, transaction_properties=properties)
+    with translated_write_errors(uri, samples.version):
+        written = lance.LanceDataset.commit(uri, transaction, read_version=samples.version,
+                                            storage_options=storage_options)
+    return LabelSamples(
+        source, rows.num_rows, stats["num_inserted_rows"], stats["num_deleted_rows"], skipped, written.version
     )

@@ -71,6 +71,40 @@ def register_command(
         typer.echo(f"registered {name}: {table} @ {pinned}, {result.rows} rows -> {result.dataset_info}")
 
 
+@lf_app.command("samples-from-labels")
+def samples_from_labels_command(
+    table: Annotated[str, typer.Argument(help="Lance table URI")],
+    label_column: Annotated[str, typer.Option(help="Label column (prefix) whose answers become samples")],
+    task: Annotated[str | None, typer.Option(help="Task name or YAML (default: classify over the labels)")] = None,
+    where: Annotated[str | None, typer.Option(help="SQL filter on table columns")] = None,
+    version: Annotated[str | None, typer.Option(help="Version number or tag (default: latest)")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write the chats a label column teaches into TABLE's samples, beside human-written ones (one training path)."""
+    from lance_io.samples import label_samples
+    from lance_io.scan import parse_version
+    from lance_io.storage import resolve_storage_options
+    from llamafactory_ext.reader import resolve
+    from llamafactory_ext.source import LanceSource
+
+    ref = parse_version(version)
+    source = LanceSource(
+        uri=table, label_column=label_column, task=task, where=where,
+        version=ref if isinstance(ref, int) else None, tag=ref if isinstance(ref, str) else None,
+    )
+    result = label_samples(
+        table, resolve(source).load_task(), label_column, version=ref, where=where,
+        storage_options=resolve_storage_options(table),
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(
+            f"{result.source}: {result.samples} samples (+{result.added}, -{result.removed}), "
+            f"skipped {result.skipped or 'none'} -> samples version {result.version}"
+        )
+
+
 @lf_app.command("install-hook")
 def install_hook(
     site_dir: SiteDir = None,
