@@ -79,14 +79,23 @@ def _refuse_free_text(schema: pa.Schema, column: str, answers: list[str]) -> Non
         )
 
 
-def _throughput(runs: dict[str, dict], column: str, version: int) -> tuple[float | None, dict[str, str]]:
-    """Images/s and lineage of the latest label run of ``column`` at or before ``version``."""
+def _throughput(
+    runs: dict[str, dict], recorded_at: dict[str, int], column: str, version: int
+) -> tuple[float | None, dict[str, str]]:
+    """Images/s and lineage of the latest label run of ``column`` at or before ``version``.
+
+    ``recorded_at`` maps a run id to the version its summary was stored in (the summary itself
+    is written before that version exists, so it cannot say).
+    """
     candidates = [
-        r for r in runs.values() if r.get("operation") == "label" and r.get("column") == column and r.get("labeled")
+        (recorded_at[run_id], r)
+        for run_id, r in runs.items()
+        if r.get("operation") == "label" and r.get("column") == column and r.get("labeled")
+        and recorded_at.get(run_id, version + 1) <= version
     ]
     if not candidates:
         return None, {}
-    last = max(candidates, key=lambda r: int(r.get("version") or 0))
+    _, last = max(candidates, key=lambda pair: pair[0])
     seconds = float(last.get("seconds") or 0)
     ips = float(last["labeled"]) / seconds if seconds else None
     lineage = {"labels_written_by": f"label run {last.get('run_id')}", "model": str(last.get("model")), "adapter": str(last.get("adapter") or "")}
@@ -121,7 +130,7 @@ def evaluate_table(
     ``confusion.png`` (per attribute for attribute tasks), ``report.html`` and ``metrics.json`` there.
     """
     from lance_io import open_table
-    from lance_io.versions import run_summaries
+    from lance_io.versions import list_versions, run_summaries
 
     ds = open_table(table, version, storage_options=storage_options)
     pairs = _pairs(ds.schema.names, column, truth)
@@ -133,7 +142,12 @@ def evaluate_table(
         name: evaluate(data[t], data[c], data.get(f"{column}_confidence"), data.get(f"{column}_error"))
         for name, (c, t) in pairs.items()
     }
-    ips, lineage = _throughput(run_summaries(table, storage_options=storage_options), column, ds.version)
+    recorded_at = {
+        v.properties["lancetag.run"]: v.version
+        for v in list_versions(table, storage_options=storage_options)
+        if "lancetag.run" in v.properties
+    }
+    ips, lineage = _throughput(run_summaries(table, storage_options=storage_options), recorded_at, column, ds.version)
     lineage["evaluated_version"] = str(ds.version)
     baselines = {}
     if baseline_train is not None:
