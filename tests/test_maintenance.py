@@ -209,6 +209,20 @@ def test_files_of_a_writer_killed_mid_write_are_removed_after_their_age_and_the_
     assert referenced <= data_files(uri)
 
 
+@pytest.mark.s3
+def test_on_s3_old_versions_and_unreferenced_files_are_removed_and_the_table_reads(s3):
+    uri, opts = s3.uri("maintained.lance"), s3.storage_options
+    for k in range(4):
+        append_images(uri, image_rows(range(10 * k, 10 * k + 10)), storage_options=opts)
+    ds = open_table(uri, storage_options=opts)
+    lance.fragment.write_fragments(image_rows(range(900, 905)).select(ds.schema.names), uri, schema=ds.schema,
+                                   storage_options=opts)  # written, never committed
+    report = maintain_table(uri, storage_options=opts, orphan_age=timedelta(0), **NOW)
+    assert report.orphan_files_removed == 1 and report.versions_removed > 0 and report.fragments_after == 1
+    ds = open_table(uri, storage_options=opts)
+    assert ds.count_rows() == 40 and len(ds.versions()) == 1 and ds.to_table().num_rows == 40
+
+
 @pytest.fixture(scope="module")
 def random_labeler(ray_cluster):
     """A seeded random digits labeler over HTTP: labels at platform speed, reproducible by id."""
