@@ -164,3 +164,16 @@ def test_cli_register_pins_samples_and_images_versions_and_appends_do_not_change
     assert summary.samples.added == 1
     assert len(load_rows(source)) == 6  # pinned: the new sample is not in it
     assert register_dataset(table, "latest", tmp_path).rows == 7
+
+
+def test_web_ui_preview_of_a_samples_entry_shows_conversations_with_their_images(demo, tmp_path):
+    from llamafactory_ext.preview import preview_rows
+    from llamafactory_ext.register import register_dataset
+
+    data_dir, table = demo
+    register_dataset(table, "preview", tmp_path)
+    total, rows = preview_rows(str(tmp_path), "preview", page_index=2, page_size=2)
+    assert total == 6 and len(rows) == 2
+    assert [len(r["images"]) for r in rows] == [2, 2]  # the two multi-image conversations, last in the file
+    assert all(image.startswith("<image: ") for r in rows for image in r["images"])
+    assert rows[1]["messages"][0]["content"] == "<image>和<image>有什么不同？"

@@ -65,8 +65,10 @@ class SampleCollector:
             self._finish(pending)
 
     def take(self) -> tuple[list[dict[str, Any]], list[ErrorRecord]]:
-        """Return and forget the samples and sample errors settled so far."""
+        """Return and forget the samples and sample errors settled so far (samples in source order)."""
         ready, errors, self.ready, self.errors = self.ready, self.errors, [], []
+        # Workers finish out of order; within a commit, keep the dataset's order (stable for readers).
+        ready.sort(key=lambda s: (s["source"], -1 if s["source_index"] is None else s["source_index"]))
         return ready, errors
 
     def _finish(self, pending: _Pending) -> None:
