@@ -11,10 +11,13 @@ classify    ``C``                                        string (one of labels)
 score       ``C``                                        int32
 caption     ``C``                                        string
 attributes  ``C_<attribute>``, one per attribute         string
+generate    ``C`` and ``C_missing`` (input values the text  string, list<string>
+            does not mention; empty when faithful)
 ==========  ===========================================  =====================
 
-plus ``C_confidence`` (float32), ``C_provenance`` (``model|adapter|task_hash``) and
-``C_error`` (``reason: message``, null when the row got an answer). Ground truth follows the
+plus ``C_confidence`` (float32), ``C_provenance`` (``model|adapter|task_hash``; a generate
+task appends ``|`` and its inputs' key, :func:`inputs_key`) and ``C_error`` (``reason:
+message``, null when the row got an answer). Ground truth follows the
 same rule under its own prefix (``truth``, or ``truth_<attribute>``), so ``lancetag lf
 register --label-column C`` trains on exactly what ``lancetag label --column C`` wrote.
 
@@ -29,15 +32,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from lance_io.reasons import ReasonError
-from lance_io.tasks import ClassifyTask, Question, Task
+from lance_io.tasks import ClassifyTask, GenerateTask, Question, Task
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image token in sharegpt content
-META_SUFFIXES = ("confidence", "provenance", "error")
+META_SUFFIXES = ("confidence", "provenance", "error", "missing")
 KIND_KEY = "lancetag.kind"  # answer field metadata: the kind of the task that wrote the column
 Message = dict[str, str]
 
@@ -81,9 +85,11 @@ def label_schema(task: Task, column: str) -> pa.Schema:
     """
     answer_type = pa.int32() if task.kind == "score" else pa.string()
     kind = {KIND_KEY: task.kind}
+    missing = [pa.field(f"{column}_missing", pa.list_(pa.string()))] if task.kind == "generate" else []
     return pa.schema(
         [
             *(pa.field(name, answer_type, metadata=kind) for name in answer_columns(task, column).values()),
+            *missing,
             pa.field(f"{column}_confidence", pa.float32()),
             pa.field(f"{column}_provenance", pa.string()),
             pa.field(f"{column}_error", pa.string()),
@@ -177,5 +183,93 @@ def messages_from_answers(questions: list[Question], values: Mapping[str, Any]) 
 
 def messages_for_row(task: Task, column: str, row: Mapping[str, Any]) -> list[Message]:
     """Return the training chat of one row from its answer columns under prefix ``column``."""
+    if isinstance(task, GenerateTask):
+        return _generated_messages(task, column, row)
     values = {key: row.get(name) for key, name in answer_columns(task, column).items()}
     return messages_from_answers(task.questions(), values)
+
+
+def _generated_messages(task: GenerateTask, column: str, row: Mapping[str, Any]) -> list[Message]:
+    """The chat that teaches a generate task's text: its prompt filled from the row's inputs, then the text."""
+    if row.get(column) is None:
+        raise LabelError("label_missing", f"the row has no generated text in {column!r}")
+    turns: list[Message] = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
+    prompt = task.render(input_values(task, row))
+    turns.append({"role": "user", "content": (IMAGE_PLACEHOLDER if task.image else "") + prompt})
+    turns.append({"role": "assistant", "content": str(row[column])})
+    return turns
+
+
+# ----------------------------------------------------------------------------- generate tasks
+
+
+@dataclass
+class GeneratedRecord:
+    """One row's generated text (or the reason there is none) and the input values it omits."""
+
+    text: str | None
+    missing: list[str] | None
+    model_id: str
+    task_hash: str
+    inputs: str
+    adapter_id: str | None = None
+    confidence: float | None = None
+    error: str | None = None
+    error_message: str | None = None
+
+
+def input_values(task: GenerateTask, row: Mapping[str, Any]) -> dict[str, Any]:
+    """Return input name -> the row's value of the column it is filled from."""
+    return {name: row.get(column) for name, column in task.inputs.items()}
+
+
+def input_provenance_columns(task: GenerateTask, names: Sequence[str]) -> list[str]:
+    """Return the provenance columns (in ``names``) of the task's input columns, in input order, once each.
+
+    ``X_provenance`` for an answer column ``X``; for ``P_attr`` (an attributes task under prefix
+    ``P``) ``P_provenance``. Inputs with none (ingest metadata) contribute their values only.
+    """
+    found: list[str] = []
+    for column in task.inputs.values():
+        parts = column.split("_")
+        candidates = ["_".join(parts[:i]) + "_provenance" for i in range(len(parts), 0, -1)]
+        hit = next((c for c in candidates if c in names), None)
+        if hit is not None and hit not in found:
+            found.append(hit)
+    return found
+
+
+def inputs_key(task: GenerateTask, row: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Return what identifies a row's inputs: their provenance, then their values, ``;``-separated.
+
+    Stored after the generator's provenance, so ``--relabel`` redoes a row whose inputs were
+    relabeled or edited; :func:`inputs_key_sql` computes the same string in a Lance filter.
+    """
+    parts = [row.get(c) for c in input_provenance_columns(task, names)]
+    parts += [row.get(c) for c in task.inputs.values()]
+    return ";".join("" if p is None else str(p) for p in parts)
+
+
+def inputs_key_sql(task: GenerateTask, names: Sequence[str]) -> str:
+    """Return the SQL expression of :func:`inputs_key` over a table's columns (``names``)."""
+    columns = [*input_provenance_columns(task, names), *task.inputs.values()]
+    parts: list[str] = []
+    for i, c in enumerate(columns):
+        parts += [*(["';'"] if i else []), f"coalesce(CAST({c} AS string), '')"]
+    return f"concat({', '.join(parts)})" if len(parts) > 1 else parts[0]
+
+
+def generated_to_batch(records: Sequence[GeneratedRecord], task: GenerateTask, column: str) -> pa.RecordBatch:
+    """Turn generated records (one per row, in order) into a batch of the task's columns."""
+    schema = label_schema(task, column)
+    ok = [r.error is None for r in records]
+    values = {
+        column: [r.text if good else None for r, good in zip(records, ok, strict=True)],
+        f"{column}_missing": [r.missing if good else None for r, good in zip(records, ok, strict=True)],
+        f"{column}_confidence": [r.confidence if good else None for r, good in zip(records, ok, strict=True)],
+        f"{column}_provenance": [
+            f"{provenance_of(r.model_id, r.adapter_id, r.task_hash)}|{r.inputs}" for r in records
+        ],
+        f"{column}_error": [None if good else f"{r.error}: {r.error_message}" for r, good in zip(records, ok, strict=True)],
+    }
+    return pa.record_batch([pa.array(values[f.name], f.type) for f in schema], schema=schema)

@@ -4,12 +4,14 @@ Tasks live beside the tables because a task defines what a table's label columns
 (:mod:`lance_io.labels`); the labeler, the tagging job, training and evaluation all read them
 from here. Pure Python (pydantic, yaml): importable in every environment, vLLM's included.
 
-A task is one of four kinds (the ``kind`` key picks the model):
+A task is one of five kinds (the ``kind`` key picks the model):
 
 - ``classify``: one label from a closed label set (optional per-label descriptions);
 - ``attributes``: several named attributes, each with its own closed set of values;
 - ``caption``: free text, at most ``max_tokens`` tokens;
-- ``score``: an integer in ``[min_score, max_score]`` judged against a rubric.
+- ``score``: an integer in ``[min_score, max_score]`` judged against a rubric;
+- ``generate``: text written from a row's columns (attributes, labels, metadata) and
+  optionally its image, by any OpenAI-compatible chat model (docs/descriptions.md).
 
 Every backend asks the same :class:`Question` objects (``task.questions()``), so a task means
 the same thing whichever backend serves it.
@@ -313,11 +315,72 @@ class ScoreTask(_TaskBase):
         return [Question("score", prompt, choices, tuple(scores), 8, self.system_prompt)]
 
 
-Task = Annotated[ClassifyTask | AttributesTask | CaptionTask | ScoreTask, Field(discriminator="kind")]
+class GenerateTask(_TaskBase):
+    """Text written from a row's columns (and optionally its image) through a prompt template.
+
+    ``inputs`` maps each placeholder of ``prompt`` to the column it is filled from; the prompt
+    may also use ``{attributes}`` (every input as ``name: value`` lines). ``check`` names the
+    inputs whose values the text must mention (all by default); values in ``unchecked_values``
+    (``none``, ``other``...) are never required.
+    """
+
+    kind: Literal["generate"] = "generate"
+    inputs: dict[str, str] = Field(min_length=1, description="placeholder -> column it is filled from")
+    prompt: str = Field(
+        "Write a description of the item with these attributes:\n{attributes}",
+        description="User text; placeholders: the inputs' names and {attributes}",
+    )
+    image: bool = Field(False, description="Send the row's image with the prompt (a vision model)")
+    max_tokens: int = Field(400, ge=1, le=4096, description="Longest text, in tokens")
+    temperature: float = Field(0.1, ge=0, le=2, description="Sampling temperature")
+    check: list[str] | None = Field(None, description="Inputs the text must mention; default: all")
+    unchecked_values: list[str] = Field(
+        default_factory=lambda: ["none", "other", "not applicable", "unknown"],
+        description="Values the text need not mention",
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_are_identifiers(cls, inputs: dict[str, str]) -> dict[str, str]:
+        for name, column in inputs.items():
+            for what, ident in (("name", name), ("column", column)):
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ident):
+                    raise ValueError(f"inputs: {what} {ident!r} must be an identifier")
+        if "attributes" in inputs:
+            raise ValueError("inputs: 'attributes' is reserved for the list of every input")
+        return inputs
+
+    @model_validator(mode="after")
+    def _placeholders_are_inputs(self) -> GenerateTask:
+        _check_placeholders(self.prompt, {*self.inputs, "attributes"}, "prompt")
+        unknown = sorted(set(self.check or ()) - set(self.inputs))
+        if unknown:
+            raise ValueError(f"check: {unknown[0]!r} is not one of the inputs")
+        return self
+
+    @property
+    def checked_inputs(self) -> list[str]:
+        """Return the input names whose values the text must mention."""
+        return list(self.inputs) if self.check is None else list(self.check)
+
+    def render(self, values: dict[str, Any]) -> str:
+        """Return the user prompt for one row, from its input values (input name -> value)."""
+        shown = {name: "" if values.get(name) is None else str(values[name]) for name in self.inputs}
+        listed = "\n".join(f"- {name.replace('_', ' ')}: {value}" for name, value in shown.items())
+        return _fill(self.prompt, attributes=listed, **shown)
+
+    def questions(self) -> list[Question]:
+        """Return the single free-text question (its prompt is the unfilled template: see ``render``)."""
+        return [Question("text", self.prompt, None, None, self.max_tokens, self.system_prompt)]
+
+
+Task = Annotated[
+    ClassifyTask | AttributesTask | CaptionTask | ScoreTask | GenerateTask, Field(discriminator="kind")
+]
 """Any task; pydantic picks the model from ``kind``."""
 
 _TASK_ADAPTER: TypeAdapter[Task] = TypeAdapter(Task)
-TASK_KINDS: tuple[str, ...] = ("classify", "attributes", "caption", "score")
+TASK_KINDS: tuple[str, ...] = ("classify", "attributes", "caption", "score", "generate")
 
 
 def task_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> Task:

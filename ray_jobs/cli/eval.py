@@ -23,10 +23,13 @@ def eval_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON")] = False,
 ) -> None:
-    """Evaluate a label column against ground truth at a table version."""
+    """Evaluate a label column against ground truth at a table version (generated text: its faithfulness)."""
     from lance_io.storage import resolve_storage_options
     from ray_jobs.evaluation import evaluate_table
 
+    if _generated(table, column, version):
+        _faithfulness(table, column, version, where, as_json)
+        return
     result = evaluate_table(
         table, column, truth, version=version, where=where, report_dir=report, price_per_hour=price_per_hour,
         storage_options=resolve_storage_options(table), baseline_train=baseline_train,
@@ -58,6 +61,33 @@ def eval_command(
         typer.echo(f"{result.images_per_second:.1f} images/s -> ${result.cost_per_1000:.4f} per 1,000 images at ${price_per_hour}/h")
     if result.report:
         typer.echo(f"report: {result.report}")
+
+
+def _generated(table: str, column: str, version: str | None) -> bool:
+    """Return whether ``column`` holds text a generate task wrote (no truth to compare: faithfulness instead)."""
+    from lance_io import open_table
+    from lance_io.labels import kind_of
+    from lance_io.storage import resolve_storage_options
+
+    return kind_of(open_table(table, version, storage_options=resolve_storage_options(table)).schema, column) == "generate"
+
+
+def _faithfulness(table: str, column: str, version: str | None, where: str | None, as_json: bool) -> None:
+    """Print the share of generated texts that mention every given attribute value, and the values omitted."""
+    from lance_io.storage import resolve_storage_options
+    from ray_jobs.evaluation.faithfulness import table_faithfulness
+
+    report = table_faithfulness(table, column, version=version, where=where, storage_options=resolve_storage_options(table))
+    if as_json:
+        emit_json({"faithfulness": report.as_dict()})
+        return
+    rate = "n/a" if report.rate is None else f"{report.rate:.3f}"
+    print_rows(
+        f"{table}: {column} mentions every given attribute",
+        [{"column": column, "checked": report.checked, "unfaithful": report.unfaithful, "faithful rate": rate}],
+    )
+    if report.omitted:
+        typer.echo("omitted most: " + ", ".join(f"{v} ({n})" for v, n in list(report.omitted.items())[:10]))
 
 
 def register(app: typer.Typer) -> None:

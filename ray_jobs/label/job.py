@@ -9,11 +9,16 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from typing import Any
 
+import lance
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lance_io.labels import label_schema, provenance_of
+from lance_io.labels import inputs_key_sql, label_schema, provenance_of
+from lance_io.reasons import ReasonError
 from lance_io.sql import sql_string
+from lance_io.tasks import GenerateTask
+from ray_jobs.label.generate import ChatEndpoint, chat_base, served_model
 from ray_jobs.label.labeler import LabelerEndpoint
 from ray_jobs.label.lifecycle import LabelRun, LabelSummary, WorkerSpec, label_commits, run_units
 
@@ -43,6 +48,9 @@ class LabelOptions(BaseModel):
     token_env: str | None = Field(None, description="Env var with the labeler's bearer token")
     labeler_num_cpus: float = Field(1.0, ge=0, description="CPUs of the started labeler replica")
     labeler_num_gpus: float = Field(0.0, ge=0, description="GPUs of the started labeler replica")
+    generate_extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="generate tasks: fields merged into every chat request (server extras)"
+    )
 
     @model_validator(mode="after")
     def _one_labeler(self) -> LabelOptions:
@@ -52,10 +60,16 @@ class LabelOptions(BaseModel):
         return self
 
 
-def todo_predicate(column: str, provenance: str, relabel: bool) -> str:
-    """Return the SQL predicate of rows that still need a label from this labeler."""
+def todo_predicate(column: str, provenance: str, relabel: bool, *, inputs_sql: str | None = None) -> str:
+    """Return the SQL predicate of rows that still need a label from this labeler.
+
+    For a generate task ``inputs_sql`` is the SQL of its inputs' key: the stored provenance
+    must equal ``provenance|<key>``, so ``relabel`` also redoes rows whose inputs changed.
+    """
     todo = f"{column}_provenance IS NULL OR {column}_error IS NOT NULL"
-    if relabel:
+    if relabel and inputs_sql:
+        todo += f" OR {column}_provenance != concat({sql_string(provenance + '|')}, {inputs_sql})"
+    elif relabel:
         todo += f" OR {column}_provenance != {sql_string(provenance)}"
     return todo
 
@@ -79,6 +93,32 @@ def _labeler_identity(options: LabelOptions, task_hash: str) -> tuple[str, str |
         )
     backend = info.get("backend", {})
     return backend.get("model", "?"), backend.get("adapter")
+
+
+def _generator(options: LabelOptions, task: GenerateTask) -> ChatEndpoint:
+    """Return the chat endpoint a generate task writes with (``--serve``: any OpenAI-compatible server)."""
+    if not options.serve:
+        raise ReasonError(
+            "generate_needs_endpoint",
+            f"task {task.name!r} generates text: give --serve URL of an OpenAI-compatible server "
+            "(vLLM's, a hosted API, or a running labeler), not --app or --model",
+        )
+    model = served_model(options.serve, options.token_env)
+    return ChatEndpoint(
+        url=chat_base(options.serve), model=model, token_env=options.token_env, in_flight=options.in_flight,
+        extra_body=tuple(sorted(options.generate_extra_body.items())),
+    )
+
+
+def _check_inputs(task: GenerateTask, names: list[str]) -> None:
+    """Refuse a generate task whose input columns the table lacks, naming them."""
+    absent = [c for c in task.inputs.values() if c not in names]
+    if absent:
+        raise ReasonError(
+            "generate_input_missing",
+            f"task {task.name!r} reads {', '.join(absent)}, which the table does not have: "
+            "label those first (e.g. lancetag label --task fashion --column attrs) or fix the task's inputs",
+        )
 
 
 def _start_labeler(options: LabelOptions, run_id: str) -> str:
@@ -126,9 +166,15 @@ def label_table(
     column = options.column
     ensure_ray(address)
 
-    model, adapter = _labeler_identity(options, task.prompt_hash())
+    generator = _generator(options, task) if isinstance(task, GenerateTask) else None
+    model, adapter = (generator.model, None) if generator else _labeler_identity(options, task.prompt_hash())
     provenance = provenance_of(model, adapter, task.prompt_hash())
     todo = todo_predicate(column, provenance, options.relabel)
+    if isinstance(task, GenerateTask):
+        names = lance.dataset(table, storage_options=storage_options).schema.names
+        _check_inputs(task, names)
+        todo = todo_predicate(column, provenance, options.relabel, inputs_sql=inputs_key_sql(task, names))
+        todo = f"({' AND '.join(f'{c} IS NOT NULL' for c in task.inputs.values())}) AND ({todo})"
     properties = {
         "lancetag.job": f"label-{run_id}",
         "lancetag.task": task.name,
@@ -160,7 +206,7 @@ def label_table(
             in_flight=options.in_flight,
         )
         rows_to_do = f"({todo}) AND ({options.where})" if options.where else todo
-        spec = WorkerSpec(table, column, task.model_dump(mode="json"), rows_to_do, endpoint, storage_options)
+        spec = WorkerSpec(table, column, task.model_dump(mode="json"), rows_to_do, endpoint, storage_options, generator)
         run_units(run, units, spec, concurrency=options.concurrency, progress=progress)
     finally:
         if started_app:

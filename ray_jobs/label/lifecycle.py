@@ -52,6 +52,7 @@ from lance_io.columns import (
 from lance_io.errors import ErrorRecord, record_errors, summarize_errors
 from lance_io.reasons import ReasonError
 from lance_io.versions import VersionInfo, record_run, tag_version
+from ray_jobs.label.generate import ChatEndpoint
 from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
 
 UNIT_ATTEMPTS = 3  # runs of a unit whose worker died (kill -9, node lost) before its fragments are reported failed
@@ -109,6 +110,7 @@ class WorkerSpec:
     rows_to_do: str  # todo AND where
     endpoint: LabelerEndpoint
     storage_options: dict[str, str] | None
+    generator: ChatEndpoint | None = None  # a generate task: the chat model instead of the labeler
 
 
 def pack_fragments(plan: list[FragmentTodo], max_rows: int) -> list[WorkUnit]:
@@ -138,9 +140,19 @@ def label_fragments(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.
     from lance_io.tasks import task_from_dict
 
     task = task_from_dict(spec.task_data)
-    client = spec.endpoint.connect()
     ds = lance.dataset(spec.uri, storage_options=spec.storage_options)
     batch_size = spec.endpoint.request_size * spec.endpoint.in_flight
+    if spec.generator is not None:  # a generate task reads its input columns (the image only if it sends it)
+        from ray_jobs.label.generate import generate_fragments, read_columns
+
+        names = ds.schema.names
+        columns = read_columns(task, names)  # type: ignore[arg-type]
+        batches = (
+            (f.fragment_id, b) for f in unit.fragments for b in todo_batches(ds, f.fragment_id, columns, spec.rows_to_do, batch_size)
+        )
+        yield from generate_fragments(task, batches, names, spec.column, spec.generator)  # type: ignore[arg-type]
+        return
+    client = spec.endpoint.connect()
     for fragment in unit.fragments:
         for batch in todo_batches(ds, fragment.fragment_id, ["image"], spec.rows_to_do, batch_size):
             images = batch.column("image").to_pylist()
