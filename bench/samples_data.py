@@ -56,3 +56,48 @@ def write_mllm_demo(folder: Path, samples: list[dict] | None = None, *, name: st
     }
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
     return path
+
+
+def multi_turn_samples(n_images: int) -> list[dict]:
+    """Return conversations over ``n_images`` images named ``images/<i>.png``: per image a two-turn English
+    and a one-turn Chinese conversation, every third image also a conversation over it and the next one,
+    every twentieth one showing it twice (about 2.4 conversations and 2.9 image references per image)."""
+    samples = []
+    for i in range(n_images):
+        image, following = f"images/{i}.png", f"images/{(i + 1) % n_images}.png"
+        samples.append(
+            {"messages": _chat("<image>Which digit is this?", f"It is image {i}.", "Is it written neatly?", "Yes."),
+             "images": [image]}
+        )
+        samples.append({"messages": _chat("<image>这是哪个数字？", f"图片 {i}。"), "images": [image]})
+        if i % 3 == 0:
+            samples.append({"messages": _chat("<image>and<image>: the same digit?", "Compare the strokes."),
+                            "images": [image, following]})
+        if i % 20 == 0:
+            samples.append({"messages": _chat("<image><image>Twice the same?", "Yes."), "images": [image, image]})
+    return samples
+
+
+def write_multi_turn(folder: Path, n_images: int, *, name: str = "native", size: int = 56) -> tuple[Path, int, int]:
+    """Write ``n_images`` digit PNGs, the sharegpt JSON of :func:`multi_turn_samples` and a native entry.
+
+    Return (the JSON path, number of conversations, image bytes written).
+    """
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i, (data, _) in enumerate(digit_images(n_images, size=size)):
+        (folder / "images" / f"{i}.png").write_bytes(data)
+        total += len(data)
+    samples = multi_turn_samples(n_images)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(samples, ensure_ascii=False))
+    info_path = folder / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = {
+        "file_name": path.name,
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": dict(SHAREGPT_TAGS),
+    }
+    info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    return path, len(samples), total
