@@ -26,6 +26,7 @@ from lance_io.labels import (
     answer_columns,
     answer_columns_in,
     classify_task_from_labels,
+    kind_of,
     messages_from_answers,
 )
 from lance_io.scan import TableReadError, list_fragments, open_at, require_columns, scan_batches
@@ -149,6 +150,13 @@ def resolve(source: LanceSource) -> LanceSource:
             "give the task that wrote them (--task) so each becomes its question's answer",
         )
     require_columns(ds, [source.label_column], uri=source.uri)
+    kind = kind_of(ds.schema, source.label_column)
+    if kind not in (None, "classify"):  # a label set made of captions or scores teaches the wrong question
+        raise LabelError(
+            "task_missing",
+            f"{source.label_column!r} of {source.uri} was written by a {kind} task: give that task (--task) "
+            "so training asks its question",
+        )
     values = ds.to_table(columns=[source.label_column], filter=source.where).column(0).drop_null().unique()
     labels = sorted(str(v) for v in values.to_pylist())
     task = classify_task_from_labels(source.label_column, labels)

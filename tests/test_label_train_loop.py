@@ -284,3 +284,35 @@ def test_eval_refuses_a_caption_column_and_pairs_attributes_beside_a_truth_colum
     with pytest.raises(ReasonError) as err:
         evaluate_table(uri, "cap", "truth")
     assert err.value.reason == "free_text" and "lancetag diff" in err.value.message
+
+
+def test_register_a_caption_column_needs_its_task_and_trains_on_the_caption_prompt(tmp_path):
+    from llamafactory_ext.reader import load_rows
+    from llamafactory_ext.register import register_dataset
+    from llamafactory_ext.source import lance_entries
+
+    caption = load_task(CAPTION_YAML)
+    uri = str(tmp_path / "t.lance")
+    rows = image_rows(range(3))
+    append_images(uri, rows)
+    schema = label_schema(caption, "cap")
+    ensure_columns(uri, schema)
+    texts = dict(zip(rows["id"].to_pylist(), ["a red dress", "a blue coat", None], strict=True))
+
+    def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
+        values = [texts[i] for i in batch.column("id").to_pylist()]
+        return pa.record_batch(
+            [pa.array(values), pa.array([None] * len(values), pa.float32()),
+             pa.array(["m||h"] * len(values)), pa.array([None] * len(values), pa.string())],
+            schema=schema,
+        )
+
+    for frag in plan_fragments(uri, "true"):
+        write_fragment(uri, frag.fragment_id, compute, read_columns=[], output_schema=schema, todo="true")
+    with pytest.raises(ReasonError) as err:  # not a classify task over every caption seen
+        register_dataset(uri, "cap", tmp_path, label_column="cap")
+    assert err.value.reason == "task_missing" and "caption task" in err.value.message
+    assert register_dataset(uri, "cap", tmp_path, task=str(CAPTION_YAML), label_column="cap").rows == 2
+    chats = [r["messages"] for r in load_rows(lance_entries(tmp_path)["cap"])]
+    assert sorted(c[-1]["content"] for c in chats) == ["a blue coat", "a red dress"]
+    assert all(c[0]["content"] == "<image>" + caption.prompt for c in chats)
