@@ -4,7 +4,7 @@ All on one table of real images (scikit-learn digits written as 56x56 PNGs) and 
 (tiny Qwen2-VL, transformers backend, digits task), on a local Ray cluster.
 
 1. Pipeline efficiency: the job's images/s (Ray tasks -> Serve over HTTP or by handle ->
-   backend -> fragment commits) against the same backend in a tight in-process loop, same batch
+   backend -> grouped commits by the driver) against the same backend in a tight in-process loop, same batch
    size and the same number of torch threads (Ray gives a replica ``num_cpus`` threads).
 2. Incremental cost: a run after appending 1% new rows against the full run.
 3. lance-ray ``add_columns`` with a UDF calling the same labeler: full-run time, what a
