@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LANCETAG
+from tests.conftest import LANCETAG, REPO_ROOT
 from tests.table_fixtures import image_rows
 
 UNREACHABLE_LABELER = "http://127.0.0.1:9"  # nothing listens on the discard port
@@ -159,6 +159,11 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
             "train not yaml": (["train", str(configs / "not_yaml.yaml")], "bad_yaml"),
             "train unknown key": (["train", str(configs / "unknown_key.yaml")], "bad_lancetag_block"),
             "train --set": (["train", str(configs / "unknown_key.yaml"), "--set", "max_steps"], "bad_override"),
+            "train no model": (
+                ["train", str(REPO_ROOT / "configs/train/tiny_qwen2_vl_cpu.yaml"), "--set", f"model_name_or_path={tmp_path / 'none'}",
+                 "--set", f"dataset_dir={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}"],
+                "model_not_found",
+            ),
             "ingest --column": (["ingest", str(configs), "--table", str(tmp_path / "i.lance"), "--column", "path"], "bad_option"),
             "missing argument": (["show"], "bad_usage"),
             "unknown option": (["show", table, "--no-such-option"], "bad_usage"),
@@ -234,10 +239,11 @@ def test_debug_shows_the_traceback_and_still_ends_with_the_error_line(tmp_path):
         assert json.loads(proc.stdout)["error"]["reason"] == "table_not_found"
 
 
-def test_an_unexpected_error_is_internal_with_exit_3_and_a_hint(capsys):
+def test_an_unexpected_error_is_internal_with_exit_3_and_a_partial_run_keeps_its_exit_1(capfd):
     import typer
 
-    from ray_jobs.cli.errors import EXIT_INTERNAL, run_app
+    from ray_jobs.cli.errors import EXIT_INTERNAL, EXIT_PARTIAL, run_app
+    from ray_jobs.cli.output import emit_json
 
     app = typer.Typer()
 
@@ -250,15 +256,26 @@ def test_an_unexpected_error_is_internal_with_exit_3_and_a_hint(capsys):
         """Fail the way a bug does."""
         {}["missing"]
 
+    @app.command()
+    def partial(as_json: bool = typer.Option(False, "--json")) -> None:
+        """End the way `lancetag label` does when fragments failed: its summary, then exit 1."""
+        print("a library writing to stdout")  # with --json this goes to stderr: stdout is the JSON's
+        emit_json({"failed": 1})
+        raise typer.Exit(EXIT_PARTIAL)
+
     assert run_app(app, ["broken", "--json"]) == EXIT_INTERNAL
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     line = "error: internal: KeyError: 'missing' (run with --debug for the traceback)"
     assert err.splitlines() == [line] and "Traceback" not in err
     assert json.loads(out) == {"error": {"reason": "internal", "message": line[len("error: internal: ") :]}}
 
     assert run_app(app, ["broken", "--debug"]) == EXIT_INTERNAL
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "Traceback (most recent call last)" in err and err.splitlines()[-1] == "error: internal: KeyError: 'missing'"
+
+    assert run_app(app, ["partial", "--json"]) == EXIT_PARTIAL
+    out, err = capfd.readouterr()
+    assert (out, err) == ('{"failed": 1}\n', "a library writing to stdout\n")
 
 
 @pytest.mark.slow

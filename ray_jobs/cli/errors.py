@@ -9,7 +9,6 @@ is a bug: ``error: internal: <type>: <message>``. Tracebacks only with ``--debug
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -19,6 +18,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer >= 0.20 vendors click
 
 from lance_io.reasons import ReasonError
+from ray_jobs.cli.output import emit_json, json_stdout
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # the job ran, but some of its work failed (label: fragments failed)
@@ -106,7 +106,28 @@ _LANCE_HINTS = {
 }
 
 
-_TRANSLATORS: tuple[Callable[[BaseException], ReasonError | None], ...] = (_pydantic, _yaml, _http, _os, _lance)
+# huggingface_hub's errors for a model that is neither a folder nor a reachable hub id; transformers
+# and LLaMA-Factory wrap them in OSErrors ("Failed to load tokenizer.") that say less.
+_HUB_MISSES = {"HFValidationError", "RepositoryNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+               "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"}
+
+
+def _model(exc: BaseException) -> ReasonError | None:
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    miss = next((e for e in chain if type(e).__name__ in _HUB_MISSES), None)
+    if miss is None:
+        return None
+    return ReasonError(
+        "model_not_found",
+        f"could not load the model ({type(miss).__name__}: {miss}); give a model folder or a hub id "
+        "(offline: one already in the Hugging Face cache)",
+    )
+
+
+_TRANSLATORS: tuple[Callable[[BaseException], ReasonError | None], ...] = (_pydantic, _yaml, _http, _model, _os, _lance)
 
 
 def one_line(text: str) -> str:
@@ -120,7 +141,7 @@ def report(reason: str, message: str, *, as_json: bool) -> None:
     sys.stdout.flush()
     print(f"error: {reason}: {message}", file=sys.stderr, flush=True)
     if as_json:
-        print(json.dumps({"error": {"reason": reason, "message": message}}), flush=True)
+        emit_json({"error": {"reason": reason, "message": message}})
 
 
 def run_app(app: Callable[..., object], args: list[str]) -> int:
@@ -134,6 +155,11 @@ def run_app(app: Callable[..., object], args: list[str]) -> int:
     debug = "--debug" in own or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if "--debug" in own:
         args = ["--debug", *[a for a in own if a != "--debug"], *args[len(own) :]]
+    with json_stdout(as_json):
+        return _run(app, args, as_json=as_json, debug=debug)
+
+
+def _run(app: Callable[..., object], args: list[str], *, as_json: bool, debug: bool) -> int:
     try:
         code = app(args=args, prog_name="lancetag", standalone_mode=False)
     except NoArgsIsHelpError as exc:  # `lancetag` alone: help, not an error

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
@@ -34,9 +38,40 @@ def to_jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=_default))
 
 
+_json_out: TextIO | None = None  # the real stdout while json_stdout() is active
+
+
+@contextmanager
+def json_stdout(enabled: bool = True) -> Iterator[None]:
+    """Keep stdout for the JSON object alone: meanwhile, whatever else writes to stdout goes to stderr.
+
+    Libraries log to stdout (LLaMA-Factory's logger, transformers' warnings, subprocesses), so
+    the redirect is at the file-descriptor level; :func:`emit_json` writes to the saved stdout.
+    """
+    global _json_out
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _json_out = os.fdopen(saved, "w")
+    try:
+        with redirect_stdout(sys.stderr):  # for a sys.stdout not backed by fd 1 (an embedding app's)
+            yield
+    finally:
+        sys.stdout.flush()
+        _json_out.flush()
+        os.dup2(saved, 1)
+        _json_out.close()
+        _json_out = None
+
+
 def emit_json(value: Any) -> None:
-    """Print ``value`` as one line of JSON on stdout."""
-    typer.echo(json.dumps(value, default=_default))
+    """Print ``value`` as one line of JSON on stdout (the real one while :func:`json_stdout` is active)."""
+    out = _json_out or sys.stdout
+    out.write(json.dumps(value, default=_default) + "\n")
+    out.flush()
 
 
 def key_values(items: list[str] | None, flag: str, form: str, reason: str = "bad_option") -> dict[str, str]:
