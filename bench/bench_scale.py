@@ -247,8 +247,11 @@ def measure_size(n: int, workdir: Path, scorers: tuple[Labeler, Labeler]) -> dic
 def run(workdir: Path) -> Section:
     """Measure every size and return the section for RESULTS.md."""
     scorers = (Labeler("random-scorer-a", 8611), Labeler("random-scorer-b", 8612))
+    results = {}
     try:
-        results = {n: measure_size(n, workdir, scorers) for n in sizes()}
+        for n in sizes():
+            results[n] = measure_size(n, workdir, scorers)
+            print(json.dumps({"rows": n, **results[n]}), flush=True)  # a long run's figures survive an interruption
     finally:
         for scorer in scorers:
             scorer.stop()
