@@ -6,7 +6,10 @@ HTTP (bound to 127.0.0.1 unless told otherwise; bearer token optional)::
                                 or multipart/form-data with one file part per image
     GET  /health                200 when the model is loaded (no token needed)
     GET  /info                  task, model, backend, versions, limits, stats (images this replica labeled)
-    POST /v1/chat/completions   OpenAI-compatible; free-form questions about data: URL images
+    POST /v1/chat/completions   OpenAI-compatible conversation about a data: URL image: each question
+                                is routed to one of the deployment's tasks (``task`` + ``chat_tasks``)
+                                or answered freely; the ``lancetag`` field holds the route and result
+                                (serve_apps/chat.py, docs/conversation.md)
 
 In-cluster: ``serve.get_app_handle(name).label.remote([png_bytes, ...])`` returns the same
 records as dicts. Over its limit (``max_ongoing_requests`` per replica plus
@@ -57,6 +60,14 @@ class AutoscalingSettings(BaseModel):
     target_ongoing_requests: float = Field(4.0, gt=0)
 
 
+class ChatTable(BaseModel):
+    """A table whose rows a conversation may name (``lancetag.row``): where it is, where each task's labels are."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(description="Lance table URI")
+    columns: dict[str, str] = Field(default_factory=dict, description="task name -> column prefix of its labels")
+
+
 class LabelerConfig(BaseModel):
     """Everything ``run_labeler`` needs: task, backend, where to listen, scaling and limits."""
 
@@ -84,6 +95,15 @@ class LabelerConfig(BaseModel):
     max_images_per_request: int = Field(64, ge=1)
     max_image_bytes: int = Field(20 * MiB, ge=1)
     max_request_bytes: int = Field(256 * MiB, ge=1)
+    chat_tasks: list[str] = Field(
+        default_factory=list, description="More tasks the chat route may choose; the served task always is one"
+    )
+    max_chat_messages: int = Field(24, ge=1, description="Turns of one conversation request; beyond: 413")
+    max_chat_text_chars: int = Field(8000, ge=1, description="Characters of one message's text; beyond: 413")
+    max_chat_images: int = Field(4, ge=1, description="Images of one conversation request; beyond: 413")
+    chat_tables: dict[str, ChatTable] = Field(
+        default_factory=dict, description="name -> table whose rows (by id) chat may use, stored labels first"
+    )
 
     def url(self) -> str:
         """Return the base URL of the app (no trailing slash)."""
@@ -103,16 +123,40 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
-    """Return the Serve application (bound deployment) for ``config``; the task is resolved here."""
+RowReader = Any
+"""``(uri, row_id, {task name: (task dict, column prefix)}) -> {"image": bytes, "labels": {...}}``; raises LookupError."""
+
+
+def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_reader: RowReader | None = None) -> Any:
+    """Return the Serve application (bound deployment) for ``config``; the task is resolved here.
+
+    ``row_reader`` reads a table row's image and stored labels for ``chat_tables``; this package
+    reads no tables, so whoever deploys supplies it (``lancetag serve`` passes
+    ``ray_jobs.chat_rows.read_row``).
+    """
     from ray import serve
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
     from lance_io.tasks import load_task
     from serve_apps.backends.base import backend_class
+    from serve_apps.chat import chat_routes
 
     task = load_task(config.task)
-    backend_class(config.backend.kind).check_task(task)  # refuse here, not in a replica that fails to start
+    chat_tasks = [load_task(name) for name in config.chat_tasks]
+    for served in (task, *chat_tasks):  # refuse here, not in a replica that fails to start
+        if served.kind == "generate":
+            raise ValueError(
+                f"task {served.name!r} generates text from table columns: run it with "
+                "`lancetag label --serve <chat endpoint>`, it is not served"
+            )
+        backend_class(config.backend.kind).check_task(served)
+    routes = chat_routes([task, *chat_tasks])  # names must be distinct routes
+    if config.chat_tables and row_reader is None:
+        raise ValueError("chat_tables: give a row_reader (lancetag serve --chat-table passes one)")
+    for name, table in config.chat_tables.items():
+        unknown = sorted(set(table.columns) - set(routes))
+        if unknown:
+            raise ValueError(f"chat_tables.{name}.columns: {unknown[0]!r} is not a served task ({', '.join(routes)})")
     api = FastAPI(title="lancetag labeler", docs_url=None, redoc_url=None)
 
     @api.exception_handler(RequestError)
@@ -126,13 +170,27 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
         """Holds one backend; batches single images from all requests into backend calls."""
 
         def __init__(
-            self, task_data: dict[str, Any], settings: dict[str, Any], token_hash: str | None
+            self,
+            task_data: dict[str, Any],
+            settings: dict[str, Any],
+            token_hash: str | None,
+            chat_task_data: list[dict[str, Any]],
+            row_reader: RowReader | None,
         ) -> None:
             from lance_io.tasks import task_from_dict
             from serve_apps.backends.base import create_backend
+            from serve_apps.chat import ChatBounds, chat_routes
 
             self.config = LabelerConfig.model_validate(settings)
             self.task = task_from_dict(task_data)
+            self.routes = chat_routes([self.task, *(task_from_dict(d) for d in chat_task_data)])
+            self.row_reader = row_reader
+            self.chat_bounds = ChatBounds(
+                self.config.max_chat_messages,
+                self.config.max_chat_text_chars,
+                self.config.max_chat_images,
+                self.config.max_image_bytes,
+            )
             self.token_hash = token_hash
             self.limits = Limits(self.config.max_images_per_request, self.config.max_image_bytes)
             self.backend = create_backend(self.config.backend)
@@ -204,37 +262,125 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
 
         @api.post("/v1/chat/completions")
         async def chat(self, request: Request) -> dict[str, Any]:
+            from serve_apps.chat import ChatRequestError, check_bounds
+
             self._authorize(request)
+            declared = int(request.headers.get("content-length") or 0)
+            if declared > self.config.max_request_bytes:
+                raise RequestError(413, f"request of {declared} bytes exceeds {self.config.max_request_bytes}")
             try:
                 payload = await request.json()
             except ValueError:
                 raise RequestError(400, "body is not valid JSON") from None
             if not isinstance(payload, dict):
                 raise RequestError(400, 'body must be an object with "messages"')
-            messages = parse_chat_messages(payload.get("messages"))
-            max_tokens = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or 256)
             try:
-                reply = await asyncio.to_thread(self.backend.chat, messages, max_tokens=min(max_tokens, 4096))
-            except NotImplementedError as exc:
-                raise RequestError(501, str(exc)) from None
+                check_bounds(payload.get("messages"), self.chat_bounds)
+            except ChatRequestError as exc:
+                raise RequestError(exc.status, exc.message) from None
+            messages = parse_chat_messages(payload.get("messages"))
+            if messages[-1].role != "user":
+                raise RequestError(400, "the last message must be the user's (the turn to answer)")
+            max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens") or 256
+            if not isinstance(max_tokens, int) or max_tokens < 1:
+                raise RequestError(400, "max_tokens must be a positive integer")
+            extra = payload.get("lancetag") or {}
+            if not isinstance(extra, dict) or set(extra) - {"route", "row"}:
+                raise RequestError(400, 'lancetag must be an object with at most "route" and "row"')
+            pinned = extra.get("route")
+            if pinned is not None and pinned not in self.routes:
+                raise RequestError(400, f"lancetag.route {pinned!r} is not one of: {', '.join(self.routes)}")
+            stored = await self._stored_row(extra.get("row")) if extra.get("row") is not None else None
+            text, usage, field = await self.converse(messages, min(max_tokens, 4096), pinned, stored)
             return {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": payload.get("model") or self.config.backend.model,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": reply.text},
-                        "finish_reason": reply.finish_reason,
-                    }
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": usage[2]}
                 ],
-                "usage": {
-                    "prompt_tokens": reply.prompt_tokens,
-                    "completion_tokens": reply.completion_tokens,
-                    "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-                },
+                "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]},
+                "lancetag": field,
             }
+
+        async def _stored_row(self, row: Any) -> dict[str, Any]:
+            """Return the named row's image and stored labels (``lancetag.row``: {"table", "id"}); 4xx otherwise."""
+            if not isinstance(row, dict) or set(row) != {"table", "id"} or not isinstance(row["id"], str):
+                raise RequestError(400, 'lancetag.row must be {"table": NAME, "id": ROW_ID}')
+            table = self.config.chat_tables.get(row["table"])
+            if table is None:
+                known = ", ".join(self.config.chat_tables) or "none configured"
+                raise RequestError(404, f"lancetag.row.table {row['table']!r} is not served (tables: {known})")
+            wanted = {name: (self.routes[name].model_dump(mode="json"), prefix) for name, prefix in table.columns.items()}
+            try:
+                return await asyncio.to_thread(self.row_reader, table.uri, row["id"], wanted)
+            except LookupError as exc:
+                raise RequestError(404, f"{exc}; give the id of a row of {row['table']!r}") from None
+
+        async def converse(
+            self, messages: list[Any], max_tokens: int, pinned: str | None, stored: dict[str, Any] | None = None
+        ) -> tuple[str, tuple[int, int, str], dict[str, Any] | None]:
+            """Return (reply text, (prompt tokens, completion tokens, finish reason), lancetag field) for a conversation.
+
+            With an image (sent, or the named table row's): route the last user turn (or take the
+            pinned route); a task the row has a stored answer for answers from it, else the task
+            runs on the latest image; the free-question route answers in words. Without an image:
+            answer freely, no route.
+            """
+            import io
+
+            from serve_apps.backends.base import decode_image
+            from serve_apps.chat import (
+                ROUTE_QUESTION,
+                answer_text,
+                latest_image,
+                route_task,
+                structured,
+                user_texts,
+            )
+
+            if stored is not None and latest_image(messages) is not None:
+                stored = None  # the client sent its own image: the row's labels are not about it
+            if stored is not None:  # the row's image joins the first user turn
+                picture = decode_image(stored["image"])
+                if not hasattr(picture, "size"):
+                    raise RequestError(422, f"the row's image: {picture.message}")  # type: ignore[union-attr]
+                first = next(m for m in messages if m.role == "user")
+                first.parts.insert(0, picture)
+
+            image = latest_image(messages)
+            route, route_result = pinned or ROUTE_QUESTION, None
+            if image is not None:
+                buffer = io.BytesIO()
+                image.save(buffer, "PNG")
+                png = buffer.getvalue()
+                if pinned is None:
+                    *earlier, question = user_texts(messages)
+                    router = route_task(self.routes, question, earlier)
+                    (routed,) = await asyncio.to_thread(self.backend.label, [png], router)
+                    route_result = routed.model_dump(mode="json")
+                    route = routed.label if routed.ok and routed.label else ROUTE_QUESTION  # an unusable choice: answer freely
+                task = self.routes[route]
+                kept = (stored or {}).get("labels", {}).get(route)
+                if task is not None and kept is not None:
+                    answer = answer_text(task, kept)
+                    return answer, (0, 0, "stop"), structured(route, route_result, kept, "stored")
+                if task is not None:
+                    if task is self.task:
+                        result = await self._batch(png)  # shares the dynamic batches of /label
+                    else:
+                        (record,) = await asyncio.to_thread(self.backend.label, [png], task)
+                        result = record.model_dump(mode="json")
+                    self.stats["chat_tasks"] = self.stats.get("chat_tasks", 0) + 1
+                    return answer_text(task, result), (0, 0, "stop"), structured(route, route_result, result, "model")
+            try:
+                reply = await asyncio.to_thread(self.backend.chat, messages, max_tokens=max_tokens)
+            except NotImplementedError as exc:
+                raise RequestError(501, str(exc)) from None
+            usage = (reply.prompt_tokens, reply.completion_tokens, reply.finish_reason)
+            field = structured(ROUTE_QUESTION, route_result, None, "model") if image is not None else None
+            return reply.text, usage, field
 
         @api.get("/v1/models")
         async def models(self, request: Request) -> dict[str, Any]:
@@ -258,7 +404,13 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None) -> Any:
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
         **scaling,
     )
-    return deployment.bind(task.model_dump(mode="json"), config.model_dump(mode="json"), token_sha256)
+    return deployment.bind(
+        task.model_dump(mode="json"),
+        config.model_dump(mode="json"),
+        token_sha256,
+        [t.model_dump(mode="json") for t in chat_tasks],
+        row_reader,
+    )
 
 
 def token_sha256(token_env: str | None) -> str | None:
@@ -271,11 +423,12 @@ def token_sha256(token_env: str | None) -> str | None:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def run_labeler(config: LabelerConfig, *, blocking: bool = False) -> str:
+def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: RowReader | None = None) -> str:
     """Deploy the labeler on the current (or a new local) Ray cluster and return its base URL.
 
     The bearer token, if any, is read from ``config.token_env`` here; only its sha256 reaches the
-    cluster. With ``blocking=True`` this call serves until interrupted.
+    cluster. With ``blocking=True`` this call serves until interrupted. ``row_reader``: see
+    :func:`build_app`.
     """
     import ray
     from ray import serve
@@ -285,7 +438,7 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False) -> str:
         address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
         ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": config.host, "port": config.port})
-    app = build_app(config, token_sha256=token_hash)
+    app = build_app(config, token_sha256=token_hash, row_reader=row_reader)
     serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     # Serve's HTTP options are fixed by whoever started Serve first in this cluster: report where it really listens.
     from ray.serve.context import _get_global_client

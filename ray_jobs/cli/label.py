@@ -70,7 +70,11 @@ def _preflight(table: str, options: LabelOptions, storage_options: dict[str, str
     task = load_task(options.task)
     new_columns = label_schema(task, options.column).names
     check_where(open_at(table, storage_options=storage_options), options.where, new_columns=new_columns)
-    if options.serve:
+    if options.serve and task.kind == "generate":  # an OpenAI-compatible server, not a labeler: no /info
+        from ray_jobs.label.generate import served_model
+
+        served_model(options.serve, options.token_env)
+    elif options.serve:
         token = os.environ.get(options.token_env) if options.token_env else None
         client = LabelerClient.over_http(options.serve, token=token, timeout_s=30.0)
         try:

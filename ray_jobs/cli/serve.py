@@ -37,20 +37,33 @@ def serve_command(
             help="Interpreter of the replicas (default for vllm: .venv-vllm/bin/python when present)"
         ),
     ] = None,
+    chat_task: Annotated[
+        list[str] | None, typer.Option(help="Another task the chat route may choose (repeatable)")
+    ] = None,
+    chat_table: Annotated[
+        list[str] | None, typer.Option(help="NAME=URI: a table whose rows chat may name, stored labels first (repeatable)")
+    ] = None,
+    chat_column: Annotated[
+        list[str] | None, typer.Option(help="TASK=PREFIX: the columns a task's labels are in, for --chat-table (repeatable)")
+    ] = None,
     app_name: Annotated[str, typer.Option(help="Serve application name")] = "lancetag-labeler",
     blocking: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary")] = False,
 ) -> None:
     """Serve a labeling task over HTTP (POST /label, GET /health, GET /info, POST /v1/chat/completions)."""
     from lance_io.tasks import load_task
-    from serve_apps.app import LabelerConfig, run_labeler
+    from ray_jobs.chat_rows import read_row
+    from serve_apps.app import ChatTable, LabelerConfig, run_labeler
     from serve_apps.backends.base import BackendConfig
 
     if python is None and backend == "vllm":
         candidate = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
         python = candidate if candidate.exists() else None
     runtime_env = {"py_executable": str(python)} if python else None
-    load_task(task)  # fail here, with the field named, before Ray starts
+    for name in [task, *(chat_task or [])]:
+        load_task(name)  # fail here, with the field named, before Ray starts
+    columns = _pairs(chat_column, "--chat-column", "TASK=PREFIX")
+    tables = {name: ChatTable(uri=uri, columns=columns) for name, uri in _pairs(chat_table, "--chat-table", "NAME=URI").items()}
     config = LabelerConfig(
         task=task,
         backend=BackendConfig(
@@ -69,6 +82,8 @@ def serve_command(
         num_gpus=gpus,
         max_batch_size=batch_size,
         runtime_env=runtime_env,
+        chat_tasks=chat_task or [],
+        chat_tables=tables,
     )
     summary = {"url": None, "app": app_name, "task": task, "model": model, "backend": backend}
 
@@ -76,7 +91,7 @@ def serve_command(
         summary["url"] = url
         emit_json(summary) if as_json else typer.echo(f"labeler for task {task!r} serving at {url}")
 
-    url = run_labeler(config, blocking=False)
+    url = run_labeler(config, blocking=False, row_reader=read_row if tables else None)
     announce(url)
     if blocking:
         import time
@@ -88,6 +103,19 @@ def serve_command(
                 time.sleep(3600)
         except KeyboardInterrupt:
             stop_labeler(app_name)
+
+
+def _pairs(values: list[str] | None, option: str, shape: str) -> dict[str, str]:
+    """Return KEY -> VALUE of repeated ``KEY=VALUE`` options; a malformed one is a ReasonError naming the option."""
+    from lance_io.reasons import ReasonError
+
+    out = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise ReasonError("bad_option", f"{option} {value!r}: expected {shape}")
+        out[key] = rest
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -197,6 +197,8 @@ class TransformersBackend(Backend):
         key = (question.system or "", question.prompt, *question.choices)
         if key in self._candidates:
             return self._candidates[key]
+        if len(self._candidates) >= 256:  # chat routes make a question per request: keep the cache bounded
+            self._candidates.clear()
         prompt = self._prompt_text(question)
         eos = self.tokenizer.eos_token or ""
         rows = []
