@@ -278,7 +278,7 @@ def maintain_table(
     orphan_age: timedelta | None = timedelta(hours=1),
     storage_options: dict[str, str] | None = None,
 ) -> MaintenanceReport:
-    """Compact, index, drop removable old versions and old orphan files; return what was done.
+    """Index new rows, compact small fragments, drop removable old versions and old orphan files; return a report.
 
     ``dataset_dirs`` are LLaMA-Factory dataset folders (or ``dataset_info.json`` files) and
     ``protect_lineage`` training lineage files (or output folders): the versions they pin are
