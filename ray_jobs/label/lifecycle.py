@@ -11,6 +11,8 @@ phase               where   what it does
                             todo rows, pack small ones together into work units
 ``label_fragments`` worker  read ``id`` + image of a unit's todo rows, ask the labeler,
                             yield the label values batch by batch; never writes the table
+                            (a generate task reads its input columns and asks a chat
+                            endpoint instead: :mod:`ray_jobs.label.generate`)
 ``on_values``       driver  keep a batch of values; commit when the group is due
 ``commit``          driver  ONE Lance commit for every pending value, whatever fragments
                             they come from (``lance_io.columns.commit_values``)
