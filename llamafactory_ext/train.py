@@ -128,6 +128,7 @@ def pin_datasets(args: dict[str, Any], pinned_dir: Path) -> tuple[dict[str, Any]
     """
     from lance_io.scan import open_at
     from llamafactory_ext.reader import resolve
+    from llamafactory_ext.samples_reader import count_samples
 
     dataset_dir = Path(args.get("dataset_dir", "data")).resolve()
     info = read_dataset_info(dataset_dir)
@@ -155,7 +156,10 @@ def pin_datasets(args: dict[str, Any], pinned_dir: Path) -> tuple[dict[str, Any]
                 "task": source.task,
                 "label_column": source.label_column,
                 "messages_column": source.messages_column,
-                "rows_matching_where": ds.count_rows(filter=source.where),
+                "samples_version": source.samples_version,
+                "rows_matching_where": (  # a samples entry's where filters the samples table
+                    ds.count_rows(filter=source.where) if source.samples_version is None else count_samples(pinned)
+                ),
             }
         )
     if not records:

@@ -127,3 +127,38 @@ def test_sample_id_is_the_content_and_diff_counts_samples_between_image_versions
 
     assert cli("show", table)["samples"] == 3 and cli("show", table, "--version", str(before))["samples"] == 1
     assert cli("diff", table, str(before), str(open_table(table).version))["samples"]["added"] == 2
+
+
+def test_hf_rows_with_an_images_list_are_multi_image_samples_in_order_with_their_split(ray_cluster, tmp_path: Path):
+    import datasets
+
+    from bench.data import digit_images
+    from lance_io.table import open_table
+
+    (a, _), (b, _) = digit_images(2, start=60)
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        }
+    )
+    rows = {
+        "images": [[{"bytes": b, "path": None}, {"bytes": a, "path": None}], [{"bytes": a, "path": None}]],
+        "messages": [_chat("<image><image>Which is first?", "The second digit."), _chat("Too few placeholders", "x")],
+    }
+    train = datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()}, features=features)
+    test = datasets.Dataset.from_dict({k: v[1:] for k, v in rows.items()}, features=features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "hf"))
+
+    table = str(tmp_path / "t.lance")
+    summary = ingest([str(tmp_path / "hf")], table, IngestOptions(**QUIET))
+    assert (summary.added, summary.duplicates) == (2, 1)
+    assert (summary.samples.added, summary.samples.errors) == (1, 1) and summary.reconciled
+    ids = {r["source"] for r in open_table(table).to_table(columns=["source"]).to_pylist()}
+    assert len(ids) == 2
+    (sample,) = open_samples(table).to_table().to_pylist()
+    from lance_io.schema import image_id
+
+    assert sample["image_ids"] == [image_id(b), image_id(a)] and sample["split"] == "train"
+    (error,) = [r for r in read_errors(table).to_pylist() if r["stage"] == "sample"]
+    assert error["reason"] == "placeholder_mismatch"

@@ -170,10 +170,20 @@ def test_web_ui_preview_of_a_samples_entry_shows_conversations_with_their_images
     from llamafactory_ext.preview import preview_rows
     from llamafactory_ext.register import register_dataset
 
-    data_dir, table = demo
+    _, table = demo
     register_dataset(table, "preview", tmp_path)
     total, rows = preview_rows(str(tmp_path), "preview", page_index=2, page_size=2)
     assert total == 6 and len(rows) == 2
     assert [len(r["images"]) for r in rows] == [2, 2]  # the two multi-image conversations, last in the file
     assert all(image.startswith("<image: ") for r in rows for image in r["images"])
     assert rows[1]["messages"][0]["content"] == "<image>和<image>有什么不同？"
+
+
+def test_training_pins_a_samples_entry_and_counts_its_samples_with_a_where_on_sample_columns(demo, tmp_path):
+    from llamafactory_ext.register import register_dataset
+    from llamafactory_ext.train import pin_datasets
+
+    _, table = demo
+    register_dataset(table, "zh", tmp_path, where="source_kind = 'sharegpt' AND source_index >= 3")
+    _, (record,) = pin_datasets({"dataset": "zh", "dataset_dir": str(tmp_path)}, tmp_path / "pinned")
+    assert record["samples_version"] is not None and record["rows_matching_where"] == 3

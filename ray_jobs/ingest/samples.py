@@ -50,6 +50,8 @@ class SampleCollector:
         spec = item.sample or self._single_image_spec(item)
         if spec is None:
             return
+        if spec.split is None and isinstance(item.metadata.get("split"), str):
+            spec.split = item.metadata["split"]  # a DatasetDict's split, set on its items
         pending = self._pending.get(id(spec))
         if pending is None:
             pending = self._pending[id(spec)] = _Pending(spec, [None] * spec.images)

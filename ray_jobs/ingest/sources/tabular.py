@@ -1,8 +1,12 @@
 """Rows of a table (manifest, Parquet, Lance, Hugging Face Arrow) into input items, through a column mapping.
 
 Roles a column can play: ``path`` (local file, relative to the root), ``url``, ``image`` (inline
-bytes, or Hugging Face's ``{bytes, path}`` struct), ``truth`` (ground-truth label) and ``messages``
-(sharegpt turns). Columns playing no role pass through as user metadata columns.
+bytes, or Hugging Face's ``{bytes, path}`` struct), ``images`` (a list of those, paths or URLs: one
+training sample over several images), ``truth`` (ground-truth label) and ``messages`` (sharegpt
+turns). Columns playing no role pass through as user metadata columns.
+
+A row with ``messages`` is a training sample (:mod:`ray_jobs.ingest.samples`): over its one image,
+or over its ``images`` in order, whose count must match the ``<image>`` placeholders.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_jobs.ingest.items import InputItem
-from ray_jobs.ingest.messages import InvalidMessages, normalize_messages
+from ray_jobs.ingest.items import InputItem, SampleSpec
+from ray_jobs.ingest.messages import InvalidMessages, normalize_messages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import SourceError, inside_root, metadata_field_types
 
-ROLES = ("path", "url", "image", "truth", "messages")
+ROLES = ("path", "url", "image", "images", "truth", "messages")
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "path": ("path", "file", "file_name", "filename", "filepath", "image_path"),
     "url": ("url", "image_url", "URL"),
     "image": ("image", "image_bytes", "bytes", "img"),
+    "images": ("images",),
     "truth": ("truth", "label", "class", "category"),
     "messages": ("messages", "conversations"),
 }
@@ -57,7 +62,7 @@ def map_columns(schema: pa.Schema, explicit: dict[str, str], where: str) -> Colu
             ):
                 roles[role] = column
                 break
-    if not {"path", "url", "image"} & set(roles):
+    if not {"path", "url", "image", "images"} & set(roles):
         raise SourceError(
             f"{where} has no path, url or image column (columns: {', '.join(schema.names)}); "
             "name one with --column path=COL, url=COL or image=COL"
@@ -68,6 +73,8 @@ def map_columns(schema: pa.Schema, explicit: dict[str, str], where: str) -> Colu
 def _fits(role: str, dtype: pa.DataType) -> bool:
     if role == "image":
         return _is_binary(dtype) or (pa.types.is_struct(dtype) and dtype.get_field_index("bytes") >= 0)
+    if role == "images":
+        return pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
     if role in ("path", "url"):
         return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
     return True
@@ -95,8 +102,35 @@ def rows_to_items(
     row_number = 0
     for batch in batches:
         for row in batch.to_pylist():
-            yield _row_item(row, row_number, mapping, context)
+            if "images" in mapping.roles and isinstance(row.get(mapping.roles["images"]), list):
+                yield from _sample_items(row, row_number, mapping, context)
+            else:
+                yield _row_item(row, row_number, mapping, context)
             row_number += 1
+
+
+def _sample_items(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx: RowContext) -> Iterator[InputItem]:
+    """Yield one item per image of a row with an ``images`` list, all belonging to the row's sample."""
+    images = row[mapping.roles["images"]]
+    name = f"{ctx.name}#{number}"
+    spec = SampleSpec(source=ctx.name, source_kind=ctx.kind, index=number, images=len(images), messages=None)
+    raw = row.get(mapping.roles["messages"]) if "messages" in mapping.roles else None
+    try:
+        spec.messages = normalize_turns(raw)
+        problem = placeholder_problem(spec.messages, len(images))
+        spec.error = None if problem is None else ("placeholder_mismatch", f"{problem} (row {number})")
+    except InvalidMessages as exc:
+        spec.error = ("invalid_messages", f"{exc} (row {number})")
+    metadata = {field_name: row.get(field_name) for field_name in mapping.metadata_fields}
+    if not images:
+        yield InputItem(source=name, source_kind=ctx.kind, locator="none", skip="text-only sample", sample=spec)
+        return
+    for position, image in enumerate(images):
+        url = image if isinstance(image, str) and image.startswith(("http://", "https://")) else None
+        path = image if isinstance(image, str) and url is None else None
+        item = _locate(None if isinstance(image, str) else image, url, path, f"{name}/images/{position}", ctx)
+        item.sample, item.sample_position, item.metadata = spec, position, dict(metadata)
+        yield item
 
 
 def _row_item(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx: RowContext) -> InputItem:
