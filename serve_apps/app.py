@@ -385,7 +385,8 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
         @api.get("/v1/models")
         async def models(self, request: Request) -> dict[str, Any]:
             self._authorize(request)
-            return {"object": "list", "data": [{"id": self.config.backend.model, "object": "model"}]}
+            # owned_by tells a generate run it talks to a labeler (and must pin the free-answer route)
+            return {"object": "list", "data": [{"id": self.config.backend.model, "object": "model", "owned_by": "lancetag"}]}
 
     scaling: dict[str, Any] = {"num_replicas": config.num_replicas}
     if config.autoscaling is not None:

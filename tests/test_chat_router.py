@@ -296,3 +296,30 @@ def test_a_named_table_row_answers_from_its_stored_labels_and_runs_the_model_onl
     other = {"lancetag": {"row": {"table": "elsewhere", "id": row_id}}}
     r = httpx.post(f"{chat_url}/v1/chat/completions", json={"messages": history[:1], **other}, headers=AUTH, timeout=60)
     assert r.status_code == 404 and "tables: photos" in r.json()["error"]
+
+
+@pytest.mark.slow
+def test_the_labelers_own_vlm_writes_generated_text_from_columns_and_the_image(chat_url):
+    """A generate task with ``image: true`` through the labeler's chat route: free text, never a routed label."""
+    from lance_io.tasks import task_from_dict
+    from ray_jobs.label.generate import ChatEndpoint, chat_base, generate_records, served_model
+
+    task = task_from_dict(
+        {"kind": "generate", "name": "room_note", "inputs": {"digit": "truth"}, "image": True, "max_tokens": 6,
+         "prompt": "Write a note about this photo of the digit {digit}."}
+    )  # fmt: skip
+    model, labeler = served_model(chat_url, "LANCETAG_CHAT_TOKEN")
+    assert labeler, "a labeler says so in /v1/models (owned_by)"
+    endpoint = ChatEndpoint(
+        url=chat_base(chat_url), model=model, token_env="LANCETAG_CHAT_TOKEN", extra_body=(("lancetag", {"route": "question"}),)
+    )
+    rows = [{"id": "a", "truth": "7", "image": png()}, {"id": "b", "truth": "3", "image": png((0, 0, 200))}]
+    records = generate_records(task, rows, ["id", "truth", "image"], endpoint)
+    assert [r.error for r in records] == [None, None]
+    assert all(isinstance(r.text, str) and not r.text.startswith("hotel:") for r in records)
+    assert [r.inputs for r in records] == ["7", "3"]  # no provenance column for truth: its values only
+    from ray_jobs.evaluation.faithfulness import missing_values
+
+    assert [r.missing for r in records] == [missing_values(r.text, {"digit": row["truth"]}) for r, row in zip(records, rows, strict=True)]
+    unpinned = generate_records(task, rows[:1], ["id", "truth", "image"], ChatEndpoint(chat_base(chat_url), model, "LANCETAG_CHAT_TOKEN"))
+    assert unpinned[0].text.startswith("hotel:"), "without the pin the labeler routes an image question to a task"

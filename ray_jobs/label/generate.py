@@ -9,7 +9,8 @@ once, and checks each text against the row's input values (:mod:`ray_jobs.evalua
 
 Example::
 
-    endpoint = ChatEndpoint(url=chat_base("http://127.0.0.1:8001"), model=served_model("http://127.0.0.1:8001"))
+    model, _ = served_model("http://127.0.0.1:8001")
+    endpoint = ChatEndpoint(url=chat_base("http://127.0.0.1:8001"), model=model)
 """
 
 from __future__ import annotations
@@ -57,13 +58,18 @@ def _headers(token_env: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def served_model(url: str, token_env: str | None = None) -> str:
-    """Return the first model id the server lists at ``/v1/models`` (vLLM, the labeler and hosted APIs answer it)."""
+LABELER_OWNER = "lancetag"  # what a lancetag labeler's /v1/models says in owned_by
+FREE_ANSWER = {"lancetag": {"route": "question"}}  # a labeler routes image questions to tasks: ask for free text
+
+
+def served_model(url: str, token_env: str | None = None) -> tuple[str, bool]:
+    """Return (the first model id the server lists at ``/v1/models``, whether the server is a lancetag labeler)."""
     where = f"{chat_base(url)}/models"
     try:
         response = httpx.get(where, headers=_headers(token_env), timeout=30)
         response.raise_for_status()
-        return str(response.json()["data"][0]["id"])
+        first = response.json()["data"][0]
+        return str(first["id"]), first.get("owned_by") == LABELER_OWNER
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         raise GeneratorUnavailable(
             f"cannot list the models of {where} ({type(exc).__name__}: {str(exc)[:200]}); "

@@ -18,7 +18,7 @@ from lance_io.labels import inputs_key_sql, label_schema, provenance_of
 from lance_io.reasons import ReasonError
 from lance_io.sql import sql_string
 from lance_io.tasks import GenerateTask
-from ray_jobs.label.generate import ChatEndpoint, chat_base, served_model
+from ray_jobs.label.generate import FREE_ANSWER, ChatEndpoint, chat_base, served_model
 from ray_jobs.label.labeler import LabelerEndpoint
 from ray_jobs.label.lifecycle import LabelRun, LabelSummary, WorkerSpec, label_commits, run_units
 
@@ -103,10 +103,11 @@ def _generator(options: LabelOptions, task: GenerateTask) -> ChatEndpoint:
             f"task {task.name!r} generates text: give --serve URL of an OpenAI-compatible server "
             "(vLLM's, a hosted API, or a running labeler), not --app or --model",
         )
-    model = served_model(options.serve, options.token_env)
+    model, labeler = served_model(options.serve, options.token_env)
+    extra = {**(FREE_ANSWER if labeler else {}), **options.generate_extra_body}
     return ChatEndpoint(
         url=chat_base(options.serve), model=model, token_env=options.token_env, in_flight=options.in_flight,
-        extra_body=tuple(sorted(options.generate_extra_body.items())),
+        extra_body=tuple(sorted(extra.items())),
     )
 
 
