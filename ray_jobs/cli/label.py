@@ -26,31 +26,36 @@ def label_command(
     relabel: Annotated[bool, typer.Option(help="Also redo rows labeled by another model/adapter/prompt")] = False,
     concurrency: Annotated[int, typer.Option(help="Fragments labeled at once")] = 4,
     batch_size: Annotated[int, typer.Option(help="Images per labeler request")] = 8,
-    commit_rows: Annotated[int, typer.Option(help="Commit at least every N rows within a fragment")] = 1024,
+    commit_rows: Annotated[int, typer.Option(help="Commit when N labeled rows wait (any fragments)")] = 100_000,
+    commit_seconds: Annotated[float, typer.Option(help="Commit when the oldest waiting labels are this old")] = 30.0,
     version_tag: Annotated[str | None, typer.Option(help="Tag the version the run ends at")] = None,
     token_env: Annotated[str | None, typer.Option(help="Env var holding the labeler's bearer token")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
-    """Label the rows that still need it; commit fragment by fragment; resume after a crash."""
+    """Label the rows that still need it; commit in groups as work finishes; resume after a crash."""
     from lance_io.storage import resolve_storage_options
     from ray_jobs.label import LabelOptions, label_table
 
     options = LabelOptions(
         task=task, column=column, serve=serve, app=app_name, model=model, backend=backend, lora=lora, where=where,
-        relabel=relabel, concurrency=concurrency, batch_size=batch_size, commit_rows=commit_rows, version_tag=version_tag,
-        token_env=token_env,
+        relabel=relabel, concurrency=concurrency, batch_size=batch_size, commit_rows=commit_rows,
+        commit_seconds=commit_seconds, version_tag=version_tag, token_env=token_env,
     )
     storage_options = resolve_storage_options(table)
     _preflight(table, options, storage_options)
     summary = label_table(table, options, storage_options=storage_options, progress=not as_json, address=address)
-    keys = ("planned", "labeled", "failed", "skipped", "fragments_committed", "version", "seconds")
+    keys = ("planned", "labeled", "failed", "skipped", "fragments_committed", "commits", "version", "seconds")
     if as_json:
         emit_json({k: getattr(summary, k) for k in keys} | {"errors": summary.errors, "provenance": summary.provenance})
     else:
         typer.echo(", ".join(f"{k} {getattr(summary, k)}" for k in keys))
-        for error in summary.errors:
-            typer.echo(f"fragment failed: {error}", err=True)
+        for reason, fragments in summary.errors.items():
+            typer.echo(
+                f"fragments failed: {fragments} with {reason}; their rows stay todo: rerun the same command "
+                f"(records: lance_io.read_errors({table!r}, job='label-{summary.run_id}'))",
+                err=True,
+            )
     if summary.fragments_failed:
         raise typer.Exit(EXIT_PARTIAL)
 
