@@ -117,3 +117,14 @@ def test_tables_on_s3_create_append_write_columns_and_version(s3):
     ds = open_table(uri, "labeled", storage_options=opts)
     assert ds.count_rows() == 12 and ds.to_table(filter="label = 'x'").num_rows == 12
     assert len(list_versions(uri, storage_options=opts)) >= 5
+
+
+def test_listing_the_newest_versions_reads_only_those_and_keeps_oldest_first(history):
+    uri, *_ = history
+    every = list_versions(uri)
+    newest = list_versions(uri, last=2)
+    assert [v.version for v in newest] == [v.version for v in every[-2:]]
+    assert [v.operation for v in newest] == [v.operation for v in every[-2:]]
+    out = subprocess.run([LANCETAG, "versions", uri, "--last", "1", "--json"], capture_output=True, text=True, check=True)
+    shown = json.loads(out.stdout)
+    assert [v["version"] for v in shown] == [every[-1].version]

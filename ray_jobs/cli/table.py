@@ -44,11 +44,15 @@ def show(table: str, version: VersionOpt = None, as_json: JsonFlag = False) -> N
     )
 
 
-def versions(table: str, as_json: JsonFlag = False) -> None:
+def versions(
+    table: str,
+    last: Annotated[int, typer.Option(help="Show the newest N versions (0: all)")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
     """List versions: what each did (operation, job parameters) and its tags."""
     from lance_io.versions import list_versions
 
-    infos = list_versions(table, storage_options=_options(table))
+    infos = list_versions(table, last=last or None, storage_options=_options(table))
     if as_json:
         emit_json([dataclasses.asdict(v) for v in infos])
         return
