@@ -18,8 +18,10 @@ process whose wall time and peak RSS (sampled every 50 ms, the process alone) ar
 6. the LLaMA-Factory extension's streaming reader: time to the first batch and peak RSS;
 7. versions and metadata bytes each run created, bytes on disk per row.
 
-Each figure is reported at every size with its growth: the per-row figure at the largest size
-divided by the one at the smallest (1.0 = cost per row independent of the table).
+Each figure is reported at every size with its growth, the figure at the largest size divided by
+the one at the smallest: for the per-row figures (images/s, ms per row, bytes per row, RSS,
+latencies) 1.0 means independent of the table; totals (seconds, versions, bytes of a run) grow
+with the rows they cover.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ def run(workdir: Path) -> Section:
         for scorer in scorers:
             scorer.stop()
     ns = sorted(results)
-    header = "| figure | " + " | ".join(f"{n:,} rows" for n in ns) + " | growth (largest / smallest) |"
+    header = "| figure | " + " | ".join(f"{n:,} rows" for n in ns) + " | largest / smallest |"
     lines = [header, "|" + " --- |" * (len(ns) + 2)]
     for key in results[ns[0]]:
         values = [results[n][key] for n in ns]
