@@ -10,14 +10,7 @@ import json
 from pathlib import Path
 
 from bench.data import digit_images
-
-SHAREGPT_TAGS = {
-    "role_tag": "role",
-    "content_tag": "content",
-    "user_tag": "user",
-    "assistant_tag": "assistant",
-    "system_tag": "system",
-}
+from llamafactory_ext.source import SHAREGPT_TAGS
 
 
 def _chat(*turns: str) -> list[dict[str, str]]:

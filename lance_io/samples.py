@@ -37,7 +37,7 @@ from lance_io.sql import sql_string
 from lance_io.table import (
     AppendResult,
     ensure_id_index,
-    existing_ids,
+    new_rows_of,
     open_table,
     table_exists,
     translated_write_errors,
@@ -131,15 +131,8 @@ def append_samples(
     uri = samples_uri(table_uri)
     if rows.num_rows == 0:
         return AppendResult(added=0)
-    ids = rows.column(ID).to_pylist()
-    first_seen: dict[str, int] = {}
-    for i, row_id in enumerate(ids):
-        first_seen.setdefault(row_id, i)
-    duplicates = [row_id for i, row_id in enumerate(ids) if first_seen[row_id] != i]
     ds = lance.dataset(uri, storage_options=storage_options) if table_exists(uri, storage_options=storage_options) else None
-    known = existing_ids(ds, first_seen) if ds is not None else set()
-    duplicates += [row_id for row_id in first_seen if row_id in known]
-    keep = sorted(i for row_id, i in first_seen.items() if row_id not in known)
+    keep, duplicates = new_rows_of(rows.column(ID).to_pylist(), ds)
     if not keep:
         return AppendResult(added=0, duplicate_ids=duplicates, version=ds.version if ds else None)
     kept = rows.take(pa.array(keep, pa.int64())).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)

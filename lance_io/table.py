@@ -139,6 +139,17 @@ def ensure_id_index(ds: lance.LanceDataset) -> None:
         ds.create_scalar_index(ID, index_type="BTREE")
 
 
+def new_rows_of(ids: list[str], ds: lance.LanceDataset | None) -> tuple[list[int], list[str]]:
+    """Return (positions of the rows to write, duplicate ids): the first sighting of each id the table lacks."""
+    first_seen: dict[str, int] = {}
+    for i, row_id in enumerate(ids):
+        first_seen.setdefault(row_id, i)
+    duplicates = [row_id for i, row_id in enumerate(ids) if first_seen[row_id] != i]
+    known = existing_ids(ds, first_seen) if ds is not None else set()
+    duplicates += [row_id for row_id in first_seen if row_id in known]
+    return sorted(i for row_id, i in first_seen.items() if row_id not in known), duplicates
+
+
 def append_images(
     uri: str,
     rows: pa.Table,
@@ -155,16 +166,8 @@ def append_images(
     """
     if rows.num_rows == 0:
         return AppendResult(added=0)
-    ids = rows.column(ID).to_pylist()
-    first_seen: dict[str, int] = {}
-    for i, row_id in enumerate(ids):
-        first_seen.setdefault(row_id, i)
-    duplicates = [row_id for i, row_id in enumerate(ids) if first_seen[row_id] != i]
-
     ds = lance.dataset(uri, storage_options=storage_options) if table_exists(uri, storage_options=storage_options) else None
-    known = existing_ids(ds, first_seen) if ds is not None else set()
-    duplicates += [row_id for row_id in first_seen if row_id in known]
-    keep = sorted(i for row_id, i in first_seen.items() if row_id not in known)
+    keep, duplicates = new_rows_of(rows.column(ID).to_pylist(), ds)
     if not keep:
         return AppendResult(added=0, duplicate_ids=duplicates, version=ds.version if ds else None)
 
