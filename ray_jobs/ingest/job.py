@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from lance_io import AppendResult, ErrorRecord, append_images, ensure_columns, record_errors, table_exists
+from lance_io.reasons import ReasonError
 from lance_io.samples import append_samples, sample_rows
 from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH
 from ray_jobs.ingest.items import IngestSummary, InputItem
@@ -123,10 +124,11 @@ def merged_metadata_fields(sources: list[Source]) -> dict[str, pa.DataType]:
 
 def _check_answer_column(options: IngestOptions, metadata: dict[str, pa.DataType]) -> None:
     if options.prompt and options.answer_column is None:
-        raise ValueError("--prompt needs --answer-column: the column holding the assistant's answer")
+        raise ReasonError("bad_option", "--prompt needs --answer-column: the column holding the assistant's answer")
     if options.answer_column and options.answer_column != TRUTH and options.answer_column not in metadata:
         known = ", ".join([TRUTH, *metadata])
-        raise ValueError(
+        raise ReasonError(
+            "bad_option",
             f"--answer-column {options.answer_column!r} is not a column of the sources ({known})"
         )
 
