@@ -12,7 +12,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "FragmentCommit": "lance_io.columns",
     "FragmentTodo": "lance_io.columns",
     "ensure_columns": "lance_io.columns",
     "plan_fragments": "lance_io.columns",

@@ -87,9 +87,6 @@ class FillResult:
     conflicts_resolved: int = 0
 
 
-FragmentCommit = FillResult  # the name write_fragment's result had
-
-
 def _and(*predicates: str | None) -> str | None:
     parts = [f"({p})" for p in predicates if p]
     return " AND ".join(parts) if parts else None

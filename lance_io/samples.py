@@ -165,17 +165,6 @@ def open_samples(
     return open_table(samples_uri(table_uri), version, storage_options=storage_options)
 
 
-def images_version_of(samples: lance.LanceDataset, version: int | None = None) -> int | None:
-    """Return the image-table version recorded by samples version ``version`` (its last append at or before it)."""
-    version = samples.version if version is None else version
-    for number in range(version, 0, -1):
-        transaction = samples.read_transaction(number)
-        recorded = (transaction.transaction_properties or {}).get(IMAGES_VERSION_KEY) if transaction else None
-        if recorded is not None:
-            return int(recorded)
-    return None
-
-
 def samples_version_at(
     table_uri: str, images_version: int, *, storage_options: dict[str, str] | None = None
 ) -> int | None:

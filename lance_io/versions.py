@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import lance
 import pyarrow as pa
@@ -163,15 +163,6 @@ def restore_version(uri: str, version: int | str, *, storage_options: dict[str, 
     ds = open_table(uri, version, storage_options=storage_options)
     ds.restore()
     return open_table(uri, storage_options=storage_options).version
-
-
-def cleanup_versions(
-    uri: str, older_than: timedelta, *, storage_options: dict[str, str] | None = None
-) -> dict[str, int]:
-    """Delete versions older than ``older_than`` (tagged ones are kept); return what was removed."""
-    ds = open_table(uri, storage_options=storage_options)
-    stats = ds.cleanup_old_versions(older_than=older_than)
-    return {"bytes_removed": stats.bytes_removed, "old_versions": stats.old_versions}
 
 
 def _column_by_id(ds: lance.LanceDataset, column: str) -> dict[str, str | None]:

@@ -33,11 +33,6 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def to_jsonable(value: Any) -> Any:
-    """Return ``value`` as plain JSON types (dataclasses, pydantic models, datetimes included)."""
-    return json.loads(json.dumps(value, default=_default))
-
-
 _json_out: TextIO | None = None  # the real stdout while json_stdout() is active
 
 
