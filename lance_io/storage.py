@@ -36,3 +36,62 @@ def resolve_storage_options(uri: str, explicit: dict[str, str] | None = None) ->
 def redact(options: dict[str, str] | None) -> dict[str, str]:
     """Return ``options`` with secret-looking values replaced by ``***``, safe to log."""
     return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in (options or {}).items()}
+
+
+OBJECT_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+"""URI prefixes of object stores a source can be read from."""
+
+
+def is_object_uri(location: str) -> bool:
+    """True when ``location`` names an object on object storage (s3://, gs://, az://)."""
+    return location.startswith(OBJECT_SCHEMES)
+
+
+def _option(options: dict[str, str], *names: str) -> str | None:
+    return next((options[n] for n in names if options.get(n)), None)
+
+
+def boto3_client_kwargs(options: dict[str, str] | None) -> dict[str, str]:
+    """Return ``boto3.client("s3", **kwargs)`` arguments for Lance-style storage options (AWS_* otherwise)."""
+    options = options or {}
+    pairs = {
+        "endpoint_url": _option(options, "endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url"),
+        "aws_access_key_id": _option(options, "aws_access_key_id", "access_key_id"),
+        "aws_secret_access_key": _option(options, "aws_secret_access_key", "secret_access_key"),
+        "aws_session_token": _option(options, "aws_session_token", "session_token", "token"),
+        "region_name": _option(options, "region", "aws_region", "aws_default_region"),
+    }
+    return {k: v for k, v in pairs.items() if v}
+
+
+def pyarrow_filesystem(uri: str, options: dict[str, str] | None):  # -> (pyarrow.fs.FileSystem, str)
+    """Return a pyarrow filesystem for the object ``uri`` (with ``options``) and the path within it."""
+    from pyarrow import fs
+
+    scheme, _, path = uri.partition("://")
+    if scheme == "s3":
+        kwargs = boto3_client_kwargs(options)
+        endpoint = kwargs.get("endpoint_url")
+        scheme_of_endpoint = "https"
+        if endpoint and "://" in endpoint:
+            scheme_of_endpoint, _, endpoint = endpoint.partition("://")
+        return (
+            fs.S3FileSystem(
+                access_key=kwargs.get("aws_access_key_id"),
+                secret_key=kwargs.get("aws_secret_access_key"),
+                session_token=kwargs.get("aws_session_token"),
+                region=kwargs.get("region_name"),
+                endpoint_override=endpoint.rstrip("/") if endpoint else None,
+                scheme=scheme_of_endpoint,
+            ),
+            path,
+        )
+    if scheme in ("gs", "gcs"):
+        return fs.GcsFileSystem(), path
+    if scheme in ("az", "abfs"):
+        options = options or {}
+        account = _option(options, "account_name", "azure_storage_account_name")
+        if not account:
+            raise ReasonError("bad_storage_options", f"{uri}: set account_name in ${ENV_VAR} for az:// sources")
+        return fs.AzureFileSystem(account, account_key=_option(options, "account_key", "azure_storage_account_key")), path
+    raise ReasonError("bad_source", f"{uri} is not an object-storage URI (s3://, gs://, az://)")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Locator = Literal["path", "url", "bytes", "none"]
-"""How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, or none
-(the source already knows the item failed, see ``InputItem.error``)."""
+Locator = Literal["path", "url", "bytes", "object", "member", "none"]
+"""How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, read an
+object-storage object (``url`` is its ``s3://...`` URI), read a tar member (``url`` is the shard,
+``path`` is ``"offset:size"``), or none (the source already knows the item failed, see ``InputItem.error``)."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from lance_io import existing_ids, open_table
 from lance_io.schema import content_hashes
+from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.decode import IMAGE_EXTENSIONS, SNIFF_BYTES, sniff_format, validate_image
 from ray_jobs.ingest.fetch import Fetcher
 from ray_jobs.ingest.items import ImageInfo, IngestError
@@ -70,12 +71,17 @@ def process_batch(
     options = IngestOptions.model_validate_json(options_json)
     rows = batch.to_pylist()
     urls = [row for row in rows if row["locator"] == "url"]
-    fetched: dict[int, bytes | IngestError] = {}
+    fetched: dict[int, bytes | IngestError | str] = {}
     if urls:
         fetcher = _fetcher(options_json, options)
         with ThreadPoolExecutor(min(options.fetch_threads, len(urls))) as pool:
             bodies = pool.map(lambda row: fetcher.fetch(row["url"]), urls)
             fetched = {row["idx"]: body for row, body in zip(urls, bodies, strict=True)}
+    remote = [row for row in rows if row["locator"] in ("object", "member")]
+    if remote:  # object reads wait on the network: overlap them like URL fetches
+        with ThreadPoolExecutor(min(options.fetch_threads, len(remote))) as pool:
+            bodies = pool.map(lambda row: _read_remote(row, options.max_bytes, storage_options), remote)
+            fetched.update({row["idx"]: body for row, body in zip(remote, bodies, strict=True)})
     datas = [_bytes_of(row, fetched, options) for row in rows]
     hashes = [content_hashes(d) if isinstance(d, bytes) and d else None for d in datas]
     known = _known_ids(table, storage_options, [h[0] for h in hashes if h is not None])
@@ -94,12 +100,76 @@ def process_batch(
     return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
 
 
-def _bytes_of(row: dict, fetched: dict[int, bytes | IngestError], options: IngestOptions) -> bytes | IngestError | str:
-    if row["locator"] == "url":
+def _bytes_of(
+    row: dict, fetched: dict[int, bytes | IngestError | str], options: IngestOptions
+) -> bytes | IngestError | str:
+    if row["locator"] in ("url", "object", "member"):
         return fetched[row["idx"]]
     if row["locator"] == "path":
         return read_file(row["path"], options.max_bytes, scan=row["scan"])
     return row["data"] or b""
+
+
+def _read_remote(row: dict, max_bytes: int, table_options: dict[str, str] | None) -> bytes | IngestError | str:
+    if row["locator"] == "object":
+        return read_object(row["url"], max_bytes, table_options, scan=row["scan"])
+    return read_member(row["url"], row["path"], max_bytes, table_options)
+
+
+def _object_options(uri: str, table_options: dict[str, str] | None) -> dict[str, str] | None:
+    """Storage options to read a source object: ``$LANCETAG_STORAGE_OPTIONS`` under the table's own options."""
+    return resolve_storage_options(uri, table_options)
+
+
+def read_object(
+    uri: str, max_bytes: int, table_options: dict[str, str] | None = None, *, scan: bool = False
+) -> bytes | IngestError | str:
+    """Return an object's bytes, an ``IngestError``, or ``SKIP`` for a listed object that is no image."""
+    from ray_jobs.ingest.sources.objectstore import listing_failure
+
+    try:
+        filesystem, path = pyarrow_filesystem(uri, _object_options(uri, table_options))
+        with filesystem.open_input_stream(path) as stream:
+            data = b""
+            if scan and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+                data = stream.read(SNIFF_BYTES)
+                if sniff_format(data) is None:
+                    return SKIP
+            data += stream.read(max_bytes + 1 - len(data))
+    except FileNotFoundError:
+        return IngestError("not_found", "no such object (deleted since it was listed?)")
+    except OSError as exc:
+        return IngestError(*listing_failure(exc))
+    if len(data) > max_bytes:
+        return IngestError("too_large", f"the object is over the limit of {max_bytes} bytes (raise --max-bytes)")
+    return data
+
+
+def read_member(
+    shard: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
+) -> bytes | IngestError:
+    """Return the bytes of the tar member at ``span`` (``"offset:size"``) of ``shard``, or why not."""
+    from ray_jobs.ingest.sources.objectstore import listing_failure
+
+    offset, size = (int(part) for part in span.split(":"))
+    if size > max_bytes:
+        return IngestError("too_large", f"{size} bytes is over the limit of {max_bytes} (raise --max-bytes)")
+    try:
+        if is_object_uri(shard):
+            filesystem, path = pyarrow_filesystem(shard, _object_options(shard, table_options))
+            with filesystem.open_input_file(path) as handle:
+                data = handle.read_at(size, offset) if offset < handle.size() else b""
+        else:
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+    except FileNotFoundError:
+        return IngestError("not_found", "no such shard (deleted since it was listed?)")
+    except OSError as exc:
+        return IngestError(*listing_failure(exc))
+    if len(data) < size:
+        return IngestError("truncated", f"the shard ends inside this member ({len(data)} of {size} bytes)")
+    return data
 
 
 def _known_ids(table: str | None, storage_options: dict[str, str] | None, ids: list[str]) -> set[str]:

@@ -1,7 +1,8 @@
 """Sources of images, one module per kind, behind one registry.
 
 A SOURCE argument is ``[KIND:]LOCATION``; without a kind it is detected from the location
-(see ``detect_kind``). Kinds: folder, url, urls, manifest, parquet, lance, hf, modelscope, sharegpt.
+(see ``detect_kind``). Kinds: folder, url, urls, manifest, parquet, lance, hf, modelscope, sharegpt, objectstore
+(s3://, gs://, az:// prefixes), webdataset (tar shards, local or on object storage).
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from lance_io.storage import is_object_uri
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, Source, SourceError
 from ray_jobs.ingest.sources.folder import folder_source
 from ray_jobs.ingest.sources.hf import hf_disk_source, modelscope_source
 from ray_jobs.ingest.sources.manifest import lance_source, manifest_source, parquet_source
+from ray_jobs.ingest.sources.objectstore import object_source
 from ray_jobs.ingest.sources.sharegpt import looks_like_sharegpt, sharegpt_source
 from ray_jobs.ingest.sources.urls import single_url_source, url_list_source
+from ray_jobs.ingest.sources.webdataset import looks_like_webdataset, webdataset_source
 
 SOURCE_KINDS: dict[str, Callable[[str, IngestOptions], ListedSource]] = {
     "folder": folder_source,
@@ -28,6 +32,8 @@ SOURCE_KINDS: dict[str, Callable[[str, IngestOptions], ListedSource]] = {
     "hf": hf_disk_source,
     "modelscope": modelscope_source,
     "sharegpt": sharegpt_source,
+    "objectstore": object_source,
+    "webdataset": webdataset_source,
 }
 _PREFIX = re.compile(rf"^({'|'.join(SOURCE_KINDS)}):(?!//)(.+)$")
 
@@ -45,6 +51,10 @@ def detect_kind(location: str) -> str:
     """Return the source kind a location looks like; raise ``SourceError`` when it is ambiguous."""
     if location.startswith(("http://", "https://")):
         return "url"
+    if looks_like_webdataset(location):
+        return "webdataset"
+    if is_object_uri(location):
+        return "objectstore"
     path = Path(location)
     if not path.exists():
         raise SourceError(f"{location} does not exist")
