@@ -11,6 +11,7 @@ record for the broken part; the members before it still ingest.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
@@ -90,10 +91,41 @@ def open_shard(shard: str, storage_options: dict[str, str] | None) -> Iterator[I
     if is_object_uri(shard):
         filesystem, path = pyarrow_filesystem(shard, storage_options)
         with filesystem.open_input_file(path) as handle:
-            yield handle
+            # Buffered: a header is 512 bytes, one ranged GET each would be slow; small text
+            # members next to it come in the same read. Images beyond the buffer are skipped.
+            yield io.BufferedReader(_RangedReader(handle), buffer_size=64 * 1024)
     else:
         with open(shard, "rb") as handle:
             yield handle
+
+
+class _RangedReader(io.RawIOBase):
+    """A pyarrow random-access file as a Python raw stream that, like a local file, may seek past its end."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.size, self.position = handle, handle.size(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        if self.position >= self.size:
+            return 0
+        data = self.handle.read_at(min(len(buffer), self.size - self.position), self.position)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def _split_name(name: str) -> tuple[str, str]:

@@ -1,0 +1,158 @@
+"""Object-storage prefixes and tar shards as ingest sources, on a real S3-compatible server (moto on
+127.0.0.1): a prefix of 2,000+ objects with every hostile case reconciles; a server that denies
+access ends as an access_denied record; shards on the server ingest like local ones.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import pytest
+
+from lance_io import open_table, read_errors
+from lance_io.storage import ENV_VAR, boto3_client_kwargs
+from lance_io.versions import list_versions
+from ray_jobs.ingest import IngestOptions, ingest
+from ray_jobs.ingest.sources import SOURCE_KINDS
+from ray_jobs.ingest.sources.base import ListedSource
+from ray_jobs.ingest.sources.objectstore import object_source
+from ray_jobs.ingest.worker import read_object
+from tests.ingest_fixtures import image_bytes
+from tests.test_ingest_webdataset import build_shards
+
+pytestmark = pytest.mark.s3
+QUIET = {"progress": False}
+IMAGES = 2000
+DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>1</RequestId></Error>"
+)
+
+
+def _client(s3):
+    return boto3.client("s3", **boto3_client_kwargs(s3.storage_options))
+
+
+def _upload(s3, objects: dict[str, bytes]) -> None:
+    client = _client(s3)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=s3.bucket, Key=kv[0], Body=kv[1]), objects.items()))
+
+
+@pytest.fixture
+def denying_endpoint() -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every S3 request with 403 AccessDenied."""
+
+    class Deny(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _deny(self) -> None:
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(DENIED)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(DENIED)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _deny
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster, s3, monkeypatch) -> None:
+    prefix = f"s3://{s3.bucket}/photos/"
+    objects = {f"photos/{'ab'[n % 2]}/{n:05d}.png": image_bytes(n, "PNG", size=(8, 8)) for n in range(IMAGES)}
+    objects |= {f"photos/a/copy-{n}.png": objects[f"photos/a/{n:05d}.png"] for n in (0, 2, 4)}
+    hostile = {
+        "photos/a/empty.jpg": b"",
+        "photos/b/": b"",  # a folder marker
+        "photos/a/big.png": b"\x89PNG\r\n\x1a\n" + bytes(30_000),
+        "photos/b/garbage.jpg": b"these bytes are not an image" * 4,
+        "photos/a/notes.txt": b"a scanned object that is no image: skipped, as in a folder",
+        "photos/b/gone.png": image_bytes(99_999, "PNG", size=(8, 8)),  # deleted after listing
+    }
+    _upload(s3, objects | hostile)
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+
+    def deleting_after_listing(location: str, options: IngestOptions) -> ListedSource:
+        listed = object_source(location, options)
+
+        def items():
+            for item in listed.items():
+                if item.source.endswith("/gone.png"):  # listed, now deleted before any worker reads it
+                    _client(s3).delete_object(Bucket=s3.bucket, Key="photos/b/gone.png")
+                yield item
+
+        return ListedSource(listed.kind, items)
+
+    monkeypatch.setitem(SOURCE_KINDS, "objectstore", deleting_after_listing)
+    table = s3.uri("from-prefix.lance")
+    options = IngestOptions(label_from_dir=True, max_bytes=20_000, segment_items=700, **QUIET)
+    summary = ingest([prefix], table, options, storage_options=s3.storage_options)
+
+    assert summary.reconciled, summary
+    assert summary.inputs == len(objects) + len(hostile)
+    assert (summary.added, summary.duplicates, summary.skipped) == (IMAGES, 3, 1)
+    assert summary.errors_by_reason == {
+        "empty_file": 1, "not_a_file": 1, "too_large": 1, "not_an_image": 1, "not_found": 1
+    }, summary.errors_by_reason
+    rows = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "truth"]).to_pylist()
+    assert len(rows) == IMAGES
+    assert all(r["truth"] == r["source"].split("/")[-2] for r in rows), "truth is the key's parent prefix"
+    errors = read_errors(table, job=summary.job, storage_options=s3.storage_options).to_pylist()
+    recorded = {e["source"] for e in errors} | {r["source"] for r in rows}
+    listed = {f"s3://{s3.bucket}/{key}" for key in objects | hostile}
+    duplicates = {f"s3://{s3.bucket}/photos/a/copy-{n}.png" for n in (0, 2, 4)}
+    assert listed - recorded == duplicates | {f"s3://{s3.bucket}/photos/a/notes.txt"}
+    secret = s3.storage_options["aws_secret_access_key"]
+    history = repr(list_versions(table, storage_options=s3.storage_options))
+    assert secret not in history and not any(secret in e["message"] for e in errors), "no secret stored"
+
+
+def test_a_prefix_the_server_denies_is_one_access_denied_record(
+    ray_cluster, denying_endpoint, monkeypatch, tmp_path: Path
+) -> None:
+    denied = {"endpoint": denying_endpoint, "aws_access_key_id": "k", "aws_secret_access_key": "s3cr3t-value",
+              "region": "us-east-1"}
+    monkeypatch.setenv(ENV_VAR, json.dumps(denied))
+    table = str(tmp_path / "denied.lance")
+    summary = ingest(["s3://private/photos/"], table, IngestOptions(**QUIET))
+    assert summary.reconciled and summary.inputs == 1
+    assert summary.errors_by_reason == {"access_denied": 1}
+    [error] = read_errors(table, job=summary.job).to_pylist()
+    assert "s3cr3t-value" not in error["message"] and "credentials" in error["message"]
+    result = read_object("s3://private/photos/a.png", 1000, denied)  # what a worker gets for one object
+    assert result.reason == "access_denied", result
+
+
+@pytest.mark.slow
+def test_tar_shards_on_object_storage_ingest_like_local_shards(ray_cluster, s3, monkeypatch, tmp_path: Path) -> None:
+    expected = build_shards(tmp_path / "shards")
+    _upload(s3, {f"wds/{p.name}": p.read_bytes() for p in sorted((tmp_path / "shards").iterdir())})
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+    table = s3.uri("from-shards.lance")
+    source = f"s3://{s3.bucket}/wds/shard-{{00000..00003}}.tar"
+    summary = ingest([source], table, IngestOptions(**QUIET), storage_options=s3.storage_options)
+    assert summary.reconciled, summary
+    assert (summary.added, summary.duplicates, summary.skipped) == (
+        expected["added"], expected["duplicates"], expected["skipped"]
+    )
+    assert summary.errors_by_reason == {"corrupt_tar": 2, "truncated": 1, "not_an_image": 1}
+    rows = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "caption"]).to_pylist()
+    assert {r["source"].rsplit("#", 1)[1]: r["caption"] for r in rows}["s00012.jpg"] == "caption 12"
+    assert all(r["source"].startswith(f"s3://{s3.bucket}/wds/shard-") for r in rows)
