@@ -156,3 +156,23 @@ def test_tar_shards_on_object_storage_ingest_like_local_shards(ray_cluster, s3, 
     rows = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "caption"]).to_pylist()
     assert {r["source"].rsplit("#", 1)[1]: r["caption"] for r in rows}["s00012.jpg"] == "caption 12"
     assert all(r["source"].startswith(f"s3://{s3.bucket}/wds/shard-") for r in rows)
+
+
+def test_a_manifest_on_object_storage_reads_its_relative_keys_and_s3_uris(ray_cluster, s3, monkeypatch) -> None:
+    images = {f"man/imgs/{n}.png": image_bytes(500 + n, "PNG", size=(8, 8)) for n in range(4)}
+    elsewhere = f"s3://{s3.bucket}/other/x.png"
+    rows = ["path,label", *(f"imgs/{n}.png,c{n}" for n in range(4)), f"{elsewhere},cx",
+            "../outside.png,c9", "imgs/missing.png,c8"]
+    _upload(s3, images | {"other/x.png": image_bytes(600, "PNG", size=(8, 8)),
+                          "outside.png": image_bytes(601, "PNG", size=(8, 8)),
+                          "man/manifest.csv": "\n".join(rows).encode()})
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+    table = s3.uri("from-manifest.lance")
+    summary = ingest([f"s3://{s3.bucket}/man/manifest.csv"], table, IngestOptions(**QUIET),
+                     storage_options=s3.storage_options)
+    assert summary.reconciled and summary.inputs == 7
+    assert summary.added == 5 and summary.errors_by_reason == {"outside_root": 1, "not_found": 1}
+    got = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "truth"]).to_pylist()
+    assert {r["source"]: r["truth"] for r in got} == {
+        **{f"s3://{s3.bucket}/man/imgs/{n}.png": f"c{n}" for n in range(4)}, elsewhere: "cx"
+    }

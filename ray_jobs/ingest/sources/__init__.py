@@ -54,7 +54,7 @@ def detect_kind(location: str) -> str:
     if looks_like_webdataset(location):
         return "webdataset"
     if is_object_uri(location):
-        return "objectstore"
+        return "manifest" if location.lower().endswith((".csv", ".jsonl", ".ndjson", ".json")) else "objectstore"
     path = Path(location)
     if not path.exists():
         raise SourceError(f"{location} does not exist")

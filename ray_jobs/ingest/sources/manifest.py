@@ -7,11 +7,13 @@ against ``--manifest-root`` (default: the manifest's folder) and cannot leave it
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
+from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
@@ -21,7 +23,9 @@ Batches = Callable[[], Iterator[pa.RecordBatch]]
 
 
 def manifest_source(location: str, options: IngestOptions) -> ListedSource:
-    """Return the source of a CSV, JSONL or JSON manifest (one row per image)."""
+    """Return the source of a CSV, JSONL or JSON manifest (one row per image), local or on object storage."""
+    if is_object_uri(location):
+        return _object_manifest(location, options)
     path = Path(location)
     if not path.is_file():
         raise SourceError(f"{location} is not a file")
@@ -29,6 +33,26 @@ def manifest_source(location: str, options: IngestOptions) -> ListedSource:
     return _tabular(
         location, "manifest", table.schema, lambda: iter(table.to_batches(BATCH_ROWS)), path.parent, options
     )
+
+
+def _object_manifest(location: str, options: IngestOptions) -> ListedSource:
+    """A manifest on object storage: read on the driver (it is the listing); its relative paths are keys."""
+    filesystem, key = pyarrow_filesystem(location, resolve_storage_options(location))
+    try:
+        with filesystem.open_input_stream(key) as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise SourceError(f"cannot read the manifest {location}: {exc}") from exc
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / Path(key).name
+        copy.write_bytes(data)
+        table = _read_manifest(copy)
+    mapping = map_columns(table.schema, options.columns, location)
+    context = RowContext(
+        name=location, kind="manifest", root=Path("."), options=options, object_root=location.rsplit("/", 1)[0]
+    )
+    batches = table.to_batches(BATCH_ROWS)
+    return ListedSource("manifest", lambda: rows_to_items(iter(batches), mapping, context), mapping.metadata_fields)
 
 
 def parquet_source(location: str, options: IngestOptions) -> ListedSource:

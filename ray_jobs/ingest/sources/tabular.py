@@ -11,6 +11,7 @@ or over its ``images`` in order, whose count must match the ``<image>`` placehol
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from lance_io.storage import is_object_uri
 from ray_jobs.ingest.items import InputItem, SampleSpec
 from ray_jobs.ingest.messages import InvalidMessages, normalize_messages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
@@ -93,6 +95,8 @@ class RowContext:
     root: Path
     options: IngestOptions
     label_names: list[str] | None = None
+    object_root: str | None = None
+    """The manifest's prefix when it is on object storage: relative paths are keys under it."""
 
 
 def rows_to_items(
@@ -166,6 +170,18 @@ def _locate(image: Any, url: Any, path: Any, row_name: str, ctx: RowContext) -> 
     for value in (url, path):
         if isinstance(value, str) and value.startswith(("http://", "https://")):
             return InputItem(source=value, source_kind=ctx.kind, locator="url", url=value)
+    for value in (url, path):
+        if isinstance(value, str) and is_object_uri(value):
+            return InputItem(source=value, source_kind=ctx.kind, locator="object", url=value)
+    if isinstance(path, str) and path and ctx.object_root:
+        key = posixpath.normpath(path)
+        if key == ".." or key.startswith(("../", "/")):
+            return InputItem(
+                source=path, source_kind=ctx.kind, locator="none",
+                error=("outside_root", f"the path leads outside {ctx.object_root}"),
+            )
+        uri = f"{ctx.object_root.rstrip('/')}/{key}"
+        return InputItem(source=uri, source_kind=ctx.kind, locator="object", url=uri)
     if isinstance(path, str) and path:
         resolved = Path(path) if Path(path).is_absolute() else ctx.root / path
         if not ctx.options.allow_outside_root and not inside_root(resolved, ctx.root):
