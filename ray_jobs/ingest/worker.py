@@ -117,8 +117,9 @@ def _read_remote(row: dict, max_bytes: int, table_options: dict[str, str] | None
 
 
 def _object_options(uri: str, table_options: dict[str, str] | None) -> dict[str, str] | None:
-    """Storage options to read a source object: ``$LANCETAG_STORAGE_OPTIONS`` under the table's own options."""
-    return resolve_storage_options(uri, table_options)
+    """Storage options to read a source object: ``$LANCETAG_STORAGE_OPTIONS`` as the driver listed with it;
+    where this worker's environment lacks it (a cluster started elsewhere), the table's own options."""
+    return resolve_storage_options(uri) or table_options
 
 
 def read_object(
