@@ -1,14 +1,21 @@
 """Object-storage prefixes and tar shards as ingest sources, on a real S3-compatible server (moto on
-127.0.0.1): a prefix of 2,000+ objects with every hostile case reconciles; a server that denies
-access ends as an access_denied record; shards on the server ingest like local ones.
+127.0.0.1): a prefix of 2,000+ objects with every hostile case reconciles (on a moto that enforces
+an IAM policy, so one object is really denied); a server that denies everything ends as one
+access_denied record; shards and manifests on the server ingest like local ones.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,6 +31,7 @@ from ray_jobs.ingest.sources.base import ListedSource
 from ray_jobs.ingest.sources.objectstore import object_source
 from ray_jobs.ingest.worker import read_object
 from tests.ingest_fixtures import image_bytes
+from tests.s3_server import _free_port
 from tests.test_ingest_webdataset import build_shards
 
 pytestmark = pytest.mark.s3
@@ -43,6 +51,58 @@ def _upload(s3, objects: dict[str, bytes]) -> None:
     client = _client(s3)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda kv: client.put_object(Bucket=s3.bucket, Key=kv[0], Body=kv[1]), objects.items()))
+
+
+@dataclass(frozen=True)
+class AuthedS3:
+    """A moto server that checks credentials: a user may do anything but read ``photos/*/denied-*``."""
+
+    endpoint: str
+    bucket: str
+    storage_options: dict[str, str]
+
+    def uri(self, name: str) -> str:
+        return f"s3://{self.bucket}/{name}"
+
+
+@pytest.fixture(scope="module")
+def authed_s3() -> Iterator[AuthedS3]:
+    """moto with IAM enforced after the 4 setup calls (bucket, user, policy, key), on 127.0.0.1."""
+    port = _free_port()
+    moto = Path(sys.executable).parent / "moto_server"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    process = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        setup = {"endpoint_url": endpoint, "aws_access_key_id": "setup", "aws_secret_access_key": "setup",
+                 "region_name": "us-east-1"}
+        boto3.client("s3", **setup).create_bucket(Bucket="guarded")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="ingest")
+        policy = {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::guarded/photos/*/denied-*"},
+        ]}
+        iam.put_user_policy(UserName="ingest", PolicyName="no-denied", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="ingest")["AccessKey"]
+        yield AuthedS3(endpoint, "guarded", {
+            "endpoint": endpoint, "aws_access_key_id": key["AccessKeyId"],
+            "aws_secret_access_key": key["SecretAccessKey"], "region": "us-east-1", "allow_http": "true",
+        })
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -74,7 +134,8 @@ def denying_endpoint() -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster, s3, monkeypatch) -> None:
+def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster, authed_s3, monkeypatch) -> None:
+    s3 = authed_s3
     prefix = f"s3://{s3.bucket}/photos/"
     objects = {f"photos/{'ab'[n % 2]}/{n:05d}.png": image_bytes(n, "PNG", size=(8, 8)) for n in range(IMAGES)}
     objects |= {f"photos/a/copy-{n}.png": objects[f"photos/a/{n:05d}.png"] for n in (0, 2, 4)}
@@ -85,6 +146,7 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
         "photos/b/garbage.jpg": b"these bytes are not an image" * 4,
         "photos/a/notes.txt": b"a scanned object that is no image: skipped, as in a folder",
         "photos/b/gone.png": image_bytes(99_999, "PNG", size=(8, 8)),  # deleted after listing
+        "photos/a/denied-1.png": image_bytes(99_998, "PNG", size=(8, 8)),  # the policy denies reading it
     }
     _upload(s3, objects | hostile)
     monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
@@ -109,7 +171,7 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
     assert summary.inputs == len(objects) + len(hostile)
     assert (summary.added, summary.duplicates, summary.skipped) == (IMAGES, 3, 1)
     assert summary.errors_by_reason == {
-        "empty_file": 1, "not_a_file": 1, "too_large": 1, "not_an_image": 1, "not_found": 1
+        "empty_file": 1, "not_a_file": 1, "too_large": 1, "not_an_image": 1, "not_found": 1, "access_denied": 1
     }, summary.errors_by_reason
     rows = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "truth"]).to_pylist()
     assert len(rows) == IMAGES
