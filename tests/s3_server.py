@@ -18,7 +18,6 @@ class S3Server:
 
     endpoint: str
     bucket: str
-    process: subprocess.Popen
 
     @property
     def storage_options(self) -> dict[str, str]:
@@ -41,16 +40,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def s3_server(bucket: str = "lancetag") -> Iterator[S3Server]:
-    """Start moto_server on a free loopback port with one bucket; stop it afterwards."""
-    import boto3
-
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run moto_server on a free loopback port until the block ends; yield its endpoint URL."""
     port = _free_port()
     moto = Path(sys.executable).parent / "moto_server"
     process = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -61,7 +57,18 @@ def s3_server(bucket: str = "lancetag") -> Iterator[S3Server]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.1)
-        server = S3Server(endpoint, bucket, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def s3_server(bucket: str = "lancetag") -> Iterator[S3Server]:
+    """Start moto_server on a free loopback port with one bucket; stop it afterwards."""
+    import boto3
+
+    with moto_server() as endpoint:
         boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -69,7 +76,4 @@ def s3_server(bucket: str = "lancetag") -> Iterator[S3Server]:
             aws_secret_access_key="testing-secret-do-not-log",
             region_name="us-east-1",
         ).create_bucket(Bucket=bucket)
-        yield server
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        yield S3Server(endpoint, bucket)

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +27,7 @@ from ray_jobs.ingest.sources.base import ListedSource
 from ray_jobs.ingest.sources.objectstore import object_source
 from ray_jobs.ingest.worker import read_object
 from tests.ingest_fixtures import image_bytes
-from tests.s3_server import _free_port
+from tests.s3_server import moto_server
 from tests.test_ingest_webdataset import build_shards
 
 pytestmark = pytest.mark.s3
@@ -68,23 +64,8 @@ class AuthedS3:
 @pytest.fixture(scope="module")
 def authed_s3() -> Iterator[AuthedS3]:
     """moto with IAM enforced after the 4 setup calls (bucket, user, policy, key), on 127.0.0.1."""
-    port = _free_port()
-    moto = Path(sys.executable).parent / "moto_server"
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    process = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
+    with moto_server(env) as endpoint:
         setup = {"endpoint_url": endpoint, "aws_access_key_id": "setup", "aws_secret_access_key": "setup",
                  "region_name": "us-east-1"}
         boto3.client("s3", **setup).create_bucket(Bucket="guarded")
@@ -100,9 +81,6 @@ def authed_s3() -> Iterator[AuthedS3]:
             "endpoint": endpoint, "aws_access_key_id": key["AccessKeyId"],
             "aws_secret_access_key": key["SecretAccessKey"], "region": "us-east-1", "allow_http": "true",
         })
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

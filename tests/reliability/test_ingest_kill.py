@@ -9,13 +9,9 @@ command run again finishes the job with counts that reconcile across both runs.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from lance_io import open_table, table_exists
@@ -23,6 +19,7 @@ from lance_io.schema import content_hashes
 from ray_jobs.ingest.options import IngestOptions
 from tests.conftest import LANCETAG, REPO_ROOT
 from tests.ingest_fixtures import image_bytes
+from tests.reliability.kill import kill_9_once, own_cluster_environment
 
 pytestmark = pytest.mark.slow  # two CLI ingests of 6,500 files, each starting its own Ray cluster
 
@@ -35,28 +32,11 @@ def _command(folder: Path, table: str) -> list[str]:
     return [LANCETAG, "ingest", str(folder), "--table", table, "--num-cpus", "2", "--json"]
 
 
-def _environment() -> dict[str, str]:
-    """This environment without RAY_ADDRESS: each run starts (and loses) its own local cluster."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
 def _rows_committed(table: str) -> int:
     """Rows of the table's latest version, 0 while it does not exist yet (read-only, safe mid-write)."""
     if not table_exists(table):
         return 0
     return open_table(table).count_rows()
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    """SIGKILL the process group and anything else left in its session (Ray daemons included)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    for other in psutil.process_iter():
-        try:
-            if os.getsid(other.pid) == process.pid:
-                other.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
 
 
 def _check_rows(table: str, files: dict[str, bytes]) -> list[dict]:
@@ -81,18 +61,7 @@ def test_kill_9_mid_ingest_leaves_a_valid_table_and_the_rerun_completes_it(tmp_p
         files[str(path)] = path.read_bytes()
     table = str(tmp_path / "photos.lance")
 
-    with open(tmp_path / "killed.log", "w") as log:
-        victim = subprocess.Popen(
-            _command(folder, table), cwd=REPO_ROOT, env=_environment(), stdout=log, stderr=log,
-            text=True, start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 240
-            while _rows_committed(table) == 0 and victim.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            running = victim.poll() is None
-        finally:
-            _kill_group(victim)
+    running = kill_9_once(_command(folder, table), lambda: _rows_committed(table) > 0, tmp_path / "killed.log")
     assert running, f"the ingest ended before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
 
     committed = _check_rows(table, files)
@@ -100,7 +69,7 @@ def test_kill_9_mid_ingest_leaves_a_valid_table_and_the_rerun_completes_it(tmp_p
     assert len(committed) % COMMIT_ROWS == 0, "a version holds whole chunks, never part of one"
 
     rerun = subprocess.run(
-        _command(folder, table), cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300
+        _command(folder, table), cwd=REPO_ROOT, env=own_cluster_environment(), capture_output=True, text=True, timeout=300
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from lance_io.samples import open_samples, sample_id, samples_uri
 from lance_io.schema import content_hashes
 from tests.conftest import REPO_ROOT
 from tests.ingest_fixtures import image_bytes
-from tests.reliability.test_ingest_kill import _environment, _kill_group
+from tests.reliability.kill import kill_9_once, own_cluster_environment
 
 pytestmark = pytest.mark.slow  # two ingests, each starting its own Ray cluster: about 20 s here
 
@@ -95,25 +94,14 @@ def _check_tables(table: str, expected: set[str]) -> list[str]:
 def test_kill_9_mid_samples_ingest_leaves_both_tables_valid_and_the_rerun_adds_no_sample_twice(tmp_path: Path) -> None:
     dataset, expected = _dataset(tmp_path / "data")
     table = str(tmp_path / "t.lance")
-    with open(tmp_path / "killed.log", "w") as log:
-        victim = subprocess.Popen(
-            _command(dataset, table), cwd=REPO_ROOT, env=_environment(), stdout=log, stderr=log,
-            text=True, start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 240
-            while _samples_committed(table) == 0 and victim.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            running = victim.poll() is None
-        finally:
-            _kill_group(victim)
+    running = kill_9_once(_command(dataset, table), lambda: _samples_committed(table) > 0, tmp_path / "killed.log")
     assert running, f"the ingest ended before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
 
     committed = _check_tables(table, expected)
     assert 0 < len(committed) < len(expected), "killed after a samples commit and before the last"
 
     rerun = subprocess.run(
-        _command(dataset, table), cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300
+        _command(dataset, table), cwd=REPO_ROOT, env=own_cluster_environment(), capture_output=True, text=True, timeout=300
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     counts = json.loads(rerun.stdout.strip().splitlines()[-1])["samples"]
