@@ -15,6 +15,7 @@ import pytest
 
 from bench.samples_data import mllm_demo_samples, write_mllm_demo
 from tests.conftest import LANCETAG
+from tests.test_lf_dataset import _preprocess as preprocess_with_llamafactory
 
 QUIET = {"progress": False}
 
@@ -39,20 +40,8 @@ def _args(model: Path, template: str, dataset_dir: Path, dataset: str, tmp: Path
 
 def _preprocess(args: dict) -> tuple[list[dict], object]:
     """Run LLaMA-Factory's own get_dataset; return (every training example, collator)."""
-    from llamafactory.data import (
-        MultiModalDataCollatorForSeq2Seq,
-        get_dataset,
-        get_template_and_fix_tokenizer,
-    )
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
-
-    model_args, data_args, training_args, _, _ = get_train_args(args)
-    tokenizer_module = load_tokenizer(model_args)
-    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    collator = MultiModalDataCollatorForSeq2Seq(template=template, **tokenizer_module)
-    return list(module["train_dataset"]), collator
+    dataset, collator = preprocess_with_llamafactory(args)
+    return list(dataset), collator
 
 
 def _assert_same_examples(native: list[dict], lance: list[dict], collator) -> None:
