@@ -18,6 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH, content_hashes
+from llamafactory_ext.source import SHAREGPT_TAGS
 
 
 def png_bytes(seed: int, size: int = 16) -> bytes:
@@ -90,20 +91,21 @@ def write_native(folder: Path, name: str, rows: list[dict], images: list[bytes])
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
         records.append({"messages": row["messages"], "images": [str(path)]})
-    (folder / f"{name}.json").write_text(json.dumps(records))
+    write_sharegpt(folder, name, records)
+    return folder
+
+
+def write_sharegpt(folder: Path, name: str, records: list[dict]) -> Path:
+    """Write ``NAME.json`` (sharegpt records) and its entry in ``folder/dataset_info.json``, keeping other entries; return the JSON path."""
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
     info_path = folder / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info[name] = {
-        "file_name": f"{name}.json",
+        "file_name": path.name,
         "formatting": "sharegpt",
         "columns": {"messages": "messages", "images": "images"},
-        "tags": {
-            "role_tag": "role",
-            "content_tag": "content",
-            "user_tag": "user",
-            "assistant_tag": "assistant",
-            "system_tag": "system",
-        },
+        "tags": dict(SHAREGPT_TAGS),
     }
-    info_path.write_text(json.dumps(info, indent=2))
-    return folder
+    info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    return path

@@ -6,11 +6,9 @@ conversation showing the same file twice, one over two different images, English
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from bench.data import digit_images
-from llamafactory_ext.source import SHAREGPT_TAGS
+from bench.data import digit_images, write_sharegpt
 
 
 def _chat(*turns: str) -> list[dict[str, str]]:
@@ -37,18 +35,7 @@ def write_mllm_demo(folder: Path, samples: list[dict] | None = None, *, name: st
     (folder / "mllm_demo_data").mkdir(exist_ok=True)
     for i, (data, _) in enumerate(digit_images(3, start=10), start=1):
         (folder / "mllm_demo_data" / f"{i}.png").write_bytes(data)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(samples if samples is not None else mllm_demo_samples(), ensure_ascii=False))
-    info_path = folder / "dataset_info.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info[name] = {
-        "file_name": path.name,
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": dict(SHAREGPT_TAGS),
-    }
-    info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
-    return path
+    return write_sharegpt(folder, name, samples if samples is not None else mllm_demo_samples())
 
 
 def multi_turn_samples(n_images: int) -> list[dict]:
@@ -82,15 +69,4 @@ def write_multi_turn(folder: Path, n_images: int, *, name: str = "native", size:
         (folder / "images" / f"{i}.png").write_bytes(data)
         total += len(data)
     samples = multi_turn_samples(n_images)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(samples, ensure_ascii=False))
-    info_path = folder / "dataset_info.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info[name] = {
-        "file_name": path.name,
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": dict(SHAREGPT_TAGS),
-    }
-    info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False))
-    return path, len(samples), total
+    return write_sharegpt(folder, name, samples), len(samples), total
