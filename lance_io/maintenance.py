@@ -49,6 +49,7 @@ from lance.optimize import Compaction
 from pyarrow import fs as pafs
 
 from lance_io.reasons import ReasonError
+from lance_io.storage import table_filesystem
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, open_table
 
 DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's dataset registry file
@@ -203,26 +204,6 @@ def _removable_versions(
     return out
 
 
-def _filesystem(uri: str, storage_options: dict[str, str] | None) -> tuple[pafs.FileSystem, str]:
-    """Return a pyarrow filesystem and the table's root path in it (local, s3://, or any pyarrow URI)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
-    options = {k.lower().removeprefix("aws_"): v for k, v in (storage_options or {}).items()}
-    if uri.startswith("s3://") and options:
-        endpoint = options.get("endpoint")
-        s3 = pafs.S3FileSystem(
-            access_key=options.get("access_key_id"),
-            secret_key=options.get("secret_access_key"),
-            session_token=options.get("session_token"),
-            region=options.get("region"),
-            endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None,
-            scheme="http" if (endpoint or "").startswith("http://") else "https",
-        )
-        return s3, uri.removeprefix("s3://").rstrip("/")
-    filesystem, path = pafs.FileSystem.from_uri(uri)
-    return filesystem, path.rstrip("/")
-
-
 def _referenced_data_files(uri: str, storage_options: dict[str, str] | None) -> set[str]:
     """Names of the data files any existing version of the table references."""
     ds = open_table(uri, storage_options=storage_options)
@@ -246,7 +227,7 @@ def remove_orphan_files(
     The listing is taken before the references are read, so a file committed in between counts
     as referenced.
     """
-    filesystem, root = _filesystem(uri, storage_options)
+    filesystem, root = table_filesystem(uri, storage_options)
     listing = filesystem.get_file_info(pafs.FileSelector(f"{root}/data", allow_not_found=True))
     files = [f for f in listing if f.type == pafs.FileType.File]
     if not files:

@@ -95,3 +95,13 @@ def pyarrow_filesystem(uri: str, options: dict[str, str] | None):  # -> (pyarrow
             raise ReasonError("bad_storage_options", f"{uri}: set account_name in ${ENV_VAR} for az:// sources")
         return fs.AzureFileSystem(account, account_key=_option(options, "account_key", "azure_storage_account_key")), path
     raise ReasonError("bad_source", f"{uri} is not an object-storage URI (s3://, gs://, az://)")
+
+
+def table_filesystem(uri: str, options: dict[str, str] | None):  # -> (pyarrow.fs.FileSystem, str)
+    """Return a pyarrow filesystem and the table's root path in it: a local path or an object-store URI."""
+    from pyarrow import fs
+
+    if not is_object_uri(uri):
+        return fs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://")).rstrip("/")
+    filesystem, path = pyarrow_filesystem(uri, options)
+    return filesystem, path.rstrip("/")

@@ -53,6 +53,8 @@ def ingest(
         str | None, typer.Option(help="Existing Ray cluster (default: start a local one)")
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray cluster (default: all)")] = None,
+    commit_rows: Annotated[int, typer.Option(help="Commit (one version) when N new rows wait")] = 100_000,
+    commit_seconds: Annotated[float, typer.Option(help="Commit when the oldest waiting rows are this old")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts")] = False,
 ) -> None:
     """Ingest images into a Lance table: every input ends added, duplicate, error or skipped."""
@@ -72,6 +74,8 @@ def ingest(
         answer_column=answer_column,
         address=address,
         num_cpus=num_cpus,
+        commit_rows=commit_rows,
+        commit_seconds=commit_seconds,
         progress=not as_json,
     )
     summary = run_ingest(sources, table, options, storage_options=resolve_storage_options(table))
@@ -83,6 +87,8 @@ def ingest(
         f"{summary.errors} errors, {summary.skipped} skipped -> {table} version {summary.version} "
         f"({summary.seconds:.1f} s, {summary.to_json()['images_per_s']} images/s)"
     )
+    if len(summary.nodes) > 1:
+        print_rows("items read and checked per Ray node", [{"node": n, "items": c} for n, c in summary.nodes.items()])
     if summary.errors_by_reason:
         print_rows(
             "errors by reason (details: the errors table next to the table)",

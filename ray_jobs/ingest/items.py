@@ -114,6 +114,10 @@ class IngestSummary:
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     samples: SampleCounts = field(default_factory=SampleCounts)
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Items each Ray node read and checked (node id -> count): where the work ran."""
+    bytes_to_driver: int = 0
+    """Bytes of task outcomes the driver received: ids, statuses and fragment metadata, no image bytes."""
 
     @property
     def reconciled(self) -> bool:
@@ -134,6 +138,8 @@ class IngestSummary:
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.inputs / self.seconds, 1) if self.seconds > 0 else None,
+            "nodes": dict(sorted(self.nodes.items())),
+            "bytes_to_driver": self.bytes_to_driver,
             "samples": {
                 "samples_in": self.samples.samples_in,
                 "samples_added": self.samples.added,

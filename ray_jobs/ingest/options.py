@@ -47,9 +47,11 @@ class IngestOptions(BaseModel):
     )
     fetch_threads: int = Field(16, ge=1, le=256, description="concurrent URL fetches per worker process")
 
-    batch_size: int = Field(64, ge=1, description="items per Ray task")
-    commit_rows: int = Field(2048, ge=1, description="rows per table version (append commit)")
-    commit_bytes: int = Field(256 * 1024**2, ge=1, description="image bytes per table version")
+    batch_size: int = Field(
+        64, ge=1, description="items a task reads and validates at a time (a worker holds one batch of images)"
+    )
+    commit_rows: int = Field(100_000, ge=1, description="commit when this many new rows wait (one version)")
+    commit_seconds: float = Field(30.0, gt=0, description="commit when the oldest waiting rows are this old")
     segment_items: int = Field(50_000, ge=1, description="items listed on the driver per Ray Data pipeline")
     address: str | None = Field(None, description="an existing Ray cluster; default: start a local one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (default: all)")

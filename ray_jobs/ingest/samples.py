@@ -7,8 +7,9 @@ single image that brings its own messages (a manifest's or a dataset's messages 
 ``--prompt``/``--answer-column`` template) is a one-image sample.
 
 Counts: ``samples_in == added + duplicates + errors``; a duplicate is the same image ids and the
-same messages (the sample id, :func:`lance_io.samples.sample_id`) seen earlier in this run or
-already in the samples table.
+same messages (the sample id, :func:`lance_io.samples.sample_id`) as a sample already in the
+samples table or in the same commit (``append_samples`` finds both; the collector keeps no ids, so
+its memory does not grow with the run).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lance_io.errors import ErrorRecord
-from lance_io.samples import sample_id
 from lance_io.schema import TRUTH
 from ray_jobs.ingest.items import InputItem, SampleCounts, SampleSpec
 from ray_jobs.ingest.messages import messages_from_template
@@ -43,7 +43,6 @@ class SampleCollector:
         self.ready: list[dict[str, Any]] = []
         self.errors: list[ErrorRecord] = []
         self._pending: dict[int, _Pending] = {}
-        self._seen: set[str] = set()
 
     def settle(self, item: InputItem, image_id: str | None, failure: tuple[str, str] | None = None) -> None:
         """Record the outcome of one image: its id (added or already present) or why it failed."""
@@ -84,11 +83,6 @@ class SampleCollector:
             return
         assert spec.messages is not None
         image_ids = [i for i in pending.image_ids if i is not None]
-        key = sample_id(image_ids, spec.messages, spec.system, spec.tools)
-        if key in self._seen:
-            self.counts.duplicates += 1
-            return
-        self._seen.add(key)
         self.ready.append(
             {
                 "image_ids": image_ids,

@@ -1,10 +1,10 @@
-"""What a Ray task does with a batch of items: get the bytes, hash, skip known content, validate.
+"""How a worker gets and checks the images of a batch of items: read, hash, skip known content, validate.
 
 Input rows (``WORK_SCHEMA``): an index into the driver's items and how to get the bytes. Output
 rows (``RESULT_SCHEMA``): a status (``ok``, ``error``, ``skip``, ``known``) and, for ``ok``, the
-image columns. Content already in the table (``known``) is neither decoded nor sent back: it was
-validated when it was added, so a rerun costs a read and a hash per image. Pass-through fields
-(truth, messages, metadata) stay on the driver.
+image columns. Content already in the table (``known``) is not decoded: it was validated when it
+was added, so a rerun costs a read and a hash per image. :mod:`ray_jobs.ingest.write` turns the
+``ok`` rows into data files of the table.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import lance
 import numpy as np
 import pyarrow as pa
 
-from lance_io import existing_ids, open_table
+from lance_io import existing_ids
 from lance_io.schema import content_hashes
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.decode import IMAGE_EXTENSIONS, SNIFF_BYTES, sniff_format, validate_image
@@ -62,14 +63,17 @@ _fetchers: dict[str, Fetcher] = {}
 
 
 def process_batch(
-    batch: pa.Table, options_json: str, table: str | None = None, storage_options: dict[str, str] | None = None
+    rows: list[dict],
+    options: IngestOptions,
+    options_json: str,
+    known_in: lance.LanceDataset | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> pa.Table:
-    """Return one result row per work row of `batch` (run inside a Ray task).
+    """Return one result row per work row, in order (run inside a Ray task).
 
-    ``table`` is the table being ingested into: content already in it comes back as ``known``.
+    ``known_in`` is the table being ingested into: content already in it comes back as ``known``.
+    ``storage_options`` are the table's, used for source objects when the environment has none.
     """
-    options = IngestOptions.model_validate_json(options_json)
-    rows = batch.to_pylist()
     urls = [row for row in rows if row["locator"] == "url"]
     fetched: dict[int, bytes | IngestError | str] = {}
     if urls:
@@ -84,7 +88,7 @@ def process_batch(
             fetched.update({row["idx"]: body for row, body in zip(remote, bodies, strict=True)})
     datas = [_bytes_of(row, fetched, options) for row in rows]
     hashes = [content_hashes(d) if isinstance(d, bytes) and d else None for d in datas]
-    known = _known_ids(table, storage_options, [h[0] for h in hashes if h is not None])
+    known = _known_ids(known_in, [h[0] for h in hashes if h is not None])
     columns: dict[str, list] = {name: [] for name in RESULT_SCHEMA.names}
     for row, data, hashed in zip(rows, datas, hashes, strict=True):
         if hashed is not None and hashed[0] in known:
@@ -173,13 +177,13 @@ def read_member(
     return data
 
 
-def _known_ids(table: str | None, storage_options: dict[str, str] | None, ids: list[str]) -> set[str]:
+def _known_ids(dataset: lance.LanceDataset | None, ids: list[str]) -> set[str]:
     """Return which of ``ids`` the table already holds (none when it does not exist yet)."""
-    if table is None or not ids:
+    if dataset is None or not ids:
         return set()
     try:
-        return existing_ids(open_table(table, storage_options=storage_options), ids)
-    except (OSError, ValueError):  # no table yet, or unreachable: the driver's append dedups anyway
+        return existing_ids(dataset, ids)
+    except (OSError, ValueError):  # unreachable: the driver's commit-time check dedups anyway
         return set()
 
 

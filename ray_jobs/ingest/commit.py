@@ -1,0 +1,280 @@
+"""The driver's side of an ingest: count every outcome, commit the fragments tasks wrote, a chunk at a time.
+
+:class:`ChunkWriter` is where every input ends (added, duplicate, error, skipped) and where data
+files become rows. A chunk is the fragments tasks wrote since the last commit (``commit_rows`` rows
+or ``commit_seconds``); it becomes one table version. Dedup is exact with memory bounded by the
+chunk: ids two tasks of the chunk both wrote are found from the chunk's ids, ids the table gained
+since a task checked are found by one lookup at commit time (the ``id`` index, kept folded every
+``INDEX_FOLD_ROWS`` rows); their rows are cut from the fragments by a Ray task before the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from lance_io import ErrorRecord, ensure_columns, existing_ids, open_table, record_errors, table_exists
+from lance_io.fragments import WrittenFragment, commit_fragments, fold_into_id_index, without_ids
+from lance_io.reasons import ReasonError
+from lance_io.samples import append_samples, sample_rows
+from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH
+from lance_io.table import AppendResult
+from ray_jobs.ingest.items import IngestSummary, InputItem
+from ray_jobs.ingest.options import IngestOptions
+from ray_jobs.ingest.progress import IngestProgress
+from ray_jobs.ingest.samples import SampleCollector
+from ray_jobs.ingest.worker import KNOWN, SKIP, WORK_SCHEMA
+from ray_jobs.ingest.write import ROW, fragment_of
+
+INDEX_FOLD_ROWS = 100_000
+"""Unindexed rows at which a commit folds them into the ``id`` index: bounds every dedup lookup."""
+
+
+@dataclass
+class _Chunk:
+    """What the next commit makes rows: fragments written by tasks, and ids to cut from them first."""
+
+    fragments: list[WrittenFragment | None]
+    cut: dict[int, set[str]]
+    nodes: Counter[str]
+    started: float
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.fragments if f is not None) - sum(len(c) for c in self.cut.values())
+
+
+class ChunkWriter:
+    """Counts outcomes; commits the fragments tasks wrote, and the errors, a chunk at a time."""
+
+    def __init__(
+        self,
+        table: str,
+        job: str,
+        options: IngestOptions,
+        metadata: dict[str, pa.DataType],
+        storage_options: dict[str, str] | None,
+    ) -> None:
+        self.table, self.job, self.options, self.storage_options = table, job, options, storage_options
+        self.schema = pa.schema(
+            [*IMAGE_SCHEMA, OPTIONAL_FIELDS[TRUTH]]
+            + [pa.field(name, dtype) for name, dtype in metadata.items()]
+        )
+        self.metadata = metadata
+        self._new_table = not table_exists(table, storage_options=storage_options)
+        self.target = self._target_schema()
+        self.passthrough = [self.schema.field(n) for n in ("source", "source_kind", TRUTH, *metadata)]
+        self.summary = IngestSummary(table=table, job=job)
+        self.reasons: Counter[str] = Counter()
+        self._chunk = self._new_chunk()
+        self._chunk_ids: set[str] = set()
+        self._errors: list[ErrorRecord] = []
+        self._pending: Future[tuple[AppendResult | None, AppendResult | None]] | None = None
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lancetag-commit")
+        self.samples = SampleCollector(job, options)
+
+    def _target_schema(self) -> pa.Schema:
+        """The columns tasks write, typed as in the table; an existing table gets this run's new columns first."""
+        if self._new_table:
+            return self.schema
+
+        have = open_table(self.table, storage_options=self.storage_options).schema
+        missing = [f for f in self.schema if f.name not in have.names]
+        if missing:  # metadata-only: the new columns read as null in the rows already there
+            ensure_columns(self.table, missing, storage_options=self.storage_options)
+            have = open_table(self.table, storage_options=self.storage_options).schema
+        return pa.schema([have.field(name) for name in self.schema.names])
+
+    def work_block(self, work: list[dict[str, Any]], segment: list[InputItem]) -> pa.Table:
+        """One task's work rows: how to get each item's bytes, and its pass-through columns."""
+        block = pa.Table.from_pylist(work, schema=WORK_SCHEMA)
+        items = [segment[w["idx"]] for w in work]
+        values: dict[str, list[Any]] = {
+            "source": [i.source for i in items],
+            "source_kind": [i.source_kind for i in items],
+            TRUTH: [i.truth for i in items],
+        }
+        for name in self.metadata:
+            values[name] = [i.metadata.get(name) for i in items]
+        arrays = [_array(values[f.name], f.type) for f in self.passthrough]
+        return block.append_column(ROW, pa.StructArray.from_arrays(arrays, fields=self.passthrough))
+
+    def skipped(self, progress: IngestProgress, item: InputItem) -> None:
+        """Count one input that is not an image."""
+        self.summary.inputs += 1
+        self.summary.skipped += 1
+        self.samples.settle(item, None, ("not_an_image", item.skip or "not an image"))
+        progress.done(1)
+
+    def duplicate(self, progress: IngestProgress, item: InputItem, image_id: str) -> None:
+        """Count one input whose content the table holds or this run has already seen."""
+        self.summary.inputs += 1
+        self.summary.duplicates += 1
+        self.samples.settle(item, image_id)
+        progress.done(1)
+
+    def failed(self, item: InputItem, reason: str, message: str, *, progress: IngestProgress) -> None:
+        """Count one input that failed and queue its error record."""
+        self.summary.inputs += 1
+        self.summary.errors += 1
+        self.reasons[reason] += 1
+        self._errors.append(ErrorRecord(source=item.source, reason=reason, message=message, job=self.job))
+        self.samples.settle(item, None, (reason, message))
+        progress.done(1, error=True)
+
+    def add_outcomes(self, outcomes: pa.Table, segment: list[InputItem], progress: IngestProgress) -> None:
+        """Settle one task's outcomes and take its fragments into the chunk; commit when the chunk is full."""
+        self.summary.bytes_to_driver += outcomes.nbytes
+        repeated = self._take_fragments(outcomes)
+        columns = {
+            name: outcomes.column(name).to_pylist()
+            for name in ("idx", "status", "reason", "message", "id", "size_bytes", "node")
+        }
+        for idx, status, reason, message, image_id, size, node in zip(*columns.values(), strict=True):
+            item = segment[idx]
+            self.summary.nodes[node or "local"] = self.summary.nodes.get(node or "local", 0) + 1
+            if status == SKIP:
+                self.skipped(progress, item)
+            elif status == "error":
+                self.failed(item, reason, message, progress=progress)
+            elif status == KNOWN or image_id in repeated:
+                self.duplicate(progress, item, image_id)
+            else:
+                self.summary.inputs += 1
+                self.samples.settle(item, image_id)
+                progress.done(1, nbytes=size)
+        chunk = self._chunk
+        if (
+            chunk.rows >= self.options.commit_rows
+            or (chunk.fragments and time.monotonic() - chunk.started >= self.options.commit_seconds)
+            or len(self.samples.ready) >= self.options.commit_rows
+        ):
+            self.flush()
+
+    def _take_fragments(self, outcomes: pa.Table) -> set[str]:
+        """Add a task's fragments to the chunk; return the ids another task of the chunk wrote first."""
+        repeated: set[str] = set()
+        nodes = outcomes.column("node").to_pylist()
+        for text in outcomes.column("fragment").drop_null().to_pylist():
+            fragment = fragment_of(text)
+            again = {i for i in fragment.ids if i in self._chunk_ids}
+            if again:
+                self._chunk.cut[len(self._chunk.fragments)] = again
+                repeated |= again
+            self._chunk_ids.update(fragment.ids)
+            self._chunk.fragments.append(fragment)
+            self._chunk.nodes[nodes[0] or "local"] += fragment.rows - len(again)
+        return repeated
+
+    @staticmethod
+    def _new_chunk() -> _Chunk:
+        return _Chunk([], {}, Counter(), time.monotonic())
+
+    def flush(self) -> None:
+        """Hand the chunk and the errors to the committer thread (one version per chunk).
+
+        The commit of chunk n overlaps the processing of chunk n+1; at most one commit is in
+        flight, so an interruption loses at most the chunk being committed, never a version.
+        """
+        chunk, self._chunk, self._chunk_ids = self._chunk, self._new_chunk(), set()
+        errors, self._errors = self._errors, []
+        samples, sample_errors = self.samples.take()
+        errors += sample_errors
+        self.wait()
+        if chunk.fragments or errors or samples:
+            self._pending = self._committer.submit(self._commit, chunk, errors, samples)
+        self.summary.errors_by_reason = dict(self.reasons.most_common())
+
+    def wait(self) -> None:
+        """Wait for the commit in flight and count what it added (re-raises its failure)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            result, sampled = pending.result()
+            if result is not None:
+                self.summary.added += result.added
+                self.summary.duplicates += len(result.duplicate_ids)  # counted as inputs when they came
+                self.summary.version = result.version
+            if sampled is not None:
+                counts = self.samples.counts
+                counts.added += sampled.added
+                counts.duplicates += len(sampled.duplicate_ids)
+                counts.version = sampled.version
+
+    def close(self) -> None:
+        """Finish the commit in flight, then stop the committer thread."""
+        try:
+            self.wait()
+        finally:
+            self._committer.shutdown(wait=True)
+
+    def _commit(
+        self, chunk: _Chunk, errors: list[ErrorRecord], samples: list[dict[str, Any]]
+    ) -> tuple[AppendResult | None, AppendResult | None]:
+        result = sampled = None
+        if chunk.fragments:
+            result = self._commit_images(chunk)
+        if samples:  # after the images: every id a sample refers to is in the table by now
+            images_version = result.version if result is not None else self._images_version()
+            sampled = append_samples(
+                self.table,
+                sample_rows(samples, job=self.job),
+                images_version=images_version,
+                storage_options=self.storage_options,
+                properties={"lancetag.job": self.job},
+            )
+        if errors:
+            record_errors(self.table, errors, storage_options=self.storage_options)
+        return result, sampled
+
+    def _commit_images(self, chunk: _Chunk) -> AppendResult:
+        """Cut what the table gained since the tasks checked, rewrite the fragments that lose rows, commit."""
+        import ray
+
+        exists = table_exists(self.table, storage_options=self.storage_options)
+        if exists == self._new_table:
+            happened = "created" if exists else "deleted"
+            raise ReasonError(
+                "concurrent_write", f"another process {happened} {self.table} during this ingest; rerun it (nothing is added twice)"
+            )
+        ds = open_table(self.table, storage_options=self.storage_options) if exists else None
+        in_table = existing_ids(ds, [i for f in chunk.fragments for i in f.ids]) if ds is not None else set()
+        for n, fragment in enumerate(chunk.fragments):
+            cut = chunk.cut.get(n, set()) | (in_table & set(fragment.ids))
+            if cut:
+                chunk.cut[n] = cut
+        if chunk.cut:  # rare: the same content written by two tasks, or committed since a task checked
+            rewrite = ray.remote(num_cpus=0.25)(without_ids)
+            cuts = list(chunk.cut.items())
+            done = ray.get([rewrite.remote(self.table, chunk.fragments[n], ids, storage_options=self.storage_options) for n, ids in cuts])
+            for (n, _), fragment in zip(cuts, done, strict=True):
+                chunk.fragments[n] = fragment
+        fragments = [f for f in chunk.fragments if f is not None]
+        version = ds.version if ds is not None else None
+        if fragments:
+            properties = {"lancetag.job": self.job, "lancetag.rows_by_node": json.dumps(dict(chunk.nodes))}
+            version = commit_fragments(
+                self.table, fragments, self.target, read_version=version,
+                storage_options=self.storage_options, properties=properties,
+            ).version
+            self._new_table = False
+            version = fold_into_id_index(self.table, min_rows=INDEX_FOLD_ROWS, storage_options=self.storage_options) or version
+        return AppendResult(added=sum(f.rows for f in fragments), duplicate_ids=sorted(in_table), version=version)
+
+    def _images_version(self) -> int | None:
+        if not table_exists(self.table, storage_options=self.storage_options):
+            return None  # text-only samples before any image
+        return open_table(self.table, storage_options=self.storage_options).version
+
+
+def _array(values: list[Any], dtype: pa.DataType) -> pa.Array:
+    """Build one column; values of mixed types (a string column merged from two sources) as text."""
+    try:
+        return pa.array(values, type=dtype)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(dtype)

@@ -1,0 +1,145 @@
+"""What one ingest task does: check its items, write the new images as data files of the table, report.
+
+A task gets work rows (how to get each item's bytes, plus the item's pass-through columns in the
+``row`` struct: source, truth, metadata) and returns one outcome per item (``OUTCOME_SCHEMA``):
+status, reason, id, size, the node it ran on, and on the first rows the fragments it wrote (JSON
+of :class:`lance_io.fragments.WrittenFragment`). Image bytes go from the source straight into a
+Lance data file in the worker; the driver sees ids and counts only, and commits the fragments.
+
+Items are read and validated ``batch_size`` at a time and each group is written as it is done,
+so a worker holds one group of images, not the whole task. The same content twice in one task is
+written once (the second is ``known``); across tasks the driver finds repeats when it commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+from lance_io.fragments import WrittenFragment, write_rows
+from ray_jobs.ingest.options import IngestOptions
+from ray_jobs.ingest.worker import KNOWN, WORK_SCHEMA, process_batch
+
+ROW = "row"
+"""The work table's struct column holding an item's pass-through columns (source, truth, metadata)."""
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("idx", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("id", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("node", pa.string()),
+        ("fragment", pa.string()),
+    ]
+)
+_WORKER_COLUMNS = ("id", "sha256", "image", "size_bytes", "width", "height", "format", "mode", "exif_orientation", "frames")
+
+
+def validate_and_write(
+    batch: pa.Table,
+    options_json: str,
+    table: str,
+    schema: bytes,
+    job: str,
+    storage_options: dict[str, str] | None = None,
+) -> pa.Table:
+    """Check every item of ``batch``, write the new images to ``table`` uncommitted; return the outcomes.
+
+    ``schema`` (Arrow IPC) is the columns to write, typed as in the table.
+    """
+    options = IngestOptions.model_validate_json(options_json)
+    target = pa.ipc.read_schema(pa.py_buffer(schema))
+    known_in = _open(table, storage_options)
+    outcomes: list[pa.Table] = []
+
+    def image_rows() -> Iterator[pa.RecordBatch]:
+        seen: set[str] = set()
+        for start in range(0, batch.num_rows, options.batch_size):
+            part = batch.slice(start, options.batch_size)
+            results = process_batch(
+                part.select(WORK_SCHEMA.names).to_pylist(), options, options_json, known_in, storage_options
+            )
+            status = results.column("status").to_pylist()
+            keep = []
+            for i, (state, image_id) in enumerate(zip(status, results.column("id").to_pylist(), strict=True)):
+                if state == "ok" and image_id in seen:
+                    status[i] = KNOWN  # the same content earlier in this task
+                elif state == "ok":
+                    seen.add(image_id)
+                    keep.append(i)
+            outcomes.append(results.select(["idx", "reason", "message", "id", "size_bytes"]).append_column(
+                "status", pa.array(status, pa.string())
+            ))
+            if keep:
+                yield _image_batch(results, part, keep, target, job)
+
+    written = write_rows(image_rows(), table, target, storage_options=storage_options)
+    return _outcome_table(outcomes, written)
+
+
+def _open(table: str, storage_options: dict[str, str] | None):  # -> lance.LanceDataset | None
+    """The table as it is now (for known content), or None before its first commit."""
+    from lance_io import open_table
+    from lance_io.reasons import ReasonError
+
+    try:
+        return open_table(table, storage_options=storage_options)
+    except (ReasonError, OSError, ValueError):  # none yet, or unreachable now: the commit still dedups
+        return None
+
+
+def _image_batch(results: pa.Table, part: pa.Table, keep: list[int], target: pa.Schema, job: str) -> pa.RecordBatch:
+    """The table rows of the kept results: worker columns, the items' pass-through columns, the job."""
+    rows = pa.array(keep, pa.int64())
+    columns = {name: results.column(name).take(rows).combine_chunks() for name in _WORKER_COLUMNS}
+    passthrough = part.column(ROW).combine_chunks().take(rows)
+    for i, field in enumerate(passthrough.type):
+        columns[field.name] = passthrough.field(i)
+    columns["ingest_job"] = pa.array([job] * len(keep), pa.string())
+    columns["ingested_at"] = pa.array([datetime.now(UTC)] * len(keep), pa.timestamp("us", tz="UTC"))
+    arrays = [
+        columns[f.name].cast(f.type) if f.name in columns else pa.nulls(len(keep), f.type) for f in target
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=target)
+
+
+def _outcome_table(outcomes: list[pa.Table], written: list[WrittenFragment]) -> pa.Table:
+    table = pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
+    node = _node_id()
+    fragments: list[str | None] = [json.dumps(asdict(f)) for f in written]
+    fragments += [None] * (table.num_rows - len(fragments))
+    return pa.Table.from_arrays(
+        [
+            table.column("idx"),
+            table.column("status"),
+            table.column("reason"),
+            table.column("message"),
+            table.column("id"),
+            table.column("size_bytes"),
+            pa.array([node] * table.num_rows, pa.string()),
+            pa.array(fragments, pa.string()),
+        ],
+        schema=OUTCOME_SCHEMA,
+    )
+
+
+def _node_id() -> str | None:
+    """The Ray node this task runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # placement is information, never a reason to fail a task
+        return None
+
+
+def fragment_of(text: str) -> WrittenFragment:
+    """The :class:`WrittenFragment` an outcome row carries as JSON."""
+    data = json.loads(text)
+    return WrittenFragment(data["metadata"], tuple(data["ids"]))

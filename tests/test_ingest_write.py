@@ -1,0 +1,110 @@
+"""Workers write, the driver commits: exact dedup across tasks and commits, no image bytes to the driver,
+where the work ran, new columns on an existing table. The session's local Ray cluster, real Lance tables.
+Kill -9 of a worker and of the driver: tests/reliability/test_ingest_kill.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lance_io import append_images, ensure_columns, open_table
+from lance_io.versions import list_versions
+from ray_jobs.ingest import IngestOptions, ingest
+from ray_jobs.ingest.job import items_per_task
+from tests.ingest_fixtures import image_bytes
+from tests.table_fixtures import image_rows
+
+DISTINCT = 240
+
+
+def _folder_with_far_copies(root: Path) -> tuple[Path, int]:
+    """``a/`` holds DISTINCT images, ``z/`` a copy of every third: listed last, so read by other tasks."""
+    for n in range(DISTINCT):
+        data = image_bytes(n, "PNG", size=(48, 48))
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        (root / "a" / f"{n:04d}.png").write_bytes(data)
+        if n % 3 == 0:
+            (root / "z").mkdir(exist_ok=True)
+            (root / "z" / f"copy-{n:04d}.png").write_bytes(data)
+    return root, DISTINCT // 3
+
+
+def _data_files(table: str) -> set[str]:
+    return {p.name for p in (Path(table) / "data").iterdir()}
+
+
+def _referenced(table: str) -> set[str]:
+    return {Path(f.path).name for frag in open_table(table).get_fragments() for f in frag.metadata.files}
+
+
+@pytest.mark.parametrize("commit_rows", [100_000, 30], ids=["one-chunk", "a-commit-per-task"])
+def test_the_same_content_in_different_tasks_is_added_once(ray_cluster, tmp_path: Path, commit_rows: int) -> None:
+    folder, copies = _folder_with_far_copies(tmp_path / "photos")
+    table = str(tmp_path / "photos.lance")
+    options = IngestOptions(batch_size=8, commit_rows=commit_rows, progress=False)
+    assert items_per_task(DISTINCT + copies, 2, options.batch_size) < DISTINCT, "copies land in other tasks"
+
+    summary = ingest([str(folder)], table, options)
+
+    assert summary.reconciled
+    assert (summary.inputs, summary.added, summary.duplicates) == (DISTINCT + copies, DISTINCT, copies)
+    rows = open_table(table).to_table(columns=["id", "source", "image"]).to_pylist()
+    assert len(rows) == len({r["id"] for r in rows}) == DISTINCT
+    assert {Path(r["source"]).parent.name for r in rows} <= {"a", "z"}
+    assert all(r["image"] == Path(r["source"]).read_bytes() for r in rows)
+    assert _data_files(table) == _referenced(table), "a fragment that lost rows leaves no file behind"
+    open_table(table).validate()
+
+
+def test_the_driver_gets_outcomes_not_image_bytes_and_knows_where_the_work_ran(ray_cluster, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image_total = 0
+    for n in range(120):
+        data = image_bytes(n, "PNG", size=(96, 96))  # ~27 KB of noise each
+        (folder / f"{n:04d}.png").write_bytes(data)
+        image_total += len(data)
+    table = str(tmp_path / "photos.lance")
+
+    summary = ingest([str(folder)], table, IngestOptions(progress=False))
+
+    assert summary.added == 120
+    assert 0 < summary.bytes_to_driver < image_total / 20, (summary.bytes_to_driver, image_total)
+    assert sum(summary.nodes.values()) == summary.inputs and all(len(n) > 20 for n in summary.nodes)
+    appended = [v for v in list_versions(table) if v.properties.get("lancetag.operation") == "append_images"]
+    by_node = json.loads(appended[-1].properties["lancetag.rows_by_node"])
+    assert set(by_node) <= set(summary.nodes) and sum(by_node.values()) == 120
+
+
+def test_an_existing_table_keeps_its_columns_and_gains_the_new_ones(ray_cluster, tmp_path: Path) -> None:
+    table = str(tmp_path / "photos.lance")
+    append_images(table, image_rows(range(3)))
+    import pyarrow as pa
+
+    ensure_columns(table, [pa.field("label", pa.string())])
+    manifest = tmp_path / "m.jsonl"
+    folder = tmp_path / "new"
+    folder.mkdir()
+    lines = []
+    for n in range(5):
+        path = folder / f"{n}.png"
+        path.write_bytes(image_bytes(100 + n, "PNG"))
+        lines.append(json.dumps({"path": str(path), "shop": f"s{n}"}))
+    manifest.write_text("\n".join(lines) + "\n")
+
+    summary = ingest([str(manifest)], table, IngestOptions(progress=False))
+
+    assert summary.added == 5
+    rows = open_table(table).to_table(columns=["id", "label", "shop", "source"]).to_pylist()
+    assert len(rows) == 8 and all(r["label"] is None for r in rows)
+    assert sorted(r["shop"] for r in rows if r["shop"]) == [f"s{n}" for n in range(5)]
+    open_table(table).validate()
+
+
+def test_items_per_task_keep_every_cpu_busy_and_a_fragment_one_tagging_unit() -> None:
+    assert items_per_task(100, 2, 64) == 64  # never below a batch
+    assert items_per_task(4_000, 2, 64) == 1_000  # two tasks per CPU
+    assert items_per_task(10_000_000, 64, 64) == 1_024  # never above a fragment
