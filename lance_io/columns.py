@@ -211,6 +211,7 @@ def commit_values(
     todo: str | None,
     properties: dict[str, str] | None = None,
     storage_options: dict[str, str] | None = None,
+    written_properties: Callable[[pa.Table], dict[str, str]] | None = None,
 ) -> ValuesCommit:
     """Write ``values`` (``id`` + output columns) into the rows with those ids that still match ``todo``.
 
@@ -220,7 +221,8 @@ def commit_values(
     compaction or another job touched those fragments first) they are located again and the
     commit retried, so values land on the rows' current fragments and only on rows that still
     need them. ``properties`` go into the version's transaction together with
-    ``lancetag.rows``, the rows this commit wrote. Storage failures raise
+    ``lancetag.rows``, the rows this commit wrote, and ``written_properties(rows written)`` if
+    given (e.g. which node computed them). Storage failures raise
     :class:`~lance_io.table.TableWriteError`; the table is then unchanged.
 
     Example::
@@ -235,7 +237,7 @@ def commit_values(
             with translated_write_errors(uri, None):
                 ds = lance.dataset(uri, storage_options=storage_options)
             with translated_write_errors(uri, ds.version):
-                result = _commit_once(ds, uri, values, todo, audit, storage_options)
+                result = _commit_once(ds, uri, values, todo, audit, storage_options, written_properties)
             return ValuesCommit(result.version, result.written, result.fragments, conflicts=attempt)
         except CommitConflictError:
             if attempt == COMMIT_ATTEMPTS - 1:
@@ -274,6 +276,7 @@ def _commit_once(
     todo: str | None,
     properties: dict[str, str],
     storage_options: dict[str, str] | None,
+    written_properties: Callable[[pa.Table], dict[str, str]] | None = None,
 ) -> ValuesCommit:
     """One attempt: locate the rows in ``ds``, write their values per fragment, commit on ``ds.version``."""
     ids, fragment_ids = _locate(ds, values.column(ID).to_pylist(), todo)
@@ -291,6 +294,8 @@ def _commit_once(
     operation = LanceOperation.Update(updated_fragments=updated, fields_modified=fields_modified)
     # lancetag.rows: the rows this version wrote; summed over a column's commits, it audits reruns.
     audit = {**properties, "lancetag.rows": str(written.num_rows), "lancetag.fragments": str(len(touched))}
+    if written_properties is not None:
+        audit.update(written_properties(written))
     new = lance.LanceDataset.commit(
         uri,
         Transaction(ds.version, operation, transaction_properties=audit),

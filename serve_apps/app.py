@@ -84,6 +84,10 @@ class LabelerConfig(BaseModel):
     autoscaling: AutoscalingSettings | None = Field(None, description="Overrides num_replicas when set")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources per replica, e.g. {'accel_a': 1}: replicas go only to nodes started with them",
+    )
     runtime_env: dict[str, Any] | None = Field(
         None, description="e.g. {'py_executable': '.venv-vllm/bin/python'}"
     )
@@ -392,6 +396,8 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
     if config.autoscaling is not None:
         scaling = {"autoscaling_config": AutoscalingConfig(**config.autoscaling.model_dump())}
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
+    if config.resources:  # placement by a node's resource label (docs/cluster.md, "Placement")
+        actor_options["resources"] = dict(config.resources)
     if config.runtime_env:
         actor_options["runtime_env"] = config.runtime_env
     elif config.backend.kind == "vllm":  # the replica runs in the vLLM environment (or image)

@@ -38,6 +38,9 @@ class LabelerRequestError(ReasonError):
         super().__init__("labeler_refused", message)
 
 
+REPLICA_LOST_WAIT_S = 5.0  # a lost replica: wait this long before each new try (Serve replaces it meanwhile)
+
+
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, LabelerUnavailable | httpx.TransportError)
 
@@ -95,12 +98,17 @@ class LabelerClient:
         return call(images)
 
     def _label_handle(self, images: list[bytes]) -> list[LabelResult]:
+        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
         try:
             records = self.handle.label.remote(images).result()
         except BackPressureError as exc:
             raise LabelerUnavailable(str(exc), retry_after_s=1.0) from exc
+        except RayActorError as exc:  # the replica died (its node lost): Serve starts another; ask again
+            raise LabelerUnavailable(
+                f"the labeler replica died ({type(exc).__name__})", retry_after_s=REPLICA_LOST_WAIT_S, reason="labeler_unreachable"
+            ) from exc
         return [LabelResult.model_validate(r) for r in records]
 
     def _label_http(self, images: list[bytes]) -> list[LabelResult]:

@@ -47,9 +47,12 @@ def label_command(
     summary = label_table(table, options, storage_options=storage_options, progress=not as_json, address=address)
     keys = ("planned", "labeled", "failed", "skipped", "fragments_committed", "commits", "version", "seconds")
     if as_json:
-        emit_json({k: getattr(summary, k) for k in keys} | {"errors": summary.errors, "provenance": summary.provenance})
+        extra = {"errors": summary.errors, "provenance": summary.provenance, "nodes": summary.nodes}
+        emit_json({k: getattr(summary, k) for k in keys} | extra)
     else:
         typer.echo(", ".join(f"{k} {getattr(summary, k)}" for k in keys))
+        if len(summary.nodes) > 1:  # on a cluster: where the work ran
+            typer.echo("rows by node: " + ", ".join(f"{node[:12]} {rows}" for node, rows in summary.nodes.items()))
         for reason, fragments in summary.errors.items():
             typer.echo(
                 f"fragments failed: {fragments} with {reason}; their rows stay todo: rerun the same command "

@@ -24,6 +24,9 @@ def serve_command(
     ] = None,
     replicas: Annotated[int, typer.Option(help="Number of replicas")] = 1,
     gpus: Annotated[float, typer.Option(help="GPUs per replica")] = 0.0,
+    resource: Annotated[
+        list[str] | None, typer.Option(help="NAME=AMOUNT: a custom resource each replica needs, e.g. accel_a=1 (repeatable)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call (dynamic batching)")] = 32,
     base_url: Annotated[
         str | None, typer.Option(help="openai backend: endpoint, e.g. http://host:8001/v1")
@@ -80,6 +83,7 @@ def serve_command(
         token_env=token_env,
         num_replicas=replicas,
         num_gpus=gpus,
+        resources=_resources(resource),
         max_batch_size=batch_size,
         runtime_env=runtime_env,
         chat_tasks=chat_task or [],
@@ -103,6 +107,19 @@ def serve_command(
                 time.sleep(3600)
         except KeyboardInterrupt:
             stop_labeler(app_name)
+
+
+def _resources(values: list[str] | None) -> dict[str, float]:
+    """Return NAME -> amount of repeated ``--resource NAME=AMOUNT`` options."""
+    from lance_io.reasons import ReasonError
+
+    out = {}
+    for name, amount in _pairs(values, "--resource", "NAME=AMOUNT").items():
+        try:
+            out[name] = float(amount)
+        except ValueError:
+            raise ReasonError("bad_option", f"--resource {name}={amount}: the amount is a number") from None
+    return out
 
 
 def _pairs(values: list[str] | None, option: str, shape: str) -> dict[str, str]:

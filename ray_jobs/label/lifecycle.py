@@ -10,7 +10,8 @@ phase               where   what it does
 ``plan``            driver  add the label columns (metadata only), find the fragments with
                             todo rows, pack small ones together into work units
 ``label_fragments`` worker  read ``id`` + image of a unit's todo rows, ask the labeler,
-                            yield the label values batch by batch; never writes the table
+                            yield the label values batch by batch, with its node (tasks
+                            spread over the cluster's nodes); never writes the table
                             (a generate task reads its input columns and asks a chat
                             endpoint instead: :mod:`ray_jobs.label.generate`)
 ``on_values``       driver  keep a batch of values; commit when the group is due
@@ -56,6 +57,7 @@ from lance_io.reasons import ReasonError
 from lance_io.versions import VersionInfo, record_run, tag_version
 from ray_jobs.label.generate import ChatEndpoint
 from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
+from ray_jobs.label.placement import NodeRows, worker_node
 
 UNIT_ATTEMPTS = 3  # runs of a unit whose worker died (kill -9, node lost) before its fragments are reported failed
 _TICK_S = 0.5  # how often the driver looks at the clock for groups due by age
@@ -70,7 +72,8 @@ class LabelSummary:
     ``failed`` counts rows the labeler answered with an error (stored in ``C_error``);
     ``fragments_failed`` fragments whose worker failed (their rows stay todo), by reason in
     ``errors`` (the records themselves: ``lance_io.read_errors(table, job="label-<run_id>")``).
-    ``commits`` is the number of label versions the run created.
+    ``commits`` is the number of label versions the run created; ``nodes`` the rows its
+    commits wrote by the Ray node whose worker labeled them (node id -> rows).
     """
 
     table: str
@@ -88,6 +91,7 @@ class LabelSummary:
     run_id: str = ""
     provenance: str = ""
     errors: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,15 +133,21 @@ def pack_fragments(plan: list[FragmentTodo], max_rows: int) -> list[WorkUnit]:
     return units
 
 
-def label_fragments(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Table]]:
-    """Worker (a Ray streaming task): label the todo rows of the unit's fragments; yield ``(fragment_id, values)``.
+def label_fragments(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Table, str]]:
+    """Worker (a Ray streaming task): label the todo rows of the unit's fragments; yield ``(fragment_id, values, node)``.
 
     Reads only ``id`` and the image of rows matching ``todo AND where`` now (rows committed
     since the plan are skipped), one labeler batch at a time (``batch_size`` x ``in_flight``
     images), and yields that batch's values: ``id`` plus the task's label columns. It never
     writes the table: a worker killed at any point leaves nothing half-written, and what it
-    had not yielded is simply still todo.
+    had not yielded is simply still todo. ``node`` is this worker's Ray node id.
     """
+    node = worker_node()
+    for fragment_id, values in _unit_values(unit, spec):
+        yield fragment_id, values, node
+
+
+def _unit_values(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Table]]:
     from lance_io.labels import results_to_batch
     from lance_io.tasks import task_from_dict
 
@@ -188,6 +198,7 @@ class LabelRun:
         self.failures: list[ErrorRecord] = []
         self.unfinished_rows = 0
         self.fragments_written: set[int] = set()
+        self.nodes = NodeRows()
 
     @property
     def job(self) -> str:
@@ -209,9 +220,10 @@ class LabelRun:
         per_worker = math.ceil(self.summary.planned / concurrency) if plan else 1
         return pack_fragments(plan, max(1, min(self.pending.commit_rows, per_worker)))
 
-    def on_values(self, unit: WorkUnit, fragment_id: int, values: pa.Table) -> None:
-        """Driver, when a worker hands back a batch: keep it, and commit the group if it is due."""
+    def on_values(self, unit: WorkUnit, fragment_id: int, values: pa.Table, node: str = "") -> None:
+        """Driver, when a worker (on ``node``) hands back a batch: keep it, and commit the group if it is due."""
         self.received[fragment_id] += values.num_rows
+        self.nodes.add(node, values)
         self.last_fragment[unit] = fragment_id
         self.pending.add(values)
         if self.pending.due():
@@ -227,7 +239,11 @@ class LabelRun:
         values = self.pending.take()
         if values is None:
             return
-        done = commit_values(self.table, values, todo=self.todo, properties=self.properties, storage_options=self.storage_options)
+        done = commit_values(
+            self.table, values, todo=self.todo, properties=self.properties, storage_options=self.storage_options,
+            written_properties=self.nodes.properties,
+        )
+        self.nodes.committed(done.written)
         if done.version is None:
             return
         failed = done.rows - done.written.column(f"{self.summary.column}_error").null_count  # the labeler's errors
@@ -284,6 +300,7 @@ class LabelRun:
         summary = self.summary
         summary.errors = summarize_errors(self.failures)
         summary.fragments_committed = len(self.fragments_written)
+        summary.nodes = dict(sorted(self.nodes.written.items()))
         summary.skipped = summary.planned - summary.labeled - summary.failed - self.unfinished_rows
         summary.seconds = round(time.perf_counter() - started, 3)
         summary.version = record_run(self.table, summary.run_id, {**asdict(summary), **record}, storage_options=self.storage_options)
@@ -300,7 +317,10 @@ def run_units(run: LabelRun, units: list[WorkUnit], spec: WorkerSpec, *, concurr
 
     # Ray does not retry these tasks itself: a retry must start after the driver committed what
     # the dead worker sent (on_unit_failed), or those rows would be labeled twice.
-    remote = ray.remote(label_fragments).options(num_cpus=0.25, num_returns="streaming", max_retries=0)
+    # SPREAD: units go to every node of a cluster (a node that joins mid-run gets the next ones).
+    remote = ray.remote(label_fragments).options(
+        num_cpus=0.25, num_returns="streaming", max_retries=0, scheduling_strategy="SPREAD"
+    )
     queue = deque(units)
     running: dict[Any, WorkUnit] = {}
     with RowProgress(run.summary.planned, enabled=progress) as bar:
@@ -313,7 +333,7 @@ def run_units(run: LabelRun, units: list[WorkUnit], spec: WorkerSpec, *, concurr
                 for stream in ready:
                     unit = running[stream]
                     try:
-                        fragment_id, values = ray.get(next(stream))
+                        fragment_id, values, node = ray.get(next(stream))
                     except StopIteration:
                         del running[stream]
                         run.last_fragment.pop(unit, None)
@@ -327,7 +347,7 @@ def run_units(run: LabelRun, units: list[WorkUnit], spec: WorkerSpec, *, concurr
                         else:
                             bar.advance(run.rows_not_received(unit))
                         continue
-                    run.on_values(unit, fragment_id, values)
+                    run.on_values(unit, fragment_id, values, node)
                     bar.advance(values.num_rows)
                 if run.pending.due():  # a group due by age while no worker handed anything back
                     run.commit()

@@ -15,6 +15,9 @@ a run measures the platform (reading rows, moving bytes, batching, commits) with
 Answers are reproducible: each image's generator is seeded from ``options["seed"]`` (default
 0), the sha256 of the image bytes (the table's ``id`` is its first 32 hex digits) and the
 question, so a rerun, another batch size or another replica gives every image the same answer.
+``options["latency_ms"]`` (default 0) makes each image cost that much wall time, as a model's
+inference would (the replica's thread sleeps, using no CPU): fault and autoscaling tests need a
+run that lasts and requests that queue, on a 2-core machine.
 
 Every image is decoded with :func:`~serve_apps.backends.base.decode_image`, like the model
 backends do: undecodable images get ``image_decode_failed`` records, oversized ones
@@ -51,6 +54,10 @@ class RandomBackend(Backend):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ReasonError("bad_backend_option", f"random backend: options.seed must be an integer, got {seed!r}")
         self.seed = seed
+        latency = config.options.get("latency_ms", 0)
+        if not isinstance(latency, int | float) or isinstance(latency, bool) or latency < 0:
+            raise ReasonError("bad_backend_option", f"random backend: options.latency_ms must be a number >= 0, got {latency!r}")
+        self.latency_s = latency / 1000
 
     @classmethod
     def check_task(cls, task: Task) -> None:
@@ -77,6 +84,8 @@ class RandomBackend(Backend):
             digest = hashlib.sha256(data).hexdigest()
             answers = {q.key: self._answer(q, digest, uniform=uniform) for q in task.questions()}
             out.append(assemble(task, answers, provenance, latency_ms=0.0))
+        if self.latency_s:
+            time.sleep(self.latency_s * len(images))
         per_image_ms = round((time.perf_counter() - started) * 1000 / max(len(images), 1), 3)
         return [r.model_copy(update={"latency_ms": per_image_ms}) if r.ok else r for r in out]
 
@@ -98,6 +107,7 @@ class RandomBackend(Backend):
             "model": self.config.model,
             "adapter": self.config.adapter,
             "seed": self.seed,
+            "latency_ms": self.latency_s * 1000,
             "kinds": list(SUPPORTED_KINDS),
             "batch_size": self.config.batch_size,
         }
