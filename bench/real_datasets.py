@@ -1,0 +1,95 @@
+"""Real labeled image sets that install here, written as a folder per class (what `lancetag demo --data` reads).
+
+- ``digits``: scikit-learn's 1,797 handwritten digits (8x8, written 56x56 by ``ray_jobs.demo``).
+- ``elpv``: PyPI ``elpv-dataset`` (pinned in requirements/core.in): 300x300 greyscale
+  electroluminescence images of solar cells with an expert's defect probability (0, 1/3, 2/3, 1).
+  The classes are the sure ones: ``functional`` (probability 0, 1,508 cells) and ``defective``
+  (probability 1, 715 cells); the 401 cells the experts were unsure about are left out.
+- ``tuxpaint``: Debian ``tuxpaint-stamps-default`` (``apt-get install tuxpaint-stamps-default``):
+  clip-art stamps, a class per top-level category with at least :data:`MIN_STAMPS` PNGs (8 classes,
+  about 700 images), alpha composited on white (a user's folder of JPEGs has no alpha).
+
+None of these sets is used to choose anything in the training recipe by hand: the recipe is chosen
+from each set's own training rows (``llamafactory_ext.recipe``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+MIN_STAMPS = 30
+
+
+def write_elpv(folder: Path) -> Path:
+    """Write the ELPV cells with a sure label as PNGs under ``folder/functional`` and ``folder/defective``."""
+    import elpv_dataset
+
+    data = Path(elpv_dataset.__file__).parent / "data"
+    with (data / "labels.csv").open() as f:
+        rows = [line.split() for line in f if line.strip()]
+    for path, probability, _cell_type in rows:
+        label = {0.0: "functional", 1.0: "defective"}.get(float(probability))
+        if label is None:
+            continue
+        out = folder / label
+        out.mkdir(parents=True, exist_ok=True)
+        (out / Path(path).name).write_bytes((data / path).read_bytes())
+    return folder
+
+
+def write_tuxpaint(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
+    """Write Tux Paint's stamps of each category with >= MIN_STAMPS PNGs, on white, a folder per category."""
+    from PIL import Image
+
+    if not stamps.is_dir():
+        raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
+    for category in sorted(p for p in stamps.iterdir() if p.is_dir()):
+        files = sorted(category.rglob("*.png"))
+        if len(files) < MIN_STAMPS:
+            continue
+        out = folder / category.name
+        out.mkdir(parents=True, exist_ok=True)
+        for k, path in enumerate(files):
+            with Image.open(path) as image:
+                rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            buffer = io.BytesIO()
+            Image.alpha_composite(white, rgba).convert("RGB").save(buffer, format="PNG")
+            (out / f"{k:04d}-{path.stem}.png").write_bytes(buffer.getvalue())
+    return folder
+
+
+def write_digits(folder: Path) -> Path:
+    """Write scikit-learn's digits as the demo does (56x56 PNGs, a folder per digit)."""
+    from ray_jobs.demo import write_digits as write
+
+    return write(folder)
+
+
+WRITERS: dict[str, Callable[[Path], Path]] = {
+    "digits": write_digits,
+    "elpv": write_elpv,
+    "tuxpaint": write_tuxpaint,
+}
+
+
+def available() -> list[str]:
+    """The names of the sets that can be written on this machine."""
+    names = ["digits"]
+    try:
+        import elpv_dataset  # noqa: F401
+
+        names.append("elpv")
+    except ImportError:
+        pass
+    if TUXPAINT_STAMPS.is_dir():
+        names.append("tuxpaint")
+    return names
+
+
+def class_counts(folder: Path) -> dict[str, int]:
+    """Return {class folder: image count} of a written set."""
+    return {p.name: sum(1 for _ in p.iterdir()) for p in sorted(folder.iterdir()) if p.is_dir()}
