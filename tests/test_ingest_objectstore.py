@@ -216,3 +216,25 @@ def test_a_manifest_on_object_storage_reads_its_relative_keys_and_s3_uris(ray_cl
     assert {r["source"]: r["truth"] for r in got} == {
         **{f"s3://{s3.bucket}/man/imgs/{n}.png": f"c{n}" for n in range(4)}, elsewhere: "cx"
     }
+
+
+def test_a_parquet_manifest_on_object_storage_is_streamed_and_reads_its_relative_keys(ray_cluster, s3, monkeypatch) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = {f"pq/imgs/{n}.png": image_bytes(700 + n, "PNG", size=(8, 8)) for n in range(5)}
+    table_rows = pa.table({"path": [f"imgs/{n}.png" for n in range(5)] + ["imgs/missing.png"],
+                           "shop": [f"s{n}" for n in range(6)]})
+    buffer = io.BytesIO()
+    pq.write_table(table_rows, buffer, row_group_size=2)  # several row groups: read batch by batch
+    _upload(s3, images | {"pq/manifest.parquet": buffer.getvalue()})
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+    table = s3.uri("from-parquet.lance")
+    summary = ingest([f"s3://{s3.bucket}/pq/manifest.parquet"], table, IngestOptions(**QUIET),
+                     storage_options=s3.storage_options)
+    assert summary.reconciled and summary.inputs == 6
+    assert summary.added == 5 and summary.errors_by_reason == {"not_found": 1}
+    got = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "shop"]).to_pylist()
+    assert {r["source"]: r["shop"] for r in got} == {f"s3://{s3.bucket}/pq/imgs/{n}.png": f"s{n}" for n in range(5)}

@@ -68,6 +68,8 @@ class ChunkWriter:
         )
         self.metadata = metadata
         self._new_table = not table_exists(table, storage_options=storage_options)
+        self.start_version: int | None = None
+        """The version the run started from: tasks look known content up in it."""
         self.target = self._target_schema()
         self.passthrough = [self.schema.field(n) for n in ("source", "source_kind", TRUTH, *metadata)]
         self.summary = IngestSummary(table=table, job=job)
@@ -80,15 +82,16 @@ class ChunkWriter:
         self.samples = SampleCollector(job, options)
 
     def _target_schema(self) -> pa.Schema:
-        """The columns tasks write, typed as in the table; an existing table gets this run's new columns first."""
+        """The columns tasks write, typed as in the table (sets ``start_version``); an existing table
+        gets this run's new columns first."""
         if self._new_table:
             return self.schema
-
         have = open_table(self.table, storage_options=self.storage_options).schema
         missing = [f for f in self.schema if f.name not in have.names]
         if missing:  # metadata-only: the new columns read as null in the rows already there
             ensure_columns(self.table, missing, storage_options=self.storage_options)
             have = open_table(self.table, storage_options=self.storage_options).schema
+        self.start_version = open_table(self.table, storage_options=self.storage_options).version
         return pa.schema([have.field(name) for name in self.schema.names])
 
     def work_block(self, work: list[dict[str, Any]], segment: list[InputItem]) -> pa.Table:

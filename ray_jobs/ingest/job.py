@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from lance_io import table_exists
+from lance_io.fragments import fold_into_id_index
 from lance_io.reasons import ReasonError
 from lance_io.schema import TRUTH
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE
@@ -91,29 +92,16 @@ def ingest(
         writer.close()
     summary = writer.summary
     summary.samples = writer.samples.counts
-    if summary.samples.added:
-        summary.version = _index_images(table, storage_options) or summary.version
+    if summary.added or summary.samples.added:
+        # Leave the table fully indexed: the next run's tasks (and training's sample joins) look ids
+        # up in the index alone.
+        summary.version = fold_into_id_index(table, min_rows=1, storage_options=storage_options) or summary.version
     summary.seconds = time.monotonic() - started
     if summary.version is None and table_exists(table, storage_options=storage_options):
         from lance_io import open_table
 
         summary.version = open_table(table, storage_options=storage_options).version
     return summary
-
-
-def _index_images(table: str, storage_options: dict[str, str] | None) -> int | None:
-    """Fold appended images into the ``id`` index (training looks samples' images up by id); return the new version."""
-    from lance_io import open_table
-    from lance_io.table import ensure_id_index
-
-    if not table_exists(table, storage_options=storage_options):
-        return None
-    ds = open_table(table, storage_options=storage_options)
-    indexed = next((set(i["fragment_ids"]) for i in ds.list_indices() if i["fields"] == ["id"]), set())
-    if all(f.fragment_id in indexed for f in ds.get_fragments()):
-        return None
-    ensure_id_index(ds)
-    return open_table(table, storage_options=storage_options).version
 
 
 def merged_metadata_fields(sources: list[Source]) -> dict[str, pa.DataType]:
@@ -191,6 +179,7 @@ def _run_segment(
             "table": writer.table,
             "schema": writer.target.serialize().to_pybytes(),
             "job": writer.job,
+            "known_version": writer.start_version,
             "storage_options": writer.storage_options,
         },
         concurrency=options.concurrency,

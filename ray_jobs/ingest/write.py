@@ -47,15 +47,18 @@ def validate_and_write(
     table: str,
     schema: bytes,
     job: str,
+    known_version: int | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> pa.Table:
     """Check every item of ``batch``, write the new images to ``table`` uncommitted; return the outcomes.
 
-    ``schema`` (Arrow IPC) is the columns to write, typed as in the table.
+    ``schema`` (Arrow IPC) is the columns to write, typed as in the table. Content the table held
+    at ``known_version`` (the run's start; an ingest leaves its table fully indexed, so a lookup
+    reads the index only) is ``known``; what was committed since, the driver catches at commit time.
     """
     options = IngestOptions.model_validate_json(options_json)
     target = pa.ipc.read_schema(pa.py_buffer(schema))
-    known_in = _open(table, storage_options)
+    known_in = _open(table, known_version, storage_options) if known_version is not None else None
     outcomes: list[pa.Table] = []
 
     def image_rows() -> Iterator[pa.RecordBatch]:
@@ -83,14 +86,14 @@ def validate_and_write(
     return _outcome_table(outcomes, written)
 
 
-def _open(table: str, storage_options: dict[str, str] | None):  # -> lance.LanceDataset | None
-    """The table as it is now (for known content), or None before its first commit."""
+def _open(table: str, version: int, storage_options: dict[str, str] | None):  # -> lance.LanceDataset | None
+    """The table at ``version`` (for known content); None if it cannot be opened (the commit still dedups)."""
     from lance_io import open_table
     from lance_io.reasons import ReasonError
 
     try:
-        return open_table(table, storage_options=storage_options)
-    except (ReasonError, OSError, ValueError):  # none yet, or unreachable now: the commit still dedups
+        return open_table(table, version, storage_options=storage_options)
+    except (ReasonError, OSError, ValueError):
         return None
 
 

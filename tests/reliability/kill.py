@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,8 @@ def own_cluster_environment() -> dict[str, str]:
 
 def kill_group(process: subprocess.Popen[str]) -> None:
     """SIGKILL the process group and anything else left in its session (Ray daemons included)."""
-    os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the group may have ended on its own
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     for other in psutil.process_iter():
         try:

@@ -54,6 +54,8 @@ def detect_kind(location: str) -> str:
     if looks_like_webdataset(location):
         return "webdataset"
     if is_object_uri(location):
+        if location.lower().rstrip("/").endswith(".parquet"):
+            return "parquet"
         return "manifest" if location.lower().endswith((".csv", ".jsonl", ".ndjson", ".json")) else "objectstore"
     path = Path(location)
     if not path.exists():

@@ -59,12 +59,33 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
     """Return the source of a Parquet file or folder of Parquet files, read in batches."""
     import pyarrow.dataset as pads
 
+    if is_object_uri(location):
+        return _object_parquet(location, options)
     if not Path(location).exists():
         raise SourceError(f"{location} does not exist")
     dataset = pads.dataset(location, format="parquet")
     root = Path(location) if Path(location).is_dir() else Path(location).parent
     return _tabular(
         location, "parquet", dataset.schema, lambda: dataset.to_batches(batch_size=BATCH_ROWS), root, options
+    )
+
+
+def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
+    """Parquet on object storage: streamed in batches through pyarrow (never read whole); relative paths are keys."""
+    import pyarrow.dataset as pads
+    from pyarrow import fs as pafs
+
+    filesystem, key = pyarrow_filesystem(location, resolve_storage_options(location))
+    try:
+        folder = filesystem.get_file_info(key.rstrip("/")).type == pafs.FileType.Directory
+        dataset = pads.dataset(key.rstrip("/"), filesystem=filesystem, format="parquet")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
+    mapping = map_columns(dataset.schema, options.columns, location)
+    root = location.rstrip("/") if folder else location.rsplit("/", 1)[0]
+    context = RowContext(name=location, kind="parquet", root=Path("."), options=options, object_root=root)
+    return ListedSource(
+        "parquet", lambda: rows_to_items(dataset.to_batches(batch_size=BATCH_ROWS), mapping, context), mapping.metadata_fields
     )
 
 
