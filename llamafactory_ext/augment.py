@@ -29,7 +29,7 @@ _ORIGINAL = "__lancetag_original__"
 
 
 class ImageAugment(BaseModel):
-    """Random affine jitter per image: rotation, scale and shift, each uniform in +-the value."""
+    """Random affine jitter per image: rotation, scale and shift, each uniform in +-the value; a mirror flip."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,10 +37,13 @@ class ImageAugment(BaseModel):
     scale: float = Field(0.0, ge=0, lt=1, description="zoom by a factor in [1 - scale, 1 + scale]")
     shift: float = Field(0.0, ge=0, lt=1, description="shift by up to +-this fraction of width and height")
     fill: int = Field(0, ge=0, le=255, description="gray level of the area uncovered by the transform")
+    flip: bool = Field(False, description="mirror left-right with probability 1/2 (wrong for digits and text)")
 
 
 def augment_image(image: Image.Image, augment: ImageAugment, rng: random.Random | Any = random) -> Image.Image:
-    """Return ``image`` rotated, scaled and shifted at random within ``augment`` (same size, RGB)."""
+    """Return ``image`` rotated, scaled, shifted (and mirrored) at random within ``augment`` (same size, RGB)."""
+    if augment.flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     width, height = image.size
     angle = math.radians(rng.uniform(-augment.rotate_degrees, augment.rotate_degrees))
     zoom = rng.uniform(1 - augment.scale, 1 + augment.scale)

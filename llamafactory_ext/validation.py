@@ -29,16 +29,15 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lance_io.labels import LabelRecord, answer_columns, results_to_batch
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Task
 from llamafactory_ext.source import DATA_CONFIG, LanceSource, lance_source_of, read_dataset_info
+from llamafactory_ext.validation_curve import Curve, CurvePoint, ValidationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -57,28 +56,6 @@ class ValidationError(ReasonError):
     """A validation setting the run cannot honour; ``reason`` is a stable code."""
 
 
-class ValidationOptions(BaseModel):
-    """The ``validation:`` entry of the ``lancetag:`` block: how much to hold back, when to score, when to stop."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    fraction: float = Field(0.1, gt=0, lt=1, description="share of each Lance dataset's ids held back")
-    every_epochs: int | None = Field(None, ge=1, description="score after every this many epochs (default 1)")
-    every_steps: int | None = Field(None, ge=1, description="score every this many optimizer steps instead")
-    patience: int | None = Field(
-        None, ge=1, description="stop after this many evaluations without a better accuracy (None: never)"
-    )
-    batch_size: int = Field(16, ge=1, description="validation images per forward")
-
-    @model_validator(mode="after")
-    def _one_interval(self) -> ValidationOptions:
-        if self.every_epochs is not None and self.every_steps is not None:
-            raise ValueError("give every_epochs or every_steps, not both")
-        if self.every_epochs is None and self.every_steps is None:
-            object.__setattr__(self, "every_epochs", 1)
-        return self
-
-
 @dataclass(frozen=True)
 class ValidationPlan:
     """What the training process needs to validate (picklable: goes to Ray Train workers)."""
@@ -89,32 +66,6 @@ class ValidationPlan:
     model: str
     output_dir: str
     labeler: InTrainingLabeler
-
-
-@dataclass
-class CurvePoint:
-    """One evaluation: where training was, the validation accuracy then, and the train loss logged."""
-
-    step: int
-    epoch: float
-    validation_accuracy: float
-    train_loss: float | None
-    seconds: float
-
-
-@dataclass
-class Curve:
-    """The validation record of a run, as written to ``lancetag_validation.json`` and the lineage."""
-
-    fraction: float
-    rows: int
-    points: list[CurvePoint] = field(default_factory=list)
-    best: CurvePoint | None = None
-    stopped_early: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return asdict(self)
 
 
 # ------------------------------------------------------------------ planning (driver side)
@@ -307,14 +258,12 @@ class Validator:
             accuracy, rows = self._score(model)
             point = CurvePoint(step, round(epoch, 4), accuracy, train_loss, round(time.perf_counter() - started, 2))
             self.curve.rows = rows
-            self.curve.points.append(point)
-            if self.curve.best is None or accuracy > self.curve.best.validation_accuracy:
-                self.curve.best, self.since_best = point, 0
+            kept, improved = self.curve.add(point, self.plan.options.tolerance_rows)
+            self.since_best = 0 if improved else self.since_best + 1
+            if kept:
                 self.best_weights = {
                     name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
                 }
-            else:
-                self.since_best += 1
             patience = self.plan.options.patience
             stop = not final and patience is not None and self.since_best >= patience
             self.curve.stopped_early = stop

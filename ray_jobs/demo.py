@@ -20,6 +20,7 @@ import pyarrow as pa
 import yaml
 
 from lance_io.splits import split_of
+from llamafactory_ext.recipe import Recipe, choose_recipe, set_processor_side
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Images per labeler request. Tagging the 1,797 digits on the 1-CPU replica here: 16 -> 56 img/s,
@@ -47,6 +48,8 @@ class DemoResult:
     seconds: float
     steps: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, float] = field(default_factory=dict)  # held-out accuracy of pixel baselines
+    recipe: dict[str, Any] = field(default_factory=dict)  # what llamafactory_ext.recipe chose from the data
+    validation: dict[str, Any] | None = None  # the validation curve of the run
 
 
 def write_digits(folder: Path) -> Path:
@@ -88,9 +91,26 @@ def folder_task(data: Path, out: Path) -> Path:
     return path
 
 
-def _training_config(model: str, tiny: bool, dataset_dir: Path, output_dir: Path, epochs: float | None) -> dict[str, Any]:
+def training_recipe(table: str, version: int) -> Recipe:
+    """Return the recipe ``llamafactory_ext.recipe`` chooses from the table's training split (truth labels)."""
+    from lance_io import open_table
+
+    data = open_table(table, version=version).to_table(
+        columns=["id", "image", "truth"], filter="split = 'train' AND truth IS NOT NULL"
+    ).to_pydict()
+    return choose_recipe(data["id"], data["image"], data["truth"])
+
+
+def _training_config(
+    model: str, tiny: bool, dataset_dir: Path, output_dir: Path, epochs: float | None, recipe: Recipe
+) -> dict[str, Any]:
     config = yaml.safe_load((TINY_CONFIG if tiny else LORA_CONFIG).read_text())
     config.update(model_name_or_path=model, dataset="demo_train", dataset_dir=str(dataset_dir), output_dir=str(output_dir))
+    chosen = recipe.overrides()
+    if not tiny:  # a pretrained model keeps its config's epochs: the step budget is a from-scratch rule
+        chosen.pop("num_train_epochs")
+    config["lancetag"] = {**config.get("lancetag", {}), **chosen.pop("lancetag")}
+    config.update(chosen)
     if epochs is not None:
         config["num_train_epochs"] = epochs
     return config
@@ -146,6 +166,13 @@ def run_demo(
     step(f"ingest ({ingested.added} images)", t0)
 
     t0 = time.perf_counter()
+    recipe = training_recipe(table, versions["ingested"])
+    if tiny:  # the labeler reads the side from the model's processor, as training does
+        set_processor_side(base, recipe.side)
+    step(f"recipe from the training rows (side {recipe.side}, {recipe.visual_tokens} visual tokens, "
+         f"flip {'on' if recipe.flip else 'off'}, up to {recipe.epochs} epochs)", t0)
+
+    t0 = time.perf_counter()
     label_table(table, LabelOptions(task=task, model=base, batch_size=LABEL_BATCH, version_tag="zero-shot"), progress=progress)
     versions["zero-shot"] = tag_version(table, "zero-shot")
     before = evaluate_table(table, "label", "truth", version="zero-shot", where="split = 'test'")
@@ -155,7 +182,7 @@ def run_demo(
     registration = register_dataset(
         table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
     )
-    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs),
+    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe),
                            labeler=transformers_labeler)
     loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"
     step(f"fine-tuning on {registration.rows} rows (mean train loss {loss})", t0)
@@ -183,4 +210,6 @@ def run_demo(
         seconds=round(time.perf_counter() - started, 1),
         steps=steps,
         baselines={b.name: b.accuracy for found in after.baselines.values() for b in found},
+        recipe=recipe.as_dict(),
+        validation=trained.validation,
     )

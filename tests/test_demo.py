@@ -66,5 +66,9 @@ def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: 
     assert result["accuracy_before"] <= 0.5
     assert result["accuracy_after"] >= max(0.5, result["accuracy_before"] + 0.15), result
     assert result["versions"]["ingested"] < result["versions"]["zero-shot"] < result["versions"]["fine-tuned"]
+    # The recipe came from the crops: a mirrored texture is the same texture, 56-pixel crops need
+    # no more than 4 visual tokens, and the run validated and kept its best weights.
+    assert result["recipe"]["flip"] is True and result["recipe"]["visual_tokens"] == 4
+    assert result["validation"]["points"] and result["validation"]["best"] is not None
     assert Path(result["report"]).is_file()
     assert (Path(result["adapter"]) / "lancetag_lineage.json").is_file()

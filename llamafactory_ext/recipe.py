@@ -1,0 +1,234 @@
+"""The training recipe chosen from the data: image side (visual tokens), augmentation, epochs, validation.
+
+A recipe tuned by hand on one image set (the demo's digits) is wrong for another: digits need 4
+visual tokens and must never be mirrored, photos of objects may be mirrored, a 300x300 photo loses
+its detail at 56x56. ``choose_recipe`` looks at the training rows (never the held-out ones) and
+decides each setting by a rule written here and in docs/training.md ("The recipe chosen from the
+data"):
+
+- **Image side** (``SIDES``: 56, 84, 112 pixels = 4, 9, 16 visual tokens for Qwen2-VL's 28-pixel
+  merged patches): the smallest side at which the median training image keeps ``DETAIL_KEPT`` of
+  its grey-level variance (area-downsample to the side and back, at up to 224 pixels); never more
+  than the images' own median size (upscaling adds no detail).
+- **Augmentation**: the small affine jitter (rotation, zoom, shift: a model trained from scratch
+  memorises pixels without it), filling the uncovered area with the median grey of the images'
+  borders (black for digits, white for clip art) so it draws no new edges. A mirror flip only if
+  it keeps the classes: a logistic regression on 8x8 thumbnails is fitted on part of the training
+  rows and scored on the rest, as they are and mirrored. A mirror keeps every pixel statistic but
+  orientation, so if it costs that classifier more than ``SKILL_LOST`` of its accuracy above chance
+  (1 / classes), orientation carries meaning (a mirrored 2 is not a 2) and there is no flip.
+- **Epochs**: about ``STEP_BUDGET`` optimizer steps (batch ``BATCH``), within ``EPOCHS``; a small
+  set gets more passes over it. The validation curve then decides: ``validation`` holds back up to
+  ``VALIDATION_ROWS`` rows, scores about ``EVALUATIONS`` times, keeps the best weights (a later
+  evaluation within ``TOLERANCE_ROWS`` validation row of the best replaces it: with a cosine
+  schedule the later weights have trained longer, and one row is noise) and stops after
+  ``PATIENCE`` evaluations without a better accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from llamafactory_ext.augment import ImageAugment
+
+SIDES = (56, 84, 112)
+DETAIL_KEPT = 0.975
+DETAIL_REFERENCE = 224
+THUMBNAIL = 8
+SKILL_LOST = 0.25
+JITTER = ImageAugment(rotate_degrees=10, scale=0.1, shift=0.08)
+STEP_BUDGET = 670  # the digits recipe's steps (15 epochs of 1,423 rows at batch 32), docs/training.md §7
+BATCH = 32
+EPOCHS = (5, 40)
+VALIDATION_ROWS = 100
+EVALUATIONS = 5
+PATIENCE = 2
+TOLERANCE_ROWS = 1
+MAX_PROFILE_ROWS = 2000
+SALT = "recipe"
+
+
+@dataclass
+class Recipe:
+    """The settings chosen for one training set, and the measurements behind each."""
+
+    side: int
+    visual_tokens: int
+    flip: bool
+    fill: int
+    epochs: int
+    validation: dict[str, Any]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def augment(self) -> ImageAugment:
+        """Return the augmentation the recipe uses."""
+        return JITTER.model_copy(update={"flip": self.flip, "fill": self.fill})
+
+    def overrides(self) -> dict[str, Any]:
+        """Return the LLaMA-Factory keys and the ``lancetag:`` block this recipe sets."""
+        augment = self.augment()
+        lancetag: dict[str, Any] = {"validation": dict(self.validation)}
+        lancetag["augment"] = augment.model_dump()
+        pixels = self.side * self.side
+        return {
+            "num_train_epochs": self.epochs,
+            "image_max_pixels": pixels,
+            "image_min_pixels": pixels,
+            "lancetag": lancetag,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+def _bucket(row_id: str) -> float:
+    return int(hashlib.sha256(f"{SALT}:{row_id}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except Exception:  # an undecodable image tells nothing about the set
+        return None
+
+
+def detail_kept(image: Image.Image, side: int) -> float:
+    """Return the share of ``image``'s grey-level variance an area-downsample to ``side`` keeps."""
+    grey = image.convert("L")
+    reference_side = max(side, min(DETAIL_REFERENCE, max(image.size)))
+    if reference_side <= side:
+        return 1.0
+    reference = np.asarray(grey.resize((reference_side,) * 2, Image.Resampling.BOX), dtype=np.float32)
+    small = grey.resize((side, side), Image.Resampling.BOX).resize(
+        (reference_side,) * 2, Image.Resampling.BILINEAR
+    )
+    variance = float(((reference - reference.mean()) ** 2).sum())
+    if variance == 0:
+        return 1.0
+    return 1.0 - float(((reference - np.asarray(small, dtype=np.float32)) ** 2).sum()) / variance
+
+
+def choose_side(images: Sequence[Image.Image]) -> tuple[int, dict[str, Any]]:
+    """Return (image side, evidence): the smallest of SIDES keeping DETAIL_KEPT of the median image."""
+    median_size = statistics.median(max(image.size) for image in images)
+    kept = {side: round(statistics.median(detail_kept(image, side) for image in images), 4) for side in SIDES}
+    cap = max([s for s in SIDES if s <= max(median_size, SIDES[0])] or [SIDES[0]])
+    side = next((s for s in SIDES if kept[s] >= DETAIL_KEPT), SIDES[-1])
+    side = min(side, cap)
+    return side, {"median_size": median_size, "detail_kept": kept, "side_cap": cap}
+
+
+def _thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
+    size = (THUMBNAIL, THUMBNAIL)
+    return np.stack(
+        [np.asarray(i.resize(size, Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255 for i in images]
+    )
+
+
+def border_grey(images: Sequence[Image.Image]) -> int:
+    """Return the median grey level of the images' one-pixel borders (the jitter's fill)."""
+    values: list[np.ndarray] = []
+    for image in images:
+        grey = np.asarray(image.convert("L"))
+        values += [grey[0], grey[-1], grey[:, 0], grey[:, -1]]
+    return int(np.median(np.concatenate(values)))
+
+
+def flip_check(
+    train: Sequence[Image.Image],
+    train_labels: Sequence[str],
+    held: Sequence[Image.Image],
+    held_labels: Sequence[str],
+) -> dict[str, float]:
+    """Return a pixel classifier's accuracy on ``held`` as is and mirrored, and the share of skill lost."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    model.fit(_thumbnails(train), np.asarray(train_labels))
+    truth = np.asarray(held_labels)
+    plain = float(np.mean(model.predict(_thumbnails(held)) == truth))
+    mirrored = float(np.mean(model.predict(_thumbnails([ImageOps.mirror(i) for i in held])) == truth))
+    skill = plain - 1.0 / len(set(train_labels))
+    lost = (plain - mirrored) / skill if skill > 0 else 0.0
+    return {"accuracy": round(plain, 4), "mirrored": round(mirrored, 4), "skill_lost": round(lost, 4)}
+
+
+def choose_epochs(rows: int) -> tuple[int, dict[str, Any]]:
+    """Return (maximum epochs, validation block) for ``rows`` training rows."""
+    steps_per_epoch = math.ceil(rows / BATCH)
+    epochs = min(max(round(STEP_BUDGET / steps_per_epoch), EPOCHS[0]), EPOCHS[1])
+    validation = {
+        "fraction": round(min(0.1, VALIDATION_ROWS / rows), 4),
+        "every_epochs": max(1, round(epochs / EVALUATIONS)),
+        "patience": PATIENCE,
+        "tolerance_rows": TOLERANCE_ROWS,
+    }
+    return epochs, validation
+
+
+def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[str]) -> Recipe:
+    """Return the recipe for training rows (``ids``, image bytes, truth labels) by the module's rules."""
+    rows = [(str(i), b, str(t)) for i, b, t in zip(ids, images, labels, strict=True) if b and t is not None]
+    if len(rows) > MAX_PROFILE_ROWS:  # enough to measure; a subset chosen by id hash
+        rows = sorted(rows, key=lambda r: _bucket(r[0]))[:MAX_PROFILE_ROWS]
+    decoded = [(i, image, t) for i, b, t in rows if (image := _decode(b)) is not None]
+    if len({t for _, _, t in decoded}) < 2:
+        raise ValueError("choosing a recipe needs decodable training images of at least two classes")
+    side, side_evidence = choose_side([image for _, image, _ in decoded])
+    fit = [(image, t) for i, image, t in decoded if _bucket(i) >= 0.25]
+    held = [(image, t) for i, image, t in decoded if _bucket(i) < 0.25]
+    if not fit or not held or len({t for _, t in fit}) < 2:
+        raise ValueError("choosing a recipe needs more training images (too few to hold a quarter back)")
+    flip = flip_check([i for i, _ in fit], [t for _, t in fit], [i for i, _ in held], [t for _, t in held])
+    epochs, validation = choose_epochs(len(images))
+    return Recipe(
+        side=side,
+        visual_tokens=(side // 28) ** 2,
+        flip=flip["skill_lost"] <= SKILL_LOST,
+        fill=border_grey([image for _, image, _ in decoded]),
+        epochs=epochs,
+        validation=validation,
+        evidence={
+            "rows": len(images),
+            "profiled_rows": len(decoded),
+            "classes": len({t for *_, t in decoded}),
+            **side_evidence,
+            "flip_check": flip,
+            "rules": {"detail_kept": DETAIL_KEPT, "skill_lost": SKILL_LOST, "step_budget": STEP_BUDGET},
+        },
+    )
+
+
+def set_processor_side(model_dir: str | Path, side: int) -> bool:
+    """Make a Qwen2-VL processor saved in ``model_dir`` resize every image to about side x side pixels (in area).
+
+    Returns False (and changes nothing) when the folder has no such processor: a hub model keeps
+    its own processor, and only LLaMA-Factory's ``image_max_pixels`` applies in training.
+    """
+    path = Path(model_dir) / "processor_config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    size = config.get("image_processor", {}).get("size")
+    if not isinstance(size, dict) or "longest_edge" not in size:
+        return False
+    # Qwen2-VL rounds the scaled sides down (too big) or up (too small) to multiples of 28: half a
+    # patch of slack each way lands a square image on side x side exactly, despite float error.
+    size.update(longest_edge=(side + 14) ** 2, shortest_edge=(side - 14) ** 2)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return True

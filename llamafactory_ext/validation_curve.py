@@ -1,0 +1,75 @@
+"""The validation record of a run: its settings, its curve, and which evaluation's weights are kept."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ValidationOptions(BaseModel):
+    """The ``validation:`` entry of the ``lancetag:`` block: how much to hold back, when to score, when to stop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of each Lance dataset's ids held back")
+    every_epochs: int | None = Field(None, ge=1, description="score after every this many epochs (default 1)")
+    every_steps: int | None = Field(None, ge=1, description="score every this many optimizer steps instead")
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without a better accuracy (None: never)"
+    )
+    batch_size: int = Field(16, ge=1, description="validation images per forward")
+    tolerance_rows: int = Field(
+        0, ge=0, description="keep a later evaluation at most this many validation rows' worth below the best"
+    )
+
+    @model_validator(mode="after")
+    def _one_interval(self) -> ValidationOptions:
+        if self.every_epochs is not None and self.every_steps is not None:
+            raise ValueError("give every_epochs or every_steps, not both")
+        if self.every_epochs is None and self.every_steps is None:
+            object.__setattr__(self, "every_epochs", 1)
+        return self
+
+
+@dataclass
+class CurvePoint:
+    """One evaluation: where training was, the validation accuracy then, and the train loss logged."""
+
+    step: int
+    epoch: float
+    validation_accuracy: float
+    train_loss: float | None
+    seconds: float
+
+
+@dataclass
+class Curve:
+    """The validation record of a run, as written to ``lancetag_validation.json`` and the lineage."""
+
+    fraction: float
+    rows: int
+    points: list[CurvePoint] = field(default_factory=list)
+    best: CurvePoint | None = None
+    stopped_early: bool = False
+
+    def add(self, point: CurvePoint, tolerance_rows: int = 0) -> tuple[bool, bool]:
+        """Append ``point``; return (whether its weights are kept as the best, whether it beat every earlier one).
+
+        A point better than every earlier one is kept. With ``tolerance_rows``, so is a later point at
+        most that many validation rows' worth below the best so far: more training at the same
+        accuracy within the noise of a small validation set. Ties otherwise keep the earlier point.
+        """
+        top = max((p.validation_accuracy for p in self.points), default=None)
+        self.points.append(point)
+        improved = top is None or point.validation_accuracy > top
+        slack = tolerance_rows / self.rows if self.rows else 0.0
+        kept = improved or (tolerance_rows > 0 and point.validation_accuracy >= top - slack - 1e-9)  # type: ignore[operator]
+        if kept:
+            self.best = point
+        return kept, improved
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)

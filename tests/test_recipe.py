@@ -1,0 +1,118 @@
+"""The training recipe chosen from the data (llamafactory_ext.recipe), on real images.
+
+Digits must never be mirrored and need no more than 4 visual tokens; solar cells (ELPV) look the
+same mirrored and hold detail a 56-pixel image loses; the epochs follow the step budget; the chosen
+side reaches the processor the labeler and training use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.real_datasets import class_counts, write_elpv
+from llamafactory_ext.augment import ImageAugment, augment_image
+from llamafactory_ext.recipe import (
+    BATCH,
+    EPOCHS,
+    STEP_BUDGET,
+    choose_epochs,
+    choose_recipe,
+    set_processor_side,
+)
+from llamafactory_ext.validation_curve import Curve, CurvePoint
+from ray_jobs.demo import write_digits
+
+
+def _rows(folder: Path, keep: float = 1.0) -> tuple[list[str], list[bytes], list[str]]:
+    files = [
+        f
+        for f in sorted(folder.rglob("*.png"))
+        if int(hashlib.sha256(f.name.encode()).hexdigest()[:8], 16) / 16**8 < keep
+    ]
+    return [str(f) for f in files], [f.read_bytes() for f in files], [f.parent.name for f in files]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+def test_digits_are_never_mirrored_and_keep_four_visual_tokens(digits: Path) -> None:
+    recipe = choose_recipe(*_rows(digits))
+    assert recipe.flip is False  # a mirrored 2, 3 or 7 is not that digit
+    assert recipe.evidence["flip_check"]["skill_lost"] > 0.5
+    assert (recipe.side, recipe.visual_tokens) == (56, 4)  # 8x8 digits: a bigger image adds no detail
+    assert recipe.fill == 0  # black background: the jitter fills with black
+    assert recipe.augment().rotate_degrees > 0
+
+
+def test_solar_cells_are_mirrored_and_get_more_visual_tokens(tmp_path: Path) -> None:
+    cells = write_elpv(tmp_path / "elpv")
+    assert class_counts(cells) == {"defective": 715, "functional": 1508}
+    recipe = choose_recipe(*_rows(cells, keep=0.4))  # ~900 cells: enough to measure, quicker
+    assert recipe.flip is True  # a cracked cell mirrored is still cracked
+    assert recipe.evidence["flip_check"]["skill_lost"] < 0.25
+    assert recipe.side > 56 and recipe.visual_tokens > 4  # 300x300 cells lose detail at 56 pixels
+    assert recipe.evidence["detail_kept"][56] < recipe.evidence["detail_kept"][recipe.side]
+
+
+def test_epochs_give_small_sets_more_passes_within_bounds() -> None:
+    digits_epochs, validation = choose_epochs(1423)
+    assert digits_epochs == 15  # the step budget is the digits recipe's 15 epochs
+    assert validation["fraction"] * 1423 == pytest.approx(100, abs=1) and validation["patience"] >= 1
+    assert choose_epochs(400)[0] > digits_epochs > choose_epochs(3000)[0]
+    assert choose_epochs(10)[0] == EPOCHS[1] and choose_epochs(10**6)[0] == EPOCHS[0]
+    rows = 2000
+    assert choose_epochs(rows)[0] * -(-rows // BATCH) == pytest.approx(STEP_BUDGET, rel=0.1)
+
+
+def test_a_later_evaluation_within_one_validation_row_of_the_best_is_kept() -> None:
+    curve = Curve(fraction=0.1, rows=100)
+    accuracies = [0.90, 0.95, 0.94, 0.95, 0.93]
+    decisions = [
+        curve.add(CurvePoint(k, k, a, None, 0.0), tolerance_rows=1) for k, a in enumerate(accuracies)
+    ]
+    assert decisions == [(True, True), (True, True), (True, False), (True, False), (False, False)]
+    assert curve.best is not None and curve.best.step == 3  # 0.95 again, later: trained longer
+    strict = Curve(fraction=0.1, rows=100)
+    for k, a in enumerate(accuracies):
+        strict.add(CurvePoint(k, k, a, None, 0.0))
+    assert strict.best is not None and strict.best.step == 1  # without tolerance ties keep the earlier
+
+
+def test_flip_mirrors_half_of_the_draws() -> None:
+    image = Image.new("L", (20, 20), 0)
+    image.paste(255, (0, 0, 5, 20))  # a bar on the left
+    rng = random.Random(1)
+    lefts = [
+        augment_image(image, ImageAugment(flip=True), rng).getpixel((2, 10))[0] > 127 for _ in range(200)
+    ]
+    assert 70 < sum(lefts) < 130  # about half stay, half are mirrored to the right
+
+
+def test_chosen_side_reaches_the_processor(tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    from serve_apps.tiny_models import build_tiny_model
+
+    model = build_tiny_model("qwen2_vl", tmp_path / "m")
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 300), "gray").save(buffer, format="PNG")
+    image = Image.open(buffer)
+
+    def tokens() -> int:
+        grid = AutoProcessor.from_pretrained(model).image_processor(images=[image])["image_grid_thw"][0]
+        return int(grid.prod()) // 4  # 2x2 merge
+
+    assert set_processor_side(model, 84) is True
+    assert tokens() == 9  # 84x84 pixels: 3x3 merged 28-pixel patches
+    assert set_processor_side(model, 56) is True and tokens() == 4
+    image = Image.new("RGB", (20, 12), "gray")  # a tiny image is scaled up to the side
+    assert tokens() == 4
+    assert set_processor_side(tmp_path, 56) is False  # no processor there: nothing changed
