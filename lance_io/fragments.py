@@ -28,7 +28,13 @@ import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
 from lance_io.schema import ID
-from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, ensure_id_index, table_exists, translated_write_errors
+from lance_io.table import (
+    DEFAULT_MAX_ROWS_PER_FILE,
+    ensure_id_index,
+    existing_ids,
+    table_exists,
+    translated_write_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,13 @@ def commit_fragments(
             uri, Transaction(read_version, operation, transaction_properties=properties),
             read_version=read_version, storage_options=storage_options,
         )
+
+
+def ids_in_table(
+    uri: str, version: int | None, ids: list[str], *, storage_options: dict[str, str] | None = None
+) -> set[str]:
+    """Return which of ``ids`` are rows of the table at ``version`` (latest when None)."""
+    return existing_ids(lance.dataset(uri, version=version, storage_options=storage_options), ids)
 
 
 def unindexed_rows(ds: lance.LanceDataset) -> int:

@@ -13,14 +13,21 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from lance_io import ErrorRecord, ensure_columns, existing_ids, open_table, record_errors, table_exists
-from lance_io.fragments import WrittenFragment, commit_fragments, fold_into_id_index, without_ids
+from lance_io import ErrorRecord, ensure_columns, open_table, record_errors, table_exists
+from lance_io.fragments import (
+    WrittenFragment,
+    commit_fragments,
+    fold_into_id_index,
+    ids_in_table,
+    without_ids,
+)
 from lance_io.reasons import ReasonError
 from lance_io.samples import append_samples, sample_rows
 from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH
@@ -32,6 +39,7 @@ from ray_jobs.ingest.samples import SampleCollector
 from ray_jobs.ingest.worker import KNOWN, SKIP, WORK_SCHEMA
 from ray_jobs.ingest.write import ROW, fragment_of
 
+T = TypeVar("T")
 INDEX_FOLD_ROWS = 100_000
 """Unindexed rows at which a commit folds them into the ``id`` index: bounds every dedup lookup."""
 
@@ -157,6 +165,7 @@ class ChunkWriter:
             chunk.rows >= self.options.commit_rows
             or (chunk.fragments and time.monotonic() - chunk.started >= self.options.commit_seconds)
             or len(self.samples.ready) >= self.options.commit_rows
+            or len(self._errors) >= self.options.commit_rows
         ):
             self.flush()
 
@@ -166,6 +175,8 @@ class ChunkWriter:
         nodes = outcomes.column("node").to_pylist()
         for text in outcomes.column("fragment").drop_null().to_pylist():
             fragment = fragment_of(text)
+            if not self._chunk.fragments:
+                self._chunk.started = time.monotonic()  # commit_seconds counts from the first fragment
             again = {i for i in fragment.ids if i in self._chunk_ids}
             if again:
                 self._chunk.cut[len(self._chunk.fragments)] = again
@@ -236,29 +247,27 @@ class ChunkWriter:
         return result, sampled
 
     def _commit_images(self, chunk: _Chunk) -> AppendResult:
-        """Cut what the table gained since the tasks checked, rewrite the fragments that lose rows, commit."""
-        import ray
+        """Cut what the table gained since the tasks checked, rewrite the fragments that lose rows, commit.
 
+        The id lookup and the index fold read the table's index, which grows with the table: they
+        run in Ray tasks, so the driver's memory stays that of one chunk however large the table.
+        """
         exists = table_exists(self.table, storage_options=self.storage_options)
         if exists == self._new_table:
             happened = "created" if exists else "deleted"
             raise ReasonError(
                 "concurrent_write", f"another process {happened} {self.table} during this ingest; rerun it (nothing is added twice)"
             )
-        ds = open_table(self.table, storage_options=self.storage_options) if exists else None
-        in_table = existing_ids(ds, [i for f in chunk.fragments for i in f.ids]) if ds is not None else set()
+        version = open_table(self.table, storage_options=self.storage_options).version if exists else None
+        ids = [i for f in chunk.fragments if f is not None for i in f.ids]
+        in_table = on_worker(ids_in_table, self.table, version, ids, storage_options=self.storage_options) if exists else set()
         for n, fragment in enumerate(chunk.fragments):
             cut = chunk.cut.get(n, set()) | (in_table & set(fragment.ids))
             if cut:
                 chunk.cut[n] = cut
-        if chunk.cut:  # rare: the same content written by two tasks, or committed since a task checked
-            rewrite = ray.remote(num_cpus=0.25)(without_ids)
-            cuts = list(chunk.cut.items())
-            done = ray.get([rewrite.remote(self.table, chunk.fragments[n], ids, storage_options=self.storage_options) for n, ids in cuts])
-            for (n, _), fragment in zip(cuts, done, strict=True):
-                chunk.fragments[n] = fragment
+        for n, ids_to_cut in chunk.cut.items():  # rare: the same content written twice, or committed since
+            chunk.fragments[n] = on_worker(without_ids, self.table, chunk.fragments[n], ids_to_cut, storage_options=self.storage_options)
         fragments = [f for f in chunk.fragments if f is not None]
-        version = ds.version if ds is not None else None
         if fragments:
             properties = {"lancetag.job": self.job, "lancetag.rows_by_node": json.dumps(dict(chunk.nodes))}
             version = commit_fragments(
@@ -266,13 +275,21 @@ class ChunkWriter:
                 storage_options=self.storage_options, properties=properties,
             ).version
             self._new_table = False
-            version = fold_into_id_index(self.table, min_rows=INDEX_FOLD_ROWS, storage_options=self.storage_options) or version
+            folded = on_worker(fold_into_id_index, self.table, min_rows=INDEX_FOLD_ROWS, storage_options=self.storage_options)
+            version = folded or version
         return AppendResult(added=sum(f.rows for f in fragments), duplicate_ids=sorted(in_table), version=version)
 
     def _images_version(self) -> int | None:
         if not table_exists(self.table, storage_options=self.storage_options):
             return None  # text-only samples before any image
         return open_table(self.table, storage_options=self.storage_options).version
+
+
+def on_worker(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` in a Ray task and return its result: table reads whose memory grows with the table."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0.25, max_retries=3)(fn).remote(*args, **kwargs))
 
 
 def _array(values: list[Any], dtype: pa.DataType) -> pa.Array:

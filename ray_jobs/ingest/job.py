@@ -44,7 +44,7 @@ from lance_io.fragments import fold_into_id_index
 from lance_io.reasons import ReasonError
 from lance_io.schema import TRUTH
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE
-from ray_jobs.ingest.commit import ChunkWriter
+from ray_jobs.ingest.commit import ChunkWriter, on_worker
 from ray_jobs.ingest.items import IngestSummary, InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
@@ -95,7 +95,8 @@ def ingest(
     if summary.added or summary.samples.added:
         # Leave the table fully indexed: the next run's tasks (and training's sample joins) look ids
         # up in the index alone.
-        summary.version = fold_into_id_index(table, min_rows=1, storage_options=storage_options) or summary.version
+        folded = on_worker(fold_into_id_index, table, min_rows=1, storage_options=storage_options)
+        summary.version = folded or summary.version
     summary.seconds = time.monotonic() - started
     if summary.version is None and table_exists(table, storage_options=storage_options):
         from lance_io import open_table
@@ -194,6 +195,10 @@ def _run_segment(
 
 
 def items_per_task(items: int, cpus: int, batch_size: int) -> int:
-    """Items one task validates and writes as one fragment: enough tasks for two per CPU, each at
-    most a fragment of ``DEFAULT_MAX_ROWS_PER_FILE`` rows (one unit of tagging work), at least a batch."""
-    return max(batch_size, min(DEFAULT_MAX_ROWS_PER_FILE, math.ceil(items / (2 * max(cpus, 1)))))
+    """Items one task validates and writes as one fragment: at most ``DEFAULT_MAX_ROWS_PER_FILE`` (one
+    unit of tagging work), at least a batch, and as many tasks as whole rounds over the CPUs (two
+    at least), so no CPU idles through a last, partial round."""
+    cpus = max(cpus, 1)
+    tasks = max(math.ceil(items / DEFAULT_MAX_ROWS_PER_FILE), 2 * cpus)
+    tasks = math.ceil(tasks / cpus) * cpus
+    return max(batch_size, math.ceil(items / tasks))
