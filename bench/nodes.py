@@ -9,6 +9,9 @@ cluster. Nodes share no table paths: tests keep tables on the moto S3 server (te
 The head's ``/tmp/ray/ray_current_cluster`` (which a later plain ``ray.init()`` would join) is
 removed as soon as the head is up, and every node is killed when the block ends, even on failure.
 
+Used by the multi-node tests (tests/test_cluster_nodes.py, through tests/cluster_nodes.py) and
+by ``python -m bench node_loss``.
+
 Example::
 
     with ray_cluster_nodes(workers=[{"accel_a": 1}, {"accel_a": 1}]) as cluster:
@@ -21,25 +24,32 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from tests.ray_head import free_port
-
 RAY_BIN = Path(sys.executable).parent / "ray"
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
 
-@dataclass
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(eq=False)  # a node is itself: compared and hashed by identity
 class Node:
     """One `ray start` process tree; ``node_id`` is Ray's hex id once the node registered."""
 
@@ -83,7 +93,8 @@ class Cluster:
         name = f"worker{len(self.nodes)}"
         temp_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=self.root)
         args = [f"--address={self.gcs_address}", f"--temp-dir={temp_dir}", *_node_ports()]
-        node = Node(name, _ray_start(args, num_cpus, resources or {}, self.env), resources or {}, temp_dir)
+        process = _ray_start(args, num_cpus, resources or {}, self.env, Path(temp_dir) / "ray-start.log")
+        node = Node(name, process, resources or {}, temp_dir)
         self.nodes.append(node)
         node.node_id = _wait_new_node(self, before, node, timeout)
         return node
@@ -121,14 +132,17 @@ def _node_ports() -> list[str]:
     ]
 
 
-def _ray_start(args: list[str], num_cpus: int, resources: dict[str, float], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _ray_start(
+    args: list[str], num_cpus: int, resources: dict[str, float], env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
     command = [
         str(RAY_BIN), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
         "--object-store-memory=200000000", "--disable-usage-stats", *args,
     ]
     if resources:
         command.append(f"--resources={json.dumps(resources)}")
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with log.open("wb") as out:  # `ray start` says why it did not start here
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:
@@ -152,7 +166,8 @@ def _wait_new_node(cluster: Cluster, before: set[str], node: Node, timeout: floa
         if len(new) == 1:
             return new.pop()
         if node.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"node {node.name} did not join (exit {node.process.poll()})")
+            said = (Path(node.temp_dir) / "ray-start.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"node {node.name} did not join (exit {node.process.poll()}): {said}")
         time.sleep(0.5)
 
 
@@ -180,7 +195,7 @@ def ray_cluster_nodes(workers: list[dict[str, float]] | None = None, num_cpus: i
             ["--head", f"--port={gcs_port}", f"--temp-dir={head_dir}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
              *_node_ports()],
-            num_cpus, {}, env,
+            num_cpus, {}, env, Path(head_dir) / "ray-start.log",
         )
         cluster.nodes.append(Node("head", head, {}, head_dir))
         cluster.head.node_id = _wait_new_node(cluster, set(), cluster.head, 90)
@@ -193,3 +208,85 @@ def ray_cluster_nodes(workers: list[dict[str, float]] | None = None, num_cpus: i
             if not node.killed:
                 cluster.kill_node(node)
         _forget_current_cluster(cluster.gcs_address)
+        shutil.rmtree(root, ignore_errors=True)  # the nodes' sessions and logs
+
+
+def labeler_config(app: str, http_port: int, *, latency_ms: float, autoscaling: dict | None = None) -> dict:
+    """A `serve deploy` config shaped like configs/serve: a random-backend labeler placed by ``accel_a``.
+
+    ``latency_ms`` per image stands in for a model's inference time (the replica sleeps).
+    """
+    deployment: dict = {
+        "name": "Labeler",
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 256,
+        "ray_actor_options": {"num_cpus": 0.25, "resources": {"accel_a": 1}},
+    }
+    deployment.update({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1})
+    backend = {"kind": "random", "model": "random", "batch_size": 8, "options": {"latency_ms": latency_ms}}
+    return {
+        "proxy_location": "HeadOnly",  # every node is 127.0.0.1 here: one HTTP proxy, on the head
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [
+            {
+                "name": app,
+                "route_prefix": "/",
+                "import_path": "serve_apps.deploy:app",
+                "args": {"task": "digits", "backend": backend, "max_batch_size": 8},
+                "deployments": [deployment],
+            }
+        ],
+    }
+
+
+def replica_pids(app: str) -> list[int]:
+    """Pids of the Serve replicas of ``app`` on this machine (any node)."""
+    out = subprocess.run(["pgrep", "-f", f"ray::ServeReplica:{app}"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; raise TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.2)
+
+
+def serve_deploy(cluster: Cluster, config: dict, workdir: Path) -> None:
+    """`serve deploy` ``config`` to the cluster (replaces the app) and wait for exactly one replica."""
+    path = workdir / "serve.json"  # JSON is YAML
+    path.write_text(json.dumps(config))
+    serve = RAY_BIN.parent / "serve"
+    subprocess.run(
+        [str(serve), "deploy", str(path), "--address", cluster.jobs_address],
+        check=True, env=cluster.env, capture_output=True, timeout=120,
+    )
+    app = config["applications"][0]["name"]
+    wait_for(lambda: len(replica_pids(app)) == 1, 120, "one labeler replica")
+
+
+def submit_label(cluster: Cluster, uri: str, app: str, storage_options: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """`lancetag submit --wait --json -- label URI --app APP ...` to the cluster; output to ``log``.
+
+    Commits every 32 rows (or 2 s), two workers at once, 8 images per request: a run of a few
+    hundred rows makes many versions, so a kill lands between commits.
+    """
+    env = {**cluster.env, "LANCETAG_STORAGE_OPTIONS": json.dumps(storage_options)}
+    lancetag = RAY_BIN.parent / "lancetag"
+    command = [
+        str(lancetag), "submit", "--address", cluster.jobs_address, "--env", "LANCETAG_STORAGE_OPTIONS", "--wait",
+        "--json", "--", "label", uri, "--task", "digits", "--app", app, "--concurrency", "2",
+        "--batch-size", "8", "--commit-rows", "32", "--commit-seconds", "2", "--json",
+    ]
+    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def submitted_result(process: subprocess.Popen[str], log: Path, timeout: float = 300) -> dict:
+    """Wait for a ``submit_label`` process; return its last JSON line (job_id, status) and its exit code."""
+    process.wait(timeout=timeout)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"lancetag submit printed no result: {log.read_text()[-3000:]}")
+    return {**json.loads(lines[-1]), "returncode": process.returncode}

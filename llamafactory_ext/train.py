@@ -84,6 +84,7 @@ class TrainResult:
     workers: int
     checkpoint: str | None = None
     validation: dict[str, Any] | None = None
+    resumed_from_step: int = 0  # Ray Train restarted the workers (a node lost) from this checkpoint's step
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -239,6 +240,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     activate()
     install(config.get("augment"))
     rank = ray.train.get_context().get_world_rank()
+    args = dict(config["args"])
+    resumed = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
+    resume_dir = tempfile.mkdtemp(prefix="lancetag-resume-") if resumed is not None else None
+    resumed_from = _resume_from(resumed, resume_dir, args) if resumed is not None else 0
 
     class ReportCheckpoints(TrainerCallback):
         """Hands each HF checkpoint to Ray Train (rank 0 uploads; every rank reports)."""
@@ -249,10 +254,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
             if rank == 0 and ckpt_dir.is_dir():
                 checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
             ray.train.report(
-                {"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=ckpt_dir.name
+                {"step": state.global_step, "resumed_from_step": resumed_from},
+                checkpoint=checkpoint,
+                checkpoint_dir_name=ckpt_dir.name,
             )
 
-    run_exp(args=dict(config["args"]), callbacks=[ReportCheckpoints(), *_callbacks(config.get("validation"))])
+    try:
+        run_exp(args=args, callbacks=[ReportCheckpoints(), *_callbacks(config.get("validation"))])
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
     output_dir = Path(config["args"]["output_dir"])
     loss = final_train_loss(output_dir) if rank == 0 else None
     with tempfile.TemporaryDirectory(prefix="lancetag-final-") as staging:
@@ -263,10 +274,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
                     _link_or_copy(item, Path(staging) / item.name)
             final = ray.train.Checkpoint.from_directory(staging)
         ray.train.report(
-            {"train_loss": loss if loss is not None else float("nan")},
+            {"train_loss": loss if loss is not None else float("nan"), "resumed_from_step": resumed_from},
             checkpoint=final,
             checkpoint_dir_name="final",
         )
+
+
+def _resume_from(checkpoint: Any, local_dir: str, args: dict[str, Any]) -> int:
+    """Download the HF checkpoint Ray Train restarted from and point ``resume_from_checkpoint`` at it; return its step.
+
+    A checkpoint without ``trainer_state.json`` (the final adapter) is not resumed from: 0.
+    """
+    checkpoint.to_directory(local_dir)
+    state = Path(local_dir) / "trainer_state.json"
+    if not state.is_file():
+        return 0
+    args["resume_from_checkpoint"] = local_dir  # weights, optimizer, scheduler, step and RNG of rank 0
+    return int(json.loads(state.read_text())["global_step"])
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -303,8 +327,12 @@ def worker_env(args: dict[str, Any]) -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
-def _train_on_ray(args: dict[str, Any], options: RunOptions, validation: ValidationPlan | None) -> str | None:
-    """Run ``args`` on a Ray Train TorchTrainer; return the URI of the last checkpoint."""
+def _train_on_ray(args: dict[str, Any], options: RunOptions, validation: ValidationPlan | None) -> Any:
+    """Run ``args`` on a Ray Train TorchTrainer; return its result (last checkpoint, last metrics).
+
+    With ``max_failures`` > 0 a lost worker (kill -9, node lost) restarts the worker group, which
+    resumes from the last checkpoint reported to ``storage`` (:func:`_resume_from`), not step 0.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -336,8 +364,7 @@ def _train_on_ray(args: dict[str, Any], options: RunOptions, validation: Validat
             worker_runtime_env={"env_vars": worker_env(args)},
         ),
     )
-    result = trainer.fit()
-    return result.checkpoint.path if result.checkpoint is not None else None
+    return trainer.fit()
 
 
 def run_training(
@@ -378,11 +405,15 @@ def run_training(
         for record in lineage:
             record.update(changed.get(record["dataset"], {}))
     (output_dir / CURVE_FILE).unlink(missing_ok=True)  # a curve left by an earlier run in this folder
-    checkpoint = None
+    checkpoint, filesystem, resumed_from = None, None, 0
     if options.workers == 0:
         _train_in_process(args, options.augment, validation)
     else:
-        checkpoint = _train_on_ray(args, options, validation)
+        result = _train_on_ray(args, options, validation)
+        resumed_from = int((result.metrics or {}).get("resumed_from_step", 0))
+        if result.checkpoint is not None:
+            filesystem = result.checkpoint.filesystem
+            checkpoint = _checkpoint_uri(result.checkpoint.path, filesystem)
     seconds = time.time() - started
     loss = final_train_loss(output_dir)
     curve = read_curve(output_dir) if validation is not None else None
@@ -400,6 +431,7 @@ def run_training(
         "augment": options.augment and options.augment.model_dump(),
         "validation": curve,
         "ray_checkpoint": checkpoint,
+        "resumed_from_step": resumed_from,
         "train_loss": loss,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 2),
@@ -407,13 +439,15 @@ def run_training(
     output_dir.mkdir(parents=True, exist_ok=True)
     lineage_path.write_text(json.dumps(record, indent=2) + "\n")
     if checkpoint is not None:  # the adapter in Ray's storage carries its lineage too
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(
-            checkpoint if "://" in checkpoint else f"file://{checkpoint}"
-        )
-        with fs.open_output_stream(f"{path}/{LINEAGE_FILE}") as out:
+        path = checkpoint.split("://", 1)[-1]
+        with filesystem.open_output_stream(f"{path}/{LINEAGE_FILE}") as out:
             out.write((json.dumps(record, indent=2) + "\n").encode())
     return TrainResult(
-        str(output_dir), loss, str(lineage_path), round(seconds, 2), options.workers, checkpoint, curve
+        str(output_dir), loss, str(lineage_path), round(seconds, 2), options.workers, checkpoint, curve, resumed_from
     )
+
+
+def _checkpoint_uri(path: str, filesystem: Any) -> str:
+    """Return the checkpoint's location: a local path as is, else ``<scheme>://path`` (e.g. s3://)."""
+    kind = getattr(filesystem, "type_name", "local")
+    return path if kind == "local" else f"{kind}://{path}"

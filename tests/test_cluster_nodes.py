@@ -25,74 +25,36 @@ from lance_io import append_images, open_table
 from lance_io.versions import run_summaries
 from ray_jobs.label import label_commits
 from ray_jobs.label.placement import NODES_PROPERTY
-from tests.conftest import LANCETAG
-from tests.ray_head import free_port
+from tests.cluster_nodes import (
+    free_port,
+    labeler_config,
+    ray_cluster_nodes,
+    replica_pids,
+    serve_deploy,
+    submit_label,
+    submitted_result,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 APP = "cluster-labeler"
-REPLICA_TITLE = f"ray::ServeReplica:{APP}"
 LATENCY_MS = 40  # per image: a run of 600 rows lasts ~25 s on one replica
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from tests.cluster_nodes import ray_cluster_nodes
-
     with ray_cluster_nodes(workers=[{"accel_a": 1}, {"accel_a": 1}]) as nodes:
         nodes.http_port = free_port()  # Serve's HTTP options are fixed once Serve started
         yield nodes
 
 
-def serve_config(http_port: int, *, autoscaling: dict | None = None) -> dict:
-    """The shipped config's shape (configs/serve): a random-backend labeler placed by ``accel_a``."""
-    deployment: dict = {
-        "name": "Labeler",
-        "max_ongoing_requests": 8,
-        "max_queued_requests": 256,
-        "ray_actor_options": {"num_cpus": 0.25, "resources": {"accel_a": 1}},
-    }
-    deployment.update({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1})
-    return {
-        "proxy_location": "HeadOnly",  # every node is 127.0.0.1 here: one HTTP proxy, on the head
-        "http_options": {"host": "127.0.0.1", "port": http_port},
-        "applications": [
-            {
-                "name": APP,
-                "route_prefix": "/",
-                "import_path": "serve_apps.deploy:app",
-                "args": {
-                    "task": "digits",
-                    "backend": {"kind": "random", "model": "random", "batch_size": 8, "options": {"latency_ms": LATENCY_MS}},
-                    "max_batch_size": 8,
-                },
-                "deployments": [deployment],
-            }
-        ],
-    }
+def deploy(cluster, tmp_path: Path, *, autoscaling: dict | None = None) -> None:
+    serve_deploy(cluster, labeler_config(APP, cluster.http_port, latency_ms=LATENCY_MS, autoscaling=autoscaling), tmp_path)
 
 
-def serve_deploy(cluster, tmp_path: Path, *, autoscaling: dict | None = None) -> None:
-    config = serve_config(cluster.http_port, autoscaling=autoscaling)
-    path = tmp_path / "serve.json"  # JSON is YAML
-    path.write_text(json.dumps(config))
-    serve = Path(sys.executable).parent / "serve"
-    subprocess.run([str(serve), "deploy", str(path), "--address", cluster.jobs_address], check=True, env=cluster.env,
-                   capture_output=True, timeout=120)
-    wait_for(lambda: len(replica_pids()) == 1, 120, "one labeler replica")
-
-
-def replica_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", REPLICA_TITLE], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.2)
+def replicas() -> list[int]:
+    return replica_pids(APP)
 
 
 def make_table(s3, name: str, rows: int) -> str:
@@ -108,19 +70,12 @@ def labeled(uri: str, s3) -> int:
     return ds.count_rows(filter="label_provenance IS NOT NULL") if "label_provenance" in ds.schema.names else 0
 
 
-def submit_label(cluster, s3, uri: str, log: Path) -> subprocess.Popen:
-    env = {**cluster.env, "LANCETAG_STORAGE_OPTIONS": json.dumps(s3.storage_options)}
-    command = [LANCETAG, "submit", "--address", cluster.jobs_address, "--env", "LANCETAG_STORAGE_OPTIONS", "--wait",
-               "--json", "--", "label", uri, "--task", "digits", "--app", APP, "--concurrency", "2",
-               "--batch-size", "8", "--commit-rows", "32", "--commit-seconds", "2", "--json"]
-    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+def label_run(cluster, s3, uri: str, log: Path) -> subprocess.Popen:
+    return submit_label(cluster, uri, APP, s3.storage_options, log)
 
 
-def finished(process: subprocess.Popen, log: Path, timeout: float = 300) -> dict:
-    process.wait(timeout=timeout)
-    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
-    assert lines, log.read_text()[-3000:]
-    return {**json.loads(lines[-1]), "returncode": process.returncode}
+def finished(process: subprocess.Popen, log: Path) -> dict:
+    return submitted_result(process, log)
 
 
 def audit(uri: str, s3, rows: int) -> dict:
@@ -141,12 +96,12 @@ def audit(uri: str, s3, rows: int) -> dict:
 
 
 def test_serve_replica_is_placed_by_resource_and_label_tasks_spread_over_nodes(cluster, s3, tmp_path):
-    serve_deploy(cluster, tmp_path)
-    (pid,) = replica_pids()
+    deploy(cluster, tmp_path)
+    (pid,) = replicas()
     assert cluster.node_of_pid(pid) in cluster.workers, "the replica needs accel_a: only workers have it"
 
     uri = make_table(s3, "placed.lance", 300)
-    result = finished(submit_label(cluster, s3, uri, tmp_path / "label.log"), tmp_path / "label.log")
+    result = finished(label_run(cluster, s3, uri, tmp_path / "label.log"), tmp_path / "label.log")
     assert result["status"] == "SUCCEEDED", (tmp_path / "label.log").read_text()[-3000:]
 
     by_node = audit(uri, s3, 300)
@@ -157,12 +112,12 @@ def test_serve_replica_is_placed_by_resource_and_label_tasks_spread_over_nodes(c
 
 
 def test_killing_the_node_of_the_serve_replica_mid_run_loses_no_row_and_labels_none_twice(cluster, s3, tmp_path):
-    serve_deploy(cluster, tmp_path)
+    deploy(cluster, tmp_path)
     uri = make_table(s3, "node-loss.lance", 600)
     log = tmp_path / "label.log"
-    run = submit_label(cluster, s3, uri, log)
+    run = label_run(cluster, s3, uri, log)
     wait_for(lambda: labeled(uri, s3) >= 120, 180, "a fifth of the rows labeled")
-    (pid,) = replica_pids()
+    (pid,) = replicas()
     victim = cluster.node_of_pid(pid)
     assert victim in cluster.workers
     killed_at = time.monotonic()
@@ -172,22 +127,22 @@ def test_killing_the_node_of_the_serve_replica_mid_run_loses_no_row_and_labels_n
     recovered = time.monotonic() - killed_at
     if result["status"] != "SUCCEEDED":  # allowed: a clear failure, then a rerun completes
         assert "error" in log.read_text() or result["returncode"] != 0
-        result = finished(submit_label(cluster, s3, uri, tmp_path / "rerun.log"), tmp_path / "rerun.log")
+        result = finished(label_run(cluster, s3, uri, tmp_path / "rerun.log"), tmp_path / "rerun.log")
         assert result["status"] == "SUCCEEDED", (tmp_path / "rerun.log").read_text()[-3000:]
     print(f"node killed; run finished {recovered:.1f} s later; first run {result}")
 
-    wait_for(lambda: len(replica_pids()) == 1, 120, "the replica started again")
-    (pid,) = replica_pids()
+    wait_for(lambda: len(replicas()) == 1, 120, "the replica started again")
+    (pid,) = replicas()
     assert cluster.node_of_pid(pid) in cluster.workers and cluster.node_of_pid(pid) is not victim, "replica restarted elsewhere"
     by_node = audit(uri, s3, 600)
     assert victim.node_id not in by_node or by_node[victim.node_id] < 600
 
 
 def test_a_node_joining_during_a_label_run_receives_work(cluster, s3, tmp_path):
-    serve_deploy(cluster, tmp_path)
+    deploy(cluster, tmp_path)
     uri = make_table(s3, "joining.lance", 600)
     log = tmp_path / "label.log"
-    run = submit_label(cluster, s3, uri, log)
+    run = label_run(cluster, s3, uri, log)
     wait_for(lambda: labeled(uri, s3) >= 32, 180, "the first commit")
     joined = cluster.add_node({"accel_a": 1})
     result = finished(run, log)
@@ -202,14 +157,14 @@ def test_serve_autoscales_up_under_load_and_down_after(cluster, tmp_path):
 
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                    "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
-    serve_deploy(cluster, tmp_path, autoscaling=autoscaling)
+    deploy(cluster, tmp_path, autoscaling=autoscaling)
     images = digits_rows(0, 16)["image"].to_pylist()
     seen: list[int] = []
     stop = threading.Event()
 
     def watch():
         while not stop.is_set():
-            seen.append(len(replica_pids()))
+            seen.append(len(replicas()))
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -221,4 +176,73 @@ def test_serve_autoscales_up_under_load_and_down_after(cluster, tmp_path):
         watcher.join()
     assert max(seen) == 2, f"replicas seen under load: {sorted(set(seen))}"
     assert report.statuses.get(200, 0) > 0
-    wait_for(lambda: len(replica_pids()) == 1, 90, "scale down to one replica after the load")
+    wait_for(lambda: len(replicas()) == 1, 90, "scale down to one replica after the load")
+
+
+def test_ray_train_resumes_from_its_last_checkpoint_on_s3_after_a_worker_node_is_lost(cluster, s3, tiny_qwen2_vl, tmp_path):
+    import boto3
+    import yaml
+
+    from bench.data import digit_images, write_table
+    from llamafactory_ext.register import register_dataset
+    from tests.conftest import REPO_ROOT
+
+    save_steps, max_steps = 6, 36
+    write_table(tmp_path / "digits.lance", digit_images(16), rows_per_file=8)  # training data: every node sees this machine's disk
+    register_dataset(str(tmp_path / "digits.lance"), "digits", tmp_path / "data")
+    config = yaml.safe_load((REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_cpu.yaml").read_text())
+    endpoint = s3.storage_options["endpoint"].removeprefix("http://")
+    config.update(
+        model_name_or_path=str(tiny_qwen2_vl), dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
+        max_steps=max_steps, save_strategy="steps", save_steps=save_steps, logging_steps=1,
+        lancetag={"workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD", "max_failures": 2, "name": "resume",
+                  "storage": f"s3://{s3.bucket}/train?endpoint_override={endpoint}&scheme=http"},
+    )
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    bucket = boto3.client("s3", endpoint_url=s3.storage_options["endpoint"], aws_access_key_id=s3.storage_options["aws_access_key_id"],
+                          aws_secret_access_key=s3.storage_options["aws_secret_access_key"], region_name="us-east-1")
+
+    def checkpoint_steps() -> list[int]:
+        keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=s3.bucket, Prefix="train/resume/").get("Contents", [])]
+        return sorted({int(k.split("checkpoint-")[1].split("/")[0]) for k in keys if "/checkpoint-" in k and k.endswith("trainer_state.json")})
+
+    env = {**cluster.env, "AWS_ACCESS_KEY_ID": s3.storage_options["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": s3.storage_options["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
+           "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "train.log"
+    lancetag = str(Path(sys.executable).parent / "lancetag")
+    run = subprocess.Popen(
+        [lancetag, "submit", "--address", cluster.jobs_address, "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY",
+         "--env", "AWS_DEFAULT_REGION", "--env", "HF_HUB_OFFLINE", "--wait", "--json", "--", "train", str(tmp_path / "train.yaml"), "--json"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+    )
+    def logged_step() -> int:  # rank 0's per-step log (LLaMA-Factory's trainer_log.jsonl)
+        path = tmp_path / "out" / "trainer_log.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return max((json.loads(line).get("current_steps", 0) for line in lines if line.strip()), default=0)
+
+    def past_a_checkpoint() -> bool:
+        # a checkpoint counts once every worker reported it: kill a few steps after the upload, not during it
+        last = max(checkpoint_steps(), default=0)
+        return (last >= save_steps and logged_step() >= last + 2) or run.poll() is not None
+
+    wait_for(past_a_checkpoint, 400, "training past a checkpoint on S3")
+    assert run.poll() is None, log.read_text()[-3000:]
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    nodes = {cluster.node_of_pid(int(p)) for p in workers} - {None, cluster.head}
+    assert nodes, f"no Ray Train worker on a worker node: {workers}"
+    victim = nodes.pop()
+    cluster.kill_node(victim)
+    seen_at_kill, step_at_kill = max(checkpoint_steps()), logged_step()
+
+    result = submitted_result(run, log, timeout=600)
+    assert result["status"] == "SUCCEEDED", log.read_text()[-4000:]
+    (train,) = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{") and "resumed_from_step" in line]
+    print(f"killed at step {step_at_kill}, last checkpoint {seen_at_kill}; resumed from step {train['resumed_from_step']}; "
+          f"{train['seconds']} s")
+    assert train["resumed_from_step"] == seen_at_kill > 0, "resumed from the last checkpoint, not step 0"
+    assert step_at_kill - train["resumed_from_step"] <= save_steps, "steps redone <= one checkpoint interval"
+    assert train["checkpoint"].startswith(f"s3://{s3.bucket}/train/resume/")
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == max_steps
+    assert checkpoint_steps()[-1] == max_steps

@@ -75,6 +75,15 @@ def test_run_parameters_and_counts_are_stored_in_the_version_it_creates_and_tagg
     assert (last.properties["lancetag.planned"], last.properties["lancetag.labeled"]) == ("20", "20")
     assert last.properties["lancetag.commits"] == str(summary.commits)
     assert last.properties["lancetag.model"] == str(tiny_qwen2_vl), "the model the labeler serves"
+    # placement: on one node, that node labeled every row, in the run's summary and in each commit
+    import json
+
+    import ray
+
+    from ray_jobs.label import label_commits
+
+    assert summary.nodes == {ray.get_runtime_context().get_node_id(): 20}
+    assert sum(sum(json.loads(v.properties["lancetag.nodes"]).values()) for v in label_commits(uri)) == 20
 
 
 def committed_rows(uri: str) -> int:
