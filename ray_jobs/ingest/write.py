@@ -99,9 +99,11 @@ def _open(table: str, version: int, storage_options: dict[str, str] | None):  # 
 
 def _image_batch(results: pa.Table, part: pa.Table, keep: list[int], target: pa.Schema, job: str) -> pa.RecordBatch:
     """The table rows of the kept results: worker columns, the items' pass-through columns, the job."""
-    rows = pa.array(keep, pa.int64())
-    columns = {name: results.column(name).take(rows).combine_chunks() for name in _WORKER_COLUMNS}
-    passthrough = part.column(ROW).combine_chunks().take(rows)
+    if len(keep) < results.num_rows:  # when every item is new (the usual case) nothing is copied
+        rows = pa.array(keep, pa.int64())
+        results, part = results.take(rows), part.take(rows)
+    columns = {name: _array_of(results.column(name)) for name in _WORKER_COLUMNS}
+    passthrough = _array_of(part.column(ROW))
     for i, field in enumerate(passthrough.type):
         columns[field.name] = passthrough.field(i)
     columns["ingest_job"] = pa.array([job] * len(keep), pa.string())
@@ -110,6 +112,11 @@ def _image_batch(results: pa.Table, part: pa.Table, keep: list[int], target: pa.
         columns[f.name].cast(f.type) if f.name in columns else pa.nulls(len(keep), f.type) for f in target
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=target)
+
+
+def _array_of(column: pa.ChunkedArray) -> pa.Array:
+    """One array of a column, without copying a column of one chunk (the image bytes)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _outcome_table(outcomes: list[pa.Table], written: list[WrittenFragment]) -> pa.Table:
