@@ -258,3 +258,66 @@ def test_ray_train_resumes_from_its_last_checkpoint_on_s3_after_a_worker_node_is
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == max_steps
     assert checkpoint_steps()[-1] == max_steps
+
+
+def _ingest_task_on_a_worker(cluster):
+    """A worker node on which an ingest task (``validate_and_write``) is running right now."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "validate_and_write" in " ".join(process.info["cmdline"] or []):
+                node = cluster.node_of_pid(process.pid)
+                if node in cluster.workers:
+                    return node
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(cluster, s3, tmp_path):
+    """3(a): the source on S3 (nodes share no paths), the table on S3, `lancetag submit -- ingest`;
+    kill -9 of a worker node while it runs an ingest task: Ray runs the task again elsewhere."""
+    import boto3
+
+    from tests.ingest_fixtures import image_bytes
+
+    images = 4_000
+    client = boto3.client("s3", endpoint_url=s3.storage_options["endpoint"], region_name="us-east-1",
+                          aws_access_key_id=s3.storage_options["aws_access_key_id"],
+                          aws_secret_access_key=s3.storage_options["aws_secret_access_key"])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: client.put_object(Bucket=s3.bucket, Key=f"nl/{n:05d}.png",
+                                                  Body=image_bytes(n, "PNG", size=(8, 8))), range(images)))
+    if not cluster.workers:
+        cluster.add_node({"accel_a": 1})
+    uri = s3.uri("ingest-node-loss.lance")
+    log = tmp_path / "ingest.log"
+    env = {**cluster.env, "LANCETAG_STORAGE_OPTIONS": json.dumps(s3.storage_options)}
+    command = [
+        str(Path(sys.executable).parent / "lancetag"), "submit", "--address", cluster.jobs_address,
+        "--env", "LANCETAG_STORAGE_OPTIONS", "--wait", "--json", "--", "ingest", f"s3://{s3.bucket}/nl/",
+        "--table", uri, "--commit-rows", "500", "--commit-seconds", "2", "--json",
+    ]
+    run = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and run.poll() is None and time.monotonic() < deadline:
+        victim = _ingest_task_on_a_worker(cluster)
+        time.sleep(0.05)
+    assert victim is not None, f"no ingest task seen on a worker node: {log.read_text()[-3000:]}"
+    cluster.kill_node(victim)
+
+    result = finished(run, log)
+    if result["status"] != "SUCCEEDED":  # allowed: a clear failure, then a rerun completes
+        result = finished(subprocess.Popen(command, env=env, stdout=(tmp_path / "rerun.log").open("w"),
+                                           stderr=subprocess.STDOUT, text=True), tmp_path / "rerun.log")
+        assert result["status"] == "SUCCEEDED", (tmp_path / "rerun.log").read_text()[-3000:]
+    table = open_table(uri, storage_options=s3.storage_options)
+    table.validate()
+    rows = table.to_table(columns=["id", "source"])
+    assert rows.num_rows == images, "every image once: none lost, none twice"
+    assert len(set(rows["id"].to_pylist())) == len(set(rows["source"].to_pylist())) == images
+    print(f"ingest node loss: killed {victim.name} ({victim.node_id[:8]}); {result}")
