@@ -105,7 +105,7 @@ def test_run_training_tiny_llava_next_on_one_ray_worker(ray_cluster, registered,
     )
     assert result.workers == 1 and math.isfinite(result.train_loss)
     lineage = _assert_adapter_with_lineage(out)
-    assert lineage["augment"] == {"rotate_degrees": 10, "scale": 0.0, "shift": 0.1, "fill": 0}
+    assert lineage["augment"] == {"rotate_degrees": 10, "scale": 0.0, "shift": 0.1, "fill": 0, "flip": False}
 
 
 @pytest.mark.slow
