@@ -72,9 +72,10 @@ def write_rows(
             yield batch
 
     reader = pa.RecordBatchReader.from_batches(schema, with_ids())
-    fragments = write_fragments(
-        reader, uri, schema=schema, max_rows_per_file=max_rows_per_file, storage_options=storage_options
-    )
+    with translated_write_errors(uri, None):
+        fragments = write_fragments(
+            reader, uri, schema=schema, max_rows_per_file=max_rows_per_file, storage_options=storage_options
+        )
     row_ids = [row_id for chunk in ids for row_id in chunk]
     out, start = [], 0
     for fragment in fragments:  # files are filled in order, max_rows_per_file rows each

@@ -37,7 +37,7 @@ from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
 from ray_jobs.ingest.samples import SampleCollector
 from ray_jobs.ingest.worker import KNOWN, SKIP, WORK_SCHEMA
-from ray_jobs.ingest.write import ROW, fragment_of
+from ray_jobs.ingest.write import FAILED, ROW, fragment_of
 
 T = TypeVar("T")
 INDEX_FOLD_ROWS = 100_000
@@ -142,6 +142,8 @@ class ChunkWriter:
     def add_outcomes(self, outcomes: pa.Table, segment: list[InputItem], progress: IngestProgress) -> None:
         """Settle one task's outcomes and take its fragments into the chunk; commit when the chunk is full."""
         self.summary.bytes_to_driver += outcomes.nbytes
+        if outcomes.num_rows and outcomes.column("status")[0].as_py() == FAILED:
+            raise ReasonError(outcomes.column("reason")[0].as_py(), outcomes.column("message")[0].as_py())
         repeated = self._take_fragments(outcomes)
         columns = {
             name: outcomes.column(name).to_pylist()

@@ -185,6 +185,7 @@ def _run_segment(
         },
         concurrency=options.concurrency,
         zero_copy_batch=True,
+        ray_remote_args_fn=lambda: {"scheduling_strategy": "SPREAD"},  # every node, not packed by the work rows
     )
     # One map operator and nothing downstream but this loop: Ray Data's per-operator reservation
     # (half of the CPUs by default) only idles the other half here. Measured on 2 CPUs: about one

@@ -21,9 +21,12 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from lance_io.fragments import WrittenFragment, write_rows
+from lance_io.reasons import ReasonError
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.worker import KNOWN, WORK_SCHEMA, process_batch
 
+FAILED = "task_failed"
+"""The status of a task's only outcome row when it could not write (the driver raises its reason)."""
 ROW = "row"
 """The work table's struct column holding an item's pass-through columns (source, truth, metadata)."""
 OUTCOME_SCHEMA = pa.schema(
@@ -82,7 +85,12 @@ def validate_and_write(
             if keep:
                 yield _image_batch(results, part, keep, target, job)
 
-    written = write_rows(image_rows(), table, target, storage_options=storage_options)
+    try:
+        written = write_rows(image_rows(), table, target, storage_options=storage_options)
+    except ReasonError as exc:  # the store refused the write: the run stops with this reason, not Ray's wrapper
+        return pa.Table.from_pylist(
+            [{"idx": -1, "status": FAILED, "reason": exc.reason, "message": exc.message}], schema=OUTCOME_SCHEMA
+        )
     return _outcome_table(outcomes, written)
 
 
