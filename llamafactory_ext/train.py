@@ -85,6 +85,7 @@ class TrainResult:
     checkpoint: str | None = None
     validation: dict[str, Any] | None = None
     resumed_from_step: int = 0  # Ray Train restarted the workers (a node lost) from this checkpoint's step
+    nodes: dict[str, int] | None = None  # Ray Train: workers per Ray node id (of the last worker group)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -240,13 +241,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
     activate()
     install(config.get("augment"))
     rank = ray.train.get_context().get_world_rank()
+    nodes = _workers_by_node()
     args = dict(config["args"])
     resumed = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
     resume_dir = tempfile.mkdtemp(prefix="lancetag-resume-") if resumed is not None else None
     resumed_from = _resume_from(resumed, resume_dir, args) if resumed is not None else 0
 
     class ReportCheckpoints(TrainerCallback):
-        """Hands each HF checkpoint to Ray Train (rank 0 uploads; every rank reports)."""
+        """Hands each HF checkpoint to Ray Train (rank 0 uploads; every rank reports), then waits until
+        Ray Train committed it, so a restart resumes from it: no more than one interval of steps is redone.
+        """
 
         def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -258,6 +262,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 checkpoint=checkpoint,
                 checkpoint_dir_name=ckpt_dir.name,
             )
+            # the controller registers reports on its next poll (seconds); train on only once it has
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     try:
         run_exp(args=args, callbacks=[ReportCheckpoints(), *_callbacks(config.get("validation"))])
@@ -274,10 +280,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
                     _link_or_copy(item, Path(staging) / item.name)
             final = ray.train.Checkpoint.from_directory(staging)
         ray.train.report(
-            {"train_loss": loss if loss is not None else float("nan"), "resumed_from_step": resumed_from},
+            {"train_loss": loss if loss is not None else float("nan"), "resumed_from_step": resumed_from, "nodes": nodes},
             checkpoint=final,
             checkpoint_dir_name="final",
         )
+
+
+def _workers_by_node() -> dict[str, int]:
+    """Return {Ray node id: workers on it} of this worker group (every rank calls it: a collective)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return {mine: 1}
+    every: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {node: every.count(node) for node in sorted(set(every))}
 
 
 def _resume_from(checkpoint: Any, local_dir: str, args: dict[str, Any]) -> int:
@@ -405,12 +424,13 @@ def run_training(
         for record in lineage:
             record.update(changed.get(record["dataset"], {}))
     (output_dir / CURVE_FILE).unlink(missing_ok=True)  # a curve left by an earlier run in this folder
-    checkpoint, filesystem, resumed_from = None, None, 0
+    checkpoint, filesystem, resumed_from, nodes = None, None, 0, None
     if options.workers == 0:
         _train_in_process(args, options.augment, validation)
     else:
         result = _train_on_ray(args, options, validation)
         resumed_from = int((result.metrics or {}).get("resumed_from_step", 0))
+        nodes = (result.metrics or {}).get("nodes")
         if result.checkpoint is not None:
             filesystem = result.checkpoint.filesystem
             checkpoint = _checkpoint_uri(result.checkpoint.path, filesystem)
@@ -432,6 +452,7 @@ def run_training(
         "validation": curve,
         "ray_checkpoint": checkpoint,
         "resumed_from_step": resumed_from,
+        "nodes": nodes,
         "train_loss": loss,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 2),
@@ -443,7 +464,8 @@ def run_training(
         with filesystem.open_output_stream(f"{path}/{LINEAGE_FILE}") as out:
             out.write((json.dumps(record, indent=2) + "\n").encode())
     return TrainResult(
-        str(output_dir), loss, str(lineage_path), round(seconds, 2), options.workers, checkpoint, curve, resumed_from
+        str(output_dir), loss, str(lineage_path), round(seconds, 2), options.workers, checkpoint, curve, resumed_from,
+        nodes,
     )
 
 

@@ -13,6 +13,7 @@ runs submitted with `lancetag submit`, the labeler deployed with `serve deploy`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -180,24 +181,42 @@ def test_serve_autoscales_up_under_load_and_down_after(cluster, tmp_path):
     wait_for(lambda: len(replicas()) == 1, 90, "scale down to one replica after the load")
 
 
-def test_ray_train_resumes_from_its_last_checkpoint_on_s3_after_a_worker_node_is_lost(cluster, s3, tiny_qwen2_vl, tmp_path):
+def test_ray_train_runs_on_two_nodes_and_resumes_within_one_checkpoint_interval_after_a_node_is_lost(
+    cluster, s3, tiny_qwen2_vl, tmp_path
+):
+    """3(c) and placement: two Ray Train workers on two nodes (STRICT_SPREAD), the training table and the
+    checkpoints on S3 (nodes share no table path); kill -9 of a node hosting a worker after a checkpoint:
+    the job resumes from the newest checkpoint, so the steps redone are at most one checkpoint interval."""
     import boto3
+    import lance
     import yaml
 
-    from bench.data import digit_images, write_table
+    from bench.data import digit_images, image_rows
     from llamafactory_ext.register import register_dataset
     from tests.conftest import REPO_ROOT
 
     save_steps, max_steps = 6, 36
-    write_table(tmp_path / "digits.lance", digit_images(16), rows_per_file=8)  # training data: every node sees this machine's disk
-    register_dataset(str(tmp_path / "digits.lance"), "digits", tmp_path / "data")
+    table = s3.uri("train-digits.lance")
+    lance.write_dataset(image_rows(digit_images(16)), table, storage_options=s3.storage_options, max_rows_per_file=8)
+    secrets = {key: f"LANCETAG_TEST_S3_{key.upper()}" for key in s3.storage_options}  # forwarded by name
+    env = {**cluster.env, **{secrets[k]: v for k, v in s3.storage_options.items()},
+           "AWS_ACCESS_KEY_ID": s3.storage_options["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": s3.storage_options["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
+           "HF_HUB_OFFLINE": "1"}
+    for key, value in s3.storage_options.items():
+        os.environ[secrets[key]] = value  # register_dataset opens the table through the same names
+    try:
+        register_dataset(table, "digits", tmp_path / "data", storage_options_env=secrets)
+    finally:
+        for name in secrets.values():
+            os.environ.pop(name, None)
     config = yaml.safe_load((REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_cpu.yaml").read_text())
     endpoint = s3.storage_options["endpoint"].removeprefix("http://")
     config.update(
         model_name_or_path=str(tiny_qwen2_vl), dataset_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
         max_steps=max_steps, save_strategy="steps", save_steps=save_steps, logging_steps=1,
-        lancetag={"workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD", "max_failures": 2, "name": "resume",
-                  "storage": f"s3://{s3.bucket}/train?endpoint_override={endpoint}&scheme=http"},
+        lancetag={"workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "STRICT_SPREAD", "max_failures": 2,
+                  "name": "resume", "storage": f"s3://{s3.bucket}/train?endpoint_override={endpoint}&scheme=http"},
     )
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     bucket = boto3.client("s3", endpoint_url=s3.storage_options["endpoint"], aws_access_key_id=s3.storage_options["aws_access_key_id"],
@@ -207,16 +226,16 @@ def test_ray_train_resumes_from_its_last_checkpoint_on_s3_after_a_worker_node_is
         keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=s3.bucket, Prefix="train/resume/").get("Contents", [])]
         return sorted({int(k.split("checkpoint-")[1].split("/")[0]) for k in keys if "/checkpoint-" in k and k.endswith("trainer_state.json")})
 
-    env = {**cluster.env, "AWS_ACCESS_KEY_ID": s3.storage_options["aws_access_key_id"],
-           "AWS_SECRET_ACCESS_KEY": s3.storage_options["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
-           "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "train.log"
+    forwarded = [flag for name in [*secrets.values(), "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                   "HF_HUB_OFFLINE"] for flag in ("--env", name)]
     lancetag = str(Path(sys.executable).parent / "lancetag")
     run = subprocess.Popen(
-        [lancetag, "submit", "--address", cluster.jobs_address, "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY",
-         "--env", "AWS_DEFAULT_REGION", "--env", "HF_HUB_OFFLINE", "--wait", "--json", "--", "train", str(tmp_path / "train.yaml"), "--json"],
+        [lancetag, "submit", "--address", cluster.jobs_address, *forwarded, "--wait", "--json", "--",
+         "train", str(tmp_path / "train.yaml"), "--json"],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
     )
+
     def logged_step() -> int:  # rank 0's per-step log (LLaMA-Factory's trainer_log.jsonl)
         path = tmp_path / "out" / "trainer_log.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
@@ -232,27 +251,27 @@ def test_ray_train_resumes_from_its_last_checkpoint_on_s3_after_a_worker_node_is
         found = re.search(r"checkpoint-(\d+)", json.dumps(latest)) if latest else None
         return int(found.group(1)) if found else 0
 
-    def past_a_checkpoint() -> bool:
-        # an uploaded checkpoint counts once the controller registered it: kill after that, not during the upload
-        return registered_step() >= save_steps or run.poll() is not None
-
-    wait_for(past_a_checkpoint, 400, "training past a checkpoint on S3")
+    wait_for(lambda: registered_step() >= save_steps or run.poll() is not None, 400, "training past a checkpoint on S3")
     assert run.poll() is None, log.read_text()[-3000:]
     workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    nodes = {cluster.node_of_pid(int(p)) for p in workers} - {None, cluster.head}
-    assert nodes, f"no Ray Train worker on a worker node: {workers}"
-    victim = nodes.pop()
+    placed = [cluster.node_of_pid(int(p)) for p in workers]
+    assert len(set(placed) - {None}) == 2, f"two Ray Train workers on two nodes: {placed}"
+    victim = next(node for node in placed if node in cluster.workers)
     cluster.kill_node(victim)
-    seen_at_kill, step_at_kill = registered_step(), logged_step()
+    step_at_kill = logged_step()
 
     result = submitted_result(run, log, timeout=600)
     assert result["status"] == "SUCCEEDED", log.read_text()[-4000:]
     (train,) = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{") and "resumed_from_step" in line]
-    print(f"killed at step {step_at_kill}, last checkpoint {seen_at_kill}; resumed from step {train['resumed_from_step']}; "
-          f"{train['seconds']} s")
-    assert train["resumed_from_step"] >= seen_at_kill > 0, "resumed from the last checkpoint, not step 0"
-    # Steps redone = step_at_kill - resumed_from_step: one interval plus however far training ran while Ray
-    # Train had not registered the newer upload yet (seconds; here steps take ~0.3 s, so up to ~10 steps).
+    redone = step_at_kill - train["resumed_from_step"]
+    print(f"killed at step {step_at_kill}; resumed from step {train['resumed_from_step']} ({redone} steps redone, "
+          f"interval {save_steps}); {train['seconds']} s; workers by node after the restart {train['nodes']}")
+    assert train["resumed_from_step"] >= save_steps, "resumed from a checkpoint, not step 0"
+    assert 0 <= redone <= save_steps, f"{redone} steps redone: more than one checkpoint interval ({save_steps})"
+    assert len(train["nodes"]) == 2 and victim.node_id not in train["nodes"], "restarted on two surviving nodes"
+    assert set(train["nodes"]) <= {n.node_id for n in cluster.nodes}
+    lineage = json.loads((tmp_path / "out" / "lancetag_lineage.json").read_text())
+    assert lineage["nodes"] == train["nodes"] and lineage["datasets"][0]["uri"] == table
 
     assert train["checkpoint"].startswith(f"s3://{s3.bucket}/train/resume/")
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())

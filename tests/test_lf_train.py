@@ -74,6 +74,8 @@ def test_lancetag_train_cli_on_two_ray_workers_saves_adapter_lineage_and_checkpo
     assert result["workers"] == 2 and math.isfinite(result["train_loss"])
     lineage = _assert_adapter_with_lineage(out)
     assert lineage["workers"] == 2
+    (node,) = [n["NodeID"] for n in ray_cluster.nodes() if n["Alive"]]
+    assert result["nodes"] == lineage["nodes"] == {node: 2}, "both workers on the one local node, recorded"
     # two ranks of batch 2 over 16 rows: 4 rows per step
     assert json.loads((out / "trainer_state.json").read_text())["epoch"] == pytest.approx(0.5)
     final = Path(result["checkpoint"])
