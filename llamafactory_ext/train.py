@@ -1,15 +1,14 @@
 """Run LLaMA-Factory training with the Lance extension active, in this process or on Ray Train.
 
 ``run_training(config)`` takes a LLaMA-Factory YAML (or dict), plus an optional ``lancetag:``
-block (:class:`RunOptions`) that LLaMA-Factory never sees. Before training it pins every
+block (:class:`~llamafactory_ext.run_options.RunOptions`) that LLaMA-Factory never sees. Before training it pins every
 Lance dataset the run names: a copy of ``dataset_info.json`` is written into the output
 folder with tags resolved to version numbers, and the run reads that copy, so a table that
 changes during or after the run cannot change what it trained on. Lineage (table URI +
 version + filter -> output folder) is written to ``<output_dir>/lancetag_lineage.json``.
 
-With ``workers >= 1`` the run is a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU), one
-LLaMA-Factory process per worker, with the ``ScalingConfig``/``RunConfig`` knobs LLaMA-Factory
-0.9.5 dropped; the adapter and HF checkpoints are reported to Ray's storage path.
+With ``workers >= 1`` the run is a Ray Train ``TorchTrainer`` (:mod:`llamafactory_ext.ray_train`);
+the adapter and HF checkpoints are reported to Ray's storage path.
 
 With a ``validation:`` entry in the block (:mod:`llamafactory_ext.validation`) each Lance dataset is
 split again into train and validation rows; the run scores the task on the validation rows at
@@ -19,24 +18,18 @@ intervals, keeps the best weights, stops on a plateau, and records the curve in 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
-
-from lance_io.reasons import ReasonError
 from llamafactory_ext.augment import ImageAugment, install
+from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
+from llamafactory_ext.run_options import TrainConfigError, load_config
 from llamafactory_ext.source import DATA_CONFIG, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import (
     CURVE_FILE,
     InTrainingLabeler,
-    ValidationOptions,
     ValidationPlan,
     plan_validation,
     read_curve,
@@ -45,32 +38,6 @@ from llamafactory_ext.validation import (
 LINEAGE_FILE = "lancetag_lineage.json"
 PINNED_DIR = "lancetag_dataset_info"
 STREAM_PREPROCESSING_BATCH = 128
-
-
-class TrainConfigError(ReasonError):
-    """A training config that cannot run; ``reason`` is a stable code."""
-
-
-class RunOptions(BaseModel):
-    """The ``lancetag:`` block of a training YAML: where to run (Ray Train), augmentation, validation.
-
-    CLI flags override it.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process without Ray")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (0: CPU workers, gloo)")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    storage: str | None = Field(None, description="Ray Train storage path for checkpoints (local or s3://)")
-    name: str | None = Field(None, description="Ray Train run name (default: output folder name)")
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts on failure (-1: unlimited)")
-    checkpoints_to_keep: int | None = Field(None, ge=1, description="Checkpoints kept in storage")
-    augment: ImageAugment | None = Field(None, description="Random affine jitter of training images")
-    validation: ValidationOptions | None = Field(
-        None, description="Hold back rows, score the task on them, keep the best weights, stop on a plateau"
-    )
 
 
 @dataclass(frozen=True)
@@ -90,28 +57,6 @@ class TrainResult:
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return asdict(self)
-
-
-def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], RunOptions]:
-    """Return (LLaMA-Factory args, run options) from a YAML path or dict."""
-    if isinstance(config, str | Path) and not Path(config).is_file():
-        raise TrainConfigError(
-            "config_not_found", f"no training config at {config}; see configs/train/ for examples"
-        )
-    data = yaml.safe_load(Path(config).read_text()) if isinstance(config, str | Path) else dict(config)
-    if not isinstance(data, dict):
-        raise TrainConfigError(
-            "config_not_mapping", f"{config} must be a YAML mapping of LLaMA-Factory arguments"
-        )
-    try:
-        options = RunOptions.model_validate(data.pop("lancetag", None) or {})
-    except ValueError as err:
-        raise TrainConfigError("bad_lancetag_block", f"{config}: {err}") from err
-    if isinstance(config, str | Path) and isinstance(data.get("deepspeed"), str):
-        beside = Path(config).parent / data["deepspeed"]  # paths in a config are relative to it first
-        if not Path(data["deepspeed"]).exists() and beside.exists():
-            data["deepspeed"] = str(beside)
-    return data, options
 
 
 def _names(value: Any) -> list[str]:
@@ -191,32 +136,6 @@ def _absolute(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def final_train_loss(output_dir: str | Path) -> float | None:
-    """Return ``train_loss`` from LLaMA-Factory's results file, or the last logged loss."""
-    out = Path(output_dir)
-    for name in ("all_results.json", "train_results.json"):
-        path = out / name
-        if path.is_file():
-            loss = json.loads(path.read_text()).get("train_loss")
-            if loss is not None:
-                return float(loss)
-    log = out / "trainer_log.jsonl"
-    if log.is_file():
-        losses = [json.loads(line).get("loss") for line in log.read_text().splitlines() if line.strip()]
-        losses = [x for x in losses if x is not None]
-        return float(losses[-1]) if losses else None
-    return None
-
-
-def _callbacks(validation: ValidationPlan | None) -> list[Any]:
-    """Return the callbacks every training process adds to LLaMA-Factory's own."""
-    if validation is None:
-        return []
-    from llamafactory_ext.validation import validation_callback
-
-    return [validation_callback(validation)]
-
-
 def _train_in_process(args: dict[str, Any], augment: ImageAugment | None, validation: ValidationPlan | None) -> None:
     from llamafactory.train.tuner import run_exp
 
@@ -225,165 +144,9 @@ def _train_in_process(args: dict[str, Any], augment: ImageAugment | None, valida
     activate()
     install(augment)
     try:
-        run_exp(args=args, callbacks=_callbacks(validation))
+        run_exp(args=args, callbacks=training_callbacks(validation))
     finally:
         install(None)
-
-
-def _worker_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: one LLaMA-Factory training process (runs in the worker)."""
-    import ray.train
-    from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
-
-    from llamafactory_ext.patch import activate
-
-    activate()
-    install(config.get("augment"))
-    rank = ray.train.get_context().get_world_rank()
-    nodes = _workers_by_node()
-    args = dict(config["args"])
-    resumed = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
-    resume_dir = tempfile.mkdtemp(prefix="lancetag-resume-") if resumed is not None else None
-    resumed_from = _resume_from(resumed, resume_dir, args) if resumed is not None else 0
-
-    class ReportCheckpoints(TrainerCallback):
-        """Hands each HF checkpoint to Ray Train (rank 0 uploads; every rank reports), then waits until
-        Ray Train committed it, so a restart resumes from it: no more than one interval of steps is redone.
-        """
-
-        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            ckpt_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            checkpoint = None
-            if rank == 0 and ckpt_dir.is_dir():
-                checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-            ray.train.report(
-                {"step": state.global_step, "resumed_from_step": resumed_from},
-                checkpoint=checkpoint,
-                checkpoint_dir_name=ckpt_dir.name,
-            )
-            # the controller registers reports on its next poll (seconds); train on only once it has
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-
-    try:
-        run_exp(args=args, callbacks=[ReportCheckpoints(), *_callbacks(config.get("validation"))])
-    finally:
-        if resume_dir is not None:
-            shutil.rmtree(resume_dir, ignore_errors=True)
-    output_dir = Path(config["args"]["output_dir"])
-    loss = final_train_loss(output_dir) if rank == 0 else None
-    with tempfile.TemporaryDirectory(prefix="lancetag-final-") as staging:
-        final = None
-        if rank == 0:  # the adapter/model files, without the intermediate checkpoint-* folders
-            for item in output_dir.iterdir():
-                if item.is_file():
-                    _link_or_copy(item, Path(staging) / item.name)
-            final = ray.train.Checkpoint.from_directory(staging)
-        ray.train.report(
-            {"train_loss": loss if loss is not None else float("nan"), "resumed_from_step": resumed_from, "nodes": nodes},
-            checkpoint=final,
-            checkpoint_dir_name="final",
-        )
-
-
-def _workers_by_node() -> dict[str, int]:
-    """Return {Ray node id: workers on it} of this worker group (every rank calls it: a collective)."""
-    import ray
-    import torch.distributed as dist
-
-    mine = ray.get_runtime_context().get_node_id()
-    if not dist.is_initialized():
-        return {mine: 1}
-    every: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return {node: every.count(node) for node in sorted(set(every))}
-
-
-def _resume_from(checkpoint: Any, local_dir: str, args: dict[str, Any]) -> int:
-    """Download the HF checkpoint Ray Train restarted from and point ``resume_from_checkpoint`` at it; return its step.
-
-    A checkpoint without ``trainer_state.json`` (the final adapter) is not resumed from: 0.
-    """
-    checkpoint.to_directory(local_dir)
-    state = Path(local_dir) / "trainer_state.json"
-    if not state.is_file():
-        return 0
-    args["resume_from_checkpoint"] = local_dir  # weights, optimizer, scheduler, step and RNG of rank 0
-    return int(json.loads(state.read_text())["global_step"])
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-FORWARDED_ENV = (
-    "HF_HUB_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_HOME",
-    "HF_DATASETS_CACHE",
-    "TOKENIZERS_PARALLELISM",
-    "LANCETAG_TASKS_DIR",
-)
-
-
-def worker_env(args: dict[str, Any]) -> dict[str, str]:
-    """Return the environment variables workers need: offline/cache switches and Lance storage secrets.
-
-    Secrets named by an entry's ``storage_options_env`` are forwarded by name from this process,
-    so they never appear in a config file.
-    """
-    names = [n for n in FORWARDED_ENV if n in os.environ]
-    dataset_dir = args.get("dataset_dir")
-    if dataset_dir:
-        for name, entry in read_dataset_info(dataset_dir).items():
-            source = lance_source_of(entry, name=name)
-            if source is not None:
-                names += [env for env in source.storage_options_env.values() if env in os.environ]
-    return {n: os.environ[n] for n in names}
-
-
-def _train_on_ray(args: dict[str, Any], options: RunOptions, validation: ValidationPlan | None) -> Any:
-    """Run ``args`` on a Ray Train TorchTrainer; return its result (last checkpoint, last metrics).
-
-    With ``max_failures`` > 0 a lost worker (kill -9, node lost) restarts the worker group, which
-    resumes from the last checkpoint reported to ``storage`` (:func:`_resume_from`), not step 0.
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-    use_gpu = options.gpus_per_worker > 0
-    resources = {"CPU": options.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = options.gpus_per_worker
-    name = options.name or Path(args["output_dir"]).name
-    storage = options.storage or str(Path(args["output_dir"]).resolve().parent / "ray_results")
-    trainer = TorchTrainer(
-        _worker_loop,
-        # pickled to the workers as is
-        train_loop_config={"args": args, "augment": options.augment, "validation": validation},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=options.workers,
-            use_gpu=use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=options.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=options.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=options.max_failures),
-            worker_runtime_env={"env_vars": worker_env(args)},
-        ),
-    )
-    return trainer.fit()
 
 
 def run_training(
@@ -428,7 +191,7 @@ def run_training(
     if options.workers == 0:
         _train_in_process(args, options.augment, validation)
     else:
-        result = _train_on_ray(args, options, validation)
+        result = train_on_ray(args, options, validation)
         resumed_from = int((result.metrics or {}).get("resumed_from_step", 0))
         nodes = (result.metrics or {}).get("nodes")
         if result.checkpoint is not None:

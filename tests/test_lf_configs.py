@@ -35,7 +35,7 @@ def test_the_documented_recipes_exist():
 def test_config_keys_templates_and_files_are_valid(path: Path):
     from llamafactory.data.template import TEMPLATES
 
-    from llamafactory_ext.train import load_config
+    from llamafactory_ext.run_options import load_config
 
     args, options = load_config(path)
     unknown = set(args) - _known_keys()
@@ -55,7 +55,7 @@ def test_config_keys_templates_and_files_are_valid(path: Path):
     [({"workers": -1}, "workers"), ({"worker": 2}, "worker"), ({"augment": {"rotate": 10}}, "rotate")],
 )
 def test_a_wrong_lancetag_block_is_refused_with_its_reason_and_key(block: dict, wrong: str):
-    from llamafactory_ext.train import TrainConfigError, load_config
+    from llamafactory_ext.run_options import TrainConfigError, load_config
 
     with pytest.raises(TrainConfigError, match=wrong) as refused:
         load_config({"model_name_or_path": "m", "template": "qwen2_vl", "lancetag": block})
@@ -63,7 +63,7 @@ def test_a_wrong_lancetag_block_is_refused_with_its_reason_and_key(block: dict, 
 
 
 def test_the_article_run_keeps_the_article_settings():
-    from llamafactory_ext.train import load_config
+    from llamafactory_ext.run_options import load_config
 
     args, _ = load_config(REPO_ROOT / "configs" / "train" / "llava_v1_6_mistral_7b_article.yaml")
     assert args["template"] == "llava_next_mistral" and args["bf16"] is True
