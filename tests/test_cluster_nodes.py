@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from lance_io import append_images, open_table
-from lance_io.versions import run_summaries
+from lance_io.versions import list_versions, run_summaries
 from ray_jobs.label import label_commits
 from ray_jobs.label.placement import NODES_PROPERTY
 from tests.cluster_nodes import (
@@ -313,7 +313,7 @@ def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(clu
     serve = Path(sys.executable).parent / "serve"  # the labeler of earlier tests holds the workers' CPUs
     subprocess.run([str(serve), "shutdown", "--address", cluster.jobs_address, "-y"], env=cluster.env,
                    capture_output=True, timeout=120, check=False)
-    if not cluster.workers:
+    while len(cluster.workers) < 2:  # earlier tests killed workers: one to kill, one to go on beside the head
         cluster.add_node({"accel_a": 1})
     uri = s3.uri("ingest-node-loss.lance")
     log = tmp_path / "ingest.log"
@@ -342,4 +342,10 @@ def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(clu
     rows = table.to_table(columns=["id", "source"])
     assert rows.num_rows == images, "every image once: none lost, none twice"
     assert len(set(rows["id"].to_pylist())) == len(set(rows["source"].to_pylist())) == images
+    by_node: dict[str, int] = {}
+    for version in list_versions(uri, storage_options=s3.storage_options):
+        for node, n in json.loads(version.properties.get("lancetag.rows_by_node", "{}")).items():
+            by_node[node] = by_node.get(node, 0) + n
+    assert sum(by_node.values()) == images, "each commit says which node wrote its rows"
+    assert len(by_node) >= 2 and set(by_node) <= {n.node_id for n in cluster.nodes}, f"ingest on one node: {by_node}"
     print(f"ingest node loss: killed {victim.name} ({victim.node_id[:8]}); {result}")
