@@ -124,7 +124,7 @@ def label_train_relabel(
 
     out = tmp_path / f"{column}-lora"
     overrides = {"model_name_or_path": tiny_model, "dataset": column, "dataset_dir": data, "output_dir": out,
-                 "max_steps": 3, "cutoff_len": 1024}  # an attribute chat has one turn per attribute
+                 "max_steps": 3}  # the config's cutoff_len holds an attribute chat's turns, one per attribute
     trained = lancetag_json("train", TINY_CONFIG, *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")])
     assert math.isfinite(trained["train_loss"]) and (out / "adapter_model.safetensors").is_file()
     lineage = json.loads((out / "lancetag_lineage.json").read_text())
