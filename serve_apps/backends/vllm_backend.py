@@ -51,6 +51,8 @@ from serve_apps.backends.base import (
 from serve_apps.backends.vllm_env import ClosedSetMode, VllmOptions, vllm_options, vllm_runtime_env
 from serve_apps.results import Answer, LabelResult
 
+TAILS_CACHED = 256  # questions whose choices' token ids are kept (tasks' questions, routed chat questions)
+
 __all__ = ["ClosedSetMode", "VllmBackend", "VllmOptions", "vllm_options", "vllm_runtime_env"]
 
 
@@ -283,6 +285,8 @@ class VllmBackend(Backend):
                 if eos and eos in tail:
                     tail = tail[: tail.index(eos) + len(eos)]
                 rows.append(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
+            if len(self._tails) >= TAILS_CACHED:  # oldest first out: chat questions are unbounded
+                del self._tails[next(iter(self._tails))]
             self._tails[key] = rows
         return self._tails[key]
 
