@@ -238,3 +238,41 @@ def test_a_parquet_manifest_on_object_storage_is_streamed_and_reads_its_relative
     assert summary.added == 5 and summary.errors_by_reason == {"not_found": 1}
     got = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "shop"]).to_pylist()
     assert {r["source"]: r["shop"] for r in got} == {f"s3://{s3.bucket}/pq/imgs/{n}.png": f"s{n}" for n in range(5)}
+
+
+def test_a_sharegpt_file_on_object_storage_keeps_every_conversation_and_reads_its_images_by_key(
+    ray_cluster, s3, monkeypatch
+) -> None:
+    from lance_io.samples import open_samples
+
+    def chat(question: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": "Yes."}]
+
+    images = {f"chats/imgs/{n}.png": image_bytes(800 + n, "PNG", size=(8, 8)) for n in range(2)}
+    elsewhere = f"s3://{s3.bucket}/other/chat.png"
+    samples = [
+        {"messages": chat("A cat?"), "images": ["imgs/0.png"]},
+        {"messages": chat("A dog?"), "images": ["imgs/0.png"]},  # a second conversation about the same image
+        {"messages": [{"role": "user", "content": "<image><image>Same?"}, {"role": "assistant", "content": "No."}],
+         "images": ["imgs/0.png", "imgs/1.png"]},
+        {"messages": chat("From another prefix?"), "images": [elsewhere]},
+        {"messages": chat("Out of the prefix?"), "images": ["../outside.png"]},
+    ]
+    _upload(s3, images | {"other/chat.png": image_bytes(810, "PNG", size=(8, 8)),
+                          "outside.png": image_bytes(811, "PNG", size=(8, 8)),
+                          "chats/train.json": json.dumps(samples).encode()})
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+    table = s3.uri("from-sharegpt.lance")
+    summary = ingest([f"s3://{s3.bucket}/chats/train.json"], table, IngestOptions(**QUIET),
+                     storage_options=s3.storage_options)
+
+    assert summary.reconciled and summary.added == 3  # imgs/0, imgs/1 and the other prefix's image, once each
+    counts = summary.samples
+    assert (counts.samples_in, counts.added, counts.errors) == (5, 4, 1)
+    assert summary.errors_by_reason == {"outside_root": 1}
+    got = open_samples(table, storage_options=s3.storage_options).to_table(columns=["messages"]).to_pylist()
+    assert sorted(s["messages"][0]["content"] for s in got) == sorted(
+        ["<image>A cat?", "<image>A dog?", "<image><image>Same?", "<image>From another prefix?"]
+    )
+    sources = set(open_table(table, storage_options=s3.storage_options).to_table(columns=["source"])["source"].to_pylist())
+    assert sources == {f"s3://{s3.bucket}/chats/imgs/0.png", f"s3://{s3.bucket}/chats/imgs/1.png", elsewhere}

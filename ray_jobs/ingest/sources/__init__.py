@@ -56,7 +56,9 @@ def detect_kind(location: str) -> str:
     if is_object_uri(location):
         if location.lower().rstrip("/").endswith(".parquet"):
             return "parquet"
-        return "manifest" if location.lower().endswith((".csv", ".jsonl", ".ndjson", ".json")) else "objectstore"
+        if location.lower().endswith((".jsonl", ".ndjson", ".json")):
+            return "sharegpt" if looks_like_sharegpt(location) else "manifest"
+        return "manifest" if location.lower().endswith(".csv") else "objectstore"
     path = Path(location)
     if not path.exists():
         raise SourceError(f"{location} does not exist")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,19 @@ def inside_root(path: Path, root: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError):
         return False
+
+
+def object_item(path: str, kind: str, object_root: str) -> InputItem:
+    """Return the item of ``path`` relative to a prefix on object storage (a key under it), or an
+    ``outside_root`` error item when the path leads out of the prefix."""
+    key = posixpath.normpath(path)
+    if key == ".." or key.startswith(("../", "/")):
+        return InputItem(
+            source=path, source_kind=kind, locator="none",
+            error=("outside_root", f"the path leads outside {object_root}"),
+        )
+    uri = f"{object_root.rstrip('/')}/{key}"
+    return InputItem(source=uri, source_kind=kind, locator="object", url=uri)
 
 
 def metadata_field_types(schema: pa.Schema, exclude: set[str]) -> dict[str, pa.DataType]:

@@ -11,7 +11,6 @@ or over its ``images`` in order, whose count must match the ``<image>`` placehol
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from lance_io.storage import is_object_uri
 from ray_jobs.ingest.items import InputItem, SampleSpec
 from ray_jobs.ingest.messages import InvalidMessages, normalize_messages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
-from ray_jobs.ingest.sources.base import SourceError, inside_root, metadata_field_types
+from ray_jobs.ingest.sources.base import SourceError, inside_root, metadata_field_types, object_item
 
 ROLES = ("path", "url", "image", "images", "truth", "messages")
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -174,14 +173,7 @@ def _locate(image: Any, url: Any, path: Any, row_name: str, ctx: RowContext) -> 
         if isinstance(value, str) and is_object_uri(value):
             return InputItem(source=value, source_kind=ctx.kind, locator="object", url=value)
     if isinstance(path, str) and path and ctx.object_root:
-        key = posixpath.normpath(path)
-        if key == ".." or key.startswith(("../", "/")):
-            return InputItem(
-                source=path, source_kind=ctx.kind, locator="none",
-                error=("outside_root", f"the path leads outside {ctx.object_root}"),
-            )
-        uri = f"{ctx.object_root.rstrip('/')}/{key}"
-        return InputItem(source=uri, source_kind=ctx.kind, locator="object", url=uri)
+        return object_item(path, ctx.kind, ctx.object_root)
     if isinstance(path, str) and path:
         resolved = Path(path) if Path(path).is_absolute() else ctx.root / path
         if not ctx.options.allow_outside_root and not inside_root(resolved, ctx.root):
