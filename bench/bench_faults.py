@@ -1,11 +1,14 @@
-"""Time to recover from kill -9 during a tagging run, with the exactly-once audit.
+"""Time to recover from kill -9, of one process and of a whole node, with the exactly-once audits.
 
-One table of real digit images, one tiny-model labeler, a local Ray cluster. For each victim
-(the Serve replica, a tagging worker, the job's driver) a run is started, the victim is killed
-once a fifth of the rows are labeled, and the run is completed (Ray and Serve restart what they
-own; a killed driver is rerun). Measured: the time from the kill to the next label commit (time
-to recover), the time to finish against an undisturbed run, rows lost and rows labeled twice
+Processes: one table of real digit images, one tiny-model labeler, a local Ray cluster. For each
+victim (the Serve replica, a tagging worker, the job's driver) a run is started, the victim is
+killed once a fifth of the rows are labeled, and the run is completed (Ray and Serve restart what
+they own; a killed driver is rerun). Measured: the time from the kill to the next label commit
+(time to recover), the time to finish against an undisturbed run, rows lost and rows labeled twice
 (the sum of the rows every label commit wrote, against the table's rows).
+
+Nodes: a real three-node cluster, a worker node killed during labeling, ingest and Ray Train
+(bench/node_loss.py). ``BENCH_FAULTS=process,label,ingest,train`` (the default: all) picks parts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.bench_label import digits_rows
+from bench.node_loss import KINDS, node_loss_markdown, run_node_loss
 from bench.report import Section
 from lance_io import append_images, open_table
 from ray_jobs.label import label_commits
@@ -99,8 +103,19 @@ def _scenario(victim: str, uri: str, url: str, address: str) -> dict[str, float 
 
 
 def run(workdir: Path) -> Section:
-    """Kill each victim once mid-run; report time to recover, time to finish, rows lost and labeled twice."""
+    """Kill each process victim, then a node during each job kind; report time to recover and to finish, what was lost."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    parts = os.environ.get("BENCH_FAULTS", ",".join(("process", *KINDS))).split(",")
+    md = _process_kills(workdir) if "process" in parts else ""
+    kinds = tuple(kind for kind in KINDS if kind in parts)
+    if kinds:
+        md += "\n### A whole node lost (kill -9 of a worker node of a three-node cluster)\n"
+        md += node_loss_markdown(run_node_loss(workdir / "nodes", kinds))
+    return Section("Recovery from kill -9: processes and whole nodes", md)
+
+
+def _process_kills(workdir: Path) -> str:
+    """Kill each process victim once mid-run on a local cluster; return the markdown of its table."""
     import ray
 
     from ray_jobs.label import LabelOptions, label_table
@@ -135,7 +150,9 @@ def run(workdir: Path) -> Section:
         lines.append(f"| {victim} | {r['recover_s']:.1f} s | {r['total_s']:.1f} s ({r['total_s'] / baseline:.2f}x) "
                      f"| {r['lost']} | {r['twice']} |")
     ray.shutdown()
-    md = f"""
+    return f"""
+### One process killed (a local Ray cluster)
+
 {N_ROWS} real digit images in fragments of 64 rows, one tiny Qwen2-VL replica (1 CPU), label job with
 2 workers at once and a commit (by the driver) every 32 rows; each victim killed (SIGKILL) once 20% of the rows
 were labeled. Undisturbed run: {baseline:.1f} s. Time to recover = kill to the next label commit.
@@ -148,4 +165,3 @@ A killed replica is restarted by Serve (the model reloads); a killed tagging wor
 again by the driver once it committed what that worker sent (only rows still todo); a killed driver is rerun by the user (here at once), and
 the rerun plans only the unlabeled rows.
 """
-    return Section("Recovery from kill -9 during tagging", md)

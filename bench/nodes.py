@@ -10,7 +10,7 @@ The head's ``/tmp/ray/ray_current_cluster`` (which a later plain ``ray.init()`` 
 removed as soon as the head is up, and every node is killed when the block ends, even on failure.
 
 Used by the multi-node tests (tests/test_cluster_nodes.py, through tests/cluster_nodes.py) and
-by ``python -m bench node_loss``.
+by ``python -m bench faults`` (bench/node_loss.py).
 
 Example::
 
@@ -281,6 +281,27 @@ def submit_label(cluster: Cluster, uri: str, app: str, storage_options: dict[str
         "--batch-size", "8", "--commit-rows", "32", "--commit-seconds", "2", "--json",
     ]
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def submit(cluster: Cluster, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`lancetag submit --wait --json -- ARGS` to the cluster, passing on every variable of ``env``; output to ``log``."""
+    env = env or {}
+    passed = [flag for name in env for flag in ("--env", name)]
+    command = [str(RAY_BIN.parent / "lancetag"), "submit", "--address", cluster.jobs_address, *passed, "--wait", "--json",
+               "--", *args]
+    return subprocess.Popen(command, env={**cluster.env, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def job_output(log: Path, key: str) -> dict | None:
+    """The job's own ``--json`` document in a ``submit`` log: the last JSON line that has ``key``."""
+    found = None
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and f'"{key}"' in line:
+            try:
+                found = json.loads(line)
+            except ValueError:  # a log line that only looks like JSON
+                continue
+    return found
 
 
 def submitted_result(process: subprocess.Popen[str], log: Path, timeout: float = 300) -> dict:
