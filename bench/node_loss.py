@@ -38,6 +38,7 @@ from bench.nodes import (
     submit_label,
     submitted_result,
     wait_for,
+    worker_node_running,
 )
 from bench.s3_server import S3Server, s3_server
 
@@ -171,21 +172,6 @@ def _ingest_runs(cluster: Cluster, s3: S3Server, workdir: Path) -> list[Outcome]
     return [base, _ingest(cluster, s3, workdir, "node-lost", kill=True)]
 
 
-def _ingest_task_on_a_worker(cluster: Cluster):  # -> Node | None
-    """A worker node on which an ingest task (``validate_and_write``) is running right now."""
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if "validate_and_write" in " ".join(process.info["cmdline"] or []):
-                node = cluster.node_of_pid(process.pid)
-                if node in cluster.workers:
-                    return node
-        except psutil.Error:
-            continue
-    return None
-
-
 def _ingest(cluster: Cluster, s3: S3Server, workdir: Path, name: str, *, kill: bool, prefix: str = "ingest/") -> Outcome:
     """Ingest the S3 ``prefix`` into a new table; with ``kill``, kill -9 a worker node while it runs an ingest task."""
     from lance_io import open_table
@@ -201,7 +187,7 @@ def _ingest(cluster: Cluster, s3: S3Server, workdir: Path, name: str, *, kill: b
         victim = None
         deadline = time.monotonic() + 240
         while victim is None and run.poll() is None and time.monotonic() < deadline:
-            victim = _ingest_task_on_a_worker(cluster)
+            victim = worker_node_running(cluster, "validate_and_write")
             time.sleep(0.05)
         if victim is None:
             raise RuntimeError(f"no ingest task seen on a worker node: {log.read_text()[-3000:]}")

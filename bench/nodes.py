@@ -239,6 +239,20 @@ def labeler_config(app: str, http_port: int, *, latency_ms: float, autoscaling: 
     }
 
 
+def worker_node_running(cluster: Cluster, title: str) -> Node | None:
+    """A live worker node on which a process whose command line holds ``title`` runs right now (a Ray
+    worker shows the task it runs, e.g. ``validate_and_write``)."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if title in " ".join(process.info["cmdline"] or []):
+                node = cluster.node_of_pid(process.pid)
+                if node in cluster.workers:
+                    return node
+        except psutil.Error:
+            continue
+    return None
+
+
 def replica_pids(app: str) -> list[int]:
     """Pids of the Serve replicas of ``app`` on this machine (any node)."""
     out = subprocess.run(["pgrep", "-f", f"ray::ServeReplica:{app}"], capture_output=True, text=True).stdout

@@ -16,9 +16,10 @@ from bench.nodes import (
     submit_label,
     submitted_result,
     wait_for,
+    worker_node_running,
 )
 
 __all__ = [
     "Cluster", "Node", "free_port", "labeler_config", "ray_cluster_nodes", "replica_pids", "serve_deploy", "submit_label",
-    "submitted_result", "wait_for",
+    "submitted_result", "wait_for", "worker_node_running",
 ]

@@ -36,6 +36,7 @@ from tests.cluster_nodes import (
     submit_label,
     submitted_result,
     wait_for,
+    worker_node_running,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
@@ -279,21 +280,6 @@ def test_ray_train_runs_on_two_nodes_and_resumes_within_one_checkpoint_interval_
     assert checkpoint_steps()[-1] == max_steps
 
 
-def _ingest_task_on_a_worker(cluster):
-    """A worker node on which an ingest task (``validate_and_write``) is running right now."""
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if "validate_and_write" in " ".join(process.info["cmdline"] or []):
-                node = cluster.node_of_pid(process.pid)
-                if node in cluster.workers:
-                    return node
-        except psutil.Error:
-            continue
-    return None
-
-
 def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(cluster, s3, tmp_path):
     """3(a): the source on S3 (nodes share no paths), the table on S3, `lancetag submit -- ingest`;
     kill -9 of a worker node while it runs an ingest task: Ray runs the task again elsewhere."""
@@ -327,7 +313,7 @@ def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(clu
     victim = None
     deadline = time.monotonic() + 240
     while victim is None and run.poll() is None and time.monotonic() < deadline:
-        victim = _ingest_task_on_a_worker(cluster)
+        victim = worker_node_running(cluster, "validate_and_write")
         time.sleep(0.05)
     assert victim is not None, f"no ingest task seen on a worker node: {log.read_text()[-3000:]}"
     cluster.kill_node(victim)
