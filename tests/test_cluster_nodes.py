@@ -7,7 +7,11 @@ runs submitted with `lancetag submit`, the labeler deployed with `serve deploy`.
 - node loss: kill -9 of the whole worker node hosting the Serve replica mid-run: Serve restarts
   the replica on the other worker, the run goes on; no row lost, none labeled twice;
 - a node joining mid-run receives work;
-- Serve autoscaling from 1 to 2 replicas under the bounded load generator, and back to 1.
+- Serve autoscaling from 1 to 2 replicas under the bounded load generator, and back to 1;
+- Ray Train: two workers on two nodes, training table and checkpoints on S3; a worker's node killed:
+  the run resumes from its newest checkpoint (at most one interval of steps redone);
+- ingest: tasks on several nodes (each commit says which node wrote its rows); a worker node killed
+  mid-ingest: every image once.
 """
 
 from __future__ import annotations
