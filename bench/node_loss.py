@@ -168,7 +168,6 @@ def _ingest_runs(cluster: Cluster, s3: S3Server, workdir: Path) -> list[Outcome]
         list(pool.map(lambda n: client.put_object(Bucket=s3.bucket, Key=f"warm/{n:05d}.png", Body=warm[n]), range(200)))
     _ingest(cluster, s3, workdir, "warm-up", kill=False, prefix="warm/")  # job start-up paid once
     base = _ingest(cluster, s3, workdir, "undisturbed", kill=False)
-    _two_workers(cluster)
     return [base, _ingest(cluster, s3, workdir, "node-lost", kill=True)]
 
 

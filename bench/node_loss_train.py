@@ -83,11 +83,12 @@ def train_runs(cluster: Cluster, s3: S3Server, workdir: Path) -> list[dict]:
             _train(cluster, s3, workdir, model, "node-lost", kill=True)]
 
 
-def _registered_step(bucket, s3: S3Server, name: str) -> int:  # bucket: a boto3 S3 client
-    """The last checkpoint Ray Train registered (every worker reported it), from its snapshot in storage."""
+def registered_step(client, bucket: str, run: str) -> int:  # client: a boto3 S3 client
+    """The last checkpoint Ray Train registered (every worker reported it) for the run stored under
+    ``s3://bucket/run/``, from its ``checkpoint_manager_snapshot.json``; 0 before any."""
     try:
-        snapshot = bucket.get_object(Bucket=s3.bucket, Key=f"train/{name}/checkpoint_manager_snapshot.json")
-    except bucket.exceptions.NoSuchKey:
+        snapshot = client.get_object(Bucket=bucket, Key=f"{run}/checkpoint_manager_snapshot.json")
+    except client.exceptions.NoSuchKey:
         return 0
     latest = json.loads(snapshot["Body"].read()).get("latest_checkpoint_result")
     found = re.search(r"checkpoint-(\d+)", json.dumps(latest)) if latest else None
@@ -119,7 +120,7 @@ def _train(cluster: Cluster, s3: S3Server, workdir: Path, model: Path, name: str
     killed_at, step_at_kill, registered = None, 0, 0
     try:
         if kill:
-            wait_for(lambda: (_registered_step(bucket, s3, name) >= SAVE_STEPS and steps.last_step() >= KILL_STEP)
+            wait_for(lambda: (registered_step(bucket, s3.bucket, f"train/{name}") >= SAVE_STEPS and steps.last_step() >= KILL_STEP)
                      or run.poll() is not None, 600, f"step {KILL_STEP}, past a registered checkpoint on S3")
             if run.poll() is not None:
                 raise RuntimeError(f"training ended before a node was killed: {log.read_text()[-3000:]}")
@@ -129,7 +130,7 @@ def _train(cluster: Cluster, s3: S3Server, workdir: Path, model: Path, name: str
                 raise RuntimeError(f"no Ray Train worker on a worker node: {pids}")
             killed_at = datetime.now(UTC)
             cluster.kill_node(nodes[0])
-            step_at_kill, registered = steps.last_step(), _registered_step(bucket, s3, name)
+            step_at_kill, registered = steps.last_step(), registered_step(bucket, s3.bucket, f"train/{name}")
         result = submitted_result(run, log, timeout=900)
     finally:
         steps.stop()

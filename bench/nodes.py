@@ -287,14 +287,9 @@ def submit_label(cluster: Cluster, uri: str, app: str, storage_options: dict[str
     Commits every 32 rows (or 2 s), two workers at once, 8 images per request: a run of a few
     hundred rows makes many versions, so a kill lands between commits.
     """
-    env = {**cluster.env, "LANCETAG_STORAGE_OPTIONS": json.dumps(storage_options)}
-    lancetag = RAY_BIN.parent / "lancetag"
-    command = [
-        str(lancetag), "submit", "--address", cluster.jobs_address, "--env", "LANCETAG_STORAGE_OPTIONS", "--wait",
-        "--json", "--", "label", uri, "--task", "digits", "--app", app, "--concurrency", "2",
-        "--batch-size", "8", "--commit-rows", "32", "--commit-seconds", "2", "--json",
-    ]
-    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    args = ["label", uri, "--task", "digits", "--app", app, "--concurrency", "2", "--batch-size", "8",
+            "--commit-rows", "32", "--commit-seconds", "2", "--json"]
+    return submit(cluster, args, log, {"LANCETAG_STORAGE_OPTIONS": json.dumps(storage_options)})
 
 
 def submit(cluster: Cluster, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -13,6 +13,7 @@ from bench.nodes import (
     ray_cluster_nodes,
     replica_pids,
     serve_deploy,
+    submit,
     submit_label,
     submitted_result,
     wait_for,
@@ -20,6 +21,16 @@ from bench.nodes import (
 )
 
 __all__ = [
-    "Cluster", "Node", "free_port", "labeler_config", "ray_cluster_nodes", "replica_pids", "serve_deploy", "submit_label",
-    "submitted_result", "wait_for", "worker_node_running",
+    "Cluster",
+    "Node",
+    "free_port",
+    "labeler_config",
+    "ray_cluster_nodes",
+    "replica_pids",
+    "serve_deploy",
+    "submit",
+    "submit_label",
+    "submitted_result",
+    "wait_for",
+    "worker_node_running",
 ]

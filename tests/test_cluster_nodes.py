@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.node_loss_train import registered_step as registered_checkpoint_step
 from lance_io import append_images, open_table
 from lance_io.versions import list_versions, run_summaries
 from ray_jobs.label import label_commits
@@ -37,6 +37,7 @@ from tests.cluster_nodes import (
     ray_cluster_nodes,
     replica_pids,
     serve_deploy,
+    submit,
     submit_label,
     submitted_result,
     wait_for,
@@ -204,7 +205,7 @@ def test_ray_train_runs_on_two_nodes_and_resumes_within_one_checkpoint_interval_
     table = s3.uri("train-digits.lance")
     lance.write_dataset(image_rows(digit_images(16)), table, storage_options=s3.storage_options, max_rows_per_file=8)
     secrets = {key: f"LANCETAG_TEST_S3_{key.upper()}" for key in s3.storage_options}  # forwarded by name
-    env = {**cluster.env, **{secrets[k]: v for k, v in s3.storage_options.items()},
+    env = {**{secrets[k]: v for k, v in s3.storage_options.items()},
            "AWS_ACCESS_KEY_ID": s3.storage_options["aws_access_key_id"],
            "AWS_SECRET_ACCESS_KEY": s3.storage_options["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
            "HF_HUB_OFFLINE": "1"}
@@ -232,14 +233,7 @@ def test_ray_train_runs_on_two_nodes_and_resumes_within_one_checkpoint_interval_
         return sorted({int(k.split("checkpoint-")[1].split("/")[0]) for k in keys if "/checkpoint-" in k and k.endswith("trainer_state.json")})
 
     log = tmp_path / "train.log"
-    forwarded = [flag for name in [*secrets.values(), "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                   "HF_HUB_OFFLINE"] for flag in ("--env", name)]
-    lancetag = str(Path(sys.executable).parent / "lancetag")
-    run = subprocess.Popen(
-        [lancetag, "submit", "--address", cluster.jobs_address, *forwarded, "--wait", "--json", "--",
-         "train", str(tmp_path / "train.yaml"), "--json"],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
-    )
+    run = submit(cluster, ["train", str(tmp_path / "train.yaml"), "--json"], log, env)
 
     def logged_step() -> int:  # rank 0's per-step log (LLaMA-Factory's trainer_log.jsonl)
         path = tmp_path / "out" / "trainer_log.jsonl"
@@ -247,14 +241,7 @@ def test_ray_train_runs_on_two_nodes_and_resumes_within_one_checkpoint_interval_
         return max((json.loads(line).get("current_steps", 0) for line in lines if line.strip()), default=0)
 
     def registered_step() -> int:
-        """The last checkpoint Ray Train registered (every worker reported it), from its snapshot in storage."""
-        try:
-            snapshot = bucket.get_object(Bucket=s3.bucket, Key="train/resume/checkpoint_manager_snapshot.json")
-        except bucket.exceptions.NoSuchKey:
-            return 0
-        latest = json.loads(snapshot["Body"].read()).get("latest_checkpoint_result")
-        found = re.search(r"checkpoint-(\d+)", json.dumps(latest)) if latest else None
-        return int(found.group(1)) if found else 0
+        return registered_checkpoint_step(bucket, s3.bucket, "train/resume")
 
     wait_for(lambda: registered_step() >= save_steps or run.poll() is not None, 400, "training past a checkpoint on S3")
     assert run.poll() is None, log.read_text()[-3000:]
@@ -307,13 +294,9 @@ def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(clu
         cluster.add_node({"accel_a": 1})
     uri = s3.uri("ingest-node-loss.lance")
     log = tmp_path / "ingest.log"
-    env = {**cluster.env, "LANCETAG_STORAGE_OPTIONS": json.dumps(s3.storage_options)}
-    command = [
-        str(Path(sys.executable).parent / "lancetag"), "submit", "--address", cluster.jobs_address,
-        "--env", "LANCETAG_STORAGE_OPTIONS", "--wait", "--json", "--", "ingest", f"s3://{s3.bucket}/nl/",
-        "--table", uri, "--commit-rows", "500", "--commit-seconds", "2", "--json",
-    ]
-    run = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    args = ["ingest", f"s3://{s3.bucket}/nl/", "--table", uri, "--commit-rows", "500", "--commit-seconds", "2", "--json"]
+    env = {"LANCETAG_STORAGE_OPTIONS": json.dumps(s3.storage_options)}
+    run = submit(cluster, args, log, env)
     victim = None
     deadline = time.monotonic() + 240
     while victim is None and run.poll() is None and time.monotonic() < deadline:
@@ -324,8 +307,7 @@ def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(clu
 
     result = finished(run, log)
     if result["status"] != "SUCCEEDED":  # allowed: a clear failure, then a rerun completes
-        result = finished(subprocess.Popen(command, env=env, stdout=(tmp_path / "rerun.log").open("w"),
-                                           stderr=subprocess.STDOUT, text=True), tmp_path / "rerun.log")
+        result = finished(submit(cluster, args, tmp_path / "rerun.log", env), tmp_path / "rerun.log")
         assert result["status"] == "SUCCEEDED", (tmp_path / "rerun.log").read_text()[-3000:]
     table = open_table(uri, storage_options=s3.storage_options)
     table.validate()
