@@ -18,7 +18,8 @@ so every contender reads from the page cache.
   ``lancetag ingest`` command as a user runs it, whose extra wall time is the fixed start-up.
 - object storage: the first ``LANCETAG_BENCH_INGEST_S3_IMAGES`` (default 1,500) photos uploaded to
   moto on 127.0.0.1, ingested from ``s3://bucket/photos/``; compared with the decode limit of the
-  same files on local disk. ``LANCETAG_BENCH_INGEST_S3_IMAGES=0`` leaves this part out.
+  same files on local disk and with the decode limit from the server (the same pool, each object
+  fetched from moto first). ``LANCETAG_BENCH_INGEST_S3_IMAGES=0`` leaves this part out.
 - driver memory: ``lancetag ingest`` of the scale benchmark's small distinct PNGs at the sizes in
   ``LANCETAG_BENCH_INGEST_SCALE`` (e.g. ``100000,1000000``), the driver's peak RSS sampled.
 """
@@ -148,6 +149,41 @@ def _validate_chunk(paths: list[str]) -> int:
     return ok
 
 
+def _validate_objects(args: tuple[str, str, list[str]]) -> int:
+    """GET, hash and draft-decode ``keys`` of ``bucket`` (8 GETs in flight, decoding as they arrive)."""
+    import boto3
+
+    from lance_io.schema import content_hashes
+    from ray_jobs.ingest.decode import validate_image
+    from ray_jobs.ingest.items import ImageInfo
+
+    endpoint, bucket, keys = args
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
+    )
+    ok = 0
+    with ThreadPoolExecutor(8) as pool:
+        for data in pool.map(lambda key: client.get_object(Bucket=bucket, Key=key)["Body"].read(), keys):
+            content_hashes(data)
+            ok += isinstance(validate_image(data, max_pixels=178_956_970, max_bytes=64 * 1024**2), ImageInfo)
+    return ok
+
+
+def s3_decode_limit(paths: list[Path], endpoint: str, bucket: str) -> float:
+    """Seconds to GET, hash and draft-decode every uploaded object in a process pool on every core:
+    the floor of a validating ingest from this server on this machine (the server's CPU included)."""
+    cores = os.cpu_count() or 2
+    keys = [f"photos/{p.parent.name}/{p.name}" for p in paths]
+    chunks = [(endpoint, bucket, keys[i :: cores * 4]) for i in range(cores * 4)]
+    with ProcessPoolExecutor(max_workers=cores) as pool:
+        list(pool.map(_validate_objects, [(endpoint, bucket, keys[:1])] * cores))  # start and import
+        started = time.perf_counter()
+        valid = sum(pool.map(_validate_objects, chunks))
+        seconds = time.perf_counter() - started
+    assert valid == len(paths)
+    return seconds
+
+
 def decode_limit(paths: list[Path]) -> float:
     """Seconds to read, hash and draft-decode every file in a process pool on every core (pool start excluded)."""
     cores = os.cpu_count() or 2
@@ -246,11 +282,12 @@ def run(workdir: Path) -> Section:
     s3_paths = paths[:S3_IMAGES]
     s3_limit_s = min(decode_limit(s3_paths) for _ in range(ATTEMPTS)) if s3_paths else 0.0
     with contextlib.ExitStack() as stack:
-        s3_read_s, endpoint = 0.0, None
+        s3_read_s, s3_served_limit_s, endpoint = 0.0, 0.0, None
         if s3_paths:
             endpoint = stack.enter_context(moto_server())
             _upload(s3_paths, endpoint, "bench")
             s3_read_s = min(_s3_read(s3_paths, endpoint, "bench") for _ in range(ATTEMPTS))
+            s3_served_limit_s = min(s3_decode_limit(s3_paths, endpoint, "bench") for _ in range(ATTEMPTS))
             os.environ[ENV_VAR] = json.dumps({"endpoint": endpoint, "aws_access_key_id": "bench",
                                               "aws_secret_access_key": "bench", "region": "us-east-1",
                                               "allow_http": "true"})
@@ -311,7 +348,10 @@ def run(workdir: Path) -> Section:
     s3_md, s3_goal = "", "not measured: LANCETAG_BENCH_INGEST_S3_IMAGES=0"
     if s3_paths:
         s3_rate, s3_limit = len(s3_paths) / min(s3_s), len(s3_paths) / s3_limit_s
+        s3_served = len(s3_paths) / s3_served_limit_s
         s3_goal = met(s3_rate >= 0.6 * s3_limit)
+        reach = (": **the 0.6x goal is out of reach of any ingest on this machine** while the server takes its CPU"
+                 " from the decoders" if s3_served < 0.6 * s3_limit else "")
         s3_md = f"""
 From object storage: {len(s3_paths):,} of the photos ({s3_mb:,.0f} MB) on a moto S3 server on 127.0.0.1,
 ingested from `s3://bench/photos/` (listing paginated, objects read by the workers) into a local
@@ -321,6 +361,11 @@ Python server sharing the 2 cores with the workers) serves a plain GET of every 
 nothing else running, at {len(s3_paths) / s3_read_s:,.0f} images/s ({s3_mb / s3_read_s:,.0f} MB/s); the ingest reaches
 **{s3_rate * s3_read_s / len(s3_paths):.2f}x** of that while also hashing, decoding and writing. A real object store does not take
 its CPU from the machine that decodes.
+
+The decode limit from this server (every object fetched from moto, 8 GETs in flight per process, hashed
+and draft-decoded in a process pool on every core, nothing written: the floor of a validating ingest
+from object storage when the server shares the cores) is {s3_served:,.0f} images/s, {s3_served / s3_limit:.2f}x of the
+local decode limit{reach}. lancetag reaches **{s3_rate / s3_served:.2f}x** of that floor.
 """
     growth_md = ""
     if growth:
