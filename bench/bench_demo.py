@@ -65,6 +65,12 @@ def _section(name: str, runs: list[dict]) -> tuple[str, str]:
         stopped = f"best epoch {best.get('epoch', 0):.0f}" + (
             ", stopped early" if curve.get("stopped_early") else ""
         )
+        views = curve.get("views")
+        if views:
+            stopped += (
+                f"; {views['count']} views {_pct(views['accuracy'])} vs the image alone {_pct(views['single_accuracy'])}"
+                f" on validation: {'views' if views['chosen'] else 'image alone'} kept"
+            )
         rows.append(
             f"| {k + 1} | {_pct(r['accuracy_before'])} | **{_pct(r['accuracy_after'])}** | "
             + " | ".join(_pct(r["baselines"][b]) for b in baseline_names)
@@ -117,7 +123,8 @@ def run(workdir: Path) -> Section:
     md = f"""
 Every set runs the same command with no setting given by hand: the loop ingests the folder, splits
 it by id hash (20% held out), chooses the recipe from the training rows (`llamafactory_ext.recipe`,
-docs/training.md), fine-tunes a tiny Qwen2-VL built offline with validation inside training, re-tags
+docs/training.md), fine-tunes a tiny Qwen2-VL built offline with validation inside training (which
+also decides whether the labeler averages 8 views of each image or asks with the image alone), re-tags
 and evaluates on the held-out rows, where logistic regression and an RBF SVM on 16x16 pixels are
 fitted on the same training split (`lancetag eval --baseline-train`). {RUNS} run(s) per set, each in
 a fresh workdir.

@@ -23,6 +23,10 @@ data"):
   evaluation within ``TOLERANCE_ROWS`` validation row of the best replaces it: with a cosine
   schedule the later weights have trained longer, and one row is noise) and stops after
   ``PATIENCE`` evaluations without a better accuracy.
+- **Views at labeling time**: at the end the kept weights are scored on ``VIEWS`` views of each
+  validation image (the image and fixed jitters at half the training jitter, averaged); the labeler
+  asks the model that way only if the views answer more validation rows correctly than the image
+  alone (``llamafactory_ext.validation``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ VALIDATION_ROWS = 100
 EVALUATIONS = 5
 PATIENCE = 2
 TOLERANCE_ROWS = 1
+VIEWS = 8
 MAX_PROFILE_ROWS = 2000
 SALT = "recipe"
 
@@ -177,6 +182,7 @@ def choose_epochs(rows: int) -> tuple[int, dict[str, Any]]:
         "every_epochs": max(1, round(epochs / EVALUATIONS)),
         "patience": PATIENCE,
         "tolerance_rows": TOLERANCE_ROWS,
+        "views": VIEWS,
     }
     return epochs, validation
 

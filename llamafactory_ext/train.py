@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lance_io.augment import VIEWS_FILE
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
 from llamafactory_ext.run_options import TrainConfigError, load_config
@@ -183,10 +184,11 @@ def run_training(
     args, lineage = pin_datasets(args, output_dir / PINNED_DIR)
     validation = None
     if options.validation is not None:
-        validation, changed = plan_validation(args, options.validation, labeler)
+        validation, changed = plan_validation(args, options.validation, labeler, options.augment)
         for record in lineage:
             record.update(changed.get(record["dataset"], {}))
-    (output_dir / CURVE_FILE).unlink(missing_ok=True)  # a curve left by an earlier run in this folder
+    for left in (CURVE_FILE, VIEWS_FILE):  # left in this folder by an earlier run
+        (output_dir / left).unlink(missing_ok=True)
     checkpoint, filesystem, resumed_from, nodes = None, None, 0, None
     if options.workers == 0:
         _train_in_process(args, options.augment, validation)

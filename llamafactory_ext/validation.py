@@ -21,6 +21,13 @@ better accuracy stop the run. Rank 0 evaluates and decides; under Ray Train ever
 the decision (a broadcast at the same point of every rank's loop), so all stop together. The
 curve (step, epoch, validation accuracy, train loss) goes to ``<output_dir>/lancetag_validation.json``
 after each evaluation and into the run's lineage.
+
+With ``views`` above 1, the kept weights are scored once more at the end on that many views of
+each validation image (the image and fixed jitters at half the run's training jitter,
+:class:`~lance_io.augment.ImageViews`). If averaging the views answers more validation rows
+correctly than the image alone, the labeler should ask this model that way: the views go to
+``<output_dir>/lancetag_views.json``, which the labeler reads; otherwise it asks with the image
+alone, at a ``views``-th of the cost. Both accuracies are in the record.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lance_io.augment import ImageAugment, ImageViews, write_views
 from lance_io.labels import LabelRecord, answer_columns, results_to_batch
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Task
@@ -42,12 +50,14 @@ from llamafactory_ext.validation_curve import Curve, CurvePoint, ValidationOptio
 logger = logging.getLogger(__name__)
 
 CURVE_FILE = "lancetag_validation.json"
+VIEW_JITTER = 0.5
+"""The views' jitter, as a share of the training jitter: a view should look like the image, not a new one."""
 
 LabelImages = Callable[[list[bytes], Task], Sequence[LabelRecord]]
 """Labels images for a task, one record per image, in order (a backend's ``label``)."""
 
-InTrainingLabeler = Callable[[Any, str, int], LabelImages]
-"""(model being trained, its base model's folder or hub id, images per forward) -> its ``label``.
+InTrainingLabeler = Callable[[Any, str, int, ImageViews | None], LabelImages]
+"""(model being trained, its base model's folder or hub id, images per forward, views) -> its ``label``.
 
 Must be picklable (a module-level function): it travels to Ray Train workers."""
 
@@ -66,19 +76,24 @@ class ValidationPlan:
     model: str
     output_dir: str
     labeler: InTrainingLabeler
+    views: ImageViews | None = None
 
 
 # ------------------------------------------------------------------ planning (driver side)
 
 
 def plan_validation(
-    args: dict[str, Any], options: ValidationOptions, labeler: InTrainingLabeler | None
+    args: dict[str, Any],
+    options: ValidationOptions,
+    labeler: InTrainingLabeler | None,
+    augment: ImageAugment | None = None,
 ) -> tuple[ValidationPlan, dict[str, Any]]:
     """Split each Lance training dataset of the pinned ``args`` into train and validation rows.
 
     Rewrites the pinned ``dataset_info.json`` (entries read ``split: train`` at
     ``val_fraction: fraction``) and returns the plan with the matching ``validation`` sources,
-    plus what changed per dataset (for the lineage).
+    plus what changed per dataset (for the lineage). ``augment`` is the run's training jitter: the
+    views tried at the end jitter at half its strength.
     """
     if labeler is None:
         raise ValidationError(
@@ -123,6 +138,7 @@ def plan_validation(
         model=str(args["model_name_or_path"]),
         output_dir=str(args["output_dir"]),
         labeler=labeler,
+        views=ImageViews(count=options.views, augment=augment and augment.scaled(VIEW_JITTER)) if options.views > 1 else None,
     )
     return plan, changed
 
@@ -296,6 +312,27 @@ class Validator:
         logger.info("validation: kept the weights of step %d (accuracy %.4f)",
                     self.curve.best.step, self.curve.best.validation_accuracy)  # type: ignore[union-attr]
 
+    def choose_views(self, model: Any) -> None:
+        """Score the kept weights (in ``model``) on the plan's views; keep the views if they score higher (rank 0)."""
+        views, best = self.plan.views, self.curve.best
+        if not self.is_main or views is None or best is None:
+            return
+        label = self.plan.labeler(model, self.plan.model, self.plan.options.batch_size, views)
+        was_training = model.training
+        model.eval()
+        try:
+            accuracy, _ = validation_accuracy(label, self.plan.sources, batch_size=self.plan.options.batch_size)
+        finally:
+            model.train(was_training)
+        chosen = accuracy > best.validation_accuracy
+        self.curve.views = {"count": views.count, "accuracy": accuracy,
+                            "single_accuracy": best.validation_accuracy, "chosen": chosen}
+        if chosen:
+            write_views(self.plan.output_dir, views)
+        self.write()
+        logger.info("validation: %d views of each image score %.4f against %.4f for the image alone%s",
+                    views.count, accuracy, best.validation_accuracy, " -> the labeler uses them" if chosen else "")
+
     def write(self) -> Path:
         """Write the curve so far to ``<output_dir>/lancetag_validation.json``; return its path."""
         path = Path(self.plan.output_dir) / CURVE_FILE
@@ -306,7 +343,7 @@ class Validator:
     def _score(self, model: Any) -> tuple[float, int]:
         batch_size = self.plan.options.batch_size
         if self._label is None:  # the trainer keeps one model object for the whole run
-            self._label = self.plan.labeler(model, self.plan.model, batch_size)
+            self._label = self.plan.labeler(model, self.plan.model, batch_size, None)
         was_training = model.training
         model.eval()
         try:
@@ -356,6 +393,7 @@ def validation_callback(plan: ValidationPlan) -> Any:
                 loss = last[1] if last is not None and last[0] == state.global_step else None
                 validator.evaluate(model, state.global_step, state.epoch or 0.0, loss, final=True)
             validator.restore_best(model)
+            validator.choose_views(model)
 
         def _at_point(self, state, control, model):  # type: ignore[no-untyped-def]
             last = self.validator.last_log

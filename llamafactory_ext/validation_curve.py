@@ -23,6 +23,11 @@ class ValidationOptions(BaseModel):
     tolerance_rows: int = Field(
         0, ge=0, description="keep a later evaluation at most this many validation rows' worth below the best"
     )
+    views: int = Field(
+        1, ge=1, le=32,
+        description="at the end, also score the kept weights on this many views of each image (the run's "
+        "jitter at half strength) and have the labeler ask the model that way if they score higher",
+    )
 
     @model_validator(mode="after")
     def _one_interval(self) -> ValidationOptions:
@@ -53,6 +58,8 @@ class Curve:
     points: list[CurvePoint] = field(default_factory=list)
     best: CurvePoint | None = None
     stopped_early: bool = False
+    views: dict[str, Any] | None = None
+    """The kept weights on views of each image: count, accuracy, single-view accuracy, chosen."""
 
     def add(self, point: CurvePoint, tolerance_rows: int = 0) -> tuple[bool, bool]:
         """Append ``point``; return (whether its weights are kept as the best, whether it beat every earlier one).

@@ -173,3 +173,66 @@ def test_lora_adapter_is_applied_and_recorded(tiny_qwen2_vl, tmp_path):
 def test_unknown_backend_name_lists_the_choices():
     with pytest.raises(ValueError, match="openai, random, transformers, vllm"):
         create_backend(BackendConfig(kind="nope", model="m"))
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_views_average_the_probabilities_of_each_images_views_and_captions_use_the_image_alone(tiny_qwen2_vl):
+    from bench.data import digit_images
+    from lance_io.augment import ImageAugment, ImageViews
+    from serve_apps.backends.base import decode_image
+
+    views = ImageViews(count=3, augment=ImageAugment(rotate_degrees=8, scale=0.1, shift=0.1))
+    task = load_task("digits")
+    (question,) = task.questions()
+    single = create_backend(BackendConfig(model=str(tiny_qwen2_vl), views=1))
+    viewed = create_backend(BackendConfig(model=str(tiny_qwen2_vl)))
+    viewed.views = views
+    digits = [data for data, _ in digit_images(4)]
+    got = viewed.label(digits, task)
+    for data, result in zip(digits, got, strict=True):
+        each = single.label([_png_of(v) for v in views.of(decode_image(data))], task)
+        mean = {v: sum(r.probabilities[v] for r in each) / 3 for v in question.values}
+        assert result.probabilities == pytest.approx(mean, abs=1e-5)
+        assert result.label == max(mean, key=mean.get) and result.confidence == pytest.approx(max(mean.values()))
+    # the views differ from the image (else the average would prove nothing), and a caption is not averaged
+    assert single.label(digits[:1], task)[0].probabilities != pytest.approx(got[0].probabilities, abs=1e-4)
+    caption = load_task("caption")
+    assert viewed.label(digits[:1], caption)[0].caption == single.label(digits[:1], caption)[0].caption
+
+
+def test_views_come_from_the_model_folder_unless_the_config_says_otherwise(tiny_qwen2_vl, tmp_path):
+    import shutil
+
+    from lance_io.augment import ImageAugment, ImageViews, read_views, write_views
+    from serve_apps.backends.base import resolve_views
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_vl, folder)
+    assert resolve_views(BackendConfig(model=str(folder))) is None
+    described = ImageViews(count=5, augment=ImageAugment(rotate_degrees=4, fill=255))
+    write_views(folder, described)
+    assert read_views(folder) == described
+    assert resolve_views(BackendConfig(model=str(folder))) == described
+    assert resolve_views(BackendConfig(model=str(folder), views=1)) is None
+    assert resolve_views(BackendConfig(model=str(folder), views=2)) == described.model_copy(update={"count": 2})
+    assert resolve_views(BackendConfig(model="org/hub-model", views=3)) == ImageViews(count=3)
+    backend = create_backend(BackendConfig(model=str(folder)))
+    assert backend.views == described and backend.info()["views"] == 5
+
+
+def test_the_views_of_an_image_are_fixed_and_start_with_the_image():
+    from lance_io.augment import ImageViews
+
+    image = Image.new("RGB", (56, 56), (0, 0, 0))
+    image.paste((255, 255, 255), (20, 10, 36, 46))
+    views = ImageViews(count=4)
+    first, again = views.of(image), views.of(image.copy())
+    assert len(first) == 4 and first[0] is image
+    assert [v.tobytes() for v in first] == [v.tobytes() for v in again]  # the same jitters every call
+    assert len({v.tobytes() for v in first}) == 4  # each view differs
+    assert all(v.getpixel((0, 0)) == (0, 0, 0) for v in first)  # filled with the image's border grey

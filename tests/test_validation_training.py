@@ -52,7 +52,7 @@ def test_early_stopping_stops_before_max_epochs_when_validation_accuracy_plateau
     out = tmp_path / "out"
     config = _config(tiny_qwen2_vl, digits_dir, out, "digits", num_train_epochs=10, learning_rate=0.0,
                      per_device_train_batch_size=8)
-    config["lancetag"]["validation"] = {"fraction": FRACTION, "every_epochs": 1, "patience": 2}
+    config["lancetag"]["validation"] = {"fraction": FRACTION, "every_epochs": 1, "patience": 2, "views": 3}
     result = run_training(config, labeler=transformers_labeler)
 
     # a learning rate of 0 cannot improve on the first evaluation: two more without gain, then stop
@@ -60,6 +60,8 @@ def test_early_stopping_stops_before_max_epochs_when_validation_accuracy_plateau
     assert [p["epoch"] for p in curve["points"]] == [1.0, 2.0, 3.0]
     assert len({p["validation_accuracy"] for p in curve["points"]}) == 1
     assert curve["best"]["epoch"] == 1.0 and curve["stopped_early"] is True
+    assert curve["views"]["count"] == 3 and curve["views"]["single_accuracy"] == curve["best"]["validation_accuracy"]
+    assert (out / "lancetag_views.json").is_file() == curve["views"]["chosen"]
     assert all(0.0 <= p["validation_accuracy"] <= 1.0 and math.isfinite(p["train_loss"]) for p in curve["points"])
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["epoch"] == 3.0
@@ -109,7 +111,8 @@ def test_the_saved_adapter_is_the_best_validation_step_not_the_last(tiny_qwen2_v
     out = tmp_path / "out"
     config = _config(tiny_qwen2_vl, turning_dir, out, "ab", num_train_epochs=1, learning_rate=1e-2,
                      per_device_train_batch_size=4, disable_shuffling=True)
-    config["lancetag"]["validation"] = {"fraction": FRACTION, "every_steps": 1}
+    config["lancetag"]["validation"] = {"fraction": FRACTION, "every_steps": 1, "views": 4}
+    config["lancetag"]["augment"] = {"rotate_degrees": 20, "scale": 0.2, "shift": 0.2}
     curve = run_training(config, labeler=transformers_labeler).validation
 
     points = curve["points"]
@@ -118,11 +121,22 @@ def test_the_saved_adapter_is_the_best_validation_step_not_the_last(tiny_qwen2_v
     assert best["validation_accuracy"] == max(p["validation_accuracy"] for p in points)
     assert last["validation_accuracy"] < best["validation_accuracy"] and best["step"] < last["step"]
 
-    # the labeler loading base model + saved adapter scores the validation rows as the best step did
+    # the kept weights were scored on 4 views of each image too (half the training jitter); the
+    # labeler is told to use them exactly when they answered more validation rows correctly
+    views = curve["views"]
+    assert views["count"] == 4 and views["single_accuracy"] == best["validation_accuracy"]
+    assert views["chosen"] == (views["accuracy"] > best["validation_accuracy"])
+    assert (out / "lancetag_views.json").is_file() == views["chosen"]
+
+    # the labeler loading base model + saved adapter scores the validation rows as the kept choice did
     backend = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(out)))
     sources = validation_sources(out / "lancetag_dataset_info", ["ab"], FRACTION)
     accuracy, rows = validation_accuracy(backend.label, sources)
-    assert rows == 8 and accuracy == best["validation_accuracy"]
+    assert rows == 8 and accuracy == (views["accuracy"] if views["chosen"] else best["validation_accuracy"])
+    single = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(out), views=1))
+    assert validation_accuracy(single.label, sources)[0] == best["validation_accuracy"]
+    if views["chosen"]:
+        assert backend.views.count == 4 and backend.views.augment.rotate_degrees == 10
 
 
 @pytest.mark.slow

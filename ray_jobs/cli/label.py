@@ -26,6 +26,9 @@ def label_command(
     relabel: Annotated[bool, typer.Option(help="Also redo rows labeled by another model/adapter/prompt")] = False,
     concurrency: Annotated[int, typer.Option(help="Fragments labeled at once")] = 4,
     batch_size: Annotated[int, typer.Option(help="Images per labeler request")] = 8,
+    views: Annotated[
+        int | None, typer.Option(help="Views per image the started labeler averages (default: as the model says)")
+    ] = None,
     commit_rows: Annotated[int, typer.Option(help="Commit when N labeled rows wait (any fragments)")] = 100_000,
     commit_seconds: Annotated[float, typer.Option(help="Commit when the oldest waiting labels are this old")] = 30.0,
     version_tag: Annotated[str | None, typer.Option(help="Tag the version the run ends at")] = None,
@@ -39,7 +42,7 @@ def label_command(
 
     options = LabelOptions(
         task=task, column=column, serve=serve, app=app_name, model=model, backend=backend, lora=lora, where=where,
-        relabel=relabel, concurrency=concurrency, batch_size=batch_size, commit_rows=commit_rows,
+        relabel=relabel, concurrency=concurrency, batch_size=batch_size, views=views, commit_rows=commit_rows,
         commit_seconds=commit_seconds, version_tag=version_tag, token_env=token_env,
     )
     storage_options = resolve_storage_options(table)

@@ -9,13 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lance_io.augment import ImageViews
 
-def transformers_labeler(model: Any, model_path: str, batch_size: int) -> Callable[..., Any]:
+
+def transformers_labeler(
+    model: Any, model_path: str, batch_size: int, views: ImageViews | None = None
+) -> Callable[..., Any]:
     """Return a ``label(images, task)`` that answers with ``model`` as the transformers backend does.
 
     The processor comes from ``model_path`` (the base model the run trains), as the labeler later
     loads it from the fine-tuned folder; the model stays where and as it is (the caller switches
-    it to eval mode around each evaluation).
+    it to eval mode around each evaluation). ``views``: the views of each image it averages
+    (None: the image only, whatever ``model_path`` says).
     """
     from transformers import AutoProcessor
 
@@ -24,4 +29,5 @@ def transformers_labeler(model: Any, model_path: str, batch_size: int) -> Callab
 
     processor = AutoProcessor.from_pretrained(model_path)
     backend = TransformersBackend.around(model, processor, BackendConfig(model=model_path, batch_size=batch_size))
+    backend.views = views
     return backend.label

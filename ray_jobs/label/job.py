@@ -41,6 +41,9 @@ class LabelOptions(BaseModel):
     relabel: bool = Field(False, description="Also redo rows labeled by another model/adapter/prompt")
     concurrency: int = Field(4, ge=1, description="Workers labeling at once (each a unit of fragments)")
     batch_size: int = Field(8, ge=1, description="Images per labeler request")
+    views: int | None = Field(
+        None, ge=1, le=32, description="Views per image averaged by the started labeler (None: as the model says)"
+    )
     in_flight: int = Field(4, ge=1, description="Requests open at once per worker")
     # Versions per run follow the run's time, not the table's size: a commit every 30 s (or 100k rows) is
     # about 22 versions for 1M rows labeled in 11 minutes (1,024 rows gave 979: bench/RESULTS.md "scale").
@@ -135,7 +138,10 @@ def _start_labeler(options: LabelOptions, run_id: str) -> str:
     config = LabelerConfig(
         port=port,
         task=options.task,
-        backend=BackendConfig(kind=options.backend, model=options.model, adapter=options.lora, batch_size=options.batch_size),
+        backend=BackendConfig(
+            kind=options.backend, model=options.model, adapter=options.lora, batch_size=options.batch_size,
+            views=options.views,
+        ),
         app_name=app_name,
         route_prefix=f"/{app_name}",
         num_cpus=options.labeler_num_cpus,

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from lance_io.augment import ImageViews, read_views
 from lance_io.tasks import Question, Task
 from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
 
@@ -76,6 +77,11 @@ class BackendConfig(BaseModel):
     retries: int = Field(3, ge=0, le=10, description="Retries on transient errors (connect, 429, 5xx)")
     logprobs: bool = Field(True, description="Ask the endpoint for log-probabilities when it supports them")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings")
+    views: int | None = Field(
+        None, ge=1, le=32,
+        description="Views of each image whose closed-set answers are averaged (test-time augmentation); "
+        "None: as the model's lancetag_views.json says (written by a validating training run), else 1",
+    )
 
     @property
     def adapter_id(self) -> str | None:
@@ -111,6 +117,7 @@ class Backend(ABC):
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+        self.views = resolve_views(config)
 
     @abstractmethod
     def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
@@ -141,6 +148,19 @@ class Backend(ABC):
             task_hash=task.prompt_hash(),
             backend=self.name,
         )
+
+
+def resolve_views(config: BackendConfig) -> ImageViews | None:
+    """Return the views a backend averages (None: one, the image itself).
+
+    ``config.views`` wins; otherwise the adapter's folder, then the model's, may hold a
+    ``lancetag_views.json`` (a hub id or remote endpoint holds none).
+    """
+    described = next((v for folder in (config.adapter, config.model) if folder and (v := read_views(folder))), None)
+    count = config.views if config.views is not None else (described.count if described else 1)
+    if count <= 1:
+        return None
+    return (described or ImageViews()).model_copy(update={"count": count})
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -223,21 +243,31 @@ def label_images(
     answer: Callable[[Question, list[Image.Image]], list[Answer]],
     *,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    views: ImageViews | None = None,
 ) -> list[LabelResult]:
     """Decode ``images``, ask each of the task's questions of the good ones, return one record per input.
 
     ``answer(question, images)`` is the backend's model call: one answer per image, in order. An
     image that cannot be used gets its own error record; if the model call raises, every usable
-    image of the batch gets that reason.
+    image of the batch gets that reason. With ``views``, a closed-set question is asked of every
+    view of each image and the answer is the value of highest mean probability (free text: the
+    image itself only).
     """
     started = time.perf_counter()
     decoded = [decode_image(b, max_pixels=max_pixels) for b in images]
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
     answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
     failure: str | None = None
+    viewed = [v for i in good for v in views.of(decoded[i])] if views is not None and good else []
     try:
         for question in task.questions() if good else ():
-            for i, got in zip(good, answer(question, [decoded[i] for i in good]), strict=True):
+            if viewed and question.closed:
+                got_all = answer(question, viewed)
+                count = len(viewed) // len(good)
+                got_each = [mean_answer(question, got_all[k * count : (k + 1) * count]) for k in range(len(good))]
+            else:
+                got_each = answer(question, [decoded[i] for i in good])
+            for i, got in zip(good, got_each, strict=True):
                 answers[i][question.key] = got
     except Exception as exc:  # the model itself failed: every image of the batch gets the reason
         failure = f"backend_failed: {type(exc).__name__}: {exc}"
@@ -251,3 +281,19 @@ def label_images(
         else:
             out.append(assemble(task, answers[i], provenance, per_image_ms))
     return out
+
+
+def mean_answer(question: Question, answers: list[Answer]) -> Answer:
+    """Return the answer of highest mean probability over the answers to views of one image.
+
+    A backend that gave no distribution for a view (an endpoint without log-probabilities) leaves
+    the first view's answer, the image itself.
+    """
+    if len(answers) == 1 or any(a.probabilities is None for a in answers):
+        return answers[0]
+    assert question.values is not None and question.choices is not None
+    mean = {v: sum(a.probabilities[v] for a in answers) / len(answers) for v in question.values}  # type: ignore[index]
+    best = max(question.values, key=mean.__getitem__)
+    return Answer(
+        value=best, raw_text=question.choices[question.values.index(best)], probabilities=mean, confidence=mean[best]
+    )

@@ -97,7 +97,9 @@ class TransformersBackend(Backend):
 
     def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
         """Return one record per image, in order; undecodable images get error records."""
-        return label_images(images, task, self.provenance(task), self._answer, max_pixels=self.config.max_image_pixels)
+        return label_images(
+            images, task, self.provenance(task), self._answer, max_pixels=self.config.max_image_pixels, views=self.views
+        )
 
     def info(self) -> dict[str, Any]:
         """Return backend, model, adapter, device, dtype and library versions."""
@@ -112,6 +114,7 @@ class TransformersBackend(Backend):
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
             "batch_size": self.config.batch_size,
+            "views": self.views.count if self.views else 1,
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
         }
 

@@ -169,7 +169,7 @@ class VllmBackend(Backend):
                 return self._constrained(pil, question, lora)
             return self._score(pil, question, lora)
 
-        return label_images(images, task, provenance, answer, max_pixels=self.config.max_image_pixels)
+        return label_images(images, task, provenance, answer, max_pixels=self.config.max_image_pixels, views=self.views)
 
     def info(self) -> dict[str, Any]:
         """Return backend, model, adapter, closed-set mode, device, interpreter and library versions."""
@@ -182,6 +182,7 @@ class VllmBackend(Backend):
             "model": self.config.model,
             "adapter": self.config.adapter,
             "closed_set": self.options.closed_set,
+            "views": self.views.count if self.views else 1,
             "device": "cpu" if self.on_cpu else "gpu",
             "dtype": self.config.dtype,
             "python": sys.executable,
