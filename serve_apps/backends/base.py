@@ -258,8 +258,8 @@ def label_images(
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
     answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
     failure: str | None = None
-    viewed = [v for i in good for v in views.of(decoded[i])] if views is not None and good else []
     try:
+        viewed = [v for i in good for v in views.of(decoded[i])] if views is not None and good else []
         for question in task.questions() if good else ():
             if viewed and question.closed:
                 got_all = answer(question, viewed)
