@@ -356,11 +356,11 @@ def run(workdir: Path) -> Section:
 From object storage: {len(s3_paths):,} of the photos ({s3_mb:,.0f} MB) on a moto S3 server on 127.0.0.1,
 ingested from `s3://bench/photos/` (listing paginated, objects read by the workers) into a local
 table, best of {ATTEMPTS} ({", ".join(f"{t:.1f}" for t in s3_s)} s): **{s3_rate:,.0f} images/s**; the decode limit of the same
-files on local disk {s3_limit:,.0f} images/s, so **{s3_rate / s3_limit:.2f}x** of it. The server is the ceiling here: moto (a
+files on local disk {s3_limit:,.0f} images/s, so **{s3_rate / s3_limit:.2f}x** of it. The server takes its CPU from the decoders here: moto (a
 Python server sharing the 2 cores with the workers) serves a plain GET of every object, 16 threads and
 nothing else running, at {len(s3_paths) / s3_read_s:,.0f} images/s ({s3_mb / s3_read_s:,.0f} MB/s); the ingest reaches
-**{s3_rate * s3_read_s / len(s3_paths):.2f}x** of that while also hashing, decoding and writing. A real object store does not take
-its CPU from the machine that decodes.
+**{s3_rate * s3_read_s / len(s3_paths):.2f}x** of that while also hashing, decoding and writing (a real object store does not take
+its CPU from the machine that decodes).
 
 The decode limit from this server (every object fetched from moto, 8 GETs in flight per process, hashed
 and draft-decoded in a process pool on every core, nothing written: the floor of a validating ingest
