@@ -134,39 +134,35 @@ def straightforward_ingest(paths: list[Path], uri: str) -> None:
     lance_ray.write_lance(dataset, uri)
 
 
-def _validate_chunk(paths: list[str]) -> int:
-    """Read, hash and draft-decode ``paths`` as an ingest worker does; return how many were valid."""
+def _checked(data: bytes) -> bool:
+    """Hash and draft-decode ``data`` as an ingest worker does; return whether it is a valid image."""
     from lance_io.schema import content_hashes
     from ray_jobs.ingest.decode import validate_image
     from ray_jobs.ingest.items import ImageInfo
 
-    ok = 0
-    for path in paths:
-        with open(path, "rb") as handle:
-            data = handle.read()
-        content_hashes(data)
-        ok += isinstance(validate_image(data, max_pixels=178_956_970, max_bytes=64 * 1024**2), ImageInfo)
-    return ok
+    content_hashes(data)
+    return isinstance(validate_image(data, max_pixels=178_956_970, max_bytes=64 * 1024**2), ImageInfo)
+
+
+def _validate_chunk(paths: list[str]) -> int:
+    """Read, hash and draft-decode ``paths`` as an ingest worker does; return how many were valid."""
+    return sum(_checked(Path(path).read_bytes()) for path in paths)
+
+
+def _s3_client(endpoint: str):  # -> a boto3 S3 client with the bench's credentials
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
+    )
 
 
 def _validate_objects(args: tuple[str, str, list[str]]) -> int:
     """GET, hash and draft-decode ``keys`` of ``bucket`` (8 GETs in flight, decoding as they arrive)."""
-    import boto3
-
-    from lance_io.schema import content_hashes
-    from ray_jobs.ingest.decode import validate_image
-    from ray_jobs.ingest.items import ImageInfo
-
     endpoint, bucket, keys = args
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
-    )
-    ok = 0
+    client = _s3_client(endpoint)
     with ThreadPoolExecutor(8) as pool:
-        for data in pool.map(lambda key: client.get_object(Bucket=bucket, Key=key)["Body"].read(), keys):
-            content_hashes(data)
-            ok += isinstance(validate_image(data, max_pixels=178_956_970, max_bytes=64 * 1024**2), ImageInfo)
-    return ok
+        return sum(map(_checked, pool.map(lambda key: client.get_object(Bucket=bucket, Key=key)["Body"].read(), keys)))
 
 
 def s3_decode_limit(paths: list[Path], endpoint: str, bucket: str) -> float:
@@ -215,11 +211,7 @@ def _command_wall(folder: Path, table: str) -> tuple[float, dict]:
 
 
 def _upload(paths: list[Path], endpoint: str, bucket: str) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
-    )
+    client = _s3_client(endpoint)
     client.create_bucket(Bucket=bucket)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda p: client.upload_file(str(p), bucket, f"photos/{p.parent.name}/{p.name}"), paths))
@@ -227,11 +219,7 @@ def _upload(paths: list[Path], endpoint: str, bucket: str) -> None:
 
 def _s3_read(paths: list[Path], endpoint: str, bucket: str) -> float:
     """Seconds to GET every uploaded object once, 16 threads, bytes discarded: what the server can serve here."""
-    import boto3
-
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
-    )
+    client = _s3_client(endpoint)
     keys = [f"photos/{p.parent.name}/{p.name}" for p in paths]
     started = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:

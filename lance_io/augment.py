@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,17 @@ class ImageViews(BaseModel):
 
     def of(self, image: Image.Image) -> list[Image.Image]:
         """Return ``count`` views of ``image``, the image itself first."""
-        jitter = self.augment or DEFAULT_VIEW_JITTER.model_copy(update={"fill": border_grey(image)})
+        jitter = self.augment or DEFAULT_VIEW_JITTER.model_copy(update={"fill": border_grey([image])})
         return [image] + [augment_image(image, jitter, random.Random(f"{self.seed}:{k}")) for k in range(1, self.count)]
 
 
-def border_grey(image: Image.Image) -> int:
-    """Return the median grey level of ``image``'s one-pixel border."""
-    grey = np.asarray(image.convert("L"))
-    return int(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+def border_grey(images: Sequence[Image.Image]) -> int:
+    """Return the median grey level of the images' one-pixel borders (a jitter's fill: no new edges)."""
+    values: list[np.ndarray] = []
+    for image in images:
+        grey = np.asarray(image.convert("L"))
+        values += [grey[0], grey[-1], grey[:, 0], grey[:, -1]]
+    return int(np.median(np.concatenate(values)))
 
 
 def read_views(folder: str | Path) -> ImageViews | None:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from llamafactory_ext.augment import ImageAugment
+from lance_io.augment import ImageAugment, border_grey
 
 SIDES = (56, 84, 112)
 DETAIL_KEPT = 0.975
@@ -141,15 +141,6 @@ def _thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack(
         [np.asarray(i.resize(size, Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255 for i in images]
     )
-
-
-def border_grey(images: Sequence[Image.Image]) -> int:
-    """Return the median grey level of the images' one-pixel borders (the jitter's fill)."""
-    values: list[np.ndarray] = []
-    for image in images:
-        grey = np.asarray(image.convert("L"))
-        values += [grey[0], grey[-1], grey[:, 0], grey[:, -1]]
-    return int(np.median(np.concatenate(values)))
 
 
 def flip_check(

@@ -262,9 +262,8 @@ def label_images(
         viewed = [v for i in good for v in views.of(decoded[i])] if views is not None and good else []
         for question in task.questions() if good else ():
             if viewed and question.closed:
-                got_all = answer(question, viewed)
-                count = len(viewed) // len(good)
-                got_each = [mean_answer(question, got_all[k * count : (k + 1) * count]) for k in range(len(good))]
+                got_all, n = answer(question, viewed), views.count  # type: ignore[union-attr]
+                got_each = [mean_answer(question, got_all[k * n : (k + 1) * n]) for k in range(len(good))]
             else:
                 got_each = answer(question, [decoded[i] for i in good])
             for i, got in zip(good, got_each, strict=True):
