@@ -281,14 +281,16 @@ def serve_deploy(cluster: Cluster, config: dict, workdir: Path) -> None:
     wait_for(lambda: len(replica_pids(app)) == 1, 120, "one labeler replica")
 
 
-def submit_label(cluster: Cluster, uri: str, app: str, storage_options: dict[str, str], log: Path) -> subprocess.Popen[str]:
-    """`lancetag submit --wait --json -- label URI --app APP ...` to the cluster; output to ``log``.
+def submit_label(
+    cluster: Cluster, uri: str, app: str, storage_options: dict[str, str], log: Path, *extra: str
+) -> subprocess.Popen[str]:
+    """`lancetag submit --wait --json -- label URI --app APP ... EXTRA` to the cluster; output to ``log``.
 
     Commits every 32 rows (or 2 s), two workers at once, 8 images per request: a run of a few
     hundred rows makes many versions, so a kill lands between commits.
     """
     args = ["label", uri, "--task", "digits", "--app", app, "--concurrency", "2", "--batch-size", "8",
-            "--commit-rows", "32", "--commit-seconds", "2", "--json"]
+            "--commit-rows", "32", "--commit-seconds", "2", "--json", *extra]
     return submit(cluster, args, log, {"LANCETAG_STORAGE_OPTIONS": json.dumps(storage_options)})
 
 

@@ -3,6 +3,9 @@
 Both paths return the same :class:`~serve_apps.results.LabelResult` records, one per image, in
 order. Over HTTP, connection errors and 503/429 answers are retried (honouring ``Retry-After``);
 undecodable images come back as error records (``on_invalid: record``), not as a failed batch.
+A request unanswered after ``timeout_s`` (no replica can run: its nodes lost; or a labeler stuck)
+raises ``LabelerUnavailable`` with reason ``labeler_unavailable`` at once, not retried: waiting
+again would only multiply the wait.
 
 Example::
 
@@ -24,7 +27,8 @@ from serve_apps.results import LabelResult
 
 
 class LabelerUnavailable(ReasonError):
-    """The labeler could not be reached (``labeler_unreachable``) or answered 503/429 (``labeler_busy``)."""
+    """The labeler could not be reached (``labeler_unreachable``), answered 503/429 (``labeler_busy``)
+    or did not answer within the client's timeout (``labeler_unavailable``)."""
 
     def __init__(self, message: str, retry_after_s: float | None = None, reason: str = "labeler_busy") -> None:
         super().__init__(reason, message)
@@ -42,7 +46,17 @@ REPLICA_LOST_WAIT_S = 5.0  # a lost replica: wait this long before each new try 
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, LabelerUnavailable | httpx.TransportError)
+    if isinstance(exc, LabelerUnavailable):
+        return exc.reason != "labeler_unavailable"  # the timeout already waited long enough
+    return isinstance(exc, httpx.TransportError)
+
+
+def _no_answer(where: str, timeout_s: float, exc: BaseException) -> LabelerUnavailable:
+    return LabelerUnavailable(
+        f"{where} did not answer in {timeout_s:g} s ({type(exc).__name__}): no replica can run (its nodes lost?) "
+        "or it is stuck; check `serve status`, then rerun the same command",
+        reason="labeler_unavailable",
+    )
 
 
 def _wait(state: RetryCallState) -> float:
@@ -70,6 +84,7 @@ class LabelerClient:
         self.url = url.rstrip("/") if url else None
         self.handle = handle
         self.attempts = attempts
+        self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(timeout=timeout_s, headers=headers) if url else None
 
@@ -79,11 +94,11 @@ class LabelerClient:
         return cls(url=url, token=token, timeout_s=timeout_s)
 
     @classmethod
-    def over_handle(cls, app_name: str = "lancetag-labeler") -> LabelerClient:
+    def over_handle(cls, app_name: str = "lancetag-labeler", *, timeout_s: float = 300.0) -> LabelerClient:
         """Return a client that calls the Serve app ``app_name`` in this Ray cluster through its handle."""
         from ray import serve
 
-        return cls(handle=serve.get_app_handle(app_name))
+        return cls(handle=serve.get_app_handle(app_name), timeout_s=timeout_s)
 
     def label(self, images: list[bytes]) -> list[LabelResult]:
         """Return one LabelResult per image, in order; raise LabelerUnavailable after the retries run out."""
@@ -101,8 +116,12 @@ class LabelerClient:
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
+        response = self.handle.label.remote(images)
         try:
-            records = self.handle.label.remote(images).result()
+            records = response.result(timeout_s=self.timeout_s)
+        except TimeoutError as exc:  # Serve holds a request while no replica runs: do not wait forever
+            response.cancel()
+            raise _no_answer("the labeler app", self.timeout_s, exc) from exc
         except BackPressureError as exc:
             raise LabelerUnavailable(str(exc), retry_after_s=1.0) from exc
         except RayActorError as exc:  # the replica died (its node lost): Serve starts another; ask again
@@ -114,7 +133,10 @@ class LabelerClient:
     def _label_http(self, images: list[bytes]) -> list[LabelResult]:
         assert self._http is not None
         body = {"images": [base64.b64encode(b).decode() for b in images], "on_invalid": "record"}
-        response = self._http.post(f"{self.url}/label", json=body)
+        try:
+            response = self._http.post(f"{self.url}/label", json=body)
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:  # connected, never answered
+            raise _no_answer(f"labeler at {self.url}", self.timeout_s, exc) from exc
         if response.status_code in (429, 502, 503, 504):
             retry_after = response.headers.get("retry-after")
             raise LabelerUnavailable(

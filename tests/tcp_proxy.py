@@ -2,7 +2,8 @@
 
 moto keeps its buckets in memory, so killing moto itself would lose the data a rerun needs.
 Killing this proxy in front of it is, for the client, the object store going down mid-request
-(open connections are reset, new ones refused) while the stored data survives.
+(open connections are reset, new ones refused) while the stored data survives. ``freeze()`` is
+a server that hangs instead: connections stay open and accepted, no byte is answered.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class KillableProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``kill()`` resets everything, ``start()`` serves again."""
+    """Forwards 127.0.0.1:<port> to a target; ``kill()`` resets everything, ``start()`` serves again,
+    ``freeze()`` holds every byte until ``thaw()``."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -23,6 +26,7 @@ class KillableProxy:
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._frozen = threading.Event()
 
     @property
     def endpoint(self) -> str:
@@ -50,6 +54,14 @@ class KillableProxy:
                     pass
             self._connections.clear()
 
+    def freeze(self) -> None:
+        """Stop forwarding (both ways) without closing anything: the client waits for an answer."""
+        self._frozen.set()
+
+    def thaw(self) -> None:
+        """Forward again, held bytes first."""
+        self._frozen.clear()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -66,10 +78,11 @@ class KillableProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while self._frozen.is_set():
+                    time.sleep(0.05)
                 sink.sendall(data)
         except OSError:
             pass

@@ -11,7 +11,10 @@ runs submitted with `lancetag submit`, the labeler deployed with `serve deploy`.
 - Ray Train: two workers on two nodes, training table and checkpoints on S3; a worker's node killed:
   the run resumes from its newest checkpoint (at most one interval of steps redone);
 - ingest: tasks on several nodes (each commit says which node wrote its rows); a worker node killed
-  mid-ingest: every image once.
+  mid-ingest: every image once;
+- the last nodes that can host the replica lost mid-run: the run ends after the labeler timeout
+  with ``labeler_unavailable`` (it does not wait forever), keeps what it committed, and a rerun
+  finishes once a node with the resource is back.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ray_jobs.label import label_commits
 from ray_jobs.label.placement import NODES_PROPERTY
 from tests.cluster_nodes import (
     free_port,
+    job_output,
     labeler_config,
     ray_cluster_nodes,
     replica_pids,
@@ -321,3 +325,36 @@ def test_killing_a_worker_node_mid_ingest_loses_no_image_and_adds_none_twice(clu
     assert sum(by_node.values()) == images, "each commit says which node wrote its rows"
     assert len(by_node) >= 2 and set(by_node) <= {n.node_id for n in cluster.nodes}, f"ingest on one node: {by_node}"
     print(f"ingest node loss: killed {victim.name} ({victim.node_id[:8]}); {result}")
+
+
+def test_losing_every_node_that_can_host_the_replica_ends_the_run_after_the_timeout_and_a_rerun_finishes(
+    cluster, s3, tmp_path
+):
+    timeout_s = 20
+    while len(cluster.workers) < 2:
+        cluster.add_node({"accel_a": 1})
+    deploy(cluster, tmp_path)
+    uri = make_table(s3, "last-node.lance", 600)
+    log = tmp_path / "label.log"
+    run = submit_label(cluster, uri, APP, s3.storage_options, log, "--labeler-timeout", str(timeout_s))
+    wait_for(lambda: labeled(uri, s3) >= 120, 180, "a fifth of the rows labeled")
+    killed_at = time.monotonic()
+    for node in list(cluster.workers):  # the head has no accel_a: no replica can run anywhere now
+        cluster.kill_node(node)
+
+    result = finished(run, log)
+    ended_after = time.monotonic() - killed_at
+    summary = job_output(log, "errors")
+    assert result["status"] == "FAILED" and summary is not None, log.read_text()[-3000:]
+    assert set(summary["errors"]) == {"labeler_unavailable"}, summary
+    assert ended_after < timeout_s + 60, f"the run ended {ended_after:.0f} s after the last replica's node was lost"
+    kept = labeled(uri, s3)
+    assert kept >= 120 and kept == summary["labeled"] < 600, "what was committed before stays, the rest is todo"
+    print(f"all accel_a nodes killed; run ended {ended_after:.1f} s later: {summary}")
+
+    cluster.add_node({"accel_a": 1})
+    rerun_log = tmp_path / "rerun.log"
+    rerun = finished(submit_label(cluster, uri, APP, s3.storage_options, rerun_log), rerun_log)
+    assert rerun["status"] == "SUCCEEDED", rerun_log.read_text()[-3000:]
+    assert job_output(rerun_log, "errors")["labeled"] == 600 - kept
+    audit(uri, s3, 600)

@@ -239,6 +239,51 @@ def test_fragments_whose_labeler_went_away_become_error_records_with_their_reaso
     assert rows_written_by_label_commits(uri) == 128
 
 
+def test_a_labeler_that_stops_answering_ends_the_run_after_one_timeout_with_labeler_unavailable(labeler, tmp_path):
+    from urllib.parse import urlsplit
+
+    from lance_io import read_errors
+    from tests.tcp_proxy import KillableProxy
+
+    uri = make_table(tmp_path, 400, rows_per_fragment=8)
+    target = urlsplit(labeler)
+    proxy = KillableProxy(target.hostname, target.port)
+    proxy.start()
+    frozen_at: list[float] = []
+
+    def hang_after_the_first_commit() -> None:  # connections stay open, no answer comes: a stuck labeler
+        deadline = time.monotonic() + 120
+        while not label_commits(uri) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.freeze()
+        frozen_at.append(time.monotonic())
+
+    timeout_s = 4.0
+    hanger = threading.Thread(target=hang_after_the_first_commit)
+    hanger.start()
+    # Units of 16 rows, two at a time: 25 units. Failing unit by unit would take a dozen waves of the timeout.
+    options = LabelOptions(
+        task="digits", serve=proxy.endpoint + target.path, concurrency=2, batch_size=4, in_flight=1, commit_rows=16,
+        commit_seconds=0.5, labeler_timeout=timeout_s,
+    )
+    summary = label_table(uri, options, progress=False)
+    ended_after = time.monotonic() - frozen_at[0]
+    hanger.join()
+
+    assert ended_after < 2.5 * timeout_s, f"the run waited {ended_after:.1f} s: it should end after one timeout"
+    errors = read_errors(uri, job=f"label-{summary.run_id}").to_pylist()
+    assert summary.errors == {"labeler_unavailable": len(errors)} and summary.fragments_failed == len(errors) > 0
+    assert all("did not answer in 4 s" in e["message"] and "rerun" in e["message"] for e in errors)
+    left = unlabeled(uri)
+    assert 0 < left <= 8 * len(errors) and summary.labeled == 400 - left and summary.skipped == 0
+    assert summary.labeled >= 16, "what was committed before the labeler hung stays"
+
+    proxy.thaw()
+    rerun = label_table(uri, LabelOptions(task="digits", serve=labeler), progress=False)
+    assert rerun.labeled == left and unlabeled(uri) == 0
+    assert rows_written_by_label_commits(uri) == 400
+
+
 def test_where_relabels_only_matching_rows_and_relabel_after_switching_model_touches_all(labeler, tmp_path, tiny_qwen2_vl):
     from serve_apps.tiny_models import build_tiny_model
 

@@ -33,6 +33,9 @@ def label_command(
     commit_seconds: Annotated[float, typer.Option(help="Commit when the oldest waiting labels are this old")] = 30.0,
     version_tag: Annotated[str | None, typer.Option(help="Tag the version the run ends at")] = None,
     token_env: Annotated[str | None, typer.Option(help="Env var holding the labeler's bearer token")] = None,
+    labeler_timeout: Annotated[
+        float, typer.Option(help="Seconds a labeler request may wait; past it the run ends (labeler_unavailable)")
+    ] = 300.0,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
 ) -> None:
@@ -43,7 +46,7 @@ def label_command(
     options = LabelOptions(
         task=task, column=column, serve=serve, app=app_name, model=model, backend=backend, lora=lora, where=where,
         relabel=relabel, concurrency=concurrency, batch_size=batch_size, views=views, commit_rows=commit_rows,
-        commit_seconds=commit_seconds, version_tag=version_tag, token_env=token_env,
+        commit_seconds=commit_seconds, version_tag=version_tag, token_env=token_env, labeler_timeout=labeler_timeout,
     )
     storage_options = resolve_storage_options(table)
     _preflight(table, options, storage_options)

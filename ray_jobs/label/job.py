@@ -51,6 +51,9 @@ class LabelOptions(BaseModel):
     commit_seconds: float = Field(30.0, gt=0, description="Commit when the oldest waiting labels are this old")
     version_tag: str | None = Field(None, description="Tag the version the run ends at")
     token_env: str | None = Field(None, description="Env var with the labeler's bearer token")
+    labeler_timeout: float = Field(
+        300.0, gt=0, description="Seconds a labeler request may wait for its answer; past it the run ends (labeler_unavailable)"
+    )
     labeler_num_cpus: float = Field(1.0, ge=0, description="CPUs of the started labeler replica")
     labeler_num_gpus: float = Field(0.0, ge=0, description="GPUs of the started labeler replica")
     generate_extra_body: dict[str, Any] = Field(
@@ -84,12 +87,19 @@ def _labeler_identity(options: LabelOptions, task_hash: str) -> tuple[str, str |
     if options.model:
         return options.model, options.lora
     if options.serve:
-        endpoint = LabelerEndpoint(url=options.serve, token_env=options.token_env)
+        endpoint = LabelerEndpoint(url=options.serve, token_env=options.token_env, timeout_s=options.labeler_timeout)
         info = endpoint.connect().info()
     else:
         from ray import serve
 
-        info = serve.get_app_handle(options.app).describe.remote().result()
+        try:
+            info = serve.get_app_handle(options.app).describe.remote().result(timeout_s=options.labeler_timeout)
+        except TimeoutError as exc:
+            raise ReasonError(
+                "labeler_unavailable",
+                f"the labeler app {options.app!r} did not answer in {options.labeler_timeout:g} s: no replica can run "
+                "(check `serve status`: its nodes lost, or the resources it asks for absent)",
+            ) from exc
     if info.get("task_hash") != task_hash:
         served = info.get("task", {}).get("name", "?")
         raise ValueError(
@@ -213,6 +223,7 @@ def label_table(
             token_env=options.token_env,
             request_size=options.batch_size,
             in_flight=options.in_flight,
+            timeout_s=options.labeler_timeout,
         )
         rows_to_do = f"({todo}) AND ({options.where})" if options.where else todo
         spec = WorkerSpec(table, column, task.model_dump(mode="json"), rows_to_do, endpoint, storage_options, generator)

@@ -19,13 +19,14 @@ class LabelerEndpoint:
     token_env: str | None = None
     request_size: int = 8
     in_flight: int = 4
+    timeout_s: float = 300.0  # a request unanswered this long: labeler_unavailable, and the run ends
 
     def connect(self) -> LabelerClient:
         """Return a client for this endpoint (call inside the process that uses it)."""
         if self.url:
             token = os.environ.get(self.token_env) if self.token_env else None
-            return LabelerClient.over_http(self.url, token=token)
-        return LabelerClient.over_handle(self.app_name or "lancetag-labeler")
+            return LabelerClient.over_http(self.url, token=token, timeout_s=self.timeout_s)
+        return LabelerClient.over_handle(self.app_name or "lancetag-labeler", timeout_s=self.timeout_s)
 
 
 def label_concurrently(client: LabelerClient, images: list[bytes], request_size: int, in_flight: int) -> list[LabelResult]:

@@ -18,7 +18,9 @@ phase               where   what it does
 ``commit``          driver  ONE Lance commit for every pending value, whatever fragments
                             they come from (``lance_io.columns.commit_values``)
 ``on_unit_failed``  driver  commit what arrived; run a unit whose worker died again, else
-                            record an ``ErrorRecord`` per unfinished fragment
+                            record an ``ErrorRecord`` per unfinished fragment; a labeler
+                            that cannot answer (unreachable, no answer in time) ends the
+                            run: ``on_labeler_down`` records every unit left the same way
 ``finish``          driver  commit the rest, record the errors, store the run as a version
 ==================  ======  ============================================================
 
@@ -60,6 +62,11 @@ from ray_jobs.label.labeler import LabelerEndpoint, label_concurrently
 from ray_jobs.label.placement import NodeRows, worker_node
 
 UNIT_ATTEMPTS = 3  # runs of a unit whose worker died (kill -9, node lost) before its fragments are reported failed
+# A unit failed with one of these after the client's retries: every other unit would wait and fail
+# the same way, so the run ends there (one failure's wait, not one per unit) and its rows stay todo.
+LABELER_DOWN = frozenset(
+    {"labeler_unreachable", "labeler_unavailable", "labeler_busy", "labeler_refused", "generator_unreachable"}
+)
 _TICK_S = 0.5  # how often the driver looks at the clock for groups due by age
 # Label commits before this module wrote ``write_fragment``: the audit counts both.
 LABEL_COMMIT_OPERATIONS = ("commit_values", "write_fragment")
@@ -199,6 +206,7 @@ class LabelRun:
         self.unfinished_rows = 0
         self.fragments_written: set[int] = set()
         self.nodes = NodeRows()
+        self.labeler_down: tuple[str, str] | None = None  # (reason, message) that ended the run
 
     @property
     def job(self) -> str:
@@ -260,17 +268,38 @@ class LabelRun:
         after committing what it sent so nothing is labeled twice; any other failure (the
         labeler unreachable after its retries, an error in the task) records one
         ``ErrorRecord`` per unfinished fragment (its reason, stage ``label``, this job), and
-        their rows stay todo for a rerun.
+        their rows stay todo for a rerun. A reason in ``LABELER_DOWN`` also sets
+        ``labeler_down``: the run ends.
         """
         self.commit()
-        last = self.last_fragment.pop(unit, None)
-        ids = [f.fragment_id for f in unit.fragments]
-        left = unit.fragments[ids.index(last) :] if last is not None else unit.fragments
+        left = self._unfinished(unit)
         self.attempts[left] += 1
         if _worker_lost(error) and self.attempts[left] < UNIT_ATTEMPTS:
             return WorkUnit(left)
         reason, message = failure_reason(error)
-        for fragment in left:
+        if reason in LABELER_DOWN:
+            self.labeler_down = (reason, message)
+        self._record_failed(left, reason, message)
+        return None
+
+    def on_labeler_down(self, unit: WorkUnit) -> None:
+        """Driver, for each unit still running (its worker cancelled) or waiting when the labeler went down.
+
+        Its unfinished fragments become ``ErrorRecord`` s with the reason that ended the run;
+        what its worker already handed back is committed with the rest in ``finish``.
+        """
+        assert self.labeler_down is not None
+        reason, message = self.labeler_down
+        self._record_failed(self._unfinished(unit), reason, f"the run ended when the labeler went down ({message})")
+
+    def _unfinished(self, unit: WorkUnit) -> tuple[FragmentTodo, ...]:
+        """The fragments of ``unit`` its worker had not finished: the one it last handed back rows of, and after."""
+        last = self.last_fragment.pop(unit, None)
+        ids = [f.fragment_id for f in unit.fragments]
+        return unit.fragments[ids.index(last) :] if last is not None else unit.fragments
+
+    def _record_failed(self, fragments: tuple[FragmentTodo, ...], reason: str, message: str) -> None:
+        for fragment in fragments:
             self.failures.append(
                 ErrorRecord(
                     source=f"{self.table}#fragment={fragment.fragment_id}",
@@ -281,8 +310,7 @@ class LabelRun:
                 )
             )
             self.unfinished_rows += max(0, fragment.rows - self.received[fragment.fragment_id])
-        self.summary.fragments_failed += len(left)
-        return None
+        self.summary.fragments_failed += len(fragments)
 
     def rows_not_received(self, unit: WorkUnit) -> int:
         """Planned rows of the unit no worker handed back (labeled by others meanwhile, or failed)."""
@@ -325,7 +353,7 @@ def run_units(run: LabelRun, units: list[WorkUnit], spec: WorkerSpec, *, concurr
     running: dict[Any, WorkUnit] = {}
     with RowProgress(run.summary.planned, enabled=progress) as bar:
         try:
-            while queue or running:
+            while (queue or running) and run.labeler_down is None:
                 while queue and len(running) < concurrency:
                     unit = queue.popleft()
                     running[remote.remote(unit, spec)] = unit
@@ -352,8 +380,11 @@ def run_units(run: LabelRun, units: list[WorkUnit], spec: WorkerSpec, *, concurr
                 if run.pending.due():  # a group due by age while no worker handed anything back
                     run.commit()
         finally:
-            for stream in running:  # a failed commit ends the run: stop the workers
+            for stream in running:  # a failed commit or a labeler gone ends the run: stop the workers
                 ray.cancel(stream, force=True)
+        for unit in [*running.values(), *queue]:  # only when the labeler went down
+            run.on_labeler_down(unit)
+            bar.advance(run.rows_not_received(unit))
 
 
 def _worker_lost(error: BaseException) -> bool:
