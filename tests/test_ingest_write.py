@@ -109,3 +109,39 @@ def test_items_per_task_keep_every_cpu_busy_and_a_fragment_one_tagging_unit() ->
     assert items_per_task(4_000, 2, 64) == 1_000  # two tasks per CPU
     assert items_per_task(5_000, 2, 64) == 834  # 6 tasks, 3 full rounds on 2 CPUs (not 5: a round with one idle CPU)
     assert items_per_task(10_000_000, 64, 64) <= 1_024  # never above a fragment
+
+
+def test_a_task_reads_the_next_group_while_it_checks_this_one_and_keeps_the_order():
+    import threading
+    import time
+
+    from ray_jobs.ingest.write import read_ahead
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def read(group: int) -> str:
+        with lock:
+            events.append(f"read {group} start")
+        time.sleep(0.05)
+        return f"bytes of {group}"
+
+    seen = []
+    for group, data in read_ahead([0, 1, 2, 3], read):
+        with lock:
+            events.append(f"check {group} start")
+        time.sleep(0.2)  # the CPU half: the next read runs meanwhile
+        with lock:
+            events.append(f"check {group} end")
+        seen.append((group, data))
+
+    assert seen == [(g, f"bytes of {g}") for g in range(4)]
+    for group in range(3):
+        assert events.index(f"read {group + 1} start") < events.index(f"check {group} end"), events
+    assert events.index("read 2 start") > events.index("check 0 start"), "at most one group read ahead"
+
+    def broken(group: int) -> str:
+        raise OSError(f"read {group} failed")
+
+    with pytest.raises(OSError, match="read 0 failed"):
+        list(read_ahead([0, 1], broken))

@@ -62,16 +62,12 @@ _EMPTY = dict.fromkeys(RESULT_SCHEMA.names)
 _fetchers: dict[str, Fetcher] = {}
 
 
-def process_batch(
-    rows: list[dict],
-    options: IngestOptions,
-    options_json: str,
-    known_in: lance.LanceDataset | None = None,
-    storage_options: dict[str, str] | None = None,
-) -> pa.Table:
-    """Return one result row per work row, in order (run inside a Ray task).
+def read_batch(
+    rows: list[dict], options: IngestOptions, options_json: str, storage_options: dict[str, str] | None = None
+) -> list[bytes | IngestError | str]:
+    """Return each work row's bytes (or why there are none, or ``SKIP``), in order: the I/O half of a batch.
 
-    ``known_in`` is the table being ingested into: content already in it comes back as ``known``.
+    URLs and objects wait on the network, so up to ``fetch_threads`` of them are read at once.
     ``storage_options`` are the table's, used for source objects when the environment has none.
     """
     urls = [row for row in rows if row["locator"] == "url"]
@@ -82,11 +78,23 @@ def process_batch(
             bodies = pool.map(lambda row: fetcher.fetch(row["url"]), urls)
             fetched = {row["idx"]: body for row, body in zip(urls, bodies, strict=True)}
     remote = [row for row in rows if row["locator"] in ("object", "member")]
-    if remote:  # object reads wait on the network: overlap them like URL fetches
+    if remote:
         with ThreadPoolExecutor(min(options.fetch_threads, len(remote))) as pool:
             bodies = pool.map(lambda row: _read_remote(row, options.max_bytes, storage_options), remote)
             fetched.update({row["idx"]: body for row, body in zip(remote, bodies, strict=True)})
-    datas = [_bytes_of(row, fetched, options) for row in rows]
+    return [_bytes_of(row, fetched, options) for row in rows]
+
+
+def check_batch(
+    rows: list[dict],
+    datas: list[bytes | IngestError | str],
+    options: IngestOptions,
+    known_in: lance.LanceDataset | None = None,
+) -> pa.Table:
+    """Return one result row per work row from its bytes: hash, skip known content, validate (the CPU half).
+
+    ``known_in`` is the table being ingested into: content already in it comes back as ``known``.
+    """
     hashes = [content_hashes(d) if isinstance(d, bytes) and d else None for d in datas]
     known = _known_ids(known_in, [h[0] for h in hashes if h is not None])
     columns: dict[str, list] = {name: [] for name in RESULT_SCHEMA.names}

@@ -7,23 +7,26 @@ of :class:`lance_io.fragments.WrittenFragment`). Image bytes go from the source 
 Lance data file in the worker; the driver sees ids and counts only, and commits the fragments.
 
 Items are read and validated ``batch_size`` at a time and each group is written as it is done,
-so a worker holds one group of images, not the whole task. The same content twice in one task is
+so a worker holds two groups of images, not the whole task: while it checks one group (hash,
+decode: CPU) a thread reads the next (files, objects, URLs: waits on I/O). The same content twice in one task is
 written once (the second is ``known``); across tasks the driver finds repeats when it commits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import pyarrow as pa
 
 from lance_io.fragments import WrittenFragment, write_rows
 from lance_io.reasons import ReasonError
 from ray_jobs.ingest.options import IngestOptions
-from ray_jobs.ingest.worker import KNOWN, WORK_SCHEMA, process_batch
+from ray_jobs.ingest.worker import KNOWN, WORK_SCHEMA, check_batch, read_batch
 
 FAILED = "task_failed"
 """The status of a task's only outcome row when it could not write (the driver raises its reason)."""
@@ -41,6 +44,8 @@ OUTCOME_SCHEMA = pa.schema(
         ("fragment", pa.string()),
     ]
 )
+T = TypeVar("T")
+R = TypeVar("R")
 _WORKER_COLUMNS = ("id", "sha256", "image", "size_bytes", "width", "height", "format", "mode", "exif_orientation", "frames")
 
 
@@ -66,24 +71,29 @@ def validate_and_write(
 
     def image_rows() -> Iterator[pa.RecordBatch]:
         seen: set[str] = set()
-        for start in range(0, batch.num_rows, options.batch_size):
-            part = batch.slice(start, options.batch_size)
-            results = process_batch(
-                part.select(WORK_SCHEMA.names).to_pylist(), options, options_json, known_in, storage_options
-            )
-            status = results.column("status").to_pylist()
-            keep = []
-            for i, (state, image_id) in enumerate(zip(status, results.column("id").to_pylist(), strict=True)):
-                if state == "ok" and image_id in seen:
-                    status[i] = KNOWN  # the same content earlier in this task
-                elif state == "ok":
-                    seen.add(image_id)
-                    keep.append(i)
-            outcomes.append(results.select(["idx", "reason", "message", "id", "size_bytes"]).append_column(
-                "status", pa.array(status, pa.string())
-            ))
-            if keep:
-                yield _image_batch(results, part, keep, target, job)
+        parts = [batch.slice(start, options.batch_size) for start in range(0, batch.num_rows, options.batch_size)]
+        groups = [(part, part.select(WORK_SCHEMA.names).to_pylist()) for part in parts]
+
+        def read(group: tuple[pa.Table, list[dict]]) -> list:
+            return read_batch(group[1], options, options_json, storage_options)
+
+        for (part, work), datas in read_ahead(groups, read):
+            yield from _checked_group(part, check_batch(work, datas, options, known_in), seen)
+
+    def _checked_group(part: pa.Table, results: pa.Table, seen: set[str]) -> Iterator[pa.RecordBatch]:
+        status = results.column("status").to_pylist()
+        keep = []
+        for i, (state, image_id) in enumerate(zip(status, results.column("id").to_pylist(), strict=True)):
+            if state == "ok" and image_id in seen:
+                status[i] = KNOWN  # the same content earlier in this task
+            elif state == "ok":
+                seen.add(image_id)
+                keep.append(i)
+        outcomes.append(results.select(["idx", "reason", "message", "id", "size_bytes"]).append_column(
+            "status", pa.array(status, pa.string())
+        ))
+        if keep:
+            yield _image_batch(results, part, keep, target, job)
 
     try:
         written = write_rows(image_rows(), table, target, storage_options=storage_options)
@@ -92,6 +102,19 @@ def validate_and_write(
             [{"idx": -1, "status": FAILED, "reason": exc.reason, "message": exc.message}], schema=OUTCOME_SCHEMA
         )
     return _outcome_table(outcomes, written)
+
+
+def read_ahead(groups: list[T], read: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """Yield ``(group, read(group))`` in order, reading the next group in a thread while the caller works on this one."""
+    with ThreadPoolExecutor(1) as reader:
+        waiting: tuple[T, Future[R]] | None = None
+        for group in groups:
+            future = reader.submit(read, group)
+            if waiting is not None:
+                yield waiting[0], waiting[1].result()
+            waiting = (group, future)
+        if waiting is not None:
+            yield waiting[0], waiting[1].result()
 
 
 def _open(table: str, version: int, storage_options: dict[str, str] | None):  # -> lance.LanceDataset | None
