@@ -64,9 +64,8 @@ from ray_jobs.label.placement import NodeRows, worker_node
 UNIT_ATTEMPTS = 3  # runs of a unit whose worker died (kill -9, node lost) before its fragments are reported failed
 # A unit failed with one of these after the client's retries: every other unit would wait and fail
 # the same way, so the run ends there (one failure's wait, not one per unit) and its rows stay todo.
-LABELER_DOWN = frozenset(
-    {"labeler_unreachable", "labeler_unavailable", "labeler_busy", "labeler_refused", "generator_unreachable"}
-)
+# Not ``labeler_busy`` (an overload passes) nor ``labeler_refused`` (a 4xx may concern one batch).
+LABELER_DOWN = frozenset({"labeler_unreachable", "labeler_unavailable", "generator_unreachable"})
 _TICK_S = 0.5  # how often the driver looks at the clock for groups due by age
 # Label commits before this module wrote ``write_fragment``: the audit counts both.
 LABEL_COMMIT_OPERATIONS = ("commit_values", "write_fragment")
