@@ -7,7 +7,8 @@ undisturbed and once with a worker node killed (SIGKILL to every process of the 
 a killed node is replaced before the next kind, so every kind starts on head + 2 workers.
 
 - labeling: the worker node of the Serve replica, then a worker node with label tasks only,
-  killed once 20% of the rows are labeled (labeler: random backend, 40 ms per image);
+  then every node that can host the replica (``--labeler-timeout 20``: the run must end, not
+  wait), killed once 20% of the rows are labeled (labeler: random backend, 40 ms per image);
 - ingest: the worker node running an ingest task (``validate_and_write``) killed;
 - Ray Train: the worker node of a training worker killed after Ray Train registered a
   checkpoint (bench/node_loss_train.py).
@@ -47,6 +48,7 @@ LABEL_ROWS = 600
 LABEL_APP = "bench-node-loss"
 LATENCY_MS = 40
 INGEST_IMAGES = 4_000
+LABELER_TIMEOUT_S = 20  # of the run that loses every node able to host the replica
 
 
 @dataclass
@@ -107,6 +109,8 @@ def _label_runs(cluster: Cluster, s3: S3Server, workdir: Path) -> list[Outcome]:
     runs = [_label(cluster, s3, workdir, "undisturbed", None), _label(cluster, s3, workdir, "replica-node", "replica")]
     cluster.add_node({"accel_a": 1})
     runs.append(_label(cluster, s3, workdir, "task-node", "tasks"))
+    _two_workers(cluster)
+    runs.append(_label(cluster, s3, workdir, "last-nodes", "all"))
     serve = RAY_BIN.parent / "serve"  # the replica holds a quarter of a worker's CPU: free it for the next kinds
     subprocess.run([str(serve), "shutdown", "--address", cluster.jobs_address, "-y"], env=cluster.env,
                    capture_output=True, timeout=120, check=False)
@@ -114,7 +118,7 @@ def _label_runs(cluster: Cluster, s3: S3Server, workdir: Path) -> list[Outcome]:
 
 
 def _label(cluster: Cluster, s3: S3Server, workdir: Path, name: str, victim: str | None) -> Outcome:
-    """Label a table; kill the ``victim`` node ("replica" or "tasks") at 20% labeled."""
+    """Label a table; kill the ``victim`` node(s) ("replica", "tasks" or "all" the workers) at 20% labeled."""
     from bench.bench_label import digits_rows
     from lance_io import append_images, open_table
     from lance_io.versions import run_summaries
@@ -123,29 +127,38 @@ def _label(cluster: Cluster, s3: S3Server, workdir: Path, name: str, victim: str
     uri, options = s3.uri(f"label-{name}.lance"), s3.storage_options
     append_images(uri, digits_rows(0, LABEL_ROWS), storage_options=options, max_rows_per_file=25)
     log = workdir / f"label-{name}.log"
-    run = submit_label(cluster, uri, LABEL_APP, options, log)
+    extra = ("--labeler-timeout", str(LABELER_TIMEOUT_S)) if victim == "all" else ()
+    run = submit_label(cluster, uri, LABEL_APP, options, log, *extra)
     killed_at = None
     if victim is not None:
         wait_for(lambda: _labeled(uri, options) >= LABEL_ROWS // 5, 300, "20% of the rows labeled")
         (pid,) = replica_pids(LABEL_APP)
         hosting = cluster.node_of_pid(pid)
-        node = hosting if victim == "replica" else next(n for n in cluster.workers if n is not hosting)
+        other = next(n for n in cluster.workers if n is not hosting)
+        nodes = {"replica": [hosting], "tasks": [other], "all": list(cluster.workers)}[victim]
         killed_at = datetime.now(UTC)
-        cluster.kill_node(node)
+        for node in nodes:
+            cluster.kill_node(node)
     result = submitted_result(run, log)
     status = result["status"]
     if status != "SUCCEEDED":
+        ended = job_output(log, "errors") or {}
+        after = f" {(datetime.now(UTC) - killed_at).total_seconds():.0f} s after the kill" if killed_at else ""
+        status = f"{status} ({', '.join(ended.get('errors', {})) or 'no summary'}){after}, then "
+        _two_workers(cluster)  # the rerun: with a node able to host the replica
         rerun = log.with_suffix(".rerun.log")
-        status = f"{submitted_result(submit_label(cluster, uri, LABEL_APP, options, rerun), rerun)['status']} after a rerun"
+        status += f"{submitted_result(submit_label(cluster, uri, LABEL_APP, options, rerun), rerun)['status']} after a rerun"
     seconds = sum(float(s["seconds"]) for s in run_summaries(uri, storage_options=options).values())
     commits = label_commits(uri, storage_options=options)
     written = sum(int(v.properties.get("lancetag.rows", 0)) for v in commits)
     ids = open_table(uri, storage_options=options).to_table(columns=["id"])["id"].to_pylist()
     checks = (f"{LABEL_ROWS - _labeled(uri, options)} rows lost, {written - LABEL_ROWS} labeled twice, "
               f"{len(ids) - len(set(ids))} duplicate ids")
-    scenario = {None: "undisturbed", "replica": "worker node of the Serve replica", "tasks": "worker node with label tasks only"}
-    return Outcome("labeling", scenario[victim], status, seconds,
-                   _after(killed_at, [v.timestamp.astimezone(UTC) for v in commits]), checks)
+    scenario = {None: "undisturbed", "replica": "worker node of the Serve replica", "tasks": "worker node with label tasks only",
+                "all": "every node able to host the replica (both workers)"}
+    # With every worker lost nothing recovers by itself: the next commit is the ending run's last one.
+    recover = None if victim == "all" else _after(killed_at, [v.timestamp.astimezone(UTC) for v in commits])
+    return Outcome("labeling", scenario[victim], status, seconds, recover, checks)
 
 
 # Ingest
@@ -225,7 +238,9 @@ def node_loss_markdown(outcomes: list[Outcome]) -> str:
         "labeling": f"**labeling**: {LABEL_ROWS} real digit images in fragments of 25 rows, one Serve labeler replica "
         f"placed by `resources: {{accel_a: 1}}` (random backend, {LATENCY_MS} ms per image standing in for a model), "
         "2 label tasks at once (SPREAD), a commit every 32 rows or 2 s; the node killed once 20% of the rows are "
-        "labeled. Time to recover = kill to the next label commit.",
+        "labeled. Time to recover = kill to the next label commit. When every worker is killed, no node can host "
+        f"the replica: that run has `--labeler-timeout {LABELER_TIMEOUT_S}`, must end by itself (status and time "
+        "from the kill in the table), and is rerun once a worker with `accel_a` is back.",
         "ingest": f"**ingest**: {INGEST_IMAGES:,} distinct 8x8 PNGs on S3 (`lancetag submit -- ingest s3://bench/ingest/ "
         "--commit-rows 500 --commit-seconds 2`), tasks SPREAD over the nodes; the worker node killed while it runs an "
         "ingest task (`validate_and_write`). Time to recover = kill to the next commit (Lance version) of the table.",
@@ -249,7 +264,9 @@ finish = the job's own time (its `--json` `seconds`; a rerun's added if the firs
 {chr(10).join(lines)}
 
 What happens: Serve starts a lost replica again on the other `accel_a` worker once Ray marks the
-node dead, and the label client asks the dead replica's requests again; label tasks lost with a node
+node dead, and the label client asks the dead replica's requests again (with no node left that can
+host it, the first request unanswered after `--labeler-timeout` ends the run with
+`labeler_unavailable`, its committed rows kept); label tasks lost with a node
 end with a worker/node error, the driver commits what they sent and runs their fragments again (rows
 still todo only); ingest tasks lost with a node are run again by Ray on the nodes left (files they had
 written are in no version); Ray Train restarts its worker group on the nodes left (`max_failures`)

@@ -52,7 +52,10 @@ class LabelOptions(BaseModel):
     version_tag: str | None = Field(None, description="Tag the version the run ends at")
     token_env: str | None = Field(None, description="Env var with the labeler's bearer token")
     labeler_timeout: float = Field(
-        300.0, gt=0, description="Seconds a labeler request may wait for its answer; past it the run ends (labeler_unavailable)"
+        300.0,
+        gt=0,
+        description="Seconds a labeler request may wait for its answer; past it the run ends (labeler_unavailable). "
+        "Keep it above a replica's start on another node (model load included)",
     )
     labeler_num_cpus: float = Field(1.0, ge=0, description="CPUs of the started labeler replica")
     labeler_num_gpus: float = Field(0.0, ge=0, description="GPUs of the started labeler replica")
