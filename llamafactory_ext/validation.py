@@ -404,7 +404,8 @@ def validation_callback(plan: ValidationPlan) -> Any:
                 control.should_log = True
 
         def _evaluate(self, state, control, model, loss):  # type: ignore[no-untyped-def]
-            if self.validator.evaluate(model, state.global_step, state.epoch or 0.0, loss):
+            end = state.global_step >= state.max_steps  # the last step: a plateau here stops nothing early
+            if self.validator.evaluate(model, state.global_step, state.epoch or 0.0, loss, final=end):
                 control.should_training_stop = True
 
     return ValidationCallback()

@@ -77,6 +77,19 @@ def test_early_stopping_stops_before_max_epochs_when_validation_accuracy_plateau
     assert record["split"] == "train" and record["val_fraction"] == FRACTION
 
 
+def test_a_plateau_that_falls_on_the_last_epoch_is_not_an_early_stop(tiny_qwen2_vl, digits_dir, tmp_path):
+    from llamafactory_ext.train import run_training
+    from ray_jobs.evaluation.in_training import transformers_labeler
+
+    config = _config(tiny_qwen2_vl, digits_dir, tmp_path / "out", "digits", num_train_epochs=3, learning_rate=0.0,
+                     per_device_train_batch_size=8)
+    config["lancetag"]["validation"] = {"fraction": FRACTION, "every_epochs": 1, "patience": 2}
+    curve = run_training(config, labeler=transformers_labeler).validation
+
+    assert [p["epoch"] for p in curve["points"]] == [1.0, 2.0, 3.0], "every epoch ran and was scored"
+    assert curve["best"]["epoch"] == 1.0 and curve["stopped_early"] is False
+
+
 @pytest.fixture(scope="module")
 def turning_dir(tmp_path_factory) -> Path:
     """A table whose training rows first teach the validation answer, then the other one.
