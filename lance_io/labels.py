@@ -15,8 +15,8 @@ generate    ``C`` and ``C_missing`` (input values the text  string, list<string>
             does not mention; empty when faithful)
 ==========  ===========================================  =====================
 
-plus ``C_confidence`` (float32), ``C_provenance`` (``model|adapter|task_hash``; a generate
-task appends ``|`` and its inputs' key, :func:`inputs_key`) and ``C_error`` (``reason:
+plus ``C_confidence`` (float32), ``C_provenance`` (``model|adapter|task_hash``, and
+``|views=N`` when the answers averaged N views of each image; a generate task appends ``|`` and its inputs' key, :func:`inputs_key`) and ``C_error`` (``reason:
 message``, null when the row got an answer). Ground truth follows the
 same rule under its own prefix (``truth``, or ``truth_<attribute>``), so ``lancetag lf
 register --label-column C`` trains on exactly what ``lancetag label --column C`` wrote.
@@ -63,11 +63,13 @@ class LabelRecord(Protocol):
     model_id: str
     adapter_id: str | None
     task_hash: str
+    views: int
 
 
-def provenance_of(model: str, adapter: str | None, task_hash: str) -> str:
-    """Return the provenance string stored with each label: ``model|adapter|task_hash``."""
-    return f"{model}|{adapter or ''}|{task_hash}"
+def provenance_of(model: str, adapter: str | None, task_hash: str, views: int = 1) -> str:
+    """Return the provenance string stored with each label: ``model|adapter|task_hash``, plus
+    ``|views=N`` when the answers averaged N views of each image (they differ from the image alone's)."""
+    return f"{model}|{adapter or ''}|{task_hash}" + (f"|views={views}" if views > 1 else "")
 
 
 def answer_columns(task: Task, column: str) -> dict[str, str]:
@@ -120,7 +122,7 @@ def results_to_batch(results: Sequence[LabelRecord], task: Task, column: str) ->
         for key, name in columns.items():
             values[name].append(_answer_of(r, task, key) if ok else None)
         values[f"{column}_confidence"].append(r.confidence if ok else None)
-        values[f"{column}_provenance"].append(provenance_of(r.model_id, r.adapter_id, r.task_hash))
+        values[f"{column}_provenance"].append(provenance_of(r.model_id, r.adapter_id, r.task_hash, r.views))
         values[f"{column}_error"].append(None if ok else f"{r.error}: {r.error_message}")
     return pa.record_batch([pa.array(values[f.name], f.type) for f in schema], schema=schema)
 

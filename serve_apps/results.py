@@ -50,6 +50,7 @@ class Provenance:
     adapter_id: str | None
     task_hash: str
     backend: str
+    views: int = 1  # views of each image averaged for the answers (1: the image alone)
 
 
 class LabelResult(BaseModel):
@@ -79,6 +80,7 @@ class LabelResult(BaseModel):
     adapter_id: str | None = None
     task_hash: str
     backend: str
+    views: int = Field(1, ge=1, description="Views of the image averaged for the answer (1: the image alone)")
     latency_ms: float = Field(0.0, description="This image's share of the backend call's wall time")
     error: ErrorCode | None = None
     error_message: str | None = None
@@ -117,6 +119,7 @@ def error_result(
         adapter_id=provenance.adapter_id,
         task_hash=provenance.task_hash,
         backend=provenance.backend,
+        views=provenance.views,
         error=code,
         error_message=message,
         raw_text=raw_text,
@@ -138,6 +141,7 @@ def assemble(
         "adapter_id": provenance.adapter_id,
         "task_hash": provenance.task_hash,
         "backend": provenance.backend,
+        "views": provenance.views,
         "latency_ms": round(latency_ms, 3),
     }
     if len(answers) == 1:

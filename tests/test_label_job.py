@@ -284,6 +284,23 @@ def test_a_labeler_that_stops_answering_ends_the_run_after_one_timeout_with_labe
     assert rows_written_by_label_commits(uri) == 400
 
 
+def test_labels_averaged_over_views_say_so_and_relabel_with_the_image_alone_redoes_them(tmp_path, tiny_qwen2_vl):
+    uri = make_table(tmp_path, 24, rows_per_fragment=8)
+    model = str(tiny_qwen2_vl)
+    viewed = label_table(uri, LabelOptions(task="digits", model=model, views=3), progress=False)
+    assert viewed.labeled == 24 and viewed.provenance.endswith("|views=3")
+    stored = open_table(uri).to_table(columns=["label_provenance"])["label_provenance"].to_pylist()
+    assert set(stored) == {viewed.provenance}, "the job's provenance is the one the labeler's records carry"
+
+    same = label_table(uri, LabelOptions(task="digits", model=model, views=3, relabel=True), progress=False)
+    assert same.planned == 0, "the same labeler with the same views has nothing to redo"
+    alone = label_table(uri, LabelOptions(task="digits", model=model, views=1, relabel=True), progress=False)
+    assert alone.planned == alone.labeled == 24 and "views=" not in alone.provenance
+    stored = open_table(uri).to_table(columns=["label_provenance"])["label_provenance"].to_pylist()
+    assert set(stored) == {alone.provenance}
+    assert rows_written_by_label_commits(uri) == 48
+
+
 def test_where_relabels_only_matching_rows_and_relabel_after_switching_model_touches_all(labeler, tmp_path, tiny_qwen2_vl):
     from serve_apps.tiny_models import build_tiny_model
 

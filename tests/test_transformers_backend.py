@@ -203,6 +203,9 @@ def test_views_average_the_probabilities_of_each_images_views_and_captions_use_t
     assert single.label(digits[:1], task)[0].probabilities != pytest.approx(got[0].probabilities, abs=1e-4)
     caption = load_task("caption")
     assert viewed.label(digits[:1], caption)[0].caption == single.label(digits[:1], caption)[0].caption
+    # each record says how many views its answer averaged: the caption's is the image alone
+    assert {r.views for r in got} == {3} and single.label(digits[:1], task)[0].views == 1
+    assert viewed.label(digits[:1], caption)[0].views == 1
 
 
 def test_views_come_from_the_model_folder_unless_the_config_says_otherwise(tiny_qwen2_vl, tmp_path):
@@ -223,6 +226,13 @@ def test_views_come_from_the_model_folder_unless_the_config_says_otherwise(tiny_
     assert resolve_views(BackendConfig(model="org/hub-model", views=3)) == ImageViews(count=3)
     backend = create_backend(BackendConfig(model=str(folder)))
     assert backend.views == described and backend.info()["views"] == 5
+    # what a label job computes before it starts the labeler equals what the labeler's records say
+    from serve_apps.backends.base import views_for
+
+    assert views_for(BackendConfig(model=str(folder)), load_task("digits")) == 5
+    assert views_for(BackendConfig(model=str(folder), views=1), load_task("digits")) == 1
+    assert views_for(BackendConfig(model=str(folder)), load_task("caption")) == 1
+    assert views_for(BackendConfig(kind="random", model=str(folder)), load_task("digits")) == 1, "random averages none"
 
 
 def test_the_views_of_an_image_are_fixed_and_start_with_the_image():

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lance_io.labels import inputs_key_sql, label_schema, provenance_of
 from lance_io.reasons import ReasonError
 from lance_io.sql import sql_string
-from lance_io.tasks import GenerateTask
+from lance_io.tasks import GenerateTask, Task
 from ray_jobs.label.generate import FREE_ANSWER, ChatEndpoint, chat_base, served_model
 from ray_jobs.label.labeler import LabelerEndpoint
 from ray_jobs.label.lifecycle import LabelRun, LabelSummary, WorkerSpec, label_commits, run_units
@@ -85,10 +85,13 @@ def todo_predicate(column: str, provenance: str, relabel: bool, *, inputs_sql: s
     return todo
 
 
-def _labeler_identity(options: LabelOptions, task_hash: str) -> tuple[str, str | None]:
-    """Return (model, adapter) of the labeler, asking a running one what it serves."""
+def _labeler_identity(options: LabelOptions, task: Task) -> tuple[str, str | None, int]:
+    """Return (model, adapter, views of each image) of the labeler, asking a running one what it serves."""
+    from serve_apps.backends.base import BackendConfig, views_for, views_used
+
     if options.model:
-        return options.model, options.lora
+        config = BackendConfig(kind=options.backend, model=options.model, adapter=options.lora, views=options.views)
+        return options.model, options.lora, views_for(config, task)
     if options.serve:
         endpoint = LabelerEndpoint(url=options.serve, token_env=options.token_env, timeout_s=options.labeler_timeout)
         info = endpoint.connect().info()
@@ -103,6 +106,7 @@ def _labeler_identity(options: LabelOptions, task_hash: str) -> tuple[str, str |
                 f"the labeler app {options.app!r} did not answer in {options.labeler_timeout:g} s: no replica can run "
                 "(check `serve status`: its nodes lost, or the resources it asks for absent)",
             ) from exc
+    task_hash = task.prompt_hash()
     if info.get("task_hash") != task_hash:
         served = info.get("task", {}).get("name", "?")
         raise ValueError(
@@ -110,7 +114,7 @@ def _labeler_identity(options: LabelOptions, task_hash: str) -> tuple[str, str |
             f"(hash {task_hash}): start it with --task {options.task} or label with --task {served}"
         )
     backend = info.get("backend", {})
-    return backend.get("model", "?"), backend.get("adapter")
+    return backend.get("model", "?"), backend.get("adapter"), views_used(task, int(backend.get("views", 1)))
 
 
 def _generator(options: LabelOptions, task: GenerateTask) -> ChatEndpoint:
@@ -189,8 +193,8 @@ def label_table(
     ensure_ray(address)
 
     generator = _generator(options, task) if isinstance(task, GenerateTask) else None
-    model, adapter = (generator.model, None) if generator else _labeler_identity(options, task.prompt_hash())
-    provenance = provenance_of(model, adapter, task.prompt_hash())
+    model, adapter, views = (generator.model, None, 1) if generator else _labeler_identity(options, task)
+    provenance = provenance_of(model, adapter, task.prompt_hash(), views)
     todo = todo_predicate(column, provenance, options.relabel)
     if isinstance(task, GenerateTask):
         names = lance.dataset(table, storage_options=storage_options).schema.names

@@ -114,10 +114,11 @@ class Backend(ABC):
     """Turns images into result records for a task. Subclasses register with ``register_backend``."""
 
     name: ClassVar[str] = ""
+    averages_views: ClassVar[bool] = False  # answers closed-set questions from the mean over views of each image
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.views = resolve_views(config)
+        self.views = resolve_views(config) if self.averages_views else None
 
     @abstractmethod
     def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
@@ -147,7 +148,20 @@ class Backend(ABC):
             adapter_id=self.config.adapter_id,
             task_hash=task.prompt_hash(),
             backend=self.name,
+            views=views_used(task, self.views.count if self.views else 1),
         )
+
+
+def views_for(config: BackendConfig, task: Task) -> int:
+    """Return the views of each image a backend built from ``config`` averages for ``task``, as its records say."""
+    views = resolve_views(config) if backend_class(config.kind).averages_views else None
+    return views_used(task, views.count if views else 1)
+
+
+def views_used(task: Task, count: int) -> int:
+    """Return how many views of each image the answers to ``task`` average: ``count`` if it asks a
+    closed-set question (free text is asked of the image alone), else 1."""
+    return count if any(q.closed for q in task.questions()) else 1
 
 
 def resolve_views(config: BackendConfig) -> ImageViews | None:

@@ -47,6 +47,8 @@ def _torch_dtype(name: str, device: str) -> Any:
 class TransformersBackend(Backend):
     """A local or hub image-text model run in this process with transformers (LoRA via peft)."""
 
+    averages_views = True
+
     def __init__(self, config: BackendConfig) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -101,6 +101,8 @@ def _adapter_rank(adapter: str | None) -> int | None:
 class VllmBackend(Backend):
     """A local model run by the vLLM engine in this process (vLLM environment only)."""
 
+    averages_views = True
+
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         self.options = vllm_options(config)
