@@ -16,8 +16,9 @@ generate    ``C`` and ``C_missing`` (input values the text  string, list<string>
 ==========  ===========================================  =====================
 
 plus ``C_confidence`` (float32), ``C_provenance`` (``model|adapter|task_hash``, and
-``|views=N`` when the answers averaged N views of each image; a generate task appends ``|`` and its inputs' key, :func:`inputs_key`) and ``C_error`` (``reason:
-message``, null when the row got an answer). Ground truth follows the
+``|views=N`` when the answers averaged N views of each image; a generate task appends ``|``
+and its inputs' key, :func:`inputs_key`) and ``C_error`` (``reason: message``, null when the
+row got an answer). Ground truth follows the
 same rule under its own prefix (``truth``, or ``truth_<attribute>``), so ``lancetag lf
 register --label-column C`` trains on exactly what ``lancetag label --column C`` wrote.
 

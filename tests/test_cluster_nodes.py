@@ -346,7 +346,8 @@ def test_losing_every_node_that_can_host_the_replica_ends_the_run_after_the_time
     ended_after = time.monotonic() - killed_at
     summary = job_output(log, "errors")
     assert result["status"] == "FAILED" and summary is not None, log.read_text()[-3000:]
-    assert set(summary["errors"]) == {"labeler_unavailable"}, summary
+    # no answer in time (the usual end), or the replica's death seen by every retry: either ends the run
+    assert summary["errors"] and set(summary["errors"]) <= {"labeler_unavailable", "labeler_unreachable"}, summary
     assert ended_after < timeout_s + 60, f"the run ended {ended_after:.0f} s after the last replica's node was lost"
     kept = labeled(uri, s3)
     assert kept >= 120 and kept == summary["labeled"] < 600, "what was committed before stays, the rest is todo"

@@ -270,7 +270,7 @@ def test_a_labeler_that_stops_answering_ends_the_run_after_one_timeout_with_labe
     ended_after = time.monotonic() - frozen_at[0]
     hanger.join()
 
-    assert ended_after < 2.5 * timeout_s, f"the run waited {ended_after:.1f} s: it should end after one timeout"
+    assert ended_after < 3 * timeout_s, f"the run waited {ended_after:.1f} s: it should end after one timeout"
     errors = read_errors(uri, job=f"label-{summary.run_id}").to_pylist()
     assert summary.errors == {"labeler_unavailable": len(errors)} and summary.fragments_failed == len(errors) > 0
     assert all("did not answer in 4 s" in e["message"] and "rerun" in e["message"] for e in errors)
