@@ -72,12 +72,12 @@ def validate_and_write(
     def image_rows() -> Iterator[pa.RecordBatch]:
         seen: set[str] = set()
         parts = [batch.slice(start, options.batch_size) for start in range(0, batch.num_rows, options.batch_size)]
-        groups = [(part, part.select(WORK_SCHEMA.names).to_pylist()) for part in parts]
 
-        def read(group: tuple[pa.Table, list[dict]]) -> list:
-            return read_batch(group[1], options, options_json, storage_options)
+        def read(part: pa.Table) -> tuple[list[dict], list]:  # a group's rows as Python objects only when read
+            work = part.select(WORK_SCHEMA.names).to_pylist()
+            return work, read_batch(work, options, options_json, storage_options)
 
-        for (part, work), datas in read_ahead(groups, read):
+        for part, (work, datas) in read_ahead(parts, read):
             yield from _checked_group(part, check_batch(work, datas, options, known_in), seen)
 
     def _checked_group(part: pa.Table, results: pa.Table, seen: set[str]) -> Iterator[pa.RecordBatch]:
