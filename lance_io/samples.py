@@ -36,6 +36,7 @@ from lance_io.schema import ID, MESSAGE_TYPE
 from lance_io.sql import sql_string
 from lance_io.table import (
     AppendResult,
+    drop_concurrent_duplicates,
     ensure_id_index,
     new_rows_of,
     open_table,
@@ -150,7 +151,11 @@ def append_samples(
     if ds is None:
         ensure_id_index(written)  # an index commit of its own: loaders look samples up by id
         written = lance.dataset(uri, storage_options=storage_options)
-    return AppendResult(added=len(keep), duplicate_ids=duplicates, version=written.version)
+        return AppendResult(added=len(keep), duplicate_ids=duplicates, version=written.version)
+    raced, version = drop_concurrent_duplicates(
+        uri, written.version, ds.version, kept.column(ID).to_pylist(), storage_options=storage_options, properties=properties
+    )
+    return AppendResult(added=len(keep) - len(raced), duplicate_ids=duplicates + sorted(raced), version=version)
 
 
 def samples_exist(table_uri: str, *, storage_options: dict[str, str] | None = None) -> bool:

@@ -131,6 +131,54 @@ def existing_ids(ds: lance.LanceDataset, ids: Iterable[str]) -> set[str]:
     return found
 
 
+def drop_concurrent_duplicates(
+    uri: str,
+    version: int,
+    checked_version: int | None,
+    ids: Iterable[str],
+    *,
+    storage_options: dict[str, str] | None = None,
+    properties: dict[str, str] | None = None,
+) -> tuple[set[str], int]:
+    """Remove the rows an append added (at ``version``) whose ids another writer committed first.
+
+    The appender checked its ``ids`` against ``checked_version``. Lance rebases an append over the
+    appends other writers committed since, it does not refuse it, so two writers that checked
+    before either committed can both add the same content. Versions are ordered: whatever the
+    table held just before ``version`` was there first and stays; this append's own fragments
+    lose those rows, in one more commit. Every writer that calls this after its append leaves
+    each id once. Returns (ids removed, the table's version after).
+    """
+    if checked_version is None or version - 1 <= checked_version:  # nobody committed in between
+        return set(), version
+    before = lance.dataset(uri, version=version - 1, storage_options=storage_options)
+    duplicates = existing_ids(before, ids)
+    if not duplicates:
+        return set(), version
+    earlier = {fragment.fragment_id for fragment in before.get_fragments()}
+    ours = [f for f in lance.dataset(uri, version=version, storage_options=storage_options).get_fragments()
+            if f.fragment_id not in earlier]
+    predicate = f"{ID} IN ({sql_strings(sorted(duplicates))})"
+    updated, emptied = [], []
+    for fragment in ours:
+        kept = fragment.delete(predicate)
+        if kept is None:
+            emptied.append(fragment.fragment_id)
+        elif kept.deletion_file is not None:
+            updated.append(kept)
+    if not updated and not emptied:  # the ids were not this append's rows
+        return set(), version
+    from lance.dataset import Transaction
+
+    operation = lance.LanceOperation.Delete(updated, emptied, predicate)
+    transaction = Transaction(
+        version, operation, transaction_properties={"lancetag.operation": "drop_concurrent_duplicates", **(properties or {})}
+    )
+    with translated_write_errors(uri, version):
+        after = lance.LanceDataset.commit(uri, transaction, read_version=version, storage_options=storage_options)
+    return duplicates, after.version
+
+
 def ensure_id_index(ds: lance.LanceDataset) -> None:
     """Create the BTREE index on ``id`` if missing, else fold new fragments into it."""
     if any(idx["fields"] == [ID] for idx in ds.list_indices()):
@@ -185,4 +233,8 @@ def append_images(
     if ds is None:
         ensure_id_index(written)
         written = lance.dataset(uri, storage_options=storage_options)
-    return AppendResult(added=len(keep), duplicate_ids=duplicates, version=written.version)
+        return AppendResult(added=len(keep), duplicate_ids=duplicates, version=written.version)
+    raced, version = drop_concurrent_duplicates(
+        uri, written.version, ds.version, new_rows.column(ID).to_pylist(), storage_options=storage_options, properties=properties
+    )
+    return AppendResult(added=len(keep) - len(raced), duplicate_ids=duplicates + sorted(raced), version=version)

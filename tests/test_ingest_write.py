@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.data import png_bytes
 from lance_io import append_images, ensure_columns, open_table
 from lance_io.versions import list_versions
 from ray_jobs.ingest import IngestOptions, ingest
@@ -145,3 +146,36 @@ def test_a_task_reads_the_next_group_while_it_checks_this_one_and_keeps_the_orde
 
     with pytest.raises(OSError, match="read 0 failed"):
         list(read_ahead([0, 1], broken))
+
+
+def test_content_another_writer_commits_between_the_lookup_and_the_commit_is_not_added_again(
+    ray_cluster, tmp_path: Path, monkeypatch
+) -> None:
+    """A second writer (another ingest, in another process) commits the same content in the gap."""
+    import ray_jobs.ingest.commit as commit
+
+    table = str(tmp_path / "photos.lance")
+    append_images(table, image_rows(range(1000, 1003)))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(60):
+        (folder / f"{seed:03d}.png").write_bytes(png_bytes(seed))
+    commit_now = commit.commit_fragments
+    other: list[int] = []
+
+    def another_writer_commits_first(*args, **kwargs):
+        if not other:
+            other.append(append_images(table, image_rows(range(50, 70))).added)  # 50-59 are in the folder too
+        return commit_now(*args, **kwargs)
+
+    monkeypatch.setattr(commit, "commit_fragments", another_writer_commits_first)
+    summary = ingest([str(folder)], table, IngestOptions(progress=False))
+
+    assert other == [20]
+    assert summary.reconciled
+    assert (summary.inputs, summary.added, summary.duplicates) == (60, 50, 10)
+    rows = open_table(table).to_table(columns=["id", "source"]).to_pylist()
+    assert len(rows) == len({r["id"] for r in rows}) == 3 + 20 + 50, "every content once"
+    assert sum(r["source"].startswith("test://") for r in rows) == 23, "the first writer's copies stay"
+    assert summary.version == open_table(table).version
+    open_table(table).validate()

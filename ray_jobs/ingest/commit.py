@@ -6,6 +6,9 @@ or ``commit_seconds``); it becomes one table version. Dedup is exact with memory
 chunk: ids two tasks of the chunk both wrote are found from the chunk's ids, ids the table gained
 since a task checked are found by one lookup at commit time (the ``id`` index, kept folded every
 ``INDEX_FOLD_ROWS`` rows); their rows are cut from the fragments by a Ray task before the commit.
+Another writer (a second ingest into the table) that commits between that lookup and the commit
+is caught after it: the rows it had first leave this commit's fragments
+(:func:`lance_io.table.drop_concurrent_duplicates`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from lance_io.fragments import (
 from lance_io.reasons import ReasonError
 from lance_io.samples import append_samples, sample_rows
 from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH
-from lance_io.table import AppendResult
+from lance_io.table import AppendResult, drop_concurrent_duplicates
 from ray_jobs.ingest.items import IngestSummary, InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
@@ -270,16 +273,23 @@ class ChunkWriter:
         for n, ids_to_cut in chunk.cut.items():  # rare: the same content written twice, or committed since
             chunk.fragments[n] = on_worker(without_ids, self.table, chunk.fragments[n], ids_to_cut, storage_options=self.storage_options)
         fragments = [f for f in chunk.fragments if f is not None]
+        raced: set[str] = set()
         if fragments:
             properties = {"lancetag.job": self.job, "lancetag.rows_by_node": json.dumps(dict(chunk.nodes))}
-            version = commit_fragments(
+            checked, version = version, commit_fragments(
                 self.table, fragments, self.target, read_version=version,
                 storage_options=self.storage_options, properties=properties,
             ).version
             self._new_table = False
+            if checked is not None and version - 1 > checked:  # another writer committed since the lookup
+                raced, version = on_worker(
+                    drop_concurrent_duplicates, self.table, version, checked, [i for f in fragments for i in f.ids],
+                    storage_options=self.storage_options, properties={"lancetag.job": self.job},
+                )
             folded = on_worker(fold_into_id_index, self.table, min_rows=INDEX_FOLD_ROWS, storage_options=self.storage_options)
             version = folded or version
-        return AppendResult(added=sum(f.rows for f in fragments), duplicate_ids=sorted(in_table), version=version)
+        added = sum(f.rows for f in fragments) - len(raced)
+        return AppendResult(added=added, duplicate_ids=sorted(in_table | raced), version=version)
 
     def _images_version(self) -> int | None:
         if not table_exists(self.table, storage_options=self.storage_options):
