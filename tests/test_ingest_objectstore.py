@@ -276,3 +276,29 @@ def test_a_sharegpt_file_on_object_storage_keeps_every_conversation_and_reads_it
     )
     sources = set(open_table(table, storage_options=s3.storage_options).to_table(columns=["source"])["source"].to_pylist())
     assert sources == {f"s3://{s3.bucket}/chats/imgs/0.png", f"s3://{s3.bucket}/chats/imgs/1.png", elsewhere}
+
+
+def test_a_parquet_file_of_images_on_object_storage_is_read_by_the_workers_not_the_driver(ray_cluster, s3, monkeypatch) -> None:
+    """The Hugging Face Hub's format: an ``Image`` struct column ``{bytes, path}`` in Parquet shards."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [image_bytes(900 + n, "PNG", size=(96, 96)) for n in range(40)]  # ~27 KB of noise each
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = pa.table({"image": pa.array([{"bytes": b, "path": f"{n}.png"} for n, b in enumerate(images)], struct),
+                     "label": [f"c{n % 2}" for n in range(40)]})
+    buffer = io.BytesIO()
+    pq.write_table(rows, buffer, row_group_size=16)  # three row groups
+    _upload(s3, {"hub/train-00000-of-00001.parquet": buffer.getvalue()})
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+    table = s3.uri("from-hub.lance")
+
+    summary = ingest([f"s3://{s3.bucket}/hub/train-00000-of-00001.parquet"], table, IngestOptions(**QUIET),
+                     storage_options=s3.storage_options)
+
+    assert summary.reconciled and summary.added == 40
+    assert 0 < summary.bytes_from_driver < sum(map(len, images)) / 20, summary.bytes_from_driver
+    got = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "image", "truth"]).to_pylist()
+    assert {r["source"]: (r["image"], r["truth"]) for r in got} == {f"{n}.png": (b, f"c{n % 2}") for n, b in enumerate(images)}

@@ -10,6 +10,7 @@ import pytest
 from ray_jobs.ingest.messages import InvalidMessages, messages_from_template, normalize_messages
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources import SourceError, detect_kind, open_source
+from ray_jobs.ingest.worker import read_cell
 from tests.ingest_fixtures import build_class_folder, build_hostile_folder, image_bytes
 
 
@@ -170,8 +171,29 @@ def test_hf_save_to_disk_dataset_with_image_feature_and_class_labels(tmp_path: P
     source = open_source(str(tmp_path / "hf"), IngestOptions())
     items = list(source.items())
     assert [i.truth for i in items] == ["cat", "dog", "dog"]
-    assert items[0].data == image_bytes(0) and items[0].locator == "bytes"
+    assert all(i.locator == "cell" and i.data is None for i in items), "the driver holds no image bytes"
+    assert [read_cell(i.url, i.path, 10**6) for i in items] == [image_bytes(n) for n in range(3)]
     assert source.metadata_fields.keys() == {"caption"}
+
+
+def test_hf_images_are_read_by_the_workers_from_every_shard_and_a_row_without_bytes_is_an_error(tmp_path: Path) -> None:
+    import datasets
+
+    images = [image_bytes(n) for n in range(7)] + [b"", None]
+    features = datasets.Features({"image": datasets.Image(), "n": datasets.Value("int32")})
+    rows = {"image": [None if b is None else {"bytes": b, "path": None} for b in images], "n": list(range(9))}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"), num_shards=3)
+    assert len(list((tmp_path / "hf").glob("*.arrow"))) == 3
+
+    items = _items(str(tmp_path / "hf"))
+
+    assert [i.metadata["n"] for i in items] == list(range(9))
+    cells = [i for i in items if i.locator == "cell"]
+    assert len({i.url for i in cells}) == 3, "rows of every shard point into that shard"
+    assert [read_cell(i.url, i.path, 10**6) for i in cells] == images[:7]
+    assert [i.error[0] for i in items[7:]] == ["missing_location"] * 2
+    assert read_cell(cells[0].url, cells[0].path, 10).reason == "too_large"
+    assert read_cell(str(tmp_path / "gone.arrow"), "arrow:0:image", 10**6).reason == "not_found"
 
 
 def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
@@ -183,7 +205,8 @@ def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": split(0), "test": split(10)}).save_to_disk(str(tmp_path / "dd"))
     items = _items(f"hf:{tmp_path / 'dd'}")
     assert [i.metadata["split"] for i in items] == ["train", "train", "test", "test"]
-    assert all(i.locator == "bytes" for i in items)
+    assert all(i.locator == "cell" for i in items)
+    assert [read_cell(i.url, i.path, 10**6) for i in items] == [image_bytes(n) for n in (0, 1, 10, 11)]
 
 
 def test_modelscope_local_dataset_folder(tmp_path: Path) -> None:
@@ -259,3 +282,25 @@ def test_read_file_returns_every_byte_and_refuses_only_what_is_over_the_limit(tm
     text.write_bytes(b"plain text, no magic" * 100)
     assert read_file(str(text), 1024, scan=True) == SKIP
     assert read_file(str(text), 4096, scan=False) == text.read_bytes()  # listed explicitly: read, judged later
+
+
+def test_parquet_images_stay_in_the_file_where_row_group_statistics_show_every_image_present(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images: list[bytes | None] = [image_bytes(n) for n in range(4)] + [image_bytes(4), None] + [image_bytes(6), b""]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    column = pa.array([None if b is None else {"bytes": b, "path": f"p{n}.png"} for n, b in enumerate(images)], struct)
+    pq.write_table(pa.table({"image": column, "n": list(range(8))}), tmp_path / "hub.parquet", row_group_size=2)
+    pq.write_table(pa.table({"img": images[:4], "n": list(range(4))}), tmp_path / "raw.parquet", row_group_size=3)
+
+    hub = _items(str(tmp_path / "hub.parquet"))
+
+    assert [i.locator for i in hub] == ["cell"] * 4 + ["bytes", "none"] + ["cell"] * 2  # the group with a null: whole
+    assert [i.source for i in hub[:4]] == [f"p{n}.png" for n in range(4)]
+    assert [read_cell(i.url, i.path, 10**6) for i in hub[:4] + hub[6:7]] == images[:4] + images[6:7]
+    assert hub[4].data == images[4], "a row group with a null image is read on the driver, as before"
+    assert read_cell(hub[7].url, hub[7].path, 10**6).reason == "missing_location", "empty bytes: an error record"
+    raw = _items(str(tmp_path / "raw.parquet"))
+    assert [i.locator for i in raw] == ["cell"] * 4
+    assert [read_cell(i.url, i.path, 10**6) for i in raw] == images[:4], "a cell of the second row group too"

@@ -179,3 +179,23 @@ def test_content_another_writer_commits_between_the_lookup_and_the_commit_is_not
     assert sum(r["source"].startswith("test://") for r in rows) == 23, "the first writer's copies stay"
     assert summary.version == open_table(table).version
     open_table(table).validate()
+
+
+def test_a_hugging_face_dataset_s_images_go_from_its_arrow_files_to_the_workers_not_through_the_driver(
+    ray_cluster, tmp_path: Path
+) -> None:
+    import datasets
+
+    images = [image_bytes(n, "PNG", size=(96, 96)) for n in range(120)]  # ~27 KB of noise each
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    rows = {"image": [{"bytes": b, "path": f"img-{n}.png"} for n, b in enumerate(images)], "label": [n % 3 for n in range(120)]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    table = str(tmp_path / "photos.lance")
+
+    summary = ingest([str(tmp_path / "hf")], table, IngestOptions(progress=False))
+
+    assert summary.reconciled and summary.added == 120
+    assert 0 < summary.bytes_from_driver < sum(map(len, images)) / 20, (summary.bytes_from_driver, sum(map(len, images)))
+    stored = {r["source"]: r for r in open_table(table).to_table(columns=["source", "image", "truth"]).to_pylist()}
+    assert [stored[f"img-{n}.png"]["image"] for n in range(120)] == images, "every image's bytes, unchanged"
+    assert [stored[f"img-{n}.png"]["truth"] for n in range(120)] == ["abc"[n % 3] for n in range(120)]

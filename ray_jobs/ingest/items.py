@@ -5,10 +5,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Locator = Literal["path", "url", "bytes", "object", "member", "none"]
+Locator = Literal["path", "url", "bytes", "object", "member", "cell", "none"]
 """How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, read an
 object-storage object (``url`` is its ``s3://...`` URI), read a tar member (``url`` is the shard,
-``path`` is ``"offset:size"``), or none (the source already knows the item failed, see ``InputItem.error``)."""
+``path`` is ``"offset:size"``), read a cell of an Arrow or Parquet file (``url`` is the file, ``path``
+is ``"format:row:column"``, see :class:`Cell`), or none (the source already knows the item failed, see
+``InputItem.error``)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Image bytes a source leaves where they are, in a cell of an Arrow or Parquet file: the workers read them.
+
+    A Hugging Face dataset (``save_to_disk``: memory-mapped Arrow files) and a Parquet file with an
+    image column (the Hub's format) hold their images inline. The driver lists the rows without
+    the image column, and a worker reads ``row`` (counted from the file's start) of ``column`` (a
+    binary column, or an ``Image`` struct's ``bytes``) from ``file`` (a local path or an
+    object-storage URI) itself.
+    """
+
+    file: str
+    row: int
+    column: str
+    format: Literal["arrow", "parquet"] = "arrow"
+
+    @property
+    def span(self) -> str:
+        """The work row's ``path``: ``"format:row:column"``."""
+        return f"{self.format}:{self.row}:{self.column}"
 
 
 @dataclass
@@ -118,6 +142,9 @@ class IngestSummary:
     """Items each Ray node read and checked (node id -> count): where the work ran."""
     bytes_to_driver: int = 0
     """Bytes of task outcomes the driver received: ids, statuses and fragment metadata, no image bytes."""
+    bytes_from_driver: int = 0
+    """Bytes of work rows the driver sent to the tasks: locations and pass-through columns, and the
+    image bytes of sources whose images the driver itself holds (a Parquet file, a ModelScope folder)."""
 
     @property
     def reconciled(self) -> bool:
@@ -140,6 +167,7 @@ class IngestSummary:
             "images_per_s": round(self.inputs / self.seconds, 1) if self.seconds > 0 else None,
             "nodes": dict(sorted(self.nodes.items())),
             "bytes_to_driver": self.bytes_to_driver,
+            "bytes_from_driver": self.bytes_from_driver,
             "samples": {
                 "samples_in": self.samples.samples_in,
                 "samples_added": self.samples.added,

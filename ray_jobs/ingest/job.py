@@ -171,6 +171,7 @@ def _run_segment(
         return
     per_task = items_per_task(len(work), int(ray.cluster_resources().get("CPU", 1)), options.batch_size)
     blocks = [writer.work_block(work[i : i + per_task], segment) for i in range(0, len(work), per_task)]
+    writer.summary.bytes_from_driver += sum(block.nbytes for block in blocks)
     dataset = ray.data.from_arrow(blocks).map_batches(
         validate_and_write,
         batch_format="pyarrow",

@@ -9,10 +9,13 @@ was added, so a rerun costs a read and a hash per image. :mod:`ray_jobs.ingest.w
 
 from __future__ import annotations
 
+import bisect
 import errno
+import functools
 import json
 import os
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,7 +80,7 @@ def read_batch(
         with ThreadPoolExecutor(min(options.fetch_threads, len(urls))) as pool:
             bodies = pool.map(lambda row: fetcher.fetch(row["url"]), urls)
             fetched = {row["idx"]: body for row, body in zip(urls, bodies, strict=True)}
-    remote = [row for row in rows if row["locator"] in ("object", "member")]
+    remote = [row for row in rows if row["locator"] in ("object", "member") or _remote_cell(row)]
     if remote:
         with ThreadPoolExecutor(min(options.fetch_threads, len(remote))) as pool:
             bodies = pool.map(lambda row: _read_remote(row, options.max_bytes, storage_options), remote)
@@ -115,16 +118,88 @@ def check_batch(
 def _bytes_of(
     row: dict, fetched: dict[int, bytes | IngestError | str], options: IngestOptions
 ) -> bytes | IngestError | str:
-    if row["locator"] in ("url", "object", "member"):
+    if row["locator"] in ("url", "object", "member") or _remote_cell(row):
         return fetched[row["idx"]]
     if row["locator"] == "path":
         return read_file(row["path"], options.max_bytes, scan=row["scan"])
+    if row["locator"] == "cell":
+        return read_cell(row["url"], row["path"], options.max_bytes)
     return row["data"] or b""
+
+
+def read_cell(
+    file: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
+) -> bytes | IngestError:
+    """Return the image bytes at ``span`` (``"format:row:column"``, ``items.Cell``) of an Arrow or Parquet file."""
+    from ray_jobs.ingest.sources.objectstore import listing_failure
+
+    form, row, column = span.split(":", 2)
+    try:
+        if form == "parquet":
+            value = _parquet_cell(file, int(row), column, json.dumps(_object_options(file, table_options) or {}))
+        else:
+            value = _arrow_table(file).column(column)[int(row)]
+    except FileNotFoundError:
+        return IngestError("not_found", f"no such file {file} (moved or deleted since it was listed?)")
+    except (KeyError, IndexError, pa.ArrowException) as exc:
+        return IngestError("unreadable", f"cannot read row {row} of {file}: {exc}")
+    except OSError as exc:
+        return IngestError(*listing_failure(exc))
+    if isinstance(value, pa.StructScalar):  # a Hugging Face Image: {"bytes", "path"}
+        value = value["bytes"]
+    buffer = value.as_buffer() if value.is_valid else None
+    if buffer is None or buffer.size == 0:
+        return IngestError("missing_location", "the row has no image bytes")
+    if buffer.size > max_bytes:
+        return IngestError("too_large", f"{buffer.size} bytes is over the limit of {max_bytes} (raise --max-bytes)")
+    return buffer.to_pybytes()
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_table(file: str) -> pa.Table:
+    """A Hugging Face Arrow file (an IPC stream), memory-mapped: reading a cell pages in that cell only."""
+    return pa.ipc.open_stream(pa.memory_map(file)).read_all()
+
+
+_row_groups_lock = threading.Lock()
+
+
+def _parquet_cell(file: str, row: int, column: str, options_json: str) -> pa.Scalar:
+    """Row ``row`` of ``column``: its row group's column is read once and kept (a task's rows are consecutive)."""
+    _, starts = _parquet_layout(file, options_json)
+    group = bisect.bisect_right(starts, row) - 1
+    with _row_groups_lock:  # the fetch threads of a task want the same group: read it once
+        values = _row_group(file, group, column, options_json)
+    return values[row - starts[group]]
+
+
+@functools.lru_cache(maxsize=8)
+def _parquet_layout(file: str, options_json: str):  # -> (pq.ParquetFile, first row of each row group)
+    import pyarrow.parquet as pq
+
+    filesystem, path = pyarrow_filesystem(file, json.loads(options_json) or None) if is_object_uri(file) else (None, file)
+    parquet = pq.ParquetFile(path, filesystem=filesystem)
+    starts = [0]
+    for group in range(parquet.metadata.num_row_groups - 1):
+        starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
+    return parquet, starts
+
+
+@functools.lru_cache(maxsize=2)
+def _row_group(file: str, group: int, column: str, options_json: str) -> pa.ChunkedArray:
+    parquet, _ = _parquet_layout(file, options_json)
+    return parquet.read_row_group(group, columns=[column]).column(column)
+
+
+def _remote_cell(row: dict) -> bool:
+    return row["locator"] == "cell" and is_object_uri(row["url"])
 
 
 def _read_remote(row: dict, max_bytes: int, table_options: dict[str, str] | None) -> bytes | IngestError | str:
     if row["locator"] == "object":
         return read_object(row["url"], max_bytes, table_options, scan=row["scan"])
+    if row["locator"] == "cell":
+        return read_cell(row["url"], row["path"], max_bytes, table_options)
     return read_member(row["url"], row["path"], max_bytes, table_options)
 
 

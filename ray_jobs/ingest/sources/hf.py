@@ -16,6 +16,7 @@ import pyarrow as pa
 from ray_jobs.ingest.items import InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
+from ray_jobs.ingest.sources.cells import arrow_rows_with_cells
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 SPLIT_COLUMN = "split"
@@ -76,10 +77,14 @@ def _dataset_source(location: str, kind: str, loaded: Any, options: IngestOption
             context = RowContext(
                 name=name, kind=kind, root=Path(location), options=options, label_names=label_names
             )
-            table = dataset.flatten_indices().data if dataset._indices is not None else dataset.data
-            for item in rows_to_items(table.to_batches(1024), mapping, context):
+            batches = arrow_rows_with_cells(dataset, mapping.roles.get("image"), location)
+            if batches is None:  # bytes the driver reads itself (no Arrow files of its own under the folder)
+                table = dataset.flatten_indices().data if dataset._indices is not None else dataset.data
+                batches = (batch.to_pylist() for batch in table.to_batches(1024))
+            for item in rows_to_items(batches, mapping, context):
                 if len(splits) > 1:
                     item.metadata[SPLIT_COLUMN] = split
                 yield item
 
     return ListedSource(kind, items, mapping.metadata_fields)
+

@@ -10,16 +10,18 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
+from ray_jobs.ingest.sources.cells import Rows, image_values_type, parquet_rows_with_cells
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 BATCH_ROWS = 1024
-Batches = Callable[[], Iterator[pa.RecordBatch]]
+Batches = Callable[[], Iterator[pa.RecordBatch] | Rows]
 
 
 def manifest_source(location: str, options: IngestOptions) -> ListedSource:
@@ -63,11 +65,22 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
         return _object_parquet(location, options)
     if not Path(location).exists():
         raise SourceError(f"{location} does not exist")
+    import pyarrow.parquet as pq
+
     dataset = pads.dataset(location, format="parquet")
     root = Path(location) if Path(location).is_dir() else Path(location).parent
     return _tabular(
-        location, "parquet", dataset.schema, lambda: dataset.to_batches(batch_size=BATCH_ROWS), root, options
+        location, "parquet", dataset.schema, _parquet_rows(dataset, options, pq.ParquetFile, str), root, options
     )
+
+
+def _parquet_rows(dataset: Any, options: IngestOptions, open_file: Callable[[str], Any], uri_of: Callable[[str], str]) -> Batches:
+    """The rows of a Parquet dataset; images in an image column stay in the files for the workers."""
+    mapping = map_columns(dataset.schema, options.columns, "")
+    image = mapping.roles.get("image")
+    if image is None or not image_values_type(dataset.schema.field(image).type)[0]:
+        return lambda: dataset.to_batches(batch_size=BATCH_ROWS)
+    return lambda: parquet_rows_with_cells(dataset.files, image, open_file, uri_of)
 
 
 def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
@@ -81,12 +94,16 @@ def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
         dataset = pads.dataset(key.rstrip("/"), filesystem=filesystem, format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
+    import pyarrow.parquet as pq
+
     mapping = map_columns(dataset.schema, options.columns, location)
     root = location.rstrip("/") if folder else location.rsplit("/", 1)[0]
     context = RowContext(name=location, kind="parquet", root=Path("."), options=options, object_root=root)
-    return ListedSource(
-        "parquet", lambda: rows_to_items(dataset.to_batches(batch_size=BATCH_ROWS), mapping, context), mapping.metadata_fields
+    scheme = location.partition("://")[0]
+    rows = _parquet_rows(
+        dataset, options, lambda f: pq.ParquetFile(f, filesystem=filesystem), lambda f: f"{scheme}://{f}"
     )
+    return ListedSource("parquet", lambda: rows_to_items(rows(), mapping, context), mapping.metadata_fields)
 
 
 def lance_source(location: str, options: IngestOptions) -> ListedSource:

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from lance_io.storage import is_object_uri
-from ray_jobs.ingest.items import InputItem, SampleSpec
+from ray_jobs.ingest.items import Cell, InputItem, SampleSpec
 from ray_jobs.ingest.messages import InvalidMessages, normalize_messages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import SourceError, inside_root, metadata_field_types, object_item
@@ -99,12 +99,12 @@ class RowContext:
 
 
 def rows_to_items(
-    batches: Iterable[pa.RecordBatch], mapping: ColumnMapping, context: RowContext
+    batches: Iterable[pa.RecordBatch | list[dict[str, Any]]], mapping: ColumnMapping, context: RowContext
 ) -> Iterator[InputItem]:
-    """Yield one item per row of `batches`."""
+    """Yield one item per row of `batches` (Arrow batches, or rows as dicts)."""
     row_number = 0
     for batch in batches:
-        for row in batch.to_pylist():
+        for row in batch if isinstance(batch, list) else batch.to_pylist():
             if "images" in mapping.roles and isinstance(row.get(mapping.roles["images"]), list):
                 yield from _sample_items(row, row_number, mapping, context)
             else:
@@ -162,6 +162,8 @@ def _row_item(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx: Row
 def _locate(image: Any, url: Any, path: Any, row_name: str, ctx: RowContext) -> InputItem:
     if isinstance(image, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
         image, path = image.get("bytes"), path or image.get("path")
+    if isinstance(image, Cell):  # bytes left in their Arrow file: the worker reads them
+        return InputItem(source=path or url or row_name, source_kind=ctx.kind, locator="cell", url=image.file, path=image.span)
     if isinstance(image, bytes | bytearray | memoryview) and len(image) > 0:
         return InputItem(
             source=path or url or row_name, source_kind=ctx.kind, locator="bytes", data=bytes(image)

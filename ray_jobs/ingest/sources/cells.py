@@ -1,0 +1,131 @@
+"""Rows whose image bytes stay in their file: the driver lists the other columns, the workers read the images.
+
+Sources that hold images inline (a Hugging Face dataset's Arrow files, a Parquet file with an
+image column) would otherwise send every image through the driver, as work rows. Here each
+image becomes a :class:`~ray_jobs.ingest.items.Cell` (file, row, column) and a worker reads it
+(``worker.read_cell``). Whether a row has image bytes, which decides how it is located, is known
+without reading them: from the Arrow offsets, or from a Parquet row group's statistics (no null);
+a row group with a null image, or without statistics, is read whole by the driver, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_jobs.ingest.items import Cell
+
+BATCH_ROWS = 1024
+Rows = Iterator[list[dict[str, Any]]]
+
+
+def image_values_type(dtype: pa.DataType) -> tuple[bool, bool]:
+    """Return (bytes readable as a cell, is an Image struct ``{bytes, path}``) for an image column's type."""
+    struct = pa.types.is_struct(dtype)
+    values = dtype.field("bytes").type if struct and dtype.get_field_index("bytes") >= 0 else dtype
+    return pa.types.is_binary(values) or pa.types.is_large_binary(values), struct
+
+
+def _cell_value(cell: Cell | None, path: str | None, struct: bool) -> Any:
+    return {"bytes": cell, "path": path} if struct else cell
+
+
+def arrow_rows_with_cells(dataset: Any, image_column: str | None, location: str) -> Rows | None:
+    """Yield a Hugging Face dataset's rows, ``BATCH_ROWS`` at a time, each image's bytes replaced by its :class:`Cell`.
+
+    The driver then never reads an image: it reads the other columns and the lengths of the image
+    cells (the Arrow offsets, not the bytes), and the workers read the bytes from the dataset's
+    memory-mapped Arrow files. None when the images cannot be read that way: no image column, a
+    list of images per row, an index mapping (``select``), or Arrow files outside ``location``
+    (a ModelScope folder's cache is private to the driver's machine).
+    """
+    files = [Path(f["filename"]) for f in dataset.cache_files]
+    root = Path(location).resolve()
+    if image_column is None or dataset._indices is not None or not files:
+        return None
+    if not all(f.resolve().is_relative_to(root) for f in files):
+        return None
+    table: pa.Table = dataset.data.table
+    column = table.column(image_column)
+    readable, struct = image_values_type(column.type)
+    if not readable:
+        return None
+    values = pc.struct_field(column, "bytes") if struct else column
+    counts = [_arrow_rows(f) for f in files]
+    if sum(counts) != table.num_rows:
+        return None
+    lengths = pc.binary_length(values)  # from the offsets: the bytes stay unread
+    paths = pc.struct_field(column, "path") if struct and column.type.get_field_index("path") >= 0 else None
+    rest = table.drop_columns([image_column])
+
+    def rows() -> Rows:
+        file_index, first_row = 0, 0
+        for start in range(0, table.num_rows, BATCH_ROWS):
+            batch = rest.slice(start, BATCH_ROWS).to_pylist()
+            sizes = lengths.slice(start, BATCH_ROWS).to_pylist()
+            names = paths.slice(start, BATCH_ROWS).to_pylist() if paths is not None else [None] * len(batch)
+            for offset, (row, size, name) in enumerate(zip(batch, sizes, names, strict=True)):
+                number = start + offset
+                while number >= first_row + counts[file_index]:
+                    first_row += counts[file_index]
+                    file_index += 1
+                cell = Cell(str(files[file_index]), number - first_row, image_column) if size else None
+                row[image_column] = _cell_value(cell, name, struct)
+            yield batch
+
+    return rows()
+
+
+def _arrow_rows(path: Path) -> int:
+    """Rows of a Hugging Face Arrow file (an IPC stream), from its record batches' headers."""
+    with pa.memory_map(str(path)) as source:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
+def parquet_rows_with_cells(
+    files: list[str], image_column: str, open_file: Callable[[str], Any], uri_of: Callable[[str], str]
+) -> Rows:
+    """Yield the rows of Parquet ``files``, a row group at a time, each image as a :class:`Cell`.
+
+    ``open_file`` opens a file as a ``pyarrow.parquet.ParquetFile``; ``uri_of`` names it for the
+    workers (a local path, or ``s3://bucket/key``). A row group whose statistics do not show
+    every image present (no null) is read whole: the driver then holds its bytes.
+    """
+    for file in files:
+        parquet = open_file(file)
+        schema = parquet.schema_arrow
+        readable, struct = image_values_type(schema.field(image_column).type)
+        leaf = f"{image_column}.bytes" if struct else image_column
+        others = [name for name in schema.names if name != image_column]
+        with_path = struct and schema.field(image_column).type.get_field_index("path") >= 0
+        first_row = 0
+        for group in range(parquet.metadata.num_row_groups):
+            meta = parquet.metadata.row_group(group)
+            if readable and _every_value_present(meta, leaf):
+                table = parquet.read_row_group(group, columns=others + ([f"{image_column}.path"] if with_path else []))
+                rows = table.to_pylist()
+                for offset, row in enumerate(rows):
+                    path = (row.get(image_column) or {}).get("path") if with_path else None
+                    row[image_column] = _cell_value(Cell(uri_of(file), first_row + offset, image_column, "parquet"), path, struct)
+            else:
+                rows = parquet.read_row_group(group).to_pylist()
+            for start in range(0, len(rows), BATCH_ROWS):
+                yield rows[start : start + BATCH_ROWS]
+            first_row += meta.num_rows
+
+
+def _every_value_present(meta: Any, leaf: str) -> bool:
+    """True when a row group's statistics show no null in the column ``leaf``.
+
+    (Whether a value is empty they cannot say: Parquet writers keep no min/max of values over a
+    few KB. An empty one is an error record from the worker, ``missing_location``.)"""
+    for index in range(meta.num_columns):
+        column = meta.column(index)
+        if column.path_in_schema == leaf:
+            stats = column.statistics
+            return stats is not None and stats.has_null_count and stats.null_count == 0
+    return False
