@@ -301,6 +301,9 @@ def test_parquet_images_stay_in_the_file_where_row_group_statistics_show_every_i
     assert [read_cell(i.url, i.path, 10**6) for i in hub[:4] + hub[6:7]] == images[:4] + images[6:7]
     assert hub[4].data == images[4], "a row group with a null image is read on the driver, as before"
     assert read_cell(hub[7].url, hub[7].path, 10**6).reason == "missing_location", "empty bytes: an error record"
+    (tmp_path / "truncated.parquet").write_bytes((tmp_path / "raw.parquet").read_bytes()[:200])
+    with pytest.raises(SourceError, match="cannot read the Parquet source"):
+        open_source(str(tmp_path / "truncated.parquet"), IngestOptions())
     raw = _items(str(tmp_path / "raw.parquet"))
     assert [i.locator for i in raw] == ["cell"] * 4
     assert [read_cell(i.url, i.path, 10**6) for i in raw] == images[:4], "a cell of the second row group too"

@@ -276,8 +276,9 @@ class ChunkWriter:
         raced: set[str] = set()
         if fragments:
             properties = {"lancetag.job": self.job, "lancetag.rows_by_node": json.dumps(dict(chunk.nodes))}
-            checked, version = version, commit_fragments(
-                self.table, fragments, self.target, read_version=version,
+            checked = version
+            version = commit_fragments(
+                self.table, fragments, self.target, read_version=checked,
                 storage_options=self.storage_options, properties=properties,
             ).version
             self._new_table = False

@@ -144,7 +144,7 @@ class IngestSummary:
     """Bytes of task outcomes the driver received: ids, statuses and fragment metadata, no image bytes."""
     bytes_from_driver: int = 0
     """Bytes of work rows the driver sent to the tasks: locations and pass-through columns, and the
-    image bytes of sources whose images the driver itself holds (a Parquet file, a ModelScope folder)."""
+    image bytes of the few sources whose images the driver reads itself (docs/ingest.md, "Limits")."""
 
     @property
     def reconciled(self) -> bool:

@@ -98,10 +98,11 @@ def parquet_rows_with_cells(
     for file in files:
         parquet = open_file(file)
         schema = parquet.schema_arrow
-        readable, struct = image_values_type(schema.field(image_column).type)
+        dtype = schema.field(image_column).type if image_column in schema.names else pa.null()  # a file without it: read whole
+        readable, struct = image_values_type(dtype)
         leaf = f"{image_column}.bytes" if struct else image_column
         others = [name for name in schema.names if name != image_column]
-        with_path = struct and schema.field(image_column).type.get_field_index("path") >= 0
+        with_path = struct and dtype.get_field_index("path") >= 0
         first_row = 0
         for group in range(parquet.metadata.num_row_groups):
             meta = parquet.metadata.row_group(group)

@@ -80,11 +80,10 @@ def _dataset_source(location: str, kind: str, loaded: Any, options: IngestOption
             batches = arrow_rows_with_cells(dataset, mapping.roles.get("image"), location)
             if batches is None:  # bytes the driver reads itself (no Arrow files of its own under the folder)
                 table = dataset.flatten_indices().data if dataset._indices is not None else dataset.data
-                batches = (batch.to_pylist() for batch in table.to_batches(1024))
+                batches = table.to_batches(1024)
             for item in rows_to_items(batches, mapping, context):
                 if len(splits) > 1:
                     item.metadata[SPLIT_COLUMN] = split
                 yield item
 
     return ListedSource(kind, items, mapping.metadata_fields)
-

@@ -67,7 +67,10 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
         raise SourceError(f"{location} does not exist")
     import pyarrow.parquet as pq
 
-    dataset = pads.dataset(location, format="parquet")
+    try:
+        dataset = pads.dataset(location, format="parquet")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
     root = Path(location) if Path(location).is_dir() else Path(location).parent
     return _tabular(
         location, "parquet", dataset.schema, _parquet_rows(dataset, options, pq.ParquetFile, str), root, options
