@@ -307,3 +307,29 @@ def test_parquet_images_stay_in_the_file_where_row_group_statistics_show_every_i
     raw = _items(str(tmp_path / "raw.parquet"))
     assert [i.locator for i in raw] == ["cell"] * 4
     assert [read_cell(i.url, i.path, 10**6) for i in raw] == images[:4], "a cell of the second row group too"
+
+
+def _chat(n: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"<image>Q{n}"}, {"role": "assistant", "content": "A"}],
+            "images": [f"img/{n}.jpg"]}
+
+
+def test_a_sharegpt_jsonl_line_that_is_not_json_is_its_own_error_and_the_other_lines_ingest(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(_chat(0)) + "\n{not json\n\n" + json.dumps(_chat(2)) + "\n")
+    assert detect_kind(str(path)) == "sharegpt"
+
+    items = _items(str(path))
+
+    assert [i.path for i in items if i.path] == [str(tmp_path / "img" / "0.jpg"), str(tmp_path / "img" / "2.jpg")]
+    [bad] = [i for i in items if i.sample.error]
+    assert bad.sample.error[0] == "invalid_sample" and "line 2 is not valid JSON" in bad.sample.error[1]
+
+
+def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -> None:
+    big = _chat(0) | {"system": "x" * 200_000}  # the first sample is longer than one read
+    path = tmp_path / "data.json"
+    path.write_text("[\n  " + json.dumps(big) + ",\n  {this part is never read")
+    assert detect_kind(str(path)) == "sharegpt"
+    (tmp_path / "plain.json").write_text('[{"path": "a.jpg", "label": "cat"}, {broken')
+    assert detect_kind(str(tmp_path / "plain.json")) == "manifest"

@@ -3,8 +3,9 @@
 Each sample becomes one row of the samples table (:mod:`lance_io.samples`): its turns (both role
 spellings, ``role``/``content`` and ``from``/``value``), optional ``system`` and ``tools``, and
 its images in order, each an item of the image table (deduplicated by content there). The file
-may be on object storage (``s3://bucket/data/train.json``): it is read on the driver, and its
-relative image paths are keys under its prefix. A sample
+may be on object storage (``s3://bucket/data/train.json``): it is read on the driver (a JSONL
+file streamed a line at a time, so the driver's memory does not grow with it; detecting the kind
+reads the first sample only), and its relative image paths are keys under its prefix. A sample
 whose ``<image>`` placeholders do not match its images, or whose turns are not sharegpt, is an
 error record of its own; its images are still ingested. A sample without images is a text-only
 sample: its item counts as skipped (no image), the sample is kept.
@@ -13,8 +14,11 @@ Every image row also records its first sample (``file.json#index``) and position
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,10 @@ METADATA_FIELDS = {SAMPLE: pa.string(), IMAGE_INDEX: pa.int32(), CONVERSATION: p
 
 
 def looks_like_sharegpt(location: str | Path) -> bool:
-    """True when a JSON/JSONL file's first sample has chat turns and an ``images`` list."""
+    """True when a JSON/JSONL file's first sample has chat turns and an ``images`` list (only that sample is read)."""
     try:
-        first = next(iter(_samples(str(location))), None)
-    except (SourceError, OSError):
+        first = _first_sample(str(location))
+    except (SourceError, OSError, UnicodeDecodeError):
         return False
     return isinstance(first, dict) and "images" in first and ("messages" in first or "conversations" in first)
 
@@ -53,28 +57,71 @@ def sharegpt_source(location: str, options: IngestOptions) -> ListedSource:
     return ListedSource(KIND, lambda: _items(location, root, options), dict(METADATA_FIELDS))
 
 
-def _read_text(location: str) -> str:
+@dataclass(frozen=True)
+class InvalidLine:
+    """A JSONL line that is not JSON: an error record of its own, the other lines still ingest."""
+
+    message: str
+
+
+@contextmanager
+def _text_stream(location: str) -> Iterator[io.TextIOBase]:
+    """The file as text, streamed: local, or an object read as it comes."""
     if not is_object_uri(location):
-        return Path(location).read_text(encoding="utf-8")
+        with open(location, encoding="utf-8") as handle:
+            yield handle
+        return
     filesystem, key = pyarrow_filesystem(location, resolve_storage_options(location))
     try:
         with filesystem.open_input_stream(key) as stream:
-            return stream.read().decode("utf-8")
+            yield io.TextIOWrapper(stream, encoding="utf-8")
     except OSError as exc:
         raise SourceError(f"cannot read {location}: {exc}") from exc
 
 
-def _samples(location: str) -> list[Any]:
-    text = _read_text(location)
-    try:
-        if location.lower().endswith((".jsonl", ".ndjson")):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        samples = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{location} is not valid JSON: {exc}") from exc
+def _is_jsonl(location: str) -> bool:
+    return location.lower().endswith((".jsonl", ".ndjson"))
+
+
+def _samples(location: str) -> Iterator[Any]:
+    """Yield the file's samples. JSONL is streamed a line at a time (the driver holds one line); a
+    line that is not JSON comes as an :class:`InvalidLine`. A JSON file is one document, read whole."""
+    with _text_stream(location) as text:
+        if _is_jsonl(location):
+            for number, line in enumerate(text, start=1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield InvalidLine(f"line {number} is not valid JSON: {exc}")
+            return
+        try:
+            samples = json.loads(text.read())
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{location} is not valid JSON: {exc}") from exc
     if not isinstance(samples, list):
         raise SourceError(f"{location} must hold a JSON list of samples")
-    return samples
+    yield from samples
+
+
+def _first_sample(location: str, chunk: int = 1 << 16) -> Any:
+    """The file's first sample, read from its start only (a JSON list is decoded up to its first element)."""
+    with _text_stream(location) as text:
+        if _is_jsonl(location):
+            return next((json.loads(line) for line in text if line.strip()), None)
+        prefix = ""
+        while True:
+            more = text.read(chunk)
+            prefix += more
+            body = prefix.lstrip()
+            if body and not body.startswith("["):
+                return None
+            try:
+                return json.JSONDecoder().raw_decode(body[1:].lstrip())[0] if body else None
+            except json.JSONDecodeError:
+                if not more:
+                    return None
+                chunk *= 4
 
 
 def _items(location: str, root: Path | str, options: IngestOptions) -> Iterator[InputItem]:
@@ -85,7 +132,8 @@ def _items(location: str, root: Path | str, options: IngestOptions) -> Iterator[
         if isinstance(images, str):
             images = [images]
         if not images:
-            yield InputItem(source=name, source_kind=KIND, locator="none", skip="text-only sample", sample=spec)
+            why = "text-only sample" if spec.error is None else "no image (the sample is invalid)"
+            yield InputItem(source=name, source_kind=KIND, locator="none", skip=why, sample=spec)
             continue
         turns = sample.get("messages", sample.get("conversations"))
         for position, image in enumerate(images):
@@ -104,6 +152,9 @@ def _spec(sample: Any, source: str, index: int) -> SampleSpec:
     images = sample.get("images") if isinstance(sample, dict) else None
     count = 1 if isinstance(images, str) else len(images or [])
     spec = SampleSpec(source=source, source_kind=KIND, index=index, images=count, messages=None)
+    if isinstance(sample, InvalidLine):
+        spec.error = ("invalid_sample", sample.message)
+        return spec
     if not isinstance(sample, dict):
         spec.error = ("invalid_sample", f"a sample must be a JSON object, got {type(sample).__name__}")
         return spec
