@@ -333,3 +333,17 @@ def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -
     assert detect_kind(str(path)) == "sharegpt"
     (tmp_path / "plain.json").write_text('[{"path": "a.jpg", "label": "cat"}, {broken')
     assert detect_kind(str(tmp_path / "plain.json")) == "manifest"
+
+
+def test_an_existing_lance_table_is_a_source_of_its_image_bytes_and_truth(tmp_path: Path) -> None:
+    from lance_io import append_images
+    from tests.table_fixtures import image_rows
+
+    rows = image_rows(range(5))
+    append_images(str(tmp_path / "src.lance"), rows)
+    assert detect_kind(str(tmp_path / "src.lance")) == "lance"
+
+    items = _items(str(tmp_path / "src.lance"))
+
+    by_data = {i.data: i.truth for i in items}
+    assert by_data == dict(zip(rows.column("image").to_pylist(), rows.column("truth").to_pylist(), strict=True))
