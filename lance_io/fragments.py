@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
+from lance_io.reasons import ReasonError
 from lance_io.schema import ID
 from lance_io.table import (
     DEFAULT_MAX_ROWS_PER_FILE,
@@ -126,7 +127,9 @@ def commit_fragments(
     """Make ``fragments`` rows of the table in one commit; create the table (with ``schema``) when it has none.
 
     ``read_version`` is the version the caller checked the fragments' rows against; appends by
-    other writers since then rebase. A new table gets the ``id`` index in a second commit.
+    other writers since then rebase. A new table gets the ``id`` index in a second commit. Lance
+    lets a creation replace a table another writer created meanwhile: that table is put back and
+    ``ReasonError("concurrent_write")`` raised (the other writer's next commit fails too, so both rerun).
     """
     from lance.dataset import Transaction
 
@@ -138,6 +141,13 @@ def commit_fragments(
             ds = lance.LanceDataset.commit(
                 uri, Transaction(0, operation, transaction_properties=properties), storage_options=storage_options
             )
+            if ds.version != 1:  # another writer created the table since the caller saw none, and Lance let this replace it
+                lance.dataset(uri, version=ds.version - 1, storage_options=storage_options).restore()
+                raise ReasonError(
+                    "concurrent_write",
+                    f"another process created {uri} while this one was creating it; its rows are kept and "
+                    "this run's are not added: rerun (nothing is added twice)",
+                )
             ensure_id_index(ds)
             return lance.dataset(uri, storage_options=storage_options)
         operation = lance.LanceOperation.Append(metadata)

@@ -203,3 +203,22 @@ def test_append_samples_adds_nothing_twice_when_another_writer_commits_between_i
     assert raced == [4] and (result.added, len(result.duplicate_ids)) == (4, 4)
     ids = open_samples(uri).to_table(columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 12
+
+
+def test_creating_a_table_another_writer_created_meanwhile_puts_its_rows_back_and_fails_with_concurrent_write(tmp_path) -> None:
+    import pytest
+
+    from lance_io.reasons import ReasonError
+
+    uri = str(tmp_path / "t.lance")
+    rows = image_rows(range(4))
+    mine = write_rows(rows.to_batches(), uri, rows.schema)  # this writer saw no table
+    append_images(uri, image_rows(range(10, 13)))  # another one creates it first
+
+    with pytest.raises(ReasonError) as failed:
+        commit_fragments(uri, mine, rows.schema, read_version=None)
+
+    assert failed.value.reason == "concurrent_write"
+    ids = open_table(uri).to_table(columns=["id"])["id"].to_pylist()
+    assert sorted(ids) == sorted(image_rows(range(10, 13)).column("id").to_pylist()), "the other writer's rows, only"
+    open_table(uri).validate()
