@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_jobs.ingest import worker
 from ray_jobs.ingest.messages import InvalidMessages, messages_from_template, normalize_messages
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources import SourceError, detect_kind, open_source
@@ -193,7 +194,11 @@ def test_hf_images_are_read_by_the_workers_from_every_shard_and_a_row_without_by
     assert [read_cell(i.url, i.path, 10**6) for i in cells] == images[:7]
     assert [i.error[0] for i in items[7:]] == ["missing_location"] * 2
     assert read_cell(cells[0].url, cells[0].path, 10).reason == "too_large"
-    assert read_cell(str(tmp_path / "gone.arrow"), "arrow:0:image", 10**6).reason == "not_found"
+    assert read_cell(str(tmp_path / "gone.arrow"), "arrow:1-1:0:image", 10**6).reason == "not_found"
+    shard = Path(cells[0].url)
+    shard.write_bytes(shard.read_bytes() + b"\0")  # rewritten after the listing
+    worker._arrow_table.cache_clear()  # a worker process that opens it now
+    assert read_cell(cells[0].url, cells[0].path, 10**6).reason == "source_changed"
 
 
 def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
@@ -307,6 +312,9 @@ def test_parquet_images_stay_in_the_file_where_row_group_statistics_show_every_i
     raw = _items(str(tmp_path / "raw.parquet"))
     assert [i.locator for i in raw] == ["cell"] * 4
     assert [read_cell(i.url, i.path, 10**6) for i in raw] == images[:4], "a cell of the second row group too"
+    other = [image_bytes(50 + n) for n in range(4)]  # the same name, new content: a later ingest reads the new file
+    pq.write_table(pa.table({"img": other, "n": list(range(4))}), tmp_path / "raw.parquet", row_group_size=3)
+    assert [read_cell(i.url, i.path, 10**6) for i in _items(str(tmp_path / "raw.parquet"))] == other
 
 
 def _chat(n: int) -> dict:

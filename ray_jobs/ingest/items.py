@@ -9,7 +9,7 @@ Locator = Literal["path", "url", "bytes", "object", "member", "cell", "none"]
 """How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, read an
 object-storage object (``url`` is its ``s3://...`` URI), read a tar member (``url`` is the shard,
 ``path`` is ``"offset:size"``), read a cell of an Arrow or Parquet file (``url`` is the file, ``path``
-is ``"format:row:column"``, see :class:`Cell`), or none (the source already knows the item failed, see
+is ``"format:stamp:row:column"``, see :class:`Cell`), or none (the source already knows the item failed, see
 ``InputItem.error``)."""
 
 
@@ -28,11 +28,13 @@ class Cell:
     row: int
     column: str
     format: Literal["arrow", "parquet"] = "arrow"
+    stamp: str = ""
+    """The file's size and modification time when listed: a worker refuses a file that changed since."""
 
     @property
     def span(self) -> str:
-        """The work row's ``path``: ``"format:row:column"``."""
-        return f"{self.format}:{self.row}:{self.column}"
+        """The work row's ``path``: ``"format:stamp:row:column"``."""
+        return f"{self.format}:{self.stamp}:{self.row}:{self.column}"
 
 
 @dataclass

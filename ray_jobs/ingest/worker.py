@@ -130,17 +130,20 @@ def _bytes_of(
 def read_cell(
     file: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
 ) -> bytes | IngestError:
-    """Return the image bytes at ``span`` (``"format:row:column"``, ``items.Cell``) of an Arrow or Parquet file."""
+    """Return the image bytes at ``span`` (``"format:stamp:row:column"``, ``items.Cell``) of an Arrow or Parquet file."""
     from ray_jobs.ingest.sources.objectstore import listing_failure
 
-    form, row, column = span.split(":", 2)
+    form, stamp, row, column = span.split(":", 3)
+    options_json = json.dumps(_object_options(file, table_options) or {}) if is_object_uri(file) else "{}"
     try:
         if form == "parquet":
-            value = _parquet_cell(file, int(row), column, json.dumps(_object_options(file, table_options) or {}))
+            value = _parquet_cell(file, stamp, int(row), column, options_json)
         else:
-            value = _arrow_table(file).column(column)[int(row)]
+            value = _arrow_table(file, stamp).column(column)[int(row)]
     except FileNotFoundError:
         return IngestError("not_found", f"no such file {file} (moved or deleted since it was listed?)")
+    except _FileChanged:
+        return IngestError("source_changed", f"{file} changed since it was listed (size and time differ); rerun")
     except (KeyError, IndexError, pa.ArrowException) as exc:
         return IngestError("unreadable", f"cannot read row {row} of {file}: {exc}")
     except OSError as exc:
@@ -155,29 +158,46 @@ def read_cell(
     return buffer.to_pybytes()
 
 
+class _FileChanged(Exception):
+    """The file a cell points into is not the one the driver listed."""
+
+
+def _checked_filesystem(file: str, stamp: str, options_json: str):  # -> (pyarrow filesystem, path)
+    from pyarrow.fs import LocalFileSystem
+
+    from ray_jobs.ingest.sources.cells import file_stamp
+
+    filesystem, path = pyarrow_filesystem(file, json.loads(options_json) or None) if is_object_uri(file) else (LocalFileSystem(), file)
+    if file_stamp(filesystem, path) != stamp:
+        raise _FileChanged(file)
+    return filesystem, path
+
+
+# Cached per worker process, by file and stamp: a file rewritten under the same name is opened anew.
 @functools.lru_cache(maxsize=4)
-def _arrow_table(file: str) -> pa.Table:
+def _arrow_table(file: str, stamp: str) -> pa.Table:
     """A Hugging Face Arrow file (an IPC stream), memory-mapped: reading a cell pages in that cell only."""
+    _checked_filesystem(file, stamp, "{}")
     return pa.ipc.open_stream(pa.memory_map(file)).read_all()
 
 
 _row_groups_lock = threading.Lock()
 
 
-def _parquet_cell(file: str, row: int, column: str, options_json: str) -> pa.Scalar:
+def _parquet_cell(file: str, stamp: str, row: int, column: str, options_json: str) -> pa.Scalar:
     """Row ``row`` of ``column``: its row group's column is read once and kept (a task's rows are consecutive)."""
-    _, starts = _parquet_layout(file, options_json)
+    _, starts = _parquet_layout(file, stamp, options_json)
     group = bisect.bisect_right(starts, row) - 1
     with _row_groups_lock:  # the fetch threads of a task want the same group: read it once
-        values = _row_group(file, group, column, options_json)
+        values = _row_group(file, stamp, group, column, options_json)
     return values[row - starts[group]]
 
 
 @functools.lru_cache(maxsize=8)
-def _parquet_layout(file: str, options_json: str):  # -> (pq.ParquetFile, first row of each row group)
+def _parquet_layout(file: str, stamp: str, options_json: str):  # -> (pq.ParquetFile, first row of each row group)
     import pyarrow.parquet as pq
 
-    filesystem, path = pyarrow_filesystem(file, json.loads(options_json) or None) if is_object_uri(file) else (None, file)
+    filesystem, path = _checked_filesystem(file, stamp, options_json)
     parquet = pq.ParquetFile(path, filesystem=filesystem)
     starts = [0]
     for group in range(parquet.metadata.num_row_groups - 1):
@@ -186,8 +206,8 @@ def _parquet_layout(file: str, options_json: str):  # -> (pq.ParquetFile, first 
 
 
 @functools.lru_cache(maxsize=2)
-def _row_group(file: str, group: int, column: str, options_json: str) -> pa.ChunkedArray:
-    parquet, _ = _parquet_layout(file, options_json)
+def _row_group(file: str, stamp: str, group: int, column: str, options_json: str) -> pa.ChunkedArray:
+    parquet, _ = _parquet_layout(file, stamp, options_json)
     return parquet.read_row_group(group, columns=[column]).column(column)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyarrow.fs import LocalFileSystem
 
 from ray_jobs.ingest.items import Cell
 
@@ -32,6 +33,16 @@ def image_values_type(dtype: pa.DataType) -> tuple[bool, bool]:
 
 def _cell_value(cell: Cell | None, path: str | None, struct: bool) -> Any:
     return {"bytes": cell, "path": path} if struct else cell
+
+
+def file_stamp(filesystem: Any, path: str) -> str:
+    """A file's size and modification time (``pyarrow.fs``): equal stamps, the same file as listed."""
+    from pyarrow.fs import FileType
+
+    info = filesystem.get_file_info(path)
+    if info.type == FileType.NotFound:
+        raise FileNotFoundError(path)
+    return f"{info.size}-{info.mtime_ns}"
 
 
 def arrow_rows_with_cells(dataset: Any, image_column: str | None, location: str) -> Rows | None:
@@ -58,6 +69,8 @@ def arrow_rows_with_cells(dataset: Any, image_column: str | None, location: str)
     counts = [_arrow_rows(f) for f in files]
     if sum(counts) != table.num_rows:
         return None
+    local = LocalFileSystem()
+    stamps = [file_stamp(local, str(f)) for f in files]
     lengths = pc.binary_length(values)  # from the offsets: the bytes stay unread
     paths = pc.struct_field(column, "path") if struct and column.type.get_field_index("path") >= 0 else None
     rest = table.drop_columns([image_column])
@@ -73,7 +86,7 @@ def arrow_rows_with_cells(dataset: Any, image_column: str | None, location: str)
                 while number >= first_row + counts[file_index]:
                     first_row += counts[file_index]
                     file_index += 1
-                cell = Cell(str(files[file_index]), number - first_row, image_column) if size else None
+                cell = Cell(str(files[file_index]), number - first_row, image_column, "arrow", stamps[file_index]) if size else None
                 row[image_column] = _cell_value(cell, name, struct)
             yield batch
 
@@ -87,16 +100,19 @@ def _arrow_rows(path: Path) -> int:
 
 
 def parquet_rows_with_cells(
-    files: list[str], image_column: str, open_file: Callable[[str], Any], uri_of: Callable[[str], str]
+    files: list[str], image_column: str, filesystem: Any, uri_of: Callable[[str], str]
 ) -> Rows:
     """Yield the rows of Parquet ``files``, a row group at a time, each image as a :class:`Cell`.
 
-    ``open_file`` opens a file as a ``pyarrow.parquet.ParquetFile``; ``uri_of`` names it for the
-    workers (a local path, or ``s3://bucket/key``). A row group whose statistics do not show
+    ``files`` are paths in ``filesystem`` (``pyarrow.fs``); ``uri_of`` names one for the workers
+    (a local path, or ``s3://bucket/key``). A row group whose statistics do not show
     every image present (no null) is read whole: the driver then holds its bytes.
     """
+    import pyarrow.parquet as pq
+
     for file in files:
-        parquet = open_file(file)
+        parquet = pq.ParquetFile(file, filesystem=filesystem)
+        stamp = file_stamp(filesystem, file)
         schema = parquet.schema_arrow
         dtype = schema.field(image_column).type if image_column in schema.names else pa.null()  # a file without it: read whole
         readable, struct = image_values_type(dtype)
@@ -111,7 +127,7 @@ def parquet_rows_with_cells(
                 rows = table.to_pylist()
                 for offset, row in enumerate(rows):
                     path = (row.get(image_column) or {}).get("path") if with_path else None
-                    row[image_column] = _cell_value(Cell(uri_of(file), first_row + offset, image_column, "parquet"), path, struct)
+                    row[image_column] = _cell_value(Cell(uri_of(file), first_row + offset, image_column, "parquet", stamp), path, struct)
             else:
                 rows = parquet.read_row_group(group).to_pylist()
             for start in range(0, len(rows), BATCH_ROWS):

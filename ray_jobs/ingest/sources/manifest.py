@@ -65,25 +65,23 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
         return _object_parquet(location, options)
     if not Path(location).exists():
         raise SourceError(f"{location} does not exist")
-    import pyarrow.parquet as pq
-
     try:
         dataset = pads.dataset(location, format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
     root = Path(location) if Path(location).is_dir() else Path(location).parent
     return _tabular(
-        location, "parquet", dataset.schema, _parquet_rows(dataset, options, pq.ParquetFile, str), root, options
+        location, "parquet", dataset.schema, _parquet_rows(dataset, options, dataset.filesystem, str), root, options
     )
 
 
-def _parquet_rows(dataset: Any, options: IngestOptions, open_file: Callable[[str], Any], uri_of: Callable[[str], str]) -> Batches:
+def _parquet_rows(dataset: Any, options: IngestOptions, filesystem: Any, uri_of: Callable[[str], str]) -> Batches:
     """The rows of a Parquet dataset; images in an image column stay in the files for the workers."""
     mapping = map_columns(dataset.schema, options.columns, "")
     image = mapping.roles.get("image")
     if image is None or not image_values_type(dataset.schema.field(image).type)[0]:
         return lambda: dataset.to_batches(batch_size=BATCH_ROWS)
-    return lambda: parquet_rows_with_cells(dataset.files, image, open_file, uri_of)
+    return lambda: parquet_rows_with_cells(dataset.files, image, filesystem, uri_of)
 
 
 def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
@@ -97,15 +95,11 @@ def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
         dataset = pads.dataset(key.rstrip("/"), filesystem=filesystem, format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
-    import pyarrow.parquet as pq
-
     mapping = map_columns(dataset.schema, options.columns, location)
     root = location.rstrip("/") if folder else location.rsplit("/", 1)[0]
     context = RowContext(name=location, kind="parquet", root=Path("."), options=options, object_root=root)
     scheme = location.partition("://")[0]
-    rows = _parquet_rows(
-        dataset, options, lambda f: pq.ParquetFile(f, filesystem=filesystem), lambda f: f"{scheme}://{f}"
-    )
+    rows = _parquet_rows(dataset, options, filesystem, lambda f: f"{scheme}://{f}")
     return ListedSource("parquet", lambda: rows_to_items(rows(), mapping, context), mapping.metadata_fields)
 
 
