@@ -341,6 +341,8 @@ def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -
     assert detect_kind(str(path)) == "sharegpt"
     (tmp_path / "plain.json").write_text('[{"path": "a.jpg", "label": "cat"}, {broken')
     assert detect_kind(str(tmp_path / "plain.json")) == "manifest"
+    (tmp_path / "broken.jsonl").write_text("{broken\n" + json.dumps(_chat(1)) + "\n")
+    assert detect_kind(str(tmp_path / "broken.jsonl")) == "manifest", "a first line that is not JSON is no sharegpt file"
 
 
 def test_an_existing_lance_table_is_a_source_of_its_image_bytes_and_truth(tmp_path: Path) -> None:

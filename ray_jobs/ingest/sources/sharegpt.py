@@ -39,7 +39,7 @@ def looks_like_sharegpt(location: str | Path) -> bool:
     """True when a JSON/JSONL file's first sample has chat turns and an ``images`` list (only that sample is read)."""
     try:
         first = _first_sample(str(location))
-    except (SourceError, OSError, UnicodeDecodeError):
+    except (SourceError, OSError, ValueError):  # ValueError: a first line that is not JSON, or not UTF-8
         return False
     return isinstance(first, dict) and "images" in first and ("messages" in first or "conversations" in first)
 
