@@ -302,3 +302,30 @@ def test_a_parquet_file_of_images_on_object_storage_is_read_by_the_workers_not_t
     assert 0 < summary.bytes_from_driver < sum(map(len, images)) / 20, summary.bytes_from_driver
     got = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "image", "truth"]).to_pylist()
     assert {r["source"]: (r["image"], r["truth"]) for r in got} == {f"{n}.png": (b, f"c{n % 2}") for n, b in enumerate(images)}
+
+
+def test_the_gs_and_az_listing_walks_one_directory_at_a_time_and_finds_what_the_s3_paginator_finds(s3) -> None:
+    """gs:// and az:// are listed through pyarrow; run that walk on the S3 server, where boto3 checks it."""
+    from lance_io.storage import pyarrow_filesystem
+    from ray_jobs.ingest.sources.objectstore import list_objects, walk_files
+
+    tree = {f"walk/{top}/{sub}/{n:03d}.jpg": b"x" * (n + 1) for top in "ab" for sub in ("p", "q", "r") for n in range(40)}
+    tree.update({f"walk/{n:03d}.png": b"y" * n for n in range(30)} | {"walk/a/only.gif": b"z"})
+    _upload(s3, tree)
+    prefix = s3.uri("walk/")
+    filesystem, path = pyarrow_filesystem(prefix, s3.storage_options)
+
+    listings: list[tuple[bool, int]] = []
+
+    class Recording:
+        def get_file_info(self, selector):
+            infos = filesystem.get_file_info(selector)
+            listings.append((selector.recursive, len(infos)))
+            return infos
+
+    walked = [(f"s3://{p}", size) for p, size in walk_files(Recording(), path.rstrip("/"))]
+    paged = list(list_objects(prefix, s3.storage_options))
+    assert sorted(walked) == sorted(paged) == sorted((s3.uri(k), len(v)) for k, v in tree.items())
+    assert len(walked) == len(set(walked))
+    assert not any(recursive for recursive, _ in listings)
+    assert max(size for _, size in listings) == 40  # the largest directory, never the 271 keys of the prefix

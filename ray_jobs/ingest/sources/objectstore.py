@@ -2,7 +2,8 @@
 
 The driver only lists: S3 (and S3-compatible endpoints) page by page through boto3's paginator,
 so a prefix of millions of keys is never held whole in memory; gs:// and az:// through pyarrow,
-whose listing arrives at once. Each item carries the object's URI; a worker reads its bytes
+one "directory" (common prefix) at a time (pyarrow's Python API returns a listing whole, so the
+driver holds the largest single directory, not the whole prefix). Each item carries the object's URI; a worker reads its bytes
 (``worker.read_object``). Credentials come from ``$LANCETAG_STORAGE_OPTIONS`` or the standard
 ``AWS_*`` variables and are never put into items, errors or table metadata.
 """
@@ -41,12 +42,31 @@ def list_objects(prefix: str, storage_options: dict[str, str] | None) -> Iterato
             for entry in page.get("Contents", []):
                 yield f"s3://{bucket}/{entry['Key']}", int(entry["Size"])
         return
+    filesystem, path = pyarrow_filesystem(prefix, storage_options)
+    for file_path, size in walk_files(filesystem, path.rstrip("/")):
+        yield f"{scheme}://{file_path}", size
+
+
+def walk_files(filesystem, root: str) -> Iterator[tuple[str, int]]:
+    """Yield ``(path, size)`` of every file under ``root``, listing one directory at a time.
+
+    Files of a directory come in name order, then its subdirectories, depth first. Memory holds one
+    directory's listing and the directories still to visit, never the whole tree.
+    """
     from pyarrow import fs
 
-    filesystem, path = pyarrow_filesystem(prefix, storage_options)
-    for info in filesystem.get_file_info(fs.FileSelector(path.rstrip("/"), recursive=True)):
-        if info.type == fs.FileType.File:
-            yield f"{scheme}://{info.path}", int(info.size or 0)
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        infos = sorted(filesystem.get_file_info(fs.FileSelector(directory, recursive=False)), key=lambda i: i.path)
+        subdirectories = []
+        for info in infos:
+            if info.type == fs.FileType.File:
+                yield info.path, int(info.size or 0)
+            elif info.type == fs.FileType.Directory:
+                subdirectories.append(info.path)
+        del infos
+        pending.extend(reversed(subdirectories))
 
 
 def _listed(prefix: str, options: IngestOptions) -> Iterator[InputItem]:
