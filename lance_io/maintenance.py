@@ -7,6 +7,12 @@ use (a label commit replaces a fragment's label file; compaction replaces whole 
 and files no version references at all (what a killed writer leaves in ``data/``). Nothing in
 Lance removes any of it by default. :func:`maintain_table` does, in this order:
 
+0. **duplicates**: a table whose ``id`` is declared not nullable (an images or samples table:
+   the id is a content hash) holds each id once. Writers check before they commit and repair a
+   raced append right after it (``table.drop_concurrent_duplicates``); a writer killed between
+   the two leaves the later copy. This step deletes every copy but the one at the lowest row
+   address (the first committed, short of compaction), in one commit. It reads the ``id``
+   column twice and holds 8 bytes per row (a hash of each id), never the ids themselves.
 1. **index**: ``optimize_indices`` folds unindexed rows into the indexes (the ``id`` BTREE).
    First, because Lance never merges an indexed fragment with an unindexed one.
 2. **compact**: fragments smaller than ``target_rows_per_fragment`` are merged (Lance
@@ -45,10 +51,13 @@ from pathlib import Path
 from typing import Any
 
 import lance
+import numpy as np
+import pyarrow as pa
 from lance.optimize import Compaction
 from pyarrow import fs as pafs
 
 from lance_io.reasons import ReasonError
+from lance_io.schema import ID
 from lance_io.storage import table_filesystem
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, open_table
 
@@ -67,6 +76,7 @@ class MaintenanceReport:
     version_after: int
     fragments_before: int
     fragments_after: int
+    duplicate_rows_removed: int = 0
     fragments_compacted: int = 0
     fragments_written: int = 0
     files_compacted: int = 0
@@ -185,6 +195,47 @@ def compact_fragments(
     return totals
 
 
+def _id_hashes(ids: pa.Array) -> np.ndarray:
+    return np.fromiter(map(hash, ids.to_pylist()), dtype=np.int64, count=len(ids))
+
+
+def remove_duplicate_ids(uri: str, *, storage_options: dict[str, str] | None = None) -> int:
+    """Delete every row whose ``id`` a row at a lower address holds; return how many went.
+
+    Only for tables whose ``id`` is declared not nullable (one row per id by design); any other
+    table is left alone and 0 returned. Two scans of the ``id`` column: the first keeps a 64-bit
+    hash per row and finds the hashes seen twice, the second keeps only the rows with those.
+    """
+    ds = open_table(uri, storage_options=storage_options)
+    field = ds.schema.field(ID) if ID in ds.schema.names else None
+    if field is None or field.nullable:
+        return 0
+    hashes = [_id_hashes(batch.column(ID)) for batch in ds.to_batches(columns=[ID])]
+    if not hashes:
+        return 0
+    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
+    del hashes
+    repeated = values[counts > 1]
+    if not len(repeated):
+        return 0
+    first: dict[str, int] = {}
+    later: list[int] = []
+    for batch in ds.to_batches(columns=[ID], with_row_address=True):
+        candidates = np.isin(_id_hashes(batch.column(ID)), repeated)
+        for row_id, address in zip(
+            batch.column(ID).filter(candidates).to_pylist(),
+            batch.column("_rowaddr").filter(candidates).to_pylist(),
+            strict=True,
+        ):
+            kept = first.setdefault(row_id, address)
+            if kept != address:
+                later.append(max(kept, address))
+                first[row_id] = min(kept, address)
+    if later:
+        ds.delete(f"_rowaddr IN ({', '.join(map(str, sorted(later)))})")
+    return len(later)
+
+
 def _unindexed_rows(ds: lance.LanceDataset) -> int:
     return sum(int(ds.stats.index_stats(idx["name"])["num_unindexed_rows"]) for idx in ds.list_indices())
 
@@ -278,6 +329,14 @@ def maintain_table(
     for name, version in tags.items():
         protected.setdefault(version, []).append(f"tag {name}")
 
+    duplicates_removed = 0
+    try:
+        duplicates_removed = remove_duplicate_ids(uri, storage_options=storage_options)
+    except OSError as exc:  # a concurrent commit on the same fragments won; the next run removes them
+        if not _is_conflict(exc):
+            raise
+        warnings.append(f"duplicate ids not removed: {exc}")
+    ds = open_table(uri, storage_options=storage_options)
     unindexed_before = _unindexed_rows(ds)
     index_optimized = False
     if ds.list_indices() and unindexed_before:
@@ -320,6 +379,7 @@ def maintain_table(
         version_after=ds.version,
         fragments_before=fragments_before,
         fragments_after=len(ds.get_fragments()),
+        duplicate_rows_removed=duplicates_removed,
         fragments_compacted=compaction["fragments_removed"],
         fragments_written=compaction["fragments_added"],
         files_compacted=compaction["files_removed"],

@@ -313,3 +313,26 @@ def test_maintain_again_and_again_during_a_label_run_and_appends_loses_nothing_a
     maintain_table(uri, older_than=timedelta(0), retain_versions=1, orphan_age=timedelta(0))
     table = open_table(uri).to_table(columns=["id", "label"])
     assert dict(zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True)) == expected_digits(uri)
+
+
+def test_later_copies_of_an_id_are_removed_and_the_first_copies_stay(tmp_path):
+    """The state a writer killed between a raced append and its repair leaves: ids committed twice."""
+    from lance_io.errors import ErrorRecord, errors_uri, record_errors
+
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(40)), max_rows_per_file=10)
+    copies = image_rows([3, 17, 25, 25, 39])  # one id twice within the same append
+    copies = copies.set_column(copies.schema.get_field_index("source"), "source", pa.array(["copy"] * 5))
+    lance.write_dataset(copies, uri, mode="append")  # a plain Lance append: no check, no repair
+    assert open_table(uri).count_rows() == 45
+    record_errors(uri, [ErrorRecord(source=f"s{n}", reason="r", message="m", job="j", stage="s", id="same") for n in range(2)])
+
+    report = maintain_table(uri, **NOW)
+
+    assert report.duplicate_rows_removed == 5
+    rows = open_table(uri).to_table(columns=["id", "source"])
+    assert rows.num_rows == 40 and len(set(rows["id"].to_pylist())) == 40
+    assert "copy" not in rows["source"].to_pylist(), "the first copies (committed first) stay"
+    assert maintain_table(errors_uri(uri), **NOW).duplicate_rows_removed == 0, "its id may repeat: not touched"
+    assert lance.dataset(errors_uri(uri)).count_rows() == 2
+    assert maintain_table(uri, **NOW).duplicate_rows_removed == 0

@@ -41,7 +41,7 @@ def maintain(
     compact: Annotated[bool, typer.Option(help="Merge fragments smaller than the table's fragment size")] = True,
     as_json: JsonFlag = False,
 ) -> None:
-    """Keep a table lean: index new rows, compact small fragments, remove old versions and orphan files.
+    """Keep a table lean: drop repeated ids, index new rows, compact small fragments, remove old versions and orphans.
 
     Tagged versions, versions pinned by registered datasets (--dataset-dir) and versions named
     in training lineage (--lineage) are never removed. Safe while ingest and labeling run.
@@ -64,6 +64,8 @@ def maintain(
         return
     r = report
     typer.echo(f"{r.table}: version {r.version_before} -> {r.version_after} in {r.seconds:.1f} s")
+    if r.duplicate_rows_removed:
+        typer.echo(f"duplicates: {r.duplicate_rows_removed} later copies of an id removed (the first stays)")
     typer.echo(
         f"index: {'folded ' + str(r.unindexed_rows_before) + ' new rows in' if r.index_optimized else 'up to date'}"
     )
