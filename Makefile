@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-long test-all test-fast lint bench
 
 setup:
 	scripts/setup.sh all
@@ -12,7 +12,16 @@ setup:
 demo: setup
 	.venv/bin/lancetag demo
 
+# The default run (CI): everything but the tests marked `long` (about 20 min on 2 slow cores).
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests -m "not long"
+
+# The long tests: multi-node clusters with node kills, the whole demo, job submission, second paths.
+test-long: setup
+	$(PY) -m pytest tests -m long
+
+test-all: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 

@@ -48,7 +48,7 @@ from tests.cluster_nodes import (
     worker_node_running,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.s3]  # a three-node cluster: about 10 min
 
 APP = "cluster-labeler"
 LATENCY_MS = 40  # per image: a run of 600 rows lasts ~25 s on one replica

@@ -13,7 +13,7 @@ from PIL import Image
 from lance_io import open_table
 from tests.conftest import LANCETAG
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.s3]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tests.conftest import LANCETAG
 TEXTURES = ("brick", "grass", "gravel")
 CROP = 56
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # the whole demo: about 3 min
 
 
 def write_textures(folder: Path) -> dict[str, int]:

@@ -156,6 +156,7 @@ def _letters_and_spaces(model) -> dict[str, object]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.vllm
 def test_descriptions_from_attributes_on_vllm_are_incremental_flagged_and_redone_when_inputs_change(
     ray_cluster, vllm_openai_server, tiny_qwen2_vl, tmp_path  # noqa: F811

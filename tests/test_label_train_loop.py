@@ -165,6 +165,7 @@ def test_attribute_labels_train_an_adapter_whose_relabel_is_evaluated_per_attrib
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_caption_labels_train_an_adapter_and_eval_refuses_free_text_with_a_reason(
     ray_cluster, photo_table, tiny_qwen2_vl, tmp_path
 ):

@@ -85,6 +85,7 @@ def test_lancetag_train_cli_on_two_ray_workers_saves_adapter_lineage_and_checkpo
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_run_training_tiny_llava_next_on_one_ray_worker(ray_cluster, registered, tiny_llava_next, tmp_path):
     import yaml
 
@@ -111,6 +112,7 @@ def test_run_training_tiny_llava_next_on_one_ray_worker(ray_cluster, registered,
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_webui_training_subprocess_environment_makes_plain_llamafactory_cli_load_lance(
     registered, tiny_qwen2_vl, tmp_path
 ):

@@ -23,7 +23,7 @@ from PIL import Image
 from lance_io.tasks import task_from_dict
 from serve_apps.backends.base import BackendConfig, create_backend
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.long]
 
 SERVED_NAME = "tiny-qwen2-vl"
 START_TIMEOUT_S = 400

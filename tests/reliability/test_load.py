@@ -8,7 +8,7 @@ import pytest
 from bench.data import png_bytes
 from bench.load import replica_rss_mb, run_load
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 APP = "test-load-labeler"
 
 
