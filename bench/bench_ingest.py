@@ -48,6 +48,9 @@ ENV_VAR = "LANCETAG_STORAGE_OPTIONS"
 WARM_UP_BATCHES = 2
 """Warm-up batches of 64 images per core: two tasks per core, so every worker process starts and imports."""
 ATTEMPTS = 2
+ROUNDS = int(os.environ.get("LANCETAG_BENCH_INGEST_ROUNDS", "3"))
+"""Rounds of decode limit, lancetag and the script back to back: this machine's speed drifts over
+minutes, so each round's ratio compares runs seconds apart, and the goal is judged on their median."""
 PHOTOS = (
     "astronaut",
     "coffee",
@@ -263,7 +266,6 @@ def run(workdir: Path) -> Section:
     total_bytes = sum(sizes)
     raw_read(paths)  # warm the page cache for every contender
     raw_s = min(_timed(raw_read, paths) for _ in range(3))
-    limit_s = min(decode_limit(paths) for _ in range(ATTEMPTS))
     command_s, command = _command_wall(folder, str(workdir / "command.lance"))
     shutil.rmtree(workdir / "command.lance")
 
@@ -294,11 +296,12 @@ def run(workdir: Path) -> Section:
                 shutil.copy(path, warm / f"{path.parent.name}-{path.name}")
             ingest([str(warm)], str(workdir / "warm-ours.lance"), IngestOptions(progress=False))
             straightforward_ingest(sorted(warm.iterdir()), str(workdir / "warm-theirs.lance"))
-            # Interleaved attempts (fresh tables), best of each: this 2-core machine is noisy.
-            ours_s, theirs_s, summaries = [], [], []
-            for attempt in range(ATTEMPTS):
+            # Interleaved rounds (fresh tables): decode limit, lancetag, script, back to back.
+            limits_s, ours_s, theirs_s, summaries = [], [], [], []
+            for attempt in range(ROUNDS):
                 ours_uri = str(workdir / f"lancetag-{attempt}.lance")
                 theirs_uri = str(workdir / f"straightforward-{attempt}.lance")
+                limits_s.append(decode_limit(paths))
                 ours_s.append(
                     _timed(lambda uri=ours_uri: summaries.append(ingest([str(folder)], uri, IngestOptions(progress=False))))
                 )
@@ -321,8 +324,12 @@ def run(workdir: Path) -> Section:
     summary = summaries[0]
     assert all(s.added == len(paths) and s.reconciled for s in summaries) and rerun[0].added == 0
     assert all(s.added == len(s3_paths) and s.reconciled for s in s3_runs)
-    samples = f"lancetag {', '.join(f'{t:.1f}' for t in ours_s)} s; script {', '.join(f'{t:.1f}' for t in theirs_s)} s"
-    ours_s, theirs_s = min(ours_s), min(theirs_s)
+    samples = (f"decode limit {', '.join(f'{t:.1f}' for t in limits_s)} s; lancetag {', '.join(f'{t:.1f}' for t in ours_s)} s; "
+               f"script {', '.join(f'{t:.1f}' for t in theirs_s)} s")
+    round_ratios = [limit / ours for limit, ours in zip(limits_s, ours_s, strict=True)]
+    script_ratios = [theirs / ours for theirs, ours in zip(theirs_s, ours_s, strict=True)]
+    ratio, script_ratio = float(np.median(round_ratios)), float(np.median(script_ratios))
+    limit_s, ours_s, theirs_s = min(limits_s), min(ours_s), min(theirs_s)
 
     n = len(paths)
     rate = {"raw": n / raw_s, "limit": n / limit_s, "theirs": n / theirs_s, "ours": n / ours_s}
@@ -377,15 +384,17 @@ Goal: driver peak RSS at the largest size within 1.2x of the smallest
     md = f"""
 {n:,} JPEGs, {mb / 1e3:.2f} GB (median {np.median(sizes) / 1e3:.0f} KB, {min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} KB),
 generated in {make_s:.0f} s (0 when reused); page cache warm; local Ray cluster with {os.cpu_count()} CPUs,
-warmed up by both Ray contenders on {warm_up} of the images first (two tasks per core); they ran {ATTEMPTS} times each,
-interleaved, into fresh tables ({samples}).
+warmed up by both Ray contenders on {warm_up} of the images first (two tasks per core); then {ROUNDS} rounds of
+the decode limit, lancetag and the script back to back, into fresh tables ({samples}).
+Per round, lancetag vs the decode limit: {", ".join(f"{r:.2f}x" for r in round_ratios)} (median **{ratio:.2f}x**); vs the
+script: {", ".join(f"{r:.2f}x" for r in script_ratios)} (median **{script_ratio:.2f}x**). The table below is best of {ROUNDS}.
 
 | contender | seconds | images/s | MB/s | vs decode limit | lancetag vs it |
 | --- | ---: | ---: | ---: | ---: | ---: |
 | raw read (`open().read()`, one process, best of 3) | {raw_s:.2f} | {rate["raw"]:,.0f} | {mb / raw_s:,.0f} | {rate["raw"] / rate["limit"]:.2f}x | {rate["ours"] / rate["raw"]:.2f}x |
-| decode limit (read + sha256 + draft decode, process pool on {os.cpu_count()} cores, best of {ATTEMPTS}) | {limit_s:.2f} | {rate["limit"]:,.0f} | {mb / limit_s:,.0f} | 1.00x | {rate["ours"] / rate["limit"]:.2f}x |
-| straightforward script (map_batches + pandas + uuid + write_lance), best of {ATTEMPTS} | {theirs_s:.2f} | {rate["theirs"]:,.0f} | {mb / theirs_s:,.0f} | {rate["theirs"] / rate["limit"]:.2f}x | {rate["ours"] / rate["theirs"]:.2f}x |
-| **lancetag ingest**, job time (validate, sha256, dedup, workers write, commits), best of {ATTEMPTS} | {ours_s:.2f} | {rate["ours"]:,.0f} | {mb / ours_s:,.0f} | {rate["ours"] / rate["limit"]:.2f}x | 1.00x |
+| decode limit (read + sha256 + draft decode, process pool on {os.cpu_count()} cores, best of {ROUNDS}) | {limit_s:.2f} | {rate["limit"]:,.0f} | {mb / limit_s:,.0f} | 1.00x | {rate["ours"] / rate["limit"]:.2f}x |
+| straightforward script (map_batches + pandas + uuid + write_lance), best of {ROUNDS} | {theirs_s:.2f} | {rate["theirs"]:,.0f} | {mb / theirs_s:,.0f} | {rate["theirs"] / rate["limit"]:.2f}x | {rate["ours"] / rate["theirs"]:.2f}x |
+| **lancetag ingest**, job time (validate, sha256, dedup, workers write, commits), best of {ROUNDS} | {ours_s:.2f} | {rate["ours"]:,.0f} | {mb / ours_s:,.0f} | {rate["ours"] / rate["limit"]:.2f}x | 1.00x |
 | lancetag rerun (everything a duplicate, nothing added) | {rerun_s:.2f} | {n / rerun_s:,.0f} | {mb / rerun_s:,.0f} | {n / rerun_s / rate["limit"]:.2f}x | |
 | `lancetag ingest` command, wall (its own Ray start included) | {command_s:.2f} | {n / command_s:,.0f} | {mb / command_s:,.0f} | {n / command_s / rate["limit"]:.2f}x | |
 
@@ -397,8 +406,8 @@ Bytes the driver received from the tasks in the first run: {summary.bytes_to_dri
 images ({summary.bytes_to_driver / summary.added:.0f} per image: id, status, size, node, fragment metadata);
 image bytes through the driver: 0 (they go from the file into a Lance data file in the worker).
 
-Goals: >= 0.8x the decode limit on local files ({met(rate["ours"] >= 0.8 * rate["limit"])}), >= 0.6x of it from object storage
-({s3_goal}), >= 4x the straightforward script ({met(rate["ours"] >= 4 * rate["theirs"])}).
+Goals (local ones judged on the median of the rounds): >= 0.8x the decode limit on local files ({met(ratio >= 0.8)}),
+>= 0.6x of it from object storage ({s3_goal}), >= 4x the straightforward script ({met(script_ratio >= 4)}).
 lancetag run: {summary.added} added, {summary.duplicates} duplicates, {summary.errors} errors, {summary.skipped} skipped;
 table version {summary.version}.
 {growth_md}
