@@ -7,7 +7,10 @@ the workers read them), the bytes it sends to the tasks and its memory do not de
 images' size.
 
     python -m bench inline
-    LANCETAG_BENCH_INLINE_IMAGES=2000 python -m bench inline
+    LANCETAG_BENCH_INLINE_IMAGES=2000 LANCETAG_BENCH_INLINE_SCALE=100000,1000000 python -m bench inline
+
+``LANCETAG_BENCH_INLINE_SCALE`` adds the driver's peak RSS as a Parquet source grows: the scale
+benchmark's distinct PNGs, written as one Hub-style Parquet file per size (row groups of 100).
 """
 
 from __future__ import annotations
@@ -19,11 +22,46 @@ import time
 from pathlib import Path
 
 from bench.bench_ingest import make_photos
-from bench.bench_scale import LANCETAG, run_measured
+from bench.bench_scale import LANCETAG, image_parts, run_measured
 from bench.report import Section
 
 N_IMAGES = int(os.environ.get("LANCETAG_BENCH_INLINE_IMAGES", "2000"))
 ROW_GROUP = 100  # rows per Parquet row group, as the Hugging Face Hub writes image datasets
+SCALE = [int(n) for n in os.environ.get("LANCETAG_BENCH_INLINE_SCALE", "").split(",") if n]
+
+
+def write_parquet_of_parts(count: int, out: Path) -> Path:
+    """Write ``count`` of the scale benchmark's PNGs into one Hub-style Parquet file, a folder at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("image", struct), ("label", pa.string())])
+    left = count
+    with pq.ParquetWriter(out, schema) as writer:
+        for part in image_parts(count):
+            files = sorted(part.iterdir())[:left]
+            left -= len(files)
+            images = pa.array([{"bytes": f.read_bytes(), "path": f.name} for f in files], struct)
+            writer.write_table(pa.table({"image": images, "label": [part.name] * len(files)}, schema=schema),
+                               row_group_size=ROW_GROUP)
+    return out
+
+
+def parquet_growth(workdir: Path, env: dict[str, str]) -> list[dict]:
+    """``lancetag ingest`` of a Parquet file per size in SCALE: wall, job time, the driver's peak RSS."""
+    rows = []
+    for n in SCALE:
+        source = write_parquet_of_parts(n, workdir / f"scale-{n}.parquet")
+        table = workdir / f"scale-{n}.lance"
+        measured = run_measured([*LANCETAG, "ingest", str(source), "--table", str(table), "--json"], env=env)
+        report = json.loads(measured.stdout.strip().splitlines()[-1])
+        assert report["added"] == n and report["errors"] == 0, report
+        rows.append({"n": n, "wall": measured.seconds, "job": report["seconds"], "rss": measured.peak_rss / 2**20,
+                     "from_driver": report["bytes_from_driver"], "file": source.stat().st_size})
+        shutil.rmtree(table)
+        source.unlink()
+    return rows
 
 
 def write_sources(photos: list[Path], workdir: Path) -> dict[str, Path]:
@@ -62,6 +100,7 @@ def run(workdir: Path) -> Section:
         rows.append({"name": name, "wall": measured.seconds, "job": report["seconds"], "rss": measured.peak_rss / 2**20,
                      "from_driver": report["bytes_from_driver"], "to_driver": report["bytes_to_driver"]})
         shutil.rmtree(table)
+    growth = parquet_growth(workdir, env) if SCALE else []
     described = {
         "folder": "a folder of the JPEGs",
         "hf": "a Hugging Face dataset (`save_to_disk`, `Image` feature, 4 Arrow shards)",
@@ -87,5 +126,23 @@ group's null count) and sends each task the file, row and column of its images, 
 read (`ray_jobs.ingest.sources.cells`, `worker.read_cell`). Before this, the driver read every
 image and sent its bytes to the tasks as work rows: about the image's size per image, and a
 segment (50,000 items) of them held at once.
+"""
+    if growth:
+        grown = "\n".join(
+            f"| {g['n']:,} | {g['file'] / 1e6:,.0f} | {g['wall']:.0f} | {g['job']:.0f} | {g['n'] / g['job']:,.0f} | "
+            f"{g['rss']:,.0f} | {g['rss'] / growth[0]['rss']:.2f}x | {g['from_driver'] / g['n']:,.0f} |"
+            for g in growth
+        )
+        ok = "met" if growth[-1]["rss"] <= 1.2 * growth[0]["rss"] else "NOT met"
+        md += f"""
+Driver memory as a Parquet source grows (`LANCETAG_BENCH_INLINE_SCALE={",".join(map(str, SCALE))}`: the scale
+benchmark's distinct 28x28 PNGs in one Hub-style Parquet file per size, row groups of {ROW_GROUP}; one
+`lancetag ingest` each):
+
+| images | file MB | wall s | job s | images/s | driver peak RSS MiB | vs first | bytes sent to the tasks per image |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{grown}
+
+Goal (as for folders): driver peak RSS at the largest size within 1.2x of the smallest ({ok}).
 """
     return Section(title="Ingest of images held inline: Hugging Face dataset, Parquet, folder", markdown=md)
