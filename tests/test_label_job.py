@@ -285,6 +285,7 @@ def test_a_labeler_that_stops_answering_ends_the_run_after_one_timeout_with_labe
     assert rows_written_by_label_commits(uri) == 400
 
 
+@pytest.mark.long  # views are scored in tests/test_transformers_backend.py; this is the whole label job twice
 def test_labels_averaged_over_views_say_so_and_relabel_with_the_image_alone_redoes_them(tmp_path, tiny_qwen2_vl):
     uri = make_table(tmp_path, 24, rows_per_fragment=8)
     model = str(tiny_qwen2_vl)

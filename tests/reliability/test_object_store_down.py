@@ -58,6 +58,7 @@ def test_tagging_run_when_the_object_store_dies_then_rerun_completes(s3, store, 
     assert open_table(uri, storage_options=options).count_rows(filter="label IS NULL") == 0
 
 
+@pytest.mark.long  # its tagging twin in this file stays in the default run
 def test_ingest_when_the_object_store_dies_then_rerun_completes_without_duplicates(ray_cluster, s3, store, tmp_path):
     from ray_jobs.ingest import IngestOptions, ingest
 
