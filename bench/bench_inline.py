@@ -122,8 +122,9 @@ driver process's peak RSS sampled every 50 ms.
 
 The images of the Hugging Face dataset and of the Parquet file stay in their files: the driver lists
 the other columns (and, for Arrow, the images' lengths from the offsets; for Parquet, each row
-group's null count) and sends each task the file, row and column of its images, which the workers
-read (`ray_jobs.ingest.sources.cells`, `worker.read_cell`). Before this, the driver read every
+group's null count, read by a Ray task so that the file's footer stays off the driver) and sends
+each task the file, row and column of its images, which the workers read
+(`ray_jobs.ingest.sources.cells`, `worker.read_cell`). Before this, the driver read every
 image and sent its bytes to the tasks as work rows: about the image's size per image, and a
 segment (50,000 items) of them held at once.
 """

@@ -278,7 +278,7 @@ def test_a_sharegpt_file_on_object_storage_keeps_every_conversation_and_reads_it
     assert sources == {f"s3://{s3.bucket}/chats/imgs/0.png", f"s3://{s3.bucket}/chats/imgs/1.png", elsewhere}
 
 
-def test_a_parquet_file_of_images_on_object_storage_is_read_by_the_workers_not_the_driver(ray_cluster, s3, monkeypatch) -> None:
+def test_a_parquet_file_of_images_on_object_storage_is_listed_and_read_by_the_workers_not_the_driver(ray_cluster, s3, monkeypatch) -> None:
     """The Hugging Face Hub's format: an ``Image`` struct column ``{bytes, path}`` in Parquet shards."""
     import io
 
@@ -294,12 +294,21 @@ def test_a_parquet_file_of_images_on_object_storage_is_read_by_the_workers_not_t
     _upload(s3, {"hub/train-00000-of-00001.parquet": buffer.getvalue()})
     monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
     table = s3.uri("from-hub.lance")
+    footers: list[str] = []
+
+    class RecordedParquetFile(pq.ParquetFile):  # records this process's footer reads (not the workers')
+        def __init__(self, source, *args, **kwargs) -> None:
+            footers.append(str(source))
+            super().__init__(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", RecordedParquetFile)
 
     summary = ingest([f"s3://{s3.bucket}/hub/train-00000-of-00001.parquet"], table, IngestOptions(**QUIET),
                      storage_options=s3.storage_options)
 
     assert summary.reconciled and summary.added == 40
     assert 0 < summary.bytes_from_driver < sum(map(len, images)) / 20, summary.bytes_from_driver
+    assert footers == [], "the file's footer, which grows with its row groups, is parsed by a Ray task"
     got = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "image", "truth"]).to_pylist()
     assert {r["source"]: (r["image"], r["truth"]) for r in got} == {f"{n}.png": (b, f"c{n % 2}") for n, b in enumerate(images)}
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 
@@ -38,11 +37,11 @@ from lance_io.table import AppendResult, drop_concurrent_duplicates
 from ray_jobs.ingest.items import IngestSummary, InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
+from ray_jobs.ingest.remote import on_worker
 from ray_jobs.ingest.samples import SampleCollector
 from ray_jobs.ingest.worker import KNOWN, SKIP, WORK_SCHEMA
 from ray_jobs.ingest.write import FAILED, ROW, fragment_of
 
-T = TypeVar("T")
 INDEX_FOLD_ROWS = 100_000
 """Unindexed rows at which a commit folds them into the ``id`` index: bounds every dedup lookup."""
 
@@ -296,13 +295,6 @@ class ChunkWriter:
         if not table_exists(self.table, storage_options=self.storage_options):
             return None  # text-only samples before any image
         return open_table(self.table, storage_options=self.storage_options).version
-
-
-def on_worker(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` in a Ray task and return its result: table reads whose memory grows with the table."""
-    import ray
-
-    return ray.get(ray.remote(num_cpus=0.25, max_retries=3)(fn).remote(*args, **kwargs))
 
 
 def _array(values: list[Any], dtype: pa.DataType) -> pa.Array:

@@ -44,10 +44,11 @@ from lance_io.fragments import fold_into_id_index
 from lance_io.reasons import ReasonError
 from lance_io.schema import TRUTH
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE
-from ray_jobs.ingest.commit import ChunkWriter, on_worker
+from ray_jobs.ingest.commit import ChunkWriter
 from ray_jobs.ingest.items import IngestSummary, InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
+from ray_jobs.ingest.remote import on_worker
 from ray_jobs.ingest.sources import Source, open_source
 from ray_jobs.ingest.worker import options_key
 from ray_jobs.ingest.write import validate_and_write
