@@ -346,14 +346,33 @@ def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -
 
 
 def test_an_existing_lance_table_is_a_source_of_its_image_bytes_and_truth(tmp_path: Path) -> None:
+    import lance
+    import pyarrow as pa
+
     from lance_io import append_images
     from tests.table_fixtures import image_rows
 
-    rows = image_rows(range(5))
-    append_images(str(tmp_path / "src.lance"), rows)
-    assert detect_kind(str(tmp_path / "src.lance")) == "lance"
+    rows = image_rows(range(150))  # three of the workers' blocks of offsets
+    source = str(tmp_path / "src.lance")
+    append_images(source, rows.slice(0, 90))
+    append_images(source, rows.slice(90))
+    lance.dataset(source).delete(f"id = '{rows['id'][3].as_py()}'")  # offsets count the rows that remain
+    assert detect_kind(source) == "lance"
+    kept = [r for n, r in enumerate(rows.to_pylist()) if n != 3]
 
-    items = _items(str(tmp_path / "src.lance"))
+    items = _items(source)
 
-    by_data = {i.data: i.truth for i in items}
-    assert by_data == dict(zip(rows.column("image").to_pylist(), rows.column("truth").to_pylist(), strict=True))
+    assert {i.locator for i in items} == {"cell"}, "the image bytes stay in the table: the workers take them"
+    got = {read_cell(i.url, i.path, 10**6): i.truth for i in items}
+    assert got == {r["image"]: r["truth"] for r in kept}
+    append_images(source, image_rows(range(500, 503)))  # a later version: the cells still read the listed one
+    assert [read_cell(i.url, i.path, 10**6) for i in items[-2:]] == [r["image"] for r in kept[-2:]]
+
+    # A nullable image column next to a URL column that can stand in for it: the driver reads the bytes.
+    other = str(tmp_path / "with-urls.lance")
+    images = [image_bytes(7), None]
+    lance.write_dataset(pa.table({"image": pa.array(images, pa.binary()), "url": ["http://h/a.png", "http://h/b.png"]}), other)
+    fallback = _items(other)
+    assert [(i.locator, i.data if i.locator == "bytes" else i.url) for i in fallback] == [
+        ("bytes", images[0]), ("url", "http://h/b.png")
+    ]

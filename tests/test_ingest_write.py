@@ -199,3 +199,23 @@ def test_a_hugging_face_dataset_s_images_go_from_its_arrow_files_to_the_workers_
     stored = {r["source"]: r for r in open_table(table).to_table(columns=["source", "image", "truth"]).to_pylist()}
     assert [stored[f"img-{n}.png"]["image"] for n in range(120)] == images, "every image's bytes, unchanged"
     assert [stored[f"img-{n}.png"]["truth"] for n in range(120)] == ["abc"[n % 3] for n in range(120)]
+
+
+def test_an_existing_lance_table_s_images_go_to_the_workers_not_through_the_driver(ray_cluster, tmp_path: Path) -> None:
+    """Copying a table into another (a new project, a merge): the bytes go from table to table on the workers."""
+    images = [image_bytes(n, "PNG", size=(96, 96)) for n in range(130)]  # ~27 KB of noise each
+    first = str(tmp_path / "first.lance")
+    for n, data in enumerate(images):
+        (tmp_path / "photos" / "ab"[n % 2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / "ab"[n % 2] / f"{n}.png").write_bytes(data)
+    ingest([str(tmp_path / "photos")], first, IngestOptions(progress=False, label_from_dir=True))
+    copy = str(tmp_path / "copy.lance")
+
+    summary = ingest([first], copy, IngestOptions(progress=False))
+
+    assert summary.reconciled and summary.added == 130
+    assert 0 < summary.bytes_from_driver < sum(map(len, images)) / 20, (summary.bytes_from_driver, sum(map(len, images)))
+    columns = ["id", "image", "truth"]
+    assert sorted(open_table(copy).to_table(columns=columns).to_pylist(), key=lambda r: r["id"]) == sorted(
+        open_table(first).to_table(columns=columns).to_pylist(), key=lambda r: r["id"]
+    )

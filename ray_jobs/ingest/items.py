@@ -15,21 +15,23 @@ is ``"format:stamp:row:column"``, see :class:`Cell`), or none (the source alread
 
 @dataclass(frozen=True)
 class Cell:
-    """Image bytes a source leaves where they are, in a cell of an Arrow or Parquet file: the workers read them.
+    """Image bytes a source leaves where they are, in a cell of an Arrow or Parquet file or a Lance table: the workers read them.
 
     A Hugging Face dataset (``save_to_disk``: memory-mapped Arrow files) and a Parquet file with an
     image column (the Hub's format) hold their images inline. The driver lists the rows without
     the image column, and a worker reads ``row`` (counted from the file's start) of ``column`` (a
     binary column, or an ``Image`` struct's ``bytes``) from ``file`` (a local path or an
-    object-storage URI) itself.
+    object-storage URI) itself. An existing Lance table is read the same way: ``file`` is the
+    table, ``row`` a row offset in the version the driver listed, and that version is the stamp
+    (a Lance version never changes).
     """
 
     file: str
     row: int
     column: str
-    format: Literal["arrow", "parquet"] = "arrow"
+    format: Literal["arrow", "parquet", "lance"] = "arrow"
     stamp: str = ""
-    """The file's size and modification time when listed: a worker refuses a file that changed since."""
+    """The file's size and modification time when listed (a Lance table's version): a worker refuses a file that changed since."""
 
     @property
     def span(self) -> str:

@@ -130,7 +130,7 @@ def _bytes_of(
 def read_cell(
     file: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
 ) -> bytes | IngestError:
-    """Return the image bytes at ``span`` (``"format:stamp:row:column"``, ``items.Cell``) of an Arrow or Parquet file."""
+    """Return the image bytes at ``span`` (``"format:stamp:row:column"``, ``items.Cell``) of an Arrow or Parquet file or a Lance table."""
     from ray_jobs.ingest.sources.objectstore import listing_failure
 
     form, stamp, row, column = span.split(":", 3)
@@ -138,13 +138,15 @@ def read_cell(
     try:
         if form == "parquet":
             value = _parquet_cell(file, stamp, int(row), column, options_json)
+        elif form == "lance":
+            value = _lance_cell(file, int(stamp), int(row), column, options_json)
         else:
             value = _arrow_table(file, stamp).column(column)[int(row)]
     except FileNotFoundError:
         return IngestError("not_found", f"no such file {file} (moved or deleted since it was listed?)")
     except _FileChanged:
         return IngestError("source_changed", f"{file} changed since it was listed (size and time differ); rerun")
-    except (KeyError, IndexError, pa.ArrowException) as exc:
+    except (KeyError, IndexError, ValueError, pa.ArrowException) as exc:  # ValueError: Lance's (a version cleaned up)
         return IngestError("unreadable", f"cannot read row {row} of {file}: {exc}")
     except OSError as exc:
         return IngestError(*listing_failure(exc))
@@ -209,6 +211,31 @@ def _parquet_layout(file: str, stamp: str, options_json: str):  # -> (pq.Parquet
 def _row_group(file: str, stamp: str, group: int, column: str, options_json: str) -> pa.ChunkedArray:
     parquet, _ = _parquet_layout(file, stamp, options_json)
     return parquet.read_row_group(group, columns=[column]).column(column)
+
+
+LANCE_BLOCK_ROWS = 64
+"""Rows of a Lance table a worker takes at once: a task's cells are consecutive offsets."""
+
+
+def _lance_cell(table: str, version: int, row: int, column: str, options_json: str) -> pa.Scalar:
+    """Row offset ``row`` of ``column`` in ``version`` of the Lance table ``table``, taken a block at a time."""
+    block = row // LANCE_BLOCK_ROWS
+    with _row_groups_lock:
+        values = _lance_block(table, version, block, column, options_json)
+    return values[row - block * LANCE_BLOCK_ROWS]
+
+
+@functools.lru_cache(maxsize=4)
+def _lance_version(table: str, version: int, options_json: str) -> lance.LanceDataset:
+    return lance.dataset(table, version=version, storage_options=json.loads(options_json) or None)
+
+
+@functools.lru_cache(maxsize=2)
+def _lance_block(table: str, version: int, block: int, column: str, options_json: str) -> pa.ChunkedArray:
+    dataset = _lance_version(table, version, options_json)
+    start = block * LANCE_BLOCK_ROWS
+    offsets = list(range(start, min(start + LANCE_BLOCK_ROWS, dataset.count_rows())))
+    return dataset.take(offsets, columns=[column]).column(column)
 
 
 def _remote_cell(row: dict) -> bool:

@@ -1,7 +1,7 @@
 """Rows whose image bytes stay in their file: the driver lists the other columns, the workers read the images.
 
 Sources that hold images inline (a Hugging Face dataset's Arrow files, a Parquet file with an
-image column) would otherwise send every image through the driver, as work rows. Here each
+image column, an existing Lance table) would otherwise send every image through the driver, as work rows. Here each
 image becomes a :class:`~ray_jobs.ingest.items.Cell` (file, row, column) and a worker reads it
 (``worker.read_cell``). Whether a row has image bytes, which decides how it is located, is known
 without reading them: from the Arrow offsets, or from a Parquet row group's statistics (no null);
@@ -160,3 +160,33 @@ def _every_value_present(meta: Any, leaf: str) -> bool:
             stats = column.statistics
             return stats is not None and stats.has_null_count and stats.null_count == 0
     return False
+
+
+def lance_rows_with_cells(
+    dataset: Any, location: str, image_column: str, fallback: bool
+) -> Callable[[], Rows] | None:
+    """Return a function yielding a Lance table's rows, ``BATCH_ROWS`` at a time, each image as a :class:`Cell`.
+
+    The driver scans the other columns of the version it opened; the workers take the images from
+    that version by row offset. None when the images cannot be read that way: the column holds
+    no bytes (a struct, paths), or it may hold nulls while another column (``fallback``: a path
+    or URL role) could locate the image instead.
+    """
+    field = dataset.schema.field(image_column)
+    if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
+        return None
+    if field.nullable and fallback:
+        return None
+    others = [name for name in dataset.schema.names if name != image_column]
+    version = str(dataset.version)
+
+    def rows() -> Rows:
+        number = 0
+        for batch in dataset.to_batches(columns=others, batch_size=BATCH_ROWS):
+            listed = batch.to_pylist() if others else [{} for _ in range(batch.num_rows)]
+            for row in listed:
+                row[image_column] = Cell(location, number, image_column, "lance", version)
+                number += 1
+            yield listed
+
+    return rows

@@ -17,7 +17,12 @@ import pyarrow as pa
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
-from ray_jobs.ingest.sources.cells import Rows, image_values_type, parquet_rows_with_cells
+from ray_jobs.ingest.sources.cells import (
+    Rows,
+    image_values_type,
+    lance_rows_with_cells,
+    parquet_rows_with_cells,
+)
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 BATCH_ROWS = 1024
@@ -104,18 +109,31 @@ def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
 
 
 def lance_source(location: str, options: IngestOptions) -> ListedSource:
-    """Return the source of an existing Lance table (any schema with image bytes, paths or URLs)."""
+    """Return the source of an existing Lance table (any schema with image bytes, paths or URLs).
+
+    Image bytes stay in the table: the driver lists the other columns and the workers take the
+    images (``cells.lance_rows_with_cells``), unless the image column may be null where a path or
+    URL column could stand in for it.
+    """
     import lance
 
+    storage = resolve_storage_options(location) if is_object_uri(location) else None
     try:
-        dataset = lance.dataset(location)
+        dataset = lance.dataset(location, storage_options=storage)
     except (OSError, ValueError) as exc:
         raise SourceError(f"{location} is not a readable Lance table: {exc}") from exc
+    mapping = map_columns(dataset.schema, options.columns, location)
+    image = mapping.roles.get("image")
+    in_place = (
+        lance_rows_with_cells(dataset, location, image, fallback=bool({"path", "url"} & set(mapping.roles)))
+        if image is not None
+        else None
+    )
     return _tabular(
         location,
         "lance",
         dataset.schema,
-        lambda: dataset.to_batches(batch_size=BATCH_ROWS),
+        in_place or (lambda: dataset.to_batches(batch_size=BATCH_ROWS)),
         Path(location).parent,
         options,
     )
