@@ -313,6 +313,24 @@ def test_a_parquet_file_of_images_on_object_storage_is_listed_and_read_by_the_wo
     assert {r["source"]: (r["image"], r["truth"]) for r in got} == {f"{n}.png": (b, f"c{n % 2}") for n, b in enumerate(images)}
 
 
+def test_a_lance_table_on_object_storage_is_a_source_whose_images_the_workers_take(ray_cluster, s3, monkeypatch) -> None:
+    from lance_io import append_images
+    from tests.table_fixtures import image_rows
+
+    rows = image_rows(range(70), padding=20_000)
+    first = s3.uri("first.lance")
+    append_images(first, rows, storage_options=s3.storage_options)
+    monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
+    copy = s3.uri("copy.lance")
+
+    summary = ingest([f"lance:{first}"], copy, IngestOptions(**QUIET), storage_options=s3.storage_options)
+
+    assert summary.reconciled and summary.added == 70
+    assert 0 < summary.bytes_from_driver < sum(rows["size_bytes"].to_pylist()) / 20, summary.bytes_from_driver
+    got = open_table(copy, storage_options=s3.storage_options).to_table(columns=["id", "image", "truth"]).to_pylist()
+    assert sorted(got, key=lambda r: r["id"]) == sorted(rows.select(["id", "image", "truth"]).to_pylist(), key=lambda r: r["id"])
+
+
 def test_the_gs_and_az_listing_walks_one_directory_at_a_time_and_finds_what_the_s3_paginator_finds(s3) -> None:
     """gs:// and az:// are listed through pyarrow; run that walk on the S3 server, where boto3 checks it."""
     from lance_io.storage import pyarrow_filesystem
