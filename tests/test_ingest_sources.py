@@ -221,6 +221,27 @@ def test_modelscope_local_dataset_folder(tmp_path: Path) -> None:
     assert all(i.locator in ("bytes", "path") and i.source_kind == "modelscope" for i in items)
 
 
+def test_a_modelscope_folder_of_parquet_files_is_read_in_place_with_its_splits(tmp_path: Path, monkeypatch) -> None:
+    """The Hub's layout (``data/{split}-0000n-of-0000m.parquet``): no Arrow cache, the images stay in the files."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    images = [image_bytes(n) for n in range(6)]
+    for split, part in (("train", range(0, 4)), ("test", range(4, 6))):
+        rows = {"image": [{"bytes": images[n], "path": f"{n}.jpg"} for n in part], "label": [n % 2 for n in part]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+
+    def no_builder(*args, **kwargs):
+        raise AssertionError("the packaged builders copy every image into an Arrow cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_builder)
+    items = _items(f"modelscope:{tmp_path}")
+
+    assert {i.locator for i in items} == {"cell"} and {i.source_kind for i in items} == {"modelscope"}
+    got = {read_cell(i.url, i.path, 10**6): (i.truth, i.metadata["split"]) for i in items}
+    assert got == {images[n]: (["cat", "dog"][n % 2], "train" if n < 4 else "test") for n in range(6)}
+
+
 def test_detect_kind_by_location(tmp_path: Path) -> None:
     (tmp_path / "u.txt").write_text("")
     (tmp_path / "m.csv").write_text("path\n")

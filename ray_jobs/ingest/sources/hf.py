@@ -6,8 +6,9 @@ raw bytes column; a ``ClassLabel`` truth column becomes its class name.
 
 from __future__ import annotations
 
+import functools
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 from ray_jobs.ingest.items import InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
-from ray_jobs.ingest.sources.cells import arrow_rows_with_cells
+from ray_jobs.ingest.sources.cells import arrow_rows_with_cells, image_values_type, parquet_rows_with_cells
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 SPLIT_COLUMN = "split"
@@ -30,7 +31,7 @@ def hf_disk_source(location: str, options: IngestOptions) -> ListedSource:
         loaded = datasets.load_from_disk(location)
     except (FileNotFoundError, ValueError) as exc:
         raise SourceError(f"{location} is not a dataset saved with save_to_disk: {exc}") from exc
-    return _dataset_source(location, "hf", loaded, options)
+    return _arrow_source(location, "hf", loaded, options)
 
 
 def modelscope_source(location: str, options: IngestOptions) -> ListedSource:
@@ -38,50 +39,113 @@ def modelscope_source(location: str, options: IngestOptions) -> ListedSource:
 
     ``MsDataset.load(local_dir)`` hands a local folder to Hugging Face's packaged builders
     (``modelscope/msdatasets/ms_dataset.py``: "Load from local disk"); we call them directly, so
-    nothing touches the network and ModelScope's optional dependencies are not needed.
+    nothing touches the network and ModelScope's optional dependencies are not needed. A folder
+    whose data files are all Parquet (the Hub's layout) is read in place, split by Hugging Face's
+    own file patterns: the builders would first copy every image into an Arrow cache on the
+    driver's disk.
     """
     import datasets
 
     if not Path(location).is_dir():
         raise SourceError(f"{location} is not a folder")
+    parquet = parquet_splits(location)
+    if parquet is not None:
+        return _parquet_source(location, "modelscope", parquet, options)
     cache = tempfile.mkdtemp(prefix="lancetag-modelscope-")
     try:
         loaded = datasets.load_dataset(location, cache_dir=cache)
     except (FileNotFoundError, ValueError) as exc:
         raise SourceError(f"{location} is not a ModelScope/Hugging Face dataset folder: {exc}") from exc
-    return _dataset_source(location, "modelscope", loaded, options)
+    return _arrow_source(location, "modelscope", loaded, options)
 
 
-def _dataset_source(location: str, kind: str, loaded: Any, options: IngestOptions) -> ListedSource:
+def parquet_splits(location: str) -> dict[str, list[str]] | None:
+    """Return ``{split: Parquet files}`` by Hugging Face's data-file patterns; None unless every data file is Parquet."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.exceptions import DataFilesNotFoundError
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(location), base_path=location)
+    except (FileNotFoundError, DataFilesNotFoundError, ValueError):
+        return None
+    splits = {str(split): [str(f) for f in files] for split, files in found.items()}
+    files = [f for listed in splits.values() for f in listed]
+    return splits if files and all(f.endswith(".parquet") for f in files) else None
+
+
+def _arrow_source(location: str, kind: str, loaded: Any, options: IngestOptions) -> ListedSource:
+    """A loaded Dataset or DatasetDict: images stay in its own Arrow files when they lie under ``location``."""
     import datasets
 
     splits: dict[str | None, datasets.Dataset] = (
         dict(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else {None: loaded}
     )
+
+    def rows(dataset: datasets.Dataset, image: str | None) -> Iterable[Any]:
+        batches = arrow_rows_with_cells(dataset, image, location)
+        if batches is None:  # bytes the driver reads itself (no Arrow files of its own under the folder)
+            table = dataset.flatten_indices().data if dataset._indices is not None else dataset.data
+            batches = table.to_batches(1024)
+        return batches
+
     first = next(iter(splits.values()))
+    listed = {split: functools.partial(rows, dataset) for split, dataset in splits.items()}
+    return _split_source(location, kind, first.features, first.data.schema, listed, options)
+
+
+def _parquet_source(location: str, kind: str, splits: dict[str, list[str]], options: IngestOptions) -> ListedSource:
+    """Parquet files by split: images stay in the files for the workers (``cells.parquet_rows_with_cells``)."""
+    import datasets
+    import pyarrow.dataset as pads
+    from pyarrow.fs import LocalFileSystem
+
+    try:
+        opened = {split: pads.dataset(files, format="parquet") for split, files in splits.items()}
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"cannot read the Parquet files of {location}: {exc}") from exc
+
+    def rows(dataset: Any, image: str | None) -> Iterable[Any]:
+        if image is not None and image_values_type(dataset.schema.field(image).type)[0]:
+            return parquet_rows_with_cells(dataset.files, image, LocalFileSystem(), str)
+        return dataset.to_batches(batch_size=1024)
+
+    first = next(iter(opened.values()))
+    features = datasets.Features.from_arrow_schema(first.schema)
+    listed = {split: functools.partial(rows, dataset) for split, dataset in opened.items()}
+    return _split_source(location, kind, features, first.schema, listed, options)
+
+
+def _split_source(
+    location: str,
+    kind: str,
+    features: Any,
+    schema: pa.Schema,
+    splits: dict[str | None, Callable[[str | None], Iterable[Any]]],
+    options: IngestOptions,
+) -> ListedSource:
+    """Rows of every split (``splits[split](image column)`` lists them); an ``Image`` feature is the image,
+    a ``ClassLabel`` truth its class name, and the split a column when there are several."""
+    import datasets
+
     explicit = dict(options.columns)
     if "image" not in explicit:
-        image_columns = [n for n, f in first.features.items() if isinstance(f, datasets.Image)]
+        image_columns = [n for n, f in features.items() if isinstance(f, datasets.Image)]
         if image_columns:
             explicit["image"] = image_columns[0]
-    mapping = map_columns(first.data.schema, explicit, location)
+    mapping = map_columns(schema, explicit, location)
     truth_column = mapping.roles.get("truth")
-    truth_feature = first.features.get(truth_column) if truth_column else None
+    truth_feature = features.get(truth_column) if truth_column else None
     label_names = list(truth_feature.names) if isinstance(truth_feature, datasets.ClassLabel) else None
     if len(splits) > 1:
         mapping.metadata_fields[SPLIT_COLUMN] = pa.string()
 
     def items() -> Iterator[InputItem]:
-        for split, dataset in splits.items():
+        for split, rows in splits.items():
             name = f"{location}#{split}" if split else location
             context = RowContext(
                 name=name, kind=kind, root=Path(location), options=options, label_names=label_names
             )
-            batches = arrow_rows_with_cells(dataset, mapping.roles.get("image"), location)
-            if batches is None:  # bytes the driver reads itself (no Arrow files of its own under the folder)
-                table = dataset.flatten_indices().data if dataset._indices is not None else dataset.data
-                batches = table.to_batches(1024)
-            for item in rows_to_items(batches, mapping, context):
+            for item in rows_to_items(rows(mapping.roles.get("image")), mapping, context):
                 if len(splits) > 1:
                     item.metadata[SPLIT_COLUMN] = split
                 yield item
