@@ -48,7 +48,7 @@ def modelscope_source(location: str, options: IngestOptions) -> ListedSource:
 
     if not Path(location).is_dir():
         raise SourceError(f"{location} is not a folder")
-    parquet = parquet_splits(location)
+    parquet = parquet_splits(str(Path(location).resolve()))
     if parquet is not None:
         return _parquet_source(location, "modelscope", parquet, options)
     cache = tempfile.mkdtemp(prefix="lancetag-modelscope-")
@@ -105,7 +105,7 @@ def _parquet_source(location: str, kind: str, splits: dict[str, list[str]], opti
         raise SourceError(f"cannot read the Parquet files of {location}: {exc}") from exc
 
     def rows(dataset: Any, image: str | None) -> Iterable[Any]:
-        if image is not None and image_values_type(dataset.schema.field(image).type)[0]:
+        if image in dataset.schema.names and image_values_type(dataset.schema.field(image).type)[0]:
             return parquet_rows_with_cells(dataset.files, image, LocalFileSystem(), str)
         return dataset.to_batches(batch_size=1024)
 

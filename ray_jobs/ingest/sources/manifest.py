@@ -70,8 +70,8 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
         return _object_parquet(location, options)
     if not Path(location).exists():
         raise SourceError(f"{location} does not exist")
-    try:
-        dataset = pads.dataset(location, format="parquet")
+    try:  # absolute paths: the files are listed and read by Ray tasks, whose working directory may differ
+        dataset = pads.dataset(str(Path(location).resolve()), format="parquet")
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
     root = Path(location) if Path(location).is_dir() else Path(location).parent
@@ -118,6 +118,7 @@ def lance_source(location: str, options: IngestOptions) -> ListedSource:
     import lance
 
     storage = resolve_storage_options(location) if is_object_uri(location) else None
+    location = location if is_object_uri(location) else str(Path(location).resolve())  # the workers open it too
     try:
         dataset = lance.dataset(location, storage_options=storage)
     except (OSError, ValueError) as exc:
