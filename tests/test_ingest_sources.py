@@ -241,6 +241,14 @@ def test_a_modelscope_folder_of_parquet_files_is_read_in_place_with_its_splits(t
     got = {read_cell(i.url, i.path, 10**6): (i.truth, i.metadata["split"]) for i in items}
     assert got == {images[n]: (["cat", "dog"][n % 2], "train" if n < 4 else "test") for n in range(6)}
 
+    # A card declaring the default configuration's files (as push_to_hub writes it): those files only.
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n# cats\n"
+    )
+    declared = _items(f"modelscope:{tmp_path}")
+    assert sorted(read_cell(i.url, i.path, 10**6) for i in declared) == sorted(images[:4])
+    assert all("split" not in i.metadata for i in declared), "one split: no split column"
+
 
 def test_detect_kind_by_location(tmp_path: Path) -> None:
     (tmp_path / "u.txt").write_text("")

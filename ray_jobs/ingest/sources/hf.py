@@ -60,17 +60,45 @@ def modelscope_source(location: str, options: IngestOptions) -> ListedSource:
 
 
 def parquet_splits(location: str) -> dict[str, list[str]] | None:
-    """Return ``{split: Parquet files}`` by Hugging Face's data-file patterns; None unless every data file is Parquet."""
+    """Return ``{split: Parquet files}`` as ``load_dataset`` would find them; None unless every data file is Parquet.
+
+    The files of the default configuration its README.md declares (``configs:``, as
+    ``push_to_hub`` writes it), else Hugging Face's data-file patterns. None too when the card
+    declares several configurations and none is the default: the builders then ask for a name.
+    """
     from datasets.data_files import DataFilesDict, get_data_patterns
     from datasets.exceptions import DataFilesNotFoundError
 
     try:
-        found = DataFilesDict.from_patterns(get_data_patterns(location), base_path=location)
+        patterns = _declared_patterns(Path(location) / "README.md")
+        if patterns is None:
+            patterns = get_data_patterns(location)
+        found = DataFilesDict.from_patterns(patterns, base_path=location) if patterns else {}
     except (FileNotFoundError, DataFilesNotFoundError, ValueError):
         return None
     splits = {str(split): [str(f) for f in files] for split, files in found.items()}
     files = [f for listed in splits.values() for f in listed]
     return splits if files and all(f.endswith(".parquet") for f in files) else None
+
+
+def _declared_patterns(readme: Path) -> dict[str, Any] | None:
+    """``{split: patterns}`` of the default configuration a dataset card declares; None without one
+    ({} when there are several and none is the default)."""
+    from datasets.data_files import sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    if not readme.is_file():
+        return None
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data)
+    if not configs:
+        return None
+    defaults = [name for name, config in configs.items() if config.get("default")]
+    name = defaults[0] if defaults else "default" if "default" in configs or len(configs) == 1 else None
+    if name is None:
+        return {}
+    files = configs.get(name, next(iter(configs.values()))).get("data_files")
+    return sanitize_patterns(files) if files else None
 
 
 def _arrow_source(location: str, kind: str, loaded: Any, options: IngestOptions) -> ListedSource:
