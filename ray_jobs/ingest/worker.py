@@ -183,14 +183,14 @@ def _arrow_table(file: str, stamp: str) -> pa.Table:
     return pa.ipc.open_stream(pa.memory_map(file)).read_all()
 
 
-_row_groups_lock = threading.Lock()
+_cell_cache_lock = threading.Lock()
 
 
 def _parquet_cell(file: str, stamp: str, row: int, column: str, options_json: str) -> pa.Scalar:
     """Row ``row`` of ``column``: its row group's column is read once and kept (a task's rows are consecutive)."""
     _, starts = _parquet_layout(file, stamp, options_json)
     group = bisect.bisect_right(starts, row) - 1
-    with _row_groups_lock:  # the fetch threads of a task want the same group: read it once
+    with _cell_cache_lock:  # the fetch threads of a task want the same group: read it once
         values = _row_group(file, stamp, group, column, options_json)
     return values[row - starts[group]]
 
@@ -220,21 +220,23 @@ LANCE_BLOCK_ROWS = 64
 def _lance_cell(table: str, version: int, row: int, column: str, options_json: str) -> pa.Scalar:
     """Row offset ``row`` of ``column`` in ``version`` of the Lance table ``table``, taken a block at a time."""
     block = row // LANCE_BLOCK_ROWS
-    with _row_groups_lock:
+    with _cell_cache_lock:
         values = _lance_block(table, version, block, column, options_json)
     return values[row - block * LANCE_BLOCK_ROWS]
 
 
 @functools.lru_cache(maxsize=4)
-def _lance_version(table: str, version: int, options_json: str) -> lance.LanceDataset:
-    return lance.dataset(table, version=version, storage_options=json.loads(options_json) or None)
+def _lance_version(table: str, version: int, options_json: str) -> tuple[lance.LanceDataset, int]:
+    """The table at ``version`` and its row count (counted once: it may read deletion files)."""
+    dataset = lance.dataset(table, version=version, storage_options=json.loads(options_json) or None)
+    return dataset, dataset.count_rows()
 
 
 @functools.lru_cache(maxsize=2)
 def _lance_block(table: str, version: int, block: int, column: str, options_json: str) -> pa.ChunkedArray:
-    dataset = _lance_version(table, version, options_json)
+    dataset, rows = _lance_version(table, version, options_json)
     start = block * LANCE_BLOCK_ROWS
-    offsets = list(range(start, min(start + LANCE_BLOCK_ROWS, dataset.count_rows())))
+    offsets = list(range(start, min(start + LANCE_BLOCK_ROWS, rows)))
     return dataset.take(offsets, columns=[column]).column(column)
 
 

@@ -100,6 +100,15 @@ def _arrow_rows(path: Path) -> int:
         return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
 
 
+def parquet_dataset_rows(dataset: Any, image_column: str | None, filesystem: Any, uri_of: Callable[[str], str]) -> Rows:
+    """Yield a ``pyarrow.dataset`` of Parquet files in batches: images as cells when ``image_column``
+    holds bytes (``parquet_rows_with_cells``), else its record batches as they are."""
+    if image_column in dataset.schema.names and image_values_type(dataset.schema.field(image_column).type)[0]:
+        yield from parquet_rows_with_cells(dataset.files, image_column, filesystem, uri_of)
+    else:
+        yield from dataset.to_batches(batch_size=BATCH_ROWS)
+
+
 def parquet_rows_with_cells(
     files: list[str], image_column: str, filesystem: Any, uri_of: Callable[[str], str]
 ) -> Rows:
@@ -140,10 +149,11 @@ def _parquet_file_rows(file: str, uri: str, image_column: str, filesystem: Any) 
                 row[image_column] = _cell_value(Cell(uri, first_row + offset, image_column, "parquet", stamp), path, struct)
         else:
             rows = parquet.read_row_group(group).to_pylist()
-        pending.extend(rows)
-        while len(pending) >= BATCH_ROWS:  # small row groups travel together: one object per batch
-            yield pending[:BATCH_ROWS]
-            pending = pending[BATCH_ROWS:]
+        pending.extend(rows)  # small row groups travel together: one object per batch
+        whole = len(pending) - len(pending) % BATCH_ROWS
+        for start in range(0, whole, BATCH_ROWS):
+            yield pending[start : start + BATCH_ROWS]
+        pending = pending[whole:]
         first_row += meta.num_rows
     if pending:
         yield pending

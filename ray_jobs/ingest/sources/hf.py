@@ -17,7 +17,7 @@ import pyarrow as pa
 from ray_jobs.ingest.items import InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
-from ray_jobs.ingest.sources.cells import arrow_rows_with_cells, image_values_type, parquet_rows_with_cells
+from ray_jobs.ingest.sources.cells import arrow_rows_with_cells, parquet_dataset_rows
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 SPLIT_COLUMN = "split"
@@ -132,14 +132,12 @@ def _parquet_source(location: str, kind: str, splits: dict[str, list[str]], opti
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet files of {location}: {exc}") from exc
 
-    def rows(dataset: Any, image: str | None) -> Iterable[Any]:
-        if image in dataset.schema.names and image_values_type(dataset.schema.field(image).type)[0]:
-            return parquet_rows_with_cells(dataset.files, image, LocalFileSystem(), str)
-        return dataset.to_batches(batch_size=1024)
-
     first = next(iter(opened.values()))
     features = datasets.Features.from_arrow_schema(first.schema)
-    listed = {split: functools.partial(rows, dataset) for split, dataset in opened.items()}
+    listed = {
+        split: functools.partial(parquet_dataset_rows, dataset, filesystem=LocalFileSystem(), uri_of=str)
+        for split, dataset in opened.items()
+    }
     return _split_source(location, kind, features, first.schema, listed, options)
 
 

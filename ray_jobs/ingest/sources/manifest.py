@@ -17,12 +17,7 @@ import pyarrow as pa
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
-from ray_jobs.ingest.sources.cells import (
-    Rows,
-    image_values_type,
-    lance_rows_with_cells,
-    parquet_rows_with_cells,
-)
+from ray_jobs.ingest.sources.cells import Rows, lance_rows_with_cells, parquet_dataset_rows
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 BATCH_ROWS = 1024
@@ -82,11 +77,8 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
 
 def _parquet_rows(dataset: Any, options: IngestOptions, filesystem: Any, uri_of: Callable[[str], str]) -> Batches:
     """The rows of a Parquet dataset; images in an image column stay in the files for the workers."""
-    mapping = map_columns(dataset.schema, options.columns, "")
-    image = mapping.roles.get("image")
-    if image is None or not image_values_type(dataset.schema.field(image).type)[0]:
-        return lambda: dataset.to_batches(batch_size=BATCH_ROWS)
-    return lambda: parquet_rows_with_cells(dataset.files, image, filesystem, uri_of)
+    image = map_columns(dataset.schema, options.columns, "").roles.get("image")
+    return lambda: parquet_dataset_rows(dataset, image, filesystem, uri_of)
 
 
 def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
