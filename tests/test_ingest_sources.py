@@ -330,10 +330,11 @@ def test_parquet_images_stay_in_the_file_where_row_group_statistics_show_every_i
 
     hub = _items(str(tmp_path / "hub.parquet"))
 
-    assert [i.locator for i in hub] == ["cell"] * 4 + ["bytes", "none"] + ["cell"] * 2  # the group with a null: whole
-    assert [i.source for i in hub[:4]] == [f"p{n}.png" for n in range(4)]
-    assert [read_cell(i.url, i.path, 10**6) for i in hub[:4] + hub[6:7]] == images[:4] + images[6:7]
-    assert hub[4].data == images[4], "a row group with a null image is read on the driver, as before"
+    # The group with a null is read by the listing (a Ray task, here in-process), which sends on cells and paths.
+    assert [i.locator for i in hub] == ["cell"] * 5 + ["none"] + ["cell"] * 2
+    assert [i.source for i in hub[:5]] == [f"p{n}.png" for n in range(5)]
+    assert [read_cell(i.url, i.path, 10**6) for i in hub[:5] + hub[6:7]] == images[:5] + images[6:7]
+    assert hub[5].error[0] == "missing_location", "a null image: an error record"
     assert read_cell(hub[7].url, hub[7].path, 10**6).reason == "missing_location", "empty bytes: an error record"
     (tmp_path / "truncated.parquet").write_bytes((tmp_path / "raw.parquet").read_bytes()[:200])
     with pytest.raises(SourceError, match="cannot read the Parquet source"):
@@ -344,6 +345,40 @@ def test_parquet_images_stay_in_the_file_where_row_group_statistics_show_every_i
     other = [image_bytes(50 + n) for n in range(4)]  # the same name, new content: a later ingest reads the new file
     pq.write_table(pa.table({"img": other, "n": list(range(4))}), tmp_path / "raw.parquet", row_group_size=3)
     assert [read_cell(i.url, i.path, 10**6) for i in _items(str(tmp_path / "raw.parquet"))] == other
+
+
+def test_parquet_lists_of_images_per_row_stay_in_the_file_as_cells_the_workers_read(tmp_path: Path) -> None:
+    """A multi-image sample's images (LLaMA-Factory's ``images`` column, Hub Parquet): one cell per image, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a, b, c, d = (image_bytes(n) for n in range(4))
+    element = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+    def chat(n: int) -> list[dict]:
+        return [{"role": "user", "content": "<image>" * n + "Same?"}, {"role": "assistant", "content": "No."}]
+
+    full = [[a, b], [c], [d, a, b]]  # every image present: statistics say so, the paths give the counts
+    gaps = [[{"bytes": c, "path": "c.png"}, {"bytes": None, "path": "img/gone.png"}], None, [{"bytes": b"", "path": "img/e.png"}]]
+    pq.write_table(pa.table({
+        "images": pa.array([[{"bytes": x, "path": None} for x in row] for row in full] + gaps, pa.list_(element)),
+        "messages": [chat(2), chat(1), chat(3), chat(2), chat(0), chat(1)],
+    }), tmp_path / "chats.parquet", row_group_size=3)
+    pq.write_table(pa.table({"images": pa.array(full, pa.list_(pa.binary()))}), tmp_path / "raw.parquet", row_group_size=2)
+
+    items = _items(str(tmp_path / "chats.parquet"))
+
+    listed = [(i.sample and i.sample.index, i.sample_position, i.locator) for i in items]
+    assert listed == [(0, 0, "cell"), (0, 1, "cell"), (1, 0, "cell"), (2, 0, "cell"), (2, 1, "cell"), (2, 2, "cell"),
+                      (3, 0, "cell"), (3, 1, "path"), (None, 0, "none"), (5, 0, "path")]
+    cells = [i for i in items if i.locator == "cell"]
+    assert [read_cell(i.url, i.path, 10**6) for i in cells] == [a, b, c, d, a, b, c]
+    assert [i.sample.images for i in items if i.sample and i.sample_position == 0] == [2, 1, 3, 2, 1]
+    assert items[7].path == str(tmp_path / "img" / "gone.png"), "a missing image's path stands in for its bytes"
+    assert items[8].error[0] == "missing_location", "a null list: no image"
+    assert items[9].path == str(tmp_path / "img" / "e.png"), "empty bytes in a group the listing read: the path"
+    raw = [i for i in _items(str(tmp_path / "raw.parquet")) if i.locator == "cell"]
+    assert [read_cell(i.url, i.path, 10**6) for i in raw] == [a, b, c, d, a, b], "a list of plain bytes, counted from its bytes"
 
 
 def _chat(n: int) -> dict:

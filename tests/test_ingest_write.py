@@ -219,3 +219,43 @@ def test_an_existing_lance_table_s_images_go_to_the_workers_not_through_the_driv
     assert sorted(open_table(copy).to_table(columns=columns).to_pylist(), key=lambda r: r["id"]) == sorted(
         open_table(first).to_table(columns=columns).to_pylist(), key=lambda r: r["id"]
     )
+
+
+def test_multi_image_samples_and_row_groups_with_a_null_image_send_no_image_bytes_through_the_driver(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """A list of images per row (Hugging Face ``save_to_disk`` and Hub Parquet), and Parquet row groups the
+    statistics cannot vouch for: the workers read every image; the driver sends locations."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lance_io.samples import open_samples
+    from lance_io.schema import image_id
+
+    images = [image_bytes(n, "PNG", size=(96, 96)) for n in range(60)]  # ~27 KB of noise each
+    pairs = [[{"bytes": images[2 * n], "path": None}, {"bytes": images[2 * n + 1], "path": None}] for n in range(30)]
+    chats = [[{"role": "user", "content": "<image><image>Same?"}, {"role": "assistant", "content": f"No {n}."}] for n in range(30)]
+    features = datasets.Features({
+        "images": datasets.Sequence(datasets.Image()),
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+    })
+    datasets.Dataset.from_dict({"images": pairs, "messages": chats}, features=features).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(datasets.Dataset.from_dict({"images": pairs, "messages": chats}, features=features).data.table,
+                   tmp_path / "pq" / "train.parquet", row_group_size=8)
+    photos = [{"bytes": b, "path": f"p{n}.png"} for n, b in enumerate(images)] + [None]  # the last row group has a null
+    pq.write_table(pa.table({"image": pa.array(photos, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
+                   tmp_path / "photos.parquet", row_group_size=16)
+
+    for source, added, samples in ((tmp_path / "hf", 60, 30), (tmp_path / "pq" / "train.parquet", 60, 30),
+                                   (tmp_path / "photos.parquet", 60, 0)):
+        table = str(tmp_path / f"{source.stem}.lance")
+        summary = ingest([str(source)], table, IngestOptions(progress=False))
+        assert summary.reconciled and (summary.added, summary.samples.added) == (added, samples), source
+        assert 0 < summary.bytes_from_driver < sum(map(len, images)) / 20, (source, summary.bytes_from_driver)
+        assert sorted(open_table(table).to_table(columns=["image"]).column("image").to_pylist()) == sorted(images)
+        if samples:
+            got = sorted(open_samples(table).to_table(columns=["image_ids"]).column("image_ids").to_pylist())
+            assert got == sorted([image_id(images[2 * n]), image_id(images[2 * n + 1])] for n in range(30)), "in order"
+    assert summary.errors_by_reason == {"missing_location": 1}, "the null image: an error record"

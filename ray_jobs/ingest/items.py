@@ -8,8 +8,8 @@ from typing import Any, Literal
 Locator = Literal["path", "url", "bytes", "object", "member", "cell", "none"]
 """How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, read an
 object-storage object (``url`` is its ``s3://...`` URI), read a tar member (``url`` is the shard,
-``path`` is ``"offset:size"``), read a cell of an Arrow or Parquet file (``url`` is the file, ``path``
-is ``"format:stamp:row:column"``, see :class:`Cell`), or none (the source already knows the item failed, see
+``path`` is ``"offset:size"``), read a cell of an Arrow or Parquet file or a Lance table (``url`` is
+the file, ``path`` is ``"format:stamp:row[/position]:column"``, see :class:`Cell`), or none (the source already knows the item failed, see
 ``InputItem.error``)."""
 
 
@@ -23,7 +23,8 @@ class Cell:
     binary column, or an ``Image`` struct's ``bytes``) from ``file`` (a local path or an
     object-storage URI) itself. An existing Lance table is read the same way: ``file`` is the
     table, ``row`` a row offset in the version the driver listed, and that version is the stamp
-    (a Lance version never changes).
+    (a Lance version never changes). In a column holding a list of images per row (a multi-image
+    training sample), ``position`` is the image's place in the row's list.
     """
 
     file: str
@@ -32,11 +33,13 @@ class Cell:
     format: Literal["arrow", "parquet", "lance"] = "arrow"
     stamp: str = ""
     """The file's size and modification time when listed (a Lance table's version): a worker refuses a file that changed since."""
+    position: int | None = None
 
     @property
     def span(self) -> str:
-        """The work row's ``path``: ``"format:stamp:row:column"``."""
-        return f"{self.format}:{self.stamp}:{self.row}:{self.column}"
+        """The work row's ``path``: ``"format:stamp:row:column"``, the row ``row/position`` in a list column."""
+        row = self.row if self.position is None else f"{self.row}/{self.position}"
+        return f"{self.format}:{self.stamp}:{row}:{self.column}"
 
 
 @dataclass

@@ -130,10 +130,11 @@ def _bytes_of(
 def read_cell(
     file: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
 ) -> bytes | IngestError:
-    """Return the image bytes at ``span`` (``"format:stamp:row:column"``, ``items.Cell``) of an Arrow or Parquet file or a Lance table."""
+    """Return the image bytes at ``span`` (``"format:stamp:row[/position]:column"``, ``items.Cell``) of an Arrow or Parquet file or a Lance table."""
     from ray_jobs.ingest.sources.objectstore import listing_failure
 
-    form, stamp, row, column = span.split(":", 3)
+    form, stamp, place, column = span.split(":", 3)
+    row, _, position = place.partition("/")
     options_json = json.dumps(_object_options(file, table_options) or {}) if is_object_uri(file) else "{}"
     try:
         if form == "parquet":
@@ -142,6 +143,8 @@ def read_cell(
             value = _lance_cell(file, int(stamp), int(row), column, options_json)
         else:
             value = _arrow_table(file, stamp).column(column)[int(row)]
+        if position:  # an image in a row's list of images
+            value = value[int(position)]
     except FileNotFoundError:
         return IngestError("not_found", f"no such file {file} (moved or deleted since it was listed?)")
     except _FileChanged:

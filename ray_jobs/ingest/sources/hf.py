@@ -171,7 +171,7 @@ def _split_source(
             context = RowContext(
                 name=name, kind=kind, root=Path(location), options=options, label_names=label_names
             )
-            for item in rows_to_items(rows(mapping.roles.get("image")), mapping, context):
+            for item in rows_to_items(rows(mapping.image_column), mapping, context):
                 if len(splits) > 1:
                     item.metadata[SPLIT_COLUMN] = split
                 yield item

@@ -77,7 +77,7 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
 
 def _parquet_rows(dataset: Any, options: IngestOptions, filesystem: Any, uri_of: Callable[[str], str]) -> Batches:
     """The rows of a Parquet dataset; images in an image column stay in the files for the workers."""
-    image = map_columns(dataset.schema, options.columns, "").roles.get("image")
+    image = map_columns(dataset.schema, options.columns, "").image_column
     return lambda: parquet_dataset_rows(dataset, image, filesystem, uri_of)
 
 

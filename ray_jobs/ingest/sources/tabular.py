@@ -42,6 +42,11 @@ class ColumnMapping:
     roles: dict[str, str]
     metadata_fields: dict[str, pa.DataType] = field(default_factory=dict)
 
+    @property
+    def image_column(self) -> str | None:
+        """The column whose image bytes a source can leave in place for the workers: the image, else the list of images."""
+        return self.roles.get("image") or self.roles.get("images")
+
 
 def map_columns(schema: pa.Schema, explicit: dict[str, str], where: str) -> ColumnMapping:
     """Return the mapping for a table: explicit roles first, then the usual column names."""
