@@ -314,6 +314,8 @@ def test_a_parquet_file_of_images_on_object_storage_is_listed_and_read_by_the_wo
 
 
 def test_a_lance_table_on_object_storage_is_a_source_whose_images_the_workers_take(ray_cluster, s3, monkeypatch) -> None:
+    import lance
+
     from lance_io import append_images
     from tests.table_fixtures import image_rows
 
@@ -322,11 +324,20 @@ def test_a_lance_table_on_object_storage_is_a_source_whose_images_the_workers_ta
     append_images(first, rows, storage_options=s3.storage_options)
     monkeypatch.setenv(ENV_VAR, json.dumps(s3.storage_options))
     copy = s3.uri("copy.lance")
+    scans: list[str] = []
+    scan = lance.LanceDataset.to_batches
+
+    def recorded_scan(self, *args, **kwargs):  # records this process's scans (not the workers')
+        scans.append(self.uri)
+        return scan(self, *args, **kwargs)
+
+    monkeypatch.setattr(lance.LanceDataset, "to_batches", recorded_scan)
 
     summary = ingest([f"lance:{first}"], copy, IngestOptions(**QUIET), storage_options=s3.storage_options)
 
     assert summary.reconciled and summary.added == 70
     assert 0 < summary.bytes_from_driver < sum(rows["size_bytes"].to_pylist()) / 20, summary.bytes_from_driver
+    assert not [uri for uri in scans if "first.lance" in uri], "the source table is listed by a Ray task"
     got = open_table(copy, storage_options=s3.storage_options).to_table(columns=["id", "image", "truth"]).to_pylist()
     assert sorted(got, key=lambda r: r["id"]) == sorted(rows.select(["id", "image", "truth"]).to_pylist(), key=lambda r: r["id"])
 

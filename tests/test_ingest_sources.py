@@ -433,11 +433,12 @@ def test_an_existing_lance_table_is_a_source_of_its_image_bytes_and_truth(tmp_pa
     worker._lance_block.cache_clear(), worker._lance_version.cache_clear()  # as a fresh worker process
     assert [read_cell(i.url, i.path, 10**6) for i in items] == [r["image"] for r in kept], "the listed version"
 
-    # A nullable image column next to a URL column that can stand in for it: the driver reads the bytes.
+    # A nullable image column next to a URL column that can stand in for it: the listing (a Ray task,
+    # here in-process) reads which rows have bytes; a null or empty image goes to its URL.
     other = str(tmp_path / "with-urls.lance")
-    images = [image_bytes(7), None]
-    lance.write_dataset(pa.table({"image": pa.array(images, pa.binary()), "url": ["http://h/a.png", "http://h/b.png"]}), other)
+    images = [image_bytes(7), None, b""]
+    urls = ["http://h/a.png", "http://h/b.png", "http://h/c.png"]
+    lance.write_dataset(pa.table({"image": pa.array(images, pa.binary()), "url": urls}), other)
     fallback = _items(other)
-    assert [(i.locator, i.data if i.locator == "bytes" else i.url) for i in fallback] == [
-        ("bytes", images[0]), ("url", "http://h/b.png")
-    ]
+    assert [i.locator for i in fallback] == ["cell", "url", "url"]
+    assert read_cell(fallback[0].url, fallback[0].path, 10**6) == images[0] and fallback[2].url == urls[2]

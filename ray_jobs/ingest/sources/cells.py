@@ -254,30 +254,40 @@ def _every_value_present(meta: Any, leaf: str) -> bool:
 
 
 def lance_rows_with_cells(
-    dataset: Any, location: str, image_column: str, fallback: bool
+    dataset: Any, location: str, image_column: str, fallback: bool, storage_options: dict[str, str] | None
 ) -> Callable[[], Rows] | None:
     """Return a function yielding a Lance table's rows, ``BATCH_ROWS`` at a time, each image as a :class:`Cell`.
 
-    The driver scans the other columns of the version it opened; the workers take the images from
-    that version by row offset. None when the images cannot be read that way: the column holds
-    no bytes (a struct, paths), or it may hold nulls while another column (``fallback``: a path
-    or URL role) could locate the image instead.
+    A Ray task (``remote.stream_on_worker``) scans the other columns of the version the driver
+    opened; the workers take the images from that version by row offset. Where the image column
+    may hold nulls and another column (``fallback``: a path or URL role) could locate an image
+    instead, the task reads the image column too, to see which rows have bytes: then an image's
+    bytes are read twice, by that task and by the worker that ingests it, never by the driver.
+    None when the column holds no bytes (a struct, a list, paths).
     """
-    field = dataset.schema.field(image_column)
-    if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
+    dtype = dataset.schema.field(image_column).type
+    if not (pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)):
         return None
-    if field.nullable and fallback:
-        return None
+    from ray_jobs.ingest.remote import stream_on_worker
+
+    check = dataset.schema.field(image_column).nullable and fallback
+    version = dataset.version
+    return lambda: stream_on_worker(_lance_table_rows, location, version, image_column, check, storage_options)
+
+
+def _lance_table_rows(
+    location: str, version: int, image_column: str, check: bool, storage_options: dict[str, str] | None
+) -> Rows:
+    """The rows of ``version`` of a Lance table, its images as cells (``check``: only those with bytes)."""
+    import lance
+
+    dataset = lance.dataset(location, version=version, storage_options=storage_options)
     others = [name for name in dataset.schema.names if name != image_column]
-    version = str(dataset.version)
-
-    def rows() -> Rows:
-        number = 0
-        for batch in dataset.to_batches(columns=others, batch_size=BATCH_ROWS):
-            listed = batch.to_pylist() if others else [{} for _ in range(batch.num_rows)]
-            for row in listed:
-                row[image_column] = Cell(location, number, image_column, "lance", version)
-                number += 1
-            yield listed
-
-    return rows
+    number = 0
+    for batch in dataset.to_batches(columns=others + ([image_column] if check else []), batch_size=BATCH_ROWS):
+        present = pc.binary_length(batch.column(image_column)).to_pylist() if check else [True] * batch.num_rows
+        listed = batch.select(others).to_pylist() if others else [{} for _ in range(batch.num_rows)]
+        for row, has in zip(listed, present, strict=True):
+            row[image_column] = Cell(location, number, image_column, "lance", str(version)) if has else None
+            number += 1
+        yield listed

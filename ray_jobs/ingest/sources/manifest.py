@@ -103,9 +103,8 @@ def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
 def lance_source(location: str, options: IngestOptions) -> ListedSource:
     """Return the source of an existing Lance table (any schema with image bytes, paths or URLs).
 
-    Image bytes stay in the table: the driver lists the other columns and the workers take the
-    images (``cells.lance_rows_with_cells``), unless the image column may be null where a path or
-    URL column could stand in for it.
+    Image bytes stay in the table: a Ray task lists the other columns and the workers take the
+    images (``cells.lance_rows_with_cells``).
     """
     import lance
 
@@ -118,7 +117,7 @@ def lance_source(location: str, options: IngestOptions) -> ListedSource:
     mapping = map_columns(dataset.schema, options.columns, location)
     image = mapping.roles.get("image")
     in_place = (
-        lance_rows_with_cells(dataset, location, image, fallback=bool({"path", "url"} & set(mapping.roles)))
+        lance_rows_with_cells(dataset, location, image, bool({"path", "url"} & set(mapping.roles)), storage)
         if image is not None
         else None
     )
