@@ -25,6 +25,8 @@ from pyarrow.fs import LocalFileSystem
 from ray_jobs.ingest.items import Cell
 
 BATCH_ROWS = 1024
+CHECKED_ROWS = 64
+"""Rows of a Lance table listed at once where the listing reads the images too: their bytes are held at once."""
 Rows = Iterator[list[dict[str, Any]]]
 
 
@@ -284,7 +286,8 @@ def _lance_table_rows(
     dataset = lance.dataset(location, version=version, storage_options=storage_options)
     others = [name for name in dataset.schema.names if name != image_column]
     number = 0
-    for batch in dataset.to_batches(columns=others + ([image_column] if check else []), batch_size=BATCH_ROWS):
+    columns, rows = ([*others, image_column], CHECKED_ROWS) if check else (others, BATCH_ROWS)
+    for batch in dataset.to_batches(columns=columns, batch_size=rows):
         present = pc.binary_length(batch.column(image_column)).to_pylist() if check else [True] * batch.num_rows
         listed = batch.select(others).to_pylist() if others else [{} for _ in range(batch.num_rows)]
         for row, has in zip(listed, present, strict=True):
