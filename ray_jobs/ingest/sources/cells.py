@@ -76,8 +76,8 @@ class _Images:
 def _images_of(column: pa.Array | pa.ChunkedArray, layout: ImageLayout, *, bytes_known: bool) -> _Images:
     """Read presence and paths from ``column`` (which may hold only the struct's ``path``).
 
-    ``bytes_known``: every image is known to have bytes (Parquet statistics); else the lengths are
-    taken from the column (the Arrow offsets: the bytes themselves are not read)."""
+    ``bytes_known``: every image is known to have bytes (Parquet statistics); else each image's
+    length is taken from the column's offsets (the bytes themselves are not looked at)."""
     counts = None
     if layout.listed:
         counts = pc.list_value_length(column).to_pylist()
@@ -209,6 +209,7 @@ def _parquet_file_rows(file: str, uri: str, image_column: str, filesystem: Any) 
 
     def cell_of(row: int, position: int | None) -> Cell:
         return Cell(uri, row, image_column, "parquet", stamp, position)
+
     first_row, pending = 0, []
     for group in range(parquet.metadata.num_row_groups):
         meta = parquet.metadata.row_group(group)
