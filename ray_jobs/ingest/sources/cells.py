@@ -213,10 +213,15 @@ def _parquet_file_rows(file: str, uri: str, image_column: str, filesystem: Any) 
     first_row, pending = 0, []
     for group in range(parquet.metadata.num_row_groups):
         meta = parquet.metadata.row_group(group)
-        table = parquet.read_row_group(group, columns=others)
-        rows = table.to_pylist() if others else [{} for _ in range(meta.num_rows)]
+        wanted, known = _image_read(meta, image_column, layout, bytes_leaf, path_leaf)
+        table = parquet.read_row_group(group, columns=others + wanted)  # one read per row group
+        rows = table.select(others).to_pylist() if others else [{} for _ in range(meta.num_rows)]
         if layout.readable:
-            images = _row_group_images(parquet, group, image_column, layout, bytes_leaf, path_leaf)
+            images = (
+                _images_of(table.column(image_column), layout, bytes_known=known)
+                if wanted
+                else _Images([True] * meta.num_rows, [None] * meta.num_rows, None)
+            )
             for row, value in zip(rows, _image_values(images, layout.struct, first_row, cell_of), strict=True):
                 row[image_column] = value
         pending.extend(rows)  # small row groups travel together: one object per batch
@@ -229,17 +234,20 @@ def _parquet_file_rows(file: str, uri: str, image_column: str, filesystem: Any) 
         yield pending
 
 
-def _row_group_images(
-    parquet: Any, group: int, column: str, layout: ImageLayout, bytes_leaf: str | None, path_leaf: str | None
-) -> _Images:
-    """What a row group holds of images: from its statistics and paths where they tell, else from its bytes."""
-    rows = parquet.metadata.row_group(group).num_rows
-    known = bytes_leaf is not None and _every_value_present(parquet.metadata.row_group(group), bytes_leaf)
-    if known and not layout.listed and path_leaf is None:
-        return _Images([True] * rows, [None] * rows, None)
-    if known and path_leaf is not None:  # a list's paths give each row's count
-        return _images_of(parquet.read_row_group(group, columns=[path_leaf]).column(column), layout, bytes_known=True)
-    return _images_of(parquet.read_row_group(group, columns=[column]).column(column), layout, bytes_known=False)
+def _image_read(
+    meta: Any, column: str, layout: ImageLayout, bytes_leaf: str | None, path_leaf: str | None
+) -> tuple[list[str], bool]:
+    """What of the image column a row group's read needs, and whether every image is known to have bytes:
+    nothing or the paths where the statistics vouch for every image (a list's paths give each row's
+    count), else the column itself."""
+    if not layout.readable:
+        return [], False
+    known = bytes_leaf is not None and _every_value_present(meta, bytes_leaf)
+    if known and path_leaf is not None:
+        return [path_leaf], True
+    if known and not layout.listed:
+        return [], True
+    return [column], False
 
 
 def _every_value_present(meta: Any, leaf: str) -> bool:
@@ -268,12 +276,12 @@ def lance_rows_with_cells(
     bytes are read twice, by that task and by the worker that ingests it, never by the driver.
     None when the column holds no bytes (a struct, a list, paths).
     """
-    dtype = dataset.schema.field(image_column).type
-    if not (pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)):
+    field = dataset.schema.field(image_column)
+    if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
         return None
     from ray_jobs.ingest.remote import stream_on_worker
 
-    check = dataset.schema.field(image_column).nullable and fallback
+    check = field.nullable and fallback
     version = dataset.version
     return lambda: stream_on_worker(_lance_table_rows, location, version, image_column, check, storage_options)
 
