@@ -54,7 +54,8 @@ def lance_detail(err: BaseException) -> str:
     return " ".join(_RUST_LOCATION.sub("", str(err)).split())[:400]
 
 
-def _open_error(uri: str, err: BaseException) -> TableReadError:
+def open_error(uri: str, err: BaseException) -> TableReadError:
+    """Return the :class:`TableReadError` for Lance failing to open ``uri`` with ``err``."""
     reason = lance_reason(err)
     detail = lance_detail(err)
     if reason == "permission_denied":
@@ -116,7 +117,7 @@ def open_at(
     try:
         latest = lance.dataset(uri, storage_options=storage_options)
     except (ValueError, OSError) as err:
-        raise _open_error(uri, err) from err
+        raise open_error(uri, err) from err
     if ref is None:
         return latest
     try:

@@ -18,7 +18,7 @@ import lance
 import pyarrow as pa
 
 from lance_io.reasons import ReasonError
-from lance_io.scan import lance_detail, lance_reason, open_at
+from lance_io.scan import lance_detail, lance_reason, open_at, open_error
 from lance_io.schema import ID, IMAGE_SCHEMA
 from lance_io.sql import sql_strings
 
@@ -76,10 +76,16 @@ class AppendResult:
 
 
 def table_exists(uri: str, *, storage_options: dict[str, str] | None = None) -> bool:
-    """Return whether a Lance table exists at ``uri``."""
+    """Return whether a Lance table exists at ``uri``.
+
+    Raises :class:`lance_io.scan.TableReadError` (``storage_unreachable``, ``permission_denied``)
+    when the store cannot say: an unreachable bucket is not an empty one.
+    """
     try:
         lance.dataset(uri, storage_options=storage_options)
-    except (ValueError, FileNotFoundError, OSError):
+    except (ValueError, OSError) as err:
+        if lance_reason(err) in ("storage_unreachable", "permission_denied"):
+            raise open_error(uri, err) from err
         return False
     return True
 

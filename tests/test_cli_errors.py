@@ -290,4 +290,5 @@ def test_ingest_into_an_unreachable_object_store_is_storage_unreachable(tmp_path
         env={"LANCETAG_STORAGE_OPTIONS": json.dumps(options), "RAY_ADDRESS": ""},  # ingest starts its own Ray
     )
     assert refusal_problems(proc, "storage_unreachable", as_json=True) == [], proc.stderr[-2000:]
-    assert "the object store did not answer" in json.loads(proc.stdout)["error"]["message"]
+    assert "cannot reach the object store" in json.loads(proc.stdout)["error"]["message"]
+    assert "Started a local Ray instance" not in proc.stderr  # refused before the job starts Ray

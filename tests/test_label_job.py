@@ -304,25 +304,32 @@ def test_labels_averaged_over_views_say_so_and_relabel_with_the_image_alone_redo
 
 
 def test_where_relabels_only_matching_rows_and_relabel_after_switching_model_touches_all(labeler, tmp_path, tiny_qwen2_vl):
+    from serve_apps.app import LabelerConfig, run_labeler, stop_labeler
+    from serve_apps.backends.base import BackendConfig
     from serve_apps.tiny_models import build_tiny_model
 
     uri = make_table(tmp_path, 40, rows_per_fragment=16)
     label_table(uri, LabelOptions(task="digits", serve=labeler), progress=False)
     first = open_table(uri).to_table(columns=["id", "truth", "label_provenance"])
     other_model = str(build_tiny_model("qwen2_vl", tmp_path / "other", seed=7))
+    # One labeler serves the other model to both relabel runs (deploying it per run costs ~20 s each).
+    other = run_labeler(LabelerConfig(task="digits", backend=BackendConfig(model=other_model), app_name="other-model",
+                                      route_prefix="/other-model", num_cpus=0.5))
+    try:
+        matching = first.filter(pa.compute.equal(first["truth"], "1"))
+        only_matching = label_table(
+            uri, LabelOptions(task="digits", serve=other, relabel=True, where="truth = '1'"), progress=False
+        )
+        assert only_matching.planned == only_matching.labeled == matching.num_rows
+        after = open_table(uri).to_table(columns=["id", "truth", "label_provenance"])
+        changed = {r["id"] for r in after.to_pylist() if other_model in r["label_provenance"]}
+        assert changed == set(matching["id"].to_pylist())
 
-    matching = first.filter(pa.compute.equal(first["truth"], "1"))
-    only_matching = label_table(
-        uri, LabelOptions(task="digits", model=other_model, relabel=True, where="truth = '1'"), progress=False
-    )
-    assert only_matching.planned == only_matching.labeled == matching.num_rows
-    after = open_table(uri).to_table(columns=["id", "truth", "label_provenance"])
-    changed = {r["id"] for r in after.to_pylist() if other_model in r["label_provenance"]}
-    assert changed == set(matching["id"].to_pylist())
-
-    everything = label_table(uri, LabelOptions(task="digits", model=other_model, relabel=True), progress=False)
-    assert everything.planned == 40 - matching.num_rows
-    assert open_table(uri).count_rows(filter=f"label_provenance LIKE '{other_model}%'") == 40
+        everything = label_table(uri, LabelOptions(task="digits", serve=other, relabel=True), progress=False)
+        assert everything.planned == 40 - matching.num_rows
+        assert open_table(uri).count_rows(filter=f"label_provenance LIKE '{other_model}%'") == 40
+    finally:
+        stop_labeler("other-model")
 
 
 def test_attribute_and_caption_tasks_write_the_documented_columns(ray_cluster, tiny_qwen2_vl, tmp_path):

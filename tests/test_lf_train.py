@@ -44,6 +44,7 @@ def _assert_adapter_with_lineage(output_dir: Path, version: int = 1) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # Ray Train on two workers stays in the default run: test_validation_training's rank-0 test
 def test_lancetag_train_cli_on_two_ray_workers_saves_adapter_lineage_and_checkpoint(
     ray_cluster, registered, tiny_qwen2_vl, tmp_path
 ):

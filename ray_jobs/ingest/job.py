@@ -74,7 +74,7 @@ def ingest(
     opened = [open_source(spec, options) for spec in sources]
     metadata = merged_metadata_fields(opened)
     _check_answer_column(options, metadata)
-    _init_ray(options)
+    # The table is reached first: a wrong or unreachable destination is refused before Ray starts.
     writer = ChunkWriter(
         table,
         job or f"ingest-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
@@ -82,8 +82,9 @@ def ingest(
         metadata,
         storage_options,
     )
-    started = time.monotonic()
     try:
+        _init_ray(options)
+        started = time.monotonic()
         with IngestProgress(enabled=options.progress) as progress:
             items = itertools.chain.from_iterable(source.items() for source in opened)
             for segment in _segments(items, options.segment_items):
