@@ -68,3 +68,21 @@ def test_errors_are_recorded_next_to_the_table_with_source_reason_and_job(tmp_pa
     assert errors.num_rows == 2
     only_j2 = read_errors(uri, job="j2").to_pylist()
     assert [(e["source"], e["reason"], e["stage"]) for e in only_j2] == [("b.jpg", "too_large", "ingest")]
+
+
+def test_table_exists_is_false_for_a_missing_table_and_an_error_for_a_store_that_does_not_answer(tmp_path):
+    import socket
+
+    from lance_io import table_exists
+
+    assert table_exists(str(tmp_path / "none.lance")) is False
+    append_images(str(tmp_path / "t.lance"), image_rows(range(2)))
+    assert table_exists(str(tmp_path / "t.lance")) is True
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"endpoint": f"http://127.0.0.1:{port}", "allow_http": "true", "aws_access_key_id": "k",
+               "aws_secret_access_key": "s", "region": "us-east-1", "client_max_retries": "0"}
+    with pytest.raises(TableReadError) as refused:  # not False: an unreachable bucket is not an empty one
+        table_exists("s3://bucket/t.lance", storage_options=options)
+    assert refused.value.reason == "storage_unreachable"
