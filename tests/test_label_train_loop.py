@@ -150,6 +150,10 @@ def test_attribute_labels_train_an_adapter_whose_relabel_is_evaluated_per_attrib
 ):
     address = ray_cluster.get_runtime_context().gcs_address
     label_train_relabel(photo_table, FASHION_YAML, "attrs", tiny_qwen2_vl, tmp_path, address)
+    labeled = open_table(photo_table).to_table(filter=LABELED)  # the documented columns, each filled
+    for name in [*answer_columns(FASHION, "attrs").values(), "attrs_confidence"]:
+        assert labeled[name].null_count == 0, name
+    assert labeled["attrs_error"].null_count == FIRST_DELIVERY
 
     diff = lancetag_json("diff", photo_table, "attrs-zero-shot", "attrs-fine-tuned", "--column", "attrs")
     assert sorted(c["column"] for c in diff["columns"]) == sorted(answer_columns(FASHION, "attrs").values())
