@@ -54,8 +54,7 @@ def lance_detail(err: BaseException) -> str:
     return " ".join(_RUST_LOCATION.sub("", str(err)).split())[:400]
 
 
-def open_error(uri: str, err: BaseException) -> TableReadError:
-    """Return the :class:`TableReadError` for Lance failing to open ``uri`` with ``err``."""
+def _open_error(uri: str, err: BaseException) -> TableReadError:
     reason = lance_reason(err)
     detail = lance_detail(err)
     if reason == "permission_denied":
@@ -117,7 +116,7 @@ def open_at(
     try:
         latest = lance.dataset(uri, storage_options=storage_options)
     except (ValueError, OSError) as err:
-        raise open_error(uri, err) from err
+        raise _open_error(uri, err) from err
     if ref is None:
         return latest
     try:

@@ -18,7 +18,7 @@ import lance
 import pyarrow as pa
 
 from lance_io.reasons import ReasonError
-from lance_io.scan import lance_detail, lance_reason, open_at, open_error
+from lance_io.scan import TableReadError, lance_detail, lance_reason, open_at
 from lance_io.schema import ID, IMAGE_SCHEMA
 from lance_io.sql import sql_strings
 
@@ -82,10 +82,10 @@ def table_exists(uri: str, *, storage_options: dict[str, str] | None = None) -> 
     when the store cannot say: an unreachable bucket is not an empty one.
     """
     try:
-        lance.dataset(uri, storage_options=storage_options)
-    except (ValueError, OSError) as err:
-        if lance_reason(err) in ("storage_unreachable", "permission_denied"):
-            raise open_error(uri, err) from err
+        open_at(uri, storage_options=storage_options)
+    except TableReadError as err:
+        if err.reason != "table_not_found":
+            raise
         return False
     return True
 

@@ -71,18 +71,14 @@ def test_errors_are_recorded_next_to_the_table_with_source_reason_and_job(tmp_pa
 
 
 def test_table_exists_is_false_for_a_missing_table_and_an_error_for_a_store_that_does_not_answer(tmp_path):
-    import socket
-
     from lance_io import table_exists
+    from tests.ray_head import free_port
 
     assert table_exists(str(tmp_path / "none.lance")) is False
     append_images(str(tmp_path / "t.lance"), image_rows(range(2)))
     assert table_exists(str(tmp_path / "t.lance")) is True
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    options = {"endpoint": f"http://127.0.0.1:{port}", "allow_http": "true", "aws_access_key_id": "k",
-               "aws_secret_access_key": "s", "region": "us-east-1", "client_max_retries": "0"}
+    options = {"endpoint": f"http://127.0.0.1:{free_port()}", "allow_http": "true", "aws_access_key_id": "k",
+               "aws_secret_access_key": "s", "region": "us-east-1", "client_max_retries": "0"}  # nothing listens there
     with pytest.raises(TableReadError) as refused:  # not False: an unreachable bucket is not an empty one
         table_exists("s3://bucket/t.lance", storage_options=options)
     assert refused.value.reason == "storage_unreachable"
