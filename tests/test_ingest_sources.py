@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -214,11 +216,25 @@ def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
     assert [read_cell(i.url, i.path, 10**6) for i in items] == [image_bytes(n) for n in (0, 1, 10, 11)]
 
 
-def test_modelscope_local_dataset_folder(tmp_path: Path) -> None:
+def test_modelscope_local_dataset_folder_leaves_no_cache_behind(tmp_path: Path, monkeypatch) -> None:
     root = build_class_folder(tmp_path, {"beach": 2, "room": 1})
-    items = _items(f"modelscope:{root}")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    source = open_source(f"modelscope:{root}", IngestOptions())
+    assert [p.name.startswith("lancetag-modelscope-") for p in scratch.iterdir()] == [True]  # the builders' cache
+    items = list(source.items())
     assert sorted(i.truth for i in items) == ["beach", "beach", "room"]
     assert all(i.locator in ("bytes", "path") and i.source_kind == "modelscope" for i in items)
+    del source
+    gc.collect()
+    assert list(scratch.iterdir()) == []
+    # a folder the builders cannot read leaves nothing either
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.bin").write_bytes(b"x")
+    with pytest.raises(SourceError):
+        open_source(f"modelscope:{tmp_path / 'notes'}", IngestOptions())
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_modelscope_folder_of_parquet_files_is_read_in_place_with_its_splits(tmp_path: Path, monkeypatch) -> None:

@@ -7,7 +7,9 @@ raw bytes column; a ``ClassLabel`` truth column becomes its class name.
 from __future__ import annotations
 
 import functools
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,10 +55,17 @@ def modelscope_source(location: str, options: IngestOptions) -> ListedSource:
         return _parquet_source(location, "modelscope", parquet, options)
     cache = tempfile.mkdtemp(prefix="lancetag-modelscope-")
     try:
-        loaded = datasets.load_dataset(location, cache_dir=cache)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SourceError(f"{location} is not a ModelScope/Hugging Face dataset folder: {exc}") from exc
-    return _arrow_source(location, "modelscope", loaded, options)
+        try:
+            loaded = datasets.load_dataset(location, cache_dir=cache)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SourceError(f"{location} is not a ModelScope/Hugging Face dataset folder: {exc}") from exc
+        source = _arrow_source(location, "modelscope", loaded, options)
+    except BaseException:
+        shutil.rmtree(cache, ignore_errors=True)
+        raise
+    # The builders' Arrow cache is this run's alone: it goes when the source does (the job holds it).
+    weakref.finalize(source, shutil.rmtree, cache, True)
+    return source
 
 
 def parquet_splits(location: str) -> dict[str, list[str]] | None:
