@@ -17,9 +17,11 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Annotated
 
 import lance
 import pyarrow as pa
+from pydantic import AfterValidator
 
 from lance_io.reasons import ReasonError
 
@@ -36,7 +38,9 @@ _LANCE_REASONS = (
     ("storage_full", ("No space left", "os error 28")),
     ("storage_unreachable", ("error sending request", "Connection refused", "connection closed", "timed out",
                              "dns error")),
-    ("bad_where", ("Error parsing statement", "sql parser error", "No field named", "Schema error")),
+    ("bad_where", ("Error parsing statement", "Error tokenizing statement", "sql parser error", "No field named",
+                   "Schema error", "Error parsing function", "Error resolving filter expression",
+                   "Error applying filter expression")),
     ("version_not_found", ("Version not found error", "Ref not found error")),
     ("table_not_found", ("was not found", "Not found", "Not a directory", "os error 2)", "os error 20")),
 )
@@ -73,13 +77,42 @@ def _open_error(uri: str, err: BaseException) -> TableReadError:
     )
 
 
+def one_predicate(where: str | None) -> str | None:
+    """Return ``where`` unchanged; :class:`TableReadError` (``bad_where``) if a ``;`` outside quotes ends it early.
+
+    Lance parses ``WHERE <where>`` as statements and keeps the first without a word: ``a = 1; b = 2``
+    would select on ``a = 1`` alone.
+    """
+    quote = None
+    for at, char in enumerate(where or ""):
+        if quote:
+            quote = None if char == quote else quote  # '' inside a string closes and reopens it
+        elif char in "'\"`":
+            quote = char
+        elif char == ";" and where[at + 1 :].strip():  # type: ignore[index]
+            raise TableReadError(
+                "bad_where", f"{where!r} is more than one SQL statement (text after ';'); give one predicate, "
+                "joining conditions with AND or OR"
+            )
+    return where
+
+
+Predicate = Annotated[str | None, AfterValidator(one_predicate)]
+"""The type of a model's ``where`` field: one SQL predicate (checked by :func:`one_predicate`), or None."""
+
+
 @contextmanager
 def translated_where(ds: lance.LanceDataset, where: str | None) -> Iterator[None]:
-    """Turn Lance's error for an invalid SQL ``where`` into :class:`TableReadError` (``bad_where``)."""
+    """Refuse a ``where`` of several statements, and turn Lance's error for an invalid one into
+    :class:`TableReadError` (``bad_where``)."""
+    one_predicate(where)
     try:
         yield
     except (ValueError, OSError) as err:
-        if not where or isinstance(err, ReasonError) or lance_reason(err) != "bad_where":
+        if not where or isinstance(err, ReasonError):
+            raise
+        reason = lance_reason(err)
+        if reason != "bad_where" and not (reason is None and "Invalid user input" in str(err)):
             raise
         raise TableReadError(
             "bad_where",

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lance_io.reasons import ReasonError
+from lance_io.scan import Predicate
 from lance_io.splits import split_of
 from lance_io.tasks import Task, load_task, task_from_dict
 
@@ -52,7 +53,7 @@ class LanceSource(BaseModel):
     uri: str = Field(description="Table URI (local path or s3://...)")
     version: int | None = Field(None, description="Pinned version number; set by `lancetag lf register`")
     tag: str | None = Field(None, description="Tag to read instead of a version number")
-    where: str | None = Field(None, description='SQL filter on table columns, e.g. "truth IS NOT NULL"')
+    where: Predicate = Field(None, description='SQL filter on table columns, e.g. "truth IS NOT NULL"')
     split: Split = Field("all", description="Rows kept after the id-hash split")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of ids in the validation split")
     id_column: str = Field("id", description="Column whose hash decides the split")

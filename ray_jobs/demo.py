@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from lance_io.reasons import ReasonError
 from lance_io.splits import split_of
 from llamafactory_ext.recipe import Recipe, choose_recipe, set_processor_side
 
@@ -83,9 +84,11 @@ def add_split_column(table: str) -> int:
 
 def folder_task(data: Path, out: Path) -> Path:
     """Write a classify task whose labels are the class folders of ``data``; return its path."""
+    if not data.is_dir():
+        raise ReasonError("bad_source", f"{data} is not a folder: give a folder with a sub-folder per class")
     labels = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(labels) < 2:
-        raise ValueError(f"{data} needs at least two class folders (one per label), found {labels}")
+        raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
     path = out / "task.yaml"
     path.write_text(yaml.safe_dump({"kind": "classify", "name": data.name or "folders", "labels": labels}))
     return path
@@ -137,6 +140,8 @@ def run_demo(
     from ray_jobs.ray_session import ensure_ray
     from serve_apps.tiny_models import build_tiny_model
 
+    if epochs is not None and not epochs > 0:
+        raise ReasonError("bad_option", f"epochs must be above 0, not {epochs}")
     started = time.perf_counter()
     steps: dict[str, float] = {}
     work = Path(workdir or Path("lancetag-work") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()

@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from lance_io.reasons import ReasonError
 from serve_apps.backends.base import BackendConfig
 from serve_apps.http_requests import (
     Limits,
@@ -446,7 +447,14 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
         ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     app = build_app(config, token_sha256=token_hash, row_reader=row_reader)
-    serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    try:
+        serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    except RuntimeError as exc:  # Serve says only "Deploying application X failed"; the replicas said why
+        failure = start_failure(config.app_name)
+        if failure is None:
+            raise
+        serve.delete(config.app_name)
+        raise failure from exc
     # Serve's HTTP options are fixed by whoever started Serve first in this cluster: report where it really listens.
     from ray.serve.context import _get_global_client
 
@@ -459,6 +467,28 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
         except KeyboardInterrupt:
             serve.delete(config.app_name)
     return url
+
+
+def start_failure(app_name: str) -> ReasonError | None:
+    """Why Serve could not start ``app_name``, from its status: the replicas' exception (None if Serve has none).
+
+    ``model_not_found`` when the model was neither a folder nor a hub id the replica could reach,
+    ``labeler_failed`` for any other error of the replicas' start (the backend's constructor).
+    """
+    from ray import serve
+
+    from serve_apps.backends.base import HUB_MISSES, MODEL_HINT
+
+    status = serve.status().applications.get(app_name)
+    text = next((d.message for d in status.deployments.values() if d.message), "") if status else ""
+    if not text.strip():
+        return None
+    lines = text.rstrip().splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)  # traceback frames
+    error = " ".join(line.strip() for line in lines[last_frame + 1 :]) or lines[-1].strip()
+    if any(name in text for name in HUB_MISSES):
+        return ReasonError("model_not_found", f"the labeler could not load its model ({error}); {MODEL_HINT}")
+    return ReasonError("labeler_failed", f"the labeler's replicas failed to start: {error}")
 
 
 def stop_labeler(app_name: str = "lancetag-labeler") -> None:

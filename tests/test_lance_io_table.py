@@ -82,3 +82,49 @@ def test_table_exists_is_false_for_a_missing_table_and_an_error_for_a_store_that
     with pytest.raises(TableReadError) as refused:  # not False: an unreachable bucket is not an empty one
         table_exists("s3://bucket/t.lance", storage_options=options)
     assert refused.value.reason == "storage_unreachable"
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "id = 'x",  # unterminated string
+        "no_such_fn(id) = 1",
+        "width > 'wide'",  # a type the column cannot take
+        "width / 0 > 1",  # fails only on the rows
+        "truth = 'a'; truth = 'b'",  # Lance would keep the first statement alone
+        "width > 1 ;x",
+    ],
+)
+def test_a_predicate_lance_cannot_apply_or_would_cut_short_is_bad_where(tmp_path, where):
+    from lance_io.inspect import query_table
+
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(2)))
+    with pytest.raises(TableReadError) as refused:
+        query_table(uri, where=where)
+    assert refused.value.reason == "bad_where"
+
+
+def test_one_predicate_reads_semicolons_in_quotes_as_text_and_models_refuse_two_statements(tmp_path):
+    from pydantic import ValidationError
+
+    from lance_io.inspect import query_table
+    from lance_io.scan import one_predicate
+    from llamafactory_ext.source import LanceSource
+    from ray_jobs.evaluation import evaluate_table
+    from ray_jobs.label.job import LabelOptions
+
+    for fine in ["truth = 'a;b'", 'truth = "x;y"', "truth = 'it''s; fine'", "width > 1;", "width > 1 ;  ", None]:
+        assert one_predicate(fine) == fine
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(4)))
+    assert query_table(uri, where="truth = 'a;b' OR width > 1").num_rows == 4
+    two = "width > 1; truth = 'x'"
+    for build in (lambda: LabelOptions(task="digits", where=two), lambda: LanceSource(uri=uri, label_column="truth", where=two)):
+        with pytest.raises(ValidationError) as refused:
+            build()
+        assert refused.value.errors()[0]["ctx"]["error"].reason == "bad_where"  # the CLI reports this reason
+    for where, baseline_train in [(two, None), (None, two)]:
+        with pytest.raises(TableReadError) as refused:
+            evaluate_table(uri, "truth", "truth", where=where, baseline_train=baseline_train)
+        assert refused.value.reason == "bad_where"

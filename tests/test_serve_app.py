@@ -224,3 +224,34 @@ def test_openai_backend_against_the_served_chat_route_records_invalid_answers_un
         assert record.error == "invalid_answer" and record.label is None and record.confidence is None
         assert record.raw_text is not None and record.raw_text not in labels
         assert "zzz first label" in record.error_message
+
+
+
+def _refused_start(apps, name: str, backend: BackendConfig, reason: str) -> str:
+    """Deploy a labeler that cannot start beside ``apps``; check the refusal and that nothing is left; return its message."""
+    from ray import serve
+
+    from lance_io.reasons import ReasonError
+
+    port = int(apps["qwen-digits"].rsplit(":", 1)[1].split("/")[0])
+    config = LabelerConfig(task="digits", backend=backend, port=port, num_cpus=0, app_name=name, route_prefix=f"/{name}")
+    with pytest.raises(ReasonError) as refused:
+        run_labeler(config)
+    assert refused.value.reason == reason, refused.value
+    assert name not in serve.status().applications  # nothing half-deployed left behind
+    assert httpx.get(f"{apps['qwen-digits']}/health").status_code == 200  # the other apps serve on
+    return str(refused.value)
+
+
+def test_a_labeler_whose_replicas_cannot_start_is_refused_with_their_error(apps, monkeypatch):
+    # The key's variable is set where the command runs but not on the cluster: a replica's own failure.
+    monkeypatch.delenv("LANCETAG_NO_SUCH_KEY", raising=False)
+    backend = BackendConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="LANCETAG_NO_SUCH_KEY")
+    message = _refused_start(apps, "no-key", backend, "labeler_failed")
+    assert "LANCETAG_NO_SUCH_KEY is not set" in message and "Deploying application" not in message
+
+
+@pytest.mark.long  # Serve starts the replica 3 times, each importing torch (about 40 s)
+def test_a_labeler_whose_model_is_not_there_is_model_not_found(apps, tmp_path):
+    message = _refused_start(apps, "no-model", BackendConfig(model=str(tmp_path / "missing")), "model_not_found")
+    assert str(tmp_path / "missing") in message

@@ -48,6 +48,9 @@ def _pydantic(exc: BaseException) -> ReasonError | None:
 
     if not isinstance(exc, ValidationError):
         return None
+    causes = [e.get("ctx", {}).get("error") for e in exc.errors()]
+    if len(causes) == 1 and isinstance(causes[0], ReasonError):  # a validator that knows the reason
+        return causes[0]
     problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
     return ReasonError("bad_option", f"{exc.title}: {problems}")
 
@@ -106,25 +109,17 @@ _LANCE_HINTS = {
 }
 
 
-# huggingface_hub's errors for a model that is neither a folder nor a reachable hub id; transformers
-# and LLaMA-Factory wrap them in OSErrors ("Failed to load tokenizer.") that say less.
-_HUB_MISSES = {"HFValidationError", "RepositoryNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
-               "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"}
-
-
 def _model(exc: BaseException) -> ReasonError | None:
+    from serve_apps.backends.base import HUB_MISSES, MODEL_HINT
+
     chain = []
     while exc is not None and len(chain) < 10:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    miss = next((e for e in chain if type(e).__name__ in _HUB_MISSES), None)
+    miss = next((e for e in chain if type(e).__name__ in HUB_MISSES), None)
     if miss is None:
         return None
-    return ReasonError(
-        "model_not_found",
-        f"could not load the model ({type(miss).__name__}: {miss}); give a model folder or a hub id "
-        "(offline: one already in the Hugging Face cache)",
-    )
+    return ReasonError("model_not_found", f"could not load the model ({type(miss).__name__}: {miss}); {MODEL_HINT}")
 
 
 _TRANSLATORS: tuple[Callable[[BaseException], ReasonError | None], ...] = (_pydantic, _yaml, _http, _model, _os, _lance)

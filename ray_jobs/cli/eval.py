@@ -17,7 +17,7 @@ def eval_command(
     version: Annotated[str | None, typer.Option(help="Version number or tag (default: latest)")] = None,
     where: Annotated[str | None, typer.Option(help="SQL predicate, e.g. the held-out split")] = None,
     report: Annotated[Path | None, typer.Option(help="Folder for report.html, confusion.png, metrics.json")] = None,
-    price_per_hour: Annotated[float, typer.Option(help="Hourly price of the labeling machine, $")] = 0.10,
+    price_per_hour: Annotated[float, typer.Option(min=0, help="Hourly price of the labeling machine, $")] = 0.10,
     baseline_train: Annotated[
         str | None, typer.Option(help="SQL filter of rows to fit classical pixel baselines on, e.g. \"split = 'train'\"")
     ] = None,

@@ -46,7 +46,7 @@ def show(table: str, version: VersionOpt = None, as_json: JsonFlag = False) -> N
 
 def versions(
     table: str,
-    last: Annotated[int, typer.Option(help="Show the newest N versions (0: all)")] = 50,
+    last: Annotated[int, typer.Option(min=0, help="Show the newest N versions (0: all)")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
     """List versions: what each did (operation, job parameters) and its tags."""
@@ -75,7 +75,7 @@ def versions(
 def tag(
     table: str,
     name: str,
-    version: Annotated[int | None, typer.Option("--version", "-v", help="Version to tag (default: latest)")] = None,
+    version: Annotated[int | None, typer.Option("--version", "-v", min=0, help="Version to tag (default: latest)")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Tag a version (default: the latest) so it can be read, trained on or restored by name."""
@@ -120,7 +120,7 @@ def query(
     table: str,
     where: Annotated[str | None, typer.Option("--where", "-w", help="SQL predicate, e.g. \"label = 'Pool'\"")] = None,
     columns: Annotated[str | None, typer.Option("--columns", help="Comma-separated columns (default: all but bytes)")] = None,
-    limit: Annotated[int, typer.Option(help="Maximum rows")] = 20,
+    limit: Annotated[int, typer.Option(min=0, help="Maximum rows")] = 20,
     version: VersionOpt = None,
     as_json: JsonFlag = False,
 ) -> None:

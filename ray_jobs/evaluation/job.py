@@ -130,8 +130,11 @@ def evaluate_table(
     ``confusion.png`` (per attribute for attribute tasks), ``report.html`` and ``metrics.json`` there.
     """
     from lance_io import open_table
+    from lance_io.scan import one_predicate
     from lance_io.versions import list_versions, run_summaries
 
+    one_predicate(where)
+    one_predicate(baseline_train)
     ds = open_table(table, version, storage_options=storage_options)
     pairs = _pairs(ds.schema.names, column, truth)
     _refuse_free_text(ds.schema, column, [answer for answer, _ in pairs.values()])

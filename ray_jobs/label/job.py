@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lance_io.labels import inputs_key_sql, label_schema, provenance_of
 from lance_io.reasons import ReasonError
+from lance_io.scan import Predicate
 from lance_io.sql import sql_string
 from lance_io.tasks import GenerateTask, Task
 from ray_jobs.label.generate import FREE_ANSWER, ChatEndpoint, chat_base, served_model
@@ -37,7 +38,7 @@ class LabelOptions(BaseModel):
     model: str | None = Field(None, description="Start a labeler for this model (path or hub id)")
     backend: str = Field("transformers", description="Backend of the started labeler")
     lora: str | None = Field(None, description="LoRA adapter of the started labeler")
-    where: str | None = Field(None, description="SQL predicate restricting the rows")
+    where: Predicate = Field(None, description="SQL predicate restricting the rows")
     relabel: bool = Field(False, description="Also redo rows labeled by another model/adapter/prompt")
     concurrency: int = Field(4, ge=1, description="Workers labeling at once (each a unit of fragments)")
     batch_size: int = Field(8, ge=1, description="Images per labeler request")

@@ -47,6 +47,13 @@ BACKEND_MODULES: dict[str, str] = {
 }
 """Backend name -> module that registers it (imported on first use)."""
 
+HUB_MISSES = frozenset({"HFValidationError", "RepositoryNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+                        "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"})
+"""huggingface_hub's errors for a model that is neither a folder nor a reachable hub id (transformers and
+LLaMA-Factory wrap them in OSErrors that say less): their names in an error mean ``model_not_found``."""
+
+MODEL_HINT = "give a model folder or a hub id (offline: one already in the Hugging Face cache)"
+
 MAX_IMAGE_PIXELS = 40_000_000
 """Images with more pixels are refused (``image_too_large``) before decoding."""
 
