@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from lance_io.labels import answer_columns_in
 from lance_io.reasons import ReasonError
+from lance_io.scan import lance_detail
 from lance_io.schema import ID
 from lance_io.table import open_table
 
@@ -145,16 +147,42 @@ def run_summaries(uri: str, *, storage_options: dict[str, str] | None = None) ->
     return {k.removeprefix(RUN_KEY_PREFIX): json.loads(v) for k, v in metadata.items() if k.startswith(RUN_KEY_PREFIX)}
 
 
+TAG_NAME = re.compile(r"(?!\d+$)(?!\.)(?!.*\.\.)(?!.*\.lock$)[A-Za-z0-9._-]{1,200}")
+"""Lance's rule for a tag (letters, digits, '.', '-', '_'; no leading '.', no '..', no '.lock' end),
+not all digits (it would read as a version number) and short enough for a file name."""
+
+
+def tag_name(name: str | None) -> str | None:
+    """Return ``name`` if it can be a tag (:data:`TAG_NAME`), else raise ``bad_tag``; so a job checks its tag up front."""
+    if name is not None and not TAG_NAME.fullmatch(name):
+        raise ReasonError(
+            "bad_tag", f"{name[:80]!r} cannot be a tag: use up to 200 letters, digits, '.', '-' and '_', not all digits, "
+            "not starting with '.', without '..' or a '.lock' ending"
+        )
+    return name
+
+
 def tag_version(
     uri: str, name: str, version: int | None = None, *, storage_options: dict[str, str] | None = None
 ) -> int:
-    """Point tag ``name`` at ``version`` (default: the latest), moving it if it exists; return the version."""
+    """Point tag ``name`` at ``version`` (default: the latest), moving it if it exists; return the version.
+
+    A name :func:`tag_name` refuses is ``bad_tag``.
+    """
+    tag_name(name)
     ds = open_table(uri, storage_options=storage_options)
     version = ds.version if version is None else int(version)
-    if name in ds.tags.list():
-        ds.tags.update(name, version)
-    else:
-        ds.tags.create(name, version)
+    try:
+        if name in ds.tags.list():
+            ds.tags.update(name, version)
+        else:
+            ds.tags.create(name, version)
+    except OSError as err:
+        if "Ref is invalid" not in str(err) and "os error 36" not in str(err):  # os error 36: name too long
+            raise
+        raise ReasonError(
+            "bad_tag", f"{name!r} is not a valid tag name ({lance_detail(err)}); use letters, digits, '.', '-' and '_'"
+        ) from err
     return version
 
 

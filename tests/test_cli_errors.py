@@ -152,6 +152,7 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
             "query --limit": (["query", table, "--limit", "-1"], "bad_usage"),
             "versions --last": (["versions", table, "--last", "-1"], "bad_usage"),
             "tag --version": (["tag", table, "x", "--version", "-1"], "bad_usage"),
+            "label --version-tag": ([*label, "--task", "digits", "--version-tag", "no spaces"], "bad_tag"),
             "eval --price-per-hour": (["eval", table, "--column", "truth", "--price-per-hour", "-1"], "bad_usage"),
             "demo --epochs": (["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"], "bad_option"),
             "demo --data a file": (["demo", "--workdir", str(tmp_path / "demo"), "--data", str(configs / "bad_task.yaml")], "bad_source"),

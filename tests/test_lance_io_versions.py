@@ -76,6 +76,24 @@ def test_restore_makes_an_old_version_latest_again(history):
     assert ds.to_table(filter="label = 'a'").num_rows == 3
 
 
+def test_a_tag_that_lance_refuses_or_reads_as_a_number_is_bad_tag_and_a_label_run_checks_it_up_front(history):
+    from pydantic import ValidationError
+
+    from lance_io.reasons import ReasonError
+    from ray_jobs.label.job import LabelOptions
+
+    uri, _, v_before, _ = history
+    for name in ["", "a b", "a/b", "7", ".hidden", "a..b", "x.lock", "a" * 201]:
+        with pytest.raises(ReasonError) as refused:
+            tag_version(uri, name, v_before)
+        assert refused.value.reason == "bad_tag", name
+        with pytest.raises(ValidationError) as refused_early:
+            LabelOptions(task="digits", version_tag=name)
+        assert refused_early.value.errors()[0]["ctx"]["error"].reason == "bad_tag"
+    assert set(open_table(uri).tags.list()) == {"zero-shot", "fine-tuned"}
+    assert tag_version(uri, "v1.2-rc_3", v_before) == v_before and open_table(uri, "v1.2-rc_3").version == v_before
+
+
 def test_cli_show_versions_tag_diff_query_print_json(history):
     uri, ids, _, v_after = history
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import lance
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from lance_io.labels import inputs_key_sql, label_schema, provenance_of
 from lance_io.reasons import ReasonError
 from lance_io.scan import Predicate
 from lance_io.sql import sql_string
 from lance_io.tasks import GenerateTask, Task
+from lance_io.versions import tag_name
 from ray_jobs.label.generate import FREE_ANSWER, ChatEndpoint, chat_base, served_model
 from ray_jobs.label.labeler import LabelerEndpoint
 from ray_jobs.label.lifecycle import LabelRun, LabelSummary, WorkerSpec, label_commits, run_units
@@ -50,7 +51,7 @@ class LabelOptions(BaseModel):
     # about 22 versions for 1M rows labeled in 11 minutes (1,024 rows gave 979: bench/RESULTS.md "scale").
     commit_rows: int = Field(100_000, ge=1, description="Commit when this many labeled rows wait (any fragments)")
     commit_seconds: float = Field(30.0, gt=0, description="Commit when the oldest waiting labels are this old")
-    version_tag: str | None = Field(None, description="Tag the version the run ends at")
+    version_tag: Annotated[str | None, AfterValidator(tag_name)] = Field(None, description="Tag the version the run ends at")
     token_env: str | None = Field(None, description="Env var with the labeler's bearer token")
     labeler_timeout: float = Field(
         300.0,
