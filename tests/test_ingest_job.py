@@ -162,6 +162,7 @@ def test_cli_ingest_json_prints_reconciled_counts(ray_cluster, tmp_path: Path) -
             LANCETAG,
             "ingest",
             str(folder.root),
+            str(tmp_path / "outside.jpg"),  # one image file is a source too
             "--table",
             table,
             "--label-from-dir",
@@ -176,8 +177,10 @@ def test_cli_ingest_json_prints_reconciled_counts(ray_cluster, tmp_path: Path) -
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert {"inputs", "added", "duplicates", "errors", "skipped", "version", "table"} <= out.keys()
-    assert out["inputs"] == out["added"] + out["duplicates"] + out["errors"] + out["skipped"] == folder.inputs
+    assert out["inputs"] == out["added"] + out["duplicates"] + out["errors"] + out["skipped"] == folder.inputs + 1
     assert out["table"] == table and out["version"] == open_table(table).version
+    lone = open_table(table).to_table(columns=["source", "truth"], filter="source_kind = 'file'").to_pylist()
+    assert lone == [{"source": str(tmp_path / "outside.jpg"), "truth": tmp_path.name}]  # --label-from-dir: its folder
 
 
 def test_cli_reports_an_unreadable_source_as_a_json_error(tmp_path: Path) -> None:

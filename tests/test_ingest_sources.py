@@ -216,6 +216,20 @@ def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
     assert [read_cell(i.url, i.path, 10**6) for i in items] == [image_bytes(n) for n in (0, 1, 10, 11)]
 
 
+def test_an_image_file_is_a_source_of_one_item_labeled_by_its_folder(tmp_path: Path) -> None:
+    root = build_class_folder(tmp_path, {"beach": 1})
+    photo = root / "beach" / "0.jpg"
+    assert detect_kind(str(photo)) == "file"
+    [item] = _items(str(photo), label_from_dir=True)
+    assert (item.source_kind, item.locator, item.path, item.truth) == ("file", "path", str(photo), "beach")
+    assert _items(f"file:{photo}")[0].truth is None  # no --label-from-dir: no truth
+    (tmp_path / "notes.bin").write_bytes(b"x")
+    with pytest.raises(SourceError, match="cannot tell what kind"):
+        _items(str(tmp_path / "notes.bin"))
+    with pytest.raises(SourceError, match="is not a file"):
+        _items(f"file:{root}")
+
+
 def test_modelscope_local_dataset_folder_leaves_no_cache_behind(tmp_path: Path, monkeypatch) -> None:
     root = build_class_folder(tmp_path, {"beach": 2, "room": 1})
     scratch = tmp_path / "scratch"

@@ -14,7 +14,7 @@ def ingest(
     sources: Annotated[
         list[str],
         typer.Argument(
-            help="[KIND:]LOCATION, KIND among folder, url, urls, manifest, parquet, lance, hf, modelscope, "
+            help="[KIND:]LOCATION, KIND among folder, file, url, urls, manifest, parquet, lance, hf, modelscope, "
             "sharegpt (detected when omitted)",
             show_default=False,
         ),

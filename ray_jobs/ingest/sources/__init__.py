@@ -1,7 +1,7 @@
 """Sources of images, one module per kind, behind one registry.
 
 A SOURCE argument is ``[KIND:]LOCATION``; without a kind it is detected from the location
-(see ``detect_kind``). Kinds: folder, url, urls, manifest, parquet, lance, hf, modelscope, sharegpt, objectstore
+(see ``detect_kind``). Kinds: folder, file (one image file), url, urls, manifest, parquet, lance, hf, modelscope, sharegpt, objectstore
 (s3://, gs://, az:// prefixes), webdataset (tar shards, local or on object storage).
 """
 
@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lance_io.storage import is_object_uri
+from ray_jobs.ingest.decode import IMAGE_EXTENSIONS
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, Source, SourceError
-from ray_jobs.ingest.sources.folder import folder_source
+from ray_jobs.ingest.sources.folder import file_source, folder_source
 from ray_jobs.ingest.sources.hf import hf_disk_source, modelscope_source
 from ray_jobs.ingest.sources.manifest import lance_source, manifest_source, parquet_source
 from ray_jobs.ingest.sources.objectstore import object_source
@@ -24,6 +25,7 @@ from ray_jobs.ingest.sources.webdataset import looks_like_webdataset, webdataset
 
 SOURCE_KINDS: dict[str, Callable[[str, IngestOptions], ListedSource]] = {
     "folder": folder_source,
+    "file": file_source,
     "url": single_url_source,
     "urls": url_list_source,
     "manifest": manifest_source,
@@ -80,6 +82,8 @@ def detect_kind(location: str) -> str:
         return "sharegpt" if looks_like_sharegpt(path) else "manifest"
     if suffix == ".csv":
         return "manifest"
+    if suffix in IMAGE_EXTENSIONS:
+        return "file"
     raise SourceError(
         f"cannot tell what kind of source {location} is; prefix it with one of {', '.join(SOURCE_KINDS)}:"
     )

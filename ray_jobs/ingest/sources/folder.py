@@ -1,4 +1,4 @@
-"""Local folders: recursive, symlink-safe, optional ImageFolder label from the parent directory."""
+"""Local folders (recursive, symlink-safe) and single image files; optional ImageFolder label from the parent directory."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def folder_source(location: str, options: IngestOptions) -> ListedSource:
     if not root.is_dir():
         raise SourceError(f"{location} is not a folder")
     return ListedSource(KIND, lambda: _walk(root, options))
+
+
+def file_source(location: str, options: IngestOptions) -> ListedSource:
+    """Return the source of one local file (``lancetag ingest a.jpg b.png``, a shell glob); its
+    ``truth`` is its folder's name with ``label_from_dir``."""
+    path = Path(location)
+    if not path.is_file():
+        raise SourceError(f"{location} is not a file")
+    truth = path.resolve().parent.name if options.label_from_dir else None
+    item = InputItem(source=str(path), source_kind="file", locator="path", path=str(path), scan=True, truth=truth or None)
+    return ListedSource("file", lambda: iter([item]))
 
 
 def _walk(root: Path, options: IngestOptions) -> Iterator[InputItem]:
