@@ -35,7 +35,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from lance_io.reasons import ReasonError
@@ -266,8 +266,8 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
             }
 
         @api.post("/v1/chat/completions")
-        async def chat(self, request: Request) -> dict[str, Any]:
-            from serve_apps.chat import ChatRequestError, check_bounds
+        async def chat(self, request: Request) -> Any:
+            from serve_apps.chat import ChatRequestError, apply_stop, check_bounds, check_options, sse_events
 
             self._authorize(request)
             declared = int(request.headers.get("content-length") or 0)
@@ -281,6 +281,7 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
                 raise RequestError(400, 'body must be an object with "messages"')
             try:
                 check_bounds(payload.get("messages"), self.chat_bounds)
+                check_options(payload)
             except ChatRequestError as exc:
                 raise RequestError(exc.status, exc.message) from None
             messages = parse_chat_messages(payload.get("messages"))
@@ -297,17 +298,22 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
                 raise RequestError(400, f"lancetag.route {pinned!r} is not one of: {', '.join(self.routes)}")
             stored = await self._stored_row(extra.get("row")) if extra.get("row") is not None else None
             text, usage, field = await self.converse(messages, min(max_tokens, 4096), pinned, stored)
-            return {
+            text, finish_reason = apply_stop(text, usage[2], payload.get("stop"))
+            completion = {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": payload.get("model") or self.config.backend.model,
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": usage[2]}
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
                 ],
                 "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]},
                 "lancetag": field,
             }
+            if payload.get("stream"):  # the whole answer as one chunk: a streaming client reads it as it would any
+                include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+                return Response(sse_events(completion, include_usage), media_type="text/event-stream")
+            return completion
 
         async def _stored_row(self, row: Any) -> dict[str, Any]:
             """Return the named row's image and stored labels (``lancetag.row``: {"table", "id"}); 4xx otherwise."""

@@ -167,3 +167,48 @@ def structured(route: str, route_result: dict[str, Any] | None, result: dict[str
         "source": source,
         "result": {k: v for k, v in (result or {}).items() if k in keep and v is not None} if result else None,
     }
+
+
+def check_options(payload: dict[str, Any]) -> None:
+    """Raise ChatRequestError (400) for an OpenAI option the server would otherwise drop without a word.
+
+    Their defaults pass (clients send ``n: 1``, ``logprobs: false``, ``tools: []``,
+    ``response_format: {"type": "text"}``). Sampling options (``temperature``, ``top_p``, ``seed``...)
+    are accepted and do not apply: answers are greedy, the same every time.
+    """
+    unsupported = []
+    if payload.get("n") not in (None, 1):
+        unsupported.append("n (one answer per request)")
+    if payload.get("logprobs") or payload.get("top_logprobs"):
+        unsupported.append("logprobs (a closed-set answer's probabilities are in the lancetag field)")
+    if payload.get("tools") or payload.get("functions") or payload.get("tool_choice") not in (None, "none", "auto"):
+        unsupported.append("tools")
+    if (payload.get("response_format") or {"type": "text"}) != {"type": "text"}:
+        unsupported.append("response_format")
+    if unsupported:
+        raise ChatRequestError(400, f"not supported by this server: {'; '.join(unsupported)}")
+    stop = payload.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise ChatRequestError(400, "stop must be a string or a list of strings")
+
+
+def apply_stop(text: str, finish_reason: str, stop: str | list[str] | None) -> tuple[str, str]:
+    """Return ``text`` cut before the first of the ``stop`` strings (finish reason ``stop`` then), as OpenAI does."""
+    cuts = [text.find(s) for s in ([stop] if isinstance(stop, str) else stop or []) if s and s in text]
+    return (text[: min(cuts)], "stop") if cuts else (text, finish_reason)
+
+
+def sse_events(completion: dict[str, Any], include_usage: bool) -> str:
+    """Return a whole completion as the server-sent events of ``stream: true`` (one content chunk, then ``[DONE]``)."""
+    import json
+
+    choice = completion["choices"][0]
+    head = {k: completion[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": choice["message"]["content"]},
+                              "finish_reason": None}], "lancetag": completion.get("lancetag")},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]},
+    ]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": completion["usage"]})
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"

@@ -153,6 +153,10 @@ CLIENT = textwrap.dedent(
     history.append({"role": "user", "content": "What would a guest think of it?"})
     ask(history, extra_body={"lancetag": {"route": "question"}})
     ask([{"role": "user", "content": "What would a guest think of it?"}])  # the same words, alone, no image
+    chunks = client.chat.completions.create(model="lancetag", messages=history[:1], max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = [chunk.model_dump() for chunk in chunks]
+    print(json.dumps({"stream": chunks, "said": "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"])}))
 
     text = lambda t: {"role": "user", "content": t}
     refused("remote image", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}])
@@ -164,6 +168,8 @@ CLIENT = textwrap.dedent(
     refused("too many turns", [text("hi")] * 7)
     refused("long text", [text("x" * 501)])
     refused("big image", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}])
+    refused("two answers", [text("hi")], n=2)
+    refused("json mode", [text("hi")], response_format={"type": "json_object"})
     bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
     try:
         bad.chat.completions.create(model="lancetag", messages=[text("hi")], max_tokens=4)
@@ -189,7 +195,8 @@ def conversation(chat_url, vllm_python, tmp_path_factory):
     replies = [line for line in lines if "choices" in line]
     refusals = {line["refusal"]: line for line in lines if "refusal" in line}
     print("\nseconds per turn:", [r["seconds"] for r in replies])
-    return {"replies": replies, "refusals": refusals, "image": png()}
+    (stream,) = [line for line in lines if "stream" in line]
+    return {"replies": replies, "refusals": refusals, "image": png(), "stream": stream}
 
 
 @pytest.mark.slow
@@ -243,6 +250,8 @@ def test_a_free_question_is_answered_in_words_with_the_earlier_turns_and_image_i
         ("too many turns", 413, f"7 > {MAX_MESSAGES}"),
         ("long text", 413, f"exceeds {MAX_TEXT}"),
         ("big image", 413, f"exceeds {MAX_IMAGE_BYTES}"),
+        ("two answers", 400, "not supported by this server: n"),
+        ("json mode", 400, "not supported by this server: response_format"),
         ("wrong token", 401, None),
     ],
 )
@@ -251,6 +260,14 @@ def test_malformed_and_oversized_requests_are_refused_with_a_4xx_saying_what_to_
     assert refusal["status"] == status, refusal
     if says is not None:
         assert says in json.dumps(refusal["body"]), refusal
+
+
+@pytest.mark.slow
+def test_the_official_client_streams_the_first_turns_answer(conversation):
+    stream, first = conversation["stream"], conversation["replies"][0]
+    assert stream["said"] == first["choices"][0]["message"]["content"]  # greedy: the same answer, as server-sent events
+    assert stream["stream"][-1]["usage"]["total_tokens"] == first["usage"]["total_tokens"]
+    assert stream["stream"][0]["lancetag"]["route"] == first["lancetag"]["route"]
 
 
 @pytest.mark.slow

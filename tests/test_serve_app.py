@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -202,6 +203,34 @@ def test_openai_compatible_chat_route_answers_about_an_image(apps):
     }
     refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [remote]}, headers=AUTH)
     assert refused.status_code == 400 and "data: URLs" in refused.json()["error"]
+
+
+def test_chat_route_streams_cuts_at_stop_and_refuses_what_it_would_drop(apps):
+    """What OpenAI clients send besides messages: stream (server-sent events), stop, and options it cannot honour."""
+    url = apps["qwen-digits"]
+    question = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(png())}"}},
+                                            {"type": "text", "text": "Describe it"}]}
+    ask = {"messages": [question], "max_tokens": 8, "lancetag": {"route": "question"}}
+    plain = httpx.post(f"{url}/v1/chat/completions", json=ask, headers=AUTH).json()
+    said = plain["choices"][0]["message"]["content"]
+    streamed = httpx.post(f"{url}/v1/chat/completions", json={**ask, "stream": True, "stream_options": {"include_usage": True}},
+                          headers=AUTH)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == said  # greedy: the same text
+    assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"] and chunks[-1]["usage"] == plain["usage"]
+    if len(said) > 1:  # a stop string cuts the answer before it
+        cut = httpx.post(f"{url}/v1/chat/completions", json={**ask, "stop": [said[1:]]}, headers=AUTH).json()
+        assert cut["choices"][0]["message"]["content"] == said[:1] and cut["choices"][0]["finish_reason"] == "stop"
+    defaults = {"n": 1, "logprobs": False, "tools": [], "response_format": {"type": "text"}, "temperature": 0.7, "seed": 3}
+    assert httpx.post(f"{url}/v1/chat/completions", json={**ask, **defaults}, headers=AUTH).status_code == 200
+    for option in [{"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}},
+                   {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"stop": 3}]:
+        refused = httpx.post(f"{url}/v1/chat/completions", json={**ask, **option}, headers=AUTH)
+        assert refused.status_code == 400 and next(iter(option)) in refused.json()["error"], (option, refused.text)
 
 
 def test_openai_backend_against_the_served_chat_route_records_invalid_answers_uncoerced(apps, monkeypatch):
