@@ -5,6 +5,7 @@ LLaMA-Factory never sees the block: :func:`load_config` splits it off and valida
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,3 +63,64 @@ def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Ru
         if not Path(data["deepspeed"]).exists() and beside.exists():
             data["deepspeed"] = str(beside)
     return data, options
+
+
+def check_datasets_and_template(args: dict[str, Any]) -> None:
+    """Refuse, before any work, datasets ``args`` names that its ``dataset_dir`` does not define
+    (``dataset_not_found``) and a template LLaMA-Factory does not have (``bad_training_config``).
+
+    Both through LLaMA-Factory's own lookups (``get_dataset_list``, ``TEMPLATES``), which read files
+    and tables only: safe on a driver without the workers' GPUs.
+    """
+    import difflib
+
+    from llamafactory.data.parser import get_dataset_list
+    from llamafactory.data.template import TEMPLATES
+
+    dataset_dir = args.get("dataset_dir", "data")
+    for key in ("dataset", "eval_dataset"):
+        names = args.get(key)
+        names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names or [])
+        try:
+            get_dataset_list(names, dataset_dir)
+        except ValueError as err:
+            raise TrainConfigError(
+                "dataset_not_found", f"{key}: {err} (dataset_dir {dataset_dir}); register a table there with "
+                "`lancetag lf register TABLE --name NAME --dataset-dir DIR`"
+            ) from err
+    _check_number_types(args)
+    template = args.get("template")
+    if template is not None and template not in TEMPLATES:
+        near = difflib.get_close_matches(str(template), list(TEMPLATES), n=3)
+        raise TrainConfigError(
+            "bad_training_config", f"template {template!r} is not one of LLaMA-Factory's"
+            + (f"; did you mean {', '.join(near)}?" if near else "")
+        )
+
+
+def _check_number_types(args: dict[str, Any]) -> None:
+    """Refuse (``bad_training_config``) a value of the wrong type for a numeric LLaMA-Factory argument:
+    its parser passes ``learning_rate: abc`` through, and the optimizer fails after the model loaded."""
+    import typing
+    from dataclasses import fields
+
+    from llamafactory.hparams.parser import _TRAIN_ARGS
+
+    for cls in _TRAIN_ARGS:
+        hints = typing.get_type_hints(cls)
+        for field in fields(cls):
+            if field.name not in args:
+                continue
+            hint = hints.get(field.name)
+            allowed = {t for t in (hint, *typing.get_args(hint)) if t in (int, float)}
+            value = args[field.name]
+            if not allowed or (value is None and type(None) in typing.get_args(hint)):
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or (float not in allowed and not isinstance(value, int)):
+                kind = "a number" if float in allowed else "an integer"
+                hint = ""
+                if isinstance(value, str):
+                    with contextlib.suppress(ValueError):
+                        hint = f" (YAML reads {value} as text: write {float(value):.1e})"
+                raise TrainConfigError("bad_training_config", f"{field.name} must be {kind}, not {value!r}{hint}")

@@ -26,7 +26,7 @@ from typing import Any
 from lance_io.augment import VIEWS_FILE
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
-from llamafactory_ext.run_options import TrainConfigError, load_config
+from llamafactory_ext.run_options import TrainConfigError, check_datasets_and_template, load_config
 from llamafactory_ext.source import DATA_CONFIG, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import (
     CURVE_FILE,
@@ -179,6 +179,7 @@ def run_training(
             "output_dir_missing", "the training config needs output_dir (where the adapter goes)"
         )
     args = _absolute(args)
+    check_datasets_and_template(args)
     output_dir = Path(args["output_dir"])
     started = time.time()
     args, lineage = pin_datasets(args, output_dir / PINNED_DIR)

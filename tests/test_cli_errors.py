@@ -141,22 +141,19 @@ def test_missing_tables_versions_and_columns_are_one_error_line_and_one_json_obj
 
 def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, configs, tmp_path):
     datasets = str(tmp_path / "datasets")
+    defined = tmp_path / "defined"  # a dataset_dir that defines `digits` (as a JSON file LLaMA-Factory would read)
+    defined.mkdir()
+    (defined / "dataset_info.json").write_text(json.dumps({"digits": {"file_name": "digits.json"}}))
     label = ["label", table, "--serve", UNREACHABLE_LABELER]
     assert_refused(
         {
             "query --where": (["query", table, "--where", BAD_SQL], "bad_where"),
             "query --where unknown column": (["query", table, "--where", "nope = 1"], "bad_where"),
-            "query --where unterminated": (["query", table, "--where", "id = 'x"], "bad_where"),
-            "query --where two statements": (["query", table, "--where", "truth = 'a'; truth = 'b'"], "bad_where"),
             "lf register --where two statements": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--where", "width > 1 ; x"], "bad_where"),
             "query --limit": (["query", table, "--limit", "-1"], "bad_usage"),
-            "versions --last": (["versions", table, "--last", "-1"], "bad_usage"),
-            "tag --version": (["tag", table, "x", "--version", "-1"], "bad_usage"),
             "label --version-tag": ([*label, "--task", "digits", "--version-tag", "no spaces"], "bad_tag"),
             "eval --price-per-hour": (["eval", table, "--column", "truth", "--price-per-hour", "-1"], "bad_usage"),
             "demo --epochs": (["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"], "bad_option"),
-            "demo --data a file": (["demo", "--workdir", str(tmp_path / "demo"), "--data", str(configs / "bad_task.yaml")], "bad_source"),
-            "demo --data one class": (["demo", "--workdir", str(tmp_path / "demo"), "--data", str(configs)], "bad_source"),
             "label --where": ([*label, "--task", "digits", "--where", BAD_SQL], "bad_where"),
             "eval --where": (["eval", table, "--column", "truth", "--where", BAD_SQL], "bad_where"),
             "lf register --where": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--where", BAD_SQL], "bad_where"),
@@ -172,9 +169,19 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
             "train --set": (["train", str(configs / "unknown_key.yaml"), "--set", "max_steps"], "bad_override"),
             "train no model": (
                 ["train", str(REPO_ROOT / "configs/train/tiny_qwen2_vl_cpu.yaml"), "--set", f"model_name_or_path={tmp_path / 'none'}",
-                 "--set", f"dataset_dir={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}"],
+                 "--set", f"dataset_dir={defined}", "--set", f"output_dir={tmp_path / 'out'}"],
                 "model_not_found",
             ),
+            **{
+                f"train {what}": (
+                    ["train", str(REPO_ROOT / "configs/train/tiny_qwen2_vl_cpu.yaml"), "--set", f"dataset_dir={defined}",
+                     "--set", f"output_dir={tmp_path / 'out'}", "--set", "dataset=digits", *setting],
+                    reason,
+                )
+                for what, setting, reason in [  # the others in test_lf_configs.py, in one process
+                    ("unknown LLaMA-Factory key", ["--set", "no_such_argument=1"], "bad_training_config"),
+                ]
+            },
             "ingest --column": (["ingest", str(configs), "--table", str(tmp_path / "i.lance"), "--column", "path"], "bad_option"),
             "missing argument": (["show"], "bad_usage"),
             "unknown option": (["show", table, "--no-such-option"], "bad_usage"),
@@ -303,3 +310,19 @@ def test_ingest_into_an_unreachable_object_store_is_storage_unreachable(tmp_path
     assert refusal_problems(proc, "storage_unreachable", as_json=True) == [], proc.stderr[-2000:]
     assert "cannot reach the object store" in json.loads(proc.stdout)["error"]["message"]
     assert "Started a local Ray instance" not in proc.stderr  # refused before the job starts Ray
+
+
+def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
+    """In process (the CLI's line for a ReasonError is checked above with --epochs)."""
+    from lance_io.reasons import ReasonError
+    from ray_jobs.demo import run_demo
+
+    one_class = tmp_path / "one-class"
+    (one_class / "cats").mkdir(parents=True)
+    a_file = tmp_path / "photo.png"
+    a_file.write_bytes(b"not a folder")
+    for data, says in [(one_class, "at least two class folders"), (a_file, "is not a folder")]:
+        with pytest.raises(ReasonError) as refused:
+            run_demo(tmp_path / "work", data=data)
+        assert refused.value.reason == "bad_source" and says in refused.value.message
+    assert not (tmp_path / "work" / "images.lance").exists() and not (tmp_path / "work" / "models").exists()

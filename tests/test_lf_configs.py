@@ -70,3 +70,30 @@ def test_the_article_run_keeps_the_article_settings():
     assert args["learning_rate"] == 2e-5 and args["num_train_epochs"] == 20
     assert args["per_device_train_batch_size"] == 1 and args["disable_gradient_checkpointing"] is False
     assert '"stage": 3' in Path(args["deepspeed"]).read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "says"),
+    [
+        ({"dataset": "nope"}, "dataset_not_found", "Undefined dataset nope"),
+        ({"eval_dataset": "digits,nope"}, "dataset_not_found", "eval_dataset"),
+        ({"dataset_dir": "/nonexistent"}, "dataset_not_found", "dataset_info.json"),
+        ({"template": "qwen2vl"}, "bad_training_config", "did you mean qwen2_vl"),
+        ({"learning_rate": "5e-5"}, "bad_training_config", "write 5.0e-05"),  # YAML 1.1 reads 5e-5 as text
+        ({"per_device_train_batch_size": 2.5}, "bad_training_config", "must be an integer"),
+        ({"num_train_epochs": True}, "bad_training_config", "must be a number"),
+    ],
+)
+def test_a_training_config_llamafactory_would_fail_late_on_is_refused_before_any_work(tmp_path, change, reason, says):
+    import json
+
+    from llamafactory_ext.run_options import TrainConfigError
+    from llamafactory_ext.train import run_training
+
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"digits": {"file_name": "digits.json"}}))
+    config = {**yaml.safe_load((REPO_ROOT / "configs/train/tiny_qwen2_vl_cpu.yaml").read_text()),
+              "dataset_dir": str(tmp_path), "output_dir": str(tmp_path / "out"), "dataset": "digits", **change}
+    with pytest.raises(TrainConfigError) as refused:
+        run_training(config)
+    assert refused.value.reason == reason and says in refused.value.message, refused.value
+    assert not (tmp_path / "out").exists()  # refused before anything was written

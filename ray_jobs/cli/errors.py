@@ -122,7 +122,22 @@ def _model(exc: BaseException) -> ReasonError | None:
     return ReasonError("model_not_found", f"could not load the model ({type(miss).__name__}: {miss}); {MODEL_HINT}")
 
 
-_TRANSLATORS: tuple[Callable[[BaseException], ReasonError | None], ...] = (_pydantic, _yaml, _http, _model, _os, _lance)
+# Where LLaMA-Factory and transformers check training arguments: a failure raised there is the config's.
+_ARGUMENT_CHECKS = ("llamafactory/hparams/", "transformers/training_args.py", "transformers/hf_argparser.py")
+
+
+def _training_args(exc: BaseException) -> ReasonError | None:
+    if not isinstance(exc, ValueError | TypeError | AssertionError):
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not any(check in frame.filename.replace(os.sep, "/") for frame in frames for check in _ARGUMENT_CHECKS):
+        return None
+    return ReasonError("bad_training_config", f"LLaMA-Factory refuses the training config: {exc or type(exc).__name__}")
+
+
+_TRANSLATORS: tuple[Callable[[BaseException], ReasonError | None], ...] = (
+    _pydantic, _yaml, _http, _model, _training_args, _os, _lance
+)
 
 
 def one_line(text: str) -> str:
