@@ -159,6 +159,13 @@ def resolve(source: LanceSource) -> LanceSource:
         )
     values = ds.to_table(columns=[source.label_column], filter=source.where).column(0).drop_null().unique()
     labels = sorted(str(v) for v in values.to_pylist())
+    if len(labels) < 2:
+        rows = f"the rows matching {source.where!r}" if source.where else "the table"
+        raise LabelError(
+            "too_few_labels", f"{source.label_column!r} holds {len(labels)} distinct value(s) in {rows} of {source.uri} "
+            f"at version {ds.version} ({', '.join(labels) or 'none'}): a classify task needs two; check --where, "
+            "or give the task (--task)"
+        )
     task = classify_task_from_labels(source.label_column, labels)
     return source.model_copy(update={"task_config": task.model_dump(mode="json")})
 

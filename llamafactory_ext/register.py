@@ -81,6 +81,12 @@ def register_dataset(
         source = source.model_copy(update={"task_config": source.load_task().model_dump(mode="json")})
     source = resolve(source)
     rows = count_rows(source)  # checks the columns too, before anything is written
+    if rows == 0 and tag is None:  # pinned: it stays empty (a tag may move on to rows)
+        chosen = " and ".join(x for x in (f"matches {where!r}" if where else "", f"falls in the {split} split" if split != "all" else "") if x)
+        raise LanceEntryError(
+            "no_rows", f"no row of {uri} at version {ds.version}{' that ' + chosen if chosen else ''} has anything to train on "
+            "(an image and its label or conversation); check --where, --split and the label column"
+        )
     path = write_entry(dataset_dir, name, entry_for(source, name, num_samples=num_samples))
     return Registration(name, path, uri, ds.version, tag, rows)
 

@@ -104,3 +104,15 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=int)
     blue = (pixels[..., 2] > pixels[..., 0] + 60).sum()
     assert blue > 2000, "the confusion matrix image is drawn on the page"
+
+
+def test_evaluating_rows_without_truth_is_no_rows_not_a_crash(tmp_path):
+    from lance_io.reasons import ReasonError
+
+    uri = str(tmp_path / "t.lance")
+    append_images(uri, image_rows(range(3)))
+    for where in ["truth = 'none'", "truth IS NULL"]:
+        with pytest.raises(ReasonError) as refused:
+            evaluate_table(uri, "truth", "truth", where=where)
+        assert refused.value.reason == "no_rows" and where in refused.value.message
+    assert evaluate_table(uri, "truth", "truth").evaluations["truth"].accuracy == 1.0

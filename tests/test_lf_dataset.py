@@ -290,3 +290,26 @@ def test_s3_table_loads_with_storage_options_taken_from_environment_variables(s3
 
     rows = load_rows(LanceSource.model_validate(entry["lance"]))
     assert len(rows) == 6 and rows[0]["images"][0].startswith(b"\x89PNG")
+
+
+def test_registering_rows_with_nothing_to_train_on_is_refused_and_writes_no_entry(tmp_path):
+    from lance_io import append_images
+    from lance_io.reasons import ReasonError
+    from llamafactory_ext.register import register_dataset
+    from tests.table_fixtures import image_rows
+
+    uri, datasets = str(tmp_path / "t.lance"), tmp_path / "datasets"
+    append_images(uri, image_rows(range(6)))  # truth 0, 1, 2
+    task = {"name": "n", "kind": "classify", "labels": ["0", "1", "2"]}
+    (tmp_path / "task.yaml").write_text(json.dumps(task))
+    cases = [
+        ({"where": "truth = 'none'", "task": str(tmp_path / "task.yaml")}, "no_rows"),
+        ({"where": "truth = 'none'"}, "too_few_labels"),  # the default task needs two labels
+        ({"where": "truth = '1'"}, "too_few_labels"),
+    ]
+    for kwargs, reason in cases:
+        with pytest.raises(ReasonError) as refused:
+            register_dataset(uri, "x", datasets, label_column="truth", **kwargs)
+        assert refused.value.reason == reason, refused.value
+    assert not (datasets / "dataset_info.json").exists()
+    assert register_dataset(uri, "x", datasets, label_column="truth", where="truth != '2'").rows == 4

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lance_io.reasons import ReasonError
 from ray_jobs.evaluation.baselines import Baseline, table_baselines
 from ray_jobs.evaluation.metrics import Evaluation, evaluate
 from ray_jobs.evaluation.report import REFERENCE_COSTS, confusion_png, cost_per_1000, html_report
@@ -141,6 +142,11 @@ def evaluate_table(
     extra = [c for c in (f"{column}_confidence", f"{column}_error") if c in ds.schema.names]
     needed = sorted({c for pair in pairs.values() for c in pair} | set(extra))
     data = ds.to_table(columns=needed, filter=where).to_pydict()
+    for _c, t in pairs.values():
+        if all(value is None for value in data[t]):
+            rows = f"{len(data[t])} row(s) matching {where!r}" if where else f"{len(data[t])} row(s)"
+            raise ReasonError("no_rows", f"none of the {rows} of {table} at version {ds.version} has a {t} value: "
+                              "nothing to evaluate; check --where and --truth")
     evaluations = {
         name: evaluate(data[t], data[c], data.get(f"{column}_confidence"), data.get(f"{column}_error"))
         for name, (c, t) in pairs.items()
