@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from lance_io.labels import answer_columns_in
 from lance_io.reasons import ReasonError
-from lance_io.scan import lance_detail
 from lance_io.schema import ID
 from lance_io.table import open_table
 
@@ -172,17 +171,10 @@ def tag_version(
     tag_name(name)
     ds = open_table(uri, storage_options=storage_options)
     version = ds.version if version is None else int(version)
-    try:
-        if name in ds.tags.list():
-            ds.tags.update(name, version)
-        else:
-            ds.tags.create(name, version)
-    except OSError as err:
-        if "Ref is invalid" not in str(err) and "os error 36" not in str(err):  # os error 36: name too long
-            raise
-        raise ReasonError(
-            "bad_tag", f"{name!r} is not a valid tag name ({lance_detail(err)}); use letters, digits, '.', '-' and '_'"
-        ) from err
+    if name in ds.tags.list():
+        ds.tags.update(name, version)
+    else:
+        ds.tags.create(name, version)
     return version
 
 

@@ -453,13 +453,15 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
         ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     app = build_app(config, token_sha256=token_hash, row_reader=row_reader)
+    redeploy = config.app_name in serve.status().applications
     try:
         serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
     except RuntimeError as exc:  # Serve says only "Deploying application X failed"; the replicas said why
         failure = start_failure(config.app_name)
         if failure is None:
             raise
-        serve.delete(config.app_name)
+        if not redeploy:  # a new app that never served: nothing half-deployed stays (an update leaves Serve's state)
+            serve.delete(config.app_name)
         raise failure from exc
     # Serve's HTTP options are fixed by whoever started Serve first in this cluster: report where it really listens.
     from ray.serve.context import _get_global_client
