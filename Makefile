@@ -12,7 +12,7 @@ setup:
 demo: setup
 	.venv/bin/lancetag demo
 
-# The default run (CI): everything but the tests marked `long` (21-23 min on 2 slow cores).
+# The default run (CI): everything but the tests marked `long` (22-24 min on 2 slow cores).
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -m "not long"

@@ -345,6 +345,7 @@ def vllm_labeler(ray_cluster, vllm_python, tiny_qwen2_vl, tiny_lora):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long  # vLLM inside a Serve replica (~65 s with its fixture); each half stays in the default run
 def test_labeler_with_vllm_backend_answers_over_http_from_the_label_set(vllm_labeler, tiny_lora):
     import base64
 
@@ -363,6 +364,7 @@ def test_labeler_with_vllm_backend_answers_over_http_from_the_label_set(vllm_lab
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long  # vLLM inside a Serve replica (~65 s with its fixture); each half stays in the default run
 def test_labeler_replica_runs_the_vllm_environment_while_the_driver_runs_core(vllm_labeler):
     import sys
 
@@ -374,6 +376,7 @@ def test_labeler_replica_runs_the_vllm_environment_while_the_driver_runs_core(vl
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long  # vLLM inside a Serve replica (~65 s with its fixture); each half stays in the default run
 def test_handle_and_http_give_the_same_record_for_the_same_image(vllm_labeler):
     import base64
 
