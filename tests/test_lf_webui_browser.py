@@ -134,6 +134,7 @@ def test_llamaboard_in_chromium_lists_a_lance_dataset_and_pages_through_its_prev
     assert '"<image: ' in first  # images are described, not sent as bytes
 
 
+@pytest.mark.long  # stock LLaMA-Factory's own datasets (10 s); ours stay in the default run
 def test_llamaboard_in_chromium_previews_native_datasets_too(board):
     seen = look(board, "native", '"7"')
 

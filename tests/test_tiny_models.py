@@ -65,6 +65,7 @@ def test_unknown_arch_is_refused_with_the_choices(tmp_path):
         build_tiny_model("blip2", tmp_path)  # type: ignore[arg-type]
 
 
+@pytest.mark.long  # the command in a subprocess (15 s); the function it calls builds every test's tiny models
 def test_cli_builds_a_tiny_model_folder(tmp_path):
     out = tmp_path / "m"
     subprocess.run([LANCETAG, "dev", "tiny-model", "--arch", "qwen2_vl", "--out", str(out)], check=True)
