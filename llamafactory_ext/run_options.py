@@ -65,6 +65,15 @@ def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Ru
     return data, options
 
 
+def dataset_names(value: Any) -> list[str]:
+    """Return the dataset names of a ``dataset``/``eval_dataset`` value (a comma-separated string or a list)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    return list(value)
+
+
 def check_datasets_and_template(args: dict[str, Any]) -> None:
     """Refuse, before any work, datasets ``args`` names that its ``dataset_dir`` does not define
     (``dataset_not_found``) and a template LLaMA-Factory does not have (``bad_training_config``).
@@ -79,10 +88,8 @@ def check_datasets_and_template(args: dict[str, Any]) -> None:
 
     dataset_dir = args.get("dataset_dir", "data")
     for key in ("dataset", "eval_dataset"):
-        names = args.get(key)
-        names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names or [])
         try:
-            get_dataset_list(names, dataset_dir)
+            get_dataset_list(dataset_names(args.get(key)), dataset_dir)
         except ValueError as err:
             raise TrainConfigError(
                 "dataset_not_found", f"{key}: {err} (dataset_dir {dataset_dir}); register a table there with "

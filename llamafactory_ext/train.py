@@ -26,7 +26,12 @@ from typing import Any
 from lance_io.augment import VIEWS_FILE
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
-from llamafactory_ext.run_options import TrainConfigError, check_datasets_and_template, load_config
+from llamafactory_ext.run_options import (
+    TrainConfigError,
+    check_datasets_and_template,
+    dataset_names,
+    load_config,
+)
 from llamafactory_ext.source import DATA_CONFIG, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import (
     CURVE_FILE,
@@ -60,14 +65,6 @@ class TrainResult:
         return asdict(self)
 
 
-def _names(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [n.strip() for n in value.split(",") if n.strip()]
-    return list(value)
-
-
 def pin_datasets(args: dict[str, Any], pinned_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Return (args reading a pinned dataset_info copy, lineage records of the Lance datasets used).
 
@@ -80,7 +77,7 @@ def pin_datasets(args: dict[str, Any], pinned_dir: Path) -> tuple[dict[str, Any]
 
     dataset_dir = Path(args.get("dataset_dir", "data")).resolve()
     info = read_dataset_info(dataset_dir)
-    used = _names(args.get("dataset")) + _names(args.get("eval_dataset"))
+    used = dataset_names(args.get("dataset")) + dataset_names(args.get("eval_dataset"))
     records = []
     for name in used:
         entry = info.get(name)
