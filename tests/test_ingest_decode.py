@@ -52,9 +52,15 @@ def test_exifrotated_jpeg_reports_its_orientation_and_stored_size() -> None:
     assert (info.width, info.height) == (40, 30)  # the stored size: the bytes are kept unrotated
 
 
-@pytest.mark.parametrize("cut", [0.3, 0.9])
-def test_truncated_jpeg_is_an_error_not_a_row(cut: float) -> None:
-    data = image_bytes(3, size=(300, 200))
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+@pytest.mark.parametrize("cut", [0.3, 0.9, 0.995])
+def test_truncated_colour_jpeg_is_an_error_not_a_row(cut: float, progressive: bool) -> None:
+    """The check decodes a colour JPEG as grey; a cut in the colour components' data (a progressive
+    file's last scans refine them) is still found, since every scan is read."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(3, size=(300, 200)))).save(buffer, "JPEG", quality=90, progressive=progressive)
+    data = buffer.getvalue()
+    assert isinstance(validate_image(data, **LIMITS), ImageInfo)
     result = validate_image(data[: int(len(data) * cut)], **LIMITS)
     assert isinstance(result, IngestError) and result.reason == "truncated"
 

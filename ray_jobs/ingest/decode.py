@@ -1,8 +1,9 @@
 """Validate one image by decoding it: bytes in, ``ImageInfo`` or ``IngestError`` out.
 
 The declared size is checked before any pixel is decoded (decompression bombs); JPEGs decode
-in draft mode (1/8 scale: libjpeg still reads the whole entropy-coded stream, so truncation is
-caught, at a fraction of the cost of a full decode).
+in draft mode (1/8 scale, grey: libjpeg still reads the whole entropy-coded stream of every
+component, so truncation is caught, but skips the colour components' inverse DCT, upsampling and
+colour conversion, at a fraction of the cost of a full decode).
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def _decode(data: bytes, max_pixels: int) -> ImageInfo | IngestError:
         fmt, mode = im.format or "unknown", im.mode
         orientation = im.getexif().get(EXIF_ORIENTATION)
         frames = int(getattr(im, "n_frames", 1) or 1)
-        if fmt == "JPEG":
-            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+        if fmt == "JPEG":  # "L": Pillow decodes a colour JPEG as grey, other modes as they are
+            im.draft("L", (max(1, width // 8), max(1, height // 8)))
         im.load()
     return ImageInfo(
         width=width,
