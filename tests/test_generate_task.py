@@ -51,6 +51,29 @@ def test_a_prompt_placeholder_that_is_not_an_input_is_refused_naming_it():
         task_from_dict({"kind": "generate", "name": "g", "inputs": {"fabric": "attrs_fabric"}, "check": ["fit"]})
 
 
+def test_a_generation_reply_that_is_not_a_chat_completion_fails_that_row_only():
+    """A server answering 200 with something else (an error object, a list) fails that row with the
+    reason; the other rows get their text (a test double of the endpoint: tests/test_openai_backend.py)."""
+    from ray_jobs.label.generate import ChatEndpoint, generate_records
+    from tests.test_openai_backend import FakeChatServer, reply
+
+    task = load_task("fashion_description")
+    rows = [{f"attrs_{k}": v for k, v in {**SHIRT, "fabric": fabric}.items()} for fabric in ("linen", "silk", "wool")]
+
+    def answer(request):
+        prompt = request["messages"][-1]["content"]
+        if "silk" in prompt:
+            return 200, {"error": {"message": "quota exceeded"}}
+        return 200, reply("A striped short-sleeved linen shirt with a shirt collar.")
+
+    with FakeChatServer([answer]) as server:
+        records = generate_records(task, rows, [], ChatEndpoint(url=server.url, model="m"))
+    assert [r.error for r in records] == [None, "generation_failed", None]
+    assert "not a chat completion" in records[1].error_message and "quota exceeded" in records[1].error_message
+    assert records[0].text.startswith("A striped") and records[0].missing == []
+    assert len(server.requests) == 3
+
+
 def test_generate_columns_are_text_missing_list_and_the_usual_metadata():
     schema = label_schema(load_task("fashion_description"), "desc")
     assert schema.names == ["desc", "desc_missing", "desc_confidence", "desc_provenance", "desc_error"]

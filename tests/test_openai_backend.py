@@ -165,3 +165,53 @@ def test_choice_constraint_option_sends_the_allowed_answers():
             [png()], load_task("digits")
         )
     assert server.requests[0]["structured_outputs"]["choice"][2] == "this is a photo of 2."
+
+
+def _with_logprob(value) -> dict:
+    return {"choices": [{"message": {"content": "7"}, "logprobs": {"content": [{"token": "7", "logprob": value}]}}]}
+
+
+MALFORMED_REPLIES = {
+    "a list": [],
+    "a string": "ok",
+    "null": None,
+    "an error object with status 200": {"error": {"message": "quota exceeded", "type": "insufficient_quota"}},
+    "no choice": {"choices": []},
+    "choices as text": {"choices": "7"},
+    "a message as text": {"choices": [{"message": "7"}]},
+    "content as a number": {"choices": [{"message": {"content": 7}}]},
+    "a log-probability of null": _with_logprob(None),
+    "a log-probability as text": _with_logprob("high"),
+    "logprobs as a list": {"choices": [{"message": {"content": "7"}, "logprobs": [-0.1]}]},
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_REPLIES.values(), ids=MALFORMED_REPLIES.keys())
+def test_a_reply_that_is_not_a_chat_completion_is_a_backend_failed_record_for_that_image_only(body):
+    from serve_apps.backends.openai_backend import data_url
+
+    images = [png(), png((0, 0, 9)), png((5, 90, 5))]
+    broken_for = data_url(images[1])
+
+    def answer(request):
+        if request["messages"][0]["content"][0]["image_url"]["url"] == broken_for:
+            return 200, body
+        return 200, reply("this is a photo of 3.", [-0.1])
+
+    with FakeChatServer([answer]) as server:
+        results = backend_for(server, retries=3).label(images, load_task("digits"))
+    assert [r.label for r in results] == ["3", None, "3"]
+    failed = results[1]
+    assert failed.error == "backend_failed" and "not a chat completion" in failed.error_message
+    assert len(server.requests) == 3, "a malformed reply is neither retried nor read as a refusal of logprobs"
+
+
+def test_content_parts_and_a_rounded_positive_log_probability_are_read_and_a_redirect_is_refused():
+    parts = {"choices": [{"message": {"content": [{"type": "text", "text": "this is a photo "}, {"type": "text", "text": "of 4."}]},
+                          "logprobs": {"content": [{"token": "4", "logprob": 1e-7}]}}]}
+    with FakeChatServer([(200, parts)]) as server:
+        (result,) = backend_for(server).label([png()], load_task("digits"))
+    assert result.label == "4" and result.confidence == 1.0
+    with FakeChatServer([(307, {"moved": True})]) as server:
+        (moved,) = backend_for(server, retries=3).label([png()], load_task("digits"))
+    assert moved.error == "backend_failed" and "redirects (307)" in moved.error_message and len(server.requests) == 1

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from lance_io.labels import (
 from lance_io.reasons import ReasonError
 from lance_io.tasks import GenerateTask
 from ray_jobs.evaluation.faithfulness import missing_values
+from serve_apps.backends.openai_backend import data_url, read_completion
 
 RETRIES = 3  # transient failures (connection, 429, 5xx) per row before the unit fails and its rows stay todo
 
@@ -102,7 +102,7 @@ def wire_messages(task: GenerateTask, row: dict[str, Any]) -> list[dict[str, Any
         messages.append({"role": "system", "content": task.system_prompt})
     text = task.render(input_values(task, row))
     if task.image and row.get("image"):
-        url = f"data:image/png;base64,{base64.b64encode(row['image']).decode()}"
+        url = data_url(row["image"])
         content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
     else:
         content = text
@@ -127,9 +127,11 @@ def _ask(http: httpx.Client, endpoint: ChatEndpoint, task: GenerateTask, row: di
         except httpx.TransportError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         else:
-            if response.status_code < 400:
-                choice = (response.json().get("choices") or [{}])[0]
-                return ((choice.get("message") or {}).get("content") or "").strip(), None
+            if 200 <= response.status_code < 300:
+                try:
+                    return read_completion(response).choices[0].message.text().strip(), None
+                except ValueError as exc:
+                    return None, f"generation_failed: {where} {exc}"
             if response.status_code != 429 and response.status_code < 500:
                 return None, f"generation_refused: {where} answered {response.status_code}: {response.text[:300]}"
             problem = f"{response.status_code}: {response.text[:200]}"

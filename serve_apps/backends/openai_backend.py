@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 from PIL import Image
+from pydantic import BaseModel, Field, ValidationError
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from lance_io.tasks import Question, Task
@@ -48,15 +49,68 @@ _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": 
 
 
 class EndpointError(Exception):
-    """A failed request: the result code to record, the message, and whether a retry may help."""
+    """A failed request: the result code to record, the message, whether a retry may help, and the
+    HTTP status of a refusal (4xx; None otherwise)."""
 
-    def __init__(self, code: ErrorCode, message: str, *, transient: bool) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, transient: bool, refused_with: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.transient = transient
+        self.refused_with = refused_with
 
 
-def _data_url(data: bytes) -> str:
+class _TokenLogprob(BaseModel):
+    logprob: float = Field(allow_inf_nan=False)
+
+
+class _Logprobs(BaseModel):
+    content: list[_TokenLogprob] | None = None
+
+
+class _TextPart(BaseModel):
+    type: str
+    text: str = ""
+
+
+class _Message(BaseModel):
+    content: str | list[_TextPart] | None = None
+
+    def text(self) -> str:
+        """The answer's text: the string, or the text parts of a list of content parts joined."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content if part.type == "text")
+        return self.content or ""
+
+
+class _Choice(BaseModel):
+    message: _Message
+    logprobs: _Logprobs | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Completion(BaseModel):
+    """The part of a ``/chat/completions`` reply the backend reads (other fields are ignored)."""
+
+    choices: list[_Choice] = Field(min_length=1)
+    usage: _Usage | None = None
+
+
+def read_completion(response: httpx.Response) -> Completion:
+    """Parse a ``/chat/completions`` reply; raise ValueError saying what is wrong when it is not one."""
+    try:
+        return Completion.model_validate_json(response.content)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        place = ".".join(map(str, first["loc"])) or "the body"
+        raise ValueError(f"answered what is not a chat completion ({place}: {first['msg']}): {response.text[:200]}") from None
+
+
+def data_url(data: bytes) -> str:
     """Return the image as a data: URL, re-encoded as PNG only when the endpoint may not read its format."""
     import io
 
@@ -134,18 +188,17 @@ class OpenAIBackend(Backend):
                 if isinstance(part, Image.Image):
                     buffer = io.BytesIO()
                     part.save(buffer, "PNG")
-                    content.append({"type": "image_url", "image_url": {"url": _data_url(buffer.getvalue())}})
+                    content.append({"type": "image_url", "image_url": {"url": data_url(buffer.getvalue())}})
                 else:
                     content.append({"type": "text", "text": str(part)})
             wire.append({"role": m.role, "content": content})
-        body = self._request_body(wire, max_tokens, choices=None, logprobs=False)
-        reply = self._post(body)
-        usage = reply.get("usage") or {}
+        reply = self._post(self._request_body(wire, max_tokens, choices=None, logprobs=False))
+        usage, choice = reply.usage or _Usage(), reply.choices[0]
         return ChatReply(
-            text=reply["choices"][0]["message"].get("content") or "",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            finish_reason=reply["choices"][0].get("finish_reason") or "stop",
+            text=choice.message.text(),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            finish_reason=choice.finish_reason or "stop",
         )
 
     def close(self) -> None:
@@ -158,7 +211,7 @@ class OpenAIBackend(Backend):
         image = decode_image(data, max_pixels=self.config.max_image_pixels)
         if isinstance(image, ImageError):
             return image
-        url = _data_url(data)
+        url = data_url(data)
         answers = {}
         for question in task.questions():
             try:
@@ -203,21 +256,21 @@ class OpenAIBackend(Backend):
         try:
             reply = self._post(body)
         except EndpointError as exc:
-            if not (logprobs and "logprobs" in str(exc).lower()):
+            if not (logprobs and exc.refused_with and "logprobs" in str(exc).lower()):
                 raise
             self.use_logprobs = False  # this endpoint refuses logprobs: stop asking
             body.pop("logprobs", None)
             reply = self._post(body)
-        choice = (reply.get("choices") or [{}])[0]
-        text = ((choice.get("message") or {}).get("content") or "").strip()
+        choice = reply.choices[0]
+        text = choice.message.text().strip()
         value = question.match(text)
+        tokens = (choice.logprobs.content if choice.logprobs else None) or []
         confidence = None
-        tokens = ((choice.get("logprobs") or {}).get("content")) or []
-        if value is not None and tokens:
-            confidence = math.exp(sum(float(t.get("logprob", 0.0)) for t in tokens))
+        if value is not None and tokens:  # a log-probability above 0 is rounding: at most certainty
+            confidence = math.exp(min(0.0, sum(t.logprob for t in tokens)))
         return Answer(value=value, raw_text=text, confidence=confidence)
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, body: dict[str, Any]) -> Completion:
         """POST to /chat/completions with retries on transient failures; raise EndpointError otherwise."""
         attempt = retry(
             retry=retry_if_exception(lambda e: isinstance(e, EndpointError) and e.transient),
@@ -227,7 +280,7 @@ class OpenAIBackend(Backend):
         )(self._post_once)
         return attempt(body)
 
-    def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post_once(self, body: dict[str, Any]) -> Completion:
         where = f"{self.base_url}/chat/completions"
         try:
             response = self.http.post(where, json=body)
@@ -249,17 +302,21 @@ class OpenAIBackend(Backend):
                 f"unavailable: {where} answered {response.status_code}: {response.text[:200]}",
                 transient=True,
             )
-        if response.status_code >= 400:
+        if response.is_redirect:  # a POST must not be replayed elsewhere (httpx would turn it into a GET)
+            raise EndpointError(
+                ErrorCode.BACKEND_FAILED,
+                f"backend_failed: {where} redirects ({response.status_code}) to "
+                f"{response.headers.get('location', 'no location')}: give the endpoint's final URL as base_url",
+                transient=False,
+            )
+        if response.status_code >= 400 or response.status_code < 200:
             raise EndpointError(
                 ErrorCode.BACKEND_FAILED,
                 f"backend_failed: {where} refused the request ({response.status_code}): {response.text[:300]}",
                 transient=False,
+                refused_with=response.status_code,
             )
         try:
-            return response.json()
-        except ValueError:
-            raise EndpointError(
-                ErrorCode.BACKEND_FAILED,
-                f"backend_failed: {where} answered non-JSON: {response.text[:200]}",
-                transient=False,
-            ) from None
+            return read_completion(response)
+        except ValueError as exc:
+            raise EndpointError(ErrorCode.BACKEND_FAILED, f"backend_failed: {where} {exc}", transient=False) from None
