@@ -20,6 +20,7 @@ import base64
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
 from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from lance_io.reasons import ReasonError
@@ -40,6 +41,42 @@ class LabelerRequestError(ReasonError):
 
     def __init__(self, message: str) -> None:
         super().__init__("labeler_refused", message)
+
+
+class NotALabeler(ReasonError):
+    """The server answered, but not as a lancetag labeler does (another kind of server at that URL)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("not_a_labeler", message)
+
+
+class LabelerInfo(BaseModel):
+    """What the job reads of a labeler's ``/info`` (the rest is kept as sent)."""
+
+    model_config = ConfigDict(extra="allow")
+    task: dict[str, Any]
+    task_hash: str
+    backend: dict[str, Any]
+
+
+class LabelReply(BaseModel):
+    """A labeler's answer to ``/label``."""
+
+    results: list[LabelResult]
+
+
+def _read_reply(response: httpx.Response, model: type[BaseModel], what: str) -> Any:
+    """Parse ``response`` as ``model``; raise NotALabeler naming the first wrong field when it is not one."""
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        place = ".".join(map(str, first["loc"])) or "the body"
+        raise NotALabeler(
+            f"{what} answered what a lancetag labeler does not ({place}: {first['msg']}): {response.text[:200]!r}; "
+            "give --serve the URL `lancetag serve` printed (an OpenAI-compatible server labels through "
+            "`lancetag serve --backend openai --base-url ...`)"
+        ) from None
 
 
 REPLICA_LOST_WAIT_S = 5.0  # a lost replica: wait this long before each new try (Serve replaces it meanwhile)
@@ -147,7 +184,10 @@ class LabelerClient:
             raise LabelerRequestError(
                 f"labeler at {self.url} refused the request ({response.status_code}): {response.text[:500]}"
             )
-        return [LabelResult.model_validate(r) for r in response.json()["results"]]
+        results = _read_reply(response, LabelReply, f"labeler at {self.url}").results
+        if len(results) != len(images):
+            raise NotALabeler(f"labeler at {self.url} answered {len(results)} results for {len(images)} images")
+        return results
 
     def info(self) -> dict[str, Any]:
         """Return the labeler's /info (HTTP only)."""
@@ -166,7 +206,7 @@ class LabelerClient:
                 f"labeler at {self.url} refused /info ({response.status_code}: {response.text[:200]}); "
                 "a 401 needs its token (--token-env)"
             )
-        return response.json()
+        return _read_reply(response, LabelerInfo, f"labeler at {self.url}/info").model_dump()
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

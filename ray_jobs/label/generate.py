@@ -70,7 +70,7 @@ def served_model(url: str, token_env: str | None = None) -> tuple[str, bool]:
         response.raise_for_status()
         first = response.json()["data"][0]
         return str(first["id"]), first.get("owned_by") == LABELER_OWNER
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise GeneratorUnavailable(
             f"cannot list the models of {where} ({type(exc).__name__}: {str(exc)[:200]}); "
             "give --serve the root or /v1 URL of a running OpenAI-compatible server"
