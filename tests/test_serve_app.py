@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from lance_io.tasks import load_task, task_from_dict
-from serve_apps.app import LabelerConfig, run_labeler
+from serve_apps.app import LabelerConfig, build_app, run_labeler, token_sha256
 from serve_apps.backends import BackendConfig, create_backend
 from serve_apps.client import LabelerClient
 
-pytestmark = pytest.mark.slow  # four Serve apps start in the module fixture (~40 s on 2 cores)
+pytestmark = pytest.mark.slow  # four Serve apps start side by side in the module fixture
 
 TOKEN = "test-token-not-a-secret"
 
@@ -45,6 +45,7 @@ def apps(ray_cluster, tiny_qwen2_vl, tiny_llava_next):
     import os
 
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     os.environ["LANCETAG_TEST_TOKEN"] = TOKEN
     port = _free_port()
@@ -65,10 +66,14 @@ def apps(ray_cluster, tiny_qwen2_vl, tiny_llava_next):
             **common,
         ),
     }
-    urls = {}
-    for name, config in specs.items():
-        urls[name] = run_labeler(config.model_copy(update={"app_name": name, "route_prefix": f"/{name}"}))
-    yield urls
+    # One Serve call deploys the four apps, so their replicas start (import torch, load) side by side;
+    # run_labeler (one app a call) is what the other modules' fixtures and the failure tests below use.
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    configs = {name: config.model_copy(update={"app_name": name, "route_prefix": f"/{name}"}) for name, config in specs.items()}
+    serve.run_many([serve.RunTarget(build_app(c, token_sha256=token_sha256(c.token_env)), name=n, route_prefix=c.route_prefix)
+                    for n, c in configs.items()])
+    http = _get_global_client().http_config  # the port of whoever started Serve first in this cluster
+    yield {name: c.model_copy(update={"port": http.port}).url() for name, c in configs.items()}
     for name in specs:
         serve.delete(name)
 
