@@ -28,6 +28,7 @@ Example::
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import platform
 import time
@@ -44,6 +45,7 @@ from serve_apps.http_requests import (
     Limits,
     MiB,
     RequestError,
+    bounded_body,
     check_images,
     parse_chat_messages,
     parse_label_request,
@@ -225,12 +227,7 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
         @api.post("/label")
         async def label_http(self, request: Request) -> JSONResponse:
             self._authorize(request)
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > self.config.max_request_bytes:
-                raise RequestError(
-                    413, f"request of {declared} bytes exceeds {self.config.max_request_bytes}"
-                )
-            body = await request.body()
+            body = await bounded_body(request, self.config.max_request_bytes)
             images, keep_invalid = parse_label_request(
                 request.headers.get("content-type", ""), body, self.limits
             )
@@ -270,11 +267,9 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
             from serve_apps.chat import ChatRequestError, apply_stop, check_bounds, check_options, sse_events
 
             self._authorize(request)
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > self.config.max_request_bytes:
-                raise RequestError(413, f"request of {declared} bytes exceeds {self.config.max_request_bytes}")
+            body = await bounded_body(request, self.config.max_request_bytes)
             try:
-                payload = await request.json()
+                payload = json.loads(body)
             except ValueError:
                 raise RequestError(400, "body is not valid JSON") from None
             if not isinstance(payload, dict):

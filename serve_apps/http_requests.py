@@ -47,6 +47,21 @@ def _b64(value: Any, where: str) -> bytes:
         raise RequestError(400, f"{where}: not valid base64 ({len(value)} characters)") from None
 
 
+async def bounded_body(request: Any, limit: int) -> bytes:
+    """Return a Starlette request's body; a 413 as soon as it is declared or streamed over ``limit`` bytes
+    (a chunked upload declares no length, so the count is kept while reading)."""
+    declared = request.headers.get("content-length") or ""
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request of {declared} bytes exceeds {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds {limit} bytes (sent without a length, or longer than declared)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_label_request(content_type: str, body: bytes, limits: Limits) -> tuple[list[bytes], bool]:
     """Return (image bytes, keep_invalid) from a /label body; raise RequestError with a 4xx otherwise.
 

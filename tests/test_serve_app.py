@@ -17,6 +17,7 @@ from lance_io.tasks import load_task, task_from_dict
 from serve_apps.app import LabelerConfig, build_app, run_labeler, token_sha256
 from serve_apps.backends import BackendConfig, create_backend
 from serve_apps.client import LabelerClient
+from serve_apps.http_requests import MiB
 
 pytestmark = pytest.mark.slow  # four Serve apps start side by side in the module fixture
 
@@ -54,7 +55,7 @@ def apps(ray_cluster, tiny_qwen2_vl, tiny_llava_next):
     llava = BackendConfig(model=str(tiny_llava_next))
     specs = {
         "qwen-digits": LabelerConfig(task="digits", backend=qwen, token_env="LANCETAG_TEST_TOKEN", **common),
-        "llava-fashion": LabelerConfig(task="fashion", backend=llava, max_images_per_request=8, **common),
+        "llava-fashion": LabelerConfig(task="fashion", backend=llava, max_images_per_request=8, max_request_bytes=MiB, **common),
         "qwen-quality": LabelerConfig(task="quality", backend=qwen, **common),
         "llava-caption": LabelerConfig(
             task="caption",
@@ -123,11 +124,21 @@ def test_multipart_upload_labels_each_file(apps):
         ({"json": {"images": [b64(png())] * 9}}, 413, "too many images: 9 > 8"),
         ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported content type"),
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {"images": [b64(bytes(MiB))]}}, 413, "exceeds 1048576"),
+        ({"content": iter([bytes(64 * 1024)] * 20), "headers": {"Content-Type": "application/json"}}, 413,
+         "sent without a length"),  # chunked: no Content-Length to check first
     ],
+    ids=["base64", "not-an-image", "no-images-key", "no-images", "too-many", "text", "not-json", "declared-too-long", "chunked-too-long"],
 )
 def test_malformed_requests_get_a_4xx_with_a_message(apps, kwargs, status, message):
     r = httpx.post(f"{apps['llava-fashion']}/label", **kwargs)
     assert r.status_code == status and message in r.json()["error"]
+
+
+def test_the_chat_route_bounds_a_body_sent_without_a_length_too(apps):
+    r = httpx.post(f"{apps['llava-fashion']}/v1/chat/completions", content=iter([b" " * 65536] * 20),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "sent without a length" in r.json()["error"]
 
 
 def test_on_invalid_record_returns_error_records_for_bad_images_and_labels_the_rest(apps):
