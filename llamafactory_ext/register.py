@@ -8,7 +8,14 @@ from pathlib import Path
 from lance_io.samples import open_samples, samples_exist, samples_version_at
 from lance_io.scan import open_at
 from llamafactory_ext.reader import count_rows, resolve
-from llamafactory_ext.source import LanceEntryError, LanceSource, Split, entry_for, write_entry
+from llamafactory_ext.source import (
+    LanceEntryError,
+    LanceSource,
+    Split,
+    check_entry_name,
+    entry_for,
+    write_entry,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ def register_dataset(
     """
     from lance_io.schema import MESSAGES, TRUTH
 
+    check_entry_name(dataset_dir, name)  # before any work (write_entry checks again, at the write)
     probe = LanceSource(uri=uri, label_column="x", storage_options_env=storage_options_env or {})
     ds = open_at(uri, version, storage_options=probe.storage_options())
     samples_version = None

@@ -142,15 +142,41 @@ def entry_for(source: LanceSource, name: str, *, num_samples: int | None = None)
 
 
 def read_dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
-    """Return the parsed ``dataset_info.json`` of ``dataset_dir`` ({} when absent)."""
+    """Return the parsed ``dataset_info.json`` of ``dataset_dir`` ({} when absent); ``bad_dataset_info``
+    when it is not a JSON object (LLaMA-Factory could not read it either)."""
     path = Path(dataset_dir) / DATA_CONFIG
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LanceEntryError("bad_dataset_info", f"{path} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(info, dict):
+        raise LanceEntryError("bad_dataset_info", f"{path} holds a JSON {type(info).__name__}, not an object of datasets by name")
+    return info
+
+
+def check_entry_name(dataset_dir: str | Path, name: str) -> None:
+    """Refuse a name LLaMA-Factory cannot select, or one an entry that is not a Lance table holds."""
+    if not name or name != name.strip() or "," in name:
+        raise LanceEntryError(
+            "bad_dataset_name",
+            f"dataset name {name!r}: LLaMA-Factory selects datasets as a comma-separated list, so a name is not "
+            "empty and holds no comma and no space at either end",
+        )
+    existing = read_dataset_info(dataset_dir).get(name)
+    if existing is not None and not (isinstance(existing, dict) and "lance" in existing):
+        held = existing.get("file_name") or existing.get("hf_hub_url") or existing.get("script_url") if isinstance(existing, dict) else existing
+        raise LanceEntryError(
+            "dataset_exists",
+            f"{Path(dataset_dir) / DATA_CONFIG} already defines {name!r} as a dataset that is not a Lance table ({held}); "
+            "choose another --name (registering again replaces Lance entries only)",
+        )
 
 
 def write_entry(dataset_dir: str | Path, name: str, entry: dict[str, Any]) -> Path:
-    """Add or replace entry ``name`` in ``dataset_dir/dataset_info.json``, keeping the others; return the path."""
+    """Add or replace the Lance entry ``name`` in ``dataset_dir/dataset_info.json``, keeping the others; return the path."""
+    check_entry_name(dataset_dir, name)
     directory = Path(dataset_dir)
     directory.mkdir(parents=True, exist_ok=True)
     info = read_dataset_info(directory)

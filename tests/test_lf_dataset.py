@@ -313,3 +313,34 @@ def test_registering_rows_with_nothing_to_train_on_is_refused_and_writes_no_entr
         assert refused.value.reason == reason, refused.value
     assert not (datasets / "dataset_info.json").exists()
     assert register_dataset(uri, "x", datasets, label_column="truth", where="truth != '2'").rows == 4
+
+
+def test_a_name_llamafactory_cannot_select_or_one_a_native_dataset_holds_is_refused_and_nothing_is_lost(tmp_path):
+    from lance_io import append_images
+    from lance_io.reasons import ReasonError
+    from llamafactory_ext.register import register_dataset
+    from llamafactory_ext.source import read_dataset_info
+    from tests.table_fixtures import image_rows
+
+    uri, datasets = str(tmp_path / "t.lance"), tmp_path / "datasets"
+    append_images(uri, image_rows(range(6)))
+    datasets.mkdir()
+    native = {"mine": {"file_name": "mine.json", "formatting": "sharegpt"}, "hub": {"hf_hub_url": "org/set"}}
+    (datasets / "dataset_info.json").write_text(json.dumps(native))
+    for name, reason in [("mine", "dataset_exists"), ("hub", "dataset_exists"), ("", "bad_dataset_name"),
+                         (" x", "bad_dataset_name"), ("a,b", "bad_dataset_name")]:
+        with pytest.raises(ReasonError) as refused:
+            register_dataset(uri, name, datasets, label_column="truth")
+        assert refused.value.reason == reason, (name, refused.value)
+    assert read_dataset_info(datasets) == native  # the user's entries are as they were
+    register_dataset(uri, "x y", datasets, label_column="truth")
+    register_dataset(uri, "x y", datasets, label_column="truth", where="truth != '2'")  # a Lance entry is replaced
+    assert set(read_dataset_info(datasets)) == {"mine", "hub", "x y"}
+    assert read_dataset_info(datasets)["x y"]["lance"]["where"] == "truth != '2'"
+
+    for text, shown in [("[", "is not valid JSON"), ("[1]", "holds a JSON list")]:
+        (datasets / "dataset_info.json").write_text(text)
+        with pytest.raises(ReasonError, match=shown) as refused:
+            register_dataset(uri, "x", datasets, label_column="truth")
+        assert refused.value.reason == "bad_dataset_info"
+        assert (datasets / "dataset_info.json").read_text() == text
