@@ -100,6 +100,26 @@ def label_schema(task: Task, column: str) -> pa.Schema:
     )
 
 
+def check_label_columns(schema: pa.Schema, task: Task, column: str) -> None:
+    """Refuse prefix ``column`` when a column it would write holds other data (``column_taken``).
+
+    Columns a label run wrote carry the task kind on their answer field: those are relabeled in
+    place. Any other column of that name (``truth``, ``id``, a manifest's metadata) would be
+    overwritten row by row, so it is refused before any work.
+    """
+    wanted = label_schema(task, column)
+    answers = [name for name in answer_columns(task, column).values() if name in schema.names]
+    labeled = bool(answers) and all(kind_of(schema, name) for name in answers)
+    taken = [f.name for f in wanted if f.name in schema.names]
+    if taken and not labeled:
+        raise ReasonError(
+            "column_taken",
+            f"--column {column} would write {', '.join(taken)}, which the table already holds and no label run wrote; "
+            "choose another --column (label columns are named <column>, <column>_confidence, <column>_provenance, "
+            "<column>_error)",
+        )
+
+
 def kind_of(schema: pa.Schema, column: str) -> str | None:
     """Return the task kind :func:`label_schema` stored with answer column ``column`` (None when unknown)."""
     metadata = (schema.field(column).metadata or {}) if column in schema.names else {}

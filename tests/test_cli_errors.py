@@ -155,6 +155,8 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
             "eval --price-per-hour": (["eval", table, "--column", "truth", "--price-per-hour", "-1"], "bad_usage"),
             "demo --epochs": (["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"], "bad_option"),
             "label --where": ([*label, "--task", "digits", "--where", BAD_SQL], "bad_where"),
+            "label --column truth": ([*label, "--task", "digits", "--column", "truth"], "column_taken"),
+            "label --column id": ([*label, "--task", "digits", "--column", "id"], "column_taken"),
             "eval --where": (["eval", table, "--column", "truth", "--where", BAD_SQL], "bad_where"),
             "lf register --where": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--where", BAD_SQL], "bad_where"),
             "label unreachable": ([*label, "--task", "digits"], "labeler_unreachable"),

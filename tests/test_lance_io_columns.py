@@ -279,3 +279,28 @@ def test_an_append_committed_between_reading_and_adding_columns_is_retried_not_f
     ds = open_table(uri)
     assert len(appends) == 2 and "label" in ds.schema.names and ds.version == version
     assert ds.count_rows() == 30 and ds.count_rows(filter="label IS NULL") == 30
+
+
+def test_a_label_prefix_that_would_overwrite_columns_no_label_run_wrote_is_column_taken(table):
+    from lance_io.labels import check_label_columns, label_schema
+    from lance_io.reasons import ReasonError
+    from lance_io.tasks import load_task, task_from_dict
+
+    digits, fashion = load_task("digits"), load_task("fashion")
+    schema = lance.dataset(table).schema
+    for task, column in [(digits, "truth"), (digits, "id"), (digits, "source")]:
+        with pytest.raises(ReasonError) as refused:
+            check_label_columns(schema, task, column)
+        assert refused.value.reason == "column_taken" and column in refused.value.message, (task.name, column)
+    ensure_columns(table, [pa.field("size_error", pa.string())])  # a user's column that only an auxiliary name meets
+    with pytest.raises(ReasonError, match="size_error"):
+        check_label_columns(lance.dataset(table).schema, digits, "size")
+
+    ensure_columns(table, label_schema(digits, "label"))  # what a label run adds: relabeling it is fine
+    ensure_columns(table, label_schema(fashion, "attrs"))
+    schema = lance.dataset(table).schema
+    check_label_columns(schema, digits, "label")
+    check_label_columns(schema, task_from_dict({"name": "d2", "kind": "classify", "labels": ["a", "b"]}), "label")
+    check_label_columns(schema, fashion, "attrs")
+    check_label_columns(schema, digits, "fresh")
+    check_label_columns(schema, fashion, "source")  # source_category, ...: names the table does not hold

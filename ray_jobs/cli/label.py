@@ -76,14 +76,16 @@ def _preflight(table: str, options: LabelOptions, storage_options: dict[str, str
     """
     import os
 
-    from lance_io.labels import label_schema
+    from lance_io.labels import check_label_columns, label_schema
     from lance_io.scan import check_where, open_at
     from lance_io.tasks import load_task
     from serve_apps.client import LabelerClient
 
     task = load_task(options.task)
     new_columns = label_schema(task, options.column).names
-    check_where(open_at(table, storage_options=storage_options), options.where, new_columns=new_columns)
+    dataset = open_at(table, storage_options=storage_options)
+    check_where(dataset, options.where, new_columns=new_columns)
+    check_label_columns(dataset.schema, task, options.column)
     if options.serve and task.kind == "generate":  # an OpenAI-compatible server, not a labeler: no /info
         from ray_jobs.label.generate import served_model
 
