@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from ray_jobs.ingest import worker
@@ -437,6 +438,33 @@ def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -
     assert detect_kind(str(tmp_path / "plain.json")) == "manifest"
     (tmp_path / "broken.jsonl").write_text("{broken\n" + json.dumps(_chat(1)) + "\n")
     assert detect_kind(str(tmp_path / "broken.jsonl")) == "manifest", "a first line that is not JSON is no sharegpt file"
+
+
+def test_source_columns_named_like_computed_ones_are_kept_under_a_prefix_not_dropped(tmp_path: Path) -> None:
+    """A catalogue's own ``id`` or declared ``width`` is data: kept as ``source_id``/``source_width``
+    (a Lance image table's own columns mean what ingest computes, and are left out)."""
+    import lance
+
+    from lance_io import append_images
+    from tests.table_fixtures import image_rows
+
+    (tmp_path / "a.png").write_bytes(image_bytes(1, "PNG"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,id,width,label\na.png,sku-17,999,cat\n")
+    source = open_source(str(manifest), IngestOptions())
+    assert source.metadata_fields == {"source_id": pa.string(), "source_width": pa.int64()}
+    (item,) = list(source.items())
+    assert item.truth == "cat" and item.metadata == {"source_id": "sku-17", "source_width": 999}
+    manifest.write_text("path,width,source_width\na.png,999,given\n")  # the source names source_width itself: that one
+    (item,) = list(open_source(str(manifest), IngestOptions()).items())
+    assert item.metadata == {"source_width": "given"}
+
+    table, other = str(tmp_path / "t.lance"), str(tmp_path / "other.lance")
+    append_images(table, image_rows(range(3)))
+    assert open_source(table, IngestOptions()).metadata_fields == {}, "an image table's own columns are computed again"
+    lance.write_dataset(pa.table({"id": ["a"], "image": [image_bytes(2)], "shop": ["s"]}), other)
+    (item,) = list(open_source(other, IngestOptions()).items())
+    assert item.metadata == {"source_id": "a", "shop": "s"}
 
 
 def test_an_existing_lance_table_is_a_source_of_its_image_bytes_and_truth(tmp_path: Path) -> None:

@@ -70,6 +70,24 @@ def object_item(path: str, kind: str, object_root: str) -> InputItem:
     return InputItem(source=uri, source_kind=kind, locator="object", url=uri)
 
 
-def metadata_field_types(schema: pa.Schema, exclude: set[str]) -> dict[str, pa.DataType]:
-    """Return the pass-through columns of a tabular source: every column not used and not reserved."""
-    return {f.name: f.type for f in schema if f.name not in exclude and f.name not in RESERVED_COLUMNS}
+KEPT_PREFIX = "source_"
+"""A source column named like one ingest computes (``id``, ``width``, ...) is kept under this prefix."""
+
+
+def pass_through_columns(schema: pa.Schema, exclude: set[str], *, computed: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Return table column -> source column for every column of a tabular source that no role uses.
+
+    A column named like one ingest computes keeps its values as ``source_<name>`` (a catalogue's own
+    ``id``, a declared ``width``), unless the source has a ``source_<name>`` too; ``computed`` names
+    columns that mean what ingest computes again (an image table's own), which are left out.
+    """
+    names = set(schema.names)
+    kept = {}
+    for name in schema.names:
+        if name in exclude or name in computed:
+            continue
+        if name not in RESERVED_COLUMNS:
+            kept[name] = name
+        elif KEPT_PREFIX + name not in names:
+            kept[KEPT_PREFIX + name] = name
+    return kept

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from lance_io.schema import IMAGE_SCHEMA
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
@@ -21,6 +22,8 @@ from ray_jobs.ingest.sources.cells import Rows, lance_rows_with_cells, parquet_d
 from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
 
 BATCH_ROWS = 1024
+IMAGE_TABLE_COLUMNS = frozenset(IMAGE_SCHEMA.names)
+"""The columns of a lancetag image table: as a Lance source, they mean what ingest computes again."""
 Batches = Callable[[], Iterator[pa.RecordBatch] | Rows]
 
 
@@ -114,7 +117,9 @@ def lance_source(location: str, options: IngestOptions) -> ListedSource:
         dataset = lance.dataset(location, storage_options=storage)
     except (OSError, ValueError) as exc:
         raise SourceError(f"{location} is not a readable Lance table: {exc}") from exc
-    mapping = map_columns(dataset.schema, options.columns, location)
+    # A lancetag image table's own columns mean what ingest computes again; another table's `id` is its data.
+    computed = IMAGE_TABLE_COLUMNS if set(dataset.schema.names) >= IMAGE_TABLE_COLUMNS else frozenset()
+    mapping = map_columns(dataset.schema, options.columns, location, computed=computed)
     image = mapping.roles.get("image")
     in_place = (
         lance_rows_with_cells(dataset, location, image, bool({"path", "url"} & set(mapping.roles)), storage)
@@ -128,13 +133,20 @@ def lance_source(location: str, options: IngestOptions) -> ListedSource:
         in_place or (lambda: dataset.to_batches(batch_size=BATCH_ROWS)),
         Path(location).parent,
         options,
+        computed,
     )
 
 
 def _tabular(
-    location: str, kind: str, schema: pa.Schema, batches: Batches, default_root: Path, options: IngestOptions
+    location: str,
+    kind: str,
+    schema: pa.Schema,
+    batches: Batches,
+    default_root: Path,
+    options: IngestOptions,
+    computed: frozenset[str] = frozenset(),
 ) -> ListedSource:
-    mapping = map_columns(schema, options.columns, location)
+    mapping = map_columns(schema, options.columns, location, computed=computed)
     root = Path(options.manifest_root) if options.manifest_root else default_root
     context = RowContext(name=location, kind=kind, root=root, options=options)
     return ListedSource(kind, lambda: rows_to_items(batches(), mapping, context), mapping.metadata_fields)

@@ -22,7 +22,7 @@ from lance_io.storage import is_object_uri
 from ray_jobs.ingest.items import Cell, InputItem, SampleSpec
 from ray_jobs.ingest.messages import InvalidMessages, normalize_messages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
-from ray_jobs.ingest.sources.base import SourceError, inside_root, metadata_field_types, object_item
+from ray_jobs.ingest.sources.base import SourceError, inside_root, object_item, pass_through_columns
 
 ROLES = ("path", "url", "image", "images", "truth", "messages")
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -41,6 +41,11 @@ class ColumnMapping:
 
     roles: dict[str, str]
     metadata_fields: dict[str, pa.DataType] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)  # table column -> the source column it is kept from
+
+    def metadata_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Return the pass-through values of a source row, by table column."""
+        return {name: row.get(self.renamed.get(name, name)) for name in self.metadata_fields}
 
     @property
     def image_column(self) -> str | None:
@@ -48,8 +53,11 @@ class ColumnMapping:
         return self.roles.get("image") or self.roles.get("images")
 
 
-def map_columns(schema: pa.Schema, explicit: dict[str, str], where: str) -> ColumnMapping:
-    """Return the mapping for a table: explicit roles first, then the usual column names."""
+def map_columns(
+    schema: pa.Schema, explicit: dict[str, str], where: str, *, computed: frozenset[str] = frozenset()
+) -> ColumnMapping:
+    """Return the mapping for a table: explicit roles first, then the usual column names; the other
+    columns pass through (``base.pass_through_columns``, which ``computed`` goes to)."""
     unknown = set(explicit) - set(ROLES)
     if unknown:
         raise SourceError(f"unknown column roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
@@ -73,7 +81,12 @@ def map_columns(schema: pa.Schema, explicit: dict[str, str], where: str) -> Colu
             f"{where} has no path, url or image column (columns: {', '.join(schema.names)}); "
             "name one with --column path=COL, url=COL or image=COL"
         )
-    return ColumnMapping(roles, metadata_field_types(schema, set(roles.values())))
+    kept = pass_through_columns(schema, set(roles.values()), computed=computed)
+    return ColumnMapping(
+        roles,
+        {name: schema.field(column).type for name, column in kept.items()},
+        {name: column for name, column in kept.items() if name != column},
+    )
 
 
 def _fits(role: str, dtype: pa.DataType) -> bool:
@@ -129,7 +142,7 @@ def _sample_items(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx:
         spec.error = None if problem is None else ("placeholder_mismatch", f"{problem} (row {number})")
     except InvalidMessages as exc:
         spec.error = ("invalid_messages", f"{exc} (row {number})")
-    metadata = {field_name: row.get(field_name) for field_name in mapping.metadata_fields}
+    metadata = mapping.metadata_of(row)
     if not images:
         yield InputItem(source=name, source_kind=ctx.kind, locator="none", skip="text-only sample", sample=spec)
         return
@@ -145,7 +158,7 @@ def _row_item(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx: Row
     roles = mapping.roles
     get: Callable[[str], Any] = lambda role: row.get(roles[role]) if role in roles else None  # noqa: E731
     item = _locate(get("image"), get("url"), get("path"), f"{ctx.name}#{number}", ctx)
-    item.metadata = {name: row.get(name) for name in mapping.metadata_fields}
+    item.metadata = mapping.metadata_of(row)
     truth = get("truth")
     if (
         truth is not None
