@@ -40,7 +40,7 @@ def sample_members(first: int, count: int) -> list[tuple[str, bytes]]:
         members += [
             (f"s{n:05d}.jpg", image_bytes(n, size=(16, 12))),
             (f"s{n:05d}.txt", f"caption {n}\n".encode()),
-            (f"s{n:05d}.json", json.dumps({"width_hint": n, "author": f"a{n % 3}"}).encode()),
+            (f"s{n:05d}.json", json.dumps({"width_hint": n, "author": f"a{n % 3}", "sha256": f"declared-{n}"}).encode()),
             (f"s{n:05d}.cls", str(n % 10).encode()),
         ]
     return members
@@ -75,11 +75,11 @@ def test_brace_patterns_expand_to_zero_padded_ranges_and_lists() -> None:
 def test_a_shard_lists_one_item_per_image_member_with_its_companions(tmp_path: Path) -> None:
     (tmp_path / "one.tar").write_bytes(_tar(sample_members(0, 3)))
     source = open_source(str(tmp_path / "one.tar"), IngestOptions(**QUIET))
-    assert set(source.metadata_fields) == {"caption", "width_hint", "author"}
+    assert set(source.metadata_fields) == {"caption", "width_hint", "author", "source_sha256"}  # a computed name: kept aside
     items = list(source.items())
     assert [i.source.rsplit("#", 1)[1] for i in items] == ["s00000.jpg", "s00001.jpg", "s00002.jpg"]
-    assert [(i.truth, i.metadata["caption"], i.metadata["width_hint"]) for i in items] == [
-        ("0", "caption 0", 0), ("1", "caption 1", 1), ("2", "caption 2", 2)
+    assert [(i.truth, i.metadata["caption"], i.metadata["width_hint"], i.metadata["source_sha256"]) for i in items] == [
+        ("0", "caption 0", 0, "declared-0"), ("1", "caption 1", 1, "declared-1"), ("2", "caption 2", 2, "declared-2")
     ]
     assert all(i.locator == "member" and i.data is None for i in items), "the driver reads no image bytes"
 

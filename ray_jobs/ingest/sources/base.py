@@ -15,7 +15,7 @@ from lance_io.schema import IMAGE_SCHEMA, MESSAGES, TRUTH
 from ray_jobs.ingest.items import InputItem
 
 RESERVED_COLUMNS = frozenset(IMAGE_SCHEMA.names) | {TRUTH, MESSAGES}
-"""Columns ingest computes itself: a source column of the same name is not passed through."""
+"""Columns ingest computes itself: a source column of the same name passes through as ``source_<name>``."""
 
 
 class Source(Protocol):

@@ -26,7 +26,7 @@ from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_
 from ray_jobs.ingest.decode import IMAGE_EXTENSIONS
 from ray_jobs.ingest.items import InputItem
 from ray_jobs.ingest.options import IngestOptions
-from ray_jobs.ingest.sources.base import RESERVED_COLUMNS, ListedSource, SourceError
+from ray_jobs.ingest.sources.base import ListedSource, SourceError, pass_through_columns
 from ray_jobs.ingest.sources.objectstore import list_objects, listing_failure
 
 KIND = "webdataset"
@@ -35,6 +35,8 @@ TEXT_LIMIT = 1024**2
 """Largest .txt/.json/.cls member read on the driver; a larger one is an error of its group."""
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _PEEK_MEMBERS = 200
+JsonFields = dict[str, tuple[str, pa.DataType]]
+"""Metadata columns of ``.json`` members: table column -> (the JSON field it is read from, its type)."""
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -66,7 +68,9 @@ def webdataset_source(location: str, options: IngestOptions) -> ListedSource:
     storage_options = resolve_storage_options(location)
     fields = _peek_json_fields(shards, storage_options)
     return ListedSource(
-        KIND, lambda: _items(_shards(location), storage_options, options, fields), {CAPTION: pa.string(), **fields}
+        KIND,
+        lambda: _items(_shards(location), storage_options, options, fields),
+        {CAPTION: pa.string(), **{name: dtype for name, (_, dtype) in fields.items()}},
     )
 
 
@@ -167,8 +171,10 @@ def _members(shard: str, storage_options: dict[str, str] | None) -> Iterator[tup
         yield None, listing_failure(exc)
 
 
-def _peek_json_fields(shards: Iterator[str], storage_options: dict[str, str] | None) -> dict[str, pa.DataType]:
-    """Return the metadata columns declared by the first ``.json`` member of the first shard."""
+def _peek_json_fields(shards: Iterator[str], storage_options: dict[str, str] | None) -> JsonFields:
+    """Return the metadata columns declared by the first ``.json`` member of the first shard: table
+    column -> (the field it is read from, its type); a field named like a computed column is kept as
+    ``source_<name>`` (``base.pass_through_columns``)."""
     first = next(iter(shards), None)
     if first is None:
         return {}
@@ -181,9 +187,8 @@ def _peek_json_fields(shards: Iterator[str], storage_options: dict[str, str] | N
             except (ValueError, OSError, tarfile.TarError):
                 continue
             if isinstance(document, dict):
-                return {
-                    k: _json_type(v) for k, v in document.items() if k not in RESERVED_COLUMNS and k != CAPTION
-                }
+                schema = pa.schema([(k, _json_type(v)) for k, v in document.items() if k != CAPTION])
+                return {name: (key, schema.field(key).type) for name, key in pass_through_columns(schema, set()).items()}
     return {}
 
 
@@ -207,7 +212,7 @@ def _fit(value: Any, dtype: pa.DataType) -> Any:
 
 
 def _items(
-    shards: Iterator[str], storage_options: dict[str, str] | None, options: IngestOptions, fields: dict[str, pa.DataType]
+    shards: Iterator[str], storage_options: dict[str, str] | None, options: IngestOptions, fields: JsonFields
 ) -> Iterator[InputItem]:
     for shard in shards:
         group_key: str | None = None
@@ -241,7 +246,7 @@ def _read_text(member: tarfile.TarInfo, tar: tarfile.TarFile) -> str | tuple[str
 
 
 def _group_items(
-    shard: str, group: list[tuple[str, tarfile.TarInfo, str | tuple[str, str] | None]], options: IngestOptions, fields: dict[str, pa.DataType]
+    shard: str, group: list[tuple[str, tarfile.TarInfo, str | tuple[str, str] | None]], options: IngestOptions, fields: JsonFields
 ) -> Iterator[InputItem]:
     if not group:
         return
@@ -259,7 +264,7 @@ def _group_items(
         except ValueError:
             document, problem = None, ("bad_metadata", "the .json member is not valid JSON")
         if isinstance(document, dict):
-            metadata.update({name: _fit(document.get(name), dtype) for name, dtype in fields.items()})
+            metadata.update({name: _fit(document.get(key), dtype) for name, (key, dtype) in fields.items()})
     truth = texts.get("cls", "").strip() or None
     images = [(s, m) for s, m, _ in group if "." + s.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
     for _, member in images:
