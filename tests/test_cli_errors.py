@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import lance
+import pyarrow as pa
 import pytest
 
 from tests.conftest import LANCETAG, REPO_ROOT
@@ -145,8 +147,13 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
     defined.mkdir()
     (defined / "dataset_info.json").write_text(json.dumps({"digits": {"file_name": "digits.json"}}))
     label = ["label", table, "--serve", UNREACHABLE_LABELER]
+    foreign, photos = str(tmp_path / "foreign.lance"), tmp_path / "photos"  # someone else's Lance table
+    lance.write_dataset(pa.table({"a": [1, 2]}), foreign)
+    photos.mkdir()
+    (photos / "a.png").write_bytes(image_rows(range(1))["image"][0].as_py())
     assert_refused(
         {
+            "ingest into a table of something else": (["ingest", str(photos), "--table", foreign], "not_an_image_table"),
             "query --where": (["query", table, "--where", BAD_SQL], "bad_where"),
             "query --where unknown column": (["query", table, "--where", "nope = 1"], "bad_where"),
             "lf register --where two statements": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--where", "width > 1 ; x"], "bad_where"),

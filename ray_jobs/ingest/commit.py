@@ -97,6 +97,13 @@ class ChunkWriter:
         if self._new_table:
             return self.schema
         have = open_table(self.table, storage_options=self.storage_options).schema
+        lacking = [name for name in IMAGE_SCHEMA.names if name not in have.names]
+        if lacking:  # someone else's Lance table: adding our columns to its rows would make them all-null images
+            raise ReasonError(
+                "not_an_image_table",
+                f"{self.table} is a Lance table, but not an image table ingest writes (it has no {', '.join(lacking)}); "
+                "ingest into a new --table (this one can be a source: `lancetag ingest TABLE --table NEW`)",
+            )
         missing = [f for f in self.schema if f.name not in have.names]
         if missing:  # metadata-only: the new columns read as null in the rows already there
             ensure_columns(self.table, missing, storage_options=self.storage_options)
