@@ -100,13 +100,21 @@ def label_schema(task: Task, column: str) -> pa.Schema:
     )
 
 
-def check_label_columns(schema: pa.Schema, task: Task, column: str) -> None:
-    """Refuse prefix ``column`` when a column it would write holds other data (``column_taken``).
+def check_label_target(schema: pa.Schema, task: Task, column: str) -> None:
+    """Refuse a table a label run cannot read (``column_missing``: no ``id``, or no ``image`` when
+    the task looks at it) and a prefix ``column`` whose columns hold other data (``column_taken``).
 
     Columns a label run wrote carry the task kind on their answer field: those are relabeled in
     place. Any other column of that name (``truth``, ``id``, a manifest's metadata) would be
     overwritten row by row, so it is refused before any work.
     """
+    needed = ["id", "image"] if not isinstance(task, GenerateTask) or task.image else ["id"]
+    absent = [name for name in needed if name not in schema.names]
+    if absent:
+        raise ReasonError(
+            "column_missing",
+            f"the table has no {' or '.join(absent)} column: a label run reads an image table (`lancetag ingest` writes one)",
+        )
     wanted = label_schema(task, column)
     answers = [name for name in answer_columns(task, column).values() if name in schema.names]
     labeled = bool(answers) and all(kind_of(schema, name) for name in answers)

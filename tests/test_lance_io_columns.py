@@ -282,7 +282,7 @@ def test_an_append_committed_between_reading_and_adding_columns_is_retried_not_f
 
 
 def test_a_label_prefix_that_would_overwrite_columns_no_label_run_wrote_is_column_taken(table):
-    from lance_io.labels import check_label_columns, label_schema
+    from lance_io.labels import check_label_target, label_schema
     from lance_io.reasons import ReasonError
     from lance_io.tasks import load_task, task_from_dict
 
@@ -290,17 +290,23 @@ def test_a_label_prefix_that_would_overwrite_columns_no_label_run_wrote_is_colum
     schema = lance.dataset(table).schema
     for task, column in [(digits, "truth"), (digits, "id"), (digits, "source")]:
         with pytest.raises(ReasonError) as refused:
-            check_label_columns(schema, task, column)
+            check_label_target(schema, task, column)
         assert refused.value.reason == "column_taken" and column in refused.value.message, (task.name, column)
     ensure_columns(table, [pa.field("size_error", pa.string())])  # a user's column that only an auxiliary name meets
     with pytest.raises(ReasonError, match="size_error"):
-        check_label_columns(lance.dataset(table).schema, digits, "size")
+        check_label_target(lance.dataset(table).schema, digits, "size")
 
     ensure_columns(table, label_schema(digits, "label"))  # what a label run adds: relabeling it is fine
     ensure_columns(table, label_schema(fashion, "attrs"))
     schema = lance.dataset(table).schema
-    check_label_columns(schema, digits, "label")
-    check_label_columns(schema, task_from_dict({"name": "d2", "kind": "classify", "labels": ["a", "b"]}), "label")
-    check_label_columns(schema, fashion, "attrs")
-    check_label_columns(schema, digits, "fresh")
-    check_label_columns(schema, fashion, "source")  # source_category, ...: names the table does not hold
+    check_label_target(schema, digits, "label")
+    check_label_target(schema, task_from_dict({"name": "d2", "kind": "classify", "labels": ["a", "b"]}), "label")
+    check_label_target(schema, fashion, "attrs")
+    check_label_target(schema, digits, "fresh")
+    check_label_target(schema, fashion, "source")  # source_category, ...: names the table does not hold
+
+    with pytest.raises(ReasonError, match="no id or image column") as refused:  # someone else's table
+        check_label_target(pa.schema([("a", pa.int64())]), digits, "label")
+    assert refused.value.reason == "column_missing"
+    text_only = task_from_dict({"name": "g", "kind": "generate", "inputs": {"fabric": "attrs_fabric"}, "prompt": "{fabric}", "image": False})
+    check_label_target(pa.schema([("id", pa.string()), ("attrs_fabric", pa.string())]), text_only, "desc")

@@ -76,7 +76,7 @@ def _preflight(table: str, options: LabelOptions, storage_options: dict[str, str
     """
     import os
 
-    from lance_io.labels import check_label_columns, label_schema
+    from lance_io.labels import check_label_target, label_schema
     from lance_io.scan import check_where, open_at
     from lance_io.tasks import load_task
     from serve_apps.client import LabelerClient
@@ -85,7 +85,7 @@ def _preflight(table: str, options: LabelOptions, storage_options: dict[str, str
     new_columns = label_schema(task, options.column).names
     dataset = open_at(table, storage_options=storage_options)
     check_where(dataset, options.where, new_columns=new_columns)
-    check_label_columns(dataset.schema, task, options.column)
+    check_label_target(dataset.schema, task, options.column)
     if options.serve and task.kind == "generate":  # an OpenAI-compatible server, not a labeler: no /info
         from ray_jobs.label.generate import served_model
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import lance
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from lance_io.labels import check_label_columns, inputs_key_sql, label_schema, provenance_of
+from lance_io.labels import check_label_target, inputs_key_sql, label_schema, provenance_of
 from lance_io.reasons import ReasonError
 from lance_io.scan import Predicate
 from lance_io.sql import sql_string
@@ -192,7 +192,7 @@ def label_table(
     run_id = uuid.uuid4().hex[:12]
     task = load_task(options.task)
     column = options.column
-    check_label_columns(lance.dataset(table, storage_options=storage_options).schema, task, column)
+    check_label_target(lance.dataset(table, storage_options=storage_options).schema, task, column)
     ensure_ray(address)
 
     generator = _generator(options, task) if isinstance(task, GenerateTask) else None
