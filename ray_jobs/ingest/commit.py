@@ -97,11 +97,11 @@ class ChunkWriter:
         if self._new_table:
             return self.schema
         have = open_table(self.table, storage_options=self.storage_options).schema
-        lacking = [name for name in IMAGE_SCHEMA.names if name not in have.names]
-        if lacking:  # someone else's Lance table: adding our columns to its rows would make them all-null images
+        lacking = [name for name in ("id", "image") if name not in have.names]
+        if lacking:  # someone else's Lance table (a table of an older lancetag gets the columns it lacks, below)
             raise ReasonError(
                 "not_an_image_table",
-                f"{self.table} is a Lance table, but not an image table ingest writes (it has no {', '.join(lacking)}); "
+                f"{self.table} is a Lance table, but not an image table ingest writes (it has no {' or '.join(lacking)} column); "
                 "ingest into a new --table (this one can be a source: `lancetag ingest TABLE --table NEW`)",
             )
         missing = [f for f in self.schema if f.name not in have.names]
