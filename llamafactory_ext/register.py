@@ -14,6 +14,7 @@ from llamafactory_ext.source import (
     Split,
     check_entry_name,
     entry_for,
+    read_dataset_info,
     write_entry,
 )
 
@@ -60,7 +61,7 @@ def register_dataset(
     """
     from lance_io.schema import MESSAGES, TRUTH
 
-    check_entry_name(dataset_dir, name)  # before any work (write_entry checks again, at the write)
+    check_entry_name(read_dataset_info(dataset_dir), name, dataset_dir)  # before any work (write_entry checks at the write)
     probe = LanceSource(uri=uri, label_column="x", storage_options_env=storage_options_env or {})
     ds = open_at(uri, version, storage_options=probe.storage_options())
     samples_version = None

@@ -156,15 +156,16 @@ def read_dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def check_entry_name(dataset_dir: str | Path, name: str) -> None:
-    """Refuse a name LLaMA-Factory cannot select, or one an entry that is not a Lance table holds."""
+def check_entry_name(info: dict[str, Any], name: str, dataset_dir: str | Path) -> None:
+    """Refuse a name LLaMA-Factory cannot select, or one an entry of ``info`` (``dataset_dir``'s
+    ``dataset_info.json``) that is not a Lance table holds."""
     if not name or name != name.strip() or "," in name:
         raise LanceEntryError(
             "bad_dataset_name",
             f"dataset name {name!r}: LLaMA-Factory selects datasets as a comma-separated list, so a name is not "
             "empty and holds no comma and no space at either end",
         )
-    existing = read_dataset_info(dataset_dir).get(name)
+    existing = info.get(name)
     if existing is not None and not (isinstance(existing, dict) and "lance" in existing):
         held = existing.get("file_name") or existing.get("hf_hub_url") or existing.get("script_url") if isinstance(existing, dict) else existing
         raise LanceEntryError(
@@ -176,10 +177,10 @@ def check_entry_name(dataset_dir: str | Path, name: str) -> None:
 
 def write_entry(dataset_dir: str | Path, name: str, entry: dict[str, Any]) -> Path:
     """Add or replace the Lance entry ``name`` in ``dataset_dir/dataset_info.json``, keeping the others; return the path."""
-    check_entry_name(dataset_dir, name)
     directory = Path(dataset_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     info = read_dataset_info(directory)
+    check_entry_name(info, name, directory)
+    directory.mkdir(parents=True, exist_ok=True)
     info[name] = entry
     path = directory / DATA_CONFIG
     tmp = path.with_suffix(".json.tmp")

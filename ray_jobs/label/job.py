@@ -192,7 +192,8 @@ def label_table(
     run_id = uuid.uuid4().hex[:12]
     task = load_task(options.task)
     column = options.column
-    check_label_target(lance.dataset(table, storage_options=storage_options).schema, task, column)
+    schema = lance.dataset(table, storage_options=storage_options).schema
+    check_label_target(schema, task, column)
     ensure_ray(address)
 
     generator = _generator(options, task) if isinstance(task, GenerateTask) else None
@@ -200,7 +201,7 @@ def label_table(
     provenance = provenance_of(model, adapter, task.prompt_hash(), views)
     todo = todo_predicate(column, provenance, options.relabel)
     if isinstance(task, GenerateTask):
-        names = lance.dataset(table, storage_options=storage_options).schema.names
+        names = schema.names
         _check_inputs(task, names)
         todo = todo_predicate(column, provenance, options.relabel, inputs_sql=inputs_key_sql(task, names))
         todo = f"({' AND '.join(f'{c} IS NOT NULL' for c in task.inputs.values())}) AND ({todo})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -74,20 +74,20 @@ KEPT_PREFIX = "source_"
 """A source column named like one ingest computes (``id``, ``width``, ...) is kept under this prefix."""
 
 
-def pass_through_columns(schema: pa.Schema, exclude: set[str], *, computed: frozenset[str] = frozenset()) -> dict[str, str]:
-    """Return table column -> source column for every column of a tabular source that no role uses.
+def pass_through_columns(names: Sequence[str], exclude: set[str], *, computed: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Return table column -> source column for every column ``names`` of a source that no role uses.
 
     A column named like one ingest computes keeps its values as ``source_<name>`` (a catalogue's own
     ``id``, a declared ``width``), unless the source has a ``source_<name>`` too; ``computed`` names
     columns that mean what ingest computes again (an image table's own), which are left out.
     """
-    names = set(schema.names)
+    given = set(names)
     kept = {}
-    for name in schema.names:
+    for name in names:
         if name in exclude or name in computed:
             continue
         if name not in RESERVED_COLUMNS:
             kept[name] = name
-        elif KEPT_PREFIX + name not in names:
+        elif KEPT_PREFIX + name not in given:
             kept[KEPT_PREFIX + name] = name
     return kept

@@ -81,7 +81,7 @@ def map_columns(
             f"{where} has no path, url or image column (columns: {', '.join(schema.names)}); "
             "name one with --column path=COL, url=COL or image=COL"
         )
-    kept = pass_through_columns(schema, set(roles.values()), computed=computed)
+    kept = pass_through_columns(schema.names, set(roles.values()), computed=computed)
     return ColumnMapping(
         roles,
         {name: schema.field(column).type for name, column in kept.items()},

@@ -187,8 +187,8 @@ def _peek_json_fields(shards: Iterator[str], storage_options: dict[str, str] | N
             except (ValueError, OSError, tarfile.TarError):
                 continue
             if isinstance(document, dict):
-                schema = pa.schema([(k, _json_type(v)) for k, v in document.items() if k != CAPTION])
-                return {name: (key, schema.field(key).type) for name, key in pass_through_columns(schema, set()).items()}
+                kept = pass_through_columns([k for k in document if k != CAPTION], set())
+                return {name: (key, _json_type(document[key])) for name, key in kept.items()}
     return {}
 
 
