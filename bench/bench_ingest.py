@@ -19,7 +19,9 @@ so every contender reads from the page cache.
 - object storage: the first ``LANCETAG_BENCH_INGEST_S3_IMAGES`` (default 1,500) photos uploaded to
   moto on 127.0.0.1, ingested from ``s3://bucket/photos/``; compared with the decode limit of the
   same files on local disk and with the decode limit from the server (the same pool, each object
-  fetched from moto first). ``LANCETAG_BENCH_INGEST_S3_IMAGES=0`` leaves this part out.
+  fetched from moto first); then again with moto pinned to one core and lancetag and the decode
+  limit to the others (``bench/s3_own_core.py``: a real object store does not take its CPU from the
+  decoders), where the 0.6x goal is judged. ``LANCETAG_BENCH_INGEST_S3_IMAGES=0`` leaves this part out.
 - driver memory: ``lancetag ingest`` of the scale benchmark's small distinct PNGs at the sizes in
   ``LANCETAG_BENCH_INGEST_SCALE`` (e.g. ``100000,1000000``), the driver's peak RSS sampled.
 """
@@ -162,11 +164,16 @@ def _s3_client(endpoint: str):  # -> a boto3 S3 client with the bench's credenti
 
 
 def _validate_objects(args: tuple[str, str, list[str]]) -> int:
-    """GET, hash and draft-decode ``keys`` of ``bucket`` (8 GETs in flight, decoding as they arrive)."""
+    """GET, hash and draft-decode ``keys`` of ``bucket`` (8 GETs in flight, decoding as they arrive),
+    each object read as an ingest worker reads it (one GET, ``ray_jobs.ingest.object_reads``)."""
+    from ray_jobs.ingest import object_reads
+
     endpoint, bucket, keys = args
-    client = _s3_client(endpoint)
+    options = {"endpoint": endpoint, "aws_access_key_id": "bench", "aws_secret_access_key": "bench",
+               "region": "us-east-1"}
     with ThreadPoolExecutor(8) as pool:
-        return sum(map(_checked, pool.map(lambda key: client.get_object(Bucket=bucket, Key=key)["Body"].read(), keys)))
+        datas = pool.map(lambda key: object_reads.read_object(f"s3://{bucket}/{key}", options, 64 * 1024**2), keys)
+        return sum(map(_checked, datas))
 
 
 def s3_decode_limit(paths: list[Path], endpoint: str, bucket: str) -> float:
@@ -185,8 +192,9 @@ def s3_decode_limit(paths: list[Path], endpoint: str, bucket: str) -> float:
 
 
 def decode_limit(paths: list[Path]) -> float:
-    """Seconds to read, hash and draft-decode every file in a process pool on every core (pool start excluded)."""
-    cores = os.cpu_count() or 2
+    """Seconds to read, hash and draft-decode every file in a process pool on every core this
+    process may run on (pool start excluded)."""
+    cores = len(os.sched_getaffinity(0))
     chunks = [[str(p) for p in paths[i :: cores * 8]] for i in range(cores * 8)]
     with ProcessPoolExecutor(max_workers=cores) as pool:
         list(pool.map(_validate_chunk, [[str(paths[0])]] * cores))  # start and import in every process
@@ -214,11 +222,39 @@ def _command_wall(folder: Path, table: str) -> tuple[float, dict]:
     return time.perf_counter() - started, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _upload(paths: list[Path], endpoint: str, bucket: str) -> None:
+def _upload(paths: list[Path], endpoint: str, bucket: str, prefix: str = "photos") -> None:
     client = _s3_client(endpoint)
-    client.create_bucket(Bucket=bucket)
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda p: client.upload_file(str(p), bucket, f"photos/{p.parent.name}/{p.name}"), paths))
+        list(pool.map(lambda p: client.upload_file(str(p), bucket, f"{prefix}/{p.parent.name}/{p.name}"), paths))
+
+
+def s3_on_own_core(paths: list[Path], warm: list[Path], workdir: Path) -> dict | None:
+    """Ingest ``paths`` from moto pinned to one core, lancetag and the decode limit pinned to the
+    others (``bench.s3_own_core``); None on a single core."""
+    from bench.s3_server import moto_process
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    server, client = {cpus[-1]}, set(cpus[:-1])
+    with moto_process(cpus=server) as (endpoint, pid):
+        _upload(paths, endpoint, "bench")
+        _upload(warm, endpoint, "bench", prefix="warm")
+        paths_file = workdir / "own-core-paths.txt"
+        paths_file.write_text("\n".join(map(str, paths)))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env[ENV_VAR] = json.dumps({"endpoint": endpoint, "aws_access_key_id": "bench", "aws_secret_access_key": "bench",
+                                   "region": "us-east-1", "allow_http": "true"})
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.s3_own_core", endpoint, "bench", str(pid), str(paths_file), str(workdir)],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1], env=env,
+            preexec_fn=lambda: os.sched_setaffinity(0, client),
+        )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["server_cpus"], result["client_cpus"] = sorted(server), sorted(client)
+    return result
 
 
 def _s3_read(paths: list[Path], endpoint: str, bucket: str) -> float:
@@ -324,6 +360,7 @@ def run(workdir: Path) -> Section:
         finally:
             ray.shutdown()
             os.environ.pop(ENV_VAR, None)
+    own_core = s3_on_own_core(s3_paths, paths[-warm_up:], workdir) if s3_paths else None
     growth_sizes = [int(n) for n in os.environ.get("LANCETAG_BENCH_INGEST_SCALE", "").split(",") if n]
     growth = driver_growth(growth_sizes, workdir) if growth_sizes else []
 
@@ -350,23 +387,46 @@ def run(workdir: Path) -> Section:
     if s3_paths:
         s3_rate, s3_limit = len(s3_paths) / min(s3_s), len(s3_paths) / s3_limit_s
         s3_served = len(s3_paths) / s3_served_limit_s
-        s3_goal = met(s3_rate >= 0.6 * s3_limit)
-        reach = (": **the 0.6x goal is out of reach of any ingest on this machine** while the server takes its CPU"
-                 " from the decoders" if s3_served < 0.6 * s3_limit else "")
+        shared_reach = (": with the server taking its CPU from the decoders no ingest here could reach 0.6x"
+                        if s3_served < 0.6 * s3_limit else "")
+        s3_goal, own_md = "not measured: one core, none to give the server", "Not run: this process has one core."
+        if own_core:
+            own_ratios = [limit / ours for limit, ours in zip(own_core["limit_s"], own_core["ingest_s"], strict=True)]
+            own_ratio = float(np.median(own_ratios))
+            busy = [cpu / secs for cpu, secs in zip(own_core["server_cpu_s"], own_core["ingest_s"], strict=True)]
+            assert all(added == len(s3_paths) for added in own_core["added"])
+            s3_goal = f"{met(own_ratio >= 0.6)}: {own_ratio:.2f}x with the server on a core of its own"
+            own_md = f"""Alternating runs: decode limit {", ".join(f"{t:.1f}" for t in own_core["limit_s"])} s; lancetag from S3
+{", ".join(f"{t:.1f}" for t in own_core["ingest_s"])} s.
+
+| on CPU {", ".join(map(str, own_core["client_cpus"]))}, server on CPU {own_core["server_cpus"][0]} | best seconds | images/s |
+| --- | ---: | ---: |
+| decode limit, local files ({own_core["cores"]} process(es)) | {min(own_core["limit_s"]):.1f} | {len(s3_paths) / min(own_core["limit_s"]):,.0f} |
+| **lancetag ingest from `s3://`**, job time | {min(own_core["ingest_s"]):.1f} | {len(s3_paths) / min(own_core["ingest_s"]):,.0f} |
+
+Per round, lancetag from object storage vs the decode limit on the same core(s):
+{", ".join(f"{r:.2f}x" for r in own_ratios)} (median **{own_ratio:.2f}x**). The server's core was
+{", ".join(f"{100 * b:.0f}%" for b in busy)} busy during the ingests."""
         s3_md = f"""
 From object storage: {len(s3_paths):,} of the photos ({s3_mb:,.0f} MB) on a moto S3 server on 127.0.0.1,
 ingested from `s3://bench/photos/` (listing paginated, objects read by the workers) into a local
-table, best of {ATTEMPTS} ({", ".join(f"{t:.1f}" for t in s3_s)} s): **{s3_rate:,.0f} images/s**; the decode limit of the same
-files on local disk {s3_limit:,.0f} images/s, so **{s3_rate / s3_limit:.2f}x** of it. The server takes its CPU from the decoders here: moto (a
-Python server sharing the 2 cores with the workers) serves a plain GET of every object, 16 threads and
-nothing else running, at {len(s3_paths) / s3_read_s:,.0f} images/s ({s3_mb / s3_read_s:,.0f} MB/s); the ingest reaches
-**{s3_rate * s3_read_s / len(s3_paths):.2f}x** of that while also hashing, decoding and writing (a real object store does not take
-its CPU from the machine that decodes).
+table.
 
-The decode limit from this server (every object fetched from moto, 8 GETs in flight per process, hashed
-and draft-decoded in a process pool on every core, nothing written: the floor of a validating ingest
-from object storage when the server shares the cores) is {s3_served:,.0f} images/s, {s3_served / s3_limit:.2f}x of the
-local decode limit{reach}. lancetag reaches **{s3_rate / s3_served:.2f}x** of that floor.
+**The server on a core of its own** (`bench/s3_own_core.py`; the goal is judged here): a real object
+store does not take its CPU from the machine that decodes, so moto is pinned to the last core and a
+Ray cluster of the other core(s) ingests from it; the decode limit of the same files on local disk
+runs on those same core(s), alternating with the ingest. {own_md}
+"""
+        s3_md += f"""
+**The server sharing both cores** (the figures of the earlier runs), best of {ATTEMPTS}
+({", ".join(f"{t:.1f}" for t in s3_s)} s): **{s3_rate:,.0f} images/s**; the decode limit of the same
+files on local disk {s3_limit:,.0f} images/s, so {s3_rate / s3_limit:.2f}x of it. moto serves a plain GET of
+every object, 16 threads and nothing else running, at {len(s3_paths) / s3_read_s:,.0f} images/s
+({s3_mb / s3_read_s:,.0f} MB/s); the ingest reaches {s3_rate * s3_read_s / len(s3_paths):.2f}x of that while also
+hashing, decoding and writing. The decode limit from this server (every object fetched from moto,
+8 GETs in flight per process, each read as a worker reads it, hashed and draft-decoded in a process
+pool on every core, nothing written) is {s3_served:,.0f} images/s, {s3_served / s3_limit:.2f}x of the local decode limit{shared_reach};
+lancetag reaches {s3_rate / s3_served:.2f}x of that floor.
 """
     growth_md = ""
     if growth:

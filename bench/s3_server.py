@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -40,12 +41,16 @@ def _free_port() -> int:
 
 
 @contextmanager
-def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run moto_server on a free loopback port until the block ends; yield its endpoint URL."""
+def moto_process(env: dict[str, str] | None = None, cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
+    """Run moto_server on a free loopback port until the block ends; yield its endpoint URL and pid.
+
+    ``cpus`` pins the server to those CPUs (a benchmark that must not share its decoders' cores).
+    """
     port = _free_port()
     moto = Path(sys.executable).parent / "moto_server"
     process = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     try:
         deadline = time.monotonic() + 30
@@ -57,10 +62,17 @@ def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@contextmanager
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run moto_server on a free loopback port until the block ends; yield its endpoint URL."""
+    with moto_process(env) as (endpoint, _):
+        yield endpoint
 
 
 @contextmanager

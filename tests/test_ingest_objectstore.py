@@ -367,3 +367,77 @@ def test_the_gs_and_az_listing_walks_one_directory_at_a_time_and_finds_what_the_
     assert len(walked) == len(set(walked))
     assert not any(recursive for recursive, _ in listings)
     assert max(size for _, size in listings) == 40  # the largest directory, never the 271 keys of the prefix
+
+
+@pytest.fixture
+def recording_endpoint() -> Iterator[tuple[str, list[str], bytes]]:
+    """An HTTP server on 127.0.0.1 that serves one object at any key and records each request's method."""
+    body = image_bytes(0, fmt="PNG")
+    requests: list[str] = []
+
+    class Serve(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _serve(self) -> None:
+            requests.append(self.command)
+            start, end = 0, len(body) - 1
+            ranged = self.headers.get("Range", "").removeprefix("bytes=")
+            if ranged:
+                first, _, last = ranged.partition("-")
+                start, end = int(first), min(int(last or end), end)
+            part = body[start : end + 1]
+            self.send_response(206 if ranged else 200)
+            self.send_header("Content-Length", str(len(part)))
+            self.send_header("Last-Modified", "Wed, 02 Dec 2026 08:00:00 GMT")
+            self.send_header("ETag", '"1"')
+            if ranged:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(part)
+
+        do_GET = do_HEAD = _serve
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests, body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_worker_reads_an_s3_object_with_one_get_and_a_tar_member_with_one_ranged_get(recording_endpoint) -> None:
+    from ray_jobs.ingest.worker import read_member
+
+    endpoint, requests, body = recording_endpoint
+    options = {"endpoint": endpoint, "aws_access_key_id": "k", "aws_secret_access_key": "s", "region": "us-east-1"}
+    assert read_object("s3://b/photos/a.png", len(body), options) == body
+    assert requests == ["GET"], "no HEAD before the GET: one request, one round trip per image"
+    requests.clear()
+    assert read_member("s3://b/shard.tar", f"3:{len(body) - 3}", len(body), options) == body[3:]
+    assert requests == ["GET"]
+
+
+def test_object_reads_on_the_server_keep_their_limits_and_reasons(s3) -> None:
+    from ray_jobs.ingest import object_reads
+    from ray_jobs.ingest.worker import SKIP, read_member
+
+    png = image_bytes(1, fmt="PNG")
+    _upload(s3, {"reads/a.png": png, "reads/notes.dat": b"plain text, not an image" * 100, "reads/empty.png": b""})
+    options = s3.storage_options
+    assert read_object(s3.uri("reads/a.png"), len(png), options) == png
+    too_large = read_object(s3.uri("reads/a.png"), len(png) - 1, options)
+    assert too_large.reason == "too_large"
+    assert read_object(s3.uri("reads/notes.dat"), 10**6, options, scan=True) == SKIP  # sniffed, not an image
+    assert read_object(s3.uri("reads/empty.png"), 10**6, options) == b""  # validation calls it empty
+    assert read_object(s3.uri("reads/gone.png"), 10**6, options).reason == "not_found"
+    assert read_member(s3.uri("reads/a.png"), f"{len(png) - 4}:4", 10**6, options) == png[-4:]
+    assert read_member(s3.uri("reads/a.png"), f"{len(png) - 4}:8", 10**6, options).reason == "truncated"
+    assert read_member(s3.uri("reads/a.png"), f"{len(png) + 10}:8", 10**6, options).reason == "truncated"
+    assert read_member(s3.uri("reads/gone.tar"), "0:8", 10**6, options).reason == "not_found"
+    with pytest.raises(object_reads.ObjectTooLarge) as raised:
+        object_reads.read_object(s3.uri("reads/a.png"), options, 10)
+    assert raised.value.size == len(png), "refused from the object's size, before its body is read"

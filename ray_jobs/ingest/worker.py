@@ -26,6 +26,7 @@ import pyarrow as pa
 from lance_io import existing_ids
 from lance_io.schema import content_hashes
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
+from ray_jobs.ingest import object_reads
 from ray_jobs.ingest.decode import IMAGE_EXTENSIONS, SNIFF_BYTES, sniff_format, validate_image
 from ray_jobs.ingest.fetch import Fetcher
 from ray_jobs.ingest.items import ImageInfo, IngestError
@@ -267,22 +268,18 @@ def read_object(
     """Return an object's bytes, an ``IngestError``, or ``SKIP`` for a listed object that is no image."""
     from ray_jobs.ingest.sources.objectstore import listing_failure
 
+    keep = None
+    if scan and Path(uri).suffix.lower() not in IMAGE_EXTENSIONS:
+        keep = lambda head: sniff_format(head[:SNIFF_BYTES]) is not None  # noqa: E731
     try:
-        filesystem, path = pyarrow_filesystem(uri, _object_options(uri, table_options))
-        with filesystem.open_input_stream(path) as stream:
-            data = b""
-            if scan and Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
-                data = stream.read(SNIFF_BYTES)
-                if sniff_format(data) is None:
-                    return SKIP
-            data += stream.read(max_bytes + 1 - len(data))
-    except FileNotFoundError:
+        data = object_reads.read_object(uri, _object_options(uri, table_options), max_bytes, keep)
+    except object_reads.ObjectMissing:
         return IngestError("not_found", "no such object (deleted since it was listed?)")
-    except OSError as exc:
-        return IngestError(*listing_failure(exc))
-    if len(data) > max_bytes:
+    except object_reads.ObjectTooLarge:
         return IngestError("too_large", f"the object is over the limit of {max_bytes} bytes (raise --max-bytes)")
-    return data
+    except object_reads.ObjectUnreadable as exc:
+        return IngestError(*listing_failure(exc.cause))
+    return SKIP if data is None else data
 
 
 def read_member(
@@ -296,15 +293,15 @@ def read_member(
         return IngestError("too_large", f"{size} bytes is over the limit of {max_bytes} (raise --max-bytes)")
     try:
         if is_object_uri(shard):
-            filesystem, path = pyarrow_filesystem(shard, _object_options(shard, table_options))
-            with filesystem.open_input_file(path) as handle:
-                data = handle.read_at(size, offset) if offset < handle.size() else b""
+            data = object_reads.read_range(shard, _object_options(shard, table_options), offset, size)
         else:
             with open(shard, "rb") as handle:
                 handle.seek(offset)
                 data = handle.read(size)
-    except FileNotFoundError:
+    except (FileNotFoundError, object_reads.ObjectMissing):
         return IngestError("not_found", "no such shard (deleted since it was listed?)")
+    except object_reads.ObjectUnreadable as exc:
+        return IngestError(*listing_failure(exc.cause))
     except OSError as exc:
         return IngestError(*listing_failure(exc))
     if len(data) < size:

@@ -82,8 +82,9 @@ def _listed(prefix: str, options: IngestOptions) -> Iterator[InputItem]:
 def listing_failure(exc: Exception) -> tuple[str, str]:
     """Return ``(reason, message)`` for a listing or read that failed (no credentials in the message)."""
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if hasattr(exc, "response") else ""
-    text = f"{code} {exc}"
-    if any(word in text for word in ("AccessDenied", "ACCESS_DENIED", "Forbidden", "403", "InvalidAccessKeyId")):
+    text = f"{code} {type(exc).__name__} {exc}"
+    if any(word in text for word in ("AccessDenied", "ACCESS_DENIED", "Forbidden", "403", "InvalidAccessKeyId",
+                                     "PermissionDenied", "Unauthenticated")):
         return "access_denied", f"access denied: check the credentials in $LANCETAG_STORAGE_OPTIONS or AWS_* ({code or type(exc).__name__})"
     if any(word in text for word in ("NoSuchBucket", "NoSuchKey", "NOT_FOUND", "404")):
         return "not_found", f"no such bucket or key ({code or type(exc).__name__})"
