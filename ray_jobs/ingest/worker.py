@@ -26,10 +26,11 @@ import pyarrow as pa
 from lance_io import existing_ids
 from lance_io.schema import content_hashes
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
-from ray_jobs.ingest import object_reads
 from ray_jobs.ingest.decode import IMAGE_EXTENSIONS, SNIFF_BYTES, sniff_format, validate_image
 from ray_jobs.ingest.fetch import Fetcher
 from ray_jobs.ingest.items import ImageInfo, IngestError
+from ray_jobs.ingest.object_reads import ObjectMissing, ObjectTooLarge, ObjectUnreadable, read_range
+from ray_jobs.ingest.object_reads import read_object as get_object
 from ray_jobs.ingest.options import IngestOptions
 
 WORK_SCHEMA = pa.schema(
@@ -272,12 +273,12 @@ def read_object(
     if scan and Path(uri).suffix.lower() not in IMAGE_EXTENSIONS:
         keep = lambda head: sniff_format(head[:SNIFF_BYTES]) is not None  # noqa: E731
     try:
-        data = object_reads.read_object(uri, _object_options(uri, table_options), max_bytes, keep)
-    except object_reads.ObjectMissing:
+        data = get_object(uri, _object_options(uri, table_options), max_bytes, keep)
+    except ObjectMissing:
         return IngestError("not_found", "no such object (deleted since it was listed?)")
-    except object_reads.ObjectTooLarge:
+    except ObjectTooLarge:
         return IngestError("too_large", f"the object is over the limit of {max_bytes} bytes (raise --max-bytes)")
-    except object_reads.ObjectUnreadable as exc:
+    except ObjectUnreadable as exc:
         return IngestError(*listing_failure(exc.cause))
     return SKIP if data is None else data
 
@@ -293,14 +294,14 @@ def read_member(
         return IngestError("too_large", f"{size} bytes is over the limit of {max_bytes} (raise --max-bytes)")
     try:
         if is_object_uri(shard):
-            data = object_reads.read_range(shard, _object_options(shard, table_options), offset, size)
+            data = read_range(shard, _object_options(shard, table_options), offset, size)
         else:
             with open(shard, "rb") as handle:
                 handle.seek(offset)
                 data = handle.read(size)
-    except (FileNotFoundError, object_reads.ObjectMissing):
+    except (FileNotFoundError, ObjectMissing):
         return IngestError("not_found", "no such shard (deleted since it was listed?)")
-    except object_reads.ObjectUnreadable as exc:
+    except ObjectUnreadable as exc:
         return IngestError(*listing_failure(exc.cause))
     except OSError as exc:
         return IngestError(*listing_failure(exc))
