@@ -155,12 +155,18 @@ def _validate_chunk(paths: list[str]) -> int:
     return sum(_checked(Path(path).read_bytes()) for path in paths)
 
 
+def _storage_options(endpoint: str) -> dict[str, str]:
+    """The bench's storage options for the moto server at ``endpoint`` (Lance's keys)."""
+    return {"endpoint": endpoint, "aws_access_key_id": "bench", "aws_secret_access_key": "bench",
+            "region": "us-east-1", "allow_http": "true"}
+
+
 def _s3_client(endpoint: str):  # -> a boto3 S3 client with the bench's credentials
     import boto3
 
-    return boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
-    )
+    from lance_io.storage import boto3_client_kwargs
+
+    return boto3.client("s3", **boto3_client_kwargs(_storage_options(endpoint)))
 
 
 def _validate_objects(args: tuple[str, str, list[str]]) -> int:
@@ -169,8 +175,7 @@ def _validate_objects(args: tuple[str, str, list[str]]) -> int:
     from ray_jobs.ingest import object_reads
 
     endpoint, bucket, keys = args
-    options = {"endpoint": endpoint, "aws_access_key_id": "bench", "aws_secret_access_key": "bench",
-               "region": "us-east-1"}
+    options = _storage_options(endpoint)
     with ThreadPoolExecutor(8) as pool:
         datas = pool.map(lambda key: object_reads.read_object(f"s3://{bucket}/{key}", options, 64 * 1024**2), keys)
         return sum(map(_checked, datas))
@@ -245,8 +250,7 @@ def s3_on_own_core(paths: list[Path], warm: list[Path], workdir: Path) -> dict |
         paths_file = workdir / "own-core-paths.txt"
         paths_file.write_text("\n".join(map(str, paths)))
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env[ENV_VAR] = json.dumps({"endpoint": endpoint, "aws_access_key_id": "bench", "aws_secret_access_key": "bench",
-                                   "region": "us-east-1", "allow_http": "true"})
+        env[ENV_VAR] = json.dumps(_storage_options(endpoint))
         done = subprocess.run(
             [sys.executable, "-m", "bench.s3_own_core", endpoint, "bench", str(pid), str(paths_file), str(workdir)],
             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1], env=env,
@@ -315,9 +319,7 @@ def run(workdir: Path) -> Section:
             _upload(s3_paths, endpoint, "bench")
             s3_read_s = min(_s3_read(s3_paths, endpoint, "bench") for _ in range(ATTEMPTS))
             s3_served_limit_s = min(s3_decode_limit(s3_paths, endpoint, "bench") for _ in range(ATTEMPTS))
-            os.environ[ENV_VAR] = json.dumps({"endpoint": endpoint, "aws_access_key_id": "bench",
-                                              "aws_secret_access_key": "bench", "region": "us-east-1",
-                                              "allow_http": "true"})
+            os.environ[ENV_VAR] = json.dumps(_storage_options(endpoint))
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
             address="local",
