@@ -12,8 +12,9 @@ own error, to be classified by ``listing_failure``); never a credential in a mes
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from lance_io.storage import boto3_client_kwargs, pyarrow_filesystem
 
@@ -39,6 +40,17 @@ class ObjectTooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(f"{size} bytes")
         self.size = size
+
+
+@contextlib.contextmanager
+def _read_errors(*unreadable: type[Exception]) -> Iterator[None]:
+    """Raise a read's failure as ObjectMissing (not found) or ObjectUnreadable (one of ``unreadable``)."""
+    try:
+        yield
+    except FileNotFoundError as exc:  # pyarrow's and obstore's "not found"
+        raise ObjectMissing(str(exc)) from None
+    except unreadable as exc:
+        raise ObjectUnreadable(exc) from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,7 +93,7 @@ def read_object(
     from obstore.exceptions import BaseError
 
     store, key = _s3(uri, options)
-    try:
+    with _read_errors(BaseError, OSError):
         result = obstore.get(store, key)
         size = int(result.meta["size"])
         if size > max_bytes:
@@ -93,10 +105,6 @@ def read_object(
         if not keep(first):
             return None  # the rest of the body is never read
         return first + b"".join(bytes(chunk) for chunk in chunks)
-    except FileNotFoundError as exc:  # obstore's "not found"
-        raise ObjectMissing(str(exc)) from None
-    except (BaseError, OSError) as exc:
-        raise ObjectUnreadable(exc) from None
 
 
 def read_range(uri: str, options: dict[str, str] | None, offset: int, size: int) -> bytes:
@@ -106,44 +114,33 @@ def read_range(uri: str, options: dict[str, str] | None, offset: int, size: int)
     """
     if not uri.startswith("s3://"):
         filesystem, path = pyarrow_filesystem(uri, options)
-        try:
-            with filesystem.open_input_file(path) as handle:
-                return handle.read_at(size, offset) if offset < handle.size() else b""
-        except FileNotFoundError as exc:
-            raise ObjectMissing(str(exc)) from None
-        except OSError as exc:
-            raise ObjectUnreadable(exc) from None
+        with _read_errors(OSError), filesystem.open_input_file(path) as handle:
+            return handle.read_at(size, offset) if offset < handle.size() else b""
     import obstore
     from obstore.exceptions import BaseError
 
     if size == 0:
         return b""
     store, key = _s3(uri, options)
-    try:
-        return bytes(obstore.get_range(store, key, start=offset, length=size))
-    except FileNotFoundError as exc:
-        raise ObjectMissing(str(exc)) from None
-    except (BaseError, OSError) as exc:
-        text = str(exc)
-        if "InvalidRange" in text or "416 Range Not Satisfiable" in text:  # the shard ends before the member starts
-            return b""
-        raise ObjectUnreadable(exc) from None
+    with _read_errors(BaseError, OSError):
+        try:
+            return bytes(obstore.get_range(store, key, start=offset, length=size))
+        except (BaseError, OSError) as exc:
+            text = str(exc)
+            if "InvalidRange" in text or "416 Range Not Satisfiable" in text:  # the shard ends before the member starts
+                return b""
+            raise
 
 
 def _read_with_pyarrow(
     uri: str, options: dict[str, str] | None, max_bytes: int, keep: Callable[[bytes], bool] | None
 ) -> bytes | None:
     filesystem, path = pyarrow_filesystem(uri, options)
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            first = stream.read(STREAM_CHUNK) if keep is not None else b""
-            if keep is not None and not keep(first):
-                return None
-            data = first + stream.read(max_bytes + 1 - len(first))
-    except FileNotFoundError as exc:
-        raise ObjectMissing(str(exc)) from None
-    except OSError as exc:
-        raise ObjectUnreadable(exc) from None
+    with _read_errors(OSError), filesystem.open_input_stream(path) as stream:
+        first = stream.read(STREAM_CHUNK) if keep is not None else b""
+        if keep is not None and not keep(first):
+            return None
+        data = first + stream.read(max_bytes + 1 - len(first))
     if len(data) > max_bytes:
         raise ObjectTooLarge(len(data))
     return data
