@@ -12,6 +12,11 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class ReasonError(ValueError):
     """An expected failure: ``reason`` is a stable snake_case code, ``message`` what happened and what to do."""
@@ -29,6 +34,12 @@ class ReasonError(ValueError):
         # Subclasses take other constructor arguments; rebuilding from the fields lets every one
         # cross a process boundary (a Ray task's error reaches the driver pickled).
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def first_problem(exc: ValidationError, whole: str = "the value") -> str:
+    """Return a pydantic error's first problem as ``field.path: message`` (``whole`` for the value itself)."""
+    first = exc.errors()[0]
+    return f"{'.'.join(map(str, first['loc'])) or whole}: {first['msg']}"
 
 
 def _rebuild(cls: type[ReasonError], args: tuple, state: dict) -> ReasonError:

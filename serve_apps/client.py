@@ -23,7 +23,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from lance_io.reasons import ReasonError
+from lance_io.reasons import ReasonError, first_problem
 from serve_apps.results import LabelResult
 
 
@@ -70,10 +70,8 @@ def _read_reply(response: httpx.Response, model: type[BaseModel], what: str) -> 
     try:
         return model.model_validate_json(response.content)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        place = ".".join(map(str, first["loc"])) or "the body"
         raise NotALabeler(
-            f"{what} answered what a lancetag labeler does not ({place}: {first['msg']}): {response.text[:200]!r}; "
+            f"{what} answered what a lancetag labeler does not ({first_problem(exc, 'the body')}): {response.text[:200]!r}; "
             "give --serve the URL `lancetag serve` printed (an OpenAI-compatible server labels through "
             "`lancetag serve --backend openai --base-url ...`)"
         ) from None

@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from lance_io.reasons import first_problem
 from lance_io.tasks import Question, Task
 from serve_apps.backends.base import (
     Backend,
@@ -105,9 +106,9 @@ def read_completion(response: httpx.Response) -> Completion:
     try:
         return Completion.model_validate_json(response.content)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        place = ".".join(map(str, first["loc"])) or "the body"
-        raise ValueError(f"answered what is not a chat completion ({place}: {first['msg']}): {response.text[:200]}") from None
+        raise ValueError(
+            f"answered what is not a chat completion ({first_problem(exc, 'the body')}): {response.text[:200]}"
+        ) from None
 
 
 def data_url(data: bytes) -> str:

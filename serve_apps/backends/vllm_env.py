@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lance_io.reasons import first_problem
 from serve_apps.backends.base import BackendConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,9 +81,7 @@ def vllm_options(config: BackendConfig) -> VllmOptions:
     try:
         return VllmOptions.model_validate(config.options)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ValueError(f"options.{where}: {err['msg']} (vllm backend)") from None
+        raise ValueError(f"options.{first_problem(exc, '')} (vllm backend)") from None
 
 
 def default_vllm_python() -> Path | None:
