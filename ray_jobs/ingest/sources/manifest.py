@@ -6,11 +6,11 @@ against ``--manifest-root`` (default: the manifest's folder) and cannot leave it
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
@@ -19,7 +19,7 @@ from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError
 from ray_jobs.ingest.sources.cells import Rows, lance_rows_with_cells, parquet_dataset_rows
-from ray_jobs.ingest.sources.tabular import RowContext, map_columns, rows_to_items
+from ray_jobs.ingest.sources.tabular import ColumnMapping, RowContext, map_columns, rows_to_items
 
 BATCH_ROWS = 1024
 IMAGE_TABLE_COLUMNS = frozenset(IMAGE_SCHEMA.names)
@@ -35,9 +35,8 @@ def manifest_source(location: str, options: IngestOptions) -> ListedSource:
     if not path.is_file():
         raise SourceError(f"{location} is not a file")
     table = _read_manifest(path)
-    return _tabular(
-        location, "manifest", table.schema, lambda: iter(table.to_batches(BATCH_ROWS)), path.parent, options
-    )
+    mapping = map_columns(table.schema, options.columns, location)
+    return _tabular(location, "manifest", mapping, lambda: iter(table.to_batches(BATCH_ROWS)), path.parent, options)
 
 
 def _object_manifest(location: str, options: IngestOptions) -> ListedSource:
@@ -73,15 +72,9 @@ def parquet_source(location: str, options: IngestOptions) -> ListedSource:
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet source {location}: {exc}") from exc
     root = Path(location) if Path(location).is_dir() else Path(location).parent
-    return _tabular(
-        location, "parquet", dataset.schema, _parquet_rows(dataset, options, dataset.filesystem, str), root, options
-    )
-
-
-def _parquet_rows(dataset: Any, options: IngestOptions, filesystem: Any, uri_of: Callable[[str], str]) -> Batches:
-    """The rows of a Parquet dataset; images in an image column stay in the files for the workers."""
-    image = map_columns(dataset.schema, options.columns, "").image_column
-    return lambda: parquet_dataset_rows(dataset, image, filesystem, uri_of)
+    mapping = map_columns(dataset.schema, options.columns, location)
+    rows = functools.partial(parquet_dataset_rows, dataset, mapping.image_column, dataset.filesystem, str)
+    return _tabular(location, "parquet", mapping, rows, root, options)
 
 
 def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
@@ -99,7 +92,7 @@ def _object_parquet(location: str, options: IngestOptions) -> ListedSource:
     root = location.rstrip("/") if folder else location.rsplit("/", 1)[0]
     context = RowContext(name=location, kind="parquet", root=Path("."), options=options, object_root=root)
     scheme = location.partition("://")[0]
-    rows = _parquet_rows(dataset, options, filesystem, lambda f: f"{scheme}://{f}")
+    rows = functools.partial(parquet_dataset_rows, dataset, mapping.image_column, filesystem, lambda f: f"{scheme}://{f}")
     return ListedSource("parquet", lambda: rows_to_items(rows(), mapping, context), mapping.metadata_fields)
 
 
@@ -126,27 +119,13 @@ def lance_source(location: str, options: IngestOptions) -> ListedSource:
         if image is not None
         else None
     )
-    return _tabular(
-        location,
-        "lance",
-        dataset.schema,
-        in_place or (lambda: dataset.to_batches(batch_size=BATCH_ROWS)),
-        Path(location).parent,
-        options,
-        computed,
-    )
+    batches = in_place or (lambda: dataset.to_batches(batch_size=BATCH_ROWS))
+    return _tabular(location, "lance", mapping, batches, Path(location).parent, options)
 
 
 def _tabular(
-    location: str,
-    kind: str,
-    schema: pa.Schema,
-    batches: Batches,
-    default_root: Path,
-    options: IngestOptions,
-    computed: frozenset[str] = frozenset(),
+    location: str, kind: str, mapping: ColumnMapping, batches: Batches, default_root: Path, options: IngestOptions
 ) -> ListedSource:
-    mapping = map_columns(schema, options.columns, location, computed=computed)
     root = Path(options.manifest_root) if options.manifest_root else default_root
     context = RowContext(name=location, kind=kind, root=root, options=options)
     return ListedSource(kind, lambda: rows_to_items(batches(), mapping, context), mapping.metadata_fields)
