@@ -7,6 +7,7 @@ standard ``AWS_*`` variables itself. Secrets are never printed: use :func:`redac
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -65,36 +66,43 @@ def boto3_client_kwargs(options: dict[str, str] | None) -> dict[str, str]:
 
 
 def pyarrow_filesystem(uri: str, options: dict[str, str] | None):  # -> (pyarrow.fs.FileSystem, str)
-    """Return a pyarrow filesystem for the object ``uri`` (with ``options``) and the path within it."""
+    """Return a pyarrow filesystem for the object ``uri`` (with ``options``) and the path within it.
+
+    One filesystem per scheme and options in each process: its connections stay open from one
+    object to the next (a new one per object would connect, and on TLS handshake, for every image).
+    Credentials it reads from the environment are read when it is built.
+    """
+    scheme, _, path = uri.partition("://")
+    if scheme not in ("s3", "gs", "gcs", "az", "abfs"):
+        raise ReasonError("bad_source", f"{uri} is not an object-storage URI (s3://, gs://, az://)")
+    if scheme in ("az", "abfs") and not _option(options or {}, "account_name", "azure_storage_account_name"):
+        raise ReasonError("bad_storage_options", f"{uri}: set account_name in ${ENV_VAR} for az:// sources")
+    return _filesystem(scheme, tuple(sorted((options or {}).items()))), path
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, pairs: tuple[tuple[str, str], ...]):  # -> pyarrow.fs.FileSystem
     from pyarrow import fs
 
-    scheme, _, path = uri.partition("://")
+    options = dict(pairs)
     if scheme == "s3":
         kwargs = boto3_client_kwargs(options)
         endpoint = kwargs.get("endpoint_url")
         scheme_of_endpoint = "https"
         if endpoint and "://" in endpoint:
             scheme_of_endpoint, _, endpoint = endpoint.partition("://")
-        return (
-            fs.S3FileSystem(
-                access_key=kwargs.get("aws_access_key_id"),
-                secret_key=kwargs.get("aws_secret_access_key"),
-                session_token=kwargs.get("aws_session_token"),
-                region=kwargs.get("region_name"),
-                endpoint_override=endpoint.rstrip("/") if endpoint else None,
-                scheme=scheme_of_endpoint,
-            ),
-            path,
+        return fs.S3FileSystem(
+            access_key=kwargs.get("aws_access_key_id"),
+            secret_key=kwargs.get("aws_secret_access_key"),
+            session_token=kwargs.get("aws_session_token"),
+            region=kwargs.get("region_name"),
+            endpoint_override=endpoint.rstrip("/") if endpoint else None,
+            scheme=scheme_of_endpoint,
         )
     if scheme in ("gs", "gcs"):
-        return fs.GcsFileSystem(), path
-    if scheme in ("az", "abfs"):
-        options = options or {}
-        account = _option(options, "account_name", "azure_storage_account_name")
-        if not account:
-            raise ReasonError("bad_storage_options", f"{uri}: set account_name in ${ENV_VAR} for az:// sources")
-        return fs.AzureFileSystem(account, account_key=_option(options, "account_key", "azure_storage_account_key")), path
-    raise ReasonError("bad_source", f"{uri} is not an object-storage URI (s3://, gs://, az://)")
+        return fs.GcsFileSystem()
+    account = _option(options, "account_name", "azure_storage_account_name")
+    return fs.AzureFileSystem(account, account_key=_option(options, "account_key", "azure_storage_account_key"))
 
 
 def table_filesystem(uri: str, options: dict[str, str] | None):  # -> (pyarrow.fs.FileSystem, str)

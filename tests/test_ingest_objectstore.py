@@ -370,17 +370,21 @@ def test_the_gs_and_az_listing_walks_one_directory_at_a_time_and_finds_what_the_
 
 
 @pytest.fixture
-def recording_endpoint() -> Iterator[tuple[str, list[str], bytes]]:
-    """An HTTP server on 127.0.0.1 that serves one object at any key and records each request's method."""
+def recording_endpoint() -> Iterator[tuple[str, list[str], bytes, list[int]]]:
+    """An HTTP/1.1 server on 127.0.0.1 that serves one object at any key; records each request's method and client port."""
     body = image_bytes(0, fmt="PNG")
     requests: list[str] = []
+    clients: list[int] = []
 
     class Serve(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a client that keeps its connection sends from one port
+
         def log_message(self, *args: object) -> None:
             pass
 
         def _serve(self) -> None:
             requests.append(self.command)
+            clients.append(self.client_address[1])
             start, end = 0, len(body) - 1
             ranged = self.headers.get("Range", "").removeprefix("bytes=")
             if ranged:
@@ -403,7 +407,7 @@ def recording_endpoint() -> Iterator[tuple[str, list[str], bytes]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests, body
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests, body, clients
     finally:
         server.shutdown()
         server.server_close()
@@ -412,13 +416,26 @@ def recording_endpoint() -> Iterator[tuple[str, list[str], bytes]]:
 def test_a_worker_reads_an_s3_object_with_one_get_and_a_tar_member_with_one_ranged_get(recording_endpoint) -> None:
     from ray_jobs.ingest.worker import read_member
 
-    endpoint, requests, body = recording_endpoint
+    endpoint, requests, body, _ = recording_endpoint
     options = {"endpoint": endpoint, "aws_access_key_id": "k", "aws_secret_access_key": "s", "region": "us-east-1"}
     assert read_object("s3://b/photos/a.png", len(body), options) == body
     assert requests == ["GET"], "no HEAD before the GET: one request, one round trip per image"
     requests.clear()
     assert read_member("s3://b/shard.tar", f"3:{len(body) - 3}", len(body), options) == body[3:]
     assert requests == ["GET"]
+
+
+def test_reads_through_pyarrow_keep_one_filesystem_and_its_connection_from_object_to_object(recording_endpoint) -> None:
+    """gs:// and az:// objects are read through pyarrow; that path runs here on the S3 protocol, the one server we have."""
+    from ray_jobs.ingest.object_reads import _read_with_pyarrow
+
+    endpoint, requests, body, clients = recording_endpoint
+    options = {"endpoint": endpoint, "aws_access_key_id": "k2", "aws_secret_access_key": "s", "region": "us-east-1"}
+    for n in range(5):
+        assert _read_with_pyarrow(f"s3://b/photos/{n}.png", options, len(body), None) == body
+        assert _read_with_pyarrow(f"s3://b/photos/{n}.png", options, len(body), lambda first: False) is None
+    assert len(requests) >= 10
+    assert len(set(clients)) == 1, f"ten reads over {len(set(clients))} connections: a filesystem was built per object"
 
 
 def test_object_reads_on_the_server_keep_their_limits_and_reasons(s3) -> None:

@@ -4,7 +4,8 @@ pyarrow's S3 filesystem asks for an object's size (a HEAD request) before it rea
 requests and two round trips per image. For ``s3://`` a worker reads through obstore (Rust's
 object_store, the library Lance reads its tables with) instead: one GET per object, one ranged GET
 per tar member. A store is built once per bucket and storage options in each worker process, so
-its connections stay open from one object to the next. ``gs://`` and ``az://`` read through pyarrow.
+its connections stay open from one object to the next. ``gs://`` and ``az://`` read through pyarrow, with
+one filesystem per scheme and storage options in each process (``lance_io.storage.pyarrow_filesystem``).
 
 Failures raise :class:`ObjectMissing` (no such object) or :class:`ObjectUnreadable` (the store's
 own error, to be classified by ``listing_failure``); never a credential in a message.
