@@ -23,6 +23,9 @@ data"):
   evaluation within ``TOLERANCE_ROWS`` validation row of the best replaces it: with a cosine
   schedule the later weights have trained longer, and one row is noise) and stops after
   ``PATIENCE`` evaluations without a better accuracy.
+- **Vision warm-up** (a model whose vision tower starts from random weights, the demo's tiny
+  model): before the fine-tune, the tower is trained as a plain classifier of the same training
+  rows, for as many epochs as the fine-tune (``llamafactory_ext.vision_warmup``).
 - **Views at labeling time**: at the end the kept weights are scored on ``VIEWS`` views of each
   validation image (the image and fixed jitters at half the training jitter, averaged); the labeler
   asks the model that way only if the views answer more validation rows correctly than the image
@@ -81,10 +84,14 @@ class Recipe:
         return JITTER.model_copy(update={"flip": self.flip, "fill": self.fill})
 
     def overrides(self) -> dict[str, Any]:
-        """Return the LLaMA-Factory keys and the ``lancetag:`` block this recipe sets."""
+        """Return the LLaMA-Factory keys and the ``lancetag:`` block this recipe sets.
+
+        ``num_train_epochs`` and ``vision_warmup`` are rules for a model trained from scratch.
+        """
         augment = self.augment()
         lancetag: dict[str, Any] = {"validation": dict(self.validation)}
         lancetag["augment"] = augment.model_dump()
+        lancetag["vision_warmup"] = {"epochs": self.epochs}
         pixels = self.side * self.side
         return {
             "num_train_epochs": self.epochs,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lance_io.reasons import ReasonError
 from llamafactory_ext.augment import ImageAugment
 from llamafactory_ext.validation import ValidationOptions
+from llamafactory_ext.vision_warmup import VisionWarmup
 
 
 class TrainConfigError(ReasonError):
@@ -40,6 +41,9 @@ class RunOptions(BaseModel):
     augment: ImageAugment | None = Field(None, description="Random affine jitter of training images")
     validation: ValidationOptions | None = Field(
         None, description="Hold back rows, score the task on them, keep the best weights, stop on a plateau"
+    )
+    vision_warmup: VisionWarmup | None = Field(
+        None, description="Train a from-scratch vision tower as a classifier of the training rows first"
     )
 
 

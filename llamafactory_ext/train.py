@@ -40,6 +40,7 @@ from llamafactory_ext.validation import (
     plan_validation,
     read_curve,
 )
+from llamafactory_ext.vision_warmup import warm_vision_tower
 
 LINEAGE_FILE = "lancetag_lineage.json"
 PINNED_DIR = "lancetag_dataset_info"
@@ -187,6 +188,9 @@ def run_training(
             record.update(changed.get(record["dataset"], {}))
     for left in (CURVE_FILE, VIEWS_FILE):  # left in this folder by an earlier run
         (output_dir / left).unlink(missing_ok=True)
+    warmup = None
+    if options.vision_warmup is not None:  # on the training rows validation left (never its own)
+        args["model_name_or_path"], warmup = warm_vision_tower(args, options.vision_warmup, options.augment)
     checkpoint, filesystem, resumed_from, nodes = None, None, 0, None
     if options.workers == 0:
         _train_in_process(args, options.augment, validation)
@@ -213,6 +217,7 @@ def run_training(
         "workers": options.workers,
         "augment": options.augment and options.augment.model_dump(),
         "validation": curve,
+        "vision_warmup": warmup,
         "ray_checkpoint": checkpoint,
         "resumed_from_step": resumed_from,
         "nodes": nodes,

@@ -186,8 +186,8 @@ def validation_sources(dataset_dir: str | Path, names: list[str], fraction: floa
 # ------------------------------------------------------------------ scoring
 
 
-def _validation_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[bytes], dict[str, list]]]:
-    """Yield (image bytes, truth per question key) of ``source``'s validation rows, ``batch_size`` at a time."""
+def labeled_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[str], list[bytes], dict[str, list]]]:
+    """Yield (ids, image bytes, truth per question key) of the rows in ``source``'s split, ``batch_size`` at a time."""
     from lance_io.scan import open_at, require_columns, scan_batches
 
     task = source.load_task()
@@ -200,7 +200,8 @@ def _validation_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[
         keep = [i for i, row_id in enumerate(ids) if source.keeps(str(row_id))]
         if keep:
             images = [batch.column(source.image_column)[i].as_py() for i in keep]
-            yield images, {key: [batch.column(col)[i].as_py() for i in keep] for key, col in truths.items()}
+            yield ([str(ids[i]) for i in keep], images,
+                   {key: [batch.column(col)[i].as_py() for i in keep] for key, col in truths.items()})
 
 
 def validation_accuracy(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> tuple[float, int]:
@@ -214,7 +215,7 @@ def validation_accuracy(label: LabelImages, sources: list[LanceSource], *, batch
         task = source.load_task()
         allowed = {q.key: set(q.values or ()) for q in task.questions()}
         predicted_columns = answer_columns(task, "predicted")
-        for images, truths in _validation_batches(source, batch_size):
+        for _, images, truths in labeled_batches(source, batch_size):
             batch = results_to_batch(label(images, task), task, "predicted")
             rows += len(images)
             for key, truth in truths.items():

@@ -11,6 +11,7 @@ loop runs on a user's own photos with a real model. Every step is a Lance versio
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +111,11 @@ def _training_config(
     config = yaml.safe_load((TINY_CONFIG if tiny else LORA_CONFIG).read_text())
     config.update(model_name_or_path=model, dataset="demo_train", dataset_dir=str(dataset_dir), output_dir=str(output_dir))
     chosen = recipe.overrides()
-    if not tiny:  # a pretrained model keeps its config's epochs: the step budget is a from-scratch rule
+    if not tiny:  # a pretrained model keeps its config's epochs and its tower: from-scratch rules
         chosen.pop("num_train_epochs")
+        chosen["lancetag"].pop("vision_warmup")
+    elif epochs is not None:
+        chosen["lancetag"]["vision_warmup"]["epochs"] = math.ceil(epochs)
     config["lancetag"] = {**config.get("lancetag", {}), **chosen.pop("lancetag")}
     config.update(chosen)
     if epochs is not None:

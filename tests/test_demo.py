@@ -71,4 +71,7 @@ def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: 
     assert result["recipe"]["flip"] is True and result["recipe"]["visual_tokens"] == 4
     assert result["validation"]["points"] and result["validation"]["best"] is not None
     assert Path(result["report"]).is_file()
-    assert (Path(result["adapter"]) / "lancetag_lineage.json").is_file()
+    # The random tower was warmed as a classifier of the same rows first, for the --epochs given.
+    lineage = json.loads((Path(result["adapter"]) / "lancetag_lineage.json").read_text())
+    assert lineage["vision_warmup"]["epochs"] == 20 and lineage["vision_warmup"]["rows"] < result["train_rows"]
+    assert lineage["model_name_or_path"] == lineage["vision_warmup"]["to"]

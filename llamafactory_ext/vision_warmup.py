@@ -1,0 +1,193 @@
+"""Warm a vision tower trained from scratch: classify the training images with it before the model learns to answer.
+
+A randomly initialised vision tower learns slowly inside a vision-language model: its only
+gradient comes back through the language model's attention, which is learning too. Trained first
+as a plain classifier (its image features, mean-pooled, into one linear layer; cross-entropy on the
+task's labels), on the same training rows, the same augmentation and the same image size, it
+reaches in seconds what the whole model reaches in many epochs; LLaMA-Factory then fine-tunes the
+whole model from the warmed tower (docs/training.md, "Warming a vision tower trained from scratch").
+Configured in the ``lancetag:`` block of a training YAML::
+
+    lancetag:
+      vision_warmup: {epochs: 15}
+
+Only for a full fine-tune (``finetuning_type: full``): the output folder then holds the whole
+model, warmed tower included. A LoRA adapter would need the warmed base beside it, and a
+pretrained tower needs no warming. The training rows are the run's Lance datasets (the ``train``
+side of validation's split: validation rows are never seen), read with the label column of a
+one-question closed task (classify). The warmed model goes to ``<output_dir>/lancetag_warm_start``
+and the run trains from it; the lineage records the warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lance_io.augment import ImageAugment
+from lance_io.reasons import ReasonError
+from lance_io.splits import id_bucket
+from llamafactory_ext.source import LanceSource, lance_source_of, read_dataset_info
+from llamafactory_ext.validation import labeled_batches
+
+WARM_START_DIR = "lancetag_warm_start"
+MAX_ROWS = 20_000
+"""At most this many training rows warm the tower (chosen by id hash): it is for a tower learning from scratch."""
+
+
+class VisionWarmupError(ReasonError):
+    """A warm-up the run cannot do; ``reason`` is a stable code."""
+
+
+class VisionWarmup(BaseModel):
+    """The ``vision_warmup:`` entry of the ``lancetag:`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(ge=1, description="Passes over the training rows")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW, on a cosine to 0")
+    batch_size: int = Field(32, ge=1)
+
+
+def warm_vision_tower(
+    args: dict[str, Any], warmup: VisionWarmup, augment: ImageAugment | None
+) -> tuple[str, dict[str, Any]]:
+    """Train ``args``' model's vision tower as a classifier of the run's training rows; save the model.
+
+    Returns the folder of the warmed model (train from it) and the record for the lineage.
+    """
+    import torch
+    from llamafactory.data.template import TEMPLATES
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llamafactory_ext.augment import install
+
+    if args.get("finetuning_type", "lora") != "full":
+        raise VisionWarmupError(
+            "vision_warmup_needs_full_finetune",
+            "vision_warmup warms a tower trained from scratch and needs finetuning_type: full "
+            "(a LoRA adapter would need the warmed base beside it); drop the vision_warmup entry",
+        )
+    images, labels, classes, total = _training_rows(args)
+    started = time.perf_counter()
+    seed = int(args.get("seed", 42))
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model_path = str(args["model_name_or_path"])
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_path)
+    processor.image_max_pixels = args.get("image_max_pixels", 768 * 768)  # as LLaMA-Factory sets them
+    processor.image_min_pixels = args.get("image_min_pixels", 32 * 32)
+    plugin = TEMPLATES[args["template"]].mm_plugin
+    hidden = model.config.get_text_config().hidden_size
+    head = torch.nn.Linear(hidden, len(classes))
+    tower = [p for n, p in model.named_parameters() if _in_vision_tower(n)]
+    optimizer = torch.optim.AdamW([*tower, *head.parameters()], lr=warmup.learning_rate, weight_decay=0.0)
+    steps = warmup.epochs * math.ceil(len(images) / warmup.batch_size)
+    target = torch.tensor(labels)
+    accuracy, step = 0.0, 0
+    model.train()
+    install(augment)  # the run's jitter, through LLaMA-Factory's own image path
+    try:
+        for _ in range(warmup.epochs):
+            order = list(range(len(images)))
+            rng.shuffle(order)
+            right = 0
+            for start in range(0, len(order), warmup.batch_size):
+                batch = order[start : start + warmup.batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = warmup.learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+                pil = [Image.open(_bytes_io(images[i])).convert("RGB") for i in batch]
+                inputs = plugin._get_mm_inputs(pil, [], [], processor)
+                features = model.get_image_features(**inputs).pooler_output
+                logits = head(torch.stack([f.mean(0) for f in features]))
+                loss = torch.nn.functional.cross_entropy(logits, target[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+                right += int((logits.argmax(1) == target[batch]).sum())
+            accuracy = right / len(images)
+    finally:
+        install(None)
+    out = Path(args["output_dir"]) / WARM_START_DIR
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    record = {
+        **warmup.model_dump(),
+        "from": model_path,
+        "to": str(out),
+        "rows": len(images),
+        "training_rows": total,
+        "classes": classes,
+        "last_epoch_train_accuracy": round(accuracy, 4),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return str(out), record
+
+
+def _in_vision_tower(name: str) -> bool:
+    """The parameters a model's image features depend on (Qwen2-VL ``visual``, LLaVA's tower and projector)."""
+    return any(part in name for part in ("visual.", "vision_tower.", "multi_modal_projector.", "image_newline"))
+
+
+def _bytes_io(data: bytes) -> Any:
+    import io
+
+    return io.BytesIO(data)
+
+
+def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[str], int]:
+    """Return (image bytes, class index, classes, training rows) of the run's Lance datasets."""
+    info = read_dataset_info(args.get("dataset_dir", "data"))
+    names = [n.strip() for n in str(args.get("dataset") or "").split(",") if n.strip()]
+    sources = [s for name in names if (s := lance_source_of(info.get(name, {}), name=name)) is not None]
+    if not sources:
+        raise VisionWarmupError(
+            "vision_warmup_needs_lance", f"vision_warmup reads labeled Lance datasets, and none of {names} is one"
+        )
+    classes = _classes(sources)
+    rows: list[tuple[float, bytes, int]] = []
+    for source in sources:
+        key = source.load_task().questions()[0].key
+        for ids, images, truths in labeled_batches(source, 256):
+            rows.extend(
+                (id_bucket(str(i), "vision_warmup"), image, classes.index(str(t)))
+                for i, image, t in zip(ids, images, truths[key], strict=True)
+                if image and t is not None and str(t) in classes
+            )
+    total = len(rows)
+    if total == 0 or len({c for *_, c in rows}) < 2:
+        raise VisionWarmupError(
+            "vision_warmup_needs_labels", "vision_warmup needs training rows of at least two classes"
+        )
+    rows = sorted(rows, key=lambda r: r[0])[:MAX_ROWS]
+    return [r[1] for r in rows], [r[2] for r in rows], classes, total
+
+
+def _classes(sources: Sequence[LanceSource]) -> list[str]:
+    """Return the classes of the sources' one closed question (all must ask the same)."""
+    found: list[str] | None = None
+    for source in sources:
+        if source.label_column is None:
+            raise VisionWarmupError(
+                "vision_warmup_needs_labels", f"{source.uri} has no label column: register it with --label-column"
+            )
+        questions = source.load_task().questions()
+        if len(questions) != 1 or not questions[0].closed:
+            raise VisionWarmupError(
+                "vision_warmup_needs_classify",
+                f"vision_warmup trains a classifier: {source.uri}'s task must ask one closed question (classify)",
+            )
+        values = [str(v) for v in questions[0].values or ()]
+        if found is not None and values != found:
+            raise VisionWarmupError("vision_warmup_needs_classify", "the run's datasets ask different label sets")
+        found = values
+    return found or []
