@@ -123,8 +123,9 @@ def run(workdir: Path) -> Section:
     md = f"""
 Every set runs the same command with no setting given by hand: the loop ingests the folder, splits
 it by id hash (20% held out), chooses the recipe from the training rows (`llamafactory_ext.recipe`,
-docs/training.md), fine-tunes a tiny Qwen2-VL built offline with validation inside training (which
-also decides whether the labeler averages 8 views of each image or asks with the image alone), re-tags
+docs/training.md), warms the random vision tower of a tiny Qwen2-VL built offline as a classifier
+of the training rows (`llamafactory_ext.vision_warmup`), fine-tunes the whole model with validation
+inside training (which also decides whether the labeler averages 8 views of each image or asks with the image alone), re-tags
 and evaluates on the held-out rows, where logistic regression and an RBF SVM on 16x16 pixels are
 fitted on the same training split (`lancetag eval --baseline-train`). {RUNS} run(s) per set, each in
 a fresh workdir.
