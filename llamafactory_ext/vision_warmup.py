@@ -21,6 +21,7 @@ and the run trains from it; the lineage records the warm-up.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -81,17 +82,19 @@ def warm_vision_tower(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model_path = str(args["model_name_or_path"])
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).to(device)
     processor = AutoProcessor.from_pretrained(model_path)
     processor.image_max_pixels = args.get("image_max_pixels", 768 * 768)  # as LLaMA-Factory sets them
     processor.image_min_pixels = args.get("image_min_pixels", 32 * 32)
     plugin = TEMPLATES[args["template"]].mm_plugin
     hidden = model.config.get_text_config().hidden_size
-    head = torch.nn.Linear(hidden, len(classes))
-    tower = [p for n, p in model.named_parameters() if _in_vision_tower(n)]
-    optimizer = torch.optim.AdamW([*tower, *head.parameters()], lr=warmup.learning_rate, weight_decay=0.0)
+    head = torch.nn.Linear(hidden, len(classes)).to(device)
+    # every weight is offered; only those the image features depend on get a gradient, and AdamW
+    # leaves a weight without one as it is (the language model)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=warmup.learning_rate, weight_decay=0.0)
     steps = warmup.epochs * math.ceil(len(images) / warmup.batch_size)
-    target = torch.tensor(labels)
+    target = torch.tensor(labels, device=device)
     accuracy, step = 0.0, 0
     model.train()
     install(augment)  # the run's jitter, through LLaMA-Factory's own image path
@@ -104,8 +107,9 @@ def warm_vision_tower(
                 batch = order[start : start + warmup.batch_size]
                 for group in optimizer.param_groups:
                     group["lr"] = warmup.learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
-                pil = [Image.open(_bytes_io(images[i])).convert("RGB") for i in batch]
+                pil = [Image.open(io.BytesIO(images[i])).convert("RGB") for i in batch]
                 inputs = plugin._get_mm_inputs(pil, [], [], processor)
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
                 features = model.get_image_features(**inputs).pooler_output
                 logits = head(torch.stack([f.mean(0) for f in features]))
                 loss = torch.nn.functional.cross_entropy(logits, target[batch])
@@ -118,7 +122,7 @@ def warm_vision_tower(
     finally:
         install(None)
     out = Path(args["output_dir"]) / WARM_START_DIR
-    model.save_pretrained(out)
+    model.to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
     record = {
         **warmup.model_dump(),
@@ -131,17 +135,6 @@ def warm_vision_tower(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return str(out), record
-
-
-def _in_vision_tower(name: str) -> bool:
-    """The parameters a model's image features depend on (Qwen2-VL ``visual``, LLaVA's tower and projector)."""
-    return any(part in name for part in ("visual.", "vision_tower.", "multi_modal_projector.", "image_newline"))
-
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[str], int]:
