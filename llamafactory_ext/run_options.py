@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lance_io.reasons import ReasonError
 from llamafactory_ext.augment import ImageAugment
+from llamafactory_ext.source import dataset_names
 from llamafactory_ext.validation import ValidationOptions
 from llamafactory_ext.vision_warmup import VisionWarmup
 
@@ -67,15 +68,6 @@ def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Ru
         if not Path(data["deepspeed"]).exists() and beside.exists():
             data["deepspeed"] = str(beside)
     return data, options
-
-
-def dataset_names(value: Any) -> list[str]:
-    """Return the dataset names of a ``dataset``/``eval_dataset`` value (a comma-separated string or a list)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [n.strip() for n in value.split(",") if n.strip()]
-    return list(value)
 
 
 def check_datasets_and_template(args: dict[str, Any]) -> None:

@@ -141,6 +141,15 @@ def entry_for(source: LanceSource, name: str, *, num_samples: int | None = None)
     return entry
 
 
+def dataset_names(value: Any) -> list[str]:
+    """Return the dataset names of a ``dataset``/``eval_dataset`` value (a comma-separated string or a list)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    return list(value)
+
+
 def read_dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
     """Return the parsed ``dataset_info.json`` of ``dataset_dir`` ({} when absent); ``bad_dataset_info``
     when it is not a JSON object (LLaMA-Factory could not read it either)."""

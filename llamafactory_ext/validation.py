@@ -44,7 +44,13 @@ from lance_io.augment import ImageAugment, ImageViews, write_views
 from lance_io.labels import LabelRecord, answer_columns, results_to_batch
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Task
-from llamafactory_ext.source import DATA_CONFIG, LanceSource, lance_source_of, read_dataset_info
+from llamafactory_ext.source import (
+    DATA_CONFIG,
+    LanceSource,
+    dataset_names,
+    lance_source_of,
+    read_dataset_info,
+)
 from llamafactory_ext.validation_curve import Curve, CurvePoint, ValidationOptions
 
 logger = logging.getLogger(__name__)
@@ -104,7 +110,7 @@ def plan_validation(
     _refuse_zero3(args.get("deepspeed"))
     dataset_dir = Path(args.get("dataset_dir", "data"))
     info = read_dataset_info(dataset_dir)
-    names = [n.strip() for n in str(args.get("dataset") or "").split(",") if n.strip()]
+    names = dataset_names(args.get("dataset"))
     sources, changed = [], {}
     for name in names:
         source = lance_source_of(info.get(name, {}), name=name)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lance_io.augment import ImageAugment
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
-from llamafactory_ext.source import LanceSource, lance_source_of, read_dataset_info
+from llamafactory_ext.source import LanceSource, dataset_names, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import labeled_batches
 
 WARM_START_DIR = "lancetag_warm_start"
@@ -140,7 +140,7 @@ def warm_vision_tower(
 def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[str], int]:
     """Return (image bytes, class index, classes, training rows) of the run's Lance datasets."""
     info = read_dataset_info(args.get("dataset_dir", "data"))
-    names = [n.strip() for n in str(args.get("dataset") or "").split(",") if n.strip()]
+    names = dataset_names(args.get("dataset"))
     sources = [s for name in names if (s := lance_source_of(info.get(name, {}), name=name)) is not None]
     if not sources:
         raise VisionWarmupError(
