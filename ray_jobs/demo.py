@@ -113,6 +113,7 @@ def _training_config(
     chosen = recipe.overrides()
     if not tiny:  # a pretrained model keeps its config's epochs and its tower: from-scratch rules
         chosen.pop("num_train_epochs")
+        chosen.pop("freeze_vision_tower")
         chosen["lancetag"].pop("vision_warmup")
     elif epochs is not None:
         chosen["lancetag"]["vision_warmup"]["epochs"] = math.ceil(epochs)

@@ -52,6 +52,24 @@ def test_digits_are_never_mirrored_and_keep_four_visual_tokens(digits: Path) -> 
     assert recipe.augment().rotate_degrees > 0
 
 
+def test_the_from_scratch_rules_reach_the_tiny_model_only(digits: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from ray_jobs.demo import LORA_CONFIG, _training_config
+
+    recipe = choose_recipe(*_rows(digits, keep=0.3))
+    tiny = _training_config("tiny", True, tmp_path, tmp_path / "out", None, recipe)
+    # the random tower is warmed for the fine-tune's epochs, then kept as warmed; the projector trains
+    assert tiny["lancetag"]["vision_warmup"] == {"epochs": recipe.epochs} and tiny["num_train_epochs"] == recipe.epochs
+    assert tiny["freeze_vision_tower"] is True and tiny["freeze_multi_modal_projector"] is False
+    assert tiny["image_max_pixels"] == recipe.side**2 and tiny["lancetag"]["augment"]["flip"] is False
+    hub = _training_config("Qwen/Qwen2-VL-2B-Instruct", False, tmp_path, tmp_path / "out", None, recipe)
+    assert "vision_warmup" not in hub["lancetag"] and hub["finetuning_type"] == "lora"
+    lora = yaml.safe_load(LORA_CONFIG.read_text())
+    assert hub["num_train_epochs"] == lora["num_train_epochs"] and hub["freeze_vision_tower"] is lora["freeze_vision_tower"]
+    assert hub["image_max_pixels"] == recipe.side**2  # the data rules apply to any model
+
+
 def test_solar_cells_are_mirrored_and_get_more_visual_tokens(tmp_path: Path) -> None:
     cells = write_elpv(tmp_path / "elpv")
     assert class_counts(cells) == {"defective": 715, "functional": 1508}

@@ -66,6 +66,7 @@ def test_the_tower_learns_the_training_rows_and_the_run_trains_from_it(tiny_qwen
     out = tmp_path / "out"
     config = _config(tiny_qwen2_vl, shades_dir, out, vision_warmup={"epochs": 6},
                      validation={"fraction": FRACTION, "every_epochs": 1, "views": 1})
+    config["freeze_vision_tower"] = True  # as the recipe sets it beside vision_warmup
     result = run_training(config, labeler=transformers_labeler)
 
     lineage = json.loads(Path(result.lineage_path).read_text())
@@ -86,6 +87,12 @@ def test_the_tower_learns_the_training_rows_and_the_run_trains_from_it(tiny_qwen
     assert changed and all(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
     assert any("merger" in k for k in changed), "the projector into the language model was trained too"
     assert (warm / "preprocessor_config.json").is_file() or (warm / "processor_config.json").is_file()
+
+    # The fine-tune kept the warmed tower and trained the rest: merger and language model.
+    tuned = _weights(Path(result.output_dir))
+    moved = {k for k in warmed if not torch.equal(warmed[k], tuned[k])}
+    assert moved and not any(".blocks." in k or "patch_embed" in k for k in moved), sorted(moved)[:5]
+    assert any("merger" in k for k in moved) and any("visual" not in k for k in moved)
 
 
 def test_a_warmup_the_run_cannot_do_is_refused_before_training(tiny_qwen2_vl, shades_dir, tmp_path):
