@@ -115,18 +115,22 @@ def test_batched_scores_equal_one_image_at_a_time_despite_left_padding(backend):
             assert together.probabilities[label] == pytest.approx(p, abs=1e-4)
 
 
-def test_shared_prefix_scoring_equals_scoring_each_full_sequence(backend):
-    """The KV-cache path gives the same distribution as one full forward per candidate."""
+@pytest.mark.parametrize("task_name, starts_alike", [("digits", True), ("quality", False)])
+def test_shared_prefix_scoring_equals_scoring_each_full_sequence(backend, task_name, starts_alike):
+    """The KV-cache path gives the same distribution as one full forward per candidate, whether
+    the candidates start alike ("this is a photo of 7.": read once with the prefix) or not."""
     import torch
 
     from serve_apps.backends.base import decode_image
+    from serve_apps.backends.transformers_backend import _shared_start
 
-    task = load_task("digits")
+    task = load_task(task_name)
     (question,) = task.questions()
     image = IMAGES[2]
     (fast,) = backend.label([image], task)
     prompt = backend._prompt_text(question)
     ids, mask = backend._candidate_ids(question)
+    assert (_shared_start(ids, mask) > 0) == starts_alike
     totals = []
     for row, row_mask in zip(ids, mask, strict=True):
         candidate = row[row_mask.bool()]
@@ -143,6 +147,25 @@ def test_shared_prefix_scoring_equals_scoring_each_full_sequence(backend):
         totals.append(sum(float(logp[prefix_len - 1 + j, t]) for j, t in enumerate(candidate.tolist())))
     slow = torch.softmax(torch.tensor(totals), -1).tolist()
     assert fast.probabilities == pytest.approx(dict(zip(question.values, slow, strict=True)), abs=1e-4)
+
+
+def test_shared_start_leaves_every_candidate_a_token_of_its_own():
+    import torch
+
+    def shared(rows):
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return _shared_start(ids, mask)
+
+    from serve_apps.backends.transformers_backend import _shared_start
+
+    assert shared([[5, 6, 7, 1], [5, 6, 8, 1]]) == 2
+    assert shared([[5, 6, 7, 1], [4, 6, 7, 1]]) == 0
+    assert shared([[5, 6], [5, 6, 0, 1]]) == 1  # the pad after [5, 6] equals the other's 0, yet no match
+    assert shared([[5, 6], [5, 6, 7, 1]]) == 1  # one candidate starts the other
+    assert shared([[5, 6, 7], [5, 6, 7]]) == 2
+    assert shared([[5, 1]]) == 1  # a single candidate keeps its last token
 
 
 def test_chat_answers_a_free_form_question_about_an_image(backend):
@@ -246,3 +269,24 @@ def test_the_views_of_an_image_are_fixed_and_start_with_the_image():
     assert [v.tobytes() for v in first] == [v.tobytes() for v in again]  # the same jitters every call
     assert len({v.tobytes() for v in first}) == 4  # each view differs
     assert all(v.getpixel((0, 0)) == (0, 0, 0) for v in first)  # filled with the image's border grey
+
+
+def test_a_replica_computes_on_its_cpus_rounded_up_unless_omp_threads_are_set(ray_cluster):
+    """Ray gives a 1.5-CPU worker OMP_NUM_THREADS=1; the model runs on 2. A value of one's own wins."""
+    ray = ray_cluster
+
+    @ray.remote
+    def threads() -> tuple[str | None, int | None]:
+        import os
+
+        from serve_apps.backends.transformers_backend import _threads_of_replica
+
+        return os.environ.get("OMP_NUM_THREADS"), _threads_of_replica()
+
+    assert ray.get(threads.options(num_cpus=1.5).remote()) == ("1", 2)
+    assert ray.get(threads.options(num_cpus=1).remote()) == ("1", 1)
+    own = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    assert ray.get(threads.options(num_cpus=2.5, runtime_env=own).remote()) == ("1", None)
+    from serve_apps.backends.transformers_backend import _threads_of_replica
+
+    assert _threads_of_replica() is None  # the driver is no Ray worker: torch's own default

@@ -35,6 +35,51 @@ DEFAULT_MAX_CANDIDATE_ROWS = 512
 """Rows (images x candidates) scored in one forward; bounds the repeated KV cache's memory."""
 
 
+def _threads_of_replica() -> int | None:
+    """Return the torch threads of a CPU model in a Ray worker: its CPUs rounded up (None: leave as is).
+
+    Ray sets a worker's ``OMP_NUM_THREADS`` to the floor of its CPUs, so a replica given 1.5 CPUs
+    (a core of its own, half of one it shares with the light row readers) would compute on one
+    thread; rounded up it uses both cores. An ``OMP_NUM_THREADS`` of your own (other than that
+    floor) wins.
+    """
+    import math
+    import os
+
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if not cpus or os.environ.get("OMP_NUM_THREADS") != str(max(1, math.floor(cpus))):
+        return None
+    return math.ceil(cpus)
+
+
+def _shared_start(ids: Any, mask: Any) -> int:
+    """Return how many leading tokens all candidates share, leaving each at least one of its own."""
+    same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)
+    common = int(same.long().cumprod(0).sum())
+    return max(0, min(common, int(mask.sum(dim=1).min()) - 1))
+
+
+def _append_tokens(inputs: Any, tokens: Any) -> Any:
+    """Return processor ``inputs`` with ``tokens`` (plain text, attended) appended to every row."""
+    import torch
+
+    batch = inputs["input_ids"].shape[0]
+    extra = {
+        "input_ids": tokens.to(inputs["input_ids"])[None].expand(batch, -1),
+        "attention_mask": torch.ones(batch, len(tokens), dtype=inputs["attention_mask"].dtype),
+    }
+    for name in ("token_type_ids", "mm_token_type_ids"):  # text, not image, where a processor marks it
+        if name in inputs:
+            extra[name] = torch.zeros(batch, len(tokens), dtype=inputs[name].dtype)
+    for name, tail in extra.items():
+        inputs[name] = torch.cat([inputs[name], tail.to(inputs[name].device)], dim=1)
+    return inputs
+
+
 def _torch_dtype(name: str, device: str) -> Any:
     import torch
 
@@ -59,6 +104,8 @@ class TransformersBackend(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.dtype = _torch_dtype(config.dtype, device)
+        if device == "cpu" and (threads := _threads_of_replica()):
+            torch.set_num_threads(threads)
         self.processor = AutoProcessor.from_pretrained(
             config.model, trust_remote_code=config.trust_remote_code
         )
@@ -236,6 +283,12 @@ class TransformersBackend(Backend):
         n = cand_ids.shape[0]
         batch = len(images)
         inputs = self._prefix_inputs(images, question)
+        # Tokens every candidate starts with ("this is a photo of") join the prefix: read once per
+        # image, not once per candidate. Their log-likelihood is the same for all, so no answer moves.
+        shared = _shared_start(cand_ids, cand_mask)
+        if shared:
+            inputs = _append_tokens(inputs, cand_ids[0, :shared])
+            cand_ids, cand_mask = cand_ids[:, shared:], cand_mask[:, shared:]
         with torch.inference_mode():
             prefix = self.model(**inputs, use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)  # (B, V)
