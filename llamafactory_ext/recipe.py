@@ -27,8 +27,8 @@ data"):
   model): before the fine-tune, the tower is trained as a plain classifier of the same training
   rows, for as many epochs as the fine-tune (``llamafactory_ext.vision_warmup``), and the fine-tune
   then keeps it as warmed (``freeze_vision_tower``; the projector into the language model still
-  trains): the same accuracy on every set measured, and the fine-tune no longer pays for the
-  tower's backward pass (docs/training.md, "Warming a vision tower trained from scratch").
+  trains): accuracy within the runs' spread on every set measured, and the fine-tune no longer
+  pays for the tower's backward pass (docs/training.md, "Warming a vision tower trained from scratch").
 - **Views at labeling time**: at the end the kept weights are scored on ``VIEWS`` views of each
   validation image (the image and fixed jitters at half the training jitter, averaged); the labeler
   asks the model that way only if the views answer more validation rows correctly than the image

@@ -134,3 +134,14 @@ def test_chosen_side_reaches_the_processor(tmp_path: Path) -> None:
     image = Image.new("RGB", (20, 12), "gray")  # a tiny image is scaled up to the side
     assert tokens() == 4
     assert set_processor_side(tmp_path, 56) is False  # no processor there: nothing changed
+
+
+def test_the_demo_sizes_its_labeler_to_its_own_cluster_only(ray_cluster, monkeypatch) -> None:
+    """Its own local cluster: every CPU but the row readers' share; a joined cluster: the defaults."""
+    from ray_jobs.demo import LABEL_UNITS, labeler_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = ray_cluster.cluster_resources()["CPU"]
+    assert labeler_resources() == {"concurrency": LABEL_UNITS, "labeler_num_cpus": cpus - 0.25 * LABEL_UNITS}
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")
+    assert labeler_resources() == {}
