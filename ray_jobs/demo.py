@@ -86,20 +86,23 @@ def add_split_column(table: str) -> int:
     return open_table(table).version
 
 
-def labeler_resources() -> dict[str, Any]:
-    """Return the label options that size the started replica.
+def labeler_resources(cluster: dict[str, float] | None) -> dict[str, Any]:
+    """Return the label options that size the started replica on the demo's own ``cluster`` (its resources).
 
-    On the demo's own local cluster: the node's CPUs less the row readers' share. The replica
-    computes on its CPUs rounded up (serve_apps.backends.transformers_backend), so on 2 cores it
-    gets 1.5 and runs on both: re-tagging digits' 8 views of 1,797 images took 76 s instead of 85 s.
-    On a cluster the demo joined (``RAY_ADDRESS``) others may hold CPUs: the defaults.
+    The node's CPUs less the row readers' share, and a GPU when it has one. The replica computes on
+    its CPUs rounded up (serve_apps.backends.transformers_backend), so on 2 cores it gets 1.5 and
+    runs on both: re-tagging digits' 8 views of 1,797 images took 76 s instead of 85 s. ``None``
+    (a cluster the demo joined, where others may hold resources): the defaults.
     """
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
+    if cluster is None:
         return {}
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return {"concurrency": LABEL_UNITS, "labeler_num_cpus": max(1.0, cpus - 0.25 * LABEL_UNITS)}
+    sized: dict[str, Any] = {
+        "concurrency": LABEL_UNITS,
+        "labeler_num_cpus": max(1.0, cluster.get("CPU", 1.0) - 0.25 * LABEL_UNITS),
+    }
+    if cluster.get("GPU", 0.0) >= 1:
+        sized["labeler_num_gpus"] = 1.0
+    return sized
 
 
 def folder_task(data: Path, out: Path) -> Path:
@@ -154,6 +157,8 @@ def run_demo(
     log: Any = print,
 ) -> DemoResult:
     """Run the loop in ``workdir`` (default: a fresh ./lancetag-work/demo-<time>) and return the figures."""
+    import ray
+
     from lance_io.versions import tag_version
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.train import run_training
@@ -202,7 +207,7 @@ def run_demo(
          f"flip {'on' if recipe.flip else 'off'}, up to {recipe.epochs} epochs)", t0)
 
     t0 = time.perf_counter()
-    labeler = labeler_resources()
+    labeler = labeler_resources(None if os.environ.get("RAY_ADDRESS") else ray.cluster_resources())
     label_table(table, LabelOptions(task=task, model=base, batch_size=LABEL_BATCH, version_tag="zero-shot", **labeler),
                 progress=progress)
     versions["zero-shot"] = tag_version(table, "zero-shot")

@@ -136,12 +136,13 @@ def test_chosen_side_reaches_the_processor(tmp_path: Path) -> None:
     assert set_processor_side(tmp_path, 56) is False  # no processor there: nothing changed
 
 
-def test_the_demo_sizes_its_labeler_to_its_own_cluster_only(ray_cluster, monkeypatch) -> None:
-    """Its own local cluster: every CPU but the row readers' share; a joined cluster: the defaults."""
+def test_the_demo_sizes_its_labeler_to_its_own_cluster_only() -> None:
+    """Its own cluster: every CPU but the row readers' share, and a GPU if any; a joined one: the defaults."""
     from ray_jobs.demo import LABEL_UNITS, labeler_resources
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cpus = ray_cluster.cluster_resources()["CPU"]
-    assert labeler_resources() == {"concurrency": LABEL_UNITS, "labeler_num_cpus": cpus - 0.25 * LABEL_UNITS}
-    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")
-    assert labeler_resources() == {}
+    readers = 0.25 * LABEL_UNITS
+    assert labeler_resources({"CPU": 2.0}) == {"concurrency": LABEL_UNITS, "labeler_num_cpus": 2.0 - readers}
+    assert labeler_resources({"CPU": 1.0}) == {"concurrency": LABEL_UNITS, "labeler_num_cpus": 1.0}
+    on_gpu = labeler_resources({"CPU": 16.0, "GPU": 2.0})
+    assert on_gpu["labeler_num_gpus"] == 1.0 and on_gpu["labeler_num_cpus"] == 16.0 - readers
+    assert labeler_resources(None) == {}
