@@ -50,9 +50,15 @@ def _recipe(recipe: dict) -> str:
     return (
         f"side {recipe['side']} px ({recipe['visual_tokens']} visual tokens), flip {'on' if recipe['flip'] else 'off'} "
         f"(mirror cost a pixel classifier {100 * recipe['evidence']['flip_check']['skill_lost']:.0f}% of its skill), "
-        f"jitter fill {recipe['fill']}, up to {recipe['epochs']} epochs, validation on "
+        f"{_jitter(recipe)}, up to {recipe['epochs']} epochs, validation on "
         f"{100 * validation['fraction']:.1f}% every {validation['every_epochs']} epoch(s), patience {validation['patience']}"
     )
+
+
+def _jitter(recipe: dict) -> str:
+    check = recipe["evidence"]["jitter_check"]
+    moved = f"jittered copies moved a pixel SVM {_pct(check['accuracy'])} -> {_pct(check['with_jittered_copies'])}"
+    return f"jitter {'on' if recipe['jitter'] else 'off'} ({moved}), fill {recipe['fill']}"
 
 
 def _section(name: str, runs: list[dict]) -> tuple[str, str]:

@@ -204,7 +204,8 @@ def run_demo(
     if tiny:  # the labeler reads the side from the model's processor, as training does
         set_processor_side(base, recipe.side)
     step(f"recipe from the training rows (side {recipe.side}, {recipe.visual_tokens} visual tokens, "
-         f"flip {'on' if recipe.flip else 'off'}, up to {recipe.epochs} epochs)", t0)
+         f"flip {'on' if recipe.flip else 'off'}, jitter {'on' if recipe.jitter else 'off'}, "
+         f"up to {recipe.epochs} epochs)", t0)
 
     t0 = time.perf_counter()
     labeler = labeler_resources(None if os.environ.get("RAY_ADDRESS") else ray.cluster_resources())

@@ -35,7 +35,8 @@ def _rows(folder: Path, keep: float = 1.0) -> tuple[list[str], list[bytes], list
         for f in sorted(folder.rglob("*.png"))
         if int(hashlib.sha256(f.name.encode()).hexdigest()[:8], 16) / 16**8 < keep
     ]
-    return [str(f) for f in files], [f.read_bytes() for f in files], [f.parent.name for f in files]
+    ids = [f"{f.parent.name}/{f.name}" for f in files]  # the same split whatever the temporary folder
+    return ids, [f.read_bytes() for f in files], [f.parent.name for f in files]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,9 @@ def test_digits_are_never_mirrored_and_keep_four_visual_tokens(digits: Path) -> 
     assert recipe.evidence["flip_check"]["skill_lost"] > 0.5
     assert (recipe.side, recipe.visual_tokens) == (56, 4)  # 8x8 digits: a bigger image adds no detail
     assert recipe.fill == 0  # black background: the jitter fills with black
-    assert recipe.augment().rotate_degrees > 0
+    check = recipe.evidence["jitter_check"]
+    assert check["with_jittered_copies"] > check["accuracy"]  # jittered copies teach a pixel SVM digits
+    assert recipe.jitter is True and recipe.augment().rotate_degrees > 0
 
 
 def test_the_from_scratch_rules_reach_the_tiny_model_only(digits: Path, tmp_path: Path) -> None:
@@ -78,6 +81,36 @@ def test_solar_cells_are_mirrored_and_get_more_visual_tokens(tmp_path: Path) -> 
     assert recipe.evidence["flip_check"]["skill_lost"] < 0.25
     assert recipe.side > 56 and recipe.visual_tokens > 4  # 300x300 cells lose detail at 56 pixels
     assert recipe.evidence["detail_kept"][56] < recipe.evidence["detail_kept"][recipe.side]
+    check = recipe.evidence["jitter_check"]
+    assert check["with_jittered_copies"] < check["accuracy"]  # aligned cells: the jitter only adds variance
+    augment = recipe.augment()
+    assert recipe.jitter is False and (augment.rotate_degrees, augment.scale, augment.shift) == (0, 0, 0)
+    assert augment.flip is True and recipe.validation["views"] > 1  # the views are mirrors
+
+
+def test_a_class_that_is_a_position_is_neither_jittered_nor_mirrored() -> None:
+    """A dot a few pixels left or right of the centre: shifting or mirroring the image changes its class."""
+    rng = random.Random(0)
+    ids, images, labels = [], [], []
+    for n in range(400):
+        label = rng.choice(["left", "right"])
+        image = Image.new("L", (64, 64))
+        image.putdata([rng.randrange(0, 100) for _ in range(64 * 64)])
+        x = 29 if label == "left" else 33  # a shift of up to 5 pixels moves one onto the other
+        for dx in range(-1, 2):
+            for dy in range(-1, 2):
+                image.putpixel((x + dx, 30 + dy), 200)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        ids.append(f"dot-{n}")
+        images.append(buffer.getvalue())
+        labels.append(label)
+    recipe = choose_recipe(ids, images, labels)
+    assert recipe.evidence["flip_check"]["accuracy"] > 0.9  # the position alone tells the classes apart
+    check = recipe.evidence["jitter_check"]
+    assert check["with_jittered_copies"] < check["accuracy"]
+    assert recipe.flip is False and recipe.jitter is False
+    assert recipe.validation["views"] == 1  # every view would be the image itself
 
 
 def test_epochs_give_small_sets_more_passes_within_bounds() -> None:
