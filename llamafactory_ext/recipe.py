@@ -35,7 +35,8 @@ data"):
   trains): accuracy within the runs' spread on every set measured, and the fine-tune no longer
   pays for the tower's backward pass (docs/training.md, "Warming a vision tower trained from scratch").
 - **Views at labeling time**: at the end the kept weights are scored on ``VIEWS`` views of each
-  validation image (the image and fixed jitters at half the training jitter, averaged); the labeler
+  validation image (the image and fixed jitters at half the training jitter, or mirrors where there
+  is no jitter, averaged; one view where there is neither); the labeler
   asks the model that way only if the views answer more validation rows correctly than the image
   alone (``llamafactory_ext.validation``).
 """
