@@ -12,16 +12,16 @@ data"):
   than the images' own median size (upscaling adds no detail).
 - **Augmentation**: the small affine jitter (rotation, zoom, shift), filling the uncovered area with
   the median grey of the images' borders (black for digits, white for clip art) so it draws no new
-  edges, only if it helps a learner of these pixels: an RBF SVM on 16x16 thumbnails is fitted on
-  part of the training rows, as they are and again with a jittered copy of each beside them, and
-  scored on the rest. A model trained from scratch memorises the pixels of a small set without the
-  jitter (digits, clip art: the copies raise the SVM's accuracy); where the images are already
-  aligned, the jitter only adds variance a small model must absorb (solar cells: the copies lower
-  it), and there is none. A mirror flip only if it keeps the classes: a logistic regression on 8x8
-  thumbnails is fitted on part of the training rows and scored on the rest, as they are and
-  mirrored. A mirror keeps every pixel statistic but orientation, so if it costs that classifier
-  more than ``SKILL_LOST`` of its accuracy above chance (1 / classes), orientation carries meaning
-  (a mirrored 2 is not a 2) and there is no flip.
+  edges, only if it helps a learner of these pixels: an RBF SVM on 16x16 thumbnails, cross-validated
+  over ``JITTER_FOLDS`` folds of the training rows, is fitted on the images as they are and again
+  with a jittered copy of each beside them; if the copies lower its accuracy, no jitter. A model
+  trained from scratch memorises the pixels of a small set without the jitter (digits, clip art:
+  the copies raise the SVM's accuracy); where the images are already aligned, the jitter only adds
+  variance a small model must absorb (solar cells: the copies lower it). A mirror flip only if it
+  keeps the classes: a logistic regression on 8x8 thumbnails is fitted on part of the training rows
+  and scored on the rest, as they are and mirrored. A mirror keeps every pixel statistic but
+  orientation, so if it costs that classifier more than ``SKILL_LOST`` of its accuracy above chance
+  (1 / classes), orientation carries meaning (a mirrored 2 is not a 2) and there is no flip.
 - **Epochs**: about ``STEP_BUDGET`` optimizer steps (batch ``BATCH``), within ``EPOCHS``; a small
   set gets more passes over it. The validation curve then decides: ``validation`` holds back up to
   ``VALIDATION_ROWS`` rows, scores about ``EVALUATIONS`` times, keeps the best weights (a later
