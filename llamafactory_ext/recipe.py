@@ -240,22 +240,18 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
     if len(rows) > MAX_PROFILE_ROWS:  # enough to measure; a subset chosen by id hash
         rows = sorted(rows, key=lambda r: _bucket(r[0]))[:MAX_PROFILE_ROWS]
     decoded = [(i, image, t) for i, b, t in rows if (image := _decode(b)) is not None]
-    if len({t for _, _, t in decoded}) < 2:
+    pictures, truths = [image for _, image, _ in decoded], [t for *_, t in decoded]
+    if len(set(truths)) < 2:
         raise ValueError("choosing a recipe needs decodable training images of at least two classes")
-    side, side_evidence = choose_side([image for _, image, _ in decoded])
+    side, side_evidence = choose_side(pictures)
     fit = [(image, t) for i, image, t in decoded if _bucket(i) >= 0.25]
     held = [(image, t) for i, image, t in decoded if _bucket(i) < 0.25]
     if not fit or not held or len({t for _, t in fit}) < 2:
         raise ValueError("choosing a recipe needs more training images (too few to hold a quarter back)")
     flip = flip_check([i for i, _ in fit], [t for _, t in fit], [i for i, _ in held], [t for _, t in held])
     mirrored = flip["skill_lost"] <= SKILL_LOST
-    fill = border_grey([image for _, image, _ in decoded])
-    jitter = jitter_check(
-        [image for _, image, _ in decoded],
-        [t for *_, t in decoded],
-        [int(_bucket(i) * JITTER_FOLDS) for i, _, _ in decoded],
-        fill,
-    )
+    fill = border_grey(pictures)
+    jitter = jitter_check(pictures, truths, [int(_bucket(i) * JITTER_FOLDS) for i, _, _ in decoded], fill)
     jittered = jitter["with_jittered_copies"] >= jitter["accuracy"]
     epochs, validation = choose_epochs(len(images))
     if not jittered and not mirrored:  # every view would be the image itself
@@ -271,7 +267,7 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
         evidence={
             "rows": len(images),
             "profiled_rows": len(decoded),
-            "classes": len({t for *_, t in decoded}),
+            "classes": len(set(truths)),
             **side_evidence,
             "flip_check": flip,
             "jitter_check": jitter,
