@@ -77,6 +77,11 @@ def _section(name: str, runs: list[dict]) -> tuple[str, str]:
                 f"; {views['count']} views {_pct(views['accuracy'])} vs the image alone {_pct(views['single_accuracy'])}"
                 f" on validation: {'views' if views['chosen'] else 'image alone'} kept"
             )
+            if views["chosen"] and views.get("unsure_at") is not None:
+                stopped += (
+                    f", asked only of images at most {views['unsure_at']:.2f} sure alone"
+                    f" ({_pct(views['unsure_share'])} of validation)"
+                )
         rows.append(
             f"| {k + 1} | {_pct(r['accuracy_before'])} | **{_pct(r['accuracy_after'])}** | "
             + " | ".join(_pct(r["baselines"][b]) for b in baseline_names)

@@ -91,6 +91,15 @@ class ImageViews(BaseModel):
     count: int = Field(1, ge=1, le=32, description="views per image, the image itself included")
     augment: ImageAugment | None = Field(None, description="the jitter of the extra views")
     seed: int = 0
+    unsure_at: float | None = Field(
+        None, ge=0, le=1,
+        description="ask the extra views only of an image whose least confident answer from the image alone "
+        "has at most this probability (None: of every image)",
+    )
+
+    def unsure(self, confidences: Sequence[float | None]) -> bool:
+        """Return whether an image whose answers from the image alone have ``confidences`` gets the extra views."""
+        return self.unsure_at is None or any(c is None or c <= self.unsure_at for c in confidences)
 
     def of(self, image: Image.Image) -> list[Image.Image]:
         """Return ``count`` views of ``image``, the image itself first."""

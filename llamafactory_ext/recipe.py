@@ -38,7 +38,8 @@ data"):
   validation image (the image and fixed jitters at half the training jitter, or mirrors where there
   is no jitter, averaged; one view where there is neither); the labeler
   asks the model that way only if the views answer more validation rows correctly than the image
-  alone (``llamafactory_ext.validation``).
+  alone, and then only of the images whose answer alone is as unsure as one the views changed on
+  validation (``llamafactory_ext.validation``).
 """
 
 from __future__ import annotations

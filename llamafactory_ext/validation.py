@@ -27,7 +27,9 @@ each validation image (the image and fixed jitters at half the run's training ji
 :class:`~lance_io.augment.ImageViews`). If averaging the views answers more validation rows
 correctly than the image alone, the labeler should ask this model that way: the views go to
 ``<output_dir>/lancetag_views.json``, which the labeler reads; otherwise it asks with the image
-alone, at a ``views``-th of the cost. Both accuracies are in the record.
+alone, at a ``views``-th of the cost. Both accuracies are in the record. Kept views carry
+``unsure_at``: the labeler asks them only of images whose answer alone is that unsure
+(:meth:`Validator.choose_views`).
 """
 
 from __future__ import annotations
@@ -210,34 +212,65 @@ def labeled_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list
                    {key: [batch.column(col)[i].as_py() for i in keep] for key, col in truths.items()})
 
 
-def validation_accuracy(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> tuple[float, int]:
-    """Return (share of validation answers matching the truth, validation rows) as ``label`` answers them.
+@dataclass(frozen=True)
+class ScoredRow:
+    """One validation row as a labeler answered it."""
 
-    Every closed question of each row with a truth value in the task's set counts once; an image
-    the backend could not answer counts as wrong, as in ``lancetag eval``.
+    right: int
+    counted: int
+    """Its questions with a truth in the task's set (the ones scored)."""
+    values: tuple[Any, ...]
+    """The answers, one per question (None where the image got no answer)."""
+    confidence: float | None
+    """The probability of its least confident answer (None: unknown, or no answer)."""
+
+
+def scored_rows(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> Iterator[ScoredRow]:
+    """Yield each validation row of ``sources`` as ``label`` answers it, in table order.
+
+    Every closed question of a row with a truth value in the task's set counts once; an image the
+    backend could not answer counts as wrong, as in ``lancetag eval``.
     """
-    right = total = rows = 0
     for source in sources:
         task = source.load_task()
         allowed = {q.key: set(q.values or ()) for q in task.questions()}
         predicted_columns = answer_columns(task, "predicted")
         for _, images, truths in labeled_batches(source, batch_size):
-            batch = results_to_batch(label(images, task), task, "predicted")
-            rows += len(images)
-            for key, truth in truths.items():
-                predicted = batch.column(predicted_columns[key]).to_pylist()
-                for want, got in zip(truth, predicted, strict=True):
+            records = label(images, task)
+            batch = results_to_batch(records, task, "predicted")
+            predicted = {key: batch.column(predicted_columns[key]).to_pylist() for key in truths}
+            for n, record in enumerate(records):
+                right = counted = 0
+                for key, truth in truths.items():
+                    want, got = truth[n], predicted[key][n]
                     if want is None or str(want) not in allowed[key]:
                         continue  # rows training skips too (label_missing, label_not_in_task)
-                    total += 1
+                    counted += 1
                     right += got is not None and str(got) == str(want)
+                yield ScoredRow(right, counted, tuple(predicted[key][n] for key in truths), _least_confidence(record))
+
+
+def _least_confidence(record: LabelRecord) -> float | None:
+    each = getattr(record, "attribute_confidence", None)  # per attribute, where a record has them
+    if record.confidence is None:
+        return None
+    return min(each.values()) if each else record.confidence
+
+
+def validation_accuracy(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> tuple[float, int]:
+    """Return (share of validation answers matching the truth, validation rows) as ``label`` answers them."""
+    return _accuracy(list(scored_rows(label, sources, batch_size=batch_size)), sources)
+
+
+def _accuracy(rows: list[ScoredRow], sources: list[LanceSource]) -> tuple[float, int]:
+    total = sum(r.counted for r in rows)
     if total == 0:
         names = ", ".join(s.uri for s in sources)
         raise ValidationError(
             "validation_no_rows",
             f"no validation rows with a truth in the task's set in {names}; raise validation.fraction",
         )
-    return right / total, rows
+    return sum(r.right for r in rows) / total, len(rows)
 
 
 # ------------------------------------------------------------------ during training
@@ -320,25 +353,39 @@ class Validator:
                     self.curve.best.step, self.curve.best.validation_accuracy)  # type: ignore[union-attr]
 
     def choose_views(self, model: Any) -> None:
-        """Score the kept weights (in ``model``) on the plan's views; keep the views if they score higher (rank 0)."""
+        """Score the kept weights (in ``model``) on the plan's views; keep the views if they score higher (rank 0).
+
+        Kept views are asked only of the images they help: those whose least confident answer from
+        the image alone is at most the highest such confidence among the validation rows whose
+        answers the views changed (``unsure_at``). On the validation rows that is the views'
+        accuracy exactly, at a fraction of the cost.
+        """
         views, best = self.plan.views, self.curve.best
         if not self.is_main or views is None or best is None:
             return
-        label = self.plan.labeler(model, self.plan.model, self.plan.options.batch_size, views)
+        batch_size, sources = self.plan.options.batch_size, self.plan.sources
+        alone = self._label or self.plan.labeler(model, self.plan.model, batch_size, None)
+        viewed = self.plan.labeler(model, self.plan.model, batch_size, views)
         was_training = model.training
         model.eval()
         try:
-            accuracy, _ = validation_accuracy(label, self.plan.sources, batch_size=self.plan.options.batch_size)
+            rows_alone = list(scored_rows(alone, sources, batch_size=batch_size))
+            rows_viewed = list(scored_rows(viewed, sources, batch_size=batch_size))
         finally:
             model.train(was_training)
-        chosen = accuracy > best.validation_accuracy
-        self.curve.views = {"count": views.count, "accuracy": accuracy,
-                            "single_accuracy": best.validation_accuracy, "chosen": chosen}
+        accuracy, single = _accuracy(rows_viewed, sources)[0], _accuracy(rows_alone, sources)[0]
+        changed = [a.confidence for a, v in zip(rows_alone, rows_viewed, strict=True) if a.values != v.values]
+        unsure_at = None if not changed or None in changed else max(changed)  # type: ignore[type-var]
+        kept = views.model_copy(update={"unsure_at": unsure_at})
+        unsure = sum(kept.unsure([a.confidence]) for a in rows_alone) / max(len(rows_alone), 1)
+        chosen = accuracy > single
+        self.curve.views = {"count": views.count, "accuracy": accuracy, "single_accuracy": single,
+                            "chosen": chosen, "unsure_at": unsure_at, "unsure_share": round(unsure, 4)}
         if chosen:
-            write_views(self.plan.output_dir, views)
+            write_views(self.plan.output_dir, kept)
         self.write()
         logger.info("validation: %d views of each image score %.4f against %.4f for the image alone%s",
-                    views.count, accuracy, best.validation_accuracy, " -> the labeler uses them" if chosen else "")
+                    views.count, accuracy, single, " -> the labeler uses them" if chosen else "")
 
     def write(self) -> Path:
         """Write the curve so far to ``<output_dir>/lancetag_validation.json``; return its path."""

@@ -50,7 +50,7 @@ class Provenance:
     adapter_id: str | None
     task_hash: str
     backend: str
-    views: int = 1  # views of each image averaged for the answers (1: the image alone)
+    views: int = 1  # views of an image averaged for the answers (1: the image alone; see ImageViews.unsure_at)
 
 
 class LabelResult(BaseModel):
@@ -80,7 +80,11 @@ class LabelResult(BaseModel):
     adapter_id: str | None = None
     task_hash: str
     backend: str
-    views: int = Field(1, ge=1, description="Views of the image averaged for the answer (1: the image alone)")
+    views: int = Field(
+        1, ge=1,
+        description="Views the labeler averages for an image's answer (1: the image alone); with the views' "
+        "unsure_at, only an image whose answer from the image alone is that unsure gets them",
+    )
     latency_ms: float = Field(0.0, description="This image's share of the backend call's wall time")
     error: ErrorCode | None = None
     error_message: str | None = None

@@ -290,3 +290,30 @@ def test_a_replica_computes_on_its_cpus_rounded_up_unless_omp_threads_are_set(ra
     from serve_apps.backends.transformers_backend import _threads_of_replica
 
     assert _threads_of_replica() is None  # the driver is no Ray worker: torch's own default
+
+
+def test_views_with_unsure_at_are_asked_only_of_images_the_image_alone_leaves_unsure(tiny_qwen2_vl):
+    from bench.data import digit_images
+    from lance_io.augment import ImageAugment, ImageViews
+
+    task = load_task("digits")
+    single = create_backend(BackendConfig(model=str(tiny_qwen2_vl), views=1))
+    viewed = create_backend(BackendConfig(model=str(tiny_qwen2_vl)))
+    digits = [data for data, _ in digit_images(6)]
+    alone = single.label(digits, task)
+    every = ImageViews(count=3, augment=ImageAugment(rotate_degrees=8, scale=0.1, shift=0.1))
+    viewed.views = every
+    averaged = viewed.label(digits, task)
+    confidences = sorted(r.confidence for r in alone)
+    assert confidences[0] < confidences[-1], "the images differ in how sure the model is"
+    unsure_at = confidences[len(confidences) // 2 - 1]
+    viewed.views = every.model_copy(update={"unsure_at": unsure_at})
+
+    got = viewed.label(digits, task)
+    asked = [r.confidence <= unsure_at for r in alone]
+    assert 0 < sum(asked) < len(digits)
+    for result, by_itself, with_views, unsure in zip(got, alone, averaged, asked, strict=True):
+        expected = with_views if unsure else by_itself  # an unsure image gets every view's average
+        assert result.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
+        assert result.label == expected.label
+    assert every.unsure([None]) and not every.model_copy(update={"unsure_at": 0.5}).unsure([0.6, 0.9])

@@ -140,6 +140,9 @@ def test_the_saved_adapter_is_the_best_validation_step_not_the_last(tiny_qwen2_v
     assert views["count"] == 4 and views["single_accuracy"] == best["validation_accuracy"]
     assert views["chosen"] == (views["accuracy"] > best["validation_accuracy"])
     assert (out / "lancetag_views.json").is_file() == views["chosen"]
+    # the views are asked only of images as unsure as the least sure one whose answer they changed
+    if views["accuracy"] != views["single_accuracy"]:  # some answers changed: the least sure of them sets the bar
+        assert 0.0 < views["unsure_at"] <= 1.0 and 0.0 < views["unsure_share"] <= 1.0
 
     # the labeler loading base model + saved adapter scores the validation rows as the kept choice did
     backend = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(out)))
@@ -150,6 +153,7 @@ def test_the_saved_adapter_is_the_best_validation_step_not_the_last(tiny_qwen2_v
     assert validation_accuracy(single.label, sources)[0] == best["validation_accuracy"]
     if views["chosen"]:
         assert backend.views.count == 4 and backend.views.augment.rotate_degrees == 10
+        assert backend.views.unsure_at == views["unsure_at"]
 
 
 @pytest.mark.slow

@@ -270,9 +270,10 @@ def label_images(
 
     ``answer(question, images)`` is the backend's model call: one answer per image, in order. An
     image that cannot be used gets its own error record; if the model call raises, every usable
-    image of the batch gets that reason. With ``views``, a closed-set question is asked of every
-    view of each image and the answer is the value of highest mean probability (free text: the
-    image itself only).
+    image of the batch gets that reason. With ``views``, the closed-set questions are then asked
+    of the other views of each image the views call unsure (:meth:`ImageViews.unsure`: every image
+    unless ``unsure_at`` is set), and the answer is the value of highest mean probability over all
+    its views (free text: the image itself only).
     """
     started = time.perf_counter()
     decoded = [decode_image(b, max_pixels=max_pixels) for b in images]
@@ -280,15 +281,19 @@ def label_images(
     answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
     failure: str | None = None
     try:
-        viewed = [v for i in good for v in views.of(decoded[i])] if views is not None and good else []
         for question in task.questions() if good else ():
-            if viewed and question.closed:
-                got_all, n = answer(question, viewed), views.count  # type: ignore[union-attr]
-                got_each = [mean_answer(question, got_all[k * n : (k + 1) * n]) for k in range(len(good))]
-            else:
-                got_each = answer(question, [decoded[i] for i in good])
-            for i, got in zip(good, got_each, strict=True):
+            for i, got in zip(good, answer(question, [decoded[i] for i in good]), strict=True):
                 answers[i][question.key] = got
+        closed = [q for q in task.questions() if q.closed]
+        if views is not None and views.count > 1 and closed:
+            unsure = [i for i in good if views.unsure([answers[i][q.key].confidence for q in closed])]
+            others, n = [v for i in unsure for v in views.of(decoded[i])[1:]], views.count - 1
+            for question in closed if unsure else ():
+                got_all = answer(question, others)
+                for k, i in enumerate(unsure):
+                    answers[i][question.key] = mean_answer(
+                        question, [answers[i][question.key], *got_all[k * n : (k + 1) * n]]
+                    )
     except Exception as exc:  # the model itself failed: every image of the batch gets the reason
         failure = f"backend_failed: {type(exc).__name__}: {exc}"
     per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
