@@ -288,6 +288,7 @@ class Validator:
         self.is_main = is_main
         self.curve = Curve(fraction=plan.options.fraction, rows=0)
         self.best_weights: dict[str, Any] | None = None
+        self.best_rows: list[ScoredRow] = []  # the kept evaluation's answers, the image alone
         self.since_best = 0
         self.pending = False
         self.last_log: tuple[int, float] | None = None  # (step, loss) of the latest training log
@@ -311,12 +312,14 @@ class Validator:
         stop = False
         if self.is_main:
             started = time.perf_counter()
-            accuracy, rows = self._score(model)
+            scored = self._score(model)
+            accuracy, rows = _accuracy(scored, self.plan.sources)
             point = CurvePoint(step, round(epoch, 4), accuracy, train_loss, round(time.perf_counter() - started, 2))
             self.curve.rows = rows
             kept, improved = self.curve.add(point, self.plan.options.tolerance_rows)
             self.since_best = 0 if improved else self.since_best + 1
             if kept:
+                self.best_rows = scored
                 self.best_weights = {
                     name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
                 }
@@ -364,16 +367,15 @@ class Validator:
         if not self.is_main or views is None or best is None:
             return
         batch_size, sources = self.plan.options.batch_size, self.plan.sources
-        alone = self._label or self.plan.labeler(model, self.plan.model, batch_size, None)
+        rows_alone = self.best_rows  # the kept weights' answers from the image alone, scored when kept
         viewed = self.plan.labeler(model, self.plan.model, batch_size, views)
         was_training = model.training
         model.eval()
         try:
-            rows_alone = list(scored_rows(alone, sources, batch_size=batch_size))
             rows_viewed = list(scored_rows(viewed, sources, batch_size=batch_size))
         finally:
             model.train(was_training)
-        accuracy, single = _accuracy(rows_viewed, sources)[0], _accuracy(rows_alone, sources)[0]
+        accuracy, single = _accuracy(rows_viewed, sources)[0], best.validation_accuracy
         changed = [a.confidence for a, v in zip(rows_alone, rows_viewed, strict=True) if a.values != v.values]
         unsure_at = None if not changed or None in changed else max(changed)  # type: ignore[type-var]
         kept = views.model_copy(update={"unsure_at": unsure_at})
@@ -394,14 +396,14 @@ class Validator:
         path.write_text(json.dumps(self.curve.as_dict(), indent=2) + "\n")
         return path
 
-    def _score(self, model: Any) -> tuple[float, int]:
+    def _score(self, model: Any) -> list[ScoredRow]:
         batch_size = self.plan.options.batch_size
         if self._label is None:  # the trainer keeps one model object for the whole run
             self._label = self.plan.labeler(model, self.plan.model, batch_size, None)
         was_training = model.training
         model.eval()
         try:
-            return validation_accuracy(self._label, self.plan.sources, batch_size=batch_size)
+            return list(scored_rows(self._label, self.plan.sources, batch_size=batch_size))
         finally:
             model.train(was_training)
 
