@@ -25,9 +25,9 @@ data"):
 - **Epochs**: about ``STEP_BUDGET`` optimizer steps (batch ``BATCH``), within ``EPOCHS``; a small
   set gets more passes over it. The validation curve then decides: ``validation`` holds back up to
   ``VALIDATION_ROWS`` rows, scores about ``EVALUATIONS`` times, keeps the best weights (a later
-  evaluation within ``TOLERANCE_ROWS`` validation row of the best replaces it: with a cosine
-  schedule the later weights have trained longer, and one row is noise) and stops after
-  ``PATIENCE`` evaluations without a better accuracy.
+  evaluation within ``TOLERANCE`` standard error of the best accuracy replaces it: about 100 rows
+  cannot tell such points apart, and with a cosine schedule the later weights have trained
+  longer) and stops after ``PATIENCE`` evaluations without a better accuracy.
 - **Vision warm-up** (a model whose vision tower starts from random weights, the demo's tiny
   model): before the fine-tune, the tower is trained as a plain classifier of the same training
   rows, for as many epochs as the fine-tune (``llamafactory_ext.vision_warmup``), and the fine-tune
@@ -74,7 +74,7 @@ EPOCHS = (5, 40)
 VALIDATION_ROWS = 100
 EVALUATIONS = 5
 PATIENCE = 2
-TOLERANCE_ROWS = 1
+TOLERANCE = 1.0  # standard errors of the validation accuracy
 VIEWS = 8
 MAX_PROFILE_ROWS = 2000
 SALT = "recipe"
@@ -229,7 +229,7 @@ def choose_epochs(rows: int) -> tuple[int, dict[str, Any]]:
         "fraction": round(min(0.1, VALIDATION_ROWS / rows), 4),
         "every_epochs": max(1, round(epochs / EVALUATIONS)),
         "patience": PATIENCE,
-        "tolerance_rows": TOLERANCE_ROWS,
+        "tolerance": TOLERANCE,
         "views": VIEWS,
     }
     return epochs, validation

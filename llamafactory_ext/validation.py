@@ -316,7 +316,7 @@ class Validator:
             accuracy, rows = _accuracy(scored, self.plan.sources)
             point = CurvePoint(step, round(epoch, 4), accuracy, train_loss, round(time.perf_counter() - started, 2))
             self.curve.rows = rows
-            kept, improved = self.curve.add(point, self.plan.options.tolerance_rows)
+            kept, improved = self.curve.add(point, self.plan.options.tolerance)
             self.since_best = 0 if improved else self.since_best + 1
             if kept:
                 self.best_rows = scored

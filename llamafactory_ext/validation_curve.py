@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,8 +21,10 @@ class ValidationOptions(BaseModel):
         None, ge=1, description="stop after this many evaluations without a better accuracy (None: never)"
     )
     batch_size: int = Field(16, ge=1, description="validation images per forward")
-    tolerance_rows: int = Field(
-        0, ge=0, description="keep a later evaluation at most this many validation rows' worth below the best"
+    tolerance: float = Field(
+        0.0, ge=0,
+        description="keep a later evaluation at most this many standard errors of the best accuracy below it "
+        "(the noise of the validation rows, Curve.standard_error)",
     )
     views: int = Field(
         1, ge=1, le=32,
@@ -61,21 +64,36 @@ class Curve:
     views: dict[str, Any] | None = None
     """The kept weights on views of each image: count, accuracy, single-view accuracy, chosen."""
 
-    def add(self, point: CurvePoint, tolerance_rows: int = 0) -> tuple[bool, bool]:
+    def add(self, point: CurvePoint, tolerance: float = 0.0) -> tuple[bool, bool]:
         """Append ``point``; return (whether its weights are kept as the best, whether it beat every earlier one).
 
-        A point better than every earlier one is kept. With ``tolerance_rows``, so is a later point at
-        most that many validation rows' worth below the best so far: more training at the same
-        accuracy within the noise of a small validation set. Ties otherwise keep the earlier point.
+        A point better than every earlier one is kept. With ``tolerance``, so is a later point at most
+        that many standard errors below the best accuracy so far (:meth:`standard_error`): the
+        validation rows cannot tell the two apart, and the later weights trained longer. Ties
+        otherwise keep the earlier point.
         """
         top = max((p.validation_accuracy for p in self.points), default=None)
         self.points.append(point)
         improved = top is None or point.validation_accuracy > top
-        slack = tolerance_rows / self.rows if self.rows else 0.0
-        kept = improved or (tolerance_rows > 0 and point.validation_accuracy >= top - slack - 1e-9)  # type: ignore[operator]
+        kept = improved or (
+            tolerance > 0 and point.validation_accuracy >= top - tolerance * self.standard_error(top) - 1e-9  # type: ignore[operator]
+        )
         if kept:
             self.best = point
         return kept, improved
+
+    def standard_error(self, accuracy: float) -> float:
+        """Return the standard error of ``accuracy`` measured on this curve's validation rows.
+
+        Agresti-Coull's: ``sqrt(p(1-p)/n)`` with two right and two wrong answers added to the rows,
+        so a perfect score still has the noise of its sample size (more than one row's worth on
+        100 rows) rather than none.
+        """
+        if not self.rows:
+            return 0.0
+        n = self.rows + 4
+        p = (accuracy * self.rows + 2) / n
+        return math.sqrt(p * (1 - p) / n)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""

@@ -123,18 +123,35 @@ def test_epochs_give_small_sets_more_passes_within_bounds() -> None:
     assert choose_epochs(rows)[0] * -(-rows // BATCH) == pytest.approx(STEP_BUDGET, rel=0.1)
 
 
-def test_a_later_evaluation_within_one_validation_row_of_the_best_is_kept() -> None:
+def test_a_later_evaluation_within_one_standard_error_of_the_best_is_kept() -> None:
     curve = Curve(fraction=0.1, rows=100)
-    accuracies = [0.90, 0.95, 0.94, 0.95, 0.93]
-    decisions = [
-        curve.add(CurvePoint(k, k, a, None, 0.0), tolerance_rows=1) for k, a in enumerate(accuracies)
-    ]
+    accuracies = [0.90, 0.95, 0.93, 0.95, 0.91]  # one standard error at 0.95 on 100 rows: about 0.024
+    decisions = [curve.add(CurvePoint(k, k, a, None, 0.0), tolerance=1.0) for k, a in enumerate(accuracies)]
     assert decisions == [(True, True), (True, True), (True, False), (True, False), (False, False)]
     assert curve.best is not None and curve.best.step == 3  # 0.95 again, later: trained longer
     strict = Curve(fraction=0.1, rows=100)
     for k, a in enumerate(accuracies):
         strict.add(CurvePoint(k, k, a, None, 0.0))
     assert strict.best is not None and strict.best.step == 1  # without tolerance ties keep the earlier
+
+
+def test_the_tolerance_shrinks_as_the_validation_set_grows() -> None:
+    small, large = Curve(fraction=0.1, rows=100), Curve(fraction=0.1, rows=1000)
+    for curve in (small, large):
+        curve.add(CurvePoint(0, 0, 0.95, None, 0.0), tolerance=1.0)
+    assert small.add(CurvePoint(1, 1, 0.93, None, 0.0), tolerance=1.0) == (True, False)  # noise on 100 rows
+    assert large.add(CurvePoint(1, 1, 0.93, None, 0.0), tolerance=1.0) == (False, False)  # a real drop on 1,000
+    assert large.standard_error(0.95) < small.standard_error(0.95) / 3
+
+
+def test_a_perfect_validation_score_still_has_the_noise_of_its_rows() -> None:
+    rows = 96
+    one_below, three_below = Curve(fraction=0.1, rows=rows), Curve(fraction=0.1, rows=rows)
+    for curve in (one_below, three_below):
+        curve.add(CurvePoint(0, 0, 1.0, None, 0.0), tolerance=1.0)
+    assert 0 < one_below.standard_error(1.0) < 2 / rows
+    assert one_below.add(CurvePoint(1, 1, 1 - 1 / rows, None, 0.0), tolerance=1.0)[0]
+    assert not three_below.add(CurvePoint(1, 1, 1 - 3 / rows, None, 0.0), tolerance=1.0)[0]
 
 
 def test_flip_mirrors_half_of_the_draws() -> None:
