@@ -5,8 +5,9 @@ chat questions to ``digits`` and ``quality`` too. The ``openai`` package lives i
 environment, so the client runs there in a subprocess (``CLIENT``) and prints one JSON line
 per reply or refusal.
 
-A random tiny model has no opinion about questions: its router picks ``hotel`` with p > 0.99
-whatever is asked. So the first turn checks the model's routing contract (a real route, the
+A random tiny model has no opinion about questions: it picks one route whatever is asked. The
+one these tests serve (``router_model``: seed 0, the 320-token vocabulary) picks ``hotel`` with
+p > 0.99 (the 512-token default picks ``question``, free text). So the first turn checks the model's routing contract (a real route, the
 router's most probable one, the same result ``/label`` gives), and the later turns pin their
 route (``lancetag.route``, as a UI button would) to reach a second task and a free question.
 """
@@ -103,7 +104,15 @@ def photos(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def chat_url(ray_cluster, tiny_qwen2_vl, photos):
+def router_model(tmp_path_factory) -> str:
+    """A tiny random Qwen2-VL whose router prefers a labeling task (``hotel``), see the module docstring."""
+    from serve_apps.tiny_models import build_tiny_model
+
+    return str(build_tiny_model("qwen2_vl", tmp_path_factory.mktemp("router-model"), vocab_size=320))
+
+
+@pytest.fixture(scope="module")
+def chat_url(ray_cluster, router_model, photos):
     from ray import serve
 
     from ray_jobs.chat_rows import read_row
@@ -113,7 +122,7 @@ def chat_url(ray_cluster, tiny_qwen2_vl, photos):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = LabelerConfig(
-        task="hotel", chat_tasks=["digits", "quality"], backend=BackendConfig(model=str(tiny_qwen2_vl)),
+        task="hotel", chat_tasks=["digits", "quality"], backend=BackendConfig(model=router_model),
         port=port, num_cpus=0, app_name="chat", route_prefix="/chat", token_env="LANCETAG_CHAT_TOKEN",
         max_chat_messages=MAX_MESSAGES, max_chat_text_chars=MAX_TEXT, max_image_bytes=MAX_IMAGE_BYTES,
         chat_tables={"photos": ChatTable(uri=photos, columns={"hotel": "room"})},
@@ -277,7 +286,7 @@ def test_a_request_body_that_is_not_json_is_a_400(chat_url):
 
 
 @pytest.mark.slow
-def test_a_named_table_row_answers_from_its_stored_labels_and_runs_the_model_only_for_the_rest(chat_url, photos, tiny_qwen2_vl):
+def test_a_named_table_row_answers_from_its_stored_labels_and_runs_the_model_only_for_the_rest(chat_url, photos, router_model):
     import lance
 
     from lance_io.tasks import load_task
@@ -297,7 +306,7 @@ def test_a_named_table_row_answers_from_its_stored_labels_and_runs_the_model_onl
     routed = first.json()["lancetag"]
     assert routed["route"] == "hotel" and routed["source"] == "stored"
     assert routed["result"]["label"] == "Reception" and routed["result"]["confidence"] == 0.25
-    assert routed["result"]["provenance"] == f"{tiny_qwen2_vl}||{load_task('hotel').prompt_hash()}"
+    assert routed["result"]["provenance"] == f"{router_model}||{load_task('hotel').prompt_hash()}"
     assert first.json()["choices"][0]["message"]["content"] == "hotel: Reception (confidence 0.25)"
 
     history += [first.json()["choices"][0]["message"], {"role": "user", "content": "And its quality?"}]
