@@ -7,9 +7,10 @@ per reply or refusal.
 
 A random tiny model has no opinion about questions: it picks one route whatever is asked. The
 one these tests serve (``router_model``: seed 0, the 320-token vocabulary) picks ``hotel`` with
-p > 0.99 (the 512-token default picks ``question``, free text). So the first turn checks the model's routing contract (a real route, the
-router's most probable one, the same result ``/label`` gives), and the later turns pin their
-route (``lancetag.route``, as a UI button would) to reach a second task and a free question.
+p > 0.99 (the 512-token default picks ``question``, free text). So the first turn checks the
+model's routing contract (a real route, the router's most probable one, the same result
+``/label`` gives), and the later turns pin their route (``lancetag.route``, as a UI button
+would) to reach a second task and a free question.
 """
 
 from __future__ import annotations
