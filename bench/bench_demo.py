@@ -46,10 +46,10 @@ def _pct(x: float) -> str:
 
 
 def _recipe(recipe: dict) -> str:
-    validation = recipe["validation"]
+    validation, flip = recipe["validation"], recipe["evidence"]["flip_check"]
     return (
         f"side {recipe['side']} px ({recipe['visual_tokens']} visual tokens), flip {'on' if recipe['flip'] else 'off'} "
-        f"(mirror cost a pixel classifier {100 * recipe['evidence']['flip_check']['skill_lost']:.0f}% of its skill), "
+        f"(mirror cost a pixel classifier {100 * flip['skill_lost']:.0f}% of its skill, sign test p {flip['p_value']:.2g}), "
         f"{_jitter(recipe)}, up to {recipe['epochs']} epochs, validation on "
         f"{100 * validation['fraction']:.1f}% every {validation['every_epochs']} epoch(s), patience {validation['patience']}"
     )

@@ -13,15 +13,18 @@ data"):
 - **Augmentation**: the small affine jitter (rotation, zoom, shift), filling the uncovered area with
   the median grey of the images' borders (black for digits, white for clip art) so it draws no new
   edges, only if it helps a learner of these pixels: an RBF SVM on 16x16 thumbnails, cross-validated
-  over ``JITTER_FOLDS`` folds of the training rows, is fitted on the images as they are and again
+  over ``FOLDS`` folds of the training rows, is fitted on the images as they are and again
   with a jittered copy of each beside them; if the copies lower its accuracy, no jitter. A model
   trained from scratch memorises the pixels of a small set without the jitter (digits, clip art:
   the copies raise the SVM's accuracy); where the images are already aligned, the jitter only adds
   variance a small model must absorb (solar cells: the copies lower it). A mirror flip only if it
-  keeps the classes: a logistic regression on 8x8 thumbnails is fitted on part of the training rows
-  and scored on the rest, as they are and mirrored. A mirror keeps every pixel statistic but
-  orientation, so if it costs that classifier more than ``SKILL_LOST`` of its accuracy above chance
-  (1 / classes), orientation carries meaning (a mirrored 2 is not a 2) and there is no flip.
+  keeps the classes: a logistic regression on 8x8 thumbnails, cross-validated over the same folds,
+  scores each image as it is and mirrored. A mirror keeps every pixel statistic but orientation,
+  so if it costs that classifier more than ``SKILL_LOST`` of its accuracy above chance (1 /
+  classes), and more than chance would (a sign test on the images the mirror changes, below
+  ``SIGNIFICANCE``), orientation carries meaning (a mirrored 2 is not a 2) and there is no flip. A
+  classifier of a hundred photos that memorised where things sit loses some accuracy mirrored
+  too, by chance: the test keeps the mirror for them.
 - **Epochs**: about ``STEP_BUDGET`` optimizer steps (batch ``BATCH``), within ``EPOCHS``; a small
   set gets more passes over it. The validation curve then decides: ``validation`` holds back up to
   ``VALIDATION_ROWS`` rows, scores about ``EVALUATIONS`` times, keeps the best weights (a later
@@ -65,8 +68,9 @@ DETAIL_KEPT = 0.975
 DETAIL_REFERENCE = 224
 THUMBNAIL = 8
 SKILL_LOST = 0.25
+SIGNIFICANCE = 0.05
 JITTER_THUMBNAIL = 16
-JITTER_FOLDS = 4
+FOLDS = 4
 JITTER = ImageAugment(rotate_degrees=10, scale=0.1, shift=0.08)
 STEP_BUDGET = 670  # the digits recipe's steps (15 epochs of 1,423 rows at batch 32), docs/training.md §7
 BATCH = 32
@@ -168,25 +172,41 @@ def _thumbnails(images: Sequence[Image.Image], side: int = THUMBNAIL) -> np.ndar
     )
 
 
-def flip_check(
-    train: Sequence[Image.Image],
-    train_labels: Sequence[str],
-    held: Sequence[Image.Image],
-    held_labels: Sequence[str],
-) -> dict[str, float]:
-    """Return a pixel classifier's accuracy on ``held`` as is and mirrored, and the share of skill lost."""
+def flip_check(images: Sequence[Image.Image], labels: Sequence[str], folds: Sequence[int]) -> dict[str, float]:
+    """Return a pixel classifier's cross-validated accuracy on ``images`` as they are and mirrored.
+
+    Each fold (``folds[i]`` is image ``i``'s) is scored by a logistic regression fitted on the other
+    folds. Also returned: the share of its skill above chance the mirror loses, and ``p_value``, the
+    chance of the mirror losing at least that many of the images it changes if it changed nothing
+    (a one-sided sign test).
+    """
+    from scipy.stats import binomtest
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    model.fit(_thumbnails(train), np.asarray(train_labels))
-    truth = np.asarray(held_labels)
-    plain = float(np.mean(model.predict(_thumbnails(held)) == truth))
-    mirrored = float(np.mean(model.predict(_thumbnails([ImageOps.mirror(i) for i in held])) == truth))
-    skill = plain - 1.0 / len(set(train_labels))
-    lost = (plain - mirrored) / skill if skill > 0 else 0.0
-    return {"accuracy": round(plain, 4), "mirrored": round(mirrored, 4), "skill_lost": round(lost, 4)}
+    plain, mirrored = _thumbnails(images), _thumbnails([ImageOps.mirror(i) for i in images])
+    truth, fold = np.asarray(labels), np.asarray(folds)
+    right = np.zeros(len(truth), dtype=bool)
+    right_mirrored = np.zeros(len(truth), dtype=bool)
+    scored = np.zeros(len(truth), dtype=bool)
+    for k in np.unique(fold):
+        fit, held = fold != k, fold == k
+        if len(np.unique(truth[fit])) < 2:  # a class only this fold holds: nothing to fit
+            continue
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(plain[fit], truth[fit])
+        right[held] = model.predict(plain[held]) == truth[held]
+        right_mirrored[held] = model.predict(mirrored[held]) == truth[held]
+        scored |= held
+    count = max(int(scored.sum()), 1)
+    accuracy, accuracy_mirrored = right.sum() / count, right_mirrored.sum() / count
+    skill = accuracy - 1.0 / len(set(labels))
+    lost = (accuracy - accuracy_mirrored) / skill if skill > 0 else 0.0
+    only_plain, only_mirrored = int((right & ~right_mirrored).sum()), int((right_mirrored & ~right).sum())
+    changed = only_plain + only_mirrored
+    p_value = binomtest(only_plain, changed, 0.5, alternative="greater").pvalue if changed else 1.0
+    return {"accuracy": round(float(accuracy), 4), "mirrored": round(float(accuracy_mirrored), 4),
+            "skill_lost": round(float(lost), 4), "p_value": float(f"{p_value:.3g}")}
 
 
 def jitter_check(
@@ -245,14 +265,11 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
     if len(set(truths)) < 2:
         raise ValueError("choosing a recipe needs decodable training images of at least two classes")
     side, side_evidence = choose_side(pictures)
-    fit = [(image, t) for i, image, t in decoded if _bucket(i) >= 0.25]
-    held = [(image, t) for i, image, t in decoded if _bucket(i) < 0.25]
-    if not fit or not held or len({t for _, t in fit}) < 2:
-        raise ValueError("choosing a recipe needs more training images (too few to hold a quarter back)")
-    flip = flip_check([i for i, _ in fit], [t for _, t in fit], [i for i, _ in held], [t for _, t in held])
-    mirrored = flip["skill_lost"] <= SKILL_LOST
+    folds = [int(_bucket(i) * FOLDS) for i, _, _ in decoded]
+    flip = flip_check(pictures, truths, folds)
+    mirrored = not (flip["skill_lost"] > SKILL_LOST and flip["p_value"] < SIGNIFICANCE)
     fill = border_grey(pictures)
-    jitter = jitter_check(pictures, truths, [int(_bucket(i) * JITTER_FOLDS) for i, _, _ in decoded], fill)
+    jitter = jitter_check(pictures, truths, folds, fill)
     jittered = jitter["with_jittered_copies"] >= jitter["accuracy"]
     epochs, validation = choose_epochs(len(images))
     if not jittered and not mirrored:  # every view would be the image itself
@@ -275,6 +292,7 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
             "rules": {
                 "detail_kept": DETAIL_KEPT,
                 "skill_lost": SKILL_LOST,
+                "significance": SIGNIFICANCE,
                 "jitter": "with_jittered_copies >= accuracy",
                 "step_budget": STEP_BUDGET,
             },
