@@ -91,22 +91,32 @@ def test_solar_cells_are_mirrored_and_get_more_visual_tokens(tmp_path: Path) -> 
     assert augment.flip is True and recipe.validation["views"] > 1  # the views are mirrors
 
 
+def _noise(rng: random.Random, brightest: int) -> Image.Image:
+    """A 64x64 grey image of uniform noise darker than ``brightest``."""
+    image = Image.new("L", (64, 64))
+    image.putdata([rng.randrange(0, brightest) for _ in range(64 * 64)])
+    return image
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_a_class_that_is_a_position_is_neither_jittered_nor_mirrored() -> None:
     """A dot a few pixels left or right of the centre: shifting or mirroring the image changes its class."""
     rng = random.Random(0)
     ids, images, labels = [], [], []
     for n in range(400):
         label = rng.choice(["left", "right"])
-        image = Image.new("L", (64, 64))
-        image.putdata([rng.randrange(0, 100) for _ in range(64 * 64)])
+        image = _noise(rng, 100)
         x = 29 if label == "left" else 33  # a shift of up to 5 pixels moves one onto the other
         for dx in range(-1, 2):
             for dy in range(-1, 2):
                 image.putpixel((x + dx, 30 + dy), 200)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
         ids.append(f"dot-{n}")
-        images.append(buffer.getvalue())
+        images.append(_png(image))
         labels.append(label)
     recipe = choose_recipe(ids, images, labels)
     assert recipe.evidence["flip_check"]["accuracy"] > 0.9  # the position alone tells the classes apart
@@ -122,16 +132,15 @@ def _objects(seed: int, rows: int = 48) -> tuple[list[str], list[bytes], list[st
     ids, images, labels = [], [], []
     for n in range(rows):
         label = rng.choice(["disc", "ring"])
-        image = Image.new("L", (64, 64))
-        image.putdata([rng.randrange(0, 120) for _ in range(64 * 64)])
+        image = _noise(rng, 120)
         x, y = rng.randrange(10, 54), rng.randrange(10, 54)
         box = (x - 8, y - 8, x + 8, y + 8)
-        draw = ImageDraw.Draw(image)
-        draw.ellipse(box, fill=230) if label == "disc" else draw.ellipse(box, outline=230, width=2)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        if label == "disc":
+            ImageDraw.Draw(image).ellipse(box, fill=230)
+        else:
+            ImageDraw.Draw(image).ellipse(box, outline=230, width=2)
         ids.append(f"object-{n}")
-        images.append(buffer.getvalue())
+        images.append(_png(image))
         labels.append(label)
     return ids, images, labels
 
