@@ -138,6 +138,7 @@ def plan_validation(
             f"validation splits Lance datasets by id, and none of {names} is one; "
             "register a table with `lancetag lf register` or drop the validation block",
         )
+    _require_rows(sources)
     (dataset_dir / DATA_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     plan = ValidationPlan(
         options=options,
@@ -165,6 +166,44 @@ def _require_closed(source: LanceSource, name: str) -> None:
             f"dataset {name!r}: validation accuracy needs closed-set questions, and "
             f"{', '.join(open_questions)} is free text; drop the validation block for captions",
         )
+
+
+def _require_rows(sources: list[LanceSource]) -> None:
+    """Refuse before training when no validation row has a truth in its task's set.
+
+    Reads ids and truth columns, no images, and stops at the first such row: about
+    1 / fraction rows on a table of any size.
+    """
+    from lance_io.scan import open_at, require_columns, scan_batches
+
+    seen = 0
+    for source in sources:
+        task = source.load_task()
+        truths = answer_columns(task, source.label_column or "")
+        allowed = {q.key: _truth_set(q.values) for q in task.questions()}
+        ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+        require_columns(ds, [source.id_column, *truths.values()], uri=source.uri)
+        for batch in scan_batches(ds, [source.id_column, *truths.values()], where=source.where, batch_size=1024):
+            seen += batch.num_rows
+            for i, row_id in enumerate(batch.column(source.id_column).to_pylist()):
+                if source.keeps(str(row_id)) and any(
+                    _scored(batch.column(col)[i].as_py(), allowed[key]) for key, col in truths.items()
+                ):
+                    return
+    raise ValidationError(
+        "validation_no_rows",
+        f"none of the {seen} training rows falls in the validation share ({sources[0].val_fraction}) with a "
+        f"truth in the task's set, so no accuracy could be measured: add rows or raise validation.fraction",
+    )
+
+
+def _truth_set(values: Any) -> set[str]:
+    return {str(v) for v in values or ()}
+
+
+def _scored(truth: Any, allowed: set[str]) -> bool:
+    """Return whether a row's truth for a question counts in the accuracy (rows training skips do not)."""
+    return truth is not None and str(truth) in allowed
 
 
 def _refuse_zero3(deepspeed: Any) -> None:
@@ -233,7 +272,7 @@ def scored_rows(label: LabelImages, sources: list[LanceSource], *, batch_size: i
     """
     for source in sources:
         task = source.load_task()
-        allowed = {q.key: set(q.values or ()) for q in task.questions()}
+        allowed = {q.key: _truth_set(q.values) for q in task.questions()}
         predicted_columns = answer_columns(task, "predicted")
         for _, images, truths in labeled_batches(source, batch_size):
             records = label(images, task)
@@ -243,7 +282,7 @@ def scored_rows(label: LabelImages, sources: list[LanceSource], *, batch_size: i
                 right = counted = 0
                 for key, truth in truths.items():
                     want, got = truth[n], predicted[key][n]
-                    if want is None or str(want) not in allowed[key]:
+                    if not _scored(want, allowed[key]):
                         continue  # rows training skips too (label_missing, label_not_in_task)
                     counted += 1
                     right += got is not None and str(got) == str(want)

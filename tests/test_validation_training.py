@@ -181,6 +181,7 @@ def test_on_two_ray_workers_rank_zero_decides_and_every_rank_stops(ray_cluster, 
         ({"register": {"split": "train", "val_fraction": 0.5}}, "validation_split_conflict"),
         ({"register": {"task": "caption"}}, "validation_needs_closed_task"),
         ({"validation": {"every_epochs": 1, "every_steps": 5}}, "bad_lancetag_block"),
+        ({"validation": {"fraction": 0.01}}, "validation_no_rows"),  # none of the 12 ids falls in 1%
     ],
 )
 def test_a_validation_the_run_cannot_honour_is_refused_before_training(tiny_qwen2_vl, tmp_path, change, reason):
@@ -198,3 +199,5 @@ def test_a_validation_the_run_cannot_honour_is_refused_before_training(tiny_qwen
         run_training(config, labeler=labeler)
     assert err.value.reason == reason
     assert not (tmp_path / "out" / "trainer_state.json").exists()
+    if reason == "validation_no_rows":  # refused from the ids before training, not at its first evaluation
+        assert "none of the 12 training rows" in str(err.value)
