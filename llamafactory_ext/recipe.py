@@ -53,6 +53,7 @@ import json
 import math
 import random
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lance_io.augment import ImageAugment, augment_image, border_grey
+from lance_io.reasons import ReasonError
 
 SIDES = (56, 84, 112)
 DETAIL_KEPT = 0.975
@@ -82,6 +84,10 @@ TOLERANCE = 1.0  # standard errors of the validation accuracy
 VIEWS = 8
 MAX_PROFILE_ROWS = 2000
 SALT = "recipe"
+
+
+class RecipeError(ReasonError):
+    """Training rows no recipe can be chosen from; ``reason`` is a stable code."""
 
 
 @dataclass
@@ -263,7 +269,12 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
     decoded = [(i, image, t) for i, b, t in rows if (image := _decode(b)) is not None]
     pictures, truths = [image for _, image, _ in decoded], [t for *_, t in decoded]
     if len(set(truths)) < 2:
-        raise ValueError("choosing a recipe needs decodable training images of at least two classes")
+        found = ", ".join(f"{n} of {label!r}" for label, n in sorted(Counter(truths).items())) or "none"
+        raise RecipeError(
+            "recipe_needs_two_classes",
+            f"choosing a recipe needs decodable training images of at least two classes; the {len(rows)} labeled "
+            f"training rows decode to {found}: give every class images",
+        )
     side, side_evidence = choose_side(pictures)
     folds = [int(_bucket(i) * FOLDS) for i, _, _ in decoded]
     flip = flip_check(pictures, truths, folds)

@@ -16,14 +16,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import yaml
 
+from lance_io.errors import errors_uri
 from lance_io.reasons import ReasonError
 from lance_io.splits import split_of
 from llamafactory_ext.recipe import Recipe, choose_recipe, set_processor_side
+
+if TYPE_CHECKING:
+    from ray_jobs.ingest.items import IngestSummary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Images per labeler request. Tagging the 1,797 digits on a 1-CPU replica here: 16 -> 56 img/s,
@@ -117,6 +121,41 @@ def folder_task(data: Path, out: Path) -> Path:
     return path
 
 
+def _require_images(ingested: IngestSummary, data_dir: Path) -> None:
+    """Refuse a folder none of whose files went into the table; its errors stay in the errors record."""
+    if ingested.added + ingested.duplicates:
+        return
+    errors = ", ".join(f"{n} {reason}" for reason, n in sorted(ingested.errors_by_reason.items())) or "none"
+    raise ReasonError(
+        "no_images",
+        f"no file under {data_dir} is an image the table could take: {ingested.inputs} files, errors: {errors}, "
+        f"{ingested.skipped} skipped (not images); each error is recorded with its reason in {errors_uri(ingested.table)}",
+    )
+
+
+def _require_known_classes(table: str, task: str, data_dir: Path) -> None:
+    """Refuse images whose folder is not one of the task's labels (a nested folder, a misspelt class).
+
+    Ingest takes an image's class from the folder it sits in; training would skip such rows as
+    ``label_not_in_task`` and the model would learn the other classes only.
+    """
+    import pyarrow.compute as pc
+
+    from lance_io import open_table
+    from lance_io.tasks import load_task
+
+    labels = {str(v) for q in load_task(task).questions() for v in q.values or ()}
+    counts = pc.value_counts(open_table(table).to_table(columns=["truth"]).column("truth")).to_pylist()
+    strays = {c["values"]: c["counts"] for c in counts if c["values"] is not None and c["values"] not in labels}
+    if strays:
+        found = ", ".join(f"{n} in folders named {name!r}" for name, n in sorted(strays.items()))
+        raise ReasonError(
+            "bad_source",
+            f"images under {data_dir} sit in folders that are not labels of the task ({found}); the labels are "
+            f"{sorted(labels)}: put each class's images directly in its class folder",
+        )
+
+
 def training_recipe(table: str, version: int) -> Recipe:
     """Return the recipe ``llamafactory_ext.recipe`` chooses from the table's training split (truth labels)."""
     from lance_io import open_table
@@ -195,6 +234,8 @@ def run_demo(
     ensure_ray(object_store_memory=1024**3)
     t0 = time.perf_counter()
     ingested = ingest([str(data_dir)], table, IngestOptions(label_from_dir=True, progress=progress))
+    _require_images(ingested, data_dir)
+    _require_known_classes(table, task, data_dir)
     add_split_column(table)
     versions = {"ingested": tag_version(table, "ingested")}
     step(f"ingest ({ingested.added} images)", t0)

@@ -335,3 +335,43 @@ def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
             run_demo(tmp_path / "work", data=data)
         assert refused.value.reason == "bad_source" and says in refused.value.message
     assert not (tmp_path / "work" / "images.lance").exists() and not (tmp_path / "work" / "models").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["undecodable", "one_class_of_images", "nested_class"])
+def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_every_error(tmp_path, case):
+    """Ingested, then refused in one line before any model work: files that are not images; images
+    of one class only (the other class's folder holds a note and copies of the first's); or a class
+    whose images sit one folder deeper, where ingest would label them by that folder."""
+    import lance
+
+    from lance_io.errors import errors_uri
+    from tests.ingest_fixtures import image_bytes
+
+    data = tmp_path / "data"
+    inner = {"nested_class": data / "b" / "scans"}.get(case, data / "b")
+    (data / "a").mkdir(parents=True)
+    inner.mkdir(parents=True)
+    for i in range(12):
+        picture = b"\xff\xd8\xff" + bytes(60) if case == "undecodable" else image_bytes(i)  # a cut JPEG
+        (data / "a" / f"{i}.jpg").write_bytes(picture)
+        other = {"undecodable": b"GIF89a", "one_class_of_images": picture}.get(case, image_bytes(100 + i))
+        (inner / f"{i}.jpg").write_bytes(other)
+    (data / "b" / "notes.txt").write_text("the photographer's notes")
+    work = tmp_path / "work"
+    proc = lancetag(["demo", "--data", str(data), "--workdir", str(work), "--json"], env={"RAY_ADDRESS": ""})  # its own Ray
+
+    reason = {"undecodable": "no_images", "one_class_of_images": "recipe_needs_two_classes"}.get(case, "bad_source")
+    assert refusal_problems(proc, reason, as_json=True) == [], proc.stderr[-2000:]
+    message = json.loads(proc.stdout)["error"]["message"]
+    assert not (work / "models" / "fine-tuned").exists()  # refused before any training
+    errors = errors_uri(str(work / "images.lance"))
+    if case == "undecodable":  # every file accounted for: 24 errors with their reasons, the note skipped
+        assert "25 files" in message and "1 skipped" in message and errors in message
+        assert lance.dataset(errors).count_rows() == 24
+    elif case == "one_class_of_images":  # b's copies are duplicates of a's: the training rows hold one class
+        assert "of 'a'" in message and "'b'" not in message
+        assert lance.dataset(str(work / "images.lance")).count_rows() == 12
+    else:  # every image ingested, the deeper ones under their own folder's name, which no label matches
+        assert "12 in folders named 'scans'" in message and "['a', 'b']" in message
+        assert lance.dataset(str(work / "images.lance")).count_rows() == 24
