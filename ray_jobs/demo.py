@@ -59,6 +59,7 @@ class DemoResult:
     baselines: dict[str, float] = field(default_factory=dict)  # held-out accuracy of pixel baselines
     recipe: dict[str, Any] = field(default_factory=dict)  # what llamafactory_ext.recipe chose from the data
     validation: dict[str, Any] | None = None  # the validation curve of the run
+    ingest: dict[str, Any] = field(default_factory=dict)  # where every file went, and the errors record
 
 
 def write_digits(folder: Path) -> Path:
@@ -125,12 +126,32 @@ def _require_images(ingested: IngestSummary, data_dir: Path) -> None:
     """Refuse a folder none of whose files went into the table; its errors stay in the errors record."""
     if ingested.added + ingested.duplicates:
         return
-    errors = ", ".join(f"{n} {reason}" for reason, n in sorted(ingested.errors_by_reason.items())) or "none"
     raise ReasonError(
-        "no_images",
-        f"no file under {data_dir} is an image the table could take: {ingested.inputs} files, errors: {errors}, "
-        f"{ingested.skipped} skipped (not images); each error is recorded with its reason in {errors_uri(ingested.table)}",
+        "no_images", f"no file under {data_dir} is an image the table could take: {describe_ingest(_accounted(ingested))}"
     )
+
+
+def _accounted(ingested: IngestSummary) -> dict[str, Any]:
+    """Return where every file of the folder went (the ingest's counts) and the errors record's location."""
+    keys = ("inputs", "added", "duplicates", "errors", "skipped", "errors_by_reason")
+    return {**{k: v for k, v in ingested.to_json().items() if k in keys}, "errors_table": errors_uri(ingested.table)}
+
+
+def describe_ingest(accounted: dict[str, Any]) -> str:
+    """Return where the folder's files went, in words: the demo's progress line and its summary."""
+    said = f"{accounted['added']} images of {accounted['inputs']} files"
+    if accounted["duplicates"]:
+        said += f", {_count(accounted['duplicates'], 'duplicate')}"
+    if accounted["skipped"]:
+        said += f", {accounted['skipped']} skipped (not images)"
+    if accounted["errors"]:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in accounted["errors_by_reason"].items())
+        said += f", {_count(accounted['errors'], 'error')} ({reasons}) in {accounted['errors_table']}"
+    return said
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _require_known_classes(table: str, task: str, data_dir: Path) -> None:
@@ -238,7 +259,8 @@ def run_demo(
     _require_known_classes(table, task, data_dir)
     add_split_column(table)
     versions = {"ingested": tag_version(table, "ingested")}
-    step(f"ingest ({ingested.added} images)", t0)
+    accounted = _accounted(ingested)
+    step(f"ingest ({describe_ingest(accounted)})", t0)
 
     t0 = time.perf_counter()
     recipe = training_recipe(table, versions["ingested"])
@@ -290,4 +312,5 @@ def run_demo(
         baselines={b.name: b.accuracy for found in after.baselines.values() for b in found},
         recipe=recipe.as_dict(),
         validation=trained.validation,
+        ingest=accounted,
     )

@@ -44,6 +44,8 @@ def write_textures(folder: Path) -> dict[str, int]:
 
 def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: Path) -> None:
     counts = write_textures(tmp_path / "textures")
+    (tmp_path / "textures" / "brick" / "LICENSE.txt").write_text("public domain")  # not an image: skipped
+    (tmp_path / "textures" / "grass" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))  # a cut PNG: an error
     run = subprocess.run(
         [LANCETAG, "demo", "--data", str(tmp_path / "textures"), "--workdir", str(tmp_path / "work"), "--epochs", "20", "--json"],
         capture_output=True,
@@ -55,6 +57,13 @@ def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: 
 
     # Every crop ingested; held-out rows never trained on; the labels are the folder names.
     assert result["train_rows"] + result["test_rows"] == sum(counts.values()) == 243
+    # Every file accounted for: the note skipped, the cut PNG in the errors record with its reason.
+    ingested = result["ingest"]
+    assert (ingested["inputs"], ingested["added"], ingested["skipped"], ingested["errors"]) == (245, 243, 1, 1)
+    assert list(ingested["errors_by_reason"]) == ["decode_failed"]
+    assert lance.dataset(ingested["errors_table"]).to_table(columns=["source"]).column("source").to_pylist() == [
+        str(tmp_path / "textures" / "grass" / "cut.png")
+    ]
     task = (tmp_path / "work" / "task.yaml").read_text()
     assert all(name in task for name in TEXTURES)
     labels = lance.dataset(result["table"], version=result["versions"]["fine-tuned"]).to_table(columns=["label", "truth"])

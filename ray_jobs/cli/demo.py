@@ -20,7 +20,7 @@ def demo_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on the last line")] = False,
 ) -> None:
     """Ingest, tag zero-shot, fine-tune from the Lance table, re-tag, evaluate on held-out rows."""
-    from ray_jobs.demo import run_demo
+    from ray_jobs.demo import describe_ingest, run_demo
 
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     result = run_demo(workdir, data=data, task=task, model=model, epochs=epochs, progress=not as_json, log=log)
@@ -34,6 +34,7 @@ def demo_command(
                   for name, accuracy in result.baselines.items()),
             ],
         )
+        typer.echo(f"ingest: {describe_ingest(result.ingest)}")
         typer.echo(f"table {result.table}  tags: " + ", ".join(f"{k}=v{v}" for k, v in result.versions.items()))
         typer.echo(f"model {result.adapter}\nreport {result.report}\n{result.seconds:.0f} s in all")
         typer.echo(f"history: lancetag versions {result.table}")
