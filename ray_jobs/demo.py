@@ -122,6 +122,20 @@ def folder_task(data: Path, out: Path) -> Path:
     return path
 
 
+def _require_one_closed_question(task: str) -> None:
+    """Refuse a task the folder names cannot be the truth of: anything but one closed question."""
+    from lance_io.tasks import load_task
+
+    questions = load_task(task).questions()
+    if len(questions) != 1 or not questions[0].values:
+        raise ReasonError(
+            "bad_task",
+            f"the demo learns one label per image, its folder's name, and task {task!r} asks "
+            f"{len(questions)} question(s){'' if len(questions) != 1 else ' with no fixed answers'}: "
+            "give a classify task whose labels are the folder names, or no --task",
+        )
+
+
 def _require_images(ingested: IngestSummary, data_dir: Path) -> None:
     """Refuse a folder none of whose files went into the table; its errors stay in the errors record."""
     if ingested.added + ingested.duplicates:
@@ -242,11 +256,11 @@ def run_demo(
         log(f"[{time.perf_counter() - started:6.1f}s] {name} done in {steps[name]:.1f}s")
 
     t0 = time.perf_counter()
+    data_dir = work / "data" if data is None else Path(data).resolve()
+    task = task or ("digits" if data is None else str(folder_task(data_dir, work)))
+    _require_one_closed_question(task)
     if data is None:
-        data_dir, task = write_digits(work / "data"), task or "digits"
-    else:
-        data_dir = Path(data).resolve()
-        task = task or str(folder_task(data_dir, work))
+        write_digits(data_dir)
     tiny = model is None
     # the recipe's model (docs/training.md §7): text 4 heads of 32, vision tower 128 wide
     base = str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4, vision_hidden=128)) if tiny else model

@@ -330,10 +330,21 @@ def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
     (one_class / "cats").mkdir(parents=True)
     a_file = tmp_path / "photo.png"
     a_file.write_bytes(b"not a folder")
-    for data, says in [(one_class, "at least two class folders"), (a_file, "is not a folder")]:
+    (tmp_path / "two-classes" / "dogs").mkdir(parents=True)
+    (tmp_path / "two-classes" / "cats").mkdir()
+    refusals = [
+        (one_class, None, "bad_source", "at least two class folders"),
+        (a_file, None, "bad_source", "is not a folder"),
+        # folder names are one label per image: not a caption, nor five attributes
+        (tmp_path / "two-classes", "caption", "bad_task", "1 question(s) with no fixed answers"),
+        (tmp_path / "two-classes", "fashion", "bad_task", "5 question(s)"),
+        (None, "fashion", "bad_task", "5 question(s)"),  # digits too, before they are written
+    ]
+    for data, task, reason, says in refusals:
         with pytest.raises(ReasonError) as refused:
-            run_demo(tmp_path / "work", data=data)
-        assert refused.value.reason == "bad_source" and says in refused.value.message
+            run_demo(tmp_path / "work", data=data, task=task)
+        assert refused.value.reason == reason and says in refused.value.message
+    assert not (tmp_path / "work" / "data").exists()
     assert not (tmp_path / "work" / "images.lance").exists() and not (tmp_path / "work" / "models").exists()
 
 
