@@ -122,8 +122,8 @@ def folder_task(data: Path, out: Path) -> Path:
     return path
 
 
-def _require_one_closed_question(task: str) -> None:
-    """Refuse a task the folder names cannot be the truth of: anything but one closed question."""
+def _task_labels(task: str) -> set[str]:
+    """Return the labels of ``task``, refusing a task folder names cannot be the truth of (not one closed question)."""
     from lance_io.tasks import load_task
 
     questions = load_task(task).questions()
@@ -134,15 +134,14 @@ def _require_one_closed_question(task: str) -> None:
             f"{len(questions)} question(s){'' if len(questions) != 1 else ' with no fixed answers'}: "
             "give a classify task whose labels are the folder names, or no --task",
         )
+    return {str(v) for v in questions[0].values}
 
 
-def _require_images(ingested: IngestSummary, data_dir: Path) -> None:
+def _require_images(accounted: dict[str, Any], data_dir: Path) -> None:
     """Refuse a folder none of whose files went into the table; its errors stay in the errors record."""
-    if ingested.added + ingested.duplicates:
+    if accounted["added"] + accounted["duplicates"]:
         return
-    raise ReasonError(
-        "no_images", f"no file under {data_dir} is an image the table could take: {describe_ingest(_accounted(ingested))}"
-    )
+    raise ReasonError("no_images", f"no file under {data_dir} is an image the table could take: {describe_ingest(accounted)}")
 
 
 def _accounted(ingested: IngestSummary) -> dict[str, Any]:
@@ -168,7 +167,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _require_known_classes(table: str, task: str, data_dir: Path) -> None:
+def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None:
     """Refuse images whose folder is not one of the task's labels (a nested folder, a misspelt class).
 
     Ingest takes an image's class from the folder it sits in; training would skip such rows as
@@ -177,9 +176,7 @@ def _require_known_classes(table: str, task: str, data_dir: Path) -> None:
     import pyarrow.compute as pc
 
     from lance_io import open_table
-    from lance_io.tasks import load_task
 
-    labels = {str(v) for q in load_task(task).questions() for v in q.values or ()}
     counts = pc.value_counts(open_table(table).to_table(columns=["truth"]).column("truth")).to_pylist()
     strays = {c["values"]: c["counts"] for c in counts if c["values"] is not None and c["values"] not in labels}
     if strays:
@@ -258,7 +255,7 @@ def run_demo(
     t0 = time.perf_counter()
     data_dir = work / "data" if data is None else Path(data).resolve()
     task = task or ("digits" if data is None else str(folder_task(data_dir, work)))
-    _require_one_closed_question(task)
+    labels = _task_labels(task)
     if data is None:
         write_digits(data_dir)
     tiny = model is None
@@ -269,11 +266,11 @@ def run_demo(
     ensure_ray(object_store_memory=1024**3)
     t0 = time.perf_counter()
     ingested = ingest([str(data_dir)], table, IngestOptions(label_from_dir=True, progress=progress))
-    _require_images(ingested, data_dir)
-    _require_known_classes(table, task, data_dir)
+    accounted = _accounted(ingested)
+    _require_images(accounted, data_dir)
+    _require_known_classes(table, labels, data_dir)
     add_split_column(table)
     versions = {"ingested": tag_version(table, "ingested")}
-    accounted = _accounted(ingested)
     step(f"ingest ({describe_ingest(accounted)})", t0)
 
     t0 = time.perf_counter()
