@@ -174,22 +174,15 @@ def _require_rows(sources: list[LanceSource]) -> None:
     Reads ids and truth columns, no images, and stops at the first such row: about
     1 / fraction rows on a table of any size.
     """
-    from lance_io.scan import open_at, require_columns, scan_batches
-
     seen = 0
     for source in sources:
         task = source.load_task()
         truths = answer_columns(task, source.label_column or "")
         allowed = {q.key: _truth_set(q.values) for q in task.questions()}
-        ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-        require_columns(ds, [source.id_column, *truths.values()], uri=source.uri)
-        for batch in scan_batches(ds, [source.id_column, *truths.values()], where=source.where, batch_size=1024):
+        for batch, keep in _split_batches(source, list(truths.values()), 1024):
             seen += batch.num_rows
-            for i, row_id in enumerate(batch.column(source.id_column).to_pylist()):
-                if source.keeps(str(row_id)) and any(
-                    _scored(batch.column(col)[i].as_py(), allowed[key]) for key, col in truths.items()
-                ):
-                    return
+            if any(_scored(batch.column(col)[i].as_py(), allowed[key]) for i in keep for key, col in truths.items()):
+                return
     raise ValidationError(
         "validation_no_rows",
         f"none of the {seen} training rows falls in the validation share ({sources[0].val_fraction}) with a "
@@ -233,21 +226,29 @@ def validation_sources(dataset_dir: str | Path, names: list[str], fraction: floa
 # ------------------------------------------------------------------ scoring
 
 
-def labeled_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[str], list[bytes], dict[str, list]]]:
-    """Yield (ids, image bytes, truth per question key) of the rows in ``source``'s split, ``batch_size`` at a time."""
+def _split_batches(source: LanceSource, columns: list[str], batch_size: int) -> Iterator[tuple[Any, Iterator[int]]]:
+    """Yield (record batch of the id and ``columns``, indices of its rows in ``source``'s split).
+
+    The indices come lazily (each id hashed as it is reached), so a caller may stop at the first.
+    """
     from lance_io.scan import open_at, require_columns, scan_batches
 
-    task = source.load_task()
-    truths = answer_columns(task, source.label_column or "")
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-    columns = [source.id_column, source.image_column, *truths.values()]
+    columns = [source.id_column, *columns]
     require_columns(ds, columns, uri=source.uri)
     for batch in scan_batches(ds, columns, where=source.where, batch_size=batch_size):
         ids = batch.column(source.id_column).to_pylist()
-        keep = [i for i, row_id in enumerate(ids) if source.keeps(str(row_id))]
-        if keep:
+        yield batch, (i for i, row_id in enumerate(ids) if source.keeps(str(row_id)))
+
+
+def labeled_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[str], list[bytes], dict[str, list]]]:
+    """Yield (ids, image bytes, truth per question key) of the rows in ``source``'s split, ``batch_size`` at a time."""
+    truths = answer_columns(source.load_task(), source.label_column or "")
+    for batch, kept in _split_batches(source, [source.image_column, *truths.values()], batch_size):
+        if keep := list(kept):
+            ids = batch.column(source.id_column)
             images = [batch.column(source.image_column)[i].as_py() for i in keep]
-            yield ([str(ids[i]) for i in keep], images,
+            yield ([str(ids[i].as_py()) for i in keep], images,
                    {key: [batch.column(col)[i].as_py() for i in keep] for key, col in truths.items()})
 
 
