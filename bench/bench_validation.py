@@ -43,14 +43,14 @@ def _table(workdir: Path, rows: int) -> Path:
 
 def _seconds(dataset_dir: Path, fraction: float) -> tuple[float, bool]:
     """Return (best seconds, whether it refused) of the check on the entry at ``fraction``."""
-    from llamafactory_ext.validation import ValidationError, _require_rows, validation_sources
+    from llamafactory_ext.validation import ValidationError, require_validation_rows, validation_sources
 
     sources = validation_sources(dataset_dir, ["t"], fraction)
     best, refused = float("inf"), False
     for _ in range(REPEATS):
         started = time.perf_counter()
         try:
-            _require_rows(sources)
+            require_validation_rows(sources)
         except ValidationError as err:
             refused = err.reason == "validation_no_rows"
         best = min(best, time.perf_counter() - started)

@@ -138,7 +138,7 @@ def plan_validation(
             f"validation splits Lance datasets by id, and none of {names} is one; "
             "register a table with `lancetag lf register` or drop the validation block",
         )
-    _require_rows(sources)
+    require_validation_rows(sources)
     (dataset_dir / DATA_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     plan = ValidationPlan(
         options=options,
@@ -168,7 +168,7 @@ def _require_closed(source: LanceSource, name: str) -> None:
         )
 
 
-def _require_rows(sources: list[LanceSource]) -> None:
+def require_validation_rows(sources: list[LanceSource]) -> None:
     """Refuse before training when no validation row has a truth in its task's set.
 
     Reads ids and truth columns, no images, and stops at the first such row: about

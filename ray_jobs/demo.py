@@ -188,6 +188,20 @@ def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None
         )
 
 
+def _require_held_out(table: str) -> None:
+    """Refuse a folder so small that no image fell in the held-out split: the loop would measure nothing."""
+    from lance_io import open_table
+
+    ds = open_table(table)
+    if ds.count_rows(filter="split = 'test' AND truth IS NOT NULL"):
+        return
+    raise ReasonError(
+        "no_rows",
+        f"none of the {ds.count_rows()} images fell in the held-out share ({TEST_FRACTION:.0%}, chosen by each "
+        "image's content hash), so the loop would have nothing to measure its accuracy on: add images",
+    )
+
+
 def training_recipe(table: str, version: int) -> Recipe:
     """Return the recipe ``llamafactory_ext.recipe`` chooses from the table's training split (truth labels)."""
     from lance_io import open_table
@@ -233,6 +247,7 @@ def run_demo(
     from lance_io.versions import tag_version
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.train import run_training
+    from llamafactory_ext.validation import require_validation_rows, validation_sources
     from ray_jobs.evaluation import evaluate_table
     from ray_jobs.evaluation.in_training import transformers_labeler
     from ray_jobs.ingest import IngestOptions, ingest
@@ -270,6 +285,7 @@ def run_demo(
     _require_images(accounted, data_dir)
     _require_known_classes(table, labels, data_dir)
     add_split_column(table)
+    _require_held_out(table)
     versions = {"ingested": tag_version(table, "ingested")}
     step(f"ingest ({describe_ingest(accounted)})", t0)
 
@@ -277,6 +293,10 @@ def run_demo(
     recipe = training_recipe(table, versions["ingested"])
     if tiny:  # the labeler reads the side from the model's processor, as training does
         set_processor_side(base, recipe.side)
+    registration = register_dataset(
+        table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
+    )  # pinned at the ingested version: what it registers does not depend on when
+    require_validation_rows(validation_sources(work / "lf", [registration.name], recipe.validation["fraction"]))
     step(f"recipe from the training rows (side {recipe.side}, {recipe.visual_tokens} visual tokens, "
          f"flip {'on' if recipe.flip else 'off'}, jitter {'on' if recipe.jitter else 'off'}, "
          f"up to {recipe.epochs} epochs)", t0)
@@ -290,9 +310,6 @@ def run_demo(
     step(f"zero-shot tagging (held-out accuracy {100 * before.accuracy:.1f}%)", t0)
 
     t0 = time.perf_counter()
-    registration = register_dataset(
-        table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
-    )
     trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe),
                            labeler=transformers_labeler)
     loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"

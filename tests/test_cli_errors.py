@@ -386,3 +386,41 @@ def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_e
     else:  # every image ingested, the deeper ones under their own folder's name, which no label matches
         assert "12 in folders named 'scans'" in message and "['a', 'b']" in message
         assert lance.dataset(str(work / "images.lance")).count_rows() == 24
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("share", "reason"), [("test", "no_rows"), ("validation", "validation_no_rows")])
+def test_the_demo_refuses_a_folder_too_small_to_measure_before_any_model_work(tmp_path, share, reason):
+    """Two classes of a few images each, chosen by the splits' own hashes so that none falls in the
+    held-out share, or none of the training images in validation's share: either would leave the loop
+    nothing to measure. Refused after ingest and the recipe, before the zero-shot tagging loads a model."""
+    import hashlib
+
+    from lance_io.splits import split_of
+    from ray_jobs.demo import TEST_FRACTION
+    from tests.ingest_fixtures import image_bytes
+
+    def shares(image: bytes) -> set[str]:
+        row_id = hashlib.sha256(image).hexdigest()[:32]  # the table's id
+        held_out = split_of(row_id, TEST_FRACTION, held_out="test") == "test"
+        # a handful of training rows: the recipe's validation share is its largest, 10%
+        return {"test"} if held_out else {"train", split_of(row_id, 0.1, held_out="validation", salt="validation")}
+
+    pool = [image_bytes(seed) for seed in range(200)]
+    if share == "test":  # six training images, some of them in validation's share
+        kept = [image for image in pool if "test" not in shares(image)][:6]
+    else:  # a held-out image per class and four training images, none in validation's share
+        kept = [image for image in pool if shares(image) == {"test"}][:2]
+        kept += [image for image in pool if shares(image) == {"train"}][:4]
+    data = tmp_path / "data"
+    for name, images in {"a": kept[0::2], "b": kept[1::2]}.items():  # two training images per class at least
+        (data / name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            (data / name / f"{i}.jpg").write_bytes(image)
+    work = tmp_path / "work"
+    proc = lancetag(["demo", "--data", str(data), "--workdir", str(work), "--json"], env={"RAY_ADDRESS": ""})  # its own Ray
+
+    assert refusal_problems(proc, reason, as_json=True) == [], proc.stderr[-2000:]
+    table = lance.dataset(str(work / "images.lance"))
+    assert table.count_rows() == 6  # every image kept
+    assert "zero-shot" not in table.tags.list() and not (work / "models" / "fine-tuned").exists()
