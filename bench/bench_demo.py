@@ -61,11 +61,23 @@ def _jitter(recipe: dict) -> str:
     return f"jitter {'on' if recipe['jitter'] else 'off'} ({moved}), fill {recipe['fill']}"
 
 
+def _better(run: dict) -> dict:
+    """The run's better pixel baseline, with the model's paired comparison against it."""
+    return max(run["baselines"], key=lambda b: b["accuracy"])
+
+
+def _verdict_counts(verdicts: list[str]) -> str:
+    """'above in 2 runs, level in 1' for the paired verdicts of a set's runs."""
+    counts = {v: verdicts.count(v) for v in ("above", "level", "below") if v in verdicts}
+    return ", ".join(f"{v} in {n} run{'s' if n > 1 else ''}" for v, n in counts.items())
+
+
 def _section(name: str, runs: list[dict]) -> tuple[str, str]:
     first = runs[0]
-    baseline_names = list(first["baselines"])
+    baseline_names = [b["name"] for b in first["baselines"]]
     rows = []
     for k, r in enumerate(runs):
+        better = _better(r)
         curve = r.get("validation") or {}
         best = curve.get("best") or {}
         stopped = f"best epoch {best.get('epoch', 0):.0f}" + (
@@ -84,28 +96,31 @@ def _section(name: str, runs: list[dict]) -> tuple[str, str]:
                 )
         rows.append(
             f"| {k + 1} | {_pct(r['accuracy_before'])} | **{_pct(r['accuracy_after'])}** | "
-            + " | ".join(_pct(r["baselines"][b]) for b in baseline_names)
+            + " | ".join(_pct(b["accuracy"]) for b in r["baselines"])
+            + f" | {better['verdict']} (+{better['model_only']} / -{better['baseline_only']}, p {better['p_value']:.2g})"
             + f" | {r['wall']:.0f} s | {stopped} |"
         )
     afters = [r["accuracy_after"] for r in runs]
-    best_baseline = [max(r["baselines"].values()) for r in runs]
+    best_baseline = [_better(r)["accuracy"] for r in runs]
     beats = sum(a > b for a, b in zip(afters, best_baseline, strict=True))
+    verdicts = _verdict_counts([_better(r)["verdict"] for r in runs])
     header = " | ".join(baseline_names)
     md = f"""
 ### {name}: {ABOUT.get(name, name)}
 
 {first["train_rows"]} training rows, {first["test_rows"]} held out. Recipe chosen from the training rows: {_recipe(first["recipe"])}.
 
-| run | before | after fine-tuning | {header} | wall time | validation |
-| ---: | ---: | ---: | {" | ".join("---:" for _ in baseline_names)} | ---: | --- |
+| run | before | after fine-tuning | {header} | against the better baseline, row by row | wall time | validation |
+| ---: | ---: | ---: | {" | ".join("---:" for _ in baseline_names)} | --- | ---: | --- |
 {chr(10).join(rows)}
 
 Mean after fine-tuning **{_pct(statistics.mean(afters))}** (worst {_pct(min(afters))}), mean best baseline
-{_pct(statistics.mean(best_baseline))}; the model beat the better baseline in {beats} of {len(runs)} runs.
+{_pct(statistics.mean(best_baseline))}; the model scored higher than the better baseline in {beats} of {len(runs)} runs.
+Row by row (McNemar's exact test on the held-out rows, p < 0.05), the model against it: {verdicts}.
 """
     summary = (
         f"| {name} | {len(runs)} | {_pct(statistics.mean(afters))} ({_pct(min(afters))}-{_pct(max(afters))}) | "
-        f"{_pct(statistics.mean(best_baseline))} | {beats}/{len(runs)} | {statistics.mean(r['wall'] for r in runs):.0f} s |"
+        f"{_pct(statistics.mean(best_baseline))} | {beats}/{len(runs)} | {verdicts} | {statistics.mean(r['wall'] for r in runs):.0f} s |"
     )
     return md, summary
 
@@ -141,8 +156,8 @@ and evaluates on the held-out rows, where logistic regression and an RBF SVM on 
 fitted on the same training split (`lancetag eval --baseline-train`). {RUNS} run(s) per set, each in
 a fresh workdir.
 
-| set | runs | fine-tuned model, mean (range) | better baseline, mean | model beat it | wall time, mean |
-| --- | ---: | ---: | ---: | ---: | ---: |
+| set | runs | fine-tuned model, mean (range) | better baseline, mean | model scored higher | row by row (McNemar, p < 0.05) | wall time, mean |
+| --- | ---: | ---: | ---: | ---: | --- | ---: |
 {chr(10).join(summaries)}
 
 {goals}

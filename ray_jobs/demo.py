@@ -27,6 +27,7 @@ from lance_io.splits import split_of
 from llamafactory_ext.recipe import Recipe, choose_recipe, set_processor_side
 
 if TYPE_CHECKING:
+    from ray_jobs.evaluation.baselines import Baseline
     from ray_jobs.ingest.items import IngestSummary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ class DemoResult:
     report: str
     seconds: float
     steps: dict[str, float] = field(default_factory=dict)
-    baselines: dict[str, float] = field(default_factory=dict)  # held-out accuracy of pixel baselines
+    baselines: list[Baseline] = field(default_factory=list)  # pixel baselines on the held-out rows, each against the model
     recipe: dict[str, Any] = field(default_factory=dict)  # what llamafactory_ext.recipe chose from the data
     validation: dict[str, Any] | None = None  # the validation curve of the run
     ingest: dict[str, Any] = field(default_factory=dict)  # where every file went, and the errors record
@@ -337,7 +338,7 @@ def run_demo(
         report=str(after.report),
         seconds=round(time.perf_counter() - started, 1),
         steps=steps,
-        baselines={b.name: b.accuracy for found in after.baselines.values() for b in found},
+        baselines=next(iter(after.baselines.values())),
         recipe=recipe.as_dict(),
         validation=trained.validation,
         ingest=accounted,

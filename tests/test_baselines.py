@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 
 import lance
@@ -31,8 +32,8 @@ def digits_table(tmp_path_factory) -> str:
     return uri
 
 
-def _sklearn_accuracies(uri: str) -> dict[str, float]:
-    """The two baselines fitted here, independently of the product's code, on the same rows."""
+def _sklearn_predictions(uri: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The two baselines fitted here, independently of the product's code: (predictions, truth, labels) on the test rows."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -47,15 +48,20 @@ def _sklearn_accuracies(uri: str) -> dict[str, float]:
 
     ds = lance.dataset(uri)
     train = ds.to_table(columns=["image", "truth"], filter="split = 'train'")
-    test = ds.to_table(columns=["image", "truth"], filter="split = 'test'")
+    test = ds.to_table(columns=["image", "truth", "label"], filter="split = 'test'")
     out = {}
     for name, model in {
         "logistic": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
         "svm": make_pipeline(StandardScaler(), SVC(kernel="rbf")),
     }.items():
         model.fit(pixels(train), train.column("truth").to_pylist())
-        out[name] = float(np.mean(model.predict(pixels(test)) == np.asarray(test.column("truth").to_pylist())))
-    return out
+        out[name] = model.predict(pixels(test))
+    return out, np.asarray(test.column("truth").to_pylist()), np.asarray(test.column("label").to_pylist())
+
+
+def _sklearn_accuracies(uri: str) -> dict[str, float]:
+    predictions, truth, _ = _sklearn_predictions(uri)
+    return {name: float(np.mean(predicted == truth)) for name, predicted in predictions.items()}
 
 
 def test_baselines_are_fitted_on_the_train_filter_and_scored_on_the_evaluated_rows(digits_table, tmp_path):
@@ -90,6 +96,10 @@ def test_eval_cli_json_carries_the_baselines(digits_table):
     expected = _sklearn_accuracies(digits_table)
     accuracies = [b["accuracy"] for b in result["baselines"]["label"]]
     assert accuracies == pytest.approx([expected["logistic"], expected["svm"]])
+    predictions, truth, label = _sklearn_predictions(digits_table)
+    for baseline, predicted in zip(result["baselines"]["label"], predictions.values(), strict=True):
+        assert baseline["baseline_only"] == int(np.sum((predicted == truth) & (label != truth)))
+        assert baseline["verdict"] in {"above", "level", "below"} and 0 < baseline["p_value"] <= 1
     test = lance.dataset(digits_table).to_table(columns=["label", "truth"], filter="split = 'test'").to_pydict()
     assert result["accuracy"] == pytest.approx(np.mean(np.array(test["label"]) == np.array(test["truth"])))
 
@@ -134,3 +144,93 @@ def test_the_report_shows_the_validation_curve_of_the_run_that_trained_the_label
     page = write_report(result, tmp_path / "r").read_text()
     assert 'id="training"' in page and "75.0%" in page and "20 (kept)" in page and "62.5%" in page
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["training"]["best"]["step"] == 20
+
+
+def _exact_two_sided(k: int, n: int) -> float:
+    """McNemar's exact p-value computed here from binomial coefficients, independently of the product's code."""
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@pytest.mark.parametrize(("model_only", "baseline_only", "verdict"), [
+    (15, 3, "above"), (3, 15, "below"), (10, 8, "level"), (9, 2, "level"), (0, 0, "level"), (7, 0, "above"),
+])
+def test_the_verdict_is_the_paired_test_not_the_gap_between_accuracies(model_only, baseline_only, verdict):
+    from ray_jobs.evaluation.baselines import paired_verdict
+
+    p_value, said = paired_verdict(model_only, baseline_only)
+    assert said == verdict
+    n = model_only + baseline_only
+    assert p_value == pytest.approx(_exact_two_sided(model_only, n) if n else 1.0)
+
+
+def test_each_baseline_is_compared_with_the_model_row_by_row(digits_table, tmp_path):
+    """The label column is right on 4 rows of 5: counts of rows only one side gets right match an independent fit."""
+    from ray_jobs.evaluation import evaluate_table
+
+    result = evaluate_table(digits_table, "label", "truth", where="split = 'test'",
+                            baseline_train="split = 'train'", report_dir=tmp_path / "r")
+    predictions, truth, label = _sklearn_predictions(digits_table)
+    model_right = label == truth
+    for baseline, predicted in zip(result.baselines["label"], predictions.values(), strict=True):
+        right = predicted == truth
+        assert (baseline.model_only, baseline.baseline_only) == (
+            int(np.sum(model_right & ~right)), int(np.sum(right & ~model_right)))
+        n = baseline.model_only + baseline.baseline_only
+        assert baseline.p_value == pytest.approx(_exact_two_sided(baseline.model_only, n))
+    svm = result.baselines["label"][1]
+    assert svm.baseline_only > 2 * svm.model_only and svm.verdict == "below"  # a 20% error rate on purpose
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert 'id="verdict"' in page and "below it" in page and f"{svm.p_value:.3g}" in page
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert [b["verdict"] for b in metrics["baselines"]["label"]] == [b.verdict for b in result.baselines["label"]]
+
+
+def test_the_same_accuracies_are_above_on_many_rows_and_level_on_four(tmp_path):
+    """A model right on every row against a baseline that only knows 0 and 1: the number of rows decides."""
+    from ray_jobs.evaluation import evaluate_table
+
+    uri = str(tmp_path / "always-right.lance")
+    images = digit_images(300)
+    table = image_rows(images)
+    split = [split_of(content_hashes(data)[0], 0.3, held_out="test") for data, _ in images]
+    table = table.append_column("split", pa.array(split))
+    lance.write_dataset(table.append_column("label", table.column("truth")), uri)
+    twos = lance.dataset(uri).to_table(columns=["id"], filter="split = 'test' AND truth = '2'").column("id").to_pylist()
+    knows_two_digits = "split = 'train' AND truth IN ('0', '1')"
+    verdicts = {}
+    for name, where in (("test split", "split = 'test' AND truth NOT IN ('0', '1')"),
+                        ("four rows", "id IN ({})".format(", ".join(f"'{i}'" for i in twos[:4])))):
+        result = evaluate_table(uri, "label", "truth", where=where, baseline_train=knows_two_digits)
+        for baseline in result.baselines["label"]:
+            assert baseline.accuracy == 0.0 and result.accuracy == 1.0
+            assert (baseline.model_only, baseline.baseline_only) == (baseline.rows, 0)
+            verdicts.setdefault(name, set()).add(baseline.verdict)
+    assert verdicts == {"test split": {"above"}, "four rows": {"level"}}, verdicts
+
+
+def test_a_table_past_the_caps_scores_the_baselines_on_rows_chosen_by_id_hash(digits_table, tmp_path, monkeypatch):
+    """Caps of 100 training and 40 scored rows: exactly the ids the hash picks, the model scored on those same rows."""
+    from lance_io.splits import id_bucket
+    from ray_jobs.evaluation import baselines, evaluate_table
+
+    monkeypatch.setattr(baselines, "MAX_TRAIN_ROWS", 100)
+    monkeypatch.setattr(baselines, "MAX_SCORED_ROWS", 40)
+    ds = lance.dataset(digits_table)
+    test = ds.to_table(columns=["id", "label", "truth"], filter="split = 'test'").to_pydict()
+    train_ids = ds.to_table(columns=["id"], filter="split = 'train'").column("id").to_pylist()
+    chosen = [i for i, row_id in enumerate(test["id"]) if id_bucket(row_id, baselines.SALT) < 40 / len(test["id"])]
+    trained = sum(id_bucket(row_id, baselines.SALT) < 100 / len(train_ids) for row_id in train_ids)
+    assert 0 < len(chosen) < len(test["id"]) and 0 < trained < len(train_ids)
+
+    result = evaluate_table(digits_table, "label", "truth", where="split = 'test'",
+                            baseline_train="split = 'train'", report_dir=tmp_path / "r")
+    model_right = [test["label"][i] == test["truth"][i] for i in chosen]
+    for baseline in result.baselines["label"]:
+        assert (baseline.rows, baseline.train_rows) == (len(chosen), trained)
+        assert baseline.model_accuracy == pytest.approx(np.mean(model_right))
+        assert baseline.model_only - baseline.baseline_only == round(
+            (baseline.model_accuracy - baseline.accuracy) * baseline.rows)
+    assert result.evaluations["label"].rows == len(test["id"])  # the model's own figures stay on every row
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert f"{len(chosen)} of {len(test['id'])}, chosen by id hash" in page

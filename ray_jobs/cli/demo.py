@@ -21,6 +21,7 @@ def demo_command(
 ) -> None:
     """Ingest, tag zero-shot, fine-tune from the Lance table, re-tag, evaluate on held-out rows."""
     from ray_jobs.demo import describe_ingest, run_demo
+    from ray_jobs.evaluation.baselines import describe_verdict
 
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     result = run_demo(workdir, data=data, task=task, model=model, epochs=epochs, progress=not as_json, log=log)
@@ -30,10 +31,12 @@ def demo_command(
             [
                 {"model": "base (zero-shot)", "accuracy": f"{100 * result.accuracy_before:.1f}%", "version": result.versions["zero-shot"]},
                 {"model": "fine-tuned", "accuracy": f"{100 * result.accuracy_after:.1f}%", "version": result.versions["fine-tuned"]},
-                *({"model": f"baseline: {name}", "accuracy": f"{100 * accuracy:.1f}%", "version": "train split"}
-                  for name, accuracy in result.baselines.items()),
+                *({"model": f"baseline: {b.name}", "accuracy": f"{100 * b.accuracy:.1f}%", "version": "train split"}
+                  for b in result.baselines),
             ],
         )
+        better = max(result.baselines, key=lambda b: b.accuracy)
+        typer.echo(f"fine-tuned against the better baseline, {better.name}: {describe_verdict(better)}")
         typer.echo(f"ingest: {describe_ingest(result.ingest)}")
         typer.echo(f"table {result.table}  tags: " + ", ".join(f"{k}=v{v}" for k, v in result.versions.items()))
         typer.echo(f"model {result.adapter}\nreport {result.report}\n{result.seconds:.0f} s in all")

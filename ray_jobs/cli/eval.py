@@ -26,6 +26,7 @@ def eval_command(
     """Evaluate a label column against ground truth at a table version (generated text: its faithfulness)."""
     from lance_io.storage import resolve_storage_options
     from ray_jobs.evaluation import evaluate_table
+    from ray_jobs.evaluation.baselines import describe_verdict
 
     if _generated(table, column, version):
         _faithfulness(table, column, version, where, as_json)
@@ -57,6 +58,9 @@ def eval_command(
             for b in found
         ],
     )
+    for name, found in result.baselines.items():
+        for b in found:
+            typer.echo(f"{name} against {b.name}: {describe_verdict(b)}")
     if result.cost_per_1000 is not None:
         typer.echo(f"{result.images_per_second:.1f} images/s -> ${result.cost_per_1000:.4f} per 1,000 images at ${price_per_hour}/h")
     if result.report:

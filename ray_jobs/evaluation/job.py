@@ -160,7 +160,7 @@ def evaluate_table(
     lineage["evaluated_version"] = str(ds.version)
     baselines = {}
     if baseline_train is not None:
-        baselines = {name: table_baselines(ds, t, baseline_train, where) for name, (_c, t) in pairs.items()}
+        baselines = {name: table_baselines(ds, t, c, baseline_train, where) for name, (c, t) in pairs.items()}
     result = EvalResult(
         table=table, version=ds.version, column=column, truth=truth, evaluations=evaluations,
         images_per_second=ips, cost_per_1000=cost_per_1000(ips, price_per_hour) if ips else None,

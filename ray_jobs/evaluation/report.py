@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from ray_jobs.evaluation.baselines import Baseline
+from ray_jobs.evaluation.baselines import Baseline, describe_verdict
 from ray_jobs.evaluation.metrics import Evaluation
 
 # Published reference points (source articles): cost per 1,000 images.
@@ -116,16 +116,21 @@ macro F1 {evaluation.macro_f1:.3f}; mean confidence {conf}; calibration error (E
 def _baselines_html(evaluation: Evaluation, baselines: list[Baseline]) -> str:
     """The model's accuracy and each classical baseline's, on the same rows."""
     esc = html.escape
-    rows = f"<tr><td>this model</td><td>{100 * evaluation.accuracy:.1f}%</td><td>{evaluation.rows}</td><td></td></tr>"
+    rows = f"<tr><td>this model</td><td>{100 * evaluation.accuracy:.1f}%</td><td>{evaluation.rows}</td><td></td><td></td></tr>"
     for b in baselines:
         overlap = f" ({b.overlap} evaluated rows among them)" if b.overlap else ""
+        scored = str(b.rows) if b.rows == evaluation.rows else (
+            f"{b.rows} of {evaluation.rows}, chosen by id hash (this model: {100 * b.model_accuracy:.1f}% on them)")
         rows += (
-            f"<tr><td>{esc(b.name)}</td><td>{100 * b.accuracy:.1f}%</td><td>{b.rows}</td>"
-            f"<td>{b.train_rows} rows where {esc(b.train_filter)}{esc(overlap)}</td></tr>"
+            f"<tr><td>{esc(b.name)}</td><td>{100 * b.accuracy:.1f}%</td><td>{esc(scored)}</td>"
+            f"<td>{b.train_rows} rows where {esc(b.train_filter)}{esc(overlap)}</td><td>{esc(describe_verdict(b))}</td></tr>"
         )
+    better = max(baselines, key=lambda b: b.accuracy)
     return (
-        "<h2>Baselines on the same rows</h2>\n<table id=\"baselines\"><tr><th>model</th><th>accuracy</th>"
-        f"<th>rows</th><th>trained on</th></tr>{rows}</table>\n"
+        f"<h2>Baselines on the same rows</h2>\n<p id=\"verdict\">Against the better baseline, {esc(better.name)}, "
+        f"this model is <b>{esc(describe_verdict(better))}</b>.</p>\n"
+        "<table id=\"baselines\"><tr><th>model</th><th>accuracy</th>"
+        f"<th>rows</th><th>trained on</th><th>this model against it</th></tr>{rows}</table>\n"
     )
 
 

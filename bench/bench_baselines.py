@@ -1,0 +1,88 @@
+"""`lancetag eval --baseline-train` on tables of 10k, 100k and 1M rows.
+
+    python -m bench baselines
+
+The pixel baselines are fitted on at most 5,000 training rows and scored on at most 20,000
+evaluated rows, both chosen by id hash, so their cost should not grow with the table beyond
+finding those rows. Measured here: a table of N rows as ingest writes them (a digit PNG of
+28x28 per row, about 400 bytes; `truth`, a `label` column right on 9 rows of 10, a `split`
+column holding 20% `test` by id hash, the `id` BTREE index; files of at most 250,000 rows),
+then `lancetag eval TABLE --where "split = 'test'" --json` with and without `--baseline-train
+"split = 'train'"`, each a process of its own: wall time and peak resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench.bench_scale import run_measured
+from bench.report import Section
+
+SIZES = tuple(int(s) for s in os.environ.get("LANCETAG_BENCH_BASELINE_SIZES", "10000,100000,1000000").split(","))
+LANCETAG = str(Path(sys.executable).parent / "lancetag")
+
+
+def _table(workdir: Path, rows: int) -> str:
+    """Write a labeled, split table of ``rows`` digit images with the id index; return its URI."""
+    import hashlib
+
+    import lance
+    import pyarrow as pa
+
+    from bench.data import digit_images
+    from lance_io.splits import split_of
+
+    pool = digit_images(1797, size=28)
+    uri = str(workdir / f"t{rows}.lance")
+    step = 250_000
+    for start in range(0, rows, step):
+        index = range(start, min(rows, start + step))
+        ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in index]
+        images, truth = zip(*(pool[i % len(pool)] for i in index), strict=True)
+        label = [t if i % 10 else str((int(t) + 1) % 10) for i, t in zip(index, truth, strict=True)]
+        part = pa.table({
+            "id": ids, "image": pa.array(images, pa.binary()), "truth": list(truth), "label": label,
+            "split": [split_of(i, 0.2, held_out="test") for i in ids],
+        })
+        lance.write_dataset(part, uri, mode="append" if start else "create", max_rows_per_file=step)
+    lance.dataset(uri).create_scalar_index("id", index_type="BTREE")
+    return uri
+
+
+def run(workdir: Path) -> Section:
+    """Time `lancetag eval` with and without the baselines at each size."""
+    lines = [
+        "| rows | held out | eval alone | with the baselines | baselines' share | peak memory, alone / with | "
+        "baselines' rows (train / scored) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    figures = []
+    for rows in SIZES:
+        uri = _table(workdir, rows)
+        common = [LANCETAG, "eval", uri, "--where", "split = 'test'", "--json"]
+        alone = run_measured(common)
+        both = run_measured([*common, "--baseline-train", "split = 'train'"])
+        result = json.loads(both.stdout.strip().splitlines()[-1])
+        svm = result["baselines"]["label"][-1]
+        held_out = result["evaluations"]["label"]["rows"]
+        extra = both.seconds - alone.seconds
+        figures.append((rows, extra, svm["rows"]))
+        lines.append(
+            f"| {rows:,} | {held_out:,} | {alone.seconds:.1f} s | {both.seconds:.1f} s | {extra:.1f} s | "
+            f"{alone.peak_rss / 2**20:.0f} / {both.peak_rss / 2**20:.0f} MiB | {svm['train_rows']:,} / {svm['rows']:,} |"
+        )
+    (small, small_extra, _), (large, large_extra, _) = figures[0], figures[-1]
+    (before, before_extra, before_scored), (_, _, large_scored) = figures[-2 if len(figures) > 1 else -1], figures[-1]
+    last_step = "" if len(figures) < 2 else (
+        f" From {before:,} to {large:,} rows, which score {before_scored:,} and {large_scored:,} rows, "
+        f"{before_extra:.1f} s to {large_extra:.1f} s."
+    )
+    body = "\n".join([
+        __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
+        f"From {small:,} to {large:,} rows ({large // small}x), the baselines' share of the time goes from "
+        f"{small_extra:.1f} s to {large_extra:.1f} s ({large_extra / small_extra:.1f}x).{last_step}",
+    ])
+    return Section(title="Pixel baselines in `lancetag eval` as the table grows", markdown=body)
