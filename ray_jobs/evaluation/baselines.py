@@ -213,12 +213,12 @@ def _chosen_rows(ds: object, where: str, cap: int, columns: list[str]) -> Iterat
             yield batch.to_pydict()
         return
     keep = cap / total
-    ids = [
+    ids = list(dict.fromkeys(  # an id held by several rows is looked up once, and brings them all
         row_id
         for batch in ds.to_batches(columns=["id"], filter=where)  # type: ignore[attr-defined]
         for row_id in batch.column("id").to_pylist()
         if id_bucket(str(row_id), SALT) < keep
-    ]
+    ))
     for start in range(0, len(ids), LOOKUP_IDS):
-        chunk = sql_strings(dict.fromkeys(ids[start : start + LOOKUP_IDS]))
+        chunk = sql_strings(ids[start : start + LOOKUP_IDS])
         yield ds.to_table(columns=columns, filter=f"({where}) AND id IN ({chunk})").to_pydict()  # type: ignore[attr-defined]
