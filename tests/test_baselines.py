@@ -234,3 +234,24 @@ def test_a_table_past_the_caps_scores_the_baselines_on_rows_chosen_by_id_hash(di
     assert result.evaluations["label"].rows == len(test["id"])  # the model's own figures stay on every row
     page = (tmp_path / "r" / "report.html").read_text()
     assert f"{len(chosen)} of {len(test['id'])}, chosen by id hash" in page
+
+
+def test_rows_sharing_an_id_are_scored_once_each_when_the_rows_are_chosen(tmp_path, monkeypatch):
+    """Ingest keeps ids unique, but a table written by other tools may not: each row counts once, not per lookup."""
+    from lance_io.splits import id_bucket
+    from ray_jobs.evaluation import baselines, evaluate_table
+
+    images = digit_images(120)
+    table = image_rows(images)
+    table = pa.concat_tables([table, table])  # every id on two rows
+    split = ["test" if k % 3 == 0 else "train" for k in range(len(images))] * 2
+    table = table.append_column("split", pa.array(split)).append_column("label", table.column("truth"))
+    uri = str(tmp_path / "twice.lance")
+    lance.write_dataset(table, uri)
+    monkeypatch.setattr(baselines, "MAX_SCORED_ROWS", 30)
+    monkeypatch.setattr(baselines, "LOOKUP_IDS", 3)
+    test_ids = table.filter(pa.compute.equal(table.column("split"), "test")).column("id").to_pylist()
+    chosen = {i for i in test_ids if id_bucket(i, baselines.SALT) < 30 / len(test_ids)}
+    result = evaluate_table(uri, "label", "truth", where="split = 'test'", baseline_train="split = 'train'")
+    assert 0 < len(chosen) < len(test_ids) / 2
+    assert {b.rows for b in result.baselines["label"]} == {2 * len(chosen)}
