@@ -222,6 +222,26 @@ def scan_batches(
         yield from scanner.to_batches()
 
 
+ID_LOOKUP = 2000
+"""Ids per ``IN (...)`` lookup in :func:`rows_with_ids`: the ``id`` index answers each in one probe."""
+
+
+def rows_with_ids(
+    ds: lance.LanceDataset, ids: Sequence[str], columns: Sequence[str], *, where: str | None = None
+) -> Iterator[pa.Table]:
+    """Yield ``columns`` of the rows whose ``id`` is in ``ids`` (and that match ``where``), a lookup at a time.
+
+    Only those rows' columns are read, so fetching the images of a sample costs the sample, not the
+    table. An id several rows hold brings each of them once.
+    """
+    from lance_io.sql import sql_strings
+
+    unique = list(dict.fromkeys(ids))
+    for start in range(0, len(unique), ID_LOOKUP):
+        matching = f"id IN ({sql_strings(unique[start : start + ID_LOOKUP])})"
+        yield ds.to_table(columns=list(columns), filter=matching if where is None else f"({where}) AND {matching}")
+
+
 def count_rows(ds: lance.LanceDataset, where: str | None = None) -> int:
     """Return the number of rows matching ``where`` in this version (``bad_where`` for invalid SQL)."""
     with translated_where(ds, where):

@@ -137,6 +137,15 @@ def _bucket(row_id: str) -> float:
     return int(hashlib.sha256(f"{SALT}:{row_id}".encode()).hexdigest()[:12], 16) / 16**12
 
 
+def _profile_rank(row_id: str) -> float:
+    """A row's place in the order rows enter the profile: a hash of its own, not the folds' (``_bucket``).
+
+    With the folds' own hash, the rows kept from a big table would all have the lowest buckets, so
+    all one fold: nothing left to score the mirror and the jitter on.
+    """
+    return _bucket(f"profile:{row_id}")
+
+
 def _decode(data: bytes) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -261,18 +270,34 @@ def choose_epochs(rows: int) -> tuple[int, dict[str, Any]]:
     return epochs, validation
 
 
-def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[str]) -> Recipe:
-    """Return the recipe for training rows (``ids``, image bytes, truth labels) by the module's rules."""
-    rows = [(str(i), b, str(t)) for i, b, t in zip(ids, images, labels, strict=True) if b and t is not None]
-    if len(rows) > MAX_PROFILE_ROWS:  # enough to measure; a subset chosen by id hash
-        rows = sorted(rows, key=lambda r: _bucket(r[0]))[:MAX_PROFILE_ROWS]
-    decoded = [(i, image, t) for i, b, t in rows if (image := _decode(b)) is not None]
+def profiled_ids(ids: Sequence[str]) -> list[str]:
+    """Return the training ids :func:`choose_recipe` profiles, in its order: all of them, or MAX_PROFILE_ROWS chosen by id hash.
+
+    A caller holding a big table reads the images of these ids alone, passes them in this order, and
+    passes ``rows=len(ids)``: the recipe is the one all the rows would give.
+    """
+    unique = [str(i) for i in ids]  # the order choose_recipe would keep them in
+    return unique if len(unique) <= MAX_PROFILE_ROWS else sorted(unique, key=_profile_rank)[:MAX_PROFILE_ROWS]
+
+
+def choose_recipe(
+    ids: Sequence[str], images: Sequence[bytes], labels: Sequence[str], *, rows: int | None = None
+) -> Recipe:
+    """Return the recipe for training rows (``ids``, image bytes, truth labels) by the module's rules.
+
+    ``rows``: how many training rows there are, when the ones given are :func:`profiled_ids` of them
+    (the epochs follow the whole count; everything else is measured on the rows given).
+    """
+    profile = [(str(i), b, str(t)) for i, b, t in zip(ids, images, labels, strict=True) if b and t is not None]
+    if len(profile) > MAX_PROFILE_ROWS:  # enough to measure; a subset chosen by id hash
+        profile = sorted(profile, key=lambda r: _profile_rank(r[0]))[:MAX_PROFILE_ROWS]
+    decoded = [(i, image, t) for i, b, t in profile if (image := _decode(b)) is not None]
     pictures, truths = [image for _, image, _ in decoded], [t for *_, t in decoded]
     if len(set(truths)) < 2:
         found = ", ".join(f"{n} of {label!r}" for label, n in sorted(Counter(truths).items())) or "none"
         raise RecipeError(
             "recipe_needs_two_classes",
-            f"choosing a recipe needs decodable training images of at least two classes; the {len(rows)} labeled "
+            f"choosing a recipe needs decodable training images of at least two classes; the {len(profile)} labeled "
             f"training rows decode to {found}: give every class images",
         )
     side, side_evidence = choose_side(pictures)
@@ -282,7 +307,7 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
     fill = border_grey(pictures)
     jitter = jitter_check(pictures, truths, folds, fill)
     jittered = jitter["with_jittered_copies"] >= jitter["accuracy"]
-    epochs, validation = choose_epochs(len(images))
+    epochs, validation = choose_epochs(len(images) if rows is None else rows)
     if not jittered and not mirrored:  # every view would be the image itself
         validation["views"] = 1
     return Recipe(
@@ -294,7 +319,7 @@ def choose_recipe(ids: Sequence[str], images: Sequence[bytes], labels: Sequence[
         epochs=epochs,
         validation=validation,
         evidence={
-            "rows": len(images),
+            "rows": len(images) if rows is None else rows,
             "profiled_rows": len(decoded),
             "classes": len(set(truths)),
             **side_evidence,

@@ -24,7 +24,7 @@ import yaml
 from lance_io.errors import errors_uri
 from lance_io.reasons import ReasonError
 from lance_io.splits import split_of
-from llamafactory_ext.recipe import Recipe, choose_recipe, set_processor_side
+from llamafactory_ext.recipe import Recipe, choose_recipe, profiled_ids, set_processor_side
 
 if TYPE_CHECKING:
     from ray_jobs.evaluation.baselines import Baseline
@@ -206,11 +206,15 @@ def _require_held_out(table: str) -> None:
 def training_recipe(table: str, version: int) -> Recipe:
     """Return the recipe ``llamafactory_ext.recipe`` chooses from the table's training split (truth labels)."""
     from lance_io import open_table
+    from lance_io.scan import rows_with_ids
 
-    data = open_table(table, version=version).to_table(
-        columns=["id", "image", "truth"], filter="split = 'train' AND truth IS NOT NULL"
-    ).to_pydict()
-    return choose_recipe(data["id"], data["image"], data["truth"])
+    ds, training = open_table(table, version=version), "split = 'train' AND truth IS NOT NULL"
+    ids = ds.to_table(columns=["id"], filter=training).column("id").to_pylist()
+    profiled = profiled_ids(ids)  # the images of these rows alone are read: the profile, not the table
+    found = {row["id"]: row for part in rows_with_ids(ds, profiled, ["id", "image", "truth"], where=training)
+             for row in part.to_pylist()}
+    rows = [found[i] for i in profiled if i in found]
+    return choose_recipe([r["id"] for r in rows], [r["image"] for r in rows], [r["truth"] for r in rows], rows=len(ids))
 
 
 def _training_config(

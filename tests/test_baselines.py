@@ -238,6 +238,7 @@ def test_a_table_past_the_caps_scores_the_baselines_on_rows_chosen_by_id_hash(di
 
 def test_rows_sharing_an_id_are_scored_once_each_when_the_rows_are_chosen(tmp_path, monkeypatch):
     """Ingest keeps ids unique, but a table written by other tools may not: each row counts once, not per lookup."""
+    from lance_io import scan
     from lance_io.splits import id_bucket
     from ray_jobs.evaluation import baselines, evaluate_table
 
@@ -249,7 +250,7 @@ def test_rows_sharing_an_id_are_scored_once_each_when_the_rows_are_chosen(tmp_pa
     uri = str(tmp_path / "twice.lance")
     lance.write_dataset(table, uri)
     monkeypatch.setattr(baselines, "MAX_SCORED_ROWS", 30)
-    monkeypatch.setattr(baselines, "LOOKUP_IDS", 3)
+    monkeypatch.setattr(scan, "ID_LOOKUP", 3)
     test_ids = table.filter(pa.compute.equal(table.column("split"), "test")).column("id").to_pylist()
     chosen = {i for i in test_ids if id_bucket(i, baselines.SALT) < 30 / len(test_ids)}
     result = evaluate_table(uri, "label", "truth", where="split = 'test'", baseline_train="split = 'train'")

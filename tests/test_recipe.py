@@ -58,6 +58,27 @@ def test_digits_are_never_mirrored_and_keep_four_visual_tokens(digits: Path) -> 
     assert recipe.jitter is True and recipe.augment().rotate_degrees > 0
 
 
+def test_a_training_split_past_the_profile_is_profiled_over_every_fold(digits: Path) -> None:
+    """9,000 training rows: the 2,000 profiled must spread over the folds, or the mirror check scores nothing."""
+    from llamafactory_ext.recipe import FOLDS, MAX_PROFILE_ROWS, _bucket, profiled_ids
+
+    ids, images, labels = _rows(digits)
+    copies = 9000 // len(ids) + 1  # the same digits under other ids, as a bigger table would hold them
+    ids = [f"{k}/{i}" for k in range(copies) for i in ids]
+    images, labels = images * copies, labels * copies
+    profiled = profiled_ids(ids)
+    folds = {k: sum(int(_bucket(i) * FOLDS) == k for i in profiled) for k in range(FOLDS)}
+    assert len(profiled) == MAX_PROFILE_ROWS and min(folds.values()) > MAX_PROFILE_ROWS / FOLDS / 2, folds
+
+    recipe = choose_recipe(ids, images, labels)
+    assert recipe.evidence["rows"] == len(ids) and recipe.evidence["profiled_rows"] == MAX_PROFILE_ROWS
+    assert recipe.flip is False and recipe.evidence["flip_check"]["accuracy"] > 0.8  # scored, and still not mirrored
+    order = {row_id: k for k, row_id in enumerate(profiled)}  # the rows a table's reader fetches, in this order
+    rows = sorted((r for r in zip(ids, images, labels, strict=True) if r[0] in order), key=lambda r: order[r[0]])
+    fetched = choose_recipe(*map(list, zip(*rows, strict=True)), rows=len(ids))
+    assert fetched.as_dict() == recipe.as_dict()
+
+
 def test_the_from_scratch_rules_reach_the_tiny_model_only(digits: Path, tmp_path: Path) -> None:
     import yaml
 

@@ -32,7 +32,6 @@ from lance_io.splits import id_bucket
 PIXELS = 16
 MAX_TRAIN_ROWS = 5000
 MAX_SCORED_ROWS = 20_000
-LOOKUP_IDS = 2000
 SALT = "baseline"
 SIGNIFICANCE = 0.05
 
@@ -203,9 +202,9 @@ def _chosen_rows(ds: object, where: str, cap: int, columns: list[str]) -> Iterat
     """Yield ``columns`` of the rows matching ``where``, in chunks: all of them, or about ``cap`` chosen by id hash.
 
     Choosing reads the ``id`` column alone; the other columns (the images) are read for the chosen
-    rows only, :data:`LOOKUP_IDS` ids per ``IN (...)`` lookup (one probe each where the id is indexed).
+    rows only (:func:`lance_io.scan.rows_with_ids`).
     """
-    from lance_io.sql import sql_strings
+    from lance_io.scan import rows_with_ids
 
     total = ds.count_rows(filter=where)  # type: ignore[attr-defined]
     if total <= cap:
@@ -213,12 +212,11 @@ def _chosen_rows(ds: object, where: str, cap: int, columns: list[str]) -> Iterat
             yield batch.to_pydict()
         return
     keep = cap / total
-    ids = list(dict.fromkeys(  # an id held by several rows is looked up once, and brings them all
+    ids = [
         row_id
         for batch in ds.to_batches(columns=["id"], filter=where)  # type: ignore[attr-defined]
         for row_id in batch.column("id").to_pylist()
         if id_bucket(str(row_id), SALT) < keep
-    ))
-    for start in range(0, len(ids), LOOKUP_IDS):
-        chunk = sql_strings(ids[start : start + LOOKUP_IDS])
-        yield ds.to_table(columns=columns, filter=f"({where}) AND id IN ({chunk})").to_pydict()  # type: ignore[attr-defined]
+    ]
+    for rows in rows_with_ids(ds, ids, columns, where=where):  # type: ignore[arg-type]
+        yield rows.to_pydict()
