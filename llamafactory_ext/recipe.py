@@ -48,13 +48,15 @@ data"):
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
+import itertools
 import json
 import math
 import random
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,14 +272,18 @@ def choose_epochs(rows: int) -> tuple[int, dict[str, Any]]:
     return epochs, validation
 
 
-def profiled_ids(ids: Sequence[str]) -> list[str]:
+def profiled_ids(ids: Iterable[str]) -> list[str]:
     """Return the training ids :func:`choose_recipe` profiles, in its order: all of them, or MAX_PROFILE_ROWS chosen by id hash.
 
-    A caller holding a big table reads the images of these ids alone, passes them in this order, and
-    passes ``rows=len(ids)``: the recipe is the one all the rows would give.
+    ``ids`` may be a stream (a table's id column, batch by batch): no more than MAX_PROFILE_ROWS are
+    held. A caller holding a big table reads the images of these ids alone, passes them in this order
+    with ``rows=`` the number of training rows: the recipe is the one all the rows would give.
     """
-    unique = [str(i) for i in ids]  # the order choose_recipe would keep them in
-    return unique if len(unique) <= MAX_PROFILE_ROWS else sorted(unique, key=_profile_rank)[:MAX_PROFILE_ROWS]
+    stream = (str(i) for i in ids)
+    first = list(itertools.islice(stream, MAX_PROFILE_ROWS + 1))
+    if len(first) <= MAX_PROFILE_ROWS:
+        return first  # the order choose_recipe keeps them in
+    return heapq.nsmallest(MAX_PROFILE_ROWS, itertools.chain(first, stream), key=_profile_rank)
 
 
 def choose_recipe(

@@ -209,12 +209,13 @@ def training_recipe(table: str, version: int) -> Recipe:
     from lance_io.scan import rows_with_ids
 
     ds, training = open_table(table, version=version), "split = 'train' AND truth IS NOT NULL"
-    ids = ds.to_table(columns=["id"], filter=training).column("id").to_pylist()
+    ids = (i for batch in ds.to_batches(columns=["id"], filter=training) for i in batch.column("id").to_pylist())
     profiled = profiled_ids(ids)  # the images of these rows alone are read: the profile, not the table
     found = {row["id"]: row for part in rows_with_ids(ds, profiled, ["id", "image", "truth"], where=training)
              for row in part.to_pylist()}
     rows = [found[i] for i in profiled if i in found]
-    return choose_recipe([r["id"] for r in rows], [r["image"] for r in rows], [r["truth"] for r in rows], rows=len(ids))
+    return choose_recipe([r["id"] for r in rows], [r["image"] for r in rows], [r["truth"] for r in rows],
+                         rows=ds.count_rows(filter=training))
 
 
 def _training_config(
