@@ -38,13 +38,12 @@ import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
 from lance.commit import CommitConflictError
 
+from lance_io.scan import rows_with_ids
 from lance_io.schema import ID
-from lance_io.sql import sql_strings
 from lance_io.table import translated_write_errors
 
 ENSURE_ATTEMPTS = 20
 COMMIT_ATTEMPTS = 20
-_LOCATE_CHUNK = 2000  # ids per IN (...) lookup: the id index answers each in one probe
 _ROW_ADDRESS = "_rowaddr"
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
@@ -261,9 +260,7 @@ def _locate(ds: lance.LanceDataset, ids: list[str], todo: str | None) -> tuple[l
     """Return the ids that still match ``todo`` and the fragment each lives in now."""
     found_ids: list[str] = []
     fragments: list[int] = []
-    for start in range(0, len(ids), _LOCATE_CHUNK):
-        chunk = sql_strings(ids[start : start + _LOCATE_CHUNK])
-        hits = ds.to_table(columns=[ID], with_row_address=True, filter=_and(f"{ID} IN ({chunk})", todo))
+    for hits in rows_with_ids(ds, ids, [ID], where=todo, with_row_address=True):
         found_ids += hits.column(ID).to_pylist()
         fragments += (hits.column(_ROW_ADDRESS).to_numpy() >> 32).tolist()
     return found_ids, fragments

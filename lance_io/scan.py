@@ -24,6 +24,8 @@ import pyarrow as pa
 from pydantic import AfterValidator
 
 from lance_io.reasons import ReasonError
+from lance_io.schema import ID
+from lance_io.sql import sql_strings
 
 
 class TableReadError(ReasonError):
@@ -227,19 +229,23 @@ ID_LOOKUP = 2000
 
 
 def rows_with_ids(
-    ds: lance.LanceDataset, ids: Sequence[str], columns: Sequence[str], *, where: str | None = None
+    ds: lance.LanceDataset,
+    ids: Sequence[str],
+    columns: Sequence[str],
+    *,
+    where: str | None = None,
+    with_row_address: bool = False,
 ) -> Iterator[pa.Table]:
     """Yield ``columns`` of the rows whose ``id`` is in ``ids`` (and that match ``where``), a lookup at a time.
 
     Only those rows' columns are read, so fetching the images of a sample costs the sample, not the
     table. An id several rows hold brings each of them once.
     """
-    from lance_io.sql import sql_strings
-
     unique = list(dict.fromkeys(ids))
     for start in range(0, len(unique), ID_LOOKUP):
-        matching = f"id IN ({sql_strings(unique[start : start + ID_LOOKUP])})"
-        yield ds.to_table(columns=list(columns), filter=matching if where is None else f"({where}) AND {matching}")
+        matching = f"({ID} IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"
+        yield ds.to_table(columns=list(columns), with_row_address=with_row_address,
+                          filter=matching if where is None else f"{matching} AND ({where})")
 
 
 def count_rows(ds: lance.LanceDataset, where: str | None = None) -> int:
