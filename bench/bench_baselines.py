@@ -74,12 +74,12 @@ def run(workdir: Path) -> Section:
             f"| {rows:,} | {held_out:,} | {alone.seconds:.1f} s | {both.seconds:.1f} s | {extra:.1f} s | "
             f"{alone.peak_rss / 2**20:.0f} / {both.peak_rss / 2**20:.0f} MiB | {svm['train_rows']:,} / {svm['rows']:,} |"
         )
-    (small, small_extra, _), (large, large_extra, _) = figures[0], figures[-1]
-    (before, before_extra, before_scored), (_, _, large_scored) = figures[-2 if len(figures) > 1 else -1], figures[-1]
-    last_step = "" if len(figures) < 2 else (
-        f" From {before:,} to {large:,} rows, which score {before_scored:,} and {large_scored:,} rows, "
-        f"{before_extra:.1f} s to {large_extra:.1f} s."
-    )
+    (small, small_extra, _), (large, large_extra, large_scored) = figures[0], figures[-1]
+    last_step = ""
+    if len(figures) > 1:
+        before, before_extra, before_scored = figures[-2]
+        last_step = (f" From {before:,} to {large:,} rows, which score {before_scored:,} and {large_scored:,} rows, "
+                     f"{before_extra:.1f} s to {large_extra:.1f} s.")
     body = "\n".join([
         __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
         f"From {small:,} to {large:,} rows ({large // small}x), the baselines' share of the time goes from "
