@@ -8,7 +8,9 @@ finding those rows. Measured here: a table of N rows as ingest writes them (a di
 28x28 per row, about 400 bytes; `truth`, a `label` column right on 9 rows of 10, a `split`
 column holding 20% `test` by id hash, the `id` BTREE index; files of at most 250,000 rows),
 then `lancetag eval TABLE --where "split = 'test'" --json` with and without `--baseline-train
-"split = 'train'"`, each a process of its own: wall time and peak resident memory.
+"split = 'train'"`, each a process of its own: wall time and peak resident memory. On the same
+table, the demo's recipe step (`ray_jobs.demo.training_recipe`: the mirror and jitter checks on at
+most 2,000 training rows chosen by id hash, their images alone read) in a process of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from pathlib import Path
 from bench.bench_scale import run_measured
 from bench.report import Section
 
+RECIPE = (
+    "import json, sys, lance; from ray_jobs.demo import training_recipe; "
+    "r = training_recipe(sys.argv[1], lance.dataset(sys.argv[1]).version); "
+    "print(json.dumps({'profiled': r.evidence['profiled_rows'], 'flip': r.flip}))"
+)
 SIZES = tuple(int(s) for s in os.environ.get("LANCETAG_BENCH_BASELINE_SIZES", "10000,100000,1000000").split(","))
 LANCETAG = str(Path(sys.executable).parent / "lancetag")
 
@@ -56,8 +63,8 @@ def run(workdir: Path) -> Section:
     """Time `lancetag eval` with and without the baselines at each size."""
     lines = [
         "| rows | held out | eval alone | with the baselines | baselines' share | peak memory, alone / with | "
-        "baselines' rows (train / scored) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "baselines' rows (train / scored) | recipe step, peak memory (rows profiled, mirror) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     figures = []
     for rows in SIZES:
@@ -68,11 +75,14 @@ def run(workdir: Path) -> Section:
         result = json.loads(both.stdout.strip().splitlines()[-1])
         svm = result["baselines"]["label"][-1]
         held_out = result["evaluations"]["label"]["rows"]
+        recipe = run_measured([sys.executable, "-c", RECIPE, uri])
+        chosen = json.loads(recipe.stdout.strip().splitlines()[-1])
         extra = both.seconds - alone.seconds
         figures.append((rows, extra, svm["rows"]))
         lines.append(
             f"| {rows:,} | {held_out:,} | {alone.seconds:.1f} s | {both.seconds:.1f} s | {extra:.1f} s | "
-            f"{alone.peak_rss / 2**20:.0f} / {both.peak_rss / 2**20:.0f} MiB | {svm['train_rows']:,} / {svm['rows']:,} |"
+            f"{alone.peak_rss / 2**20:.0f} / {both.peak_rss / 2**20:.0f} MiB | {svm['train_rows']:,} / {svm['rows']:,} | "
+            f"{recipe.seconds:.1f} s, {recipe.peak_rss / 2**20:.0f} MiB ({chosen['profiled']:,}, {'on' if chosen['flip'] else 'off'}) |"
         )
     (small, small_extra, _), (large, large_extra, large_scored) = figures[0], figures[-1]
     last_step = ""
