@@ -10,7 +10,10 @@ column holding 20% `test` by id hash, the `id` BTREE index; files of at most 250
 then `lancetag eval TABLE --where "split = 'test'" --json` with and without `--baseline-train
 "split = 'train'"`, each a process of its own: wall time and peak resident memory. On the same
 table, the demo's recipe step (`ray_jobs.demo.training_recipe`: the mirror and jitter checks on at
-most 2,000 training rows chosen by id hash, their images alone read) in a process of its own.
+most 2,000 training rows chosen by id hash, their images alone read) in a process of its own, and
+the vision warm-up's rows (`llamafactory_ext.vision_warmup`: at most 20,000 training rows chosen by
+id hash from their ids and labels, their images alone read; the table registered as an entry of
+the `split = 'train'` rows, validation's 10% held back), in a process of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ RECIPE = (
     "import json, sys, lance; from ray_jobs.demo import training_recipe; "
     "r = training_recipe(sys.argv[1], lance.dataset(sys.argv[1]).version); "
     "print(json.dumps({'profiled': r.evidence['profiled_rows'], 'flip': r.flip}))"
+)
+WARMUP = (
+    "import json, sys; from llamafactory_ext.vision_warmup import _training_rows; "
+    "images, _, _, total = _training_rows({'dataset_dir': sys.argv[1], 'dataset': 'digits'}); "
+    "print(json.dumps({'rows': len(images), 'training_rows': total}))"
 )
 SIZES = tuple(int(s) for s in os.environ.get("LANCETAG_BENCH_BASELINE_SIZES", "10000,100000,1000000").split(","))
 LANCETAG = str(Path(sys.executable).parent / "lancetag")
@@ -60,11 +68,14 @@ def _table(workdir: Path, rows: int) -> str:
 
 
 def run(workdir: Path) -> Section:
-    """Time `lancetag eval` with and without the baselines at each size."""
+    """Time `lancetag eval` with and without the baselines, the recipe step and the warm-up's rows at each size."""
+    from llamafactory_ext.register import register_dataset
+
     lines = [
         "| rows | held out | eval alone | with the baselines | baselines' share | peak memory, alone / with | "
-        "baselines' rows (train / scored) | recipe step, peak memory (rows profiled, mirror) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "baselines' rows (train / scored) | recipe step, peak memory (rows profiled, mirror) | "
+        "warm-up's rows, peak memory (rows chosen of training rows) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     figures = []
     for rows in SIZES:
@@ -77,12 +88,17 @@ def run(workdir: Path) -> Section:
         held_out = result["evaluations"]["label"]["rows"]
         recipe = run_measured([sys.executable, "-c", RECIPE, uri])
         chosen = json.loads(recipe.stdout.strip().splitlines()[-1])
+        entries = workdir / f"data{rows}"
+        register_dataset(uri, "digits", entries, label_column="truth", where="split = 'train'", split="train")
+        warmup = run_measured([sys.executable, "-c", WARMUP, str(entries)])
+        warm = json.loads(warmup.stdout.strip().splitlines()[-1])
         extra = both.seconds - alone.seconds
         figures.append((rows, extra, svm["rows"]))
         lines.append(
             f"| {rows:,} | {held_out:,} | {alone.seconds:.1f} s | {both.seconds:.1f} s | {extra:.1f} s | "
             f"{alone.peak_rss / 2**20:.0f} / {both.peak_rss / 2**20:.0f} MiB | {svm['train_rows']:,} / {svm['rows']:,} | "
-            f"{recipe.seconds:.1f} s, {recipe.peak_rss / 2**20:.0f} MiB ({chosen['profiled']:,}, {'on' if chosen['flip'] else 'off'}) |"
+            f"{recipe.seconds:.1f} s, {recipe.peak_rss / 2**20:.0f} MiB ({chosen['profiled']:,}, {'on' if chosen['flip'] else 'off'}) | "
+            f"{warmup.seconds:.1f} s, {warmup.peak_rss / 2**20:.0f} MiB ({warm['rows']:,} of {warm['training_rows']:,}) |"
         )
     (small, small_extra, _), (large, large_extra, large_scored) = figures[0], figures[-1]
     last_step = ""
@@ -95,4 +111,4 @@ def run(workdir: Path) -> Section:
         f"From {small:,} to {large:,} rows ({large // small}x), the baselines' share of the time goes from "
         f"{small_extra:.1f} s to {large_extra:.1f} s ({large_extra / small_extra:.1f}x).{last_step}",
     ])
-    return Section(title="Pixel baselines in `lancetag eval` as the table grows", markdown=body)
+    return Section(title="Pixel baselines, the demo's recipe and the vision warm-up's rows as the table grows", markdown=body)

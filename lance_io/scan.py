@@ -235,15 +235,16 @@ def rows_with_ids(
     *,
     where: str | None = None,
     with_row_address: bool = False,
+    id_column: str = ID,
 ) -> Iterator[pa.Table]:
-    """Yield ``columns`` of the rows whose ``id`` is in ``ids`` (and that match ``where``), a lookup at a time.
+    """Yield ``columns`` of the rows whose ``id_column`` is in ``ids`` (and that match ``where``), a lookup at a time.
 
     Only those rows' columns are read, so fetching the images of a sample costs the sample, not the
     table. An id several rows hold brings each of them once.
     """
     unique = list(dict.fromkeys(ids))
     for start in range(0, len(unique), ID_LOOKUP):
-        matching = f"({ID} IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"
+        matching = f"({id_column} IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"
         yield ds.to_table(columns=list(columns), with_row_address=with_row_address,
                           filter=matching if where is None else f"{matching} AND ({where})")
 

@@ -179,7 +179,7 @@ def require_validation_rows(sources: list[LanceSource]) -> None:
         task = source.load_task()
         truths = answer_columns(task, source.label_column or "")
         allowed = {q.key: _truth_set(q.values) for q in task.questions()}
-        for batch, keep in _split_batches(source, list(truths.values()), 1024):
+        for batch, keep in split_batches(source, list(truths.values()), 1024):
             seen += batch.num_rows
             if any(_scored(batch.column(col)[i].as_py(), allowed[key]) for i in keep for key, col in truths.items()):
                 return
@@ -226,7 +226,7 @@ def validation_sources(dataset_dir: str | Path, names: list[str], fraction: floa
 # ------------------------------------------------------------------ scoring
 
 
-def _split_batches(source: LanceSource, columns: list[str], batch_size: int) -> Iterator[tuple[Any, Iterator[int]]]:
+def split_batches(source: LanceSource, columns: list[str], batch_size: int) -> Iterator[tuple[Any, Iterator[int]]]:
     """Yield (record batch of the id and ``columns``, indices of its rows in ``source``'s split).
 
     The indices come lazily (each id hashed as it is reached), so a caller may stop at the first.
@@ -244,7 +244,7 @@ def _split_batches(source: LanceSource, columns: list[str], batch_size: int) -> 
 def labeled_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[str], list[bytes], dict[str, list]]]:
     """Yield (ids, image bytes, truth per question key) of the rows in ``source``'s split, ``batch_size`` at a time."""
     truths = answer_columns(source.load_task(), source.label_column or "")
-    for batch, kept in _split_batches(source, [source.image_column, *truths.values()], batch_size):
+    for batch, kept in split_batches(source, [source.image_column, *truths.values()], batch_size):
         if keep := list(kept):
             ids = batch.column(source.id_column)
             images = [batch.column(source.image_column)[i].as_py() for i in keep]

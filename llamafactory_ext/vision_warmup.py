@@ -21,25 +21,29 @@ and the run trains from it; the lineage records the warm-up.
 
 from __future__ import annotations
 
+import heapq
 import io
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lance_io.augment import ImageAugment
+from lance_io.labels import answer_columns
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
 from llamafactory_ext.source import LanceSource, dataset_names, lance_source_of, read_dataset_info
-from llamafactory_ext.validation import labeled_batches
+from llamafactory_ext.validation import split_batches
 
 WARM_START_DIR = "lancetag_warm_start"
 MAX_ROWS = 20_000
-"""At most this many training rows warm the tower (chosen by id hash): it is for a tower learning from scratch."""
+"""At most this many training rows warm the tower (the lowest by id hash): it is for a tower learning from
+scratch. Their images are held in memory for the warm-up's epochs."""
 
 
 class VisionWarmupError(ReasonError):
@@ -138,7 +142,12 @@ def warm_vision_tower(
 
 
 def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[str], int]:
-    """Return (image bytes, class index, classes, training rows) of the run's Lance datasets."""
+    """Return (image bytes, class index, classes, training rows) of the run's Lance datasets.
+
+    At most ``MAX_ROWS`` rows, the lowest by id hash: they are chosen from the ids and labels alone
+    (at most ``MAX_ROWS`` held at a time), then only their images are read, so neither memory nor
+    image reads grow with the table.
+    """
     info = read_dataset_info(args.get("dataset_dir", "data"))
     names = dataset_names(args.get("dataset"))
     sources = [s for name in names if (s := lance_source_of(info.get(name, {}), name=name)) is not None]
@@ -147,22 +156,50 @@ def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[s
             "vision_warmup_needs_lance", f"vision_warmup reads labeled Lance datasets, and none of {names} is one"
         )
     classes = _classes(sources)
-    rows: list[tuple[float, bytes, int]] = []
-    for source in sources:
-        key = source.load_task().questions()[0].key
-        for ids, images, truths in labeled_batches(source, 256):
-            rows.extend(
-                (id_bucket(str(i), "vision_warmup"), image, classes.index(str(t)))
-                for i, image, t in zip(ids, images, truths[key], strict=True)
-                if image and t is not None and str(t) in classes
-            )
-    total = len(rows)
-    if total == 0 or len({c for *_, c in rows}) < 2:
+    seen: Counter[str] = Counter()
+    chosen = heapq.nsmallest(MAX_ROWS, _ranked_ids(sources, classes, seen))
+    if seen.total() == 0 or len(seen) < 2:
         raise VisionWarmupError(
             "vision_warmup_needs_labels", "vision_warmup needs training rows of at least two classes"
         )
-    rows = sorted(rows, key=lambda r: r[0])[:MAX_ROWS]
-    return [r[1] for r in rows], [r[2] for r in rows], classes, total
+    rows: list[tuple[float, int, int, bytes, int]] = []
+    for n, source in enumerate(sources):
+        rows.extend(_rows_of(source, n, [row_id for _, m, row_id in chosen if m == n], classes))
+    rows = sorted(rows, key=lambda r: r[:3])[:MAX_ROWS]  # hash, then table order: as the rows were scanned
+    return [r[3] for r in rows], [r[4] for r in rows], classes, seen.total()
+
+
+def _ranked_ids(sources: Sequence[LanceSource], classes: list[str], seen: Counter[str]) -> Iterator[tuple[float, int, str]]:
+    """Yield (id hash, source index, id) of each labeled training row, counting its class in ``seen``."""
+    for n, source in enumerate(sources):
+        column = _truth_column(source)
+        for batch, kept in split_batches(source, [column], 4096):
+            ids, truths = batch.column(source.id_column).to_pylist(), batch.column(column).to_pylist()
+            for i in kept:
+                if truths[i] is not None and str(truths[i]) in classes:
+                    seen[str(truths[i])] += 1
+                    yield id_bucket(str(ids[i]), "vision_warmup"), n, str(ids[i])
+
+
+def _rows_of(
+    source: LanceSource, n: int, ids: list[str], classes: list[str]
+) -> Iterator[tuple[float, int, int, bytes, int]]:
+    """Yield (id hash, ``n``, row address, image bytes, class index) of ``source``'s rows with ``ids``."""
+    from lance_io.scan import open_at, require_columns, rows_with_ids
+
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    columns = [source.id_column, source.image_column, _truth_column(source)]
+    require_columns(ds, columns, uri=source.uri)
+    for part in rows_with_ids(ds, ids, columns, where=source.where, with_row_address=True, id_column=source.id_column):
+        for row_id, image, t, address in zip(*(part.column(c).to_pylist() for c in [*columns, "_rowaddr"]), strict=True):
+            if image and t is not None and str(t) in classes and source.keeps(str(row_id)):
+                yield id_bucket(str(row_id), "vision_warmup"), n, address, image, classes.index(str(t))
+
+
+def _truth_column(source: LanceSource) -> str:
+    """Return the column holding the truth of ``source``'s one question."""
+    task = source.load_task()
+    return answer_columns(task, source.label_column or "")[task.questions()[0].key]
 
 
 def _classes(sources: Sequence[LanceSource]) -> list[str]:

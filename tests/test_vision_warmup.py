@@ -143,3 +143,51 @@ def test_a_llava_next_tower_and_projector_warm_through_the_same_path(tiny_llava_
     changed = {k for k in base if not torch.equal(base[k], warmed[k])}
     assert any("vision_tower" in k for k in changed) and any("multi_modal_projector" in k for k in changed)
     assert not [k for k in changed if "language_model" in k or "lm_head" in k], "the language model is left as it was"
+
+
+def test_the_warmup_reads_the_images_of_the_rows_it_keeps_only(tmp_path, monkeypatch):
+    """Past ``MAX_ROWS`` the lowest rows by id hash are kept, in hash order, from ids and labels alone.
+
+    The entry keys its rows by a column of its own (``key``, not ``id``), holds a key twice, a row without a
+    label and a row with a label outside the task; a ``where`` excludes a quarter of the rows.
+    """
+    from lance_io.splits import id_bucket
+    from llamafactory_ext import vision_warmup
+
+    def in_train(key: str) -> bool:
+        return split_of(key, 0.2, held_out="validation", salt="validation") == "train"
+
+    rng = random.Random(2)
+    rows = image_rows([(_square(rng, n % 2 == 1), "bright" if n % 2 else "dark") for n in range(60)])
+    keys = [f"k{n}" for n in range(60)]
+    first = min((n for n in range(60) if n % 4 and in_train(keys[n])), key=lambda n: id_bucket(keys[n], "vision_warmup"))
+    twin = 13 if first != 13 else 14
+    keys[twin] = keys[first]  # the key that ranks first, held by two rows
+    truth = rows.column("truth").to_pylist()
+    unlabeled, stray = [n for n in range(60) if n % 4 and in_train(keys[n]) and n not in (first, twin)][:2]
+    truth[unlabeled], truth[stray] = None, "grey"
+    rows = rows.drop_columns(["truth"]).append_column("key", pa.array(keys))
+    rows = rows.append_column("truth", pa.array(truth)).append_column("part", pa.array([n % 4 for n in range(60)]))
+    lance.write_dataset(rows, str(tmp_path / "t.lance"))
+    task = tmp_path / "shade.yaml"
+    task.write_text(yaml.safe_dump({"kind": "classify", "name": "shade", "labels": ["dark", "bright"]}))
+    register_dataset(str(tmp_path / "t.lance"), "shades", tmp_path / "data", task=str(task), label_column="truth",
+                     where="part > 0", split="train", val_fraction=0.2)
+    info_path = tmp_path / "data" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["shades"]["lance"]["id_column"] = "key"
+    info_path.write_text(json.dumps(info))
+
+    images = rows.column("image").to_pylist()
+    training = [n for n in range(60) if n % 4 and in_train(keys[n]) and truth[n] in ("dark", "bright")]
+    ranked = sorted(training, key=lambda n: id_bucket(keys[n], "vision_warmup"))  # stable: table order on a tie
+    assert sorted(ranked[:2]) == sorted([first, twin]) and {unlabeled, stray}.isdisjoint(training)
+    monkeypatch.setattr(vision_warmup, "MAX_ROWS", 12)
+    got, labels, classes, total = vision_warmup._training_rows({"dataset_dir": str(tmp_path / "data"), "dataset": "shades"})
+    assert classes == ["dark", "bright"] and total == len(training) > 12
+    assert got == [images[n] for n in ranked[:12]]
+    assert labels == [classes.index(truth[n]) for n in ranked[:12]]
+
+    monkeypatch.setattr(vision_warmup, "MAX_ROWS", 1000)  # under the cap: every training row, each once
+    got, _, _, total = vision_warmup._training_rows({"dataset_dir": str(tmp_path / "data"), "dataset": "shades"})
+    assert got == [images[n] for n in ranked] and total == len(training)
