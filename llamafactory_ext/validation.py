@@ -75,11 +75,23 @@ class ValidationError(ReasonError):
 
 
 @dataclass(frozen=True)
+class ValidationRows:
+    """The validation rows of one Lance entry, found once before training: each evaluation reads only them."""
+
+    source: LanceSource
+    """The entry's ``validation`` split."""
+    ids: list[str]
+    """Its rows in that split with a truth in the task's set, in table order."""
+
+
+@dataclass(frozen=True)
 class ValidationPlan:
     """What the training process needs to validate (picklable: goes to Ray Train workers)."""
 
     options: ValidationOptions
-    sources: list[LanceSource]
+    fraction: float
+    """The share held back: ``options.fraction``, or less on a table past ``options.max_rows``."""
+    rows: list[ValidationRows]
     datasets: list[str]
     model: str
     output_dir: str
@@ -99,8 +111,10 @@ def plan_validation(
     """Split each Lance training dataset of the pinned ``args`` into train and validation rows.
 
     Rewrites the pinned ``dataset_info.json`` (entries read ``split: train`` at
-    ``val_fraction: fraction``) and returns the plan with the matching ``validation`` sources,
-    plus what changed per dataset (for the lineage). ``augment`` is the run's training jitter: the
+    ``val_fraction: fraction``) and returns the plan with the matching validation rows, plus what
+    changed per dataset (for the lineage). ``fraction`` is ``options.fraction``, or
+    ``options.max_rows`` over the datasets' rows when that is less, so an evaluation's cost stops
+    growing with the table and the rest of it is trained on. ``augment`` is the run's training jitter: the
     views tried at the end jitter at half its strength.
     """
     if labeler is None:
@@ -113,36 +127,38 @@ def plan_validation(
     dataset_dir = Path(args.get("dataset_dir", "data"))
     info = read_dataset_info(dataset_dir)
     names = dataset_names(args.get("dataset"))
-    sources, changed = [], {}
-    for name in names:
-        source = lance_source_of(info.get(name, {}), name=name)
-        if source is None:
-            continue
-        if source.split == "validation" or (
-            source.split == "train" and abs(source.val_fraction - options.fraction) > 1e-12
-        ):
-            raise ValidationError(
-                "validation_split_conflict",
-                f"dataset {name!r} is registered as split {source.split!r} with val_fraction "
-                f"{source.val_fraction}: validation holds back fraction {options.fraction} of it; "
-                "register it with --split all, or set validation.fraction to its val_fraction",
-            )
-        _require_closed(source, name)
-        training = source.model_copy(update={"split": "train", "val_fraction": options.fraction})
-        info[name]["lance"] = training.model_dump(mode="json", exclude_none=True)
-        sources.append(training.model_copy(update={"split": "validation"}))
-        changed[name] = {"split": "train", "val_fraction": options.fraction}
-    if not sources:
+    entries = {name: source for name in names if (source := lance_source_of(info.get(name, {}), name=name))}
+    if not entries:
         raise ValidationError(
             "validation_needs_lance",
             f"validation splits Lance datasets by id, and none of {names} is one; "
             "register a table with `lancetag lf register` or drop the validation block",
         )
+    for name, source in entries.items():
+        _require_closed(source, name)
+    fraction = held_back_fraction(list(entries.values()), options)
+    sources, changed = [], {}
+    for name, source in entries.items():
+        if source.split == "validation" or (
+            source.split == "train" and abs(source.val_fraction - fraction) > 1e-12
+        ):
+            raise ValidationError(
+                "validation_split_conflict",
+                f"dataset {name!r} is registered as split {source.split!r} with val_fraction "
+                f"{source.val_fraction}: validation holds back fraction {fraction} of it; "
+                "register it with --split all, or set validation.fraction to its val_fraction",
+            )
+        training = source.model_copy(update={"split": "train", "val_fraction": fraction})
+        info[name]["lance"] = training.model_dump(mode="json", exclude_none=True)
+        sources.append(training.model_copy(update={"split": "validation"}))
+        changed[name] = {"split": "train", "val_fraction": fraction}
     require_validation_rows(sources)
+    rows = validation_rows(sources)
     (dataset_dir / DATA_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     plan = ValidationPlan(
         options=options,
-        sources=sources,
+        fraction=fraction,
+        rows=rows,
         datasets=list(changed),
         model=str(args["model_name_or_path"]),
         output_dir=str(args["output_dir"]),
@@ -188,6 +204,40 @@ def require_validation_rows(sources: list[LanceSource]) -> None:
         f"none of the {seen} training rows falls in the validation share ({sources[0].val_fraction}) with a "
         f"truth in the task's set, so no accuracy could be measured: add rows or raise validation.fraction",
     )
+
+
+def held_back_fraction(sources: list[LanceSource], options: ValidationOptions) -> float:
+    """Return the share of ids validation holds back: ``options.fraction``, at most ``max_rows`` of the sources' rows.
+
+    Counts the rows each source's ``where`` keeps (no column is read for it): on a table of ten
+    million rows, 10% would be a million rows scored at every evaluation and never trained on.
+    """
+    from lance_io.scan import count_rows, open_at
+
+    rows = sum(
+        count_rows(open_at(s.uri, s.ref(), storage_options=s.storage_options()), s.where) for s in sources
+    )
+    return min(options.fraction, options.max_rows / rows) if rows else options.fraction
+
+
+def validation_rows(sources: list[LanceSource]) -> list[ValidationRows]:
+    """Return the ids of each validation source's rows that have a truth in its task's set.
+
+    Reads the id and truth columns of every row once (no image); each evaluation then reads the
+    images of these rows only (:func:`scored_rows`).
+    """
+    found = []
+    for source in sources:
+        task = source.load_task()
+        truths = answer_columns(task, source.label_column or "")
+        allowed = {q.key: _truth_set(q.values) for q in task.questions()}
+        ids = []
+        for batch, keep in split_batches(source, list(truths.values()), 4096):
+            columns = {key: batch.column(col).to_pylist() for key, col in truths.items()}
+            row_ids = batch.column(source.id_column).to_pylist()
+            ids.extend(str(row_ids[i]) for i in keep if any(_scored(columns[k][i], allowed[k]) for k in truths))
+        found.append(ValidationRows(source, ids))
+    return found
 
 
 def _truth_set(values: Any) -> set[str]:
@@ -241,17 +291,6 @@ def split_batches(source: LanceSource, columns: list[str], batch_size: int) -> I
         yield batch, (i for i, row_id in enumerate(ids) if source.keeps(str(row_id)))
 
 
-def labeled_batches(source: LanceSource, batch_size: int) -> Iterator[tuple[list[str], list[bytes], dict[str, list]]]:
-    """Yield (ids, image bytes, truth per question key) of the rows in ``source``'s split, ``batch_size`` at a time."""
-    truths = answer_columns(source.load_task(), source.label_column or "")
-    for batch, kept in split_batches(source, [source.image_column, *truths.values()], batch_size):
-        if keep := list(kept):
-            ids = batch.column(source.id_column)
-            images = [batch.column(source.image_column)[i].as_py() for i in keep]
-            yield ([str(ids[i].as_py()) for i in keep], images,
-                   {key: [batch.column(col)[i].as_py() for i in keep] for key, col in truths.items()})
-
-
 @dataclass(frozen=True)
 class ScoredRow:
     """One validation row as a labeler answered it."""
@@ -265,29 +304,39 @@ class ScoredRow:
     """The probability of its least confident answer (None: unknown, or no answer)."""
 
 
-def scored_rows(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> Iterator[ScoredRow]:
-    """Yield each validation row of ``sources`` as ``label`` answers it, in table order.
+def scored_rows(label: LabelImages, rows: list[ValidationRows], *, batch_size: int = 16) -> Iterator[ScoredRow]:
+    """Yield each validation row as ``label`` answers it, in the order of ``rows``' ids.
 
-    Every closed question of a row with a truth value in the task's set counts once; an image the
-    backend could not answer counts as wrong, as in ``lancetag eval``.
+    Only these rows' images are read (looked up by id). Every closed question of a row with a
+    truth value in the task's set counts once; an image the backend could not answer counts as
+    wrong, as in ``lancetag eval``.
     """
-    for source in sources:
-        task = source.load_task()
+    from lance_io.scan import open_at, rows_with_ids
+
+    for held in rows:
+        source, task = held.source, held.source.load_task()
         allowed = {q.key: _truth_set(q.values) for q in task.questions()}
+        truth_columns = answer_columns(task, source.label_column or "")
         predicted_columns = answer_columns(task, "predicted")
-        for _, images, truths in labeled_batches(source, batch_size):
-            records = label(images, task)
-            batch = results_to_batch(records, task, "predicted")
-            predicted = {key: batch.column(predicted_columns[key]).to_pylist() for key in truths}
-            for n, record in enumerate(records):
-                right = counted = 0
-                for key, truth in truths.items():
-                    want, got = truth[n], predicted[key][n]
-                    if not _scored(want, allowed[key]):
-                        continue  # rows training skips too (label_missing, label_not_in_task)
-                    counted += 1
-                    right += got is not None and str(got) == str(want)
-                yield ScoredRow(right, counted, tuple(predicted[key][n] for key in truths), _least_confidence(record))
+        ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+        found = rows_with_ids(ds, held.ids, [source.id_column, source.image_column, *truth_columns.values()],
+                              where=source.where, id_column=source.id_column)
+        for part in found:
+            for start in range(0, part.num_rows, batch_size):
+                chunk = part.slice(start, batch_size)
+                truths = {key: chunk.column(col).to_pylist() for key, col in truth_columns.items()}
+                records = label(chunk.column(source.image_column).to_pylist(), task)
+                batch = results_to_batch(records, task, "predicted")
+                predicted = {key: batch.column(predicted_columns[key]).to_pylist() for key in truths}
+                for n, record in enumerate(records):
+                    right = counted = 0
+                    for key, truth in truths.items():
+                        want, got = truth[n], predicted[key][n]
+                        if not _scored(want, allowed[key]):
+                            continue  # rows training skips too (label_missing, label_not_in_task)
+                        counted += 1
+                        right += got is not None and str(got) == str(want)
+                    yield ScoredRow(right, counted, tuple(predicted[key][n] for key in truths), _least_confidence(record))
 
 
 def _least_confidence(record: LabelRecord) -> float | None:
@@ -299,18 +348,19 @@ def _least_confidence(record: LabelRecord) -> float | None:
 
 def validation_accuracy(label: LabelImages, sources: list[LanceSource], *, batch_size: int = 16) -> tuple[float, int]:
     """Return (share of validation answers matching the truth, validation rows) as ``label`` answers them."""
-    return _accuracy(list(scored_rows(label, sources, batch_size=batch_size)), sources)
+    held = validation_rows(sources)
+    return _accuracy(list(scored_rows(label, held, batch_size=batch_size)), held)
 
 
-def _accuracy(rows: list[ScoredRow], sources: list[LanceSource]) -> tuple[float, int]:
-    total = sum(r.counted for r in rows)
+def _accuracy(scored: list[ScoredRow], rows: list[ValidationRows]) -> tuple[float, int]:
+    total = sum(r.counted for r in scored)
     if total == 0:
-        names = ", ".join(s.uri for s in sources)
+        names = ", ".join(r.source.uri for r in rows)
         raise ValidationError(
             "validation_no_rows",
             f"no validation rows with a truth in the task's set in {names}; raise validation.fraction",
         )
-    return sum(r.right for r in rows) / total, len(rows)
+    return sum(r.right for r in scored) / total, len(scored)
 
 
 # ------------------------------------------------------------------ during training
@@ -326,7 +376,7 @@ class Validator:
     def __init__(self, plan: ValidationPlan, *, is_main: bool) -> None:
         self.plan = plan
         self.is_main = is_main
-        self.curve = Curve(fraction=plan.options.fraction, rows=0)
+        self.curve = Curve(fraction=plan.fraction, rows=0)
         self.best_weights: dict[str, Any] | None = None
         self.best_rows: list[ScoredRow] = []  # the kept evaluation's answers, the image alone
         self.since_best = 0
@@ -353,7 +403,7 @@ class Validator:
         if self.is_main:
             started = time.perf_counter()
             scored = self._score(model)
-            accuracy, rows = _accuracy(scored, self.plan.sources)
+            accuracy, rows = _accuracy(scored, self.plan.rows)
             point = CurvePoint(step, round(epoch, 4), accuracy, train_loss, round(time.perf_counter() - started, 2))
             self.curve.rows = rows
             kept, improved = self.curve.add(point, self.plan.options.tolerance)
@@ -406,16 +456,16 @@ class Validator:
         views, best = self.plan.views, self.curve.best
         if not self.is_main or views is None or best is None:
             return
-        batch_size, sources = self.plan.options.batch_size, self.plan.sources
+        batch_size, rows = self.plan.options.batch_size, self.plan.rows
         rows_alone = self.best_rows  # the kept weights' answers from the image alone, scored when kept
         viewed = self.plan.labeler(model, self.plan.model, batch_size, views)
         was_training = model.training
         model.eval()
         try:
-            rows_viewed = list(scored_rows(viewed, sources, batch_size=batch_size))
+            rows_viewed = list(scored_rows(viewed, rows, batch_size=batch_size))
         finally:
             model.train(was_training)
-        accuracy, single = _accuracy(rows_viewed, sources)[0], best.validation_accuracy
+        accuracy, single = _accuracy(rows_viewed, rows)[0], best.validation_accuracy
         changed = [a.confidence for a, v in zip(rows_alone, rows_viewed, strict=True) if a.values != v.values]
         unsure_at = None if not changed or None in changed else max(changed)  # type: ignore[type-var]
         kept = views.model_copy(update={"unsure_at": unsure_at})
@@ -443,7 +493,7 @@ class Validator:
         was_training = model.training
         model.eval()
         try:
-            return list(scored_rows(self._label, self.plan.sources, batch_size=batch_size))
+            return list(scored_rows(self._label, self.plan.rows, batch_size=batch_size))
         finally:
             model.train(was_training)
 

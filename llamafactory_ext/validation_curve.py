@@ -15,6 +15,10 @@ class ValidationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fraction: float = Field(0.1, gt=0, lt=1, description="share of each Lance dataset's ids held back")
+    max_rows: int = Field(
+        5000, ge=1,
+        description="hold back about this many rows at most: on a larger table the fraction becomes max_rows / rows",
+    )
     every_epochs: int | None = Field(None, ge=1, description="score after every this many epochs (default 1)")
     every_steps: int | None = Field(None, ge=1, description="score every this many optimizer steps instead")
     patience: int | None = Field(

@@ -201,3 +201,48 @@ def test_a_validation_the_run_cannot_honour_is_refused_before_training(tiny_qwen
     assert not (tmp_path / "out" / "trainer_state.json").exists()
     if reason == "validation_no_rows":  # refused from the ids before training, not at its first evaluation
         assert "none of the 12 training rows" in str(err.value)
+
+
+def test_a_large_table_holds_back_max_rows_and_an_evaluation_reads_those_rows_only(tmp_path):
+    """Past ``max_rows`` the share held back shrinks to ``max_rows`` over the rows the entry keeps;
+    an evaluation asks the labeler about exactly those rows, found by id before training."""
+    from llamafactory_ext.validation import plan_validation, scored_rows
+    from llamafactory_ext.validation_curve import ValidationOptions
+    from ray_jobs.evaluation.in_training import transformers_labeler
+    from serve_apps.results import LabelResult
+
+    table = image_rows(digit_images(300))
+    lance.write_dataset(table, str(tmp_path / "t.lance"))
+    register_dataset(str(tmp_path / "t.lance"), "t", tmp_path / "data", task="digits", label_column="truth",
+                     where="truth != '0'")
+    ids, images, truth = (table.column(c).to_pylist() for c in ("id", "image", "truth"))
+    kept = [n for n in range(300) if truth[n] != "0"]
+    args = {"dataset": "t", "dataset_dir": str(tmp_path / "data"), "model_name_or_path": "m",
+            "output_dir": str(tmp_path / "out")}
+
+    plan, changed = plan_validation(args, ValidationOptions(fraction=0.5, max_rows=30), transformers_labeler)
+    assert plan.fraction == 30 / len(kept) < 0.5
+    assert changed == {"t": {"split": "train", "val_fraction": plan.fraction}}
+    entry = json.loads((tmp_path / "data" / "dataset_info.json").read_text())["t"]["lance"]
+    assert entry["split"] == "train" and entry["val_fraction"] == plan.fraction
+    held = [n for n in kept if split_of(ids[n], plan.fraction, held_out="validation", salt="validation") == "validation"]
+    (rows,) = plan.rows
+    assert rows.ids == [ids[n] for n in held] and 10 <= len(held) <= 60  # about max_rows: a hash's share
+
+    asked: list[bytes] = []
+
+    def label(batch: list[bytes], task) -> list[LabelResult]:  # right on the first 10 rows it is asked
+        asked.extend(batch)
+        answers = [truth[images.index(image)] if len(asked) - len(batch) + k < 10 else "0"
+                   for k, image in enumerate(batch)]
+        return [LabelResult(task=task.name, kind="classify", label=a, confidence=0.9, model_id="m",
+                            task_hash="h", backend="test") for a in answers]
+
+    scored = list(scored_rows(label, plan.rows, batch_size=4))
+    assert asked == [images[n] for n in held]
+    assert sum(r.right for r in scored) == 10 and all(r.counted == 1 for r in scored)
+
+    register_dataset(str(tmp_path / "t.lance"), "t", tmp_path / "data2", task="digits", label_column="truth")
+    plan, _ = plan_validation(args | {"dataset_dir": str(tmp_path / "data2")},
+                              ValidationOptions(fraction=0.5, max_rows=1000), transformers_labeler)
+    assert plan.fraction == 0.5  # under max_rows the fraction stands
