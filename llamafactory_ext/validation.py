@@ -291,6 +291,16 @@ def split_batches(source: LanceSource, columns: list[str], batch_size: int) -> I
         yield batch, (i for i, row_id in enumerate(ids) if source.keeps(str(row_id)))
 
 
+def rows_by_id(source: LanceSource, ids: Sequence[str], columns: list[str], *, with_row_address: bool = False) -> Iterator[Any]:
+    """Yield ``columns`` of ``source``'s rows whose id is in ``ids`` (its version and ``where``), a lookup at a time."""
+    from lance_io.scan import open_at, require_columns, rows_with_ids
+
+    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
+    require_columns(ds, columns, uri=source.uri)
+    yield from rows_with_ids(ds, ids, columns, where=source.where, with_row_address=with_row_address,
+                             id_column=source.id_column)
+
+
 @dataclass(frozen=True)
 class ScoredRow:
     """One validation row as a labeler answered it."""
@@ -311,17 +321,12 @@ def scored_rows(label: LabelImages, rows: list[ValidationRows], *, batch_size: i
     truth value in the task's set counts once; an image the backend could not answer counts as
     wrong, as in ``lancetag eval``.
     """
-    from lance_io.scan import open_at, rows_with_ids
-
     for held in rows:
         source, task = held.source, held.source.load_task()
         allowed = {q.key: _truth_set(q.values) for q in task.questions()}
         truth_columns = answer_columns(task, source.label_column or "")
         predicted_columns = answer_columns(task, "predicted")
-        ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-        found = rows_with_ids(ds, held.ids, [source.id_column, source.image_column, *truth_columns.values()],
-                              where=source.where, id_column=source.id_column)
-        for part in found:
+        for part in rows_by_id(source, held.ids, [source.image_column, *truth_columns.values()]):
             for start in range(0, part.num_rows, batch_size):
                 chunk = part.slice(start, batch_size)
                 truths = {key: chunk.column(col).to_pylist() for key, col in truth_columns.items()}

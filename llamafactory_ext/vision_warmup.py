@@ -38,7 +38,7 @@ from lance_io.labels import answer_columns
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
 from llamafactory_ext.source import LanceSource, dataset_names, lance_source_of, read_dataset_info
-from llamafactory_ext.validation import split_batches
+from llamafactory_ext.validation import rows_by_id, split_batches
 
 WARM_START_DIR = "lancetag_warm_start"
 MAX_ROWS = 20_000
@@ -185,12 +185,8 @@ def _rows_of(
     source: LanceSource, n: int, ids: list[str], classes: list[str]
 ) -> Iterator[tuple[float, int, int, bytes, int]]:
     """Yield (id hash, ``n``, row address, image bytes, class index) of ``source``'s rows with ``ids``."""
-    from lance_io.scan import open_at, require_columns, rows_with_ids
-
-    ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
     columns = [source.id_column, source.image_column, _truth_column(source)]
-    require_columns(ds, columns, uri=source.uri)
-    for part in rows_with_ids(ds, ids, columns, where=source.where, with_row_address=True, id_column=source.id_column):
+    for part in rows_by_id(source, ids, columns, with_row_address=True):
         for row_id, image, t, address in zip(*(part.column(c).to_pylist() for c in [*columns, "_rowaddr"]), strict=True):
             if image and t is not None and str(t) in classes and source.keeps(str(row_id)):
                 yield id_bucket(str(row_id), "vision_warmup"), n, address, image, classes.index(str(t))
