@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -214,10 +214,15 @@ def messages_from_answers(questions: list[Question], values: Mapping[str, Any]) 
 
 def messages_for_row(task: Task, column: str, row: Mapping[str, Any]) -> list[Message]:
     """Return the training chat of one row from its answer columns under prefix ``column``."""
+    return row_messages(task, column)(row)
+
+
+def row_messages(task: Task, column: str) -> Callable[[Mapping[str, Any]], list[Message]]:
+    """Return :func:`messages_for_row` for ``task`` and ``column``, its questions built once (for many rows)."""
     if isinstance(task, GenerateTask):
-        return _generated_messages(task, column, row)
-    values = {key: row.get(name) for key, name in answer_columns(task, column).items()}
-    return messages_from_answers(task.questions(), values)
+        return lambda row: _generated_messages(task, column, row)
+    questions, columns = task.questions(), answer_columns(task, column)
+    return lambda row: messages_from_answers(questions, {key: row.get(name) for key, name in columns.items()})
 
 
 def _generated_messages(task: GenerateTask, column: str, row: Mapping[str, Any]) -> list[Message]:

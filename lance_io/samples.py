@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import lance
 import pyarrow as pa
 
-from lance_io.labels import LabelError, answer_columns, messages_for_row
+from lance_io.labels import LabelError, answer_columns, row_messages
 from lance_io.schema import ID, MESSAGE_TYPE
 from lance_io.sql import sql_string
 from lance_io.table import (
@@ -65,6 +66,9 @@ SAMPLES_SCHEMA = pa.schema(
     ]
 )
 """Columns of every samples table, in order."""
+
+SCAN_BATCH = 8192
+"""Image rows turned into samples at a time by :func:`label_samples`: what it holds, whatever the table's size."""
 
 
 def samples_uri(table_uri: str) -> str:
@@ -253,43 +257,71 @@ def label_samples(
     """Make the chats label column ``column`` teaches (task prompt + stored answer) the table's samples from it.
 
     One sample per labeled image, ``source`` ``labels:<column>``: the same turns the extension
-    builds for ``--label-column`` (:func:`lance_io.labels.messages_for_row`). Earlier samples of
+    builds for ``--label-column`` (:func:`lance_io.labels.messages_for_row`), one scan batch at a
+    time (``SCAN_BATCH`` rows), so memory does not grow with the table. Earlier samples of
     that source that the labels no longer teach (relabeled or unlabeled rows) are removed in
     the same atomic commit; samples of other sources (a human-written dataset) are untouched.
     """
     images = open_table(table_uri, version, storage_options=storage_options)
-    names = list(answer_columns(task, column).values())
     source = f"labels:{column}"
     skipped: dict[str, int] = {}
-    found = []
-    for row in images.to_table(columns=[ID, *names], filter=where).to_pylist():
-        try:
-            messages = messages_for_row(task, column, row)
-        except LabelError as err:
-            skipped[err.reason] = skipped.get(err.reason, 0) + 1
-            continue
-        metadata = {"task": task.name, "column": column}
-        found.append({IMAGE_IDS: [row[ID]], "messages": messages, "source": source, "source_kind": "labels",
-                      "metadata": metadata})
-    rows = sample_rows(found, job=job)
-    if not samples_exist(table_uri, storage_options=storage_options):
-        written = append_samples(table_uri, rows, images_version=images.version, storage_options=storage_options,
-                                 properties={"lancetag.job": job, "lancetag.source": source})
-        return LabelSamples(source, rows.num_rows, written.added, 0, skipped, written.version)
+    made = _samples_taught(images, task, column, where, job, skipped)
+    first = next(made, None)
+    counted = 0
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal counted
+        for batch in itertools.chain([first] if first is not None else [], made):
+            counted += batch.num_rows
+            yield batch
+
+    reader = pa.RecordBatchReader.from_batches(SAMPLES_SCHEMA, batches())
     uri = samples_uri(table_uri)
+    properties = {"lancetag.job": job, "lancetag.source": source, IMAGES_VERSION_KEY: str(images.version)}
+    if not samples_exist(table_uri, storage_options=storage_options):
+        if first is None:
+            return LabelSamples(source, 0, 0, 0, skipped, None)
+        with translated_write_errors(uri, None):
+            written = lance.write_dataset(reader, uri, schema=SAMPLES_SCHEMA, mode="create", storage_options=storage_options,
+                                          transaction_properties={"lancetag.operation": "append_samples", **properties})
+        ensure_id_index(written)  # an index commit of its own: loaders look samples up by id
+        version = lance.dataset(uri, storage_options=storage_options).version
+        return LabelSamples(source, counted, counted, 0, skipped, version)
     samples = lance.dataset(uri, storage_options=storage_options)
     builder = (
         samples.merge_insert(ID)
         .when_not_matched_insert_all()
         .when_not_matched_by_source_delete(f"source = {sql_string(source)}")
     )
-    transaction, stats = builder.execute_uncommitted(rows)
-    properties = {"lancetag.operation": "label_samples", "lancetag.job": job, "lancetag.source": source,
-                  IMAGES_VERSION_KEY: str(images.version)}
-    transaction = dataclasses.replace(transaction, transaction_properties=properties)
+    transaction, stats = builder.execute_uncommitted(reader)
+    transaction = dataclasses.replace(
+        transaction, transaction_properties={"lancetag.operation": "label_samples", **properties}
+    )
     with translated_write_errors(uri, samples.version):
         written = lance.LanceDataset.commit(uri, transaction, read_version=samples.version,
                                             storage_options=storage_options)
     return LabelSamples(
-        source, rows.num_rows, stats["num_inserted_rows"], stats["num_deleted_rows"], skipped, written.version
+        source, counted, stats["num_inserted_rows"], stats["num_deleted_rows"], skipped, written.version
     )
+
+
+def _samples_taught(
+    images: lance.LanceDataset, task: Task, column: str, where: str | None, job: str, skipped: dict[str, int]
+) -> Iterator[pa.RecordBatch]:
+    """Yield the samples label column ``column`` teaches, a scan batch at a time; count the rows skipped by reason."""
+    from lance_io.scan import scan_batches
+
+    source, metadata = f"labels:{column}", {"task": task.name, "column": column}
+    messages_for_row = row_messages(task, column)
+    for batch in scan_batches(images, [ID, *answer_columns(task, column).values()], where=where, batch_size=SCAN_BATCH):
+        found = []
+        for row in batch.to_pylist():
+            try:
+                messages = messages_for_row(row)
+            except LabelError as err:
+                skipped[err.reason] = skipped.get(err.reason, 0) + 1
+                continue
+            found.append({IMAGE_IDS: [row[ID]], "messages": messages, "source": source, "source_kind": "labels",
+                          "metadata": metadata})
+        if found:
+            yield from sample_rows(found, job=job).to_batches()

@@ -62,3 +62,44 @@ def test_label_samples_equal_the_label_entry_mix_with_a_sharegpt_dataset_and_fol
         if r["image_ids"] == [first]
     ]
     assert len(answers) == 1 and "3" in answers[0]
+
+
+def test_label_samples_are_made_a_scan_batch_at_a_time_and_follow_relabels(tmp_path: Path, monkeypatch):
+    """Batches of 8 rows make the same samples as the rows one by one, across both commits (create, merge)."""
+    import pyarrow as pa
+    import pytest
+
+    from lance_io import samples as samples_module
+    from lance_io.labels import messages_for_row
+    from lance_io.scan import TableReadError
+    from lance_io.tasks import load_task
+
+    task = load_task("digits")
+    labels = [str(n % 10) for n in range(50)]
+    labels[3], labels[17] = None, "eleven"  # no answer; an answer outside the task
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(pa.table({"id": [f"img{n:02d}" for n in range(50)], "label": labels}), uri)
+    monkeypatch.setattr(samples_module, "SCAN_BATCH", 8)
+
+    def taught() -> dict[str, list]:
+        rows = samples_module.open_samples(uri).to_table(columns=["image_ids", "messages"]).to_pylist()
+        return {r["image_ids"][0]: r["messages"] for r in rows}
+
+    made = samples_module.label_samples(uri, task, "label")
+    assert (made.samples, made.added, made.removed) == (48, 48, 0)
+    assert made.skipped == {"label_missing": 1, "label_not_in_task": 1}
+    expected = {f"img{n:02d}": messages_for_row(task, "label", {"label": labels[n]})
+                for n in range(50) if n not in (3, 17)}
+    assert taught() == expected
+
+    relabeled = [labels[n] if n % 2 else str((int(labels[n]) + 1) % 10) for n in range(50) if n != 17]
+    lance.write_dataset(pa.table({"id": [f"img{n:02d}" for n in range(50) if n != 17], "label": relabeled}),
+                        uri, mode="overwrite")
+    again = samples_module.label_samples(uri, task, "label")
+    assert (again.samples, again.added, again.removed) == (48, 25, 25)  # the 25 even rows' samples replaced
+    assert taught() == {f"img{n:02d}": messages_for_row(task, "label", {"label": relabeled[k]})
+                        for k, n in enumerate(n for n in range(50) if n != 17) if n != 3}
+
+    with pytest.raises(TableReadError) as err:
+        samples_module.label_samples(uri, task, "label", where="label ==== '1'")
+    assert err.value.reason == "bad_where"
