@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import lance
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lance_io.labels import answer_columns_in
 from lance_io.reasons import ReasonError
@@ -185,14 +185,30 @@ def restore_version(uri: str, version: int | str, *, storage_options: dict[str, 
     return open_table(uri, storage_options=storage_options).version
 
 
-def _column_by_id(ds: lance.LanceDataset, column: str) -> dict[str, str | None]:
-    if column not in ds.schema.names:
-        return {}
-    table = ds.to_table(columns=[ID, column])
-    values = table.column(column)
-    if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
-        values = values.cast(pa.string())
-    return dict(zip(table.column(ID).to_pylist(), values.to_pylist(), strict=True))
+def _by_id(ds: lance.LanceDataset, names: list[str], side: str) -> pa.Table:
+    """Return ``id``, a ``side`` presence flag and ``names`` (as strings, ``side:<name>``; null where the
+    version lacks the column), one row per distinct id (an id held twice keeps its last row)."""
+    present = [n for n in names if n in ds.schema.names]
+    table = ds.to_table(columns=[ID, *present])
+    if pc.count_distinct(table.column(ID)).as_py() < table.num_rows:
+        grouped = table.group_by(ID, use_threads=False).aggregate([(n, "last") for n in present])
+        table = pa.table({ID: grouped.column(ID), **{n: grouped.column(f"{n}_last") for n in present}})
+    columns = {ID: table.column(ID), side: pa.repeat(True, table.num_rows)}
+    for n in names:
+        values = table.column(n) if n in present else pa.nulls(table.num_rows, pa.string())
+        columns[f"{side}:{n}"] = values.cast(pa.large_string())
+    return pa.table(columns)
+
+
+def _sorted_ids(ids: pa.ChunkedArray, limit: int) -> list[str]:
+    """Return the first ``limit`` of ``ids`` in sorted order."""
+    return ids.take(pc.sort_indices(ids)[:limit]).to_pylist() if limit else []
+
+
+def _counts(values: pa.ChunkedArray) -> dict[str | None, int]:
+    """Return value -> rows, the most common first (ties by value)."""
+    counted = pc.value_counts(values).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counted, key=lambda c: (-c["counts"], str(c["values"])))}
 
 
 def diff_versions(
@@ -208,15 +224,12 @@ def diff_versions(
 
     ``column`` is a label column prefix (:func:`lance_io.labels.answer_columns_in`): ``label``
     compares that column, ``attrs`` compares every ``attrs_<attribute>`` answer column. Only
-    ``id`` and those columns are read. Id lists are cut at ``max_ids``; counts are exact.
+    ``id`` and those columns are read, and the two versions are joined on ``id`` in Arrow (no
+    Python object per row). Id lists are cut at ``max_ids``; counts are exact.
     """
     a = open_table(uri, before, storage_options=storage_options)
     b = open_table(uri, after, storage_options=storage_options)
-    ids_a = set(a.to_table(columns=[ID]).column(ID).to_pylist())
-    ids_b = set(b.to_table(columns=[ID]).column(ID).to_pylist())
-    added, removed = sorted(ids_b - ids_a), sorted(ids_a - ids_b)
-    diffs: list[ColumnDiff] = []
-    changed_any: set[str] = set()
+    names: list[str] = []
     if column is not None:
         # the union of both versions' answer columns: a prefix labeled only in `after` still compares
         answers = {**answer_columns_in(a.schema.names, column), **answer_columns_in(b.schema.names, column)}
@@ -226,28 +239,37 @@ def diff_versions(
                 f"neither version {before} nor {after} of {uri} has a column {column!r} or {column}_<attribute> "
                 "answer columns; give the prefix `lancetag label --column` wrote",
             )
-        common = ids_a & ids_b
-        for name in sorted(answers.values()):
-            va, vb = _column_by_id(a, name), _column_by_id(b, name)
-            changed = sorted(i for i in common if va.get(i) != vb.get(i))
-            changed_any.update(changed)
-            diffs.append(
-                ColumnDiff(
-                    column=name,
-                    before=dict(Counter(va.get(i) for i in ids_a).most_common()),
-                    after=dict(Counter(vb.get(i) for i in ids_b).most_common()),
-                    changed=len(changed),
-                    changed_ids=changed[:max_ids],
-                )
+        names = sorted(answers.values())
+    joined = _by_id(a, names, "a").join(_by_id(b, names, "b"), keys=ID, join_type="full outer")
+    in_a, in_b = pc.fill_null(joined.column("a"), False), pc.fill_null(joined.column("b"), False)
+    ids, both = joined.column(ID), pc.and_(in_a, in_b)
+    added, removed = ids.filter(pc.and_not(in_b, in_a)), ids.filter(pc.and_not(in_a, in_b))
+    diffs: list[ColumnDiff] = []
+    changed_any = pa.chunked_array([pa.repeat(False, joined.num_rows)])
+    for name in names:
+        va, vb = joined.column(f"a:{name}"), joined.column(f"b:{name}")
+        differs = pc.or_kleene(pc.not_equal(va, vb), pc.xor(pc.is_null(va), pc.is_null(vb)))
+        changed = pc.and_(both, pc.fill_null(differs, False))
+        changed_any = pc.or_(changed_any, changed)
+        changed_ids = ids.filter(changed)
+        diffs.append(
+            ColumnDiff(
+                column=name,
+                before=_counts(va.filter(in_a)),
+                after=_counts(vb.filter(in_b)),
+                changed=len(changed_ids),
+                changed_ids=_sorted_ids(changed_ids, max_ids),
             )
+        )
+    changed_ids = ids.filter(changed_any)
     return VersionDiff(
         before=a.version,
         after=b.version,
         added=len(added),
         removed=len(removed),
-        added_ids=added[:max_ids],
-        removed_ids=removed[:max_ids],
+        added_ids=_sorted_ids(added, max_ids),
+        removed_ids=_sorted_ids(removed, max_ids),
         columns=diffs,
-        changed=len(changed_any),
-        changed_ids=sorted(changed_any)[:max_ids],
+        changed=len(changed_ids),
+        changed_ids=_sorted_ids(changed_ids, max_ids),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 
 import pyarrow as pa
@@ -146,3 +147,38 @@ def test_listing_the_newest_versions_reads_only_those_and_keeps_oldest_first(his
     out = subprocess.run([LANCETAG, "versions", uri, "--last", "1", "--json"], capture_output=True, text=True, check=True)
     shown = json.loads(out.stdout)
     assert [v["version"] for v in shown] == [every[-1].version]
+
+
+def test_diff_counts_and_ids_equal_a_row_by_row_comparison_on_awkward_rows(tmp_path):
+    """Ids held twice (the last row counts), nulls on either side, an integer column, and id lists cut
+    at ``max_ids`` in sorted order: the same answers as comparing the rows one by one in Python."""
+    import lance
+
+    rng = random.Random(5)
+    ids = [f"r{n:03d}" for n in range(300)]
+    before = pa.table({"id": [*ids, "r007", "r008"],
+                       "label": [rng.choice(["a", "b", None]) for _ in range(302)],
+                       "score": pa.array([rng.choice([1, 2, None]) for _ in range(302)], pa.int64())})
+    kept = [i for i in ids if i not in {"r010", "r011", "r012"}] + [f"n{n:03d}" for n in range(150)]
+    after = pa.table({"id": kept, "label": [rng.choice(["a", "b", None]) for _ in kept],
+                      "score": pa.array([rng.choice([1, 2, None]) for _ in kept], pa.int64())})
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(before, uri)
+    lance.write_dataset(after, uri, mode="overwrite")
+
+    def by_id(table: pa.Table, column: str) -> dict:
+        values = [None if v is None else str(v) for v in table.column(column).to_pylist()]
+        return dict(zip(table.column("id").to_pylist(), values, strict=True))  # the last row of an id wins
+
+    for column in ("label", "score"):
+        diff = diff_versions(uri, 1, 2, column=column, max_ids=7)
+        va, vb = by_id(before, column), by_id(after, column)
+        common = sorted(set(va) & set(vb))
+        changed = [i for i in common if va[i] != vb[i]]
+        assert (diff.added, diff.removed) == (150, 3)
+        assert diff.added_ids == sorted(set(vb) - set(va))[:7] and diff.removed_ids == ["r010", "r011", "r012"]
+        (result,) = diff.columns
+        assert result.changed == diff.changed == len(changed) > 7 and result.changed_ids == changed[:7]
+        assert result.before == {k: sum(v == k for v in va.values()) for k in result.before}
+        assert sum(result.before.values()) == len(va) == 300 and sum(result.after.values()) == len(vb)
+        assert list(result.after.values()) == sorted(result.after.values(), reverse=True)
