@@ -31,6 +31,7 @@ from typing import Any
 
 import lance
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lance_io.labels import LabelError, answer_columns, row_messages
 from lance_io.schema import ID, MESSAGE_TYPE
@@ -206,11 +207,16 @@ class SamplesDiff:
     samples_version_after: int | None
 
 
-def _sample_ids(table_uri: str, version: int | None, storage_options: dict[str, str] | None) -> set[str]:
+def _sample_ids(table_uri: str, version: int | None, storage_options: dict[str, str] | None) -> pa.Array:
+    """Return the distinct sample ids of a samples version (none for None), as one Arrow array."""
     if version is None:
-        return set()
+        return pa.array([], pa.string())
     ds = open_samples(table_uri, version, storage_options=storage_options)
-    return set(ds.to_table(columns=[ID]).column(ID).to_pylist())
+    return pc.unique(ds.to_table(columns=[ID]).column(ID))
+
+
+def _count_not_in(ids: pa.Array, others: pa.Array) -> int:
+    return len(ids) - pc.sum(pc.is_in(ids, value_set=others)).as_py() if len(ids) else 0
 
 
 def diff_samples(
@@ -225,8 +231,8 @@ def diff_samples(
     return SamplesDiff(
         before=len(ids_a),
         after=len(ids_b),
-        added=len(ids_b - ids_a),
-        removed=len(ids_a - ids_b),
+        added=_count_not_in(ids_b, ids_a),
+        removed=_count_not_in(ids_a, ids_b),
         samples_version_before=va,
         samples_version_after=vb,
     )

@@ -97,6 +97,8 @@ def test_label_samples_are_made_a_scan_batch_at_a_time_and_follow_relabels(tmp_p
                         uri, mode="overwrite")
     again = samples_module.label_samples(uri, task, "label")
     assert (again.samples, again.added, again.removed) == (48, 25, 25)  # the 25 even rows' samples replaced
+    diff = samples_module.diff_samples(uri, 1, 2)  # image versions 1 and 2: the samples as of each
+    assert (diff.before, diff.after, diff.added, diff.removed) == (48, 48, 25, 25)
     assert taught() == {f"img{n:02d}": messages_for_row(task, "label", {"label": relabeled[k]})
                         for k, n in enumerate(n for n in range(50) if n != 17) if n != 3}
 
