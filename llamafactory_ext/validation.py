@@ -7,7 +7,10 @@ Configured in the ``lancetag:`` block of a training YAML (off when absent)::
 
 Each Lance dataset of the run is split again by id hash (:func:`lance_io.splits.split_of` with
 salt ``validation``, as :meth:`LanceSource.keeps` does): its ``train`` rows are trained on and its
-``validation`` rows never are. At every evaluation point (``every_epochs`` or ``every_steps``) the
+``validation`` rows never are. The share is ``fraction``, or ``max_rows`` (default 5,000) over the
+rows when that is less (:func:`held_back_fraction`); the validation rows' ids are found once
+before training (:func:`validation_rows`), and each evaluation reads those rows alone, by id.
+At every evaluation point (``every_epochs`` or ``every_steps``) the
 model being trained answers the validation rows exactly as the labeler would: the run's
 :data:`InTrainingLabeler` (``ray_jobs.evaluation.in_training.transformers_labeler``: the
 transformers backend's closed-set scoring, summed log-likelihood of each candidate answer) wraps
