@@ -244,7 +244,7 @@ def rows_with_ids(
     """
     unique = list(dict.fromkeys(ids))
     for start in range(0, len(unique), ID_LOOKUP):
-        matching = f"({id_column} IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"
+        matching = f"(`{id_column}` IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"  # quoted: any column name
         yield ds.to_table(columns=list(columns), with_row_address=with_row_address,
                           filter=matching if where is None else f"{matching} AND ({where})")
 

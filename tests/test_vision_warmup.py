@@ -148,7 +148,7 @@ def test_a_llava_next_tower_and_projector_warm_through_the_same_path(tiny_llava_
 def test_the_warmup_reads_the_images_of_the_rows_it_keeps_only(tmp_path, monkeypatch):
     """Past ``MAX_ROWS`` the lowest rows by id hash are kept, in hash order, from ids and labels alone.
 
-    The entry keys its rows by a column of its own (``key``, not ``id``), holds a key twice, a row without a
+    The entry keys its rows by a column of its own (``row key``, not ``id``), holds a key twice, a row without a
     label and a row with a label outside the task; a ``where`` excludes a quarter of the rows.
     """
     from lance_io.splits import id_bucket
@@ -166,7 +166,7 @@ def test_the_warmup_reads_the_images_of_the_rows_it_keeps_only(tmp_path, monkeyp
     truth = rows.column("truth").to_pylist()
     unlabeled, stray = [n for n in range(60) if n % 4 and in_train(keys[n]) and n not in (first, twin)][:2]
     truth[unlabeled], truth[stray] = None, "grey"
-    rows = rows.drop_columns(["truth"]).append_column("key", pa.array(keys))
+    rows = rows.drop_columns(["truth"]).append_column("row key", pa.array(keys))
     rows = rows.append_column("truth", pa.array(truth)).append_column("part", pa.array([n % 4 for n in range(60)]))
     lance.write_dataset(rows, str(tmp_path / "t.lance"))
     task = tmp_path / "shade.yaml"
@@ -175,7 +175,7 @@ def test_the_warmup_reads_the_images_of_the_rows_it_keeps_only(tmp_path, monkeyp
                      where="part > 0", split="train", val_fraction=0.2)
     info_path = tmp_path / "data" / "dataset_info.json"
     info = json.loads(info_path.read_text())
-    info["shades"]["lance"]["id_column"] = "key"
+    info["shades"]["lance"]["id_column"] = "row key"
     info_path.write_text(json.dumps(info))
 
     images = rows.column("image").to_pylist()
