@@ -155,8 +155,9 @@ def plan_validation(
         info[name]["lance"] = training.model_dump(mode="json", exclude_none=True)
         sources.append(training.model_copy(update={"split": "validation"}))
         changed[name] = {"split": "train", "val_fraction": fraction}
-    require_validation_rows(sources)
     rows = validation_rows(sources)
+    if not any(held.ids for held in rows):  # refused from the ids, before the first step
+        raise _no_validation_rows(sources)
     (dataset_dir / DATA_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     plan = ValidationPlan(
         options=options,
@@ -193,33 +194,33 @@ def require_validation_rows(sources: list[LanceSource]) -> None:
     Reads ids and truth columns, no images, and stops at the first such row: about
     1 / fraction rows on a table of any size.
     """
-    seen = 0
-    for source in sources:
-        task = source.load_task()
-        truths = answer_columns(task, source.label_column or "")
-        allowed = {q.key: _truth_set(q.values) for q in task.questions()}
-        for batch, keep in split_batches(source, list(truths.values()), 1024):
-            seen += batch.num_rows
-            if any(_scored(batch.column(col)[i].as_py(), allowed[key]) for i in keep for key, col in truths.items()):
-                return
-    raise ValidationError(
+    if not any(next(_scored_ids(source, 1024), None) is not None for source in sources):
+        raise _no_validation_rows(sources)
+
+
+def _no_validation_rows(sources: list[LanceSource]) -> ValidationError:
+    return ValidationError(
         "validation_no_rows",
-        f"none of the {seen} training rows falls in the validation share ({sources[0].val_fraction}) with a "
-        f"truth in the task's set, so no accuracy could be measured: add rows or raise validation.fraction",
+        f"none of the {sum(map(_rows_kept, sources))} training rows falls in the validation share "
+        f"({sources[0].val_fraction}) with a truth in the task's set, so no accuracy could be measured: "
+        "add rows or raise validation.fraction",
     )
+
+
+def _rows_kept(source: LanceSource) -> int:
+    """Return the rows ``source``'s ``where`` keeps (counted; no column read)."""
+    from lance_io.scan import count_rows, open_at
+
+    return count_rows(open_at(source.uri, source.ref(), storage_options=source.storage_options()), source.where)
 
 
 def held_back_fraction(sources: list[LanceSource], options: ValidationOptions) -> float:
     """Return the share of ids validation holds back: ``options.fraction``, at most ``max_rows`` of the sources' rows.
 
-    Counts the rows each source's ``where`` keeps (no column is read for it): on a table of ten
-    million rows, 10% would be a million rows scored at every evaluation and never trained on.
+    Counts the rows each source's ``where`` keeps: on a table of ten million rows, 10% would be a
+    million rows scored at every evaluation and never trained on.
     """
-    from lance_io.scan import count_rows, open_at
-
-    rows = sum(
-        count_rows(open_at(s.uri, s.ref(), storage_options=s.storage_options()), s.where) for s in sources
-    )
+    rows = sum(map(_rows_kept, sources))
     return min(options.fraction, options.max_rows / rows) if rows else options.fraction
 
 
@@ -229,18 +230,18 @@ def validation_rows(sources: list[LanceSource]) -> list[ValidationRows]:
     Reads the id and truth columns of every row once (no image); each evaluation then reads the
     images of these rows only (:func:`scored_rows`).
     """
-    found = []
-    for source in sources:
-        task = source.load_task()
-        truths = answer_columns(task, source.label_column or "")
-        allowed = {q.key: _truth_set(q.values) for q in task.questions()}
-        ids = []
-        for batch, keep in split_batches(source, list(truths.values()), 4096):
-            columns = {key: batch.column(col).to_pylist() for key, col in truths.items()}
-            row_ids = batch.column(source.id_column).to_pylist()
-            ids.extend(str(row_ids[i]) for i in keep if any(_scored(columns[k][i], allowed[k]) for k in truths))
-        found.append(ValidationRows(source, ids))
-    return found
+    return [ValidationRows(source, list(_scored_ids(source, 4096))) for source in sources]
+
+
+def _scored_ids(source: LanceSource, batch_size: int) -> Iterator[str]:
+    """Yield the ids of ``source``'s split rows with a truth in its task's set, in table order, lazily."""
+    task = source.load_task()
+    truths = answer_columns(task, source.label_column or "")
+    allowed = {q.key: _truth_set(q.values) for q in task.questions()}
+    for batch, keep in split_batches(source, list(truths.values()), batch_size):
+        columns = {key: batch.column(col).to_pylist() for key, col in truths.items()}
+        row_ids = batch.column(source.id_column).to_pylist()
+        yield from (str(row_ids[i]) for i in keep if any(_scored(columns[k][i], allowed[k]) for k in truths))
 
 
 def _truth_set(values: Any) -> set[str]:
