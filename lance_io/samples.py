@@ -271,7 +271,7 @@ def label_samples(
     images = open_table(table_uri, version, storage_options=storage_options)
     source = f"labels:{column}"
     skipped: dict[str, int] = {}
-    made = _samples_taught(images, task, column, where, job, skipped)
+    made = _samples_taught(images, task, column, source, where, job, skipped)
     first = next(made, None)
     counted = 0
 
@@ -312,12 +312,13 @@ def label_samples(
 
 
 def _samples_taught(
-    images: lance.LanceDataset, task: Task, column: str, where: str | None, job: str, skipped: dict[str, int]
+    images: lance.LanceDataset, task: Task, column: str, source: str, where: str | None, job: str,
+    skipped: dict[str, int],
 ) -> Iterator[pa.RecordBatch]:
     """Yield the samples label column ``column`` teaches, a scan batch at a time; count the rows skipped by reason."""
     from lance_io.scan import scan_batches
 
-    source, metadata = f"labels:{column}", {"task": task.name, "column": column}
+    metadata = {"task": task.name, "column": column}
     messages_for_row = row_messages(task, column)
     for batch in scan_batches(images, [ID, *answer_columns(task, column).values()], where=where, batch_size=SCAN_BATCH):
         found = []
