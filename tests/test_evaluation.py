@@ -116,3 +116,87 @@ def test_evaluating_rows_without_truth_is_no_rows_not_a_crash(tmp_path):
             evaluate_table(uri, "truth", "truth", where=where)
         assert refused.value.reason == "no_rows" and where in refused.value.message
     assert evaluate_table(uri, "truth", "truth").evaluations["truth"].accuracy == 1.0
+
+
+def test_counts_added_batch_by_batch_equal_scikit_learn_on_all_rows():
+    """A Tally fed 97 rows at a time gives scikit-learn's figures on the whole list, nulls and odd types included."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from ray_jobs.evaluation.metrics import Tally
+
+    rng = np.random.default_rng(7)
+    rows = 5000
+    truth = [None if rng.random() < 0.1 else int(rng.integers(12)) for _ in range(rows)]  # integers: classes are str(value)
+    answer = [None if rng.random() < 0.1 else str(t if t is not None and rng.random() < 0.6 else rng.integers(14))
+              for t in truth]  # 12 and 13 are answers no row is
+    confidence = [None if rng.random() < 0.2 else float(rng.random()) for _ in range(rows)]
+    errors = [None if a is not None or rng.random() < 0.5 else "invalid_answer" for a in answer]
+    tally = Tally()
+    columns = [pa.array(truth, pa.int64()), pa.array(answer, pa.string()), pa.array(confidence, pa.float32()),
+               pa.array(errors, pa.string())]
+    for start in range(0, rows, 97):
+        tally.add(*(column.slice(start, 97) for column in columns))
+    e = tally.evaluation()
+
+    kept = [i for i in range(rows) if truth[i] is not None]
+    t = [str(truth[i]) for i in kept]
+    a = ["<none>" if answer[i] is None else answer[i] for i in kept]
+    classes = sorted(set(t) | {x for x in a if x != "<none>"}, key=int)
+    precision, recall, f1, support = precision_recall_fscore_support(t, a, labels=classes, zero_division=0)
+    assert e.classes == classes and e.rows == len(kept)
+    assert e.labeled == sum(x != "<none>" for x in a)
+    assert e.invalid == sum(errors[i] is not None for i in kept) > 0
+    assert e.accuracy == pytest.approx(np.mean([x == y for x, y in zip(t, a, strict=True)]))
+    assert e.confusion == confusion_matrix(t, a, labels=classes).tolist()
+    for k, c in enumerate(classes):
+        got = e.per_class[c]
+        assert (got.precision, got.recall, got.f1, got.support) == pytest.approx((precision[k], recall[k], f1[k], support[k]))
+    assert e.macro_f1 == pytest.approx(np.mean([f for f, s in zip(f1, support, strict=True) if s]))
+    scored = [n for n, i in enumerate(kept) if confidence[i] is not None]
+    conf = np.array([confidence[kept[n]] for n in scored], dtype=np.float32).astype(float)
+    right = np.array([t[n] == a[n] for n in scored], dtype=float)
+    assert e.mean_confidence == pytest.approx(conf.mean())
+    assert e.calibration_error == pytest.approx(expected_calibration_error(conf, right))
+    from collections import Counter
+
+    wrong = Counter((x, y) for x, y in zip(t, a, strict=True) if y not in (x, "<none>"))
+    listed = {(x, y): n for x, y, n in e.most_confused}
+    assert len(listed) == 20 and all(wrong[pair] == n for pair, n in listed.items())
+    assert max(n for pair, n in wrong.items() if pair not in listed) <= min(listed.values()), "the commonest 20"
+
+
+def test_more_classes_than_a_matrix_holds_report_their_commonest_confusions(tmp_path):
+    """Past MATRIX_CLASSES classes (truth a near-unique key, say): no n-by-n matrix, the commonest wrong answers instead."""
+    import lance
+
+    from ray_jobs.evaluation.metrics import MATRIX_CLASSES
+
+    rows = 3 * MATRIX_CLASSES
+    truth = [str(i // 2) for i in range(rows)]  # 150 classes of 2 rows each
+    answer = [t if i % 3 else "7" for i, t in enumerate(truth)]  # every third row answered "7"
+    uri = str(tmp_path / "keys.lance")
+    lance.write_dataset(pa.table({"id": [str(i) for i in range(rows)], "truth": truth, "label": answer}), uri)
+    result = evaluate_table(uri, "label", "truth", report_dir=tmp_path / "r")
+    e = result.evaluations["label"]
+    assert len(e.classes) == rows // 2 > MATRIX_CLASSES and e.confusion == []
+    assert any(str(MATRIX_CLASSES) in note for note in e.notes)
+    assert e.accuracy == pytest.approx(sum(a == t for a, t in zip(answer, truth, strict=True)) / rows)
+    assert all(answer == "7" and rows_ == 1 for _, answer, rows_ in e.most_confused) and len(e.most_confused) == 20
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert not (tmp_path / "r" / "confusion.png").exists() and 'id="confusion"' not in page
+    assert page.count("<tr><td>") >= 20 and 'id="most-confused"' in page
+    printed = subprocess.run([LANCETAG, "eval", uri], capture_output=True, text=True, check=True).stdout
+    assert f"label: {len(e.classes)} classes: no confusion matrix past {MATRIX_CLASSES}" in printed
+
+
+def test_eval_reads_the_table_a_batch_at_a_time(tmp_path, monkeypatch):
+    """The same figures whether eval reads the table whole or 4 rows at a time."""
+    from dataclasses import asdict
+
+    from ray_jobs.evaluation import job
+
+    uri = labeled_table(tmp_path)
+    whole = asdict(evaluate_table(uri, "label", "truth", where="truth != '2'").evaluations["label"])
+    monkeypatch.setattr(job, "SCAN_BATCH", 4)
+    assert asdict(evaluate_table(uri, "label", "truth", where="truth != '2'").evaluations["label"]) == whole
+    assert whole["rows"] == 20 and whole["mean_confidence"] == pytest.approx(0.8)

@@ -231,3 +231,17 @@ def test_descriptions_from_attributes_on_vllm_are_incremental_flagged_and_redone
     report = json.loads(out.stdout)["faithfulness"]
     assert report["checked"] == 12 and report["faithful_rate"] == 0.0
     assert report["omitted"]["striped"] == sum(r["attrs_pattern"] == "striped" for r in rows)
+
+
+def test_table_faithfulness_reads_the_table_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Read 2 rows at a time, a table's report equals the one of its rows' lists (where applied, nulls skipped)."""
+    from ray_jobs.evaluation import job
+    from ray_jobs.evaluation.faithfulness import table_faithfulness
+
+    missing = [[], ["striped"], None, [], ["striped", "linen"], ["linen"], None]
+    uri = str(tmp_path / "d.lance")
+    lance.write_dataset(pa.table({"id": [str(i) for i in range(7)], "desc_missing": pa.array(missing, pa.list_(pa.string()))}), uri)
+    monkeypatch.setattr(job, "SCAN_BATCH", 2)
+    assert table_faithfulness(uri, "desc") == faithfulness("desc", missing)
+    report = table_faithfulness(uri, "desc", where="id != '4'")
+    assert report == faithfulness("desc", missing[:4] + missing[5:]) and report.omitted == {"striped": 1, "linen": 1}

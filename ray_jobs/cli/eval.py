@@ -58,6 +58,9 @@ def eval_command(
             for b in found
         ],
     )
+    for name, e in result.evaluations.items():
+        for note in e.notes:
+            typer.echo(f"{name}: {note}")
     for name, found in result.baselines.items():
         for b in found:
             typer.echo(f"{name} against {b.name}: {describe_verdict(b)}")

@@ -113,10 +113,11 @@ def table_faithfulness(
 ) -> FaithfulnessReport:
     """Return the faithfulness of generate column ``column`` of ``table`` (its ``C_missing``) at ``version``."""
     from lance_io import open_table
-    from lance_io.scan import TableReadError
+    from lance_io.scan import TableReadError, scan_batches
+    from ray_jobs.evaluation.job import SCAN_BATCH
 
     ds = open_table(table, version, storage_options=storage_options)
     if f"{column}_missing" not in ds.schema.names:
         raise TableReadError("column_missing", f"no {column}_missing column: {column!r} was not written by a generate task")
-    missing = ds.to_table(columns=[f"{column}_missing"], filter=where).column(0).to_pylist()
-    return faithfulness(column, missing)
+    batches = scan_batches(ds, [f"{column}_missing"], where=where, batch_size=SCAN_BATCH)
+    return faithfulness(column, (row for batch in batches for row in batch.column(0).to_pylist()))

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 from lance_io.reasons import ReasonError
 from ray_jobs.evaluation.baselines import Baseline, table_baselines
-from ray_jobs.evaluation.metrics import Evaluation, evaluate
+from ray_jobs.evaluation.metrics import Evaluation, Tally
 from ray_jobs.evaluation.report import REFERENCE_COSTS, confusion_png, cost_per_1000, html_report
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+SCAN_BATCH = 65_536
+"""Rows read at a time: the answer, truth and confidence columns of a batch are all eval holds of the table."""
 DEFAULT_PRICE_PER_HOUR = 0.10
 """Hourly price of the machine that labeled, in dollars (a 2-core cloud VM is about this)."""
 
@@ -131,7 +133,7 @@ def evaluate_table(
     ``confusion.png`` (per attribute for attribute tasks), ``report.html`` and ``metrics.json`` there.
     """
     from lance_io import open_table
-    from lance_io.scan import one_predicate
+    from lance_io.scan import one_predicate, scan_batches
     from lance_io.versions import list_versions, run_summaries
 
     one_predicate(where)
@@ -139,18 +141,20 @@ def evaluate_table(
     ds = open_table(table, version, storage_options=storage_options)
     pairs = _pairs(ds.schema.names, column, truth)
     _refuse_free_text(ds.schema, column, [answer for answer, _ in pairs.values()])
-    extra = [c for c in (f"{column}_confidence", f"{column}_error") if c in ds.schema.names]
-    needed = sorted({c for pair in pairs.values() for c in pair} | set(extra))
-    data = ds.to_table(columns=needed, filter=where).to_pydict()
-    for _c, t in pairs.values():
-        if all(value is None for value in data[t]):
-            rows = f"{len(data[t])} row(s) matching {where!r}" if where else f"{len(data[t])} row(s)"
+    confidence, errors = (c if c in ds.schema.names else None for c in (f"{column}_confidence", f"{column}_error"))
+    needed = sorted({c for pair in pairs.values() for c in pair} | {c for c in (confidence, errors) if c})
+    tallies = {name: Tally() for name in pairs}
+    scanned = 0
+    for batch in scan_batches(ds, needed, where=where, batch_size=SCAN_BATCH):
+        scanned += batch.num_rows
+        for name, (c, t) in pairs.items():
+            tallies[name].add(batch[t], batch[c], batch[confidence] if confidence else None, batch[errors] if errors else None)
+    evaluations = {name: tally.evaluation() for name, tally in tallies.items()}
+    for name, (_c, t) in pairs.items():
+        if not evaluations[name].rows:
+            rows = f"{scanned} row(s) matching {where!r}" if where else f"{scanned} row(s)"
             raise ReasonError("no_rows", f"none of the {rows} of {table} at version {ds.version} has a {t} value: "
                               "nothing to evaluate; check --where and --truth")
-    evaluations = {
-        name: evaluate(data[t], data[c], data.get(f"{column}_confidence"), data.get(f"{column}_error"))
-        for name, (c, t) in pairs.items()
-    }
     recorded_at = {
         v.properties["lancetag.run"]: v.version
         for v in list_versions(table, storage_options=storage_options)
@@ -183,7 +187,7 @@ def write_report(result: EvalResult, out: Path) -> Path:
     pages = []
     for name, evaluation in result.evaluations.items():
         png = out / (f"confusion-{name}.png" if len(result.evaluations) > 1 else "confusion.png")
-        cells = confusion_png(evaluation, png, title=name)
+        png, cells = (png, confusion_png(evaluation, png, title=name)) if evaluation.confusion else (None, {})
         facts = {"table": result.table, "version": str(result.version), "column": name, "truth": result.truth, **result.lineage}
         pages.append(html_report(evaluation, png, cells, title=f"lancetag eval: {name}", facts=facts, costs=costs,
                                  baselines=result.baselines.get(name, []), training=result.training))

@@ -62,7 +62,7 @@ def confusion_png(evaluation: Evaluation, path: Path, title: str = "confusion ma
 
 def html_report(
     evaluation: Evaluation,
-    png: Path,
+    png: Path | None,
     cells: Cells,
     *,
     title: str,
@@ -73,21 +73,16 @@ def html_report(
 ) -> str:
     """Return a self-contained HTML page: headline figures, baselines, per-class table, confusion, costs.
 
+    ``png``: the confusion matrix drawn by :func:`confusion_png` (None past ``MATRIX_CLASSES`` classes).
     ``training``: the validation record of the run that trained the model (its curve), if any.
     """
     esc = html.escape
-    image = base64.b64encode(png.read_bytes()).decode()
     fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts.items())
     class_rows = "".join(
         f"<tr><td>{esc(c)}</td><td>{m.precision:.3f}</td><td>{m.recall:.3f}</td><td>{m.f1:.3f}</td><td>{m.support}</td></tr>"
         for c, m in evaluation.per_class.items()
     )
     cost_rows = "".join(f"<tr><td>{esc(k)}</td><td>${v:.4f}</td></tr>" for k, v in costs.items())
-    areas = "".join(
-        f'<area shape="rect" coords="{x - r},{y - r},{x + r},{y + r}" '
-        f'title="truth {esc(evaluation.classes[i])}, predicted {esc(evaluation.classes[j])}: {evaluation.confusion[i][j]}">'
-        for (i, j), (x, y, r) in cells.items()
-    )
     baseline_section = _baselines_html(evaluation, baselines) if baselines else ""
     training_section = _training_html(training) if training else ""
     conf = "n/a" if evaluation.mean_confidence is None else f"{evaluation.mean_confidence:.3f}"
@@ -104,13 +99,29 @@ macro F1 {evaluation.macro_f1:.3f}; mean confidence {conf}; calibration error (E
 <table id="facts">{fact_rows}</table>
 {baseline_section}{training_section}<h2>Per class</h2>
 <table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{class_rows}</table>
-<h2>Confusion matrix</h2>
-<img id="confusion" alt="confusion matrix" usemap="#cells" src="data:image/png;base64,{image}">
-<map name="cells">{areas}</map>
-<h2>Cost per 1,000 images</h2>
+{_confusion_html(evaluation, png, cells)}<h2>Cost per 1,000 images</h2>
 <table id="costs"><tr><th>labeler</th><th>$ / 1,000 images</th></tr>{cost_rows}</table>
 </body></html>
 """
+
+
+def _confusion_html(evaluation: Evaluation, png: Path | None, cells: Cells) -> str:
+    """The confusion matrix image with a tooltip per cell (or why there is none), then the commonest wrong answers."""
+    esc = html.escape
+    if png is None:
+        matrix = f"<p>{esc('; '.join(evaluation.notes))}</p>"
+    else:
+        image = base64.b64encode(png.read_bytes()).decode()
+        areas = "".join(
+            f'<area shape="rect" coords="{x - r},{y - r},{x + r},{y + r}" '
+            f'title="truth {esc(evaluation.classes[i])}, predicted {esc(evaluation.classes[j])}: {evaluation.confusion[i][j]}">'
+            for (i, j), (x, y, r) in cells.items()
+        )
+        matrix = f'<img id="confusion" alt="confusion matrix" usemap="#cells" src="data:image/png;base64,{image}">\n<map name="cells">{areas}</map>'
+    pairs = "".join(f"<tr><td>{esc(t)}</td><td>{esc(a)}</td><td>{n}</td></tr>" for t, a, n in evaluation.most_confused)
+    confused = (f'<h3>Most confused</h3>\n<table id="most-confused"><tr><th>truth</th><th>answer</th><th>rows</th></tr>{pairs}</table>\n'
+                if pairs else "")
+    return f"<h2>Confusion matrix</h2>\n{matrix}\n{confused}"
 
 
 def _baselines_html(evaluation: Evaluation, baselines: list[Baseline]) -> str:
