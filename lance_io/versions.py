@@ -42,13 +42,24 @@ class VersionInfo:
     tags: list[str] = field(default_factory=list)
 
 
+DIFF_VALUES = 100
+"""Most values a column's distribution lists (a caption column holds a value per row)."""
+
+
 @dataclass(frozen=True)
 class ColumnDiff:
-    """How one column differs between two versions, on the rows present in both."""
+    """How one column differs between two versions: its distribution in each, and its changes on the rows in both.
+
+    ``before``/``after``: rows per value, most first, for the :data:`DIFF_VALUES` values most rows
+    hold in the two versions together; ``values_before``/``values_after``: how many distinct values
+    each version holds (more than are listed when the lists are cut).
+    """
 
     column: str
     before: dict[str | None, int]
     after: dict[str | None, int]
+    values_before: int
+    values_after: int
     changed: int
     changed_ids: list[str]
 
@@ -205,10 +216,28 @@ def _sorted_ids(ids: pa.ChunkedArray, limit: int) -> list[str]:
     return ids.take(pc.sort_indices(ids)[:limit]).to_pylist() if limit else []
 
 
-def _counts(values: pa.ChunkedArray) -> dict[str | None, int]:
-    """Return value -> rows, the most common first (ties by value)."""
-    counted = pc.value_counts(values).to_pylist()
-    return {c["values"]: c["counts"] for c in sorted(counted, key=lambda c: (-c["counts"], str(c["values"])))}
+Distribution = dict[str | None, int]
+
+
+def _distributions(before: pa.ChunkedArray, after: pa.ChunkedArray) -> tuple[Distribution, Distribution, int, int]:
+    """Return rows per value in each version for the :data:`DIFF_VALUES` values most rows hold in both
+    together (each dict: the values that version holds, most rows first, ties by value), and how many
+    distinct values each version holds."""
+    counted = [pc.value_counts(values) for values in (before, after)]
+    tables = [pa.table({"value": c.field("values"), side: c.field("counts")}).filter(pc.is_valid(c.field("values")))
+              for c, side in zip(counted, ("a", "b"), strict=True)]
+    joined = tables[0].join(tables[1], keys="value", join_type="full outer")  # null is no join key: added below
+    joined = joined.append_column("rows", pc.add(pc.fill_null(joined.column("a"), 0), pc.fill_null(joined.column("b"), 0)))
+    top = joined.take(pc.sort_indices(joined, [("rows", "descending"), ("value", "ascending")])[:DIFF_VALUES])
+    rows = {v: (n or 0, m or 0) for v, n, m in zip(*(top.column(c).to_pylist() for c in ("value", "a", "b")), strict=True)}
+    if before.null_count or after.null_count:
+        rows[None] = (before.null_count, after.null_count)
+    listed = sorted(rows, key=lambda v: (-sum(rows[v]), v is None, v))[:DIFF_VALUES]
+
+    def side(k: int) -> Distribution:
+        return {v: rows[v][k] for v in sorted(listed, key=lambda v: (-rows[v][k], v is None, v)) if rows[v][k]}
+
+    return side(0), side(1), len(counted[0]), len(counted[1])
 
 
 def diff_versions(
@@ -252,11 +281,14 @@ def diff_versions(
         changed = pc.and_(both, pc.fill_null(differs, False))
         changed_any = pc.or_(changed_any, changed)
         changed_ids = ids.filter(changed)
+        before_rows, after_rows, values_before, values_after = _distributions(va.filter(in_a), vb.filter(in_b))
         diffs.append(
             ColumnDiff(
                 column=name,
-                before=_counts(va.filter(in_a)),
-                after=_counts(vb.filter(in_b)),
+                before=before_rows,
+                after=after_rows,
+                values_before=values_before,
+                values_after=values_after,
                 changed=len(changed_ids),
                 changed_ids=_sorted_ids(changed_ids, max_ids),
             )

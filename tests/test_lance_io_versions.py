@@ -182,3 +182,32 @@ def test_diff_counts_and_ids_equal_a_row_by_row_comparison_on_awkward_rows(tmp_p
         assert result.before == {k: sum(v == k for v in va.values()) for k in result.before}
         assert sum(result.before.values()) == len(va) == 300 and sum(result.after.values()) == len(vb)
         assert list(result.after.values()) == sorted(result.after.values(), reverse=True)
+
+
+def test_a_column_of_many_values_lists_those_most_rows_hold_with_exact_counts(tmp_path, monkeypatch):
+    """A caption column holds a value per row: its distributions are cut to the values most rows hold in
+    both versions together, each count exact on both sides, and the distinct values counted."""
+    import lance
+
+    import lance_io.versions
+
+    before = ["x"] * 5 + ["y"] * 3 + ["z", "w"] + [None] * 2
+    after = ["x"] + ["y"] * 4 + ["q"] * 6 + [None]
+    uri = str(tmp_path / "t.lance")
+    for mode, values in (("create", before), ("overwrite", after)):
+        lance.write_dataset(pa.table({"id": [f"{mode}{n}" for n in range(len(values))], "cap": values}), uri, mode=mode)
+    monkeypatch.setattr(lance_io.versions, "DIFF_VALUES", 3)
+    (column,) = diff_versions(uri, 1, 2, column="cap").columns
+    # rows in both together: y 7, x 6, q 6 (the tie by value), None 3, z 1, w 1
+    assert list(column.before.items()) == [("x", 5), ("y", 3)]
+    assert list(column.after.items()) == [("q", 6), ("y", 4), ("x", 1)]
+    assert (column.values_before, column.values_after) == (5, 4)
+    monkeypatch.setattr(lance_io.versions, "DIFF_VALUES", 100)
+    (whole,) = diff_versions(uri, 1, 2, column="cap").columns
+    assert whole.before == {"x": 5, "y": 3, None: 2, "w": 1, "z": 1} and list(whole.after) == ["q", "y", "x", None]
+    captions = [f"caption {n}" for n in range(150)]
+    lance.write_dataset(pa.table({"id": [str(n) for n in range(150)], "cap": captions}), uri, mode="overwrite")
+    printed = subprocess.run([LANCETAG, "diff", uri, "2", "3", "--column", "cap"], capture_output=True, text=True, check=True)
+    assert "cap: the 100 values most rows hold, of 4 before and 150 after" in printed.stdout
+    # q (6 rows) and y (4), then the rows of one value each by value: 98 captions before x and the null
+    assert printed.stdout.count("caption ") == 98 and "│ x " not in printed.stdout

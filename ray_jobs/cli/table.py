@@ -114,6 +114,9 @@ def diff(
     for c in result.columns:
         keys = sorted(set(c.before) | set(c.after), key=lambda k: (k is None, str(k)))
         print_rows(c.column, [{"value": k, "before": c.before.get(k, 0), "after": c.after.get(k, 0)} for k in keys])
+        if len(keys) < max(c.values_before, c.values_after):
+            typer.echo(f"{c.column}: the {len(keys)} values most rows hold, of {c.values_before:,} before and "
+                       f"{c.values_after:,} after")
 
 
 def query(
