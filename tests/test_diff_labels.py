@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 
 from lance_io import append_images, ensure_columns, plan_fragments, write_fragment
+from lance_io.diff import diff_versions
 from lance_io.labels import answer_columns, label_schema
 from lance_io.reasons import ReasonError
 from lance_io.tasks import load_task
-from lance_io.versions import diff_versions, tag_version
+from lance_io.versions import tag_version
 from tests.conftest import LANCETAG
 from tests.table_fixtures import image_rows
 

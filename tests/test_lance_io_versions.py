@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from lance_io import append_images, ensure_columns, open_table, plan_fragments, write_fragment
-from lance_io.versions import diff_versions, list_versions, restore_version, tag_version
+from lance_io.diff import diff_versions
+from lance_io.versions import list_versions, restore_version, tag_version
 from tests.conftest import LANCETAG
 from tests.table_fixtures import image_rows
 
@@ -149,39 +150,68 @@ def test_listing_the_newest_versions_reads_only_those_and_keeps_oldest_first(his
     assert [v["version"] for v in shown] == [every[-1].version]
 
 
-def test_diff_counts_and_ids_equal_a_row_by_row_comparison_on_awkward_rows(tmp_path):
-    """Ids held twice (the last row counts), nulls on either side, an integer column, and id lists cut
-    at ``max_ids`` in sorted order: the same answers as comparing the rows one by one in Python."""
+def _row_by_row(uri: str, before: int, after: int, column: str, max_ids: int) -> dict:
+    """The diff as a plain Python comparison of two versions' rows: an id's k-th row (by row address) in
+    one is its k-th in the other; the rest are added or removed."""
+    from collections import Counter
+
     import lance
 
+    def rows(version: int) -> dict[str, list]:
+        table = lance.dataset(uri, version=version).to_table(columns=["id", column], with_row_address=True)
+        by_id: dict[str, list] = {}
+        for row_id, value, _ in sorted(zip(*(table.column(c).to_pylist() for c in ("id", column, "_rowaddr")), strict=True),
+                                       key=lambda row: row[2]):
+            by_id.setdefault(row_id, []).append(None if value is None else str(value))
+        return by_id
+
+    a, b = rows(before), rows(after)
+    added, removed, changed = [], [], []
+    for row_id in set(a) | set(b):
+        old, new = a.get(row_id, []), b.get(row_id, [])
+        changed += [row_id for x, y in zip(old, new, strict=False) if x != y]
+        added += [row_id] * max(0, len(new) - len(old))
+        removed += [row_id] * max(0, len(old) - len(new))
+    first = lambda ids: sorted(set(ids))[:max_ids]  # noqa: E731
+    return {"added": len(added), "removed": len(removed), "changed": len(changed), "added_ids": first(added),
+            "removed_ids": first(removed), "changed_ids": first(changed),
+            "before": Counter(v for values in a.values() for v in values), "after": Counter(v for values in b.values() for v in values)}
+
+
+def test_diff_equals_a_row_by_row_comparison_across_label_writes_deletes_moves_appends_and_compaction(tmp_path):
+    """Every pair of six versions, both ways: rows relabeled in place, deleted, moved by an update,
+    appended (one with an id the table holds), compacted; an id held twice, nulls, an integer column."""
+    import lance
+
+    from lance_io.columns import commit_values
+
     rng = random.Random(5)
-    ids = [f"r{n:03d}" for n in range(300)]
-    before = pa.table({"id": [*ids, "r007", "r008"],
-                       "label": [rng.choice(["a", "b", None]) for _ in range(302)],
-                       "score": pa.array([rng.choice([1, 2, None]) for _ in range(302)], pa.int64())})
-    kept = [i for i in ids if i not in {"r010", "r011", "r012"}] + [f"n{n:03d}" for n in range(150)]
-    after = pa.table({"id": kept, "label": [rng.choice(["a", "b", None]) for _ in kept],
-                      "score": pa.array([rng.choice([1, 2, None]) for _ in kept], pa.int64())})
     uri = str(tmp_path / "t.lance")
-    lance.write_dataset(before, uri)
-    lance.write_dataset(after, uri, mode="overwrite")
-
-    def by_id(table: pa.Table, column: str) -> dict:
-        values = [None if v is None else str(v) for v in table.column(column).to_pylist()]
-        return dict(zip(table.column("id").to_pylist(), values, strict=True))  # the last row of an id wins
-
-    for column in ("label", "score"):
-        diff = diff_versions(uri, 1, 2, column=column, max_ids=7)
-        va, vb = by_id(before, column), by_id(after, column)
-        common = sorted(set(va) & set(vb))
-        changed = [i for i in common if va[i] != vb[i]]
-        assert (diff.added, diff.removed) == (150, 3)
-        assert diff.added_ids == sorted(set(vb) - set(va))[:7] and diff.removed_ids == ["r010", "r011", "r012"]
-        (result,) = diff.columns
-        assert result.changed == diff.changed == len(changed) > 7 and result.changed_ids == changed[:7]
-        assert result.before == {k: sum(v == k for v in va.values()) for k in result.before}
-        assert sum(result.before.values()) == len(va) == 300 and sum(result.after.values()) == len(vb)
-        assert list(result.after.values()) == sorted(result.after.values(), reverse=True)
+    ids = [f"r{n:03d}" for n in range(400)] + ["dup", "dup"]
+    lance.write_dataset(pa.table({"id": ids, "label": [rng.choice(["a", "b", None]) for _ in ids],
+                                  "score": pa.array([rng.choice([1, 2, None]) for _ in ids], pa.int64())}),
+                        uri, max_rows_per_file=100)  # 1: five fragments, "dup" twice in the last
+    relabeled = [f"r{n:03d}" for n in range(100, 160)]
+    commit_values(uri, pa.table({"id": relabeled, "label": [rng.choice(["a", "c"]) for _ in relabeled]}), todo=None)  # 2
+    lance.dataset(uri).delete("id IN ('r010', 'r011', 'r250', 'dup')")  # 3: deletion files
+    lance.dataset(uri).update({"label": "'moved'"}, where="id >= 'r300' AND id < 'r320'")  # 4: rows move to a new fragment
+    lance.write_dataset(pa.table({"id": ["n1", "n2", "r005"], "label": ["a", None, "b"],
+                                  "score": pa.array([1, None, 2], pa.int64())}), uri, mode="append")  # 5: r005 twice now
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=250)  # 6: small fragments rewritten together
+    versions = sorted(v["version"] for v in lance.dataset(uri).versions())
+    assert len(versions) >= 6
+    for before in versions:
+        for after in versions:
+            for column in ("label", "score"):
+                diff = diff_versions(uri, before, after, column=column, max_ids=7)
+                expected = _row_by_row(uri, before, after, column, 7)
+                (result,) = diff.columns
+                got = {"added": diff.added, "removed": diff.removed, "changed": diff.changed, "added_ids": diff.added_ids,
+                       "removed_ids": diff.removed_ids, "changed_ids": diff.changed_ids, "before": result.before,
+                       "after": result.after}
+                assert got == expected, (before, after, column)
+                assert result.changed == diff.changed and result.changed_ids == diff.changed_ids
+    assert _row_by_row(uri, 1, 6, "label", 7)["changed"] > 7, "the cut at max_ids is exercised"
 
 
 def test_a_column_of_many_values_lists_those_most_rows_hold_with_exact_counts(tmp_path, monkeypatch):
@@ -189,20 +219,20 @@ def test_a_column_of_many_values_lists_those_most_rows_hold_with_exact_counts(tm
     both versions together, each count exact on both sides, and the distinct values counted."""
     import lance
 
-    import lance_io.versions
+    import lance_io.diff
 
     before = ["x"] * 5 + ["y"] * 3 + ["z", "w"] + [None] * 2
     after = ["x"] + ["y"] * 4 + ["q"] * 6 + [None]
     uri = str(tmp_path / "t.lance")
     for mode, values in (("create", before), ("overwrite", after)):
         lance.write_dataset(pa.table({"id": [f"{mode}{n}" for n in range(len(values))], "cap": values}), uri, mode=mode)
-    monkeypatch.setattr(lance_io.versions, "DIFF_VALUES", 3)
+    monkeypatch.setattr(lance_io.diff, "DIFF_VALUES", 3)
     (column,) = diff_versions(uri, 1, 2, column="cap").columns
     # rows in both together: y 7, x 6, q 6 (the tie by value), None 3, z 1, w 1
     assert list(column.before.items()) == [("x", 5), ("y", 3)]
     assert list(column.after.items()) == [("q", 6), ("y", 4), ("x", 1)]
     assert (column.values_before, column.values_after) == (5, 4)
-    monkeypatch.setattr(lance_io.versions, "DIFF_VALUES", 100)
+    monkeypatch.setattr(lance_io.diff, "DIFF_VALUES", 100)
     (whole,) = diff_versions(uri, 1, 2, column="cap").columns
     assert whole.before == {"x": 5, "y": 3, None: 2, "w": 1, "z": 1} and list(whole.after) == ["q", "y", "x", None]
     captions = [f"caption {n}" for n in range(150)]

@@ -95,8 +95,8 @@ def diff(
     as_json: JsonFlag = False,
 ) -> None:
     """Compare two versions (numbers or tags): rows added/removed; each answer column's distribution and changes."""
+    from lance_io.diff import diff_versions
     from lance_io.samples import diff_samples, samples_exist
-    from lance_io.versions import diff_versions
 
     result = diff_versions(table, before, after, column=column, storage_options=_options(table))
     samples = diff_samples(table, before, after, storage_options=_options(table)) if samples_exist(table, storage_options=_options(table)) else None
