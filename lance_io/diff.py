@@ -153,20 +153,30 @@ class _Tally:
             if after is not None:
                 self.after[n].add(after.column(n))
 
-    def match(self, a: pa.Table, b: pa.Table, keys: list[str]) -> tuple[pa.Table, pa.Table]:
-        """Match ``a``'s rows (the version before) with ``b``'s on ``keys``, count the changes of the
-        matched ones, and return the rows each side holds unmatched (``id``, the values, ``_rowaddr``)."""
-        if a.column_names == b.column_names and all(a.column(k).equals(b.column(k)) for k in keys):
-            self._changes(b.column(ID), [(a.column(n), b.column(n)) for n in self.names])  # row for row (in place, no deletes)
+    def in_place(self, a: pa.Table, b: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Compare the rows of in-place fragments that both versions hold (the same row address); return the
+        rows only ``a`` (the version before) holds and those only ``b`` holds: deleted, or moved elsewhere."""
+        if a.column(ADDRESS).equals(b.column(ADDRESS)):  # no row deleted on either side: row for row
+            self._changes(b.column(ID), [(a.column(n), b.column(n)) for n in self.names])
             return a.slice(0, 0), b.slice(0, 0)
-        joined = _flagged(a, "a", keys).join(_flagged(b, "b", keys), keys=keys, join_type="full outer")
+        in_b = pc.is_in(a.column(ADDRESS), value_set=b.column(ADDRESS))
+        in_a = pc.is_in(b.column(ADDRESS), value_set=a.column(ADDRESS))
+        both_a, both_b = a.filter(in_b), b.filter(in_a)  # the same addresses, in the same (scan) order
+        self._changes(both_b.column(ID), [(both_a.column(n), both_b.column(n)) for n in self.names])
+        return a.filter(pc.invert(in_b)), b.filter(pc.invert(in_a))
+
+    def by_id(self, a: pa.Table, b: pa.Table) -> None:
+        """Match rows that moved by id, an id's k-th row in ``a`` with its k-th in ``b``; count the changes of
+        the matched ones, the rest of ``a`` as removed and of ``b`` as added."""
+        keys = [ID, "k"]
+        joined = _flagged(_with_occurrence(a), "a", keys).join(_flagged(_with_occurrence(b), "b", keys), keys=keys,
+                                                                join_type="full outer")
         in_a, in_b = pc.fill_null(joined.column("a"), False), pc.fill_null(joined.column("b"), False)
-        ids = joined.column(ID) if ID in keys else pc.coalesce(joined.column(f"a:{ID}"), joined.column(f"b:{ID}"))
         both = pc.and_(in_a, in_b)
-        self._changes(ids.filter(both), [(joined.column(f"a:{n}").filter(both), joined.column(f"b:{n}").filter(both))
-                                         for n in self.names])
-        return _unflagged(joined, "a", a.column_names, keys, pc.and_not(in_a, in_b)), \
-            _unflagged(joined, "b", b.column_names, keys, pc.and_not(in_b, in_a))
+        self._changes(joined.column(ID).filter(both),
+                      [(joined.column(f"a:{n}").filter(both), joined.column(f"b:{n}").filter(both)) for n in self.names])
+        self.removed.add(joined.column(ID).filter(pc.and_not(in_a, in_b)))
+        self.added.add(joined.column(ID).filter(pc.and_not(in_b, in_a)))
 
     def _changes(self, ids: pa.ChunkedArray, values: list[tuple[pa.ChunkedArray, pa.ChunkedArray]]) -> None:
         """Count the rows whose value differs between the versions, per column and in any."""
@@ -176,11 +186,6 @@ class _Tally:
             self.changed[n].add(ids.filter(changed))
             changed_any = pc.or_(changed_any, changed)
         self.changed_any.add(ids.filter(changed_any))
-
-    def unmatched(self, a: pa.Table, b: pa.Table) -> None:
-        """Count rows only ``a`` holds as removed, rows only ``b`` holds as added."""
-        self.removed.add(a.column(ID))
-        self.added.add(b.column(ID))
 
     def result(self, before: int, after: int) -> VersionDiff:
         columns = []
@@ -194,15 +199,9 @@ class _Tally:
 
 
 def _flagged(rows: pa.Table, side: str, keys: list[str]) -> pa.Table:
-    """``rows`` for a join: the keys as they are, the other columns named ``side:<name>``, a ``side`` flag."""
-    others = {f"{side}:{n}": rows.column(n) for n in rows.column_names if n not in keys}
+    """``rows`` for a join: the keys as they are, the values named ``side:<name>``, a ``side`` flag."""
+    others = {f"{side}:{n}": rows.column(n) for n in rows.column_names if n not in keys and n != ADDRESS}
     return pa.table({**{k: rows.column(k) for k in keys}, **others, side: pa.repeat(True, rows.num_rows)})
-
-
-def _unflagged(joined: pa.Table, side: str, names: list[str], keys: list[str], rows: pa.ChunkedArray) -> pa.Table:
-    """The ``rows`` of a :func:`_flagged` join, as ``side``'s columns under their own names."""
-    picked = joined.filter(rows)
-    return pa.table({n: picked.column(n if n in keys else f"{side}:{n}") for n in names if n != "k"})
 
 
 def _read(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str], *, keys: bool = True) -> pa.Table:
@@ -215,7 +214,7 @@ def _read(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str], *, 
         rows = ds.scanner(columns=columns, fragments=fragments, with_row_address=keys, scan_in_order=True).to_table()
     else:  # an empty list of fragments would scan them all
         rows = ds.scanner(columns=columns, with_row_address=keys, limit=0).to_table()
-    table = {ID: rows.column(ID).cast(TEXT)} if keys else {}
+    table = {ID: rows.column(ID)} if keys else {}
     for n in names:
         table[n] = rows.column(n).cast(TEXT) if n in present else pa.nulls(rows.num_rows, TEXT)
     if keys:
@@ -334,7 +333,7 @@ def diff_versions(
     for chunk in _chunks(b, fragments.in_place):
         rows = _read(a, chunk, names), _read(b, chunk, names)
         tally.count(*rows)
-        for pool, left in zip(pooled, tally.match(*rows, [ADDRESS]), strict=True):  # deleted, or moved elsewhere
+        for pool, left in zip(pooled, tally.in_place(*rows), strict=True):
             pool.append(left)
     for chunk in _chunks(a, fragments.moved_before):
         pooled[0].append(_read(a, chunk, names))
@@ -342,6 +341,5 @@ def diff_versions(
     for chunk in _chunks(b, fragments.moved_after):
         pooled[1].append(_read(b, chunk, names))
         tally.count(None, pooled[1][-1])
-    moved = [_with_occurrence(pa.concat_tables([_read(ds, [], names), *pool])) for ds, pool in zip((a, b), pooled, strict=True)]
-    tally.unmatched(*tally.match(*moved, [ID, "k"]))
+    tally.by_id(*(pa.concat_tables([_read(ds, [], names), *pool]) for ds, pool in zip((a, b), pooled, strict=True)))
     return tally.result(a.version, b.version)

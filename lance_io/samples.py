@@ -31,8 +31,8 @@ from typing import Any
 
 import lance
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from lance_io.diff import diff_versions
 from lance_io.labels import LabelError, answer_columns, row_messages
 from lance_io.schema import ID, MESSAGE_TYPE
 from lance_io.sql import sql_string
@@ -207,35 +207,26 @@ class SamplesDiff:
     samples_version_after: int | None
 
 
-def _sample_ids(table_uri: str, version: int | None, storage_options: dict[str, str] | None) -> pa.Array:
-    """Return the distinct sample ids of a samples version (none for None), as one Arrow array."""
-    if version is None:
-        return pa.array([], pa.string())
-    ds = open_samples(table_uri, version, storage_options=storage_options)
-    return pc.unique(ds.to_table(columns=[ID]).column(ID))
-
-
-def _count_not_in(ids: pa.Array, others: pa.Array) -> int:
-    return len(ids) - pc.sum(pc.is_in(ids, value_set=others)).as_py() if len(ids) else 0
-
-
 def diff_samples(
     table_uri: str, before: int | str, after: int | str, *, storage_options: dict[str, str] | None = None
 ) -> SamplesDiff:
-    """Return the samples added and removed between two versions (numbers or tags) of the image table."""
+    """Return the samples added and removed between two versions (numbers or tags) of the image table.
+
+    The samples versions written against them are compared by :func:`lance_io.diff.diff_versions`,
+    a fragment at a time: the cost follows the samples that changed, not the table.
+    """
     a = open_table(table_uri, before, storage_options=storage_options).version
     b = open_table(table_uri, after, storage_options=storage_options).version
     va = samples_version_at(table_uri, a, storage_options=storage_options)
     vb = samples_version_at(table_uri, b, storage_options=storage_options)
-    ids_a, ids_b = _sample_ids(table_uri, va, storage_options), _sample_ids(table_uri, vb, storage_options)
-    return SamplesDiff(
-        before=len(ids_a),
-        after=len(ids_b),
-        added=_count_not_in(ids_b, ids_a),
-        removed=_count_not_in(ids_a, ids_b),
-        samples_version_before=va,
-        samples_version_after=vb,
-    )
+    rows_a, rows_b = (0 if v is None else open_samples(table_uri, v, storage_options=storage_options).count_rows() for v in (va, vb))
+    if va is None or vb is None:
+        added, removed = rows_b, rows_a  # one side has no samples yet
+    else:
+        found = diff_versions(samples_uri(table_uri), va, vb, max_ids=0, storage_options=storage_options)
+        added, removed = found.added, found.removed
+    return SamplesDiff(before=rows_a, after=rows_b, added=added, removed=removed,
+                       samples_version_before=va, samples_version_after=vb)
 
 
 @dataclass(frozen=True)

@@ -200,3 +200,17 @@ def test_eval_reads_the_table_a_batch_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "SCAN_BATCH", 4)
     assert asdict(evaluate_table(uri, "label", "truth", where="truth != '2'").evaluations["label"]) == whole
     assert whole["rows"] == 20 and whole["mean_confidence"] == pytest.approx(0.8)
+
+
+def test_truth_of_any_arrow_type_is_compared_as_python_writes_it():
+    """Integers, floats, booleans, lists and structs: a class is the value's ``str``, as before the counts went to Arrow."""
+    from ray_jobs.evaluation.metrics import Tally
+
+    for truth, answer in [([1, 2, None], ["1", "1", "2"]), ([1.5, 2.0, None], ["1.5", "2", "2.0"]),
+                          ([True, False, None], ["True", "false", "x"]), ([[1, 2], [3], None], ["[1, 2]", "[3 ]", "[3]"]),
+                          ([{"a": 1}, {"a": 2}, None], ["{'a': 1}", "{'a': 1}", "-"])]:
+        tally = Tally()
+        tally.add(pa.array(truth), pa.array(answer))
+        e = tally.evaluation()
+        assert e.rows == 2 and e.accuracy == 0.5, truth
+        assert set(e.classes) >= {str(truth[0]), str(truth[1])}

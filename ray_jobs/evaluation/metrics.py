@@ -88,7 +88,10 @@ def _as_text(values: pa.Array) -> pa.Array:
     """Return ``values`` as strings, each as Python's ``str`` writes it (nulls stay null)."""
     if pa.types.is_null(values.type) or pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         return values.cast(pa.string())
-    encoded = pc.dictionary_encode(values)
+    try:
+        encoded = pc.dictionary_encode(values)
+    except pa.ArrowNotImplementedError:  # lists, structs: each value written out
+        return pa.array([None if v is None else str(v) for v in values.to_pylist()], pa.string())
     words = pa.array([None if v is None else str(v) for v in encoded.dictionary.to_pylist()], pa.string())
     return pc.take(words, encoded.indices)
 
