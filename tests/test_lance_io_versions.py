@@ -137,6 +137,9 @@ def test_tables_on_s3_create_append_write_columns_and_version(s3):
     ds = open_table(uri, "labeled", storage_options=opts)
     assert ds.count_rows() == 12 and ds.to_table(filter="label = 'x'").num_rows == 12
     assert len(list_versions(uri, storage_options=opts)) >= 5
+    diff = diff_versions(uri, 1, "labeled", column="label", storage_options=opts)  # fragment by fragment on S3
+    (label,) = diff.columns
+    assert (diff.added, diff.removed, diff.changed, label.before, label.after) == (2, 0, 10, {None: 10}, {"x": 12})
 
 
 def test_listing_the_newest_versions_reads_only_those_and_keeps_oldest_first(history):
