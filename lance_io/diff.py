@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from lance_io.labels import answer_columns_in
 from lance_io.reasons import ReasonError
+from lance_io.scan import require_columns
 from lance_io.schema import ID
 from lance_io.table import open_table
 
@@ -312,6 +313,8 @@ def diff_versions(
     """
     a = open_table(uri, before, storage_options=storage_options)
     b = open_table(uri, after, storage_options=storage_options)
+    require_columns(a, [ID], uri=uri)  # rows are told apart by id
+    require_columns(b, [ID], uri=uri)
     names: list[str] = []
     if column is not None:
         # the union of both versions' answer columns: a prefix labeled only in `after` still compares

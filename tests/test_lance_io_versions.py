@@ -244,3 +244,16 @@ def test_a_column_of_many_values_lists_those_most_rows_hold_with_exact_counts(tm
     assert "cap: the 100 values most rows hold, of 4 before and 150 after" in printed.stdout
     # q (6 rows) and y (4), then the rows of one value each by value: 98 captions before x and the null
     assert printed.stdout.count("caption ") == 98 and "│ x " not in printed.stdout
+
+
+def test_diff_of_a_table_without_ids_names_the_missing_column(tmp_path):
+    import lance
+
+    from lance_io.reasons import ReasonError
+
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(pa.table({"x": [1, 2]}), uri)
+    lance.write_dataset(pa.table({"x": [3]}), uri, mode="append")
+    with pytest.raises(ReasonError) as refused:
+        diff_versions(uri, 1, 2)
+    assert refused.value.reason == "column_missing" and "no column id" in refused.value.message
