@@ -7,11 +7,13 @@ the two versions are compared fragment by fragment, one fragment held at a time:
 - **shared**: the same files for ``id`` and the compared columns, and the same deletions, in
   both versions: the same rows. Nothing to compare; their values are counted once, for both
   distributions (without ``column``, not even read).
-- **in place**: the same ``id`` file and row count: each row keeps its offset, so the two
-  versions' rows are matched by offset (a row deleted in one is removed, or added).
-- **moved**: fragments one version holds and the other does not (appended, compacted, deleted
-  whole). Their rows are matched by id, the k-th row of an id in one version with its k-th row
-  in the other; these alone are held together, so memory follows what moved, not the table.
+- **in place**: the same ``id`` file and row count: each row keeps its address, so the rows
+  both versions hold are compared row for row. A row only one of them holds (deleted, or
+  rewritten elsewhere by an update) joins the moved rows.
+- **moved**: the rows of fragments one version holds and the other does not (appended,
+  compacted, deleted whole), and those above. They are matched by id, the k-th row of an id in
+  one version with its k-th row in the other; the rest are added or removed. These alone are
+  held together, so memory follows what moved, not the table.
 
 Everything is counted in rows (an id two rows hold is two rows); id lists hold distinct ids,
 sorted, cut at ``max_ids``.

@@ -1,8 +1,9 @@
 """Label quality against ground truth: accuracy, per-class P/R/F1, confusion, coverage, calibration.
 
 :class:`Tally` counts one answer/truth pair a record batch at a time: how often each (truth,
-answer) pair occurs, and ten calibration bins. What it holds grows with the classes, not with
-the rows, so ``lancetag eval`` reads a table of any size in constant memory.
+answer) pair occurs, and ten calibration bins. What it holds grows with the distinct pairs (at
+most the classes squared), not with the rows, so ``lancetag eval`` reads a table of any size in
+the memory of its classes (a truth column that is nearly a key makes the pairs the rows).
 """
 
 from __future__ import annotations
