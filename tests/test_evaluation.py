@@ -214,3 +214,10 @@ def test_truth_of_any_arrow_type_is_compared_as_python_writes_it():
         e = tally.evaluation()
         assert e.rows == 2 and e.accuracy == 0.5, truth
         assert set(e.classes) >= {str(truth[0]), str(truth[1])}
+
+
+def test_confidence_that_is_no_probability_is_left_out_of_the_calibration_and_said_so():
+    e = evaluate(["a", "b", "a", "a", "b"], ["a", "a", "a", "b", "b"], [float("nan"), 1.5, 0.5, None, -0.1])
+    assert e.mean_confidence == 0.5 and e.calibration_error == pytest.approx(0.5)  # the one row scored: right at 0.5
+    assert e.notes == ["3 confidence value(s) NaN or outside [0, 1]: left out of the calibration"]
+    assert json.loads(json.dumps(e.mean_confidence, allow_nan=False)) == 0.5

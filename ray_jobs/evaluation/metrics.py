@@ -104,6 +104,7 @@ class Tally:
         self.pairs: Counter[tuple[str, str | None]] = Counter()
         self.invalid = 0
         self.calibration = _Calibration()
+        self.not_confidence = 0  # NaN or outside [0, 1]: left out of the calibration
 
     def add(self, truth: pa.Array, answer: pa.Array, confidence: pa.Array | None = None, errors: pa.Array | None = None) -> None:
         """Count one batch: rows without truth are left out; a row without an answer is wrong."""
@@ -116,10 +117,12 @@ class Tally:
             self.pairs[t, a] += rows
         if confidence is not None:
             confidence = confidence.filter(kept)
-            scored = pc.is_valid(confidence)
-            correct = pc.fill_null(pc.equal(truth, answer), False).filter(scored)
-            self.calibration.add(confidence.filter(scored).to_numpy(zero_copy_only=False).astype(float),
-                                 correct.to_numpy(zero_copy_only=False).astype(float))
+            values = confidence.cast(pa.float64()).to_numpy(zero_copy_only=False)  # null: NaN
+            given = pc.is_valid(confidence).to_numpy(zero_copy_only=False)
+            scored = (values >= 0.0) & (values <= 1.0)  # NaN is neither
+            self.not_confidence += int(np.sum(given & ~scored))
+            correct = pc.fill_null(pc.equal(truth, answer), False).to_numpy(zero_copy_only=False)
+            self.calibration.add(values[scored], correct[scored].astype(float))
 
     def evaluation(self) -> Evaluation:
         """Return the figures of the rows counted so far."""
@@ -144,6 +147,8 @@ class Tally:
         wrong = sorted(((t, a, n) for (t, a), n in self.pairs.items() if a is not None and a != t),
                        key=lambda pair: (-pair[2], _natural(pair[0]), _natural(pair[1])))
         labeled = rows - answered[None]
+        if self.not_confidence:
+            notes.append(f"{self.not_confidence} confidence value(s) NaN or outside [0, 1]: left out of the calibration")
         return Evaluation(
             rows=rows,
             labeled=labeled,
