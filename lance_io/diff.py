@@ -110,6 +110,8 @@ class _Counts:
             self.parts = [self.table()]
 
     def table(self) -> pa.Table:
+        if len(self.parts) == 1:  # counted in one go: each value once already
+            return self.parts[0]
         parts = self.parts or [pa.table({"value": pa.array([], TEXT), "rows": pa.array([], pa.int64())})]
         summed = pa.concat_tables(parts).group_by("value").aggregate([("rows", "sum")])
         return pa.table({"value": summed.column("value"), "rows": summed.column("rows_sum")})
