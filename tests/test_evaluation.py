@@ -176,6 +176,8 @@ def test_more_classes_than_a_matrix_holds_report_their_commonest_confusions(tmp_
     answer = [t if i % 3 else "7" for i, t in enumerate(truth)]  # every third row answered "7"
     uri = str(tmp_path / "keys.lance")
     lance.write_dataset(pa.table({"id": [str(i) for i in range(rows)], "truth": truth, "label": answer}), uri)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "confusion.png").write_bytes(b"an earlier report's matrix")
     result = evaluate_table(uri, "label", "truth", report_dir=tmp_path / "r")
     e = result.evaluations["label"]
     assert len(e.classes) == rows // 2 > MATRIX_CLASSES and e.confusion == []

@@ -187,7 +187,11 @@ def write_report(result: EvalResult, out: Path) -> Path:
     pages = []
     for name, evaluation in result.evaluations.items():
         png = out / (f"confusion-{name}.png" if len(result.evaluations) > 1 else "confusion.png")
-        png, cells = (png, confusion_png(evaluation, png, title=name)) if evaluation.confusion else (None, {})
+        if evaluation.confusion:
+            cells = confusion_png(evaluation, png, title=name)
+        else:  # past MATRIX_CLASSES: no matrix, and no PNG of an earlier report left beside this one
+            png.unlink(missing_ok=True)
+            png, cells = None, {}
         facts = {"table": result.table, "version": str(result.version), "column": name, "truth": result.truth, **result.lineage}
         pages.append(html_report(evaluation, png, cells, title=f"lancetag eval: {name}", facts=facts, costs=costs,
                                  baselines=result.baselines.get(name, []), training=result.training))
