@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_scale import run_measured
-from bench.report import Section
+from bench.report import Section, table_section
 
 RECIPE = (
     "import json, sys, lance; from ray_jobs.demo import training_recipe; "
@@ -106,9 +106,8 @@ def run(workdir: Path) -> Section:
         before, before_extra, before_scored = figures[-2]
         last_step = (f" From {before:,} to {large:,} rows, which score {before_scored:,} and {large_scored:,} rows, "
                      f"{before_extra:.1f} s to {large_extra:.1f} s.")
-    body = "\n".join([
-        __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
+    return table_section(
+        "Pixel baselines, the demo's recipe and the vision warm-up's rows as the table grows", __doc__, lines,
         f"From {small:,} to {large:,} rows ({large // small}x), the baselines' share of the time goes from "
         f"{small_extra:.1f} s to {large_extra:.1f} s ({large_extra / small_extra:.1f}x).{last_step}",
-    ])
-    return Section(title="Pixel baselines, the demo's recipe and the vision warm-up's rows as the table grows", markdown=body)
+    )

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_scale import run_measured
-from bench.report import Section
+from bench.report import Section, table_section
 
 SIZES = tuple(int(s) for s in os.environ.get("LANCETAG_BENCH_DIFF_SIZES", "100000,1000000,10000000").split(","))
 LANCETAG = str(Path(sys.executable).parent / "lancetag")
@@ -77,10 +77,9 @@ def run(workdir: Path) -> Section:
         lines.append("| " + " | ".join([f"{rows:,}", *(f"{c} | {r.seconds:.1f} s | {r.peak_rss / 2**20:.0f} MiB"
                                                         for c, r in zip(counts, runs, strict=True))]) + " |")
     (small, small_s, small_rss), (large, large_s, large_rss) = figures[0], figures[-1]
-    body = "\n".join([
-        __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
+    return table_section(
+        "`lancetag diff` as the table grows", __doc__, lines,
         f"From {small:,} to {large:,} rows ({large // small}x): the label write's diff takes {large_s / small_s:.1f}x the "
         f"time (every fragment it touched is read), the peak memory of the three {large_rss / small_rss:.1f}x "
         f"({small_rss / 2**20:.0f} to {large_rss / 2**20:.0f} MiB): a fragment at a time is held, not the table.",
-    ])
-    return Section(title="`lancetag diff` as the table grows", markdown=body)
+    )

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.bench_scale import run_measured
-from bench.report import Section
+from bench.report import Section, table_section
 
 SIZES = tuple(int(s) for s in os.environ.get("LANCETAG_BENCH_EVAL_SIZES", "10000,100000,1000000,10000000").split(","))
 LANCETAG = str(Path(sys.executable).parent / "lancetag")
@@ -69,11 +69,10 @@ def run(workdir: Path) -> Section:
                                                         for n, r in zip(evaluated, runs, strict=True)),
                                         f"{scan.seconds:.1f} s | {scan.peak_rss / 2**20:.0f} MiB"]) + " |")
     (small, small_s, small_rss, small_scan), (large, large_s, large_rss, large_scan) = figures[0], figures[-1]
-    body = "\n".join([
-        __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
+    return table_section(
+        "`lancetag eval` as the table grows", __doc__, lines,
         f"From {small:,} to {large:,} rows evaluated ({large // small}x): the time grows {large_s / small_s:.1f}x "
         f"(the scan), the peak memory {large_rss / small_rss:.1f}x ({small_rss / 2**20:.0f} to {large_rss / 2**20:.0f} MiB). "
         f"Above the bare scan, eval holds {(small_rss - small_scan) / 2**20:.0f} MiB at {small:,} rows and "
         f"{(large_rss - large_scan) / 2**20:.0f} MiB at {large:,}; the rest of the growth is the scan's.",
-    ])
-    return Section(title="`lancetag eval` as the table grows", markdown=body)
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.bench_baselines import _table
 from bench.bench_scale import run_measured
-from bench.report import Section
+from bench.report import Section, table_section
 
 MAKE = (
     "import json, sys; from lance_io.samples import label_samples; from lance_io.tasks import load_task; "
@@ -42,10 +42,9 @@ def run(workdir: Path) -> Section:
         lines.append(f"| {rows:,} | {made[0].seconds:.1f} s ({created['samples']:,}) | {made[0].peak_rss / 2**20:.0f} MiB | "
                      f"{made[1].seconds:.1f} s ({merged['added']:,}) | {made[1].peak_rss / 2**20:.0f} MiB |")
     (small, small_s, small_rss), (large, large_s, large_rss) = figures[0], figures[-1]
-    body = "\n".join([
-        __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
+    return table_section(
+        "Samples from a label column as the table grows", __doc__, lines,
         f"From {small:,} to {large:,} rows ({large // small}x): the time grows {large_s / small_s:.0f}x (every labeled "
         f"row becomes a sample), the peak memory {large_rss / small_rss:.1f}x ({small_rss / 2**20:.0f} to "
         f"{large_rss / 2**20:.0f} MiB).",
-    ])
-    return Section(title="Samples from a label column as the table grows", markdown=body)
+    )

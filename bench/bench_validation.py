@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.report import Section
+from bench.report import Section, table_section
 
 SIZES = (10_000, 100_000, 1_000_000)
 REPEATS = 3
@@ -123,12 +123,11 @@ def run(workdir: Path) -> Section:
                      f"{planning:.2f} s | {evaluating:.2f} s |")
     small, large = figures[0], figures[-1]
     growth = SIZES[-1] // SIZES[0]
-    body = "\n".join([
-        __doc__.split("\n\n", 2)[2].strip(), "", *lines, "",
+    return table_section(
+        "Validation inside training as the table grows", __doc__, lines,
         f"From {SIZES[0]:,} to {SIZES[-1]:,} rows ({growth}x): the check's usual case goes from "
         f"{1000 * small[0]:.1f} to {1000 * large[0]:.1f} ms (it stops after about 1 / fraction rows), its "
         f"refusal grows {large[1] / small[1]:.0f}x with the rows (it reads every id and truth, and only when it "
         f"refuses); the plan grows {large[2] / small[2]:.0f}x (every id and truth, once a run); an evaluation asks "
         f"about {small[4]:,} then {large[4]:,} rows and reads them in {small[3]:.2f} then {large[3]:.2f} s.",
-    ])
-    return Section(title="Validation inside training as the table grows", markdown=body)
+    )

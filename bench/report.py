@@ -20,6 +20,12 @@ class Section:
     markdown: str
 
 
+def table_section(title: str, doc: str | None, table: list[str], summary: str) -> Section:
+    """A benchmark's section: its module docstring past the title and command, its table, then ``summary``."""
+    description = (doc or "").split("\n\n", 2)[2].strip()
+    return Section(title=title, markdown="\n".join([description, "", *table, "", summary]))
+
+
 def machine_summary() -> str:
     """One line describing the machine the figures come from."""
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
