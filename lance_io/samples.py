@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from lance_io.diff import diff_versions
 from lance_io.labels import LabelError, answer_columns, row_messages
+from lance_io.scan import scan_batches
 from lance_io.schema import ID, MESSAGE_TYPE
 from lance_io.sql import sql_string
 from lance_io.table import (
@@ -307,8 +308,6 @@ def _samples_taught(
     skipped: dict[str, int],
 ) -> Iterator[pa.RecordBatch]:
     """Yield the samples label column ``column`` teaches, a scan batch at a time; count the rows skipped by reason."""
-    from lance_io.scan import scan_batches
-
     metadata = {"task": task.name, "column": column}
     messages_for_row = row_messages(task, column)
     for batch in scan_batches(images, [ID, *answer_columns(task, column).values()], where=where, batch_size=SCAN_BATCH):

@@ -157,22 +157,24 @@ def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[s
         )
     classes = _classes(sources)
     seen: Counter[str] = Counter()
-    chosen = heapq.nsmallest(MAX_ROWS, _ranked_ids(sources, classes, seen))
+    truth_columns = [_truth_column(source) for source in sources]
+    chosen = heapq.nsmallest(MAX_ROWS, _ranked_ids(sources, truth_columns, classes, seen))
     if seen.total() == 0 or len(seen) < 2:
         raise VisionWarmupError(
             "vision_warmup_needs_labels", "vision_warmup needs training rows of at least two classes"
         )
     rows: list[tuple[float, int, int, bytes, int]] = []
-    for n, source in enumerate(sources):
-        rows.extend(_rows_of(source, n, [row_id for _, m, row_id in chosen if m == n], classes))
+    for n, (source, column) in enumerate(zip(sources, truth_columns, strict=True)):
+        rows.extend(_rows_of(source, column, n, [row_id for _, m, row_id in chosen if m == n], classes))
     rows = sorted(rows, key=lambda r: r[:3])[:MAX_ROWS]  # hash, then table order: as the rows were scanned
     return [r[3] for r in rows], [r[4] for r in rows], classes, seen.total()
 
 
-def _ranked_ids(sources: Sequence[LanceSource], classes: list[str], seen: Counter[str]) -> Iterator[tuple[float, int, str]]:
+def _ranked_ids(
+    sources: Sequence[LanceSource], truth_columns: list[str], classes: list[str], seen: Counter[str]
+) -> Iterator[tuple[float, int, str]]:
     """Yield (id hash, source index, id) of each labeled training row, counting its class in ``seen``."""
-    for n, source in enumerate(sources):
-        column = _truth_column(source)
+    for n, (source, column) in enumerate(zip(sources, truth_columns, strict=True)):
         for batch, kept in split_batches(source, [column], 4096):
             ids, truths = batch.column(source.id_column).to_pylist(), batch.column(column).to_pylist()
             for i in kept:
@@ -182,10 +184,10 @@ def _ranked_ids(sources: Sequence[LanceSource], classes: list[str], seen: Counte
 
 
 def _rows_of(
-    source: LanceSource, n: int, ids: list[str], classes: list[str]
+    source: LanceSource, truth_column: str, n: int, ids: list[str], classes: list[str]
 ) -> Iterator[tuple[float, int, int, bytes, int]]:
     """Yield (id hash, ``n``, row address, image bytes, class index) of ``source``'s rows with ``ids``."""
-    columns = [source.id_column, source.image_column, _truth_column(source)]
+    columns = [source.id_column, source.image_column, truth_column]
     for part in rows_by_id(source, ids, columns, with_row_address=True):
         for row_id, image, t, address in zip(*(part.column(c).to_pylist() for c in [*columns, "_rowaddr"]), strict=True):
             if image and t is not None and str(t) in classes and source.keeps(str(row_id)):
