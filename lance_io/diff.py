@@ -13,7 +13,9 @@ the two versions are compared fragment by fragment, one fragment held at a time:
 - **moved**: the rows of fragments one version holds and the other does not (appended,
   compacted, deleted whole), and those above. They are matched by id, the k-th row of an id in
   one version with its k-th row in the other; the rest are added or removed. These alone are
-  held together, so memory follows what moved, not the table.
+  held together, so memory follows what moved, not the table; past :data:`MATCH_ROWS` (a
+  compaction moves every row it rewrites) they are split by a hash of the id into buckets, files
+  of a temporary folder, and matched a bucket at a time.
 
 Everything is counted in rows (an id two rows hold is two rows); id lists hold distinct ids,
 sorted, cut at ``max_ids``.
@@ -21,8 +23,10 @@ sorted, cut at ``max_ids``.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lance
 import numpy as np
@@ -32,13 +36,19 @@ import pyarrow.compute as pc
 from lance_io.labels import answer_columns_in
 from lance_io.reasons import ReasonError
 from lance_io.scan import require_columns
-from lance_io.schema import ID
+from lance_io.schema import ID, id_hashes
 from lance_io.table import open_table
 
 DIFF_VALUES = 100
 """Most values a column's distribution lists (a caption column holds a value per row)."""
 READ_ROWS = 131_072
 """Rows read (and held) at a time: fragments are read together until they hold this many."""
+IO_BUFFER = 16 * 2**20
+"""Bytes Lance reads ahead (its default buffers hundreds of MB on fragments of a million rows)."""
+MATCH_ROWS = 250_000
+"""Moved rows (of both versions together) matched by id at once; more are split into buckets by id."""
+MAX_BUCKETS = 256
+"""Most buckets (two files each, open while the rows are split): past 64M moved rows, buckets hold more."""
 ADDRESS = "_rowaddr"
 TEXT = pa.large_string()
 
@@ -203,32 +213,104 @@ class _Tally:
                            columns, self.changed_any.rows, self.changed_any.sorted())
 
 
+class _Moved:
+    """The rows that moved, pooled for the match by id: held, or, when more than :data:`MATCH_ROWS` may
+    come, split by a hash of the id into as many buckets (files of a temporary folder) as keep each
+    below it. All rows of an id fall in one bucket, so a bucket is matched on its own."""
+
+    def __init__(self, expected_rows: int, empty: tuple[pa.Table, pa.Table]) -> None:
+        self.buckets = min(MAX_BUCKETS, max(1, -(-expected_rows // MATCH_ROWS)))
+        self.empty = empty
+        self.held: tuple[list[pa.Table], list[pa.Table]] = ([], [])
+        self.rows = [0, 0]
+        self.folder = tempfile.TemporaryDirectory(prefix="lancetag-diff-") if self.buckets > 1 else None
+        self.writers: dict[tuple[int, int], pa.ipc.RecordBatchFileWriter] = {}
+
+    def add(self, side: int, rows: pa.Table) -> None:
+        """Pool ``rows`` of the version before (``side`` 0) or after (1)."""
+        if not rows.num_rows:  # an empty slice would keep its table's buffers alive
+            return
+        self.rows[side] += rows.num_rows
+        if self.folder is None:
+            self.held[side].append(rows)
+            return
+        bucket = id_hashes(rows.column(ID)) % self.buckets
+        rows = rows.take(np.argsort(bucket, kind="stable"))
+        start = 0
+        for b, count in enumerate(np.bincount(bucket, minlength=self.buckets)):
+            if count:
+                if (side, b) not in self.writers:
+                    self.writers[side, b] = pa.ipc.new_file(self._path(side, b), rows.schema)
+                self.writers[side, b].write_table(rows.slice(start, count))
+            start += count
+
+    def pairs(self) -> Iterator[tuple[pa.Table, pa.Table]]:
+        """Each bucket's rows of both versions (one pair when held), the folder removed after the last."""
+        if self.folder is None:
+            yield pa.concat_tables([self.empty[0], *self.held[0]]), pa.concat_tables([self.empty[1], *self.held[1]])
+            return
+        for writer in self.writers.values():
+            writer.close()
+        with self.folder:
+            for b in range(self.buckets):
+                yield self._read(0, b), self._read(1, b)
+
+    def _path(self, side: int, bucket: int) -> Path:
+        return Path(self.folder.name) / f"{side}-{bucket}.arrow"
+
+    def _read(self, side: int, bucket: int) -> pa.Table:
+        if (side, bucket) not in self.writers:
+            return self.empty[side]
+        with pa.OSFile(str(self._path(side, bucket))) as source:
+            return pa.ipc.open_file(source).read_all()
+
+
 def _flagged(rows: pa.Table, side: str, keys: list[str]) -> pa.Table:
     """``rows`` for a join: the keys as they are, the values named ``side:<name>``, a ``side`` flag."""
     others = {f"{side}:{n}": rows.column(n) for n in rows.column_names if n not in keys and n != ADDRESS}
     return pa.table({**{k: rows.column(k) for k in keys}, **others, side: pa.repeat(True, rows.num_rows)})
 
 
-def _read(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str], *, keys: bool = True) -> pa.Table:
+def _scan(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str], *, keys: bool = True) -> Iterator[pa.Table]:
     """``names`` (as text; null where this version lacks the column) of some fragments' rows, after
-    their ``id`` and row address unless not ``keys``."""
+    their ``id`` and row address unless not ``keys``, about :data:`READ_ROWS` rows at a time."""
     present = [n for n in names if n in ds.schema.names]
     columns = [ID, *present] if keys else present
-    if fragment_ids:
-        fragments = [ds.get_fragment(i) for i in fragment_ids]
-        rows = ds.scanner(columns=columns, fragments=fragments, with_row_address=keys, scan_in_order=True).to_table()
-    else:  # an empty list of fragments would scan them all
-        rows = ds.scanner(columns=columns, with_row_address=keys, limit=0).to_table()
-    table = {ID: rows.column(ID)} if keys else {}
-    for n in names:
-        table[n] = rows.column(n).cast(TEXT) if n in present else pa.nulls(rows.num_rows, TEXT)
-    if keys:
-        table[ADDRESS] = rows.column(ADDRESS)
-    return pa.table(table)
+
+    def as_text(rows: pa.Table) -> pa.Table:
+        table = {ID: rows.column(ID)} if keys else {}
+        for n in names:
+            table[n] = rows.column(n).cast(TEXT) if n in present else pa.nulls(rows.num_rows, TEXT)
+        if keys:
+            table[ADDRESS] = rows.column(ADDRESS)
+        return pa.table(table)
+
+    if not fragment_ids:  # an empty list of fragments would scan them all
+        yield as_text(ds.scanner(columns=columns, with_row_address=keys, limit=0).to_table())
+        return
+    fragments = [ds.get_fragment(i) for i in fragment_ids]
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in ds.scanner(columns=columns, fragments=fragments, with_row_address=keys, scan_in_order=True,
+                            batch_size=READ_ROWS, io_buffer_size=IO_BUFFER).to_batches():
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= READ_ROWS:
+            yield as_text(pa.Table.from_batches(pending))
+            pending, rows = [], 0
+    if pending:
+        yield as_text(pa.Table.from_batches(pending))
+
+
+def _read(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str]) -> pa.Table:
+    """:func:`_scan`'s rows in one table."""
+    return pa.concat_tables(_scan(ds, fragment_ids, names))
 
 
 def _with_occurrence(rows: pa.Table) -> pa.Table:
     """Add ``k``: 0 for an id's first row (by row address), 1 for its second, ..."""
+    if pc.count_distinct(rows.column(ID)).as_py() == rows.num_rows:  # one row per id, as lancetag's tables hold
+        return rows.append_column("k", pa.array(np.zeros(rows.num_rows, dtype=np.int64)))
     order = pc.sort_indices(rows, [(ID, "ascending"), (ADDRESS, "ascending")])
     ids = rows.column(ID).take(order).to_numpy(zero_copy_only=False)
     starts = np.ones(len(ids), dtype=bool)
@@ -264,6 +346,8 @@ class _Fragments:
     in_place: list[int]
     moved_before: list[int]
     moved_after: list[int]
+    moved_rows: int = 0
+    """At most how many rows moved: the live rows of moved fragments, the deletions in-place fragments differ by."""
 
 
 def _sort_fragments(a: lance.LanceDataset, b: lance.LanceDataset, names: list[str]) -> _Fragments:
@@ -281,6 +365,9 @@ def _sort_fragments(a: lance.LanceDataset, b: lance.LanceDataset, names: list[st
     matched = set(sorted_.shared) | set(sorted_.in_place)
     sorted_.moved_before = [i for i in in_a if i not in matched]
     sorted_.moved_after = [i for i in in_b if i not in matched]
+    sorted_.moved_rows = (sum(in_a[i].metadata.num_rows for i in sorted_.moved_before)
+                          + sum(in_b[i].metadata.num_rows for i in sorted_.moved_after)
+                          + sum(abs(in_a[i].metadata.num_deletions - in_b[i].metadata.num_deletions) for i in sorted_.in_place))
     return sorted_
 
 
@@ -333,20 +420,29 @@ def diff_versions(
     tally = _Tally(names, max_ids)
     fragments = _sort_fragments(a, b, names)
     if names:
-        for chunk in _chunks(b, fragments.shared):
-            rows = _read(b, chunk, names, keys=False)
+        for rows in _scan(b, fragments.shared, names, keys=False):
             tally.count(rows, rows)
-    pooled: tuple[list[pa.Table], list[pa.Table]] = ([], [])
+    moved = _Moved(fragments.moved_rows, (_read(a, [], names), _read(b, [], names)))
     for chunk in _chunks(b, fragments.in_place):
         rows = _read(a, chunk, names), _read(b, chunk, names)
         tally.count(*rows)
-        for pool, left in zip(pooled, tally.in_place(*rows), strict=True):
-            pool.append(left)
-    for chunk in _chunks(a, fragments.moved_before):
-        pooled[0].append(_read(a, chunk, names))
-        tally.count(pooled[0][-1], None)
-    for chunk in _chunks(b, fragments.moved_after):
-        pooled[1].append(_read(b, chunk, names))
-        tally.count(None, pooled[1][-1])
-    tally.by_id(*(pa.concat_tables([_read(ds, [], names), *pool]) for ds, pool in zip((a, b), pooled, strict=True)))
+        for side, left in enumerate(tally.in_place(*rows)):
+            moved.add(side, left)
+    # a version whose moved rows are none leaves nothing for the other's to match (an append): counted as they are read
+    removed_all = not fragments.moved_after and not moved.rows[1]
+    added_all = not fragments.moved_before and not moved.rows[0]
+    for rows in _scan(a, fragments.moved_before, names):
+        tally.count(rows, None)
+        if removed_all:
+            tally.removed.add(rows.column(ID))
+        else:
+            moved.add(0, rows)
+    for rows in _scan(b, fragments.moved_after, names):
+        tally.count(None, rows)
+        if added_all:
+            tally.added.add(rows.column(ID))
+        else:
+            moved.add(1, rows)
+    for rows_a, rows_b in moved.pairs():
+        tally.by_id(rows_a, rows_b)
     return tally.result(a.version, b.version)

@@ -52,12 +52,11 @@ from typing import Any
 
 import lance
 import numpy as np
-import pyarrow as pa
 from lance.optimize import Compaction
 from pyarrow import fs as pafs
 
 from lance_io.reasons import ReasonError
-from lance_io.schema import ID
+from lance_io.schema import ID, id_hashes
 from lance_io.storage import table_filesystem
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, open_table
 
@@ -195,10 +194,6 @@ def compact_fragments(
     return totals
 
 
-def _id_hashes(ids: pa.Array) -> np.ndarray:
-    return np.fromiter(map(hash, ids.to_pylist()), dtype=np.int64, count=len(ids))
-
-
 def remove_duplicate_ids(uri: str, *, storage_options: dict[str, str] | None = None) -> int:
     """Delete every row whose ``id`` a row at a lower address holds; return how many went.
 
@@ -210,7 +205,7 @@ def remove_duplicate_ids(uri: str, *, storage_options: dict[str, str] | None = N
     field = ds.schema.field(ID) if ID in ds.schema.names else None
     if field is None or field.nullable:
         return 0
-    hashes = [_id_hashes(batch.column(ID)) for batch in ds.to_batches(columns=[ID])]
+    hashes = [id_hashes(batch.column(ID)) for batch in ds.to_batches(columns=[ID])]
     if not hashes:
         return 0
     values, counts = np.unique(np.concatenate(hashes), return_counts=True)
@@ -221,7 +216,7 @@ def remove_duplicate_ids(uri: str, *, storage_options: dict[str, str] | None = N
     first: dict[str, int] = {}
     later: list[int] = []
     for batch in ds.to_batches(columns=[ID], with_row_address=True):
-        candidates = np.isin(_id_hashes(batch.column(ID)), repeated)
+        candidates = np.isin(id_hashes(batch.column(ID)), repeated)
         for row_id, address in zip(
             batch.column(ID).filter(candidates).to_pylist(),
             batch.column("_rowaddr").filter(candidates).to_pylist(),

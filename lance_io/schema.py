@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 
 ID = "id"
@@ -60,3 +61,9 @@ def content_hashes(data: bytes) -> tuple[str, str]:
     """Return ``(id, sha256)`` of image bytes, hashing once."""
     digest = hashlib.sha256(data).hexdigest()
     return digest[:32], digest
+
+
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Return a 64-bit hash of each id, to bucket or count ids without holding them (Python's ``hash``:
+    the same within one process only)."""
+    return np.fromiter(map(hash, ids.to_pylist()), dtype=np.int64, count=len(ids))

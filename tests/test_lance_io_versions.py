@@ -181,12 +181,31 @@ def _row_by_row(uri: str, before: int, after: int, column: str, max_ids: int) ->
             "before": Counter(v for values in a.values() for v in values), "after": Counter(v for values in b.values() for v in values)}
 
 
-def test_diff_equals_a_row_by_row_comparison_across_label_writes_deletes_moves_appends_and_compaction(tmp_path):
-    """Every pair of six versions, both ways: rows relabeled in place, deleted, moved by an update,
-    appended (one with an id the table holds), compacted; an id held twice, nulls, an integer column."""
+@pytest.mark.parametrize("match_rows", [1_000_000, 40], ids=["held", "in-buckets"])
+def test_diff_equals_a_row_by_row_comparison_across_label_writes_deletes_moves_appends_and_compaction(
+        tmp_path, monkeypatch, match_rows):
+    """Every pair of seven versions, both ways: rows relabeled in place, deleted, moved by an update,
+    appended (one with an id the table holds), compacted; an id held twice, nulls, an integer column.
+    Moved rows matched in memory, and split into buckets in temporary files (removed after)."""
+    import tempfile
+
     import lance
 
+    import lance_io.diff
     from lance_io.columns import commit_values
+
+    monkeypatch.setattr(lance_io.diff, "MATCH_ROWS", match_rows)
+    buckets: list[int] = []
+
+    class Counted(lance_io.diff._Moved):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            buckets.append(self.buckets)
+
+    monkeypatch.setattr(lance_io.diff, "_Moved", Counted)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
 
     rng = random.Random(5)
     uri = str(tmp_path / "t.lance")
@@ -215,6 +234,8 @@ def test_diff_equals_a_row_by_row_comparison_across_label_writes_deletes_moves_a
                 assert got == expected, (before, after, column)
                 assert result.changed == diff.changed and result.changed_ids == diff.changed_ids
     assert _row_by_row(uri, 1, 6, "label", 7)["changed"] > 7, "the cut at max_ids is exercised"
+    assert (max(buckets) > 1) == (match_rows < 1000), "the compaction moves hundreds of rows: in buckets of at most 40"
+    assert not list(spill.iterdir()), "the buckets' folder is removed"
 
 
 def test_a_column_of_many_values_lists_those_most_rows_hold_with_exact_counts(tmp_path, monkeypatch):
