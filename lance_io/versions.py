@@ -63,14 +63,18 @@ def list_versions(
 ) -> list[VersionInfo]:
     """Return the table's versions (the newest ``last`` of them, or all), oldest first, with operation, job properties and tags.
 
-    Each version's transaction is one read: at 1,500 versions listing all of them takes seconds,
-    the newest 50 a fraction of one.
+    Each listed version's manifest and transaction are read (a manifest lists every fragment): at
+    1,000 versions of a 1M-row table listing all of them takes seconds, the newest 50 under one.
     """
     ds = open_table(uri, storage_options=storage_options)
     tags = _tags_by_version(ds)
     infos = []
-    everything = ds.versions()
-    for v in everything[-last:] if last else everything:
+    if last:  # the newest versions' numbers without reading a manifest, then only their manifests
+        newest = sorted(ref["version"] for ref in ds.version_refs())[-last:]
+        listed = [open_table(uri, n, storage_options=storage_options).get_version() for n in newest]
+    else:
+        listed = ds.versions()
+    for v in listed:
         number = v["version"]
         try:
             transaction = ds.read_transaction(number)
