@@ -4,7 +4,7 @@
 
 `lance_io.diff` compares two versions a fragment at a time: fragments both versions share are
 not compared, fragments whose rows stayed in place are compared row for row, and only rows that
-moved are matched by id (past a million, in buckets by id written to a temporary folder).
+moved are matched by id (past 250,000, in buckets by id written to a temporary folder).
 Measured here: a table of N rows (sha256 ids, a `label` column, files of 250,000 rows), then a
 label write that changes about 10% of the rows in every fragment in place (Lance's
 `update_columns`, as `lancetag label` writes), then an append of 1% new rows, then a compaction
