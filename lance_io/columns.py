@@ -12,6 +12,9 @@ docs/labeling.md, "The lifecycle of a run"):
    Lance ``Update``: it locates the ids *at commit time*, keeps only the rows that still match
    the todo predicate, writes one small data file of output columns per touched fragment and
    commits them together. :class:`PendingValues` decides when a group is due (rows or age).
+   Locating costs the group, not the table, when the fragments the values' rows were read from
+   are given: rows still there are found by scanning those fragments; only the others are
+   looked up by id in the whole table (its index).
 
 Because rows are located by ``id`` when the commit is made, the commit is right whatever
 happened meanwhile: rows appended by another writer are rebased over (they stay todo); a
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import lance
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
@@ -44,7 +48,11 @@ from lance_io.table import translated_write_errors
 
 ENSURE_ATTEMPTS = 20
 COMMIT_ATTEMPTS = 20
+SCAN_ROWS_PER_VALUE = 16
+"""The fragments values were read from are scanned to locate them when they hold at most this many rows a value;
+otherwise the ids are looked up in the whole table (its index), a cost that grows with the table."""
 _ROW_ADDRESS = "_rowaddr"
+_READ_FROM = "_lancetag_read_from"
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
 """Maps a batch of input columns (always with ``id``) to a batch of output columns, same length."""
@@ -177,13 +185,15 @@ class PendingValues:
     def __init__(self, commit_rows: int, commit_seconds: float | None = None) -> None:
         self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
         self._parts: list[pa.Table] = []
+        self._read_from: list[int | None] = []
         self._since: float | None = None
         self.rows = 0
 
-    def add(self, values: pa.Table) -> None:
-        """Keep ``values`` (``id`` + output columns) for the next commit."""
+    def add(self, values: pa.Table, read_from: int | None = None) -> None:
+        """Keep ``values`` (``id`` + output columns) for the next commit, and the fragment their rows were read from."""
         if values.num_rows:
             self._parts.append(values)
+            self._read_from.append(read_from)
             self.rows += values.num_rows
             self._since = self._since or time.monotonic()
 
@@ -194,13 +204,17 @@ class PendingValues:
         aged = self.commit_seconds is not None and time.monotonic() - (self._since or 0) >= self.commit_seconds
         return self.rows >= self.commit_rows or aged
 
-    def take(self) -> pa.Table | None:
-        """Return every pending value as one table (None if there are none) and forget them."""
+    def take(self) -> tuple[pa.Table, pa.Array | None] | None:
+        """Return every pending value as one table with the fragment each row was read from (None unless every
+        part said), or None if there are none; and forget them."""
         if not self._parts:
             return None
         values = pa.concat_tables(self._parts)
-        self._parts, self._since, self.rows = [], None, 0
-        return values
+        read_from = None
+        if None not in self._read_from:
+            read_from = pa.array(np.repeat(np.array(self._read_from, np.int64), [p.num_rows for p in self._parts]))
+        self._parts, self._read_from, self._since, self.rows = [], [], None, 0
+        return values, read_from
 
 
 def commit_values(
@@ -211,6 +225,7 @@ def commit_values(
     properties: dict[str, str] | None = None,
     storage_options: dict[str, str] | None = None,
     written_properties: Callable[[pa.Table], dict[str, str]] | None = None,
+    read_from: pa.Array | None = None,
 ) -> ValuesCommit:
     """Write ``values`` (``id`` + output columns) into the rows with those ids that still match ``todo``.
 
@@ -224,11 +239,17 @@ def commit_values(
     given (e.g. which node computed them). Storage failures raise
     :class:`~lance_io.table.TableWriteError`; the table is then unchanged.
 
+    ``read_from``, if given, is the fragment each value's row was read from: rows still in those
+    fragments are located by scanning them (when they hold at most :data:`SCAN_ROWS_PER_VALUE`
+    rows a value), the rest by id in the whole table.
+
     Example::
 
         values = pa.table({"id": ["a1", "b2"], "label": ["cat", "dog"]})
         commit_values("/data/t.lance", values, todo="label IS NULL", properties={"lancetag.job": "j1"})
     """
+    if read_from is not None:
+        values = values.append_column(_READ_FROM, read_from)
     values = _first_per_id(values)
     audit = {"lancetag.operation": "commit_values", **(properties or {})}
     for attempt in range(COMMIT_ATTEMPTS):
@@ -256,14 +277,24 @@ def _first_per_id(values: pa.Table) -> pa.Table:
     return values.take(pa.array(sorted(first.values()), pa.int64()))
 
 
-def _locate(ds: lance.LanceDataset, ids: list[str], todo: str | None) -> tuple[list[str], list[int]]:
-    """Return the ids that still match ``todo`` and the fragment each lives in now."""
-    found_ids: list[str] = []
-    fragments: list[int] = []
-    for hits in rows_with_ids(ds, ids, [ID], where=todo, with_row_address=True):
-        found_ids += hits.column(ID).to_pylist()
-        fragments += (hits.column(_ROW_ADDRESS).to_numpy() >> 32).tolist()
-    return found_ids, fragments
+def _locate(ds: lance.LanceDataset, values: pa.Table, todo: str | None) -> tuple[list[str], list[int]]:
+    """Return the ids of ``values`` whose rows still match ``todo`` and the fragment each lives in now."""
+    found: list[pa.Table] = []
+    ids = values.column(ID)
+    if _READ_FROM in values.column_names:
+        rows_in = {f.fragment_id: f.metadata.num_rows for f in ds.get_fragments()}
+        read_from = [f for f in pc.unique(values.column(_READ_FROM)).to_pylist() if f in rows_in]
+        if read_from and sum(rows_in[f] for f in read_from) <= SCAN_ROWS_PER_VALUE * values.num_rows:
+            scanned = ds.scanner(columns=[ID], filter=todo, with_row_address=True,
+                                 fragments=[ds.get_fragment(f) for f in read_from]).to_table()
+            found.append(scanned.filter(pc.is_in(scanned.column(ID), value_set=ids.combine_chunks())))
+            ids = ids.filter(pc.invert(pc.is_in(ids, value_set=found[0].column(ID).combine_chunks())))
+    if len(ids):  # moved since they were read (a compaction), or read_from not given: by id, in the whole table
+        found += rows_with_ids(ds, ids.to_pylist(), [ID], where=todo, with_row_address=True)
+    if not found:
+        return [], []
+    hits = pa.concat_tables(found)
+    return hits.column(ID).to_pylist(), (hits.column(_ROW_ADDRESS).to_numpy() >> 32).tolist()
 
 
 def _commit_once(
@@ -276,7 +307,9 @@ def _commit_once(
     written_properties: Callable[[pa.Table], dict[str, str]] | None = None,
 ) -> ValuesCommit:
     """One attempt: locate the rows in ``ds``, write their values per fragment, commit on ``ds.version``."""
-    ids, fragment_ids = _locate(ds, values.column(ID).to_pylist(), todo)
+    ids, fragment_ids = _locate(ds, values, todo)
+    if _READ_FROM in values.column_names:
+        values = values.drop_columns([_READ_FROM])
     if not ids:
         return ValuesCommit(None, values.slice(0, 0))
     fragment_of = dict(zip(ids, fragment_ids, strict=True))
@@ -349,9 +382,11 @@ def fill_column(
     pending = PendingValues(commit_rows)
 
     def commit() -> None:
-        values = pending.take()
-        if values is not None:
-            done = commit_values(uri, values, todo=todo, properties=props, storage_options=storage_options)
+        taken = pending.take()
+        if taken is not None:
+            values, read_from = taken
+            done = commit_values(uri, values, todo=todo, properties=props, storage_options=storage_options,
+                                 read_from=read_from)
             result.rows_written += done.rows
             result.versions += [done.version] if done.version is not None else []
             result.conflicts_resolved += done.conflicts
@@ -359,7 +394,7 @@ def fill_column(
     ds = lance.dataset(uri, storage_options=storage_options)
     for fid in fragment_ids:
         for batch in todo_batches(ds, fid, read_columns, _and(todo, where), batch_size):
-            pending.add(_conform_output(compute(batch), batch.column(ID), output_schema))
+            pending.add(_conform_output(compute(batch), batch.column(ID), output_schema), read_from=fid)
             if pending.due():
                 commit()
     commit()

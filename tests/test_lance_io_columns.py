@@ -103,6 +103,68 @@ def test_commit_values_writes_only_rows_still_todo_in_one_version_per_call(table
     assert rows_audited(table, "commit_values") == 40
 
 
+def test_commit_values_scans_the_fragments_rows_were_read_from_and_looks_up_only_rows_that_moved(table, monkeypatch):
+    """With the fragment each value was read from, rows still there are found by scanning those fragments (no id
+    lookup in the whole table); rows an update moved elsewhere, or given a wrong fragment, are looked up by id."""
+    from lance_io import columns
+
+    ensure_columns(table, OUTPUT)
+    rows = open_table(table).to_table(columns=["id"], with_row_address=True)
+    ids = rows.column("id").to_pylist()
+    fragment_of = {i: a >> 32 for i, a in zip(ids, rows.column("_rowaddr").to_pylist(), strict=True)}
+    looked_up: list[str] = []
+    real_lookup = columns.rows_with_ids
+
+    def counted_lookup(ds, wanted, *args, **kwargs):
+        looked_up.extend(wanted)
+        return real_lookup(ds, wanted, *args, **kwargs)
+
+    monkeypatch.setattr(columns, "rows_with_ids", counted_lookup)
+
+    def commit(batch: list[str], label: str, read_from: list[int]):
+        values = pa.table({"id": batch, "label": [label] * len(batch)})
+        return commit_values(table, values, todo="label IS NULL", read_from=pa.array(read_from, pa.int64()))
+
+    first = [i for i in ids if fragment_of[i] in (0, 1)]
+    done = commit(first, "a", [fragment_of[i] for i in first])
+    assert (done.rows, done.fragments, looked_up) == (20, (0, 1), []), "found in their fragments: no lookup"
+
+    moved = [i for i in ids if fragment_of[i] == 2]
+    lance.dataset(table).update({"truth": "'moved'"}, where=f"id IN ({', '.join(repr(i) for i in moved)})")
+    rest = [i for i in ids if fragment_of[i] in (2, 3)]
+    done = commit(rest, "b", [fragment_of[i] for i in rest])
+    assert done.rows == 20 and sorted(looked_up) == sorted(moved), "only the rows the update moved, by id"
+    labels = dict(zip(*open_table(table).to_table(columns=["id", "label"]).to_pydict().values(), strict=True))
+    assert [labels[i] for i in first] == ["a"] * 20 and [labels[i] for i in rest] == ["b"] * 20
+    assert commit(ids, "c", [fragment_of[i] for i in ids]).version is None, "nothing todo: nothing written"
+
+    def unlabel(row_id: str) -> int:
+        lance.dataset(table).update({"label": "NULL"}, where=f"id = '{row_id}'")
+        return open_table(table).to_table(columns=["id"], filter=f"id = '{row_id}'", with_row_address=True).column(
+            "_rowaddr")[0].as_py() >> 32
+
+    looked_up.clear()
+    now_in = unlabel(ids[0])
+    assert commit([ids[0]], "d", [now_in + 100]).rows == 1 and looked_up == [ids[0]], "a fragment the table lacks"
+    looked_up.clear()
+    elsewhere = next(f.fragment_id for f in open_table(table).get_fragments() if f.fragment_id != unlabel(ids[1]))
+    assert commit([ids[1]], "d", [elsewhere]).rows == 1 and looked_up == [ids[1]], "a fragment that lacks the row"
+    in_3 = [i for i in ids if fragment_of[i] == 3][:2]  # a fragment of 10 rows the update left alone
+
+    def relabel(row_id: str, label: str) -> None:  # todo None: whatever the row holds
+        values = pa.table({"id": [row_id], "label": [label]})
+        assert commit_values(table, values, todo=None, read_from=pa.array([3], pa.int64())).rows == 1
+
+    looked_up.clear()
+    relabel(in_3[0], "e")  # 10 rows scanned for 1 value: within SCAN_ROWS_PER_VALUE
+    assert looked_up == []
+    monkeypatch.setattr(columns, "SCAN_ROWS_PER_VALUE", 2)  # 10 rows for 1 value: the lookup costs less
+    relabel(in_3[1], "e")
+    assert looked_up == [in_3[1]]
+    labels = dict(zip(*open_table(table).to_table(columns=["id", "label"]).to_pydict().values(), strict=True))
+    assert [labels[i] for i in [*ids[:2], *in_3]] == ["d", "d", "e", "e"]
+
+
 def test_where_updates_only_matching_rows_without_rewriting_images(table, tmp_path):
     label_everything(table)
     ds = open_table(table)

@@ -232,7 +232,7 @@ class LabelRun:
         self.received[fragment_id] += values.num_rows
         self.nodes.add(node, values)
         self.last_fragment[unit] = fragment_id
-        self.pending.add(values)
+        self.pending.add(values, read_from=fragment_id)
         if self.pending.due():
             self.commit()
 
@@ -243,12 +243,13 @@ class LabelRun:
         and writes only those still todo (first writer wins), retrying on commit conflicts;
         a storage failure raises ``TableWriteError`` and ends the run, the table unchanged.
         """
-        values = self.pending.take()
-        if values is None:
+        taken = self.pending.take()
+        if taken is None:
             return
+        values, read_from = taken
         done = commit_values(
             self.table, values, todo=self.todo, properties=self.properties, storage_options=self.storage_options,
-            written_properties=self.nodes.properties,
+            written_properties=self.nodes.properties, read_from=read_from,
         )
         self.nodes.committed(done.written)
         if done.version is None:
