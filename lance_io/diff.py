@@ -309,7 +309,8 @@ def _read(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str]) -> 
 
 def _with_occurrence(rows: pa.Table) -> pa.Table:
     """Add ``k``: 0 for an id's first row (by row address), 1 for its second, ..."""
-    if pc.count_distinct(rows.column(ID)).as_py() == rows.num_rows:  # one row per id, as lancetag's tables hold
+    hashes = np.sort(id_hashes(rows.column(ID)))
+    if not (hashes[1:] == hashes[:-1]).any():  # one row per id, as lancetag's tables hold
         return rows.append_column("k", pa.array(np.zeros(rows.num_rows, dtype=np.int64)))
     order = pc.sort_indices(rows, [(ID, "ascending"), (ADDRESS, "ascending")])
     ids = rows.column(ID).take(order).to_numpy(zero_copy_only=False)

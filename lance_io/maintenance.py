@@ -208,9 +208,9 @@ def remove_duplicate_ids(uri: str, *, storage_options: dict[str, str] | None = N
     hashes = [id_hashes(batch.column(ID)) for batch in ds.to_batches(columns=[ID])]
     if not hashes:
         return 0
-    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
+    hashes = np.sort(np.concatenate(hashes))
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     del hashes
-    repeated = values[counts > 1]
     if not len(repeated):
         return 0
     first: dict[str, int] = {}

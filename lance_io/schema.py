@@ -8,6 +8,7 @@ fragment (see :mod:`lance_io.columns`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +65,81 @@ def content_hashes(data: bytes) -> tuple[str, str]:
 
 
 def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Return a 64-bit hash of each id, to bucket or count ids without holding them (Python's ``hash``:
-    the same within one process only)."""
-    return np.fromiter(map(hash, ids.to_pylist()), dtype=np.int64, count=len(ids))
+    """Return a 64-bit hash of each id, to bucket or count ids without holding them as Python objects.
+
+    String and binary ids are hashed from Arrow's buffers (their length, then their bytes 8 at a
+    time), integer ids from their values: an id gets the same hash in any chunk, process or run.
+    Nulls hash like the empty value; ids of other types fall back to Python's ``hash`` (the same
+    within one process only).
+    """
+    if isinstance(ids, pa.ChunkedArray):  # one array: a chunk costs a pass of numpy calls
+        is_bytes = any(test(ids.type) for test in _BYTES_TYPES)
+        ids = (ids.cast(pa.large_binary()) if is_bytes else ids).combine_chunks()
+    return _chunk_hashes(ids).view(np.int64)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_HASH_BYTES = 1 << 22  # padded id bytes hashed at once: bounds the working set of a chunk
+_BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+                pa.types.is_string_view, pa.types.is_binary_view)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: every input bit moves about half the output bits."""
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+def _chunk_hashes(ids: pa.Array) -> np.ndarray:
+    kind = ids.type
+    if pa.types.is_integer(kind):
+        return _mix(ids.fill_null(0).to_numpy().astype(np.int64).view(np.uint64) + _GOLDEN)
+    if not any(test(kind) for test in _BYTES_TYPES):
+        return np.fromiter(map(hash, ids.to_pylist()), dtype=np.int64, count=len(ids)).view(np.uint64)
+    ids = ids.cast(pa.large_binary())
+    offsets = np.frombuffer(ids.buffers()[1], np.int64, count=len(ids) + 1, offset=ids.offset * 8)
+    data = ids.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+    lengths = np.diff(offsets)
+    if ids.null_count:
+        lengths = np.where(ids.is_valid().to_numpy(zero_copy_only=False), lengths, 0)
+    words = (lengths + 7) // 8
+    hashes = (lengths.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+    for width, rows in _rows_by_width(words):
+        part = hashes[rows]
+        for word in _padded(data, offsets[:-1][rows], lengths[rows], width).T:
+            part = _mix(part ^ word)
+        hashes[rows] = part
+    return _mix(hashes)
+
+
+def _rows_by_width(words: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray]]:
+    """Rows of one width (8-byte words), at most ``_HASH_BYTES`` padded bytes at a time: slices when
+    every id has the width, as ids made by lancetag do."""
+    if not len(words):
+        return
+    if words.min() == words.max():
+        step = max(1, _HASH_BYTES // max(8 * int(words[0]), 8))
+        yield from ((int(words[0]), slice(first, first + step)) for first in range(0, len(words), step))
+        return
+    order = np.argsort(words, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(words[order])) + 1):
+        step = max(1, _HASH_BYTES // max(8 * int(words[group[0]]), 8))
+        yield from ((int(words[group[0]]), group[first : first + step]) for first in range(0, len(group), step))
+
+
+def _padded(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Each id's bytes as ``width`` little-endian words, zero past its end."""
+    padded = np.zeros((len(starts), 8 * width), np.uint8)
+    size = int(lengths[0]) if len(starts) else 0
+    if len(starts) and (lengths == size).all() and starts[-1] - starts[0] == (len(starts) - 1) * size:
+        padded[:, :size] = data[starts[0] : starts[0] + len(starts) * size].reshape(len(starts), size)
+    elif len(starts):
+        columns = np.arange(8 * width)
+        inside = columns < lengths[:, None]
+        padded[inside] = data[(starts[:, None] + columns)[inside]]
+    return padded.view("<u8").astype(np.uint64)
+
