@@ -183,6 +183,14 @@ class _Tally:
     def by_id(self, a: pa.Table, b: pa.Table) -> None:
         """Match rows that moved by id, an id's k-th row in ``a`` with its k-th in ``b``; count the changes of
         the matched ones, the rest of ``a`` as removed and of ``b`` as added."""
+        matched = _matched_by_hash(a, b)
+        if matched is not None:
+            in_a, in_b = matched
+            both_a, both_b = a.take(in_a), b.take(in_b)
+            self._changes(both_b.column(ID), [(both_a.column(n), both_b.column(n)) for n in self.names])
+            self.removed.add(a.column(ID).filter(_left_out(in_a, a.num_rows)))
+            self.added.add(b.column(ID).filter(_left_out(in_b, b.num_rows)))
+            return
         keys = [ID, "k"]
         joined = _flagged(_with_occurrence(a), "a", keys).join(_flagged(_with_occurrence(b), "b", keys), keys=keys,
                                                                 join_type="full outer")
@@ -307,11 +315,33 @@ def _read(ds: lance.LanceDataset, fragment_ids: list[int], names: list[str]) -> 
     return pa.concat_tables(_scan(ds, fragment_ids, names))
 
 
+def _matched_by_hash(a: pa.Table, b: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
+    """The positions in ``a`` and ``b`` of the rows whose ids match, found by sorting the ids' hashes, when
+    each side holds every hash once (every id once, as lancetag's tables do); None when a hash repeats or
+    an id is null: those rows are matched by a join. Two ids of one hash are told apart by comparing them."""
+    if a.column(ID).null_count or b.column(ID).null_count:
+        return None
+    hashes_a, hashes_b = id_hashes(a.column(ID)), id_hashes(b.column(ID))
+    order_a = np.argsort(hashes_a, kind="stable")
+    sorted_a, sorted_b = hashes_a[order_a], np.sort(hashes_b)
+    if (sorted_a[1:] == sorted_a[:-1]).any() or (sorted_b[1:] == sorted_b[:-1]).any():
+        return None
+    at = np.minimum(np.searchsorted(sorted_a, hashes_b), max(len(sorted_a) - 1, 0))
+    in_b = np.flatnonzero(sorted_a[at] == hashes_b) if len(sorted_a) else np.empty(0, np.int64)
+    in_a = order_a[at[in_b]]
+    same = pc.equal(a.column(ID).take(in_a), b.column(ID).take(in_b)).to_numpy()  # else two ids, one hash: neither has a match
+    return in_a[same], in_b[same]
+
+
+def _left_out(taken: np.ndarray, rows: int) -> pa.Array:
+    """A mask of the ``rows`` positions not in ``taken``."""
+    mask = np.ones(rows, dtype=bool)
+    mask[taken] = False
+    return pa.array(mask)
+
+
 def _with_occurrence(rows: pa.Table) -> pa.Table:
     """Add ``k``: 0 for an id's first row (by row address), 1 for its second, ..."""
-    hashes = np.sort(id_hashes(rows.column(ID)))
-    if not (hashes[1:] == hashes[:-1]).any():  # one row per id, as lancetag's tables hold
-        return rows.append_column("k", pa.array(np.zeros(rows.num_rows, dtype=np.int64)))
     order = pc.sort_indices(rows, [(ID, "ascending"), (ADDRESS, "ascending")])
     ids = rows.column(ID).take(order).to_numpy(zero_copy_only=False)
     starts = np.ones(len(ids), dtype=bool)

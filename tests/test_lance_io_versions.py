@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -278,3 +279,18 @@ def test_diff_of_a_table_without_ids_names_the_missing_column(tmp_path):
     with pytest.raises(ReasonError) as refused:
         diff_versions(uri, 1, 2)
     assert refused.value.reason == "column_missing" and "no column id" in refused.value.message
+
+
+def test_moved_rows_are_matched_by_sorted_id_hashes_and_two_ids_of_one_hash_are_told_apart(monkeypatch):
+    import lance_io.diff
+
+    a = pa.table({"id": ["x", "y", "z", "v"]})
+    b = pa.table({"id": ["z", "w", "x", "u"]})
+    pairs = lambda found: sorted(zip(*(positions.tolist() for positions in found), strict=True))  # noqa: E731
+    assert pairs(lance_io.diff._matched_by_hash(a, b)) == [(0, 2), (2, 0)]
+    # "w" only in b and "y" only in a share a hash, as do "u" and "v": neither pair is a match
+    shared = {"x": 1, "y": 2, "z": 3, "w": 2, "v": -5, "u": -5}
+    monkeypatch.setattr(lance_io.diff, "id_hashes", lambda ids: np.array([shared[i] for i in ids.to_pylist()], np.int64))
+    assert pairs(lance_io.diff._matched_by_hash(a, b)) == [(0, 2), (2, 0)]
+    assert lance_io.diff._matched_by_hash(pa.table({"id": ["x", "x"]}), b) is None, "an id held twice goes to the join"
+    assert lance_io.diff._matched_by_hash(pa.table({"id": ["x", None]}), b) is None, "as does a null id"
