@@ -69,10 +69,11 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
     String and binary ids are hashed from Arrow's buffers (their length, then their bytes 8 at a
     time), integer ids from their values: an id gets the same hash in any chunk, process or run.
-    Nulls hash like the empty value; ids of other types fall back to Python's ``hash`` (the same
-    within one process only).
+    Dictionary-encoded ids hash as their values, nulls like the empty value; ids of other types fall
+    back to Python's ``hash`` (the same within one process only).
     """
     if isinstance(ids, pa.ChunkedArray):  # one array: a chunk costs a pass of numpy calls
+        ids = ids.cast(ids.type.value_type) if pa.types.is_dictionary(ids.type) else ids
         is_bytes = any(test(ids.type) for test in _BYTES_TYPES)
         ids = (ids.cast(pa.large_binary()) if is_bytes else ids).combine_chunks()
     return _chunk_hashes(ids).view(np.int64)
@@ -95,6 +96,8 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def _chunk_hashes(ids: pa.Array) -> np.ndarray:
     kind = ids.type
+    if pa.types.is_dictionary(kind):
+        return _chunk_hashes(ids.dictionary_decode())
     if pa.types.is_integer(kind):
         return _mix(ids.fill_null(0).to_numpy().astype(np.int64).view(np.uint64) + _GOLDEN)
     if not any(test(kind) for test in _BYTES_TYPES):

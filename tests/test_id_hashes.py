@@ -47,6 +47,7 @@ def test_each_id_hashes_as_the_documented_formula_whatever_its_chunk_type_or_nei
     assert id_hashes(array).tolist() == expected
     assert id_hashes(pa.chunked_array([array[:cut], array[cut:]], type=kind)).tolist() == expected
     assert id_hashes(pa.array(values, type=pa.string()).cast(pa.binary())).tolist() == expected
+    assert id_hashes(pa.array(values, type=pa.string()).dictionary_encode()).tolist() == expected
 
 
 def test_a_slice_hashes_its_own_rows_and_a_long_id_next_to_short_ones_hashes_alike():
