@@ -5,7 +5,8 @@ HTTP (bound to 127.0.0.1 unless told otherwise; bearer token optional)::
     POST /label                 {"images": [base64, ...], "on_invalid": "reject"|"record"}
                                 or multipart/form-data with one file part per image
     GET  /health                200 when the model is loaded (no token needed)
-    GET  /info                  task, model, backend, versions, limits, stats (images this replica labeled)
+    GET  /info                  task, model, backend, versions, limits, stats (images, model batches and
+                                label requests of this replica)
     POST /v1/chat/completions   OpenAI-compatible conversation about a data: URL image: each question
                                 is routed to one of the deployment's tasks (``task`` + ``chat_tasks``)
                                 or answered freely; the ``lancetag`` field holds the route and result
@@ -203,7 +204,7 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
             self.backend = create_backend(self.config.backend)
             self._batch.set_max_batch_size(self.config.max_batch_size)
             self._batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-            self.stats = {"images": 0, "batches": 0}  # what this replica ran its model on
+            self.stats = {"images": 0, "batches": 0, "requests": 0}  # model batches it ran, label requests it answered
 
         def _authorize(self, request: Request) -> None:
             if self.token_hash is None:
@@ -233,6 +234,7 @@ def build_app(config: LabelerConfig, *, token_sha256: str | None = None, row_rea
             )
             if not keep_invalid:
                 check_images(images)
+            self.stats["requests"] += 1
             results = await self.label(images)
             return JSONResponse(
                 {"task": self.task.name, "task_hash": self.task.prompt_hash(), "results": results}

@@ -27,11 +27,11 @@ def labeler(digits_labeler):
     return digits_labeler
 
 
-def images_served(url: str) -> int:
-    """How many images the labeler has run its model on (its /info stats)."""
+def images_served(url: str, stat: str = "images") -> int:
+    """How many images the labeler has run its model on (its /info stats; ``requests``: label requests)."""
     import httpx
 
-    return httpx.get(f"{url}/info", timeout=30).json()["stats"]["images"]
+    return httpx.get(f"{url}/info", timeout=30).json()["stats"][stat]
 
 
 def make_table(tmp_path, n: int, rows_per_fragment: int = 32) -> str:
@@ -187,9 +187,12 @@ def test_another_process_appending_while_groups_are_pending_loses_no_row_and_the
 def test_a_sparse_run_over_many_small_fragments_commits_once_and_a_full_run_in_few_versions(labeler, tmp_path):
     uri = make_table(tmp_path, 240, rows_per_fragment=4)  # 60 fragments
     version_before = open_table(uri).version
+    requests_before = images_served(labeler, "requests")
     sparse = label_table(uri, LabelOptions(task="digits", serve=labeler, where="id LIKE '0%'", commit_seconds=3600), progress=False)
     assert sparse.planned == sparse.labeled == open_table(uri).count_rows(filter="id LIKE '0%'") > 0
     assert sparse.fragments_committed >= 8, "the rows are spread over many fragments"
+    requests = images_served(labeler, "requests") - requests_before
+    assert requests < sparse.fragments_committed, "fragments of a unit share labeler requests (one each before)"
     assert sparse.commits == 1, "one commit for every fragment touched"
     assert open_table(uri).version - version_before == 3, "the new columns, the labels, the run's summary"
 

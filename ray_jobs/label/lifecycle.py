@@ -171,12 +171,33 @@ def _unit_values(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Tab
         yield from generate_fragments(task, batches, names, spec.column, spec.generator)  # type: ignore[arg-type]
         return
     client = spec.endpoint.connect()
+    for group in _todo_groups(ds, unit, spec.rows_to_do, batch_size):
+        images = [image for _, batch in group for image in batch.column("image").to_pylist()]
+        results = label_concurrently(client, images, spec.endpoint.request_size, spec.endpoint.in_flight)
+        ids = pa.concat_arrays([batch.column("id") for _, batch in group])
+        values = pa.Table.from_batches([results_to_batch(results, task, spec.column)]).add_column(0, "id", ids)
+        start = 0
+        for fragment_id, batch in group:
+            yield fragment_id, values.slice(start, batch.num_rows)
+            start += batch.num_rows
+
+
+def _todo_groups(ds: lance.LanceDataset, unit: WorkUnit, predicate: str | None,
+                 batch_size: int) -> Iterator[list[tuple[int, pa.RecordBatch]]]:
+    """The unit's todo rows (``id`` + image) in fragment order, grouped into about ``batch_size`` rows:
+    a fragment with few todo rows (a relabel spread thin) shares its labeler requests with the next."""
+    group: list[tuple[int, pa.RecordBatch]] = []
+    rows = 0
     for fragment in unit.fragments:
-        for batch in todo_batches(ds, fragment.fragment_id, ["image"], spec.rows_to_do, batch_size):
-            images = batch.column("image").to_pylist()
-            results = label_concurrently(client, images, spec.endpoint.request_size, spec.endpoint.in_flight)
-            labels = results_to_batch(results, task, spec.column)
-            yield fragment.fragment_id, pa.Table.from_batches([labels]).add_column(0, "id", batch.column("id"))
+        for batch in todo_batches(ds, fragment.fragment_id, ["image"], predicate, batch_size):
+            if batch.num_rows:
+                group.append((fragment.fragment_id, batch))
+                rows += batch.num_rows
+            if rows >= batch_size:
+                yield group
+                group, rows = [], 0
+    if group:
+        yield group
 
 
 class LabelRun:
