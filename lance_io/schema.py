@@ -64,6 +64,12 @@ def content_hashes(data: bytes) -> tuple[str, str]:
     return digest[:32], digest
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_HASH_BYTES = 1 << 22  # padded id bytes hashed at once: bounds the working set of a chunk
+_BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+                pa.types.is_string_view, pa.types.is_binary_view)
+
+
 def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Return a 64-bit hash of each id, to bucket or count ids without holding them as Python objects.
 
@@ -77,12 +83,6 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         is_bytes = any(test(ids.type) for test in _BYTES_TYPES)
         ids = (ids.cast(pa.large_binary()) if is_bytes else ids).combine_chunks()
     return _chunk_hashes(ids).view(np.int64)
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_HASH_BYTES = 1 << 22  # padded id bytes hashed at once: bounds the working set of a chunk
-_BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
-                pa.types.is_string_view, pa.types.is_binary_view)
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -145,4 +145,3 @@ def _padded(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: in
         inside = columns < lengths[:, None]
         padded[inside] = data[(starts[:, None] + columns)[inside]]
     return padded.view("<u8").astype(np.uint64)
-
