@@ -12,13 +12,14 @@ docs/labeling.md, "The lifecycle of a run"):
    Lance ``Update``: it locates the ids *at commit time*, keeps only the rows that still match
    the todo predicate, writes one small data file of output columns per touched fragment and
    commits them together. :class:`PendingValues` decides when a group is due (rows or age).
-   Locating costs the group, not the table, when the fragments the values' rows were read from
-   are given: rows still there are found by scanning those fragments; only the others are
-   looked up by id in the whole table (its index).
+   Locating costs the group, not the table, when the values carry the Lance row id each row
+   was read with (``_rowid``, which :func:`todo_batches` reads): those rows are taken by row
+   id; only rows gone from there (a compaction moved them) are looked up by id in the whole
+   table (its index).
 
-Because rows are located by ``id`` when the commit is made, the commit is right whatever
-happened meanwhile: rows appended by another writer are rebased over (they stay todo); a
-compaction or a concurrent job on the same rows makes Lance refuse the commit with
+Because rows are located when the commit is made (their ``id`` checked), the commit is right
+whatever happened meanwhile: rows appended by another writer are rebased over (they stay
+todo); a compaction or a concurrent job on the same rows makes Lance refuse the commit with
 ``CommitConflictError``, and the values are located again and re-applied to the rows that
 still need them. No row is ever written twice, and every commit records how many rows it
 wrote (``lancetag.rows``) so that can be audited.
@@ -33,6 +34,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import lance
@@ -41,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance import LanceOperation, Transaction
 from lance.commit import CommitConflictError
+from lance.fragment import FragmentMetadata
 
 from lance_io.scan import rows_with_ids
 from lance_io.schema import ID
@@ -48,11 +51,10 @@ from lance_io.table import translated_write_errors
 
 ENSURE_ATTEMPTS = 20
 COMMIT_ATTEMPTS = 20
-SCAN_ROWS_PER_VALUE = 16
-"""The fragments values were read from are scanned to locate them when they hold at most this many rows a value;
-otherwise the ids are looked up in the whole table (its index), a cost that grows with the table."""
+ROW_ID = "_rowid"
+"""Lance's row id of a row, as read (:func:`todo_batches`); values that carry it are taken by it at commit."""
 _ROW_ADDRESS = "_rowaddr"
-_READ_FROM = "_lancetag_read_from"
+_TODO = "_lancetag_todo"
 
 Compute = Callable[[pa.RecordBatch], pa.RecordBatch]
 """Maps a batch of input columns (always with ``id``) to a batch of output columns, same length."""
@@ -162,8 +164,9 @@ def plan_fragments(
 def todo_batches(
     ds: lance.LanceDataset, fragment_id: int, read_columns: list[str], predicate: str | None, batch_size: int
 ) -> Iterator[pa.RecordBatch]:
-    """Yield ``id`` + ``read_columns`` of the rows of one fragment matching ``predicate``.
+    """Yield ``id`` + ``read_columns`` + :data:`ROW_ID` of the rows of one fragment matching ``predicate``.
 
+    Values handed to :func:`commit_values` with the ``_rowid`` of their batch are located by it.
     A fragment that no longer exists (compacted away since the plan) yields nothing: its rows
     live in another fragment now, and the next plan finds them there.
     """
@@ -171,7 +174,7 @@ def todo_batches(
     if fragment is None:
         return
     columns = [ID, *[c for c in read_columns if c != ID]]
-    yield from fragment.scanner(columns=columns, filter=predicate, batch_size=batch_size).to_batches()
+    yield from fragment.scanner(columns=columns, filter=predicate, batch_size=batch_size, with_row_id=True).to_batches()
 
 
 class PendingValues:
@@ -185,15 +188,13 @@ class PendingValues:
     def __init__(self, commit_rows: int, commit_seconds: float | None = None) -> None:
         self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
         self._parts: list[pa.Table] = []
-        self._read_from: list[int | None] = []
         self._since: float | None = None
         self.rows = 0
 
-    def add(self, values: pa.Table, read_from: int | None = None) -> None:
-        """Keep ``values`` (``id`` + output columns) for the next commit, and the fragment their rows were read from."""
+    def add(self, values: pa.Table) -> None:
+        """Keep ``values`` (``id`` + output columns, and the rows' ``_rowid`` if read) for the next commit."""
         if values.num_rows:
             self._parts.append(values)
-            self._read_from.append(read_from)
             self.rows += values.num_rows
             self._since = self._since or time.monotonic()
 
@@ -204,17 +205,13 @@ class PendingValues:
         aged = self.commit_seconds is not None and time.monotonic() - (self._since or 0) >= self.commit_seconds
         return self.rows >= self.commit_rows or aged
 
-    def take(self) -> tuple[pa.Table, pa.Array | None] | None:
-        """Return every pending value as one table with the fragment each row was read from (None unless every
-        part said), or None if there are none; and forget them."""
+    def take(self) -> pa.Table | None:
+        """Return every pending value as one table (``_rowid`` null where a part had none), or None; forget them."""
         if not self._parts:
             return None
-        values = pa.concat_tables(self._parts)
-        read_from = None
-        if None not in self._read_from:
-            read_from = pa.array(np.repeat(np.array(self._read_from, np.int64), [p.num_rows for p in self._parts]))
-        self._parts, self._read_from, self._since, self.rows = [], [], None, 0
-        return values, read_from
+        values = pa.concat_tables(self._parts, promote_options="default")
+        self._parts, self._since, self.rows = [], None, 0
+        return values
 
 
 def commit_values(
@@ -225,7 +222,6 @@ def commit_values(
     properties: dict[str, str] | None = None,
     storage_options: dict[str, str] | None = None,
     written_properties: Callable[[pa.Table], dict[str, str]] | None = None,
-    read_from: pa.Array | None = None,
 ) -> ValuesCommit:
     """Write ``values`` (``id`` + output columns) into the rows with those ids that still match ``todo``.
 
@@ -239,17 +235,16 @@ def commit_values(
     given (e.g. which node computed them). Storage failures raise
     :class:`~lance_io.table.TableWriteError`; the table is then unchanged.
 
-    ``read_from``, if given, is the fragment each value's row was read from: rows still in those
-    fragments are located by scanning them (when they hold at most :data:`SCAN_ROWS_PER_VALUE`
-    rows a value), the rest by id in the whole table.
+    ``values`` may also carry :data:`ROW_ID`, the Lance row id each row was read with
+    (:func:`todo_batches`): those rows are taken by it, a cost that grows with the values and
+    not with the table; a row no longer there (its fragment compacted away, or deleted), or a
+    null ``_rowid``, is looked up by id in the whole table.
 
     Example::
 
         values = pa.table({"id": ["a1", "b2"], "label": ["cat", "dog"]})
         commit_values("/data/t.lance", values, todo="label IS NULL", properties={"lancetag.job": "j1"})
     """
-    if read_from is not None:
-        values = values.append_column(_READ_FROM, read_from)
     values = _first_per_id(values)
     audit = {"lancetag.operation": "commit_values", **(properties or {})}
     for attempt in range(COMMIT_ATTEMPTS):
@@ -277,24 +272,52 @@ def _first_per_id(values: pa.Table) -> pa.Table:
     return values.take(pa.array(sorted(first.values()), pa.int64()))
 
 
-def _locate(ds: lance.LanceDataset, values: pa.Table, todo: str | None) -> tuple[list[str], list[int]]:
-    """Return the ids of ``values`` whose rows still match ``todo`` and the fragment each lives in now."""
+def _locate(ds: lance.LanceDataset, values: pa.Table, todo: str | None) -> pa.Table:
+    """Return ``id``, ``_rowid`` and ``_rowaddr`` of the rows of ``values`` that still match ``todo``, one per id."""
     found: list[pa.Table] = []
     ids = values.column(ID)
-    if _READ_FROM in values.column_names:
-        rows_in = {f.fragment_id: f.metadata.num_rows for f in ds.get_fragments()}
-        read_from = [f for f in pc.unique(values.column(_READ_FROM)).to_pylist() if f in rows_in]
-        if read_from and sum(rows_in[f] for f in read_from) <= SCAN_ROWS_PER_VALUE * values.num_rows:
-            scanned = ds.scanner(columns=[ID], filter=todo, with_row_address=True,
-                                 fragments=[ds.get_fragment(f) for f in read_from]).to_table()
-            found.append(scanned.filter(pc.is_in(scanned.column(ID), value_set=ids.combine_chunks())))
-            ids = ids.filter(pc.invert(pc.is_in(ids, value_set=found[0].column(ID).combine_chunks())))
-    if len(ids):  # moved since they were read (a compaction), or read_from not given: by id, in the whole table
-        found += rows_with_ids(ds, ids.to_pylist(), [ID], where=todo, with_row_address=True)
-    if not found:
-        return [], []
-    hits = pa.concat_tables(found)
-    return hits.column(ID).to_pylist(), (hits.column(_ROW_ADDRESS).to_numpy() >> 32).tolist()
+    if ROW_ID in values.column_names:
+        settled = _take_by_row_id(ds, values, todo)
+        found.append(settled.filter(settled.column(_TODO)))
+        ids = ids.filter(pc.invert(pc.is_in(ids, value_set=settled.column(ID).combine_chunks())))
+    if len(ids):  # not read with a row id, or gone from it (compacted, deleted): by id, in the whole table
+        found += rows_with_ids(ds, ids.to_pylist(), [ID, ROW_ID], where=todo, with_row_address=True)
+    located = [t.select([ID, ROW_ID, _ROW_ADDRESS]) for t in found]
+    schema = pa.schema([pa.field(ID, pa.string()), pa.field(ROW_ID, pa.uint64()), pa.field(_ROW_ADDRESS, pa.uint64())])
+    return _first_per_id(pa.concat_tables([t.cast(schema) for t in located], promote_options="none")
+                         if located else schema.empty_table())
+
+
+def _take_by_row_id(ds: lance.LanceDataset, values: pa.Table, todo: str | None) -> pa.Table:
+    """Take the rows of ``values`` still at the row id they were read with: ``id``, ``_rowid``, ``_rowaddr``, whether ``todo``.
+
+    A row id of a table without stable row ids is its address (fragment << 32 | offset), gone
+    with its fragment when a compaction rewrites it: only addresses inside fragments ``ds``
+    holds are taken. A deleted row is not returned; a row holding another id than the value's
+    (never expected) counts as not found.
+    """
+    read = values.select([ID, ROW_ID]).filter(pc.is_valid(values.column(ROW_ID)))
+    row_ids = read.column(ROW_ID).combine_chunks().cast(pa.uint64())
+    if not ds.has_stable_row_ids:
+        alive = pa.array(_addressable(ds, row_ids))
+        read, row_ids = read.filter(alive), row_ids.filter(alive)
+    columns = {ID: ID, _ROW_ADDRESS: _ROW_ADDRESS, ROW_ID: ROW_ID, _TODO: f"({todo})" if todo else "true"}
+    taken = ds._take_rows(row_ids, columns=columns)  # Lance's take by row id: reads these rows only
+    taken = taken.set_column(taken.schema.get_field_index(_TODO), _TODO, pc.fill_null(taken.column(_TODO), False))
+    held = read.rename_columns([f"{ID}_read", ROW_ID]).join(taken, ROW_ID, join_type="inner")
+    return held.filter(pc.equal(held.column(ID), held.column(f"{ID}_read"))).select([ID, ROW_ID, _ROW_ADDRESS, _TODO])
+
+
+def _addressable(ds: lance.LanceDataset, addresses: pa.Array) -> np.ndarray:
+    """Whether each row address (fragment << 32 | offset) points into a fragment ``ds`` holds (Lance refuses others)."""
+    held = sorted((f.fragment_id, f.metadata.physical_rows) for f in ds.get_fragments())
+    wanted = addresses.to_numpy(zero_copy_only=False)
+    if not held:
+        return np.zeros(len(wanted), bool)
+    ids, rows = np.array(held, np.int64).T
+    fragment, offset = (wanted >> 32).astype(np.int64), (wanted & 0xFFFFFFFF).astype(np.int64)
+    at = np.minimum(np.searchsorted(ids, fragment), len(ids) - 1)
+    return (ids[at] == fragment) & (offset < rows[at])
 
 
 def _commit_once(
@@ -306,21 +329,27 @@ def _commit_once(
     storage_options: dict[str, str] | None,
     written_properties: Callable[[pa.Table], dict[str, str]] | None = None,
 ) -> ValuesCommit:
-    """One attempt: locate the rows in ``ds``, write their values per fragment, commit on ``ds.version``."""
-    ids, fragment_ids = _locate(ds, values, todo)
-    if _READ_FROM in values.column_names:
-        values = values.drop_columns([_READ_FROM])
-    if not ids:
+    """One attempt: locate the rows in ``ds``, write their values per fragment by row id, commit on ``ds.version``."""
+    located = _locate(ds, values, todo)
+    if ROW_ID in values.column_names:
+        values = values.drop_columns([ROW_ID])
+    if not located.num_rows:
         return ValuesCommit(None, values.slice(0, 0))
-    fragment_of = dict(zip(ids, fragment_ids, strict=True))
-    written = values.filter(pc.is_in(values.column(ID), value_set=pa.array(ids, pa.string())))
-    where = pa.array([fragment_of[i] for i in written.column(ID).to_pylist()], pa.int64())
-    updated, fields_modified = [], []
-    touched = tuple(sorted(set(fragment_ids)))
-    for fid in touched:
-        part = written.filter(pc.equal(where, fid))
-        meta, fields_modified = ds.get_fragment(fid).update_columns(part, left_on=ID, right_on=ID)
-        updated.append(meta)
+    located = located.sort_by(_ROW_ADDRESS)
+    written = values.take(pc.index_in(located.column(ID), value_set=values.column(ID).combine_chunks()))  # ids unique
+    fragment_of = (located.column(_ROW_ADDRESS).to_numpy() >> 32).astype(np.int64)
+    touched, starts = np.unique(fragment_of, return_index=True)
+    parts = written.drop_columns([ID]).add_column(0, ROW_ID, located.column(ROW_ID))
+    ends = [*starts[1:], located.num_rows]
+
+    def update(i: int) -> tuple[FragmentMetadata, list[int]]:
+        """Write fragment ``touched[i]``'s values: one data file of the output columns, joined on the row id."""
+        part = parts.slice(starts[i], ends[i] - starts[i])
+        return ds.get_fragment(int(touched[i])).update_columns(part, left_on=ROW_ID)
+
+    with ThreadPoolExecutor() as pool:  # Lance writes without the GIL; on object storage each file is a round trip
+        results = list(pool.map(update, range(len(touched))))
+    updated, fields_modified = [meta for meta, _ in results], results[-1][1]
     operation = LanceOperation.Update(updated_fragments=updated, fields_modified=fields_modified)
     # lancetag.rows: the rows this version wrote; summed over a column's commits, it audits reruns.
     audit = {**properties, "lancetag.rows": str(written.num_rows), "lancetag.fragments": str(len(touched))}
@@ -332,7 +361,7 @@ def _commit_once(
         read_version=ds.version,
         storage_options=storage_options,
     )
-    return ValuesCommit(new.version, written, touched)
+    return ValuesCommit(new.version, written, tuple(touched.tolist()))
 
 
 def _conform_output(out: pa.RecordBatch | pa.Table, ids: pa.Array, output_schema: pa.Schema) -> pa.Table:
@@ -384,9 +413,7 @@ def fill_column(
     def commit() -> None:
         taken = pending.take()
         if taken is not None:
-            values, read_from = taken
-            done = commit_values(uri, values, todo=todo, properties=props, storage_options=storage_options,
-                                 read_from=read_from)
+            done = commit_values(uri, taken, todo=todo, properties=props, storage_options=storage_options)
             result.rows_written += done.rows
             result.versions += [done.version] if done.version is not None else []
             result.conflicts_resolved += done.conflicts
@@ -394,7 +421,9 @@ def fill_column(
     ds = lance.dataset(uri, storage_options=storage_options)
     for fid in fragment_ids:
         for batch in todo_batches(ds, fid, read_columns, _and(todo, where), batch_size):
-            pending.add(_conform_output(compute(batch), batch.column(ID), output_schema), read_from=fid)
+            row_ids = batch.column(ROW_ID)
+            values = _conform_output(compute(batch.drop_columns([ROW_ID])), batch.column(ID), output_schema)
+            pending.add(values.append_column(ROW_ID, row_ids))
             if pending.due():
                 commit()
     commit()

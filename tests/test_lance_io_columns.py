@@ -103,15 +103,16 @@ def test_commit_values_writes_only_rows_still_todo_in_one_version_per_call(table
     assert rows_audited(table, "commit_values") == 40
 
 
-def test_commit_values_scans_the_fragments_rows_were_read_from_and_looks_up_only_rows_that_moved(table, monkeypatch):
-    """With the fragment each value was read from, rows still there are found by scanning those fragments (no id
-    lookup in the whole table); rows an update moved elsewhere, or given a wrong fragment, are looked up by id."""
+def test_commit_values_takes_rows_by_the_row_id_they_were_read_with_and_looks_up_only_rows_gone_from_it(table, monkeypatch):
+    """Values carrying ``_rowid`` are taken by it (no id lookup in the whole table), whether the row is still todo or
+    not; rows an update moved, a deleted row, a row id of a fragment the table lacks or of a row holding another id,
+    and a null row id are looked up by id."""
     from lance_io import columns
 
     ensure_columns(table, OUTPUT)
-    rows = open_table(table).to_table(columns=["id"], with_row_address=True)
+    rows = open_table(table).to_table(columns=["id"], with_row_id=True)
     ids = rows.column("id").to_pylist()
-    fragment_of = {i: a >> 32 for i, a in zip(ids, rows.column("_rowaddr").to_pylist(), strict=True)}
+    row_id = dict(zip(ids, rows.column("_rowid").to_pylist(), strict=True))
     looked_up: list[str] = []
     real_lookup = columns.rows_with_ids
 
@@ -121,49 +122,71 @@ def test_commit_values_scans_the_fragments_rows_were_read_from_and_looks_up_only
 
     monkeypatch.setattr(columns, "rows_with_ids", counted_lookup)
 
-    def commit(batch: list[str], label: str, read_from: list[int]):
-        values = pa.table({"id": batch, "label": [label] * len(batch)})
-        return commit_values(table, values, todo="label IS NULL", read_from=pa.array(read_from, pa.int64()))
+    def commit(batch: list[str], label: str, row_ids: list[int | None] | None = None, todo: str | None = "label IS NULL"):
+        values = pa.table({"id": batch, "label": [label] * len(batch),
+                           "_rowid": pa.array(row_ids or [row_id[i] for i in batch], pa.uint64())})
+        return commit_values(table, values, todo=todo)
 
-    first = [i for i in ids if fragment_of[i] in (0, 1)]
-    done = commit(first, "a", [fragment_of[i] for i in first])
-    assert (done.rows, done.fragments, looked_up) == (20, (0, 1), []), "found in their fragments: no lookup"
+    first = [i for i in ids if row_id[i] >> 32 in (0, 1)]
+    done = commit(first, "a")
+    assert (done.rows, done.fragments, looked_up) == (20, (0, 1), []), "taken by row id: no lookup"
+    assert "_rowid" not in done.written.column_names
 
-    moved = [i for i in ids if fragment_of[i] == 2]
+    moved = [i for i in ids if row_id[i] >> 32 == 2]
     lance.dataset(table).update({"truth": "'moved'"}, where=f"id IN ({', '.join(repr(i) for i in moved)})")
-    rest = [i for i in ids if fragment_of[i] in (2, 3)]
-    done = commit(rest, "b", [fragment_of[i] for i in rest])
+    rest = [i for i in ids if row_id[i] >> 32 in (2, 3)]
+    done = commit(rest, "b")
     assert done.rows == 20 and sorted(looked_up) == sorted(moved), "only the rows the update moved, by id"
     labels = dict(zip(*open_table(table).to_table(columns=["id", "label"]).to_pydict().values(), strict=True))
     assert [labels[i] for i in first] == ["a"] * 20 and [labels[i] for i in rest] == ["b"] * 20
-    assert commit(ids, "c", [fragment_of[i] for i in ids]).version is None, "nothing todo: nothing written"
-
-    def unlabel(row_id: str) -> int:
-        lance.dataset(table).update({"label": "NULL"}, where=f"id = '{row_id}'")
-        return open_table(table).to_table(columns=["id"], filter=f"id = '{row_id}'", with_row_address=True).column(
-            "_rowaddr")[0].as_py() >> 32
-
     looked_up.clear()
-    now_in = unlabel(ids[0])
-    assert commit([ids[0]], "d", [now_in + 100]).rows == 1 and looked_up == [ids[0]], "a fragment the table lacks"
-    looked_up.clear()
-    elsewhere = next(f.fragment_id for f in open_table(table).get_fragments() if f.fragment_id != unlabel(ids[1]))
-    assert commit([ids[1]], "d", [elsewhere]).rows == 1 and looked_up == [ids[1]], "a fragment that lacks the row"
-    in_3 = [i for i in ids if fragment_of[i] == 3][:2]  # a fragment of 10 rows the update left alone
+    in_place = [i for i in ids if i not in moved]
+    assert commit(in_place, "c").version is None and looked_up == [], "there, not todo: settled by the take"
 
-    def relabel(row_id: str, label: str) -> None:  # todo None: whatever the row holds
-        values = pa.table({"id": [row_id], "label": [label]})
-        assert commit_values(table, values, todo=None, read_from=pa.array([3], pa.int64())).rows == 1
+    def unlabel(row: str) -> int:
+        lance.dataset(table).update({"label": "NULL"}, where=f"id = '{row}'")
+        return open_table(table).to_table(columns=["id"], filter=f"id = '{row}'", with_row_id=True).column(
+            "_rowid")[0].as_py()
 
+    other = unlabel(ids[39])  # todo, and not among the values below
+    for label, row, stale in [("d", ids[0], lambda now: now + (100 << 32)),  # a fragment the table lacks
+                              ("d", ids[1], lambda now: other),  # a row holding another id
+                              ("d", ids[3], lambda now: (now >> 32 << 32) + 5000),  # past its fragment's rows
+                              ("d", ids[2], lambda now: None)]:  # not read with a row id
+        now = unlabel(row)
+        looked_up.clear()
+        done = commit([row], label, [stale(now)])
+        assert (done.rows, done.fragments, looked_up) == (1, (now >> 32,), [row]), label
     looked_up.clear()
-    relabel(in_3[0], "e")  # 10 rows scanned for 1 value: within SCAN_ROWS_PER_VALUE
+    assert commit([ids[39]], "f", [other], todo="label != 'f'").version is None, "NULL is not todo, as in a filter"
     assert looked_up == []
-    monkeypatch.setattr(columns, "SCAN_ROWS_PER_VALUE", 2)  # 10 rows for 1 value: the lookup costs less
-    relabel(in_3[1], "e")
-    assert looked_up == [in_3[1]]
+    in_3 = [i for i in ids if row_id[i] >> 32 == 3][:2]  # a fragment the update left alone
+    assert commit(in_3[:1], "e", todo=None).rows == 1, "todo None: whatever the row holds"
+    lance.dataset(table).delete(f"id = '{in_3[1]}'")
+    looked_up.clear()
+    assert commit(in_3[1:], "e", todo=None).version is None and looked_up == [in_3[1]], "deleted: gone from its row id"
     labels = dict(zip(*open_table(table).to_table(columns=["id", "label"]).to_pydict().values(), strict=True))
-    assert [labels[i] for i in [*ids[:2], *in_3]] == ["d", "d", "e", "e"]
+    assert [labels[i] for i in [*ids[:4], in_3[0]]] == ["d", "d", "d", "d", "e"] and in_3[1] not in labels
 
+
+def test_commit_values_takes_rows_by_stable_row_id_after_a_compaction(tmp_path, monkeypatch):
+    """A table with stable row ids keeps them through a compaction: the commit finds the moved rows without a lookup."""
+    from lance_io import columns
+
+    uri = str(tmp_path / "stable.lance")
+    tags = pa.list_(pa.string())  # a list column too: the values are matched to rows without a join on them
+    lance.write_dataset(pa.table({"id": [f"r{i}" for i in range(30)], "label": pa.nulls(30, pa.string()),
+                                  "tags": pa.nulls(30, tags)}), uri, max_rows_per_file=10, enable_stable_row_ids=True)
+    read = lance.dataset(uri).to_table(columns=["id"], with_row_id=True)
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=30)
+    assert [f.fragment_id for f in lance.dataset(uri).get_fragments()] == [3]
+    monkeypatch.setattr(columns, "rows_with_ids", lambda *a, **k: pytest.fail("looked up by id"))
+    values = read.append_column("label", pa.array([f"x{i}" for i in range(30)])).append_column(
+        "tags", pa.array([[f"t{i}"] for i in range(30)], tags)).select(["id", "label", "tags", "_rowid"])
+    done = commit_values(uri, values.take(list(range(29, -1, -1))), todo="label IS NULL")
+    assert (done.rows, done.fragments) == (30, (3,))
+    rows = lance.dataset(uri).to_table(columns=["id", "label", "tags"]).to_pylist()
+    assert all(r["label"] == f"x{r['id'][1:]}" and r["tags"] == [f"t{r['id'][1:]}"] for r in rows)
 
 def test_where_updates_only_matching_rows_without_rewriting_images(table, tmp_path):
     label_everything(table)

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pyarrow as pa
 
+from lance_io.columns import ROW_ID
 from lance_io.labels import (
     GeneratedRecord,
     generated_to_batch,
@@ -164,8 +165,9 @@ def generate_records(
 def generate_fragments(
     task: GenerateTask, batches: Iterator[tuple[int, pa.RecordBatch]], names: Sequence[str], column: str, endpoint: ChatEndpoint
 ) -> Iterator[tuple[int, pa.Table]]:
-    """Yield ``(fragment_id, values)``: ``id`` plus the task's columns for each batch of todo rows."""
+    """Yield ``(fragment_id, values)``: ``id``, the task's columns and ``_rowid`` for each batch of todo rows."""
     for fragment_id, batch in batches:
-        records = generate_records(task, batch.to_pylist(), names, endpoint)
+        records = generate_records(task, batch.drop_columns([ROW_ID]).to_pylist(), names, endpoint)
         values = generated_to_batch(records, task, column)
-        yield fragment_id, pa.Table.from_batches([values]).add_column(0, "id", batch.column("id"))
+        yield fragment_id, pa.Table.from_batches([values]).add_column(0, "id", batch.column("id")).append_column(
+            ROW_ID, batch.column(ROW_ID))

@@ -25,13 +25,14 @@ phase               where   what it does
 ==================  ======  ============================================================
 
 :func:`run_units` is the loop that drives them. The driver is the only writer: workers hand
-back values (``id`` + label columns: no image bytes) through a Ray streaming generator, and
-the driver groups the values of fragments that finish close together into one commit when
-they reach ``commit_rows`` rows or ``commit_seconds`` of age. Why it is crash-safe and
-exactly-once: a kill -9 anywhere loses only values not committed yet (the rerun's plan finds
-those rows still todo), and each commit locates its rows by ``id`` with the todo predicate at
-commit time, so a row already labeled (by this run, a concurrent job, or before a crash) is
-never written again; ``lancetag.rows`` in each commit makes that auditable (:func:`label_commits`).
+back values (``id`` + label columns + ``_rowid``: no image bytes) through a Ray streaming
+generator, and the driver groups the values of fragments that finish close together into one
+commit when they reach ``commit_rows`` rows or ``commit_seconds`` of age. Why it is crash-safe
+and exactly-once: a kill -9 anywhere loses only values not committed yet (the rerun's plan
+finds those rows still todo), and each commit locates its rows (by the row id each was read
+with, its ``id`` checked) with the todo predicate at commit time, so a row already labeled (by
+this run, a concurrent job, or before a crash) is never written again; ``lancetag.rows`` in
+each commit makes that auditable (:func:`label_commits`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import lance
 import pyarrow as pa
 
 from lance_io.columns import (
+    ROW_ID,
     FragmentTodo,
     PendingValues,
     commit_values,
@@ -144,9 +146,10 @@ def label_fragments(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.
 
     Reads only ``id`` and the image of rows matching ``todo AND where`` now (rows committed
     since the plan are skipped), one labeler batch at a time (``batch_size`` x ``in_flight``
-    images), and yields that batch's values: ``id`` plus the task's label columns. It never
-    writes the table: a worker killed at any point leaves nothing half-written, and what it
-    had not yielded is simply still todo. ``node`` is this worker's Ray node id.
+    images), and yields that batch's values: ``id``, the task's label columns and each row's
+    ``_rowid`` as read (the commit finds the row by it). It never writes the table: a worker
+    killed at any point leaves nothing half-written, and what it had not yielded is simply
+    still todo. ``node`` is this worker's Ray node id.
     """
     node = worker_node()
     for fragment_id, values in _unit_values(unit, spec):
@@ -175,7 +178,9 @@ def _unit_values(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Tab
         images = [image for _, batch in group for image in batch.column("image").to_pylist()]
         results = label_concurrently(client, images, spec.endpoint.request_size, spec.endpoint.in_flight)
         ids = pa.concat_arrays([batch.column("id") for _, batch in group])
+        row_ids = pa.concat_arrays([batch.column(ROW_ID) for _, batch in group])
         values = pa.Table.from_batches([results_to_batch(results, task, spec.column)]).add_column(0, "id", ids)
+        values = values.append_column(ROW_ID, row_ids)
         start = 0
         for fragment_id, batch in group:
             yield fragment_id, values.slice(start, batch.num_rows)
@@ -253,24 +258,24 @@ class LabelRun:
         self.received[fragment_id] += values.num_rows
         self.nodes.add(node, values)
         self.last_fragment[unit] = fragment_id
-        self.pending.add(values, read_from=fragment_id)
+        self.pending.add(values)
         if self.pending.due():
             self.commit()
 
     def commit(self) -> None:
         """Driver: commit every pending value as ONE Lance version and count what it wrote.
 
-        The only place a run writes labels. ``commit_values`` locates the rows by ``id`` now
-        and writes only those still todo (first writer wins), retrying on commit conflicts;
-        a storage failure raises ``TableWriteError`` and ends the run, the table unchanged.
+        The only place a run writes labels. ``commit_values`` locates the rows now (by the row
+        id they were read with, ``id`` checked) and writes only those still todo (first writer
+        wins), retrying on commit conflicts; a storage failure raises ``TableWriteError`` and
+        ends the run, the table unchanged.
         """
-        taken = self.pending.take()
-        if taken is None:
+        values = self.pending.take()
+        if values is None:
             return
-        values, read_from = taken
         done = commit_values(
             self.table, values, todo=self.todo, properties=self.properties, storage_options=self.storage_options,
-            written_properties=self.nodes.properties, read_from=read_from,
+            written_properties=self.nodes.properties,
         )
         self.nodes.committed(done.written)
         if done.version is None:
