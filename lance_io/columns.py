@@ -30,10 +30,11 @@ demo's ``split``); :func:`write_fragment` is the same for one fragment.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -162,19 +163,30 @@ def plan_fragments(
 
 
 def todo_batches(
-    ds: lance.LanceDataset, fragment_id: int, read_columns: list[str], predicate: str | None, batch_size: int
-) -> Iterator[pa.RecordBatch]:
-    """Yield ``id`` + ``read_columns`` + :data:`ROW_ID` of the rows of one fragment matching ``predicate``.
+    ds: lance.LanceDataset, fragment_ids: Sequence[int], read_columns: list[str], predicate: str | None, batch_size: int
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yield ``(fragment_id, batch)``: ``id`` + ``read_columns`` + :data:`ROW_ID` of the rows matching ``predicate``,
+    fragment by fragment in the order given.
 
-    Values handed to :func:`commit_values` with the ``_rowid`` of their batch are located by it.
-    A fragment that no longer exists (compacted away since the plan) yields nothing: its rows
-    live in another fragment now, and the next plan finds them there.
+    One scanner reads them all, reading ahead across fragments: a relabel spread thin touches
+    every fragment of the table for a few rows each, and a scanner per fragment cost 1.3-1.4 ms
+    each. Values handed to :func:`commit_values` with their batch's ``_rowid`` are located by
+    it. A fragment that no longer exists (compacted away since the plan) yields nothing: its
+    rows live in another fragment now, and the next plan finds them there.
     """
-    fragment = ds.get_fragment(fragment_id)
-    if fragment is None:
+    fragments = [f for f in map(ds.get_fragment, fragment_ids) if f is not None]
+    if not fragments:
         return
     columns = [ID, *[c for c in read_columns if c != ID]]
-    yield from fragment.scanner(columns=columns, filter=predicate, batch_size=batch_size, with_row_id=True).to_batches()
+    scanner = ds.scanner(columns=columns, filter=predicate, batch_size=batch_size, with_row_id=True,
+                         with_row_address=True, fragments=fragments, scan_in_order=True)
+    for batch in scanner.to_batches():
+        fragment = batch.column(_ROW_ADDRESS).to_numpy() >> 32
+        batch = batch.drop_columns([_ROW_ADDRESS])
+        bounds = [0, *(np.flatnonzero(np.diff(fragment)) + 1).tolist(), batch.num_rows]
+        for start, end in itertools.pairwise(bounds):
+            if end > start:
+                yield int(fragment[start]), batch.slice(start, end - start)
 
 
 class PendingValues:
@@ -419,13 +431,12 @@ def fill_column(
             result.conflicts_resolved += done.conflicts
 
     ds = lance.dataset(uri, storage_options=storage_options)
-    for fid in fragment_ids:
-        for batch in todo_batches(ds, fid, read_columns, _and(todo, where), batch_size):
-            row_ids = batch.column(ROW_ID)
-            values = _conform_output(compute(batch.drop_columns([ROW_ID])), batch.column(ID), output_schema)
-            pending.add(values.append_column(ROW_ID, row_ids))
-            if pending.due():
-                commit()
+    for _, batch in todo_batches(ds, fragment_ids, read_columns, _and(todo, where), batch_size):
+        row_ids = batch.column(ROW_ID)
+        values = _conform_output(compute(batch.drop_columns([ROW_ID])), batch.column(ID), output_schema)
+        pending.add(values.append_column(ROW_ID, row_ids))
+        if pending.due():
+            commit()
     commit()
     return result
 

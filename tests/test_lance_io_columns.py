@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from lance_io import append_images, ensure_columns, open_table, plan_fragments, write_fragment
-from lance_io.columns import commit_values, fill_column
+from lance_io.columns import commit_values, fill_column, todo_batches
 from lance_io.schema import IMAGE
 from tests.table_fixtures import image_rows
 
@@ -101,6 +102,25 @@ def test_commit_values_writes_only_rows_still_todo_in_one_version_per_call(table
     labels = dict(zip(*open_table(table).to_table(columns=["id", "label"]).to_pydict().values(), strict=True))
     assert [labels[i] for i in some] == ["a"] * len(some)
     assert rows_audited(table, "commit_values") == 40
+
+
+def test_todo_batches_reads_the_fragments_in_the_order_given_with_one_fragment_and_its_row_ids_per_batch(table):
+    """One scanner over the fragments: the order given, a fragment gone since the plan skipped, no batch holding
+    rows of two fragments, each row with the ``_rowid`` it lives at."""
+    ensure_columns(table, OUTPUT)
+    ds = open_table(table)
+    where = {r["id"]: r["_rowid"] for r in ds.to_table(columns=["id"], with_row_id=True).to_pylist()}
+    of = {f: [i for i, r in where.items() if r >> 32 == f] for f in range(4)}
+    picked = [*of[0], *of[1][:2], *of[2][:3], *of[3]]
+    todo = f"label IS NULL AND id IN ({', '.join(repr(i) for i in picked)})"
+    read = list(todo_batches(ds, [3, 1, 99, 2, 0], ["truth"], todo, batch_size=4))
+    assert [f for f, _ in itertools.groupby(f for f, _ in read)] == [3, 1, 2, 0], "fragments in order, 99 skipped"
+    assert all(where[i] >> 32 == f for f, b in read for i in b.column("id").to_pylist()), "one fragment a batch"
+    assert all(where[i] == r for _, b in read for i, r in zip(b.column("id").to_pylist(), b.column("_rowid").to_pylist(),
+                                                               strict=True))
+    counts = Counter(f for f, b in read for _ in range(b.num_rows))
+    assert counts == {3: 10, 1: 2, 2: 3, 0: 10} and all(b.num_rows <= 4 for _, b in read)
+    assert read[0][1].column_names == ["id", "truth", "_rowid"]
 
 
 def test_commit_values_takes_rows_by_the_row_id_they_were_read_with_and_looks_up_only_rows_gone_from_it(table, monkeypatch):

@@ -168,9 +168,7 @@ def _unit_values(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Tab
 
         names = ds.schema.names
         columns = read_columns(task, names)  # type: ignore[arg-type]
-        batches = (
-            (f.fragment_id, b) for f in unit.fragments for b in todo_batches(ds, f.fragment_id, columns, spec.rows_to_do, batch_size)
-        )
+        batches = todo_batches(ds, [f.fragment_id for f in unit.fragments], columns, spec.rows_to_do, batch_size)
         yield from generate_fragments(task, batches, names, spec.column, spec.generator)  # type: ignore[arg-type]
         return
     client = spec.endpoint.connect()
@@ -193,14 +191,12 @@ def _todo_groups(ds: lance.LanceDataset, unit: WorkUnit, predicate: str | None,
     a fragment with few todo rows (a relabel spread thin) shares its labeler requests with the next."""
     group: list[tuple[int, pa.RecordBatch]] = []
     rows = 0
-    for fragment in unit.fragments:
-        for batch in todo_batches(ds, fragment.fragment_id, ["image"], predicate, batch_size):
-            if batch.num_rows:
-                group.append((fragment.fragment_id, batch))
-                rows += batch.num_rows
-            if rows >= batch_size:
-                yield group
-                group, rows = [], 0
+    for fragment_id, batch in todo_batches(ds, [f.fragment_id for f in unit.fragments], ["image"], predicate, batch_size):
+        group.append((fragment_id, batch))
+        rows += batch.num_rows
+        if rows >= batch_size:
+            yield group
+            group, rows = [], 0
     if group:
         yield group
 
