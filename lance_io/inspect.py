@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import lance
 import pyarrow as pa
 
 from lance_io.samples import open_samples, samples_version_at
@@ -35,7 +36,7 @@ def summarize_table(
     """Return rows, fragments, bytes, schema and non-null counts of the non-core columns."""
     ds = open_table(uri, version, storage_options=storage_options)
     extra = [f.name for f in ds.schema if f.name not in IMAGE_SCHEMA.names]
-    coverage = {name: ds.count_rows(filter=f"{name} IS NOT NULL") for name in extra}
+    coverage = non_null_counts(ds, extra)
     size = sum(d.file_size_bytes or 0 for frag in ds.get_fragments() for d in frag.data_files())
     samples_version = samples_version_at(uri, ds.version, storage_options=storage_options)
     samples = (
@@ -55,6 +56,20 @@ def summarize_table(
         samples=samples,
         samples_version=samples_version,
     )
+
+
+def non_null_counts(ds: lance.LanceDataset, columns: list[str]) -> dict[str, int]:
+    """Return each column's non-null rows, from one scan of them all.
+
+    A ``count_rows(filter="c IS NOT NULL")`` per column scanned the table once a column: at 10M
+    rows of three label columns 3.6-3.9 s, against 1.8-1.9 s for one scan (docs/scale.md).
+    """
+    counts = dict.fromkeys(columns, 0)
+    if columns:
+        for batch in ds.scanner(columns=columns).to_batches():
+            for name in columns:
+                counts[name] += batch.num_rows - batch.column(name).null_count
+    return counts
 
 
 def query_table(

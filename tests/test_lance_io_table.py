@@ -128,3 +128,28 @@ def test_one_predicate_reads_semicolons_in_quotes_as_text_and_models_refuse_two_
         with pytest.raises(TableReadError) as refused:
             evaluate_table(uri, "truth", "truth", where=where, baseline_train=baseline_train)
         assert refused.value.reason == "bad_where"
+
+
+def test_show_counts_each_extra_column_s_non_null_rows_across_fragments_skipping_deleted_rows(tmp_path):
+    """Coverage from one scan: nulls per column over several fragments, an empty list counted as a value, a
+    deleted row not counted, and a column name SQL would need quoted."""
+    import lance
+
+    from lance_io.inspect import summarize_table
+
+    uri = str(tmp_path / "t.lance")
+    for start in (0, 10, 20):
+        append_images(uri, image_rows(range(start, start + 10)))
+    ids = open_table(uri).to_table(columns=["id"]).column("id").to_pylist()
+    extra = pa.table({
+        "id": ids,
+        "label": [i if i % 3 else None for i in range(30)],
+        "attr-v2": [[] if i % 2 else None for i in range(30)],
+    })
+    ds = lance.dataset(uri)
+    ds.merge(extra, "id")
+    lance.dataset(uri).delete(f"id = '{ids[1]}'")  # label 1, attr-v2 []: both counted before the delete
+    shown = summarize_table(uri)
+    expected = {"label": sum(1 for i in range(30) if i % 3 and i != 1), "attr-v2": sum(1 for i in range(30) if i % 2 and i != 1)}
+    assert {k: shown.coverage[k] for k in expected} == expected
+    assert len(open_table(uri).get_fragments()) == 3 and shown.rows == 29
