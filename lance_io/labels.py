@@ -141,6 +141,13 @@ def _answer_of(record: LabelRecord, task: Task, key: str) -> Any:
     return {"classify": record.label, "score": record.score, "caption": record.caption}[task.kind]
 
 
+def error_text(reason: str, message: str | None) -> str:
+    """A row's ``_error`` value: ``<reason>: <message>``, once (the labeler's messages begin with their reason)."""
+    if not message:
+        return reason
+    return message if message.startswith(f"{reason}:") else f"{reason}: {message}"
+
+
 def results_to_batch(results: Sequence[LabelRecord], task: Task, column: str) -> pa.RecordBatch:
     """Turn result records (one per row, in order) into a batch of the task's label columns."""
     schema = label_schema(task, column)
@@ -152,7 +159,7 @@ def results_to_batch(results: Sequence[LabelRecord], task: Task, column: str) ->
             values[name].append(_answer_of(r, task, key) if ok else None)
         values[f"{column}_confidence"].append(r.confidence if ok else None)
         values[f"{column}_provenance"].append(provenance_of(r.model_id, r.adapter_id, r.task_hash, r.views))
-        values[f"{column}_error"].append(None if ok else f"{r.error}: {r.error_message}")
+        values[f"{column}_error"].append(None if ok else error_text(r.error, r.error_message))
     return pa.record_batch([pa.array(values[f.name], f.type) for f in schema], schema=schema)
 
 
@@ -306,6 +313,6 @@ def generated_to_batch(records: Sequence[GeneratedRecord], task: GenerateTask, c
         f"{column}_provenance": [
             f"{provenance_of(r.model_id, r.adapter_id, r.task_hash)}|{r.inputs}" for r in records
         ],
-        f"{column}_error": [None if good else f"{r.error}: {r.error_message}" for r, good in zip(records, ok, strict=True)],
+        f"{column}_error": [None if good else error_text(r.error, r.error_message) for r, good in zip(records, ok, strict=True)],
     }
     return pa.record_batch([pa.array(values[f.name], f.type) for f in schema], schema=schema)

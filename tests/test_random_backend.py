@@ -104,8 +104,9 @@ def test_label_job_through_the_served_random_backend_writes_typed_columns_reprod
     assert all(0 < r["digit_confidence"] <= 1 for r in good)
     assert all(r["digit_provenance"].startswith("random|") for r in good)
     (broken,) = [r for r in rows.values() if r["source"] == "test://broken"]
-    assert broken["digit"] is None and broken["digit_error"].startswith("image_decode_failed")
-    assert broken["quality"] is None and broken["quality_error"].startswith("image_decode_failed")
+    assert broken["digit"] is None and broken["digit_error"].startswith("image_decode_failed: ")
+    assert broken["quality"] is None and broken["quality_error"].startswith("image_decode_failed: ")
+    assert "image_decode_failed" not in broken["digit_error"].removeprefix("image_decode_failed: "), "the reason once"
 
     again = {r["id"]: r for r in open_table(second).to_table().to_pylist()}
     for column in ("digit", "digit_confidence", "quality"):

@@ -88,21 +88,45 @@ def test_a_bad_image_gets_an_error_record_and_the_others_are_answered_in_order(b
     assert results[0].label in task.labels and results[3].label in task.labels
 
 
-def test_a_model_call_that_raises_fails_the_batch_with_its_reason_and_bad_images_keep_theirs(backend):
-    task = load_task("fashion")  # several questions: the first is answered, the second raises
+def test_a_model_that_fails_every_call_gives_each_usable_image_its_reason_and_bad_images_keep_theirs(backend):
+    task = load_task("fashion")  # several questions: the first is answered, the second always raises
     asked = []
 
     def answer(question, images):
-        asked.append(question.key)
-        if len(asked) == 2:
+        asked.append((question.key, len(images)))
+        if question.key != task.questions()[0].key:
             raise RuntimeError("out of memory")
         return backend._answer(question, images)
 
-    results = label_images([png(), b"not an image", jpeg()], task, backend.provenance(task), answer)
-    assert len(asked) == 2 and len(task.questions()) > 2
-    assert [r.error for r in results] == ["backend_failed", "image_decode_failed", "backend_failed"]
-    assert "RuntimeError: out of memory" in results[0].error_message
+    results = label_images([png(), b"not an image", jpeg(), png((28, 84))], task, backend.provenance(task), answer)
+    assert [r.error for r in results] == ["backend_failed", "image_decode_failed", "backend_failed", "backend_failed"]
+    assert all("RuntimeError: out of memory" in results[i].error_message for i in (0, 2, 3))
     assert results[0].attributes is None and results[2].attributes is None
+    failing = [n for key, n in asked if key != task.questions()[0].key]
+    assert sorted(failing) == [1, 1, 1, 2, 3], "the 3 usable images, halved down to single images (2 * 3 - 1 calls)"
+
+
+def test_a_batch_the_model_fails_is_halved_until_the_failure_is_the_image_s_own(backend):
+    """The model refuses one image of a batch: it alone gets backend_failed; the others get the answers they get alone."""
+    task = load_task("fashion")
+    images = [png(), jpeg(), png((112, 56), (0, 200, 0)), png((56, 84), (9, 9, 9)), jpeg((30, 30), (250, 250, 0))]
+    refused = Image.open(io.BytesIO(images[3])).size
+    calls = []
+
+    def answer(question, batch):
+        calls.append(len(batch))
+        if any(image.size == refused for image in batch):
+            raise ValueError(f"cannot take an image of {refused}")
+        return backend._answer(question, batch)
+
+    results = label_images(images, task, backend.provenance(task), answer)
+    assert [r.error for r in results] == [None, None, None, "backend_failed", None]
+    assert "ValueError: cannot take an image of (56, 84)" in results[3].error_message
+    alone = [backend.label([image], task)[0] for image in images]
+    for i in (0, 1, 2, 4):
+        assert results[i].attributes == alone[i].attributes
+    # 5 refused, [0, 1] answered, [2, 3, 4] refused, [2] answered, [3, 4] refused, [3] refused, [4] answered
+    assert len(calls) == 3 * len(task.questions()) + 4
 
 
 def test_batched_scores_equal_one_image_at_a_time_despite_left_padding(backend):
@@ -317,3 +341,18 @@ def test_views_with_unsure_at_are_asked_only_of_images_the_image_alone_leaves_un
         assert result.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
         assert result.label == expected.label
     assert every.unsure([None]) and not every.model_copy(update={"unsure_at": 0.5}).unsure([0.6, 0.9])
+
+
+def test_qwen2_vl_s_refusal_of_an_extreme_aspect_ratio_fails_that_image_alone(tiny_qwen2_vl):
+    """Qwen2-VL's processor refuses an image over 200:1; the rest of its batch is labeled, its record names why."""
+    backend = create_backend(BackendConfig(kind="transformers", model=str(tiny_qwen2_vl), batch_size=8))
+    try:
+        task = load_task("digits")
+        images = [png(), png((1, 600)), jpeg(), png((56, 84), (9, 9, 9))]
+        results = backend.label(images, task)
+        assert [r.ok for r in results] == [True, False, True, True]
+        assert results[1].error == "backend_failed" and "aspect ratio" in results[1].error_message
+        assert results[1].error_message.count("backend_failed") == 1
+        assert [r.label for i, r in enumerate(results) if i != 1] == [backend.label([images[i]], task)[0].label for i in (0, 2, 3)]
+    finally:
+        backend.close()

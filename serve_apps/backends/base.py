@@ -269,43 +269,74 @@ def label_images(
     """Decode ``images``, ask each of the task's questions of the good ones, return one record per input.
 
     ``answer(question, images)`` is the backend's model call: one answer per image, in order. An
-    image that cannot be used gets its own error record; if the model call raises, every usable
-    image of the batch gets that reason. With ``views``, the closed-set questions are then asked
-    of the other views of each image the views call unsure (:meth:`ImageViews.unsure`: every image
+    image that cannot be used gets its own error record. A model call that raises is asked again
+    of each half of its images, down to single images (:func:`_ask_isolating`), so the reason
+    lands on the images the model cannot take (Qwen2-VL refuses an aspect ratio over 200) and the
+    rest of their batch is labeled. With ``views``, the closed-set questions are then asked of
+    the other views of each image the views call unsure (:meth:`ImageViews.unsure`: every image
     unless ``unsure_at`` is set), and the answer is the value of highest mean probability over all
     its views (free text: the image itself only).
     """
     started = time.perf_counter()
     decoded = [decode_image(b, max_pixels=max_pixels) for b in images]
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
-    answers: dict[int, dict[str, Answer]] = {i: {} for i in good}
-    failure: str | None = None
-    try:
-        for question in task.questions() if good else ():
-            for i, got in zip(good, answer(question, [decoded[i] for i in good]), strict=True):
-                answers[i][question.key] = got
-        closed = [q for q in task.questions() if q.closed]
-        if views is not None and views.count > 1 and closed:
-            unsure = [i for i in good if views.unsure([answers[i][q.key].confidence for q in closed])]
-            others, n = [v for i in unsure for v in views.of(decoded[i])[1:]], views.count - 1
-            for question in closed if unsure else ():
-                got_all = answer(question, others)
-                for k, i in enumerate(unsure):
-                    answers[i][question.key] = mean_answer(
-                        question, [answers[i][question.key], *got_all[k * n : (k + 1) * n]]
-                    )
-    except Exception as exc:  # the model itself failed: every image of the batch gets the reason
-        failure = f"backend_failed: {type(exc).__name__}: {exc}"
+    answered = _ask_isolating(task, [decoded[i] for i in good], answer, views) if good else []
+    outcome = dict(zip(good, answered, strict=True))
     per_image_ms = (time.perf_counter() - started) * 1000 / max(len(images), 1)
     out: list[LabelResult] = []
     for i, d in enumerate(decoded):
         if isinstance(d, ImageError):
             out.append(error_result(task, provenance, d.code, d.message))
-        elif failure is not None:
-            out.append(error_result(task, provenance, ErrorCode.BACKEND_FAILED, failure))
+        elif isinstance(outcome[i], str):
+            out.append(error_result(task, provenance, ErrorCode.BACKEND_FAILED, outcome[i]))
         else:
-            out.append(assemble(task, answers[i], provenance, per_image_ms))
+            out.append(assemble(task, outcome[i], provenance, per_image_ms))
     return out
+
+
+def _ask_isolating(
+    task: Task,
+    images: list[Image.Image],
+    answer: Callable[[Question, list[Image.Image]], list[Answer]],
+    views: ImageViews | None,
+) -> list[dict[str, Answer] | str]:
+    """Each image's answers (keyed by question), or the model's failure on it: ``backend_failed: <error>``.
+
+    A batch whose model call raises is split in two and each half asked again, so one image
+    the model cannot take costs about two calls per halving (log2 of the batch) and fails
+    alone, and a batch too big for the device is labeled in smaller ones. A model that fails
+    whatever it is asked costs about twice the batch's calls before every image gets the reason.
+    """
+    try:
+        return list(_ask_all(task, images, answer, views))
+    except Exception as exc:  # the model failed on this batch: find the images it fails on
+        if len(images) == 1:
+            return [f"backend_failed: {type(exc).__name__}: {exc}"]
+        half = len(images) // 2
+        return [*_ask_isolating(task, images[:half], answer, views), *_ask_isolating(task, images[half:], answer, views)]
+
+
+def _ask_all(
+    task: Task,
+    images: list[Image.Image],
+    answer: Callable[[Question, list[Image.Image]], list[Answer]],
+    views: ImageViews | None,
+) -> list[dict[str, Answer]]:
+    """Every question of the task for each image, with the views of the unsure ones; raises what the model raises."""
+    answers: list[dict[str, Answer]] = [{} for _ in images]
+    for question in task.questions():
+        for got, image_answers in zip(answer(question, images), answers, strict=True):
+            image_answers[question.key] = got
+    closed = [q for q in task.questions() if q.closed]
+    if views is None or views.count <= 1 or not closed:
+        return answers
+    unsure = [k for k, a in enumerate(answers) if views.unsure([a[q.key].confidence for q in closed])]
+    others, n = [v for k in unsure for v in views.of(images[k])[1:]], views.count - 1
+    for question in closed if unsure else ():
+        got_all = answer(question, others)
+        for j, k in enumerate(unsure):
+            answers[k][question.key] = mean_answer(question, [answers[k][question.key], *got_all[j * n : (j + 1) * n]])
+    return answers
 
 
 def mean_answer(question: Question, answers: list[Answer]) -> Answer:
