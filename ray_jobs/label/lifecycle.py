@@ -113,6 +113,11 @@ class WorkUnit:
         """Todo rows of the unit at plan time."""
         return sum(f.rows for f in self.fragments)
 
+    @property
+    def fragment_ids(self) -> list[int]:
+        """The unit's fragments, in order."""
+        return [f.fragment_id for f in self.fragments]
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -168,7 +173,7 @@ def _unit_values(unit: WorkUnit, spec: WorkerSpec) -> Iterator[tuple[int, pa.Tab
 
         names = ds.schema.names
         columns = read_columns(task, names)  # type: ignore[arg-type]
-        batches = todo_batches(ds, [f.fragment_id for f in unit.fragments], columns, spec.rows_to_do, batch_size)
+        batches = todo_batches(ds, unit.fragment_ids, columns, spec.rows_to_do, batch_size)
         yield from generate_fragments(task, batches, names, spec.column, spec.generator)  # type: ignore[arg-type]
         return
     client = spec.endpoint.connect()
@@ -191,7 +196,7 @@ def _todo_groups(ds: lance.LanceDataset, unit: WorkUnit, predicate: str | None,
     a fragment with few todo rows (a relabel spread thin) shares its labeler requests with the next."""
     group: list[tuple[int, pa.RecordBatch]] = []
     rows = 0
-    for fragment_id, batch in todo_batches(ds, [f.fragment_id for f in unit.fragments], ["image"], predicate, batch_size):
+    for fragment_id, batch in todo_batches(ds, unit.fragment_ids, ["image"], predicate, batch_size):
         group.append((fragment_id, batch))
         rows += batch.num_rows
         if rows >= batch_size:
@@ -317,8 +322,7 @@ class LabelRun:
     def _unfinished(self, unit: WorkUnit) -> tuple[FragmentTodo, ...]:
         """The fragments of ``unit`` its worker had not finished: the one it last handed back rows of, and after."""
         last = self.last_fragment.pop(unit, None)
-        ids = [f.fragment_id for f in unit.fragments]
-        return unit.fragments[ids.index(last) :] if last is not None else unit.fragments
+        return unit.fragments[unit.fragment_ids.index(last) :] if last is not None else unit.fragments
 
     def _record_failed(self, fragments: tuple[FragmentTodo, ...], reason: str, message: str) -> None:
         for fragment in fragments:
