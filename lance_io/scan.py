@@ -226,6 +226,8 @@ def scan_batches(
 
 ID_LOOKUP = 2000
 """Ids per ``IN (...)`` lookup in :func:`rows_with_ids`: the ``id`` index answers each in one probe."""
+TAKE_ROWS = 64
+"""Rows whose columns :func:`rows_with_ids` reads at a time: what it holds is this many images, whatever their size."""
 
 
 def rows_with_ids(
@@ -237,16 +239,21 @@ def rows_with_ids(
     with_row_address: bool = False,
     id_column: str = ID,
 ) -> Iterator[pa.Table]:
-    """Yield ``columns`` of the rows whose ``id_column`` is in ``ids`` (and that match ``where``), a lookup at a time.
+    """Yield ``columns`` of the rows whose ``id_column`` is in ``ids`` (and that match ``where``), ``TAKE_ROWS`` at a time.
 
     Only those rows' columns are read, so fetching the images of a sample costs the sample, not the
-    table. An id several rows hold brings each of them once.
+    table. Each lookup finds its rows' row ids first (the id column alone), then reads their columns
+    ``TAKE_ROWS`` rows at a time: 2,000 photos of 5 MB are never in memory at once. An id several rows
+    hold brings each of them once. Rows come in table order within a lookup.
     """
     unique = list(dict.fromkeys(ids))
+    wanted = [*columns, "_rowaddr"] if with_row_address else list(columns)
     for start in range(0, len(unique), ID_LOOKUP):
         matching = f"(`{id_column}` IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"  # quoted: any column name
-        yield ds.to_table(columns=list(columns), with_row_address=with_row_address,
-                          filter=matching if where is None else f"{matching} AND ({where})")
+        found = ds.to_table(columns=[id_column], with_row_id=True,
+                            filter=matching if where is None else f"{matching} AND ({where})").column("_rowid")
+        for at in range(0, len(found), TAKE_ROWS):
+            yield ds._take_rows(found.slice(at, TAKE_ROWS), columns=wanted)  # by row id: these rows only
 
 
 def count_rows(ds: lance.LanceDataset, where: str | None = None) -> int:

@@ -153,3 +153,37 @@ def test_show_counts_each_extra_column_s_non_null_rows_across_fragments_skipping
     expected = {"label": sum(1 for i in range(30) if i % 3 and i != 1), "attr-v2": sum(1 for i in range(30) if i % 2 and i != 1)}
     assert {k: shown.coverage[k] for k in expected} == expected
     assert len(open_table(uri).get_fragments()) == 3 and shown.rows == 29
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_rows_with_ids_reads_the_rows_of_the_ids_a_few_at_a_time(tmp_path, monkeypatch, stable):
+    """The same rows as a filter on the ids, in parts of at most TAKE_ROWS rows, with their row addresses.
+
+    Across lookups, after a deletion and a compaction (with stable row ids, a row's id then differs from its
+    address), with an id two rows hold and a ``where``.
+    """
+    import lance
+
+    from lance_io import scan
+
+    n = 90
+    ids = [f"id{k:03d}" for k in range(n)]
+    ids[7] = ids[3]  # an id two rows hold
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(pa.table({"id": ids, "image": [bytes([k]) * (k + 1) for k in range(n)], "k": list(range(n))}),
+                        uri, max_rows_per_file=20, enable_stable_row_ids=stable)
+    ds = lance.dataset(uri)
+    ds.delete("k = 11")
+    ds.optimize.compact_files(target_rows_per_fragment=50)
+    ds = lance.dataset(uri)
+    monkeypatch.setattr(scan, "ID_LOOKUP", 16)
+    monkeypatch.setattr(scan, "TAKE_ROWS", 5)
+    asked = [*ids[::2], "absent", ids[3]]
+    parts = list(scan.rows_with_ids(ds, asked, ["id", "image", "k"], where="k < 80", with_row_address=True))
+    assert parts and all(0 < p.num_rows <= 5 for p in parts)
+    got = pa.concat_tables(parts)
+    want = ds.to_table(columns=["id", "image", "k"], with_row_address=True, filter=f"id IN {tuple(asked)} AND k < 80")
+    assert sorted(got.to_pylist(), key=lambda r: r["k"]) == sorted(want.to_pylist(), key=lambda r: r["k"])
+    assert 3 in got.column("k").to_pylist() and 7 in got.column("k").to_pylist() and got.num_rows == len(set(got["k"].to_pylist()))
+    both = ds.to_table(columns=["k"], with_row_id=True, with_row_address=True)
+    assert stable == (not both.column("_rowid").equals(both.column("_rowaddr")))  # compacted: rows left their ids
