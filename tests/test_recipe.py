@@ -261,3 +261,25 @@ def test_the_demo_sizes_its_labeler_to_its_own_cluster_only() -> None:
     on_gpu = labeler_resources({"CPU": 16.0, "GPU": 2.0})
     assert on_gpu["labeler_num_gpus"] == 1.0 and on_gpu["labeler_num_cpus"] == 16.0 - readers
     assert labeler_resources(None) == {}
+
+
+def test_a_photo_is_profiled_from_a_small_decode_that_keeps_its_stored_size() -> None:
+    """The rules look at 224 pixels at most: a 12-megapixel photo is not held whole, a small image is held as it is."""
+    from llamafactory_ext.recipe import DETAIL_REFERENCE, _decode
+
+    rng = random.Random(5)
+    photo = Image.frombytes("RGB", (80, 60), rng.randbytes(80 * 60 * 3)).resize((4000, 3000), Image.Resampling.BICUBIC)
+    for fmt in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        photo.save(buffer, format=fmt)
+        image, size = _decode(buffer.getvalue())
+        assert size == (4000, 3000) and image.mode == "RGB"
+        assert DETAIL_REFERENCE <= min(image.size) < 2 * DETAIL_REFERENCE and image.width * 3 == image.height * 4
+    small = _noise(rng, 256).resize((300, 300))
+    image, size = _decode(_png(small))
+    assert size == (300, 300) and image.tobytes() == small.convert("RGB").tobytes()
+
+    ids = [f"p{n}" for n in range(24)]
+    images = [_png(_noise(rng, 100 if n % 2 else 250).resize((1000, 750))) for n in range(24)]
+    recipe = choose_recipe(ids, images, ["dark" if n % 2 else "light" for n in range(24)])
+    assert recipe.evidence["median_size"] == 1000  # the stored size, not the decoded one
