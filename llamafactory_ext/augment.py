@@ -19,14 +19,16 @@ the number of visual tokens does not change. It applies to every image the run l
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image
 
 from lance_io.augment import ImageAugment, augment_image
 
-__all__ = ["ImageAugment", "augment_image", "install"]
+__all__ = ["ImageAugment", "augment_image", "install", "paused"]
 
 _ORIGINAL = "__lancetag_original__"
 
@@ -46,3 +48,16 @@ def install(augment: ImageAugment | None) -> None:
 
     setattr(preprocess_image, _ORIGINAL, original)
     MMPluginMixin._preprocess_image = preprocess_image
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Within the block, LLaMA-Factory's image path resizes without the installed jitter (restored after)."""
+    from llamafactory.data.mm_plugin import MMPluginMixin
+
+    current = MMPluginMixin._preprocess_image
+    MMPluginMixin._preprocess_image = getattr(current, _ORIGINAL, current)
+    try:
+        yield
+    finally:
+        MMPluginMixin._preprocess_image = current

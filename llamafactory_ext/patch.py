@@ -24,6 +24,7 @@ def _wrap_loader(original: Any) -> Any:
     def load_single_dataset(dataset_attr: Any, model_args: Any, data_args: Any, training_args: Any) -> Any:
         from llamafactory.data.converter import align_dataset
 
+        from llamafactory_ext.image_fit import training_fit
         from llamafactory_ext.reader import load_rows, resolve, stream_rows
         from llamafactory_ext.source import find_lance_entry
 
@@ -37,9 +38,10 @@ def _wrap_loader(original: Any) -> Any:
         logger.info("lancetag: loading %s from Lance %s @ %s", name, source.uri, source.ref())
         if data_args.streaming:
             dataset = stream_rows(source)
-        else:
+        else:  # held in memory: each image at its training size when that is smaller (llamafactory_ext.image_fit)
+            fit = training_fit(data_args.template, model_args.image_max_pixels, model_args.image_min_pixels)
             dataset = load_rows(
-                source, num_samples=dataset_attr.num_samples, max_samples=data_args.max_samples
+                source, num_samples=dataset_attr.num_samples, max_samples=data_args.max_samples, fit=fit
             )
         return align_dataset(dataset, dataset_attr, data_args, training_args)
 

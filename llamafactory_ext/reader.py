@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,11 +208,18 @@ def iter_tables(
             yield table
 
 
-def load_rows(source: LanceSource, *, num_samples: int | None = None, max_samples: int | None = None) -> Any:
+def load_rows(
+    source: LanceSource,
+    *,
+    num_samples: int | None = None,
+    max_samples: int | None = None,
+    fit: Callable[[bytes], bytes] | None = None,
+) -> Any:
     """Return an in-memory ``datasets.Dataset`` of the entry's rows, honouring num_samples/max_samples.
 
     ``num_samples`` samples like LLaMA-Factory does (a permutation, then repeats if larger);
-    ``max_samples`` stops reading as soon as enough rows are in.
+    ``max_samples`` stops reading as soon as enough rows are in. ``fit`` (``image_fit.training_fit``)
+    turns each image into what the dataset holds, batch by batch as it is read.
     """
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -220,7 +227,7 @@ def load_rows(source: LanceSource, *, num_samples: int | None = None, max_sample
     report = ReadReport()
     parts, rows = [], 0
     for table in iter_tables(source, report=report):
-        parts.append(table)
+        parts.append(table if fit is None else _fitted(table, fit))
         rows += table.num_rows
         if num_samples is None and max_samples is not None and rows >= max_samples:
             break
@@ -241,6 +248,12 @@ def load_rows(source: LanceSource, *, num_samples: int | None = None, max_sample
     if max_samples is not None:
         table = table.slice(0, min(max_samples, len(table)))
     return Dataset(InMemoryTable(table))
+
+
+def _fitted(table: pa.Table, fit: Callable[[bytes], bytes]) -> pa.Table:
+    """Return ``table`` with each of its rows' images passed through ``fit``."""
+    images = [[fit(image) for image in row] for row in table.column("images").to_pylist()]
+    return table.set_column(table.schema.get_field_index("images"), "images", pa.array(images, pa.list_(pa.binary())))
 
 
 def _stream_tables(source_json: str, fragment_ids: list[int]) -> Iterator[tuple[str, pa.Table]]:

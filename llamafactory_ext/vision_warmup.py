@@ -21,13 +21,14 @@ and the run trains from it; the lineage records the warm-up.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import io
 import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from lance_io.augment import ImageAugment
 from lance_io.labels import answer_columns
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
+from llamafactory_ext.image_fit import fit_image
 from llamafactory_ext.source import LanceSource, dataset_names, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import rows_by_id, split_batches
 
@@ -80,8 +82,13 @@ def warm_vision_tower(
             "vision_warmup warms a tower trained from scratch and needs finetuning_type: full "
             "(a LoRA adapter would need the warmed base beside it); drop the vision_warmup entry",
         )
-    images, labels, classes, total = _training_rows(args)
     started = time.perf_counter()
+    plugin = TEMPLATES[args["template"]].mm_plugin
+    max_pixels = args.get("image_max_pixels", 768 * 768)  # LLaMA-Factory's defaults
+    min_pixels = args.get("image_min_pixels", 32 * 32)
+    # each image held at its training size (decoded once), or as its file when that is smaller
+    fit = functools.partial(fit_image, plugin, max_pixels=max_pixels, min_pixels=min_pixels)
+    images, labels, classes, total = _training_rows(args, fit=fit)
     seed = int(args.get("seed", 42))
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -89,9 +96,7 @@ def warm_vision_tower(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).to(device)
     processor = AutoProcessor.from_pretrained(model_path)
-    processor.image_max_pixels = args.get("image_max_pixels", 768 * 768)  # as LLaMA-Factory sets them
-    processor.image_min_pixels = args.get("image_min_pixels", 32 * 32)
-    plugin = TEMPLATES[args["template"]].mm_plugin
+    processor.image_max_pixels, processor.image_min_pixels = max_pixels, min_pixels  # as LLaMA-Factory sets them
     hidden = model.config.get_text_config().hidden_size
     head = torch.nn.Linear(hidden, len(classes)).to(device)
     # every weight is offered; only those the image features depend on get a gradient, and AdamW
@@ -111,7 +116,7 @@ def warm_vision_tower(
                 batch = order[start : start + warmup.batch_size]
                 for group in optimizer.param_groups:
                     group["lr"] = warmup.learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
-                pil = [Image.open(io.BytesIO(images[i])).convert("RGB") for i in batch]
+                pil = [Image.open(io.BytesIO(images[i])) for i in batch]  # the plugin converts, as in training
                 inputs = plugin._get_mm_inputs(pil, [], [], processor)
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
                 features = model.get_image_features(**inputs).pooler_output
@@ -141,12 +146,14 @@ def warm_vision_tower(
     return str(out), record
 
 
-def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[str], int]:
+def _training_rows(
+    args: dict[str, Any], fit: Callable[[bytes], bytes] = bytes
+) -> tuple[list[bytes], list[int], list[str], int]:
     """Return (image bytes, class index, classes, training rows) of the run's Lance datasets.
 
     At most ``MAX_ROWS`` rows, the lowest by id hash: they are chosen from the ids and labels alone
-    (at most ``MAX_ROWS`` held at a time), then only their images are read, so neither memory nor
-    image reads grow with the table.
+    (at most ``MAX_ROWS`` held at a time), then only their images are read, each passed through
+    ``fit`` as it is read, so neither memory nor image reads grow with the table.
     """
     info = read_dataset_info(args.get("dataset_dir", "data"))
     names = dataset_names(args.get("dataset"))
@@ -165,7 +172,8 @@ def _training_rows(args: dict[str, Any]) -> tuple[list[bytes], list[int], list[s
         )
     rows: list[tuple[float, int, int, bytes, int]] = []
     for n, (source, column) in enumerate(zip(sources, truth_columns, strict=True)):
-        rows.extend(_rows_of(source, column, n, [row_id for _, m, row_id in chosen if m == n], classes))
+        ids = [row_id for _, m, row_id in chosen if m == n]
+        rows.extend((*key, fit(image), label) for *key, image, label in _rows_of(source, column, n, ids, classes))
     rows = sorted(rows, key=lambda r: r[:3])[:MAX_ROWS]  # hash, then table order: as the rows were scanned
     return [r[3] for r in rows], [r[4] for r in rows], classes, seen.total()
 

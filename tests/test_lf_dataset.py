@@ -344,3 +344,76 @@ def test_a_name_llamafactory_cannot_select_or_one_a_native_dataset_holds_is_refu
             register_dataset(uri, "x", datasets, label_column="truth")
         assert refused.value.reason == "bad_dataset_info"
         assert (datasets / "dataset_info.json").read_text() == text
+
+
+def _odd_images() -> list[tuple[bytes, str]]:
+    """Photos and odd files: what LLaMA-Factory resizes to 84x84-pixel areas in the test below."""
+    import io
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(7)
+    noise = Image.frombytes("RGB", (640, 480), rng.randbytes(640 * 480 * 3))
+    images = [
+        (noise, "JPEG"),  # a photo: held at its training size
+        (noise.transpose(Image.Transpose.ROTATE_90), "JPEG"),
+        (noise.resize((300, 200)).quantize(64), "PNG"),  # palette: LLaMA-Factory resizes it nearest
+        (noise.crop((0, 0, 600, 20)), "PNG"),  # a strip Qwen2-VL stretches: held as it came
+        (noise.resize((400, 300)).convert("CMYK"), "JPEG"),
+        (noise.resize((200, 200)).convert("LA"), "PNG"),
+    ]
+    out = []
+    for n, (image, fmt) in enumerate(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        out.append((buffer.getvalue(), "a" if n % 2 else "b"))
+    return out
+
+
+def test_an_in_memory_entry_holds_each_image_at_its_training_size_and_trains_on_the_same_pixels(
+    tiny_qwen2_vl, tmp_path
+):
+    """With the run's jitter installed, the Lance entry's batches equal the native files' batch for batch."""
+    import io
+    import random
+
+    from PIL import Image
+
+    import llamafactory_ext
+    from llamafactory_ext.augment import ImageAugment, install
+    from llamafactory_ext.register import register_dataset
+
+    llamafactory_ext.activate()
+    images = _odd_images()
+    uri = tmp_path / "odd.lance"
+    write_table(uri, images)
+    data_dir = tmp_path / "data"
+    register_dataset(str(uri), "odd_lance", data_dir)
+    rows = [{"messages": [{"role": "user", "content": "<image>which?"}, {"role": "assistant", "content": label}]}
+            for _, label in images]
+    write_native(data_dir, "odd_native", rows, [data for data, _ in images])
+    pixels = {"image_max_pixels": 84 * 84, "image_min_pixels": 84 * 84}
+    install(ImageAugment(rotate_degrees=10, scale=0.1, shift=0.08))
+    try:
+        native, collator = _preprocess(_lf_args(tiny_qwen2_vl, data_dir, "odd_native", tmp_path / "n", **pixels))
+        lance_ds, _ = _preprocess(_lf_args(tiny_qwen2_vl, data_dir, "odd_lance", tmp_path / "l", **pixels))
+        held = [lance_ds[i]["images"][0] for i in range(len(images))]
+        held = [h["bytes"] if isinstance(h, dict) else h for h in held]
+        originals = {data for data, _ in images}
+        fitted = [h for h in held if h not in originals]
+        assert len(fitted) >= 3  # the photos and the palette image, at least
+        for data in fitted:
+            with Image.open(io.BytesIO(data)) as image:
+                assert image.format == "PNG" and image.width * image.height <= 84 * 84
+        assert sum(map(len, held)) < sum(map(len, originals)) / 4
+        keys = ("input_ids", "attention_mask", "labels", "images")
+        for i in range(len(images)):  # the same jitter drawn for each: the same pixels before it
+            random.seed(i)
+            a = collator([{k: native[i][k] for k in keys}])
+            random.seed(i)
+            b = collator([{k: lance_ds[i][k] for k in keys}])
+            assert (a["image_grid_thw"] == b["image_grid_thw"]).all()
+            assert a["pixel_values"].shape == b["pixel_values"].shape and (a["pixel_values"] == b["pixel_values"]).all()
+    finally:
+        install(None)

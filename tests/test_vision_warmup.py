@@ -191,3 +191,6 @@ def test_the_warmup_reads_the_images_of_the_rows_it_keeps_only(tmp_path, monkeyp
     monkeypatch.setattr(vision_warmup, "MAX_ROWS", 1000)  # under the cap: every training row, each once
     got, _, _, total = vision_warmup._training_rows({"dataset_dir": str(tmp_path / "data"), "dataset": "shades"})
     assert got == [images[n] for n in ranked] and total == len(training)
+    got, _, _, _ = vision_warmup._training_rows({"dataset_dir": str(tmp_path / "data"), "dataset": "shades"},
+                                                 fit=lambda data: data[:8])  # each image through fit as it is read
+    assert got == [images[n][:8] for n in ranked]

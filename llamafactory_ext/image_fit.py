@@ -1,0 +1,51 @@
+"""Hold a training image at the size LLaMA-Factory trains on: decoded and resized once, not every epoch.
+
+LLaMA-Factory keeps each image as its file and decodes and resizes it every time a batch needs
+it (``image_max_pixels``; the tiny model's recipe trains at 56-112 pixels a side). A photo of
+millions of pixels then costs a full decode per epoch, and a dataset held in memory holds every
+file whole. :func:`fit_image` does that resize once, with the template's own plugin, and returns
+the result as a PNG (lossless) when it is smaller than the file and the plugin's resize leaves it
+as it is: LLaMA-Factory then computes from it exactly the tensors the file gives. The vision
+warm-up (:mod:`llamafactory_ext.vision_warmup`) and the in-memory rows LLaMA-Factory trains on
+(:func:`llamafactory_ext.reader.load_rows`) both hold images this way.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable
+from typing import Any
+
+from llamafactory_ext.augment import paused
+
+
+def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> bytes:
+    """Return the image ``data`` as ``plugin`` resizes it for training (a PNG), or ``data`` itself.
+
+    ``data`` comes back as it is when its training size could not take fewer bytes (``max_pixels``
+    RGB pixels), when the PNG is no smaller, and when resizing the resized image would change it
+    again: Qwen2-VL makes a 600x20 strip 465x28 (downscaled, then stretched to a 28-pixel side) and
+    would downscale 465x28 once more. The run's jitter is not applied here: it stays per epoch.
+    """
+    from PIL import Image
+
+    if max_pixels * 3 >= len(data):
+        return data
+    with Image.open(io.BytesIO(data)) as image, paused():
+        fitted = plugin._preprocess_image(image, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+        again = plugin._preprocess_image(fitted, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+        if again.size != fitted.size or again.mode != fitted.mode or again.tobytes() != fitted.tobytes():
+            return data
+        out = io.BytesIO()
+        fitted.save(out, format="PNG", compress_level=1)
+    return out.getvalue() if out.tell() < len(data) else data
+
+
+def training_fit(template: str | None, max_pixels: int, min_pixels: int) -> Callable[[bytes], bytes] | None:
+    """Return :func:`fit_image` for LLaMA-Factory's ``template`` (its name) and pixel bounds (None: no such template)."""
+    from llamafactory.data.template import TEMPLATES
+
+    if template not in TEMPLATES:
+        return None
+    return functools.partial(fit_image, TEMPLATES[template].mm_plugin, max_pixels=max_pixels, min_pixels=min_pixels)
