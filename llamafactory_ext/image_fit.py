@@ -26,19 +26,23 @@ def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> 
     ``data`` comes back as it is when its training size could not take fewer bytes (``max_pixels``
     RGB pixels), when the PNG is no smaller, and when resizing the resized image would change it
     again: Qwen2-VL makes a 600x20 strip 465x28 (downscaled, then stretched to a 28-pixel side) and
-    would downscale 465x28 once more. The run's jitter is not applied here: it stays per epoch.
+    would downscale 465x28 once more. An image that does not decode comes back as it is too, for
+    LLaMA-Factory to report as it would have. The run's jitter is not applied here: it stays per epoch.
     """
     from PIL import Image
 
     if max_pixels * 3 >= len(data):
         return data
-    with Image.open(io.BytesIO(data)) as image, paused():
-        fitted = plugin._preprocess_image(image, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
-        again = plugin._preprocess_image(fitted, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
-        if again.size != fitted.size or again.mode != fitted.mode or again.tobytes() != fitted.tobytes():
-            return data
-        out = io.BytesIO()
-        fitted.save(out, format="PNG", compress_level=1)
+    try:
+        with Image.open(io.BytesIO(data)) as image, paused():
+            fitted = plugin._preprocess_image(image, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+            again = plugin._preprocess_image(fitted, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+            if again.size != fitted.size or again.mode != fitted.mode or again.tobytes() != fitted.tobytes():
+                return data
+            out = io.BytesIO()
+            fitted.save(out, format="PNG", compress_level=1)
+    except (OSError, ValueError, Image.DecompressionBombError):  # LLaMA-Factory's own path reports it, as before
+        return data
     return out.getvalue() if out.tell() < len(data) else data
 
 

@@ -51,6 +51,8 @@ def test_an_image_is_held_at_its_training_size_only_where_that_gives_the_same_te
             assert image.format == "PNG" and image.width * image.height <= SIDE * SIDE and len(held[data]) < len(data)
     assert len(held[photo]) < len(photo) / 10
     assert held[strip] == strip and held[small] == small
+    truncated = photo[: len(photo) // 2]
+    assert fit_image(plugin, truncated, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE) == truncated
 
 
 def test_the_jitter_stays_out_of_the_held_image():
