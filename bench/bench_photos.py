@@ -12,7 +12,7 @@ and peak resident memory:
 - LLaMA-Factory's fine-tune of the tiny Qwen2-VL (`run_training` in process, 3 epochs at 84 px,
   no warm-up or validation).
 
-Each image is decoded once, into what the step needs: a profile of at most 447 pixels a side for
+Each image is decoded once, into what the step needs: a profile whose shorter side is 224-447 pixels for
 the recipe, and a PNG at the training size for the warm-up and the in-memory rows LLaMA-Factory
 trains on (`llamafactory_ext.image_fit`). So the image's size should cost that one decode, not one
 decode per epoch.
