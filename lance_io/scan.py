@@ -243,17 +243,23 @@ def rows_with_ids(
 
     Only those rows' columns are read, so fetching the images of a sample costs the sample, not the
     table. Each lookup finds its rows' row ids first (the id column alone), then reads their columns
-    ``TAKE_ROWS`` rows at a time: 2,000 photos of 5 MB are never in memory at once. An id several rows
-    hold brings each of them once. Rows come in table order within a lookup.
+    ``TAKE_ROWS`` rows at a time: 2,000 photos of 5 MB are never in memory at once. Asked only for
+    the id and ``_rowid`` (a label commit locating its rows), the lookup's own read is the answer.
+    An id several rows hold brings each of them once. Rows come in table order within a lookup.
     """
     unique = list(dict.fromkeys(ids))
     wanted = [*columns, "_rowaddr"] if with_row_address else list(columns)
+    located_only = set(columns) <= {id_column, "_rowid"}  # the lookup reads all that is asked: no take
     for start in range(0, len(unique), ID_LOOKUP):
         matching = f"(`{id_column}` IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"  # quoted: any column name
-        found = ds.to_table(columns=[id_column], with_row_id=True,
-                            filter=matching if where is None else f"{matching} AND ({where})").column("_rowid")
-        for at in range(0, len(found), TAKE_ROWS):
-            yield ds._take_rows(found.slice(at, TAKE_ROWS), columns=wanted)  # by row id: these rows only
+        found = ds.to_table(columns=[id_column], with_row_id=True, with_row_address=with_row_address and located_only,
+                            filter=matching if where is None else f"{matching} AND ({where})")
+        if located_only:
+            yield found.select(wanted)
+            continue
+        row_ids = found.column("_rowid")
+        for at in range(0, len(row_ids), TAKE_ROWS):
+            yield ds._take_rows(row_ids.slice(at, TAKE_ROWS), columns=wanted)  # by row id: these rows only
 
 
 def count_rows(ds: lance.LanceDataset, where: str | None = None) -> int:

@@ -187,3 +187,9 @@ def test_rows_with_ids_reads_the_rows_of_the_ids_a_few_at_a_time(tmp_path, monke
     assert 3 in got.column("k").to_pylist() and 7 in got.column("k").to_pylist() and got.num_rows == len(set(got["k"].to_pylist()))
     both = ds.to_table(columns=["k"], with_row_id=True, with_row_address=True)
     assert stable == (not both.column("_rowid").equals(both.column("_rowaddr")))  # compacted: rows left their ids
+
+    monkeypatch.setattr(ds, "_take_rows", lambda *a, **k: pytest.fail("took rows for the ids alone"))
+    located = pa.concat_tables(scan.rows_with_ids(ds, asked, ["id", "_rowid"], where="k < 80", with_row_address=True))
+    assert located.column_names == ["id", "_rowid", "_rowaddr"]
+    expected = ds.to_table(columns=["id"], with_row_id=True, with_row_address=True, filter=f"id IN {tuple(asked)} AND k < 80")
+    assert sorted(located.to_pylist(), key=lambda r: r["_rowid"]) == sorted(expected.to_pylist(), key=lambda r: r["_rowid"])
