@@ -10,12 +10,14 @@ and peak resident memory:
 - the recipe step (`choose_recipe` on the 400 rows);
 - the vision warm-up (`warm_vision_tower`, 3 epochs at 84 px);
 - LLaMA-Factory's fine-tune of the tiny Qwen2-VL (`run_training` in process, 3 epochs at 84 px,
-  no warm-up or validation).
+  no warm-up or validation);
+- the pixel baselines of `lancetag eval --baseline-train` (`table_baselines`: both fitted on the
+  rows whose id is below `8` and scored on the others, all 400 photos decoded to 16x16).
 
 Each image is decoded once, into what the step needs: a profile whose shorter side is 224-447 pixels for
 the recipe, and a PNG at the training size for the warm-up and the in-memory rows LLaMA-Factory
-trains on (`llamafactory_ext.image_fit`). So the image's size should cost that one decode, not one
-decode per epoch.
+trains on (`llamafactory_ext.image_fit`), and 1/2 to 1/8 of its scale for the baselines (JPEG
+`draft`). So the image's size should cost that one decode, not one decode per epoch.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ FINE_TUNE = (
     f"image_min_pixels={SIDE * SIDE}, logging_steps=1000); "
     "config['lancetag'] = {'workers': 0}; print(json.dumps({'loss': run_training(config).train_loss}))"
 )
+BASELINES = (
+    "import json, sys, lance; from ray_jobs.evaluation.baselines import table_baselines; "
+    "found = table_baselines(lance.dataset(sys.argv[1]), 'truth', 'answer', \"id < '8'\", \"id >= '8'\"); "
+    "print(json.dumps({'scored': found[0].rows, 'trained': found[0].train_rows}))"
+)
 
 
 def _photos(root: Path, width: int, height: int) -> int:
@@ -65,6 +72,7 @@ def _photos(root: Path, width: int, height: int) -> int:
     from PIL import Image
 
     from bench.data import image_rows
+    from lance_io import append_images
     from llamafactory_ext.recipe import set_processor_side
     from llamafactory_ext.register import register_dataset
     from serve_apps.tiny_models import build_tiny_model
@@ -80,16 +88,17 @@ def _photos(root: Path, width: int, height: int) -> int:
         rows.append((buffer.getvalue(), "red" if k % 2 else "blue"))
     root.mkdir(parents=True)
     (root / "tint.yaml").write_text(yaml.safe_dump({"kind": "classify", "name": "tint", "labels": ["blue", "red"]}))
-    lance.write_dataset(image_rows(rows), str(root / "photos.lance"))
+    append_images(str(root / "photos.lance"), image_rows(rows))  # pages of about WRITE_BATCH_BYTES, as ingest writes
+    lance.dataset(str(root / "photos.lance")).add_columns({"answer": "truth"})  # a model's answers, for the baselines
     register_dataset(str(root / "photos.lance"), "photos", root / "data", task=str(root / "tint.yaml"), label_column="truth")
     set_processor_side(build_tiny_model("qwen2_vl", root / "model", heads=4, vision_hidden=128), SIDE)
     return sum(len(data) for data, _ in rows)
 
 
 def run(workdir: Path) -> Section:
-    """Time the recipe step, the warm-up and the fine-tune on PHOTOS photos at each of SIZES."""
-    lines = ["| photo size | JPEG, mean | recipe step | vision warm-up (3 epochs) | fine-tune (3 epochs) | recipe chosen |",
-             "| --- | ---: | --- | --- | --- | --- |"]
+    """Time the recipe step, the warm-up, the fine-tune and the pixel baselines on PHOTOS photos at each of SIZES."""
+    lines = ["| photo size | JPEG, mean | recipe step | vision warm-up (3 epochs) | fine-tune (3 epochs) | pixel baselines "
+             "| recipe chosen |", "| --- | ---: | --- | --- | --- | --- | --- |"]
     figures = []
     for width, height in SIZES:
         root = workdir / f"{width}x{height}"
@@ -97,18 +106,19 @@ def run(workdir: Path) -> Section:
         recipe = run_measured([sys.executable, "-c", RECIPE, str(root / "photos.lance")])
         warmup = run_measured([sys.executable, "-c", WARMUP, str(root)])
         tune = run_measured([sys.executable, "-c", FINE_TUNE, str(root)])
+        baselines = run_measured([sys.executable, "-c", BASELINES, str(root / "photos.lance")])
         chosen = json.loads(recipe.stdout.strip().splitlines()[-1])
-        steps = (recipe, warmup, tune)
+        steps = (recipe, warmup, tune, baselines)
         figures.append((width * height, steps))
         lines.append(f"| {width}x{height} | {total / PHOTOS / 1e3:.0f} KB | " + " | ".join(
             f"{m.seconds:.1f} s, {m.peak_rss / 2**20:.0f} MiB" for m in steps)
             + f" | {chosen['side']} px, flip {'on' if chosen['flip'] else 'off'}, jitter {'on' if chosen['jitter'] else 'off'} |")
     (small, small_steps), (large, large_steps) = figures[0], figures[-1]
     growth = ", ".join(f"{name} {b.seconds / a.seconds:.1f}x in time and {b.peak_rss / a.peak_rss:.1f}x in memory"
-                       for name, a, b in zip(("the recipe step", "the warm-up", "the fine-tune"), small_steps, large_steps,
+                       for name, a, b in zip(("the recipe step", "the warm-up", "the fine-tune", "the baselines"), small_steps, large_steps,
                                              strict=True))
     return table_section(
-        "Photos of growing size: the recipe step, the vision warm-up and the fine-tune", __doc__, lines,
+        "Photos of growing size: the recipe step, the vision warm-up, the fine-tune and the baselines", __doc__, lines,
         f"From {SIZES[0][0]}x{SIZES[0][1]} to {SIZES[-1][0]}x{SIZES[-1][1]} pixels ({large // small}x): {growth}.",
     )
 

@@ -33,6 +33,7 @@ from lance_io.table import (
     DEFAULT_MAX_ROWS_PER_FILE,
     ensure_id_index,
     existing_ids,
+    page_sized,
     table_exists,
     translated_write_errors,
 )
@@ -63,7 +64,8 @@ def write_rows(
 
     ``schema`` is the columns written, named as in the table (a table that does not exist yet gets
     them in this order); columns the table has and ``schema`` lacks read as null. Batches are
-    written as they come, so a worker holds one batch at a time.
+    written as they come, so a worker holds one batch at a time, each in pages of about
+    :data:`lance_io.table.WRITE_BATCH_BYTES`.
     """
     ids: list[list[str]] = []
 
@@ -72,7 +74,7 @@ def write_rows(
             ids.append(batch.column(ID).to_pylist())
             yield batch
 
-    reader = pa.RecordBatchReader.from_batches(schema, with_ids())
+    reader = pa.RecordBatchReader.from_batches(schema, page_sized(with_ids()))
     with translated_write_errors(uri, None):
         fragments = write_fragments(
             reader, uri, schema=schema, max_rows_per_file=max_rows_per_file, storage_options=storage_options

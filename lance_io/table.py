@@ -24,6 +24,10 @@ from lance_io.sql import sql_strings
 
 # Keeps fragments a size where one fragment is one unit of tagging work (see columns.py).
 DEFAULT_MAX_ROWS_PER_FILE = 1024
+WRITE_BATCH_BYTES = 64 * 2**20
+"""Bytes of rows handed to Lance's writer at a time. Lance writes each batch of large values it is
+given as one page (small ones it gathers), and a scan holds whole pages: 1,200 photos of 1.3 MB
+written as one table made pages of 530 MB (docs/scale.md)."""
 _ID_LOOKUP_CHUNK = 2000
 
 
@@ -51,6 +55,14 @@ class TableWriteError(ReasonError, OSError):
         state = f"the table is unchanged at version {version}" if version is not None else "the table keeps its last commit"
         super().__init__(reason, f"could not write to {uri}: {what}; {state}; {todo}")
         self.uri, self.version = uri, version
+
+
+def page_sized(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Yield ``batches`` sliced (without copying) to about :data:`WRITE_BATCH_BYTES` each; small rows stay whole batches."""
+    for batch in batches:
+        rows = max(1, WRITE_BATCH_BYTES * batch.num_rows // max(1, batch.nbytes))
+        for start in range(0, batch.num_rows, rows):
+            yield batch.slice(start, rows)
 
 
 @contextmanager
@@ -229,7 +241,7 @@ def append_images(
     new_rows = _conform(kept, ds.schema if ds is not None else None)
     with translated_write_errors(uri, ds.version if ds is not None else None):
         written = lance.write_dataset(
-            new_rows,
+            pa.RecordBatchReader.from_batches(new_rows.schema, page_sized(new_rows.to_batches())),
             uri,
             mode="append" if ds is not None else "create",
             max_rows_per_file=max_rows_per_file,

@@ -256,3 +256,49 @@ def test_rows_sharing_an_id_are_scored_once_each_when_the_rows_are_chosen(tmp_pa
     result = evaluate_table(uri, "label", "truth", where="split = 'test'", baseline_train="split = 'train'")
     assert 0 < len(chosen) < len(test_ids) / 2
     assert {b.rows for b in result.baselines["label"]} == {2 * len(chosen)}
+
+
+def test_a_photo_gives_the_baselines_its_pixels_from_a_small_decode():
+    """A JPEG is decoded at a fraction of its scale, which keeps 8x8 stored pixels behind each of the 16x16: a few levels off the whole decode."""
+    import random
+
+    from ray_jobs.evaluation.baselines import DRAFT_SIDE, PIXELS, pixel_features
+
+    rng = random.Random(3)
+    photo = Image.frombytes("RGB", (80, 60), rng.randbytes(80 * 60 * 3)).resize((4000, 3000), Image.Resampling.BICUBIC)
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        photo.save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    def pixels(data: bytes, draft: bool) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as image:
+            if draft:
+                image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+                assert image.size == (500, 375)  # 1/8 of the scale: what is decoded
+            small = image.convert("RGB").resize((PIXELS, PIXELS), Image.Resampling.BOX)
+        return np.asarray(small, np.float32).ravel() / 255
+
+    jpeg, png = encoded("JPEG"), encoded("PNG")
+    features, decoded = pixel_features([jpeg, png, b"not an image"])
+    assert decoded.tolist() == [True, True, False]
+    assert np.array_equal(features[0], pixels(jpeg, draft=True))
+    whole = pixels(jpeg, draft=False)
+    assert 0 < np.abs(features[0] - whole).max() <= 4 / 255  # not the whole decode, and a few levels from it
+    assert np.array_equal(features[1], pixels(png, draft=False))  # a PNG has no smaller decode
+
+
+@pytest.mark.parametrize("cap", [1000, 12])
+def test_the_baselines_hold_a_few_images_at_a_time_whether_or_not_rows_are_chosen(tmp_path, monkeypatch, cap):
+    """A table of photos under the caps is read TAKE_ROWS rows at a time too, not in Lance's batches of thousands."""
+    from lance_io import scan
+    from ray_jobs.evaluation.baselines import _chosen_rows
+
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(image_rows(digit_images(40)), uri)
+    monkeypatch.setattr(scan, "TAKE_ROWS", 4)
+    chunks = list(_chosen_rows(lance.dataset(uri), "truth IS NOT NULL", cap, ["id", "image", "truth"]))
+    assert chunks and all(0 < len(chunk["id"]) <= 4 for chunk in chunks)
+    ids = [i for chunk in chunks for i in chunk["id"]]
+    assert len(ids) == len(set(ids)) and (len(ids) == 40 if cap > 40 else 0 < len(ids) < 40)

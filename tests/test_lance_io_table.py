@@ -193,3 +193,39 @@ def test_rows_with_ids_reads_the_rows_of_the_ids_a_few_at_a_time(tmp_path, monke
     assert located.column_names == ["id", "_rowid", "_rowaddr"]
     expected = ds.to_table(columns=["id"], with_row_id=True, with_row_address=True, filter=f"id IN {tuple(asked)} AND k < 80")
     assert sorted(located.to_pylist(), key=lambda r: r["_rowid"]) == sorted(expected.to_pylist(), key=lambda r: r["_rowid"])
+
+
+def _image_page_bytes(uri: str) -> list[int]:
+    """Bytes of each page of the ``image`` column, over the table's data files."""
+    import lance
+    from lance.file import LanceFileReader
+
+    ds = lance.dataset(uri)
+    column = ds.schema.names.index("image")
+    return [sum(b.size for b in page.buffers)
+            for fragment in ds.get_fragments() for data_file in fragment.data_files()
+            for page in LanceFileReader(f"{uri}/data/{data_file.path}").metadata().columns[column].pages]
+
+
+def test_images_are_written_in_pages_of_about_write_batch_bytes_however_they_arrive(tmp_path, monkeypatch):
+    """Lance writes a batch it is given as one page (small ones it gathers), and a scan holds whole pages: a table
+    of photos given in one piece is cut into batches of WRITE_BATCH_BYTES, by append_images and ingest's write_rows."""
+    import lance
+
+    from lance_io import table
+    from lance_io.fragments import commit_fragments, write_rows
+
+    monkeypatch.setattr(table, "WRITE_BATCH_BYTES", 2**20)
+    rows = image_rows(range(120), padding=100_000)  # 12 MB of images in one chunk: one page of 12 MB uncut
+    assert rows.column("image").num_chunks == 1
+    append_images(str(tmp_path / "a.lance"), rows)
+    uri = str(tmp_path / "b.lance")
+    commit_fragments(uri, write_rows(rows.to_batches(), uri, rows.schema), rows.schema, read_version=None)
+    for written in (str(tmp_path / "a.lance"), uri):
+        pages = _image_page_bytes(written)
+        assert len(pages) > 3 and max(pages) <= 5 * 2**20  # Lance gathers up to a few batches in a page
+        assert lance.dataset(written).to_table(columns=["id", "image"]).sort_by("id").equals(
+            rows.select(["id", "image"]).sort_by("id"))
+    small = image_rows(range(200, 320))  # small images: not cut into batches they do not need
+    append_images(str(tmp_path / "c.lance"), small)
+    assert len(_image_page_bytes(str(tmp_path / "c.lance"))) == 1

@@ -5,7 +5,9 @@ learned anything a VLM is needed for. ``lancetag eval --baseline-train "split = 
 each baseline on the rows of that filter and scores it on exactly the rows it evaluates:
 
 - logistic regression and an RBF SVM (scikit-learn), each on the image resized to 16x16 RGB
-  (area averaging), standardized per feature; a greyscale image gives three equal channels.
+  (area averaging), standardized per feature; a greyscale image gives three equal channels. A
+  JPEG is decoded at the smallest scale that keeps :data:`DRAFT_SIDE` pixels a side, so a photo
+  costs a fraction of its whole decode.
 
 Training rows are capped at :data:`MAX_TRAIN_ROWS` and scored rows at :data:`MAX_SCORED_ROWS`,
 each chosen by id hash (deterministic), and images are read for the chosen rows only, so a big
@@ -30,6 +32,9 @@ from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
 
 PIXELS = 16
+DRAFT_SIDE = 8 * PIXELS
+"""A JPEG is decoded at the smallest scale (1, 1/2, 1/4 or 1/8) that keeps this many pixels a side, so each
+of the 16 still averages at least 8x8 decoded ones: a 12 MP photo in about 9 ms instead of 72."""
 MAX_TRAIN_ROWS = 5000
 MAX_SCORED_ROWS = 20_000
 SALT = "baseline"
@@ -97,6 +102,7 @@ def pixel_features(images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarr
             continue
         try:
             with Image.open(io.BytesIO(data)) as image:
+                image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # a JPEG at 1/2-1/8 scale: a photo is not decoded whole
                 small = image.convert("RGB").resize((PIXELS, PIXELS), Image.Resampling.BOX)
         except Exception:  # an undecodable image: the baseline cannot answer it (counted wrong)
             continue
@@ -202,13 +208,13 @@ def _chosen_rows(ds: object, where: str, cap: int, columns: list[str]) -> Iterat
     """Yield ``columns`` of the rows matching ``where``, in chunks: all of them, or about ``cap`` chosen by id hash.
 
     Choosing reads the ``id`` column alone; the other columns (the images) are read for the chosen
-    rows only (:func:`lance_io.scan.rows_with_ids`).
+    rows only (:func:`lance_io.scan.rows_with_ids`). Either way ``TAKE_ROWS`` images are held at a time.
     """
-    from lance_io.scan import rows_with_ids
+    from lance_io.scan import TAKE_ROWS, rows_with_ids, scan_batches
 
     total = ds.count_rows(filter=where)  # type: ignore[attr-defined]
     if total <= cap:
-        for batch in ds.to_batches(columns=columns, filter=where):  # type: ignore[attr-defined]
+        for batch in scan_batches(ds, columns, where=where, batch_size=TAKE_ROWS):  # type: ignore[arg-type]
             yield batch.to_pydict()
         return
     keep = cap / total
