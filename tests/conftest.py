@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray's metrics exporter thread once killed a test's Ray driver with SIGSEGV (in opentelemetry's
+# MetricCollector::Produce; ray-project/ray#36885 is the class). No test reads Ray's metrics.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
