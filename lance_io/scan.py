@@ -200,6 +200,23 @@ def list_fragments(ds: lance.LanceDataset) -> list[FragmentInfo]:
     return [FragmentInfo(f.fragment_id, f.count_rows()) for f in ds.get_fragments()]
 
 
+READ_BATCH_BYTES = 64 * 2**20
+"""Bytes of whole rows (images included) a scan holds in one batch: :func:`rows_per_batch`."""
+
+
+def rows_per_batch(ds: lance.LanceDataset, most: int = 256) -> int:
+    """Return how many of ``ds``'s rows make about :data:`READ_BATCH_BYTES`, at most ``most``.
+
+    From the sizes of its data files in the manifest (no read): 256 rows of 1 KB images, 48 of
+    1.3 MB photos, 12 of 5 MB ones.
+    """
+    size = rows = 0
+    for fragment in ds.get_fragments():
+        rows += fragment.metadata.physical_rows
+        size += sum(data_file.file_size_bytes or 0 for data_file in fragment.data_files())
+    return max(1, min(most, READ_BATCH_BYTES * rows // size)) if size and rows else most
+
+
 def scan_batches(
     ds: lance.LanceDataset,
     columns: Sequence[str],

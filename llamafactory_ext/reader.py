@@ -29,7 +29,14 @@ from lance_io.labels import (
     kind_of,
     messages_from_answers,
 )
-from lance_io.scan import TableReadError, list_fragments, open_at, require_columns, scan_batches
+from lance_io.scan import (
+    TableReadError,
+    list_fragments,
+    open_at,
+    require_columns,
+    rows_per_batch,
+    scan_batches,
+)
 from lance_io.schema import MESSAGE_TYPE
 from llamafactory_ext.samples_reader import (
     count_samples,
@@ -202,7 +209,8 @@ def iter_tables(
     builder = RowBuilder(source)
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
     require_columns(ds, builder.columns, uri=source.uri)
-    for batch in scan_batches(ds, builder.columns, where=source.where, fragment_ids=fragment_ids):
+    batch_size = rows_per_batch(ds)  # photos: a few dozen a batch, not 256
+    for batch in scan_batches(ds, builder.columns, where=source.where, fragment_ids=fragment_ids, batch_size=batch_size):
         table = builder.build(batch, report)
         if table.num_rows:
             yield table

@@ -417,3 +417,22 @@ def test_an_in_memory_entry_holds_each_image_at_its_training_size_and_trains_on_
             assert a["pixel_values"].shape == b["pixel_values"].shape and (a["pixel_values"] == b["pixel_values"]).all()
     finally:
         install(None)
+
+
+def test_the_loader_reads_photos_a_few_dozen_at_a_time_and_small_images_256_at_a_time(tmp_path, monkeypatch):
+    """How many rows a scan batch holds follows the table's bytes per row (its data files' sizes): every row comes once."""
+    import lance
+
+    from lance_io import append_images, scan
+    from llamafactory_ext import reader
+    from llamafactory_ext.source import LanceSource
+    from tests.table_fixtures import image_rows
+
+    monkeypatch.setattr(scan, "READ_BATCH_BYTES", 2**20)
+    photos, small = str(tmp_path / "photos.lance"), str(tmp_path / "small.lance")
+    append_images(photos, image_rows(range(60), padding=100_000))  # about 100 KB a row: 10 rows to 1 MB
+    append_images(small, image_rows(range(100, 400)))
+    for uri, most, rows in ((photos, 10, 60), (small, 256, 300)):
+        assert most - 1 <= scan.rows_per_batch(lance.dataset(uri)) <= most
+        tables = list(reader.iter_tables(reader.resolve(LanceSource(uri=uri, version=1, label_column="truth"))))
+        assert max(t.num_rows for t in tables) <= most and sum(t.num_rows for t in tables) == rows
