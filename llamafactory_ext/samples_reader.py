@@ -3,7 +3,8 @@
 The samples table (:mod:`lance_io.samples`) is scanned at the entry's ``samples_version``; for
 each batch of samples, the image bytes of the ids it refers to are looked up in the image table
 at the entry's ``version`` with one ``id IN (...)`` filter, which Lance answers from the scalar
-index on ``id`` (no scan of the image bytes). A sample showing one image twice gets its bytes
+index on ``id`` (no scan of the image bytes). A batch holds as many samples as the image table
+has rows in about 64 MB (:func:`lance_io.scan.rows_per_batch`). A sample showing one image twice gets its bytes
 twice, in placeholder order. Rows come out as LLaMA-Factory's sharegpt converter wants them:
 ``messages``, ``images`` (bytes), ``system``, ``tools``.
 
@@ -21,7 +22,7 @@ import lance
 import pyarrow as pa
 
 from lance_io.samples import IMAGE_IDS, open_samples
-from lance_io.scan import open_at, scan_batches
+from lance_io.scan import open_at, rows_per_batch, scan_batches
 from lance_io.schema import ID, MESSAGE_TYPE
 from lance_io.sql import sql_strings
 from llamafactory_ext.source import LanceSource
@@ -97,7 +98,8 @@ def iter_sample_tables(
     samples = open_entry_samples(source)
     images = open_at(source.uri, source.ref(), storage_options=source.storage_options())
     skipped = skipped if skipped is not None else {}
-    for batch in scan_batches(samples, READ_COLUMNS, where=source.where, fragment_ids=fragment_ids):
+    batch_size = rows_per_batch(images)  # a sample shows one image or more: as many samples as images would fit
+    for batch in scan_batches(samples, READ_COLUMNS, where=source.where, fragment_ids=fragment_ids, batch_size=batch_size):
         table = build_samples(batch, source, images, skipped)
         if table.num_rows:
             yield table

@@ -420,10 +420,13 @@ def test_an_in_memory_entry_holds_each_image_at_its_training_size_and_trains_on_
 
 
 def test_the_loader_reads_photos_a_few_dozen_at_a_time_and_small_images_256_at_a_time(tmp_path, monkeypatch):
-    """How many rows a scan batch holds follows the table's bytes per row (its data files' sizes): every row comes once."""
+    """How many rows a scan batch holds follows the image table's bytes per row (its data files' sizes), for rows and
+    for samples that show them: every row comes once."""
     import lance
 
     from lance_io import append_images, scan
+    from lance_io.samples import label_samples
+    from lance_io.tasks import load_task
     from llamafactory_ext import reader
     from llamafactory_ext.source import LanceSource
     from tests.table_fixtures import image_rows
@@ -432,7 +435,9 @@ def test_the_loader_reads_photos_a_few_dozen_at_a_time_and_small_images_256_at_a
     photos, small = str(tmp_path / "photos.lance"), str(tmp_path / "small.lance")
     append_images(photos, image_rows(range(60), padding=100_000))  # about 100 KB a row: 10 rows to 1 MB
     append_images(small, image_rows(range(100, 400)))
-    for uri, most, rows in ((photos, 10, 60), (small, 256, 300)):
+    label_samples(photos, load_task("digits"), "truth")  # a sample per photo, read through the samples table
+    for uri, most, rows, entry in ((photos, 10, 60, {"label_column": "truth"}), (small, 256, 300, {"label_column": "truth"}),
+                                   (photos, 10, 60, {"samples_version": 1})):
         assert most - 1 <= scan.rows_per_batch(lance.dataset(uri)) <= most
-        tables = list(reader.iter_tables(reader.resolve(LanceSource(uri=uri, version=1, label_column="truth"))))
+        tables = list(reader.iter_tables(reader.resolve(LanceSource(uri=uri, version=1, **entry))))
         assert max(t.num_rows for t in tables) <= most and sum(t.num_rows for t in tables) == rows
