@@ -441,3 +441,5 @@ def test_the_loader_reads_photos_a_few_dozen_at_a_time_and_small_images_256_at_a
         assert most - 1 <= scan.rows_per_batch(lance.dataset(uri)) <= most
         tables = list(reader.iter_tables(reader.resolve(LanceSource(uri=uri, version=1, **entry))))
         assert max(t.num_rows for t in tables) <= most and sum(t.num_rows for t in tables) == rows
+    monkeypatch.setattr(lance.LanceDataset, "get_fragments", lambda self: pytest.fail("listed a version's fragments twice"))
+    assert scan.rows_per_batch(lance.dataset(photos)) == scan.rows_per_batch(lance.dataset(photos, version=1))  # once a version
