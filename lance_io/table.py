@@ -27,7 +27,7 @@ DEFAULT_MAX_ROWS_PER_FILE = 1024
 WRITE_BATCH_BYTES = 64 * 2**20
 """Bytes of rows handed to Lance's writer at a time. Lance writes each batch of large values it is
 given as one page (small ones it gathers), and a scan holds whole pages: 1,200 photos of 1.3 MB
-written as one table made pages of 530 MB (docs/scale.md)."""
+given as one table made a page of 1.36 GB (docs/scale.md)."""
 _ID_LOOKUP_CHUNK = 2000
 
 
