@@ -207,7 +207,7 @@ READ_BATCH_BYTES = 64 * 2**20
 def rows_per_batch(ds: lance.LanceDataset, most: int = 256) -> int:
     """Return how many of ``ds``'s rows make about :data:`READ_BATCH_BYTES`, at most ``most``.
 
-    From the sizes of its data files in the manifest (no read): 256 rows of 1 KB images, 48 of
+    From the sizes of its data files in the manifest (no read): 256 rows of 1 KB images, about 50 of
     1.3 MB photos, 12 of 5 MB ones. Summing them takes 39 ms at 10,000 fragments, so it is done
     once per version and process: a stream reads one fragment per shard. (A table deleted and
     written again at the same path restarts at version 1; a stale size only misjudges the batch.)
