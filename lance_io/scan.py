@@ -279,7 +279,7 @@ def rows_with_ids(
     located_only = set(columns) <= {id_column, "_rowid"}  # the lookup reads all that is asked: no take
     for start in range(0, len(unique), ID_LOOKUP):
         matching = f"(`{id_column}` IN ({sql_strings(unique[start : start + ID_LOOKUP])}))"  # quoted: any column name
-        found = ds.to_table(columns=[id_column], with_row_id=True, with_row_address=with_row_address and located_only,
+        found = ds.to_table(columns=[id_column], with_row_id=True, with_row_address=with_row_address,
                             filter=matching if where is None else f"{matching} AND ({where})")
         if located_only:
             yield found.select(wanted)
