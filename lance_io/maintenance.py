@@ -19,6 +19,8 @@ Lance removes any of it by default. :func:`maintain_table` does, in this order:
    ``Compaction.plan``), each task committed on its own. A task that a concurrent label
    commit touched conflicts and is planned again (``attempts`` rounds); the label side
    relocates its rows by ``id``. Only Lance operations are used, no knowledge of any job.
+   Rows are read as many as make about 64 MB, at most 64 (``lance_io.scan.rows_per_batch``):
+   Lance writes each batch as a page, and a later scan holds a page at a time.
 3. **versions**: removes versions that are older than ``older_than`` and not among the last
    ``retain_versions``, never the latest, a tagged version, a version pinned by a registered
    LLaMA-Factory dataset (``dataset_info.json`` of ``dataset_dirs``) or named in a training
@@ -56,6 +58,7 @@ from lance.optimize import Compaction
 from pyarrow import fs as pafs
 
 from lance_io.reasons import ReasonError
+from lance_io.scan import rows_per_batch
 from lance_io.schema import ID, id_hashes
 from lance_io.storage import table_filesystem
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, open_table
@@ -63,7 +66,7 @@ from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, open_table
 DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's dataset registry file
 LINEAGE_FILE = "lancetag_lineage.json"  # written next to a trained adapter (llamafactory_ext.train)
 COMPACTION_BATCH_ROWS = 64
-"""Rows read per batch while compacting: image rows are large (lance #2263: compaction memory)."""
+"""Most rows read per batch while compacting; fewer when they are large (lance #2263: compaction memory)."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,10 @@ def compact_fragments(
     Returns fragments removed and written, files removed, and the conflicts left.
     """
     totals = {"fragments_removed": 0, "fragments_added": 0, "files_removed": 0, "conflicts": 0}
-    options = {"target_rows_per_fragment": target_rows_per_fragment, "batch_size": COMPACTION_BATCH_ROWS}
     for _ in range(attempts):
         ds = open_table(uri, storage_options=storage_options)
+        options = {"target_rows_per_fragment": target_rows_per_fragment,
+                   "batch_size": rows_per_batch(ds, most=COMPACTION_BATCH_ROWS)}  # 5 MB photos: 12, not 320 MB pages
         conflicts = 0
         for task in Compaction.plan(ds, options).tasks:
             try:

@@ -38,3 +38,15 @@ def image_rows(seeds: range | list[int], *, truth: bool = True, padding: int = 0
         )
     schema = pa.schema(list(IMAGE_SCHEMA) + ([pa.field("truth", pa.string())] if truth else []))
     return pa.Table.from_pylist(records, schema=schema)
+
+
+def image_page_bytes(uri: str) -> list[int]:
+    """Bytes of each page of the ``image`` column, over the table's data files."""
+    import lance
+    from lance.file import LanceFileReader
+
+    ds = lance.dataset(uri)
+    column = ds.schema.names.index("image")
+    return [sum(b.size for b in page.buffers)
+            for fragment in ds.get_fragments() for data_file in fragment.data_files()
+            for page in LanceFileReader(f"{uri}/data/{data_file.path}").metadata().columns[column].pages]

@@ -8,7 +8,7 @@ import pytest
 from lance_io import ErrorRecord, append_images, errors_uri, open_table, read_errors, record_errors
 from lance_io.scan import TableReadError
 from lance_io.versions import tag_version
-from tests.table_fixtures import image_rows
+from tests.table_fixtures import image_page_bytes, image_rows
 
 
 def test_appending_the_same_content_twice_adds_it_once_and_reports_duplicates(tmp_path):
@@ -195,18 +195,6 @@ def test_rows_with_ids_reads_the_rows_of_the_ids_a_few_at_a_time(tmp_path, monke
     assert sorted(located.to_pylist(), key=lambda r: r["_rowid"]) == sorted(expected.to_pylist(), key=lambda r: r["_rowid"])
 
 
-def _image_page_bytes(uri: str) -> list[int]:
-    """Bytes of each page of the ``image`` column, over the table's data files."""
-    import lance
-    from lance.file import LanceFileReader
-
-    ds = lance.dataset(uri)
-    column = ds.schema.names.index("image")
-    return [sum(b.size for b in page.buffers)
-            for fragment in ds.get_fragments() for data_file in fragment.data_files()
-            for page in LanceFileReader(f"{uri}/data/{data_file.path}").metadata().columns[column].pages]
-
-
 def test_images_are_written_in_pages_of_about_write_batch_bytes_however_they_arrive(tmp_path, monkeypatch):
     """Lance writes a batch it is given as one page (small ones it gathers), and a scan holds whole pages: a table
     of photos given in one piece is cut into batches of WRITE_BATCH_BYTES, by append_images and ingest's write_rows."""
@@ -222,10 +210,10 @@ def test_images_are_written_in_pages_of_about_write_batch_bytes_however_they_arr
     uri = str(tmp_path / "b.lance")
     commit_fragments(uri, write_rows(rows.to_batches(), uri, rows.schema), rows.schema, read_version=None)
     for written in (str(tmp_path / "a.lance"), uri):
-        pages = _image_page_bytes(written)
+        pages = image_page_bytes(written)
         assert len(pages) > 3 and max(pages) <= 5 * 2**20  # Lance gathers up to a few batches in a page
         assert lance.dataset(written).to_table(columns=["id", "image"]).sort_by("id").equals(
             rows.select(["id", "image"]).sort_by("id"))
     small = image_rows(range(200, 320))  # small images: not cut into batches they do not need
     append_images(str(tmp_path / "c.lance"), small)
-    assert len(_image_page_bytes(str(tmp_path / "c.lance"))) == 1
+    assert len(image_page_bytes(str(tmp_path / "c.lance"))) == 1

@@ -21,7 +21,7 @@ from lance_io import append_images, open_table
 from lance_io.maintenance import maintain_table
 from lance_io.reasons import ReasonError
 from tests.conftest import LANCETAG, REPO_ROOT
-from tests.table_fixtures import image_rows
+from tests.table_fixtures import image_page_bytes, image_rows
 
 NOW = {"older_than": timedelta(0), "retain_versions": 1}  # everything old enough, only the latest kept
 
@@ -148,6 +148,25 @@ def test_compaction_merges_small_appends_indexes_them_and_labels_stay_with_their
     from lance_io.versions import list_versions
 
     assert [v.operation for v in list_versions(uri)] == ["Rewrite"], "the history still reads after compaction"
+
+
+def test_compaction_writes_large_images_in_pages_of_about_read_batch_bytes(tmp_path, monkeypatch):
+    """Lance writes each batch compaction reads as one page, and a scan holds a page: 64 rows of 5 MB photos made pages
+    of 320 MB. The batch now follows the rows' bytes (``rows_per_batch``), at most ``COMPACTION_BATCH_ROWS``."""
+    from lance_io import scan
+
+    monkeypatch.setattr(scan, "READ_BATCH_BYTES", 2**20)  # 1 MB: one of these 1 MB images a batch
+    uri = str(tmp_path / "t.lance")
+    for k in range(2):
+        append_images(uri, image_rows(range(16 * k, 16 * k + 16), padding=2**20))
+    before = open_table(uri).to_table(columns=["id", "image"]).sort_by("id")
+
+    report = maintain_table(uri, target_rows_per_fragment=1024, **NOW)
+
+    assert report.fragments_before == 2 and report.fragments_after == 1
+    pages = image_page_bytes(uri)  # Lance adds batches to a page until it holds about 8 MB
+    assert len(pages) >= 3 and max(pages) <= 12 * 2**20, pages  # a batch of a fragment's 16 rows was a page of 16 MB
+    assert open_table(uri).to_table(columns=["id", "image"]).sort_by("id").equals(before)
 
 
 def test_cli_maintain_prints_what_it_did_and_refuses_a_bad_duration(history):
