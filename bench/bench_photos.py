@@ -12,7 +12,11 @@ and peak resident memory:
 - LLaMA-Factory's fine-tune of the tiny Qwen2-VL (`run_training` in process, 3 epochs at 84 px,
   no warm-up or validation);
 - the pixel baselines of `lancetag eval --baseline-train` (`table_baselines`: both fitted on the
-  rows whose id is below `8` and scored on the others, all 400 photos decoded to 16x16).
+  rows whose id is below `8` and scored on the others, all 400 photos decoded to 16x16);
+- labeling the 400 photos with the fine-tuned model (the transformers backend, 8 a call), which
+  resizes them to the size its lineage records (84 px; a JPEG at least twice that a side decoded
+  at 1/2 to 1/8 of its scale first), and beside it the same model with no lineage: each photo
+  decoded whole and resized by the processor alone, as before the size was recorded.
 
 Each image is decoded once, into what the step needs: a profile whose shorter side is 224-447 pixels for
 the recipe, and a PNG at the training size for the warm-up and the in-memory rows LLaMA-Factory
@@ -25,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,6 +69,16 @@ BASELINES = (
 )
 
 
+LABEL = (
+    "import json, sys, lance; from lance_io.tasks import load_task; "
+    "from serve_apps.backends.base import BackendConfig, create_backend; "
+    "backend = create_backend(BackendConfig(model=sys.argv[1], batch_size=8)); task = load_task(sys.argv[3]); "
+    "images = lance.dataset(sys.argv[2]).to_table(columns=['image'])['image'].to_pylist(); "
+    "done = [r for at in range(0, len(images), 8) for r in backend.label(images[at:at + 8], task)]; "
+    "print(json.dumps({'labeled': sum(r.ok for r in done), 'image_pixels': backend.info()['image_pixels']}))"
+)
+
+
 def _photos(root: Path, width: int, height: int) -> int:
     """Write PHOTOS JPEGs as a registered table under ``root`` beside a tiny model at SIDE; return their bytes."""
     import lance
@@ -98,7 +113,8 @@ def _photos(root: Path, width: int, height: int) -> int:
 def run(workdir: Path) -> Section:
     """Time the recipe step, the warm-up, the fine-tune and the pixel baselines on PHOTOS photos at each of SIZES."""
     lines = ["| photo size | JPEG, mean | recipe step | vision warm-up (3 epochs) | fine-tune (3 epochs) | pixel baselines "
-             "| recipe chosen |", "| --- | ---: | --- | --- | --- | --- | --- |"]
+             "| labeling at the trained size | labeling, decoded whole | recipe chosen |",
+             "| --- | ---: | --- | --- | --- | --- | --- | --- | --- |"]
     figures = []
     for width, height in SIZES:
         root = workdir / f"{width}x{height}"
@@ -107,18 +123,28 @@ def run(workdir: Path) -> Section:
         warmup = run_measured([sys.executable, "-c", WARMUP, str(root)])
         tune = run_measured([sys.executable, "-c", FINE_TUNE, str(root)])
         baselines = run_measured([sys.executable, "-c", BASELINES, str(root / "photos.lance")])
+        shutil.copytree(root / "ft", root / "ft-whole", ignore=shutil.ignore_patterns("lancetag_lineage.json"))
+        labeled, whole = (run_measured([sys.executable, "-c", LABEL, str(root / model), str(root / "photos.lance"),
+                                        str(root / "tint.yaml")]) for model in ("ft", "ft-whole"))
+        for measured, recorded in ((labeled, {"max": SIDE * SIDE, "min": SIDE * SIDE}), (whole, None)):
+            done = json.loads(measured.stdout.strip().splitlines()[-1])
+            assert done == {"labeled": PHOTOS, "image_pixels": recorded}, done
         chosen = json.loads(recipe.stdout.strip().splitlines()[-1])
-        steps = (recipe, warmup, tune, baselines)
+        steps = (recipe, warmup, tune, baselines, labeled, whole)
         figures.append((width * height, steps))
         lines.append(f"| {width}x{height} | {total / PHOTOS / 1e3:.0f} KB | " + " | ".join(
             f"{m.seconds:.1f} s, {m.peak_rss / 2**20:.0f} MiB" for m in steps)
             + f" | {chosen['side']} px, flip {'on' if chosen['flip'] else 'off'}, jitter {'on' if chosen['jitter'] else 'off'} |")
     (small, small_steps), (large, large_steps) = figures[0], figures[-1]
     growth = ", ".join(f"{name} {b.seconds / a.seconds:.1f}x in time and {b.peak_rss / a.peak_rss:.1f}x in memory"
-                       for name, a, b in zip(("the recipe step", "the warm-up", "the fine-tune", "the baselines"), small_steps, large_steps,
-                                             strict=True))
+                       for name, a, b in zip(("the recipe step", "the warm-up", "the fine-tune", "the baselines",
+                                              "labeling at the trained size", "labeling decoded whole"),
+                                             small_steps, large_steps, strict=True))
+    ratios = ", ".join(f"{width}x{height} {steps[5].seconds / steps[4].seconds:.1f}x"
+                       for (width, height), (_, steps) in zip(SIZES, figures, strict=True))
     return table_section(
-        "Photos of growing size: the recipe step, the vision warm-up, the fine-tune and the baselines", __doc__, lines,
-        f"From {SIZES[0][0]}x{SIZES[0][1]} to {SIZES[-1][0]}x{SIZES[-1][1]} pixels ({large // small}x): {growth}.",
+        "Photos of growing size: the recipe step, the vision warm-up, the fine-tune, the baselines and labeling", __doc__, lines,
+        f"From {SIZES[0][0]}x{SIZES[0][1]} to {SIZES[-1][0]}x{SIZES[-1][1]} pixels ({large // small}x): {growth}. "
+        f"Labeling decoded whole over labeling at the trained size: {ratios}.",
     )
 

@@ -57,6 +57,7 @@ import numpy as np
 from lance.optimize import Compaction
 from pyarrow import fs as pafs
 
+from lance_io.image_size import LINEAGE_FILE
 from lance_io.reasons import ReasonError
 from lance_io.scan import rows_per_batch
 from lance_io.schema import ID, id_hashes
@@ -64,7 +65,6 @@ from lance_io.storage import table_filesystem
 from lance_io.table import DEFAULT_MAX_ROWS_PER_FILE, open_table
 
 DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's dataset registry file
-LINEAGE_FILE = "lancetag_lineage.json"  # written next to a trained adapter (llamafactory_ext.train)
 COMPACTION_BATCH_ROWS = 64
 """Most rows read per batch while compacting; fewer when they are large (lance #2263: compaction memory)."""
 

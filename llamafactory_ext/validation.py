@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from lance_io.augment import ImageAugment, ImageViews, write_views
+from lance_io.image_size import LLAMAFACTORY_PIXELS, ImagePixels
 from lance_io.labels import LabelRecord, answer_columns, results_to_batch
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Task
@@ -67,8 +68,9 @@ VIEW_JITTER = 0.5
 LabelImages = Callable[[list[bytes], Task], Sequence[LabelRecord]]
 """Labels images for a task, one record per image, in order (a backend's ``label``)."""
 
-InTrainingLabeler = Callable[[Any, str, int, ImageViews | None], LabelImages]
-"""(model being trained, its base model's folder or hub id, images per forward, views) -> its ``label``.
+InTrainingLabeler = Callable[[Any, str, int, ImageViews | None, ImagePixels | None], LabelImages]
+"""(model being trained, its base model's folder or hub id, images per forward, views, the run's image size)
+-> its ``label``.
 
 Must be picklable (a module-level function): it travels to Ray Train workers."""
 
@@ -100,6 +102,8 @@ class ValidationPlan:
     output_dir: str
     labeler: InTrainingLabeler
     views: ImageViews | None = None
+    image_pixels: ImagePixels | None = None
+    """The run's ``image_max_pixels``/``image_min_pixels``: validation images are resized as training's."""
 
 
 # ------------------------------------------------------------------ planning (driver side)
@@ -168,6 +172,8 @@ def plan_validation(
         output_dir=str(args["output_dir"]),
         labeler=labeler,
         views=ImageViews(count=options.views, augment=augment and augment.scaled(VIEW_JITTER)) if options.views > 1 else None,
+        image_pixels=ImagePixels(max=args.get("image_max_pixels", LLAMAFACTORY_PIXELS[0]),
+                                 min=args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])),
     )
     return plan, changed
 
@@ -467,7 +473,7 @@ class Validator:
             return
         batch_size, rows = self.plan.options.batch_size, self.plan.rows
         rows_alone = self.best_rows  # the kept weights' answers from the image alone, scored when kept
-        viewed = self.plan.labeler(model, self.plan.model, batch_size, views)
+        viewed = self.plan.labeler(model, self.plan.model, batch_size, views, self.plan.image_pixels)
         was_training = model.training
         model.eval()
         try:
@@ -498,7 +504,7 @@ class Validator:
     def _score(self, model: Any) -> list[ScoredRow]:
         batch_size = self.plan.options.batch_size
         if self._label is None:  # the trainer keeps one model object for the whole run
-            self._label = self.plan.labeler(model, self.plan.model, batch_size, None)
+            self._label = self.plan.labeler(model, self.plan.model, batch_size, None, self.plan.image_pixels)
         was_training = model.training
         model.eval()
         try:

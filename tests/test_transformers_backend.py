@@ -217,6 +217,49 @@ def test_lora_adapter_is_applied_and_recorded(tiny_qwen2_vl, tmp_path):
     assert tuned.info()["adapter"] == str(tmp_path / "adapter")
 
 
+def test_images_are_resized_as_the_adapter_s_training_resized_them(tiny_qwen2_vl, tmp_path):
+    """A hub processor keeps its own bounds (Qwen2-VL's: 12.8 million pixels); the run's lineage says what
+    LLaMA-Factory resized the training images to, and the labeler resizes to that, before the processor."""
+    import json
+
+    from llamafactory.data.mm_plugin import MMPluginMixin
+    from llamafactory.data.template import TEMPLATES
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, lora).save_pretrained(adapter)
+    task = load_task("digits")
+    photo = Image.radial_gradient("L").resize((224, 168)).convert("RGB")  # the processor alone keeps it at 224x168
+    buffer = io.BytesIO()
+    photo.save(buffer, "PNG")
+    unrecorded = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(adapter)))
+    assert unrecorded.info()["image_pixels"] is None
+    (adapter / "lancetag_lineage.json").write_text(json.dumps({"image_pixels": {"max": 56 * 56, "min": 32 * 32}}))
+    recorded = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(adapter)))
+    assert recorded.info()["image_pixels"] == {"max": 56 * 56, "min": 32 * 32}
+
+    as_trained = MMPluginMixin._preprocess_image(TEMPLATES["qwen2_vl"].mm_plugin, photo, image_max_pixels=56 * 56,
+                                                 image_min_pixels=32 * 32)
+    assert as_trained.size == (64, 48)  # LLaMA-Factory's own resize, which training applied
+    answered = recorded.label([buffer.getvalue()], task)[0]
+    expected = unrecorded.label([_png_of(as_trained)], task)[0]
+    assert answered.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+    full = unrecorded.label([buffer.getvalue()], task)[0]
+    assert full.probabilities != pytest.approx(answered.probabilities, abs=1e-4)  # the size reached the model
+    reply = recorded.chat([ChatMessage("user", [photo, "What digit is this?"])], max_tokens=3)
+    assert reply.prompt_tokens == recorded.chat([ChatMessage("user", [as_trained, "What digit is this?"])],
+                                                max_tokens=3).prompt_tokens  # free-form chat sees the same size
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_unknown_backend_name_lists_the_choices():
     with pytest.raises(ValueError, match="openai, random, transformers, vllm"):
         create_backend(BackendConfig(kind="nope", model="m"))

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lance_io.image_size import LINEAGE_FILE
 from lance_io.reasons import ReasonError
 from ray_jobs.evaluation.baselines import Baseline, table_baselines
 from ray_jobs.evaluation.metrics import Evaluation, Tally
@@ -108,7 +109,7 @@ def _throughput(
 def training_record(lineage: dict[str, str]) -> dict | None:
     """Return the validation curve of the run that trained the labeling model (adapter, else model), or None."""
     for folder in (lineage.get("adapter"), lineage.get("model")):
-        path = Path(folder) / "lancetag_lineage.json" if folder and "://" not in folder else None
+        path = Path(folder) / LINEAGE_FILE if folder and "://" not in folder else None
         if path is not None and path.is_file():
             return json.loads(path.read_text()).get("validation")
     return None

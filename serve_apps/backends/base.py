@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from lance_io.augment import ImageViews, read_views
+from lance_io.image_size import ImagePixels, read_image_pixels
 from lance_io.tasks import Question, Task
 from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
 
@@ -107,14 +108,19 @@ class ChatMessage:
     parts: list[Any]
 
 
-def template_turns(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """Return ``messages`` as a processor's chat-template turns (an image is a placeholder) and their images, in order."""
+def template_turns(
+    messages: list[ChatMessage], pixels: ImagePixels | None = None
+) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """Return ``messages`` as a processor's chat-template turns (an image is a placeholder) and their images, in order.
+
+    ``pixels``: the size the model was trained at, which each image is resized to (:meth:`ImagePixels.fit`).
+    """
     turns, images = [], []
     for m in messages:
         content: list[dict[str, Any]] = []
         for part in m.parts:
             if isinstance(part, Image.Image):
-                images.append(part)
+                images.append(pixels.fit(part) if pixels else part)
                 content.append({"type": "image"})
             else:
                 content.append({"type": "text", "text": str(part)})
@@ -141,6 +147,7 @@ class Backend(ABC):
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.views = resolve_views(config) if self.averages_views else None
+        self.image_pixels = read_image_pixels(config.adapter, config.model)  # the training's size, if recorded
 
     @abstractmethod
     def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
@@ -244,8 +251,14 @@ class ImageError:
     message: str
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | ImageError:
-    """Return the image as RGB (EXIF orientation applied), or an ImageError saying why not."""
+def decode_image(
+    data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, fit: ImagePixels | None = None
+) -> Image.Image | ImageError:
+    """Return the image as RGB (EXIF orientation applied), or an ImageError saying why not.
+
+    ``fit``: the size the model was trained at. The image is resized to it as training resized it,
+    and a JPEG larger than that is decoded at 1/2 to 1/8 of its scale first (:class:`ImagePixels`).
+    """
     from PIL import ImageOps
 
     if not data:
@@ -260,8 +273,10 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                     ErrorCode.IMAGE_TOO_LARGE,
                     f"image_too_large: {width}x{height} pixels exceeds the limit of {max_pixels}; resize it first",
                 )
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            if fit is not None:
+                fit.draft(image)
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            return fit.fit(image) if fit is not None else image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageError(ErrorCode.IMAGE_TOO_LARGE, f"image_too_large: {exc}")
     except Exception as exc:  # Pillow raises many types for bad data
@@ -280,6 +295,7 @@ def label_images(
     *,
     max_pixels: int = MAX_IMAGE_PIXELS,
     views: ImageViews | None = None,
+    fit: ImagePixels | None = None,
 ) -> list[LabelResult]:
     """Decode ``images``, ask each of the task's questions of the good ones, return one record per input.
 
@@ -290,10 +306,11 @@ def label_images(
     rest of their batch is labeled. With ``views``, the closed-set questions are then asked of
     the other views of each image the views call unsure (:meth:`ImageViews.unsure`: every image
     unless ``unsure_at`` is set), and the answer is the value of highest mean probability over all
-    its views (free text: the image itself only).
+    its views (free text: the image itself only). ``fit``: the size the model was trained at
+    (:func:`decode_image`).
     """
     started = time.perf_counter()
-    decoded = [decode_image(b, max_pixels=max_pixels) for b in images]
+    decoded = [decode_image(b, max_pixels=max_pixels, fit=fit) for b in images]
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
     answered = _ask_isolating(task, [decoded[i] for i in good], answer, views) if good else []
     outcome = dict(zip(good, answered, strict=True))

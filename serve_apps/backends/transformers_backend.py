@@ -148,7 +148,8 @@ class TransformersBackend(Backend):
     def label(self, images: list[bytes], task: Task) -> list[LabelResult]:
         """Return one record per image, in order; undecodable images get error records."""
         return label_images(
-            images, task, self.provenance(task), self._answer, max_pixels=self.config.max_image_pixels, views=self.views
+            images, task, self.provenance(task), self._answer, max_pixels=self.config.max_image_pixels, views=self.views,
+            fit=self.image_pixels,
         )
 
     def info(self) -> dict[str, Any]:
@@ -165,6 +166,7 @@ class TransformersBackend(Backend):
             "dtype": str(self.dtype).removeprefix("torch."),
             "batch_size": self.config.batch_size,
             "views": self.views.count if self.views else 1,
+            "image_pixels": vars(self.image_pixels) if self.image_pixels else None,  # None: the processor's own
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
         }
 
@@ -172,7 +174,7 @@ class TransformersBackend(Backend):
         """Return the greedy answer to a conversation whose turns may carry images."""
         import torch
 
-        chat, images = template_turns(messages)
+        chat, images = template_turns(messages, self.image_pixels)
         text = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=images or None, return_tensors="pt").to(self.device)
         with self._lock, torch.inference_mode():

@@ -172,7 +172,8 @@ class VllmBackend(Backend):
                 return self._constrained(pil, question, lora)
             return self._score(pil, question, lora)
 
-        return label_images(images, task, provenance, answer, max_pixels=self.config.max_image_pixels, views=self.views)
+        return label_images(images, task, provenance, answer, max_pixels=self.config.max_image_pixels, views=self.views,
+                            fit=self.image_pixels)
 
     def info(self) -> dict[str, Any]:
         """Return backend, model, adapter, closed-set mode, device, interpreter and library versions."""
@@ -186,6 +187,7 @@ class VllmBackend(Backend):
             "adapter": self.config.adapter,
             "closed_set": self.options.closed_set,
             "views": self.views.count if self.views else 1,
+            "image_pixels": vars(self.image_pixels) if self.image_pixels else None,  # None: the processor's own
             "device": "cpu" if self.on_cpu else "gpu",
             "dtype": self.config.dtype,
             "python": sys.executable,
@@ -201,7 +203,7 @@ class VllmBackend(Backend):
         """Return the greedy answer to a conversation whose turns may carry images."""
         from vllm import SamplingParams
 
-        chat, images = template_turns(messages)
+        chat, images = template_turns(messages, self.image_pixels)
         text = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         request: dict[str, Any] = {"prompt": text}
         if images:

@@ -1,0 +1,67 @@
+"""The image size a model was trained at: training records it, the labeler resizes to it.
+
+LLaMA-Factory resizes every training image to at most ``image_max_pixels`` pixels (768x768 unless
+set; ``configs/train/qwen2_vl_2b_lora.yaml`` sets 512x512) and at least ``image_min_pixels``, before
+the model's processor sees it. A hub model's processor keeps its own bounds: Qwen2-VL's go up to 12.8
+million pixels, so a LoRA trained at 512x512 and then asked about a 12 MP photo would see some
+15,000 visual tokens instead of about 330: inputs unlike the ones it learned from, at 45 times the
+cost. ``llamafactory_ext.train.run_training`` writes the bounds into the lineage file beside the
+weights (``image_pixels``); the labeler reads them from the adapter's folder, then the model's
+(:func:`read_image_pixels`), and resizes each image as LLaMA-Factory did (:meth:`ImagePixels.fit`),
+decoding a larger JPEG at 1/2, 1/4 or 1/8 of its scale first (:meth:`ImagePixels.draft`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+LINEAGE_FILE = "lancetag_lineage.json"
+"""Written beside trained weights by ``llamafactory_ext.train``; ``image_pixels`` holds the bounds."""
+LLAMAFACTORY_PIXELS = (768 * 768, 32 * 32)
+"""LLaMA-Factory's ``image_max_pixels`` and ``image_min_pixels`` when a run sets neither."""
+
+
+@dataclass(frozen=True)
+class ImagePixels:
+    """The bounds of an image's pixel count, as LLaMA-Factory's ``image_max_pixels``/``image_min_pixels``."""
+
+    max: int
+    min: int
+
+    def draft(self, image: Image.Image) -> None:
+        """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels."""
+        width, height = image.size
+        if image.format == "JPEG" and width * height >= 4 * self.max:  # half each side still holds max
+            shrink = math.sqrt(self.max / (width * height))
+            image.draft(None, (math.ceil(width * shrink), math.ceil(height * shrink)))
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        """Return ``image`` resized as LLaMA-Factory resizes a training image (``MMPluginMixin._preprocess_image``)."""
+        if image.width * image.height > self.max:
+            image = _scaled(image, self.max)
+        if image.width * image.height < self.min:
+            image = _scaled(image, self.min)
+        return image
+
+
+def _scaled(image: Image.Image, pixels: int) -> Image.Image:
+    scale = math.sqrt(pixels / (image.width * image.height))
+    return image.resize((int(image.width * scale), int(image.height * scale)))
+
+
+def read_image_pixels(*folders: str | None) -> ImagePixels | None:
+    """Return the bounds the first of ``folders`` with a lineage file records (None: none does, or a hub id)."""
+    for folder in folders:
+        path = Path(folder) / LINEAGE_FILE if folder else None
+        try:
+            recorded = json.loads(path.read_text()).get("image_pixels") if path and path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, dict) and all(isinstance(recorded.get(k), int) for k in ("max", "min")):
+            return ImagePixels(max=recorded["max"], min=recorded["min"])
+    return None
