@@ -34,9 +34,12 @@ class ImagePixels:
     min: int
 
     def draft(self, image: Image.Image) -> None:
-        """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels."""
+        """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels.
+
+        Other formats have no smaller decode (Pillow's ``draft`` does nothing for them).
+        """
         width, height = image.size
-        if image.format == "JPEG" and width * height >= 4 * self.max:  # half each side still holds max
+        if width * height >= 4 * self.max:  # half of each side still holds max
             shrink = math.sqrt(self.max / (width * height))
             image.draft(None, (math.ceil(width * shrink), math.ceil(height * shrink)))
 
