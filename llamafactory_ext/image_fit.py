@@ -8,6 +8,9 @@ the result as a PNG (lossless) when it is smaller than the file and the plugin's
 as it is: LLaMA-Factory then computes from it exactly the tensors the file gives. The vision
 warm-up (:mod:`llamafactory_ext.vision_warmup`) and the in-memory rows LLaMA-Factory trains on
 (:func:`llamafactory_ext.reader.load_rows`) both hold images this way.
+
+One image is changed on purpose: a photo turned by its EXIF orientation is held upright, as the
+labeler sees it, in memory and in a stream (:func:`llamafactory_ext.reader.stream_rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from typing import Any
 
 from llamafactory_ext.augment import paused
 
+EXIF_MARKERS = (b"Exif", b"eXIf", b"EXIF")
+"""How EXIF data starts in a JPEG (its APP1 segment), a PNG (an ``eXIf`` chunk) and a WebP (an ``EXIF`` chunk)."""
+EXIF_ORIENTATION = 0x0112
+
 
 def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> bytes:
     """Return the image ``data`` as ``plugin`` resizes it for training (a PNG), or ``data`` itself.
@@ -28,14 +35,23 @@ def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> 
     again: Qwen2-VL makes a 600x20 strip 465x28 (downscaled, then stretched to a 28-pixel side) and
     would downscale 465x28 once more. An image that does not decode comes back as it is too, for
     LLaMA-Factory to report as it would have. The run's jitter is not applied here: it stays per epoch.
-    """
-    from PIL import Image
 
-    if max_pixels * 3 >= len(data):
+    An image whose EXIF orientation turns it (a phone's portrait photo) is held upright, whatever
+    its size: LLaMA-Factory would train on it as stored, on its side, while the labeler
+    (``serve_apps.backends.base.decode_image``) and every viewer show it upright.
+    """
+    from PIL import Image, ImageOps
+
+    marked = any(marker in data[:65536] for marker in EXIF_MARKERS)  # most images: no need to open them
+    if max_pixels * 3 >= len(data) and not marked:
         return data
     try:
         with Image.open(io.BytesIO(data)) as image, paused():
-            fitted = plugin._preprocess_image(image, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+            turned = marked and image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
+            if max_pixels * 3 >= len(data) and not turned:
+                return data
+            upright = ImageOps.exif_transpose(image) if turned else image
+            fitted = plugin._preprocess_image(upright, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
             again = plugin._preprocess_image(fitted, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
             if again.size != fitted.size or again.mode != fitted.mode or again.tobytes() != fitted.tobytes():
                 return data
@@ -43,7 +59,7 @@ def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> 
             fitted.save(out, format="PNG", compress_level=1)
     except (OSError, ValueError, Image.DecompressionBombError):  # LLaMA-Factory's own path reports it, as before
         return data
-    return out.getvalue() if out.tell() < len(data) else data
+    return out.getvalue() if turned or out.tell() < len(data) else data
 
 
 def training_fit(template: str | None, max_pixels: int, min_pixels: int) -> Callable[[bytes], bytes] | None:

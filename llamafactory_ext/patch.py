@@ -36,10 +36,11 @@ def _wrap_loader(original: Any) -> Any:
         name, _entry, source = found
         source = resolve(source)
         logger.info("lancetag: loading %s from Lance %s @ %s", name, source.uri, source.ref())
-        if data_args.streaming:
-            dataset = stream_rows(source)
-        else:  # held in memory: each image at its training size when that is smaller (llamafactory_ext.image_fit)
-            fit = training_fit(data_args.template, model_args.image_max_pixels, model_args.image_min_pixels)
+        bounds = (data_args.template, model_args.image_max_pixels, model_args.image_min_pixels)
+        if data_args.streaming:  # each image upright if its EXIF turns it (llamafactory_ext.image_fit)
+            dataset = stream_rows(source, fit=bounds if training_fit(*bounds) else None)
+        else:  # held in memory: each image at its training size when that is smaller, and upright
+            fit = training_fit(*bounds)
             dataset = load_rows(
                 source, num_samples=dataset_attr.num_samples, max_samples=data_args.max_samples, fit=fit
             )

@@ -12,6 +12,7 @@ entry's ``where`` filter pushed down to Lance.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -264,17 +265,26 @@ def _fitted(table: pa.Table, fit: Callable[[bytes], bytes]) -> pa.Table:
     return table.set_column(table.schema.get_field_index("images"), "images", pa.array(images, pa.list_(pa.binary())))
 
 
-def _stream_tables(source_json: str, fragment_ids: list[int]) -> Iterator[tuple[str, pa.Table]]:
-    """Yield ``(key, rows)`` tables of the given fragments (runs where the stream is consumed; opens the table there)."""
+def _stream_tables(source_json: str, fragment_ids: list[int], fit_json: str = "null") -> Iterator[tuple[str, pa.Table]]:
+    """Yield ``(key, rows)`` tables of the given fragments (runs where the stream is consumed; opens the table there).
+
+    ``fit_json``: ``[template, max_pixels, min_pixels]`` of :func:`~llamafactory_ext.image_fit.training_fit`, or null.
+    """
+    from llamafactory_ext.image_fit import training_fit
+
     source = LanceSource.model_validate_json(source_json)
+    fit = training_fit(*spec) if (spec := json.loads(fit_json)) else None
     for i, table in enumerate(iter_tables(source, fragment_ids=fragment_ids)):
-        yield f"{fragment_ids[0]}-{i}", table
+        yield f"{fragment_ids[0]}-{i}", table if fit is None else _fitted(table, fit)
 
 
-def stream_rows(source: LanceSource) -> Any:
+def stream_rows(source: LanceSource, fit: tuple[str, int, int] | None = None) -> Any:
     """Return a ``datasets.IterableDataset`` of the entry's rows with one shard per fragment.
 
     Arrow tables go straight to ``datasets`` (no per-row Python dicts until a map needs them).
+    ``fit`` (a template name and its pixel bounds) passes each image through
+    :func:`~llamafactory_ext.image_fit.training_fit` as it streams: a photo turned by its EXIF
+    orientation is trained on upright, as in memory.
     """
     from datasets import DatasetInfo, IterableDataset
     from datasets.iterable_dataset import ArrowExamplesIterable
@@ -285,6 +295,6 @@ def stream_rows(source: LanceSource) -> Any:
         ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
         fragments, features = [f.fragment_id for f in list_fragments(ds)], row_features()
     examples = ArrowExamplesIterable(  # a list in kwargs: one shard per fragment
-        _stream_tables, {"source_json": source.model_dump_json(), "fragment_ids": fragments}
+        _stream_tables, {"source_json": source.model_dump_json(), "fragment_ids": fragments, "fit_json": json.dumps(fit)}
     )
     return IterableDataset(examples, info=DatasetInfo(features=features))
