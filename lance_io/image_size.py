@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -32,6 +34,12 @@ class ImagePixels:
 
     max: int
     min: int
+
+    @classmethod
+    def of_run(cls, args: Mapping[str, Any]) -> ImagePixels:
+        """Return the bounds a LLaMA-Factory run's ``args`` train at (its defaults where they set none)."""
+        return cls(max=int(args.get("image_max_pixels", LLAMAFACTORY_PIXELS[0])),
+                   min=int(args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])))
 
     def draft(self, image: Image.Image) -> None:
         """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels.

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lance_io.augment import VIEWS_FILE
-from lance_io.image_size import LINEAGE_FILE, LLAMAFACTORY_PIXELS
+from lance_io.image_size import LINEAGE_FILE, ImagePixels
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
 from llamafactory_ext.run_options import (
@@ -216,8 +216,7 @@ def run_training(
         "dataset_info": str(Path(args.get("dataset_dir", "")) / DATA_CONFIG),
         "workers": options.workers,
         "augment": options.augment and options.augment.model_dump(),
-        "image_pixels": {"max": args.get("image_max_pixels", LLAMAFACTORY_PIXELS[0]),
-                         "min": args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])},  # the labeler resizes as trained
+        "image_pixels": vars(ImagePixels.of_run(args)),  # the labeler resizes as trained
         "validation": curve,
         "vision_warmup": warmup,
         "ray_checkpoint": checkpoint,

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from lance_io.augment import ImageAugment, ImageViews, write_views
-from lance_io.image_size import LLAMAFACTORY_PIXELS, ImagePixels
+from lance_io.image_size import ImagePixels
 from lance_io.labels import LabelRecord, answer_columns, results_to_batch
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Task
@@ -172,8 +172,7 @@ def plan_validation(
         output_dir=str(args["output_dir"]),
         labeler=labeler,
         views=ImageViews(count=options.views, augment=augment and augment.scaled(VIEW_JITTER)) if options.views > 1 else None,
-        image_pixels=ImagePixels(max=args.get("image_max_pixels", LLAMAFACTORY_PIXELS[0]),
-                                 min=args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])),
+        image_pixels=ImagePixels.of_run(args),
     )
     return plan, changed
 

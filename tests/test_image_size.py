@@ -75,6 +75,8 @@ def test_the_bounds_come_from_the_adapter_s_lineage_then_the_model_s(tmp_path):
     assert read_image_pixels(str(broken), None, "Qwen/Qwen2-VL-2B-Instruct") is None  # a hub id: its processor's own
     (broken / "lancetag_lineage.json").write_text(json.dumps({"datasets": []}))  # a run before the bounds were recorded
     assert read_image_pixels(str(broken)) is None
+    assert ImagePixels.of_run({"image_max_pixels": "262144"}) == ImagePixels(262144, 32 * 32)  # --set gives text
+    assert ImagePixels.of_run({}) == ImagePixels(768 * 768, 32 * 32)  # LLaMA-Factory's defaults
 
 
 def test_validation_inside_training_resizes_as_the_run_trains(tiny_qwen2_vl):
