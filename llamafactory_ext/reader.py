@@ -260,8 +260,11 @@ def load_rows(
 
 
 def _fitted(table: pa.Table, fit: Callable[[bytes], bytes]) -> pa.Table:
-    """Return ``table`` with each of its rows' images passed through ``fit``."""
-    images = [[fit(image) for image in row] for row in table.column("images").to_pylist()]
+    """Return ``table`` with each of its rows' images passed through ``fit`` (itself when ``fit`` changed none)."""
+    rows = table.column("images").to_pylist()
+    images = [[fit(image) for image in row] for row in rows]
+    if all(new is old for row, fitted in zip(rows, images, strict=True) for old, new in zip(row, fitted, strict=True)):
+        return table
     return table.set_column(table.schema.get_field_index("images"), "images", pa.array(images, pa.list_(pa.binary())))
 
 
@@ -283,8 +286,8 @@ def stream_rows(source: LanceSource, fit: tuple[str, int, int] | None = None) ->
 
     Arrow tables go straight to ``datasets`` (no per-row Python dicts until a map needs them).
     ``fit`` (a template name and its pixel bounds) passes each image through
-    :func:`~llamafactory_ext.image_fit.training_fit` as it streams: a photo turned by its EXIF
-    orientation is trained on upright, as in memory.
+    :func:`~llamafactory_ext.image_fit.training_fit` as it streams, as in memory: a photo turned by
+    its EXIF orientation is trained on upright, and one larger than its training size is resized here.
     """
     from datasets import DatasetInfo, IterableDataset
     from datasets.iterable_dataset import ArrowExamplesIterable
