@@ -42,13 +42,14 @@ def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> 
     """
     from PIL import Image, ImageOps
 
-    marked = any(marker in data[:65536] for marker in EXIF_MARKERS)  # most images: no need to open them
-    if max_pixels * 3 >= len(data) and not marked:
+    small = max_pixels * 3 >= len(data)  # its training size could not take fewer bytes
+    marked = any(data.find(marker, 0, 65536) >= 0 for marker in EXIF_MARKERS)  # most images: no need to open them
+    if small and not marked:
         return data
     try:
         with Image.open(io.BytesIO(data)) as image, paused():
             turned = marked and image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
-            if max_pixels * 3 >= len(data) and not turned:
+            if small and not turned:
                 return data
             upright = ImageOps.exif_transpose(image) if turned else image
             fitted = plugin._preprocess_image(upright, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
