@@ -149,7 +149,8 @@ def _profile_rank(row_id: str) -> float:
 
 
 def _decode(data: bytes) -> tuple[Image.Image, tuple[int, int]] | None:
-    """Return the image in RGB, at a shorter side of DETAIL_REFERENCE to twice that, and its size as stored.
+    """Return the image in RGB, upright (its EXIF orientation applied, as in training), at a shorter side of
+    DETAIL_REFERENCE to twice that, and its size as stored.
 
     The rules look at nothing finer than DETAIL_REFERENCE pixels, so a bigger image is decoded
     smaller (a JPEG at 1/2, 1/4 or 1/8 of its scale) and reduced by a whole factor (an area
@@ -159,6 +160,7 @@ def _decode(data: bytes) -> tuple[Image.Image, tuple[int, int]] | None:
         with Image.open(io.BytesIO(data)) as image:
             size = image.size
             image.draft("RGB", (DETAIL_REFERENCE, DETAIL_REFERENCE))
+            ImageOps.exif_transpose(image, in_place=True)
             rgb = image.convert("RGB")
     except Exception:  # an undecodable image tells nothing about the set
         return None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import random
 from datetime import UTC, datetime
 
 import pyarrow as pa
+from PIL import Image, ImageOps
 
 from bench.data import png_bytes
 from lance_io.schema import IMAGE_SCHEMA, content_hashes
@@ -50,3 +52,14 @@ def image_page_bytes(uri: str) -> list[int]:
     return [sum(b.size for b in page.buffers)
             for fragment in ds.get_fragments() for data_file in fragment.data_files()
             for page in LanceFileReader(f"{uri}/data/{data_file.path}").metadata().columns[column].pages]
+
+
+def turned_photo(size: tuple[int, int] = (120, 90)) -> tuple[bytes, Image.Image]:
+    """A JPEG stored on its side with EXIF orientation 6 (a phone's portrait photo), and how a viewer shows it."""
+    stored = Image.radial_gradient("L").resize(size).convert("RGB")
+    stored.paste((250, 20, 20), (0, 0, size[0] // 3, size[1] // 4))  # a red corner: a turn moves it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    stored.save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue(), ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue()))).convert("RGB")

@@ -17,6 +17,7 @@ from bench.data import digit_images, image_rows
 from lance_io.schema import content_hashes
 from lance_io.splits import split_of
 from tests.conftest import LANCETAG
+from tests.table_fixtures import turned_photo
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,21 @@ def test_a_photo_gives_the_baselines_its_pixels_from_a_small_decode():
     whole = pixels(jpeg, draft=False)
     assert 0 < np.abs(features[0] - whole).max() <= 4 / 255  # not the whole decode, and a few levels from it
     assert np.array_equal(features[1], pixels(png, draft=False))  # a PNG has no smaller decode
+
+
+def test_a_photo_turned_by_its_exif_gives_the_baselines_its_upright_pixels():
+    """A phone's portrait photo is stored on its side; the baselines see it upright, as the model trains on it."""
+    from ray_jobs.evaluation.baselines import PIXELS, pixel_features
+
+    photo, upright = turned_photo()
+    features, decoded = pixel_features([photo])
+    assert decoded.tolist() == [True]
+
+    def pixels(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.resize((PIXELS, PIXELS), Image.Resampling.BOX), np.float32).ravel() / 255
+
+    assert np.array_equal(features[0], pixels(upright))
+    assert not np.allclose(features[0], pixels(Image.open(io.BytesIO(photo)).convert("RGB")), atol=0.1)
 
 
 @pytest.mark.parametrize("cap", [1000, 12])

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from llamafactory_ext.image_fit import fit_image, training_fit
+from tests.table_fixtures import turned_photo
 
 SIDE = 84
 
@@ -74,25 +75,12 @@ def test_the_jitter_stays_out_of_the_held_image():
     assert training_fit("no_such_template", SIDE * SIDE, SIDE * SIDE) is None
 
 
-def _turned_photo(size: tuple[int, int] = (120, 90)) -> tuple[bytes, Image.Image]:
-    """A JPEG stored on its side with EXIF orientation 6 (a phone's portrait photo), and how a viewer shows it."""
-    from PIL import ImageOps
-
-    stored = Image.radial_gradient("L").resize(size).convert("RGB")
-    stored.paste((250, 20, 20), (0, 0, size[0] // 3, size[1] // 4))  # a red corner: a turn moves it
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    out = io.BytesIO()
-    stored.save(out, format="JPEG", quality=95, exif=exif.tobytes())
-    return out.getvalue(), ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue()))).convert("RGB")
-
-
 @pytest.mark.parametrize("side", [SIDE, 448])  # resized, and small enough to keep its size
 def test_a_photo_turned_by_its_exif_is_trained_on_upright_as_the_labeler_sees_it(side):
     from lance_io.image_size import ImagePixels
     from serve_apps.backends.base import decode_image
 
-    photo, upright = _turned_photo()
+    photo, upright = turned_photo()
     held = training_fit("qwen2_vl", side * side, 32 * 32)(photo)
     with Image.open(io.BytesIO(held)) as image:
         assert image.format == "PNG" and image.height > image.width  # upright: 90 wide, 120 high, or less
@@ -111,7 +99,7 @@ def test_a_stream_trains_on_a_turned_photo_upright_too(tmp_path):
     from llamafactory_ext import reader
     from llamafactory_ext.source import LanceSource
 
-    photo, upright = _turned_photo()
+    photo, upright = turned_photo()
     uri = str(tmp_path / "t.lance")
     other = _encoded(Image.new("RGB", (40, 30), (9, 9, 9)), "PNG")
     append_images(uri, image_rows([(photo, "a"), (other, "b")]))

@@ -30,6 +30,7 @@ from llamafactory_ext.recipe import (
 )
 from llamafactory_ext.validation_curve import Curve, CurvePoint
 from ray_jobs.demo import write_digits
+from tests.table_fixtures import turned_photo
 
 
 def _rows(folder: Path, keep: float = 1.0) -> tuple[list[str], list[bytes], list[str]]:
@@ -261,6 +262,16 @@ def test_the_demo_sizes_its_labeler_to_its_own_cluster_only() -> None:
     on_gpu = labeler_resources({"CPU": 16.0, "GPU": 2.0})
     assert on_gpu["labeler_num_gpus"] == 1.0 and on_gpu["labeler_num_cpus"] == 16.0 - readers
     assert labeler_resources(None) == {}
+
+
+def test_a_photo_turned_by_its_exif_is_profiled_upright() -> None:
+    """The recipe's rules (mirror, jitter, side) look at a phone's portrait photo as training does: upright."""
+    from llamafactory_ext.recipe import _decode
+
+    photo, upright = turned_photo()
+    image, size = _decode(photo)
+    assert size == (120, 90)  # as stored
+    assert image.size == (90, 120) and image.tobytes() == upright.tobytes()
 
 
 def test_a_photo_is_profiled_from_a_small_decode_that_keeps_its_stored_size() -> None:

@@ -92,8 +92,11 @@ def describe_verdict(baseline: Baseline) -> str:
 
 
 def pixel_features(images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (16x16 RGB pixels in [0, 1], one row per image; mask of the images that decoded)."""
-    from PIL import Image
+    """Return (16x16 RGB pixels in [0, 1], one row per image; mask of the images that decoded).
+
+    A photo turned by its EXIF orientation is taken upright, as the model trains on it and the labeler sees it.
+    """
+    from PIL import Image, ImageOps
 
     features = np.zeros((len(images), PIXELS * PIXELS * 3), dtype=np.float32)
     ok = np.zeros(len(images), dtype=bool)
@@ -103,6 +106,7 @@ def pixel_features(images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarr
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # a JPEG at 1/2-1/8 scale: a photo is not decoded whole
+                ImageOps.exif_transpose(image, in_place=True)
                 small = image.convert("RGB").resize((PIXELS, PIXELS), Image.Resampling.BOX)
         except Exception:  # an undecodable image: the baseline cannot answer it (counted wrong)
             continue
