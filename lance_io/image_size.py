@@ -28,18 +28,26 @@ LLAMAFACTORY_PIXELS = (768 * 768, 32 * 32)
 """LLaMA-Factory's ``image_max_pixels`` and ``image_min_pixels`` when a run sets neither."""
 
 
+QWEN2_VL_SIDE, QWEN2_VL_RATIO, QWEN2_VL_SQUEEZED = 28, 200, 180
+"""LLaMA-Factory's Qwen2-VL rule: a side under 28 px is stretched to 28, an image over 200:1 squeezed to 180:1."""
+
+
 @dataclass(frozen=True)
 class ImagePixels:
-    """The bounds of an image's pixel count, as LLaMA-Factory's ``image_max_pixels``/``image_min_pixels``."""
+    """How a run resized its training images: LLaMA-Factory's ``image_max_pixels``/``image_min_pixels``,
+    and whether its template was Qwen2-VL's (``qwen2_vl``: LLaMA-Factory's ``Qwen2VLPlugin`` and its
+    subclasses, which then also stretch a thin side and squeeze a long strip, as the processor refuses
+    an image over 200:1)."""
 
     max: int
     min: int
+    qwen2_vl: bool = False
 
     @classmethod
-    def of_run(cls, args: Mapping[str, Any]) -> ImagePixels:
+    def of_run(cls, args: Mapping[str, Any], *, qwen2_vl: bool = False) -> ImagePixels:
         """Return the bounds a LLaMA-Factory run's ``args`` train at (its defaults where they set none)."""
         return cls(max=int(args.get("image_max_pixels", LLAMAFACTORY_PIXELS[0])),
-                   min=int(args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])))
+                   min=int(args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])), qwen2_vl=qwen2_vl)
 
     def draft(self, image: Image.Image) -> None:
         """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels.
@@ -52,11 +60,20 @@ class ImagePixels:
             image.draft(None, (math.ceil(width * shrink), math.ceil(height * shrink)))
 
     def fit(self, image: Image.Image) -> Image.Image:
-        """Return ``image`` resized as LLaMA-Factory resizes a training image (``MMPluginMixin._preprocess_image``)."""
+        """Return ``image`` resized as LLaMA-Factory resizes a training image (``MMPluginMixin._preprocess_image``,
+        then with ``qwen2_vl`` ``Qwen2VLPlugin._preprocess_image``'s sides)."""
         if image.width * image.height > self.max:
             image = _scaled(image, self.max)
         if image.width * image.height < self.min:
             image = _scaled(image, self.min)
+        if not self.qwen2_vl:
+            return image
+        if min(image.size) < QWEN2_VL_SIDE:
+            image = image.resize((max(image.width, QWEN2_VL_SIDE), max(image.height, QWEN2_VL_SIDE)))
+        if image.width / image.height > QWEN2_VL_RATIO:
+            image = image.resize((image.height * QWEN2_VL_SQUEEZED, image.height))
+        if image.height / image.width > QWEN2_VL_RATIO:
+            image = image.resize((image.width, image.width * QWEN2_VL_SQUEEZED))
         return image
 
 
@@ -74,5 +91,5 @@ def read_image_pixels(*folders: str | None) -> ImagePixels | None:
         except (OSError, ValueError, AttributeError):
             recorded = None
         if isinstance(recorded, dict) and all(isinstance(recorded.get(k), int) for k in ("max", "min")):
-            return ImagePixels(max=recorded["max"], min=recorded["min"])
+            return ImagePixels(max=recorded["max"], min=recorded["min"], qwen2_vl=recorded.get("qwen2_vl") is True)
     return None

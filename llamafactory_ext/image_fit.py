@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from lance_io.image_size import ImagePixels
 from llamafactory_ext.augment import paused
 
 EXIF_MARKERS = (b"Exif", b"eXIf", b"EXIF")
@@ -70,3 +71,12 @@ def training_fit(template: str | None, max_pixels: int, min_pixels: int) -> Call
     if template not in TEMPLATES:
         return None
     return functools.partial(fit_image, TEMPLATES[template].mm_plugin, max_pixels=max_pixels, min_pixels=min_pixels)
+
+
+def trained_pixels(args: Mapping[str, Any]) -> ImagePixels:
+    """Return how the LLaMA-Factory run of ``args`` resizes its images, its template's Qwen2-VL rule included."""
+    from llamafactory.data.mm_plugin import Qwen2VLPlugin
+    from llamafactory.data.template import TEMPLATES
+
+    template = TEMPLATES.get(str(args.get("template")))
+    return ImagePixels.of_run(args, qwen2_vl=template is not None and isinstance(template.mm_plugin, Qwen2VLPlugin))

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lance_io.augment import VIEWS_FILE
-from lance_io.image_size import LINEAGE_FILE, ImagePixels
+from lance_io.image_size import LINEAGE_FILE
 from llamafactory_ext.augment import ImageAugment, install
+from llamafactory_ext.image_fit import trained_pixels
 from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
 from llamafactory_ext.run_options import (
     TrainConfigError,
@@ -216,7 +217,7 @@ def run_training(
         "dataset_info": str(Path(args.get("dataset_dir", "")) / DATA_CONFIG),
         "workers": options.workers,
         "augment": options.augment and options.augment.model_dump(),
-        "image_pixels": vars(ImagePixels.of_run(args)),  # the labeler resizes as trained
+        "image_pixels": vars(trained_pixels(args)),  # the labeler resizes as trained
         "validation": curve,
         "vision_warmup": warmup,
         "ray_checkpoint": checkpoint,

@@ -50,6 +50,7 @@ from lance_io.image_size import ImagePixels
 from lance_io.labels import LabelRecord, answer_columns, results_to_batch
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Task
+from llamafactory_ext.image_fit import trained_pixels
 from llamafactory_ext.source import (
     DATA_CONFIG,
     LanceSource,
@@ -172,7 +173,7 @@ def plan_validation(
         output_dir=str(args["output_dir"]),
         labeler=labeler,
         views=ImageViews(count=options.views, augment=augment and augment.scaled(VIEW_JITTER)) if options.views > 1 else None,
-        image_pixels=ImagePixels.of_run(args),
+        image_pixels=trained_pixels(args),
     )
     return plan, changed
 

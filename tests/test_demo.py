@@ -84,4 +84,4 @@ def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: 
     lineage = json.loads((Path(result["adapter"]) / "lancetag_lineage.json").read_text())
     assert lineage["vision_warmup"]["epochs"] == 20 and lineage["vision_warmup"]["rows"] < result["train_rows"]
     assert lineage["model_name_or_path"] == lineage["vision_warmup"]["to"]
-    assert lineage["image_pixels"] == {"max": 56 * 56, "min": 56 * 56}  # the recipe's side: the labeler resizes to it
+    assert lineage["image_pixels"] == {"max": 56 * 56, "min": 56 * 56, "qwen2_vl": True}  # the recipe's side: the labeler resizes to it

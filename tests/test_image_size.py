@@ -28,16 +28,20 @@ def _photo(size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
-@pytest.mark.parametrize("size", [(1600, 1200), (300, 300), (30, 20), (5000, 40), (64, 48), (7, 900)])
+@pytest.mark.parametrize("size", [(1600, 1200), (300, 300), (30, 20), (5000, 40), (64, 48), (7, 900), (2, 900), (9000, 30)])
 @pytest.mark.parametrize("bounds", [(56 * 56, 32 * 32), (84 * 84, 84 * 84), (768 * 768, 32 * 32)])
-def test_fit_resizes_as_llamafactory_resizes_a_training_image(size, bounds):
-    from llamafactory.data.mm_plugin import MMPluginMixin
+@pytest.mark.parametrize("template", ["qwen2_vl", "llava_next"])
+def test_fit_resizes_as_llamafactory_resizes_a_training_image(size, bounds, template):
+    """Every template's rule (``MMPluginMixin``), and Qwen2-VL's after it: a thin side stretched, a long strip squeezed."""
     from llamafactory.data.template import TEMPLATES
 
+    from llamafactory_ext.image_fit import trained_pixels
+
     image = _photo(size)
-    expected = MMPluginMixin._preprocess_image(  # every template's rule (Qwen2-VL's adds its own limits after it)
-        TEMPLATES["qwen2_vl"].mm_plugin, image, image_max_pixels=bounds[0], image_min_pixels=bounds[1])
-    fitted = ImagePixels(*bounds).fit(image)
+    expected = TEMPLATES[template].mm_plugin._preprocess_image(image, image_max_pixels=bounds[0], image_min_pixels=bounds[1])
+    pixels = trained_pixels({"template": template, "image_max_pixels": bounds[0], "image_min_pixels": bounds[1]})
+    assert pixels == ImagePixels(*bounds, qwen2_vl=template == "qwen2_vl")
+    fitted = pixels.fit(image)
     assert fitted.size == expected.size and fitted.tobytes() == expected.tobytes()
 
 
@@ -71,12 +75,15 @@ def test_the_bounds_come_from_the_adapter_s_lineage_then_the_model_s(tmp_path):
     assert read_image_pixels(str(adapter), str(model)) == ImagePixels(7056, 7056)
     (adapter / "lancetag_lineage.json").write_text(json.dumps({"image_pixels": {"max": 262144, "min": 1024}}))
     assert read_image_pixels(str(adapter), str(model)) == ImagePixels(262144, 1024)
+    (adapter / "lancetag_lineage.json").write_text(json.dumps({"image_pixels": {"max": 3136, "min": 3136, "qwen2_vl": True}}))
+    assert read_image_pixels(str(adapter), str(model)) == ImagePixels(3136, 3136, qwen2_vl=True)
     (broken / "lancetag_lineage.json").write_text("{not json")
     assert read_image_pixels(str(broken), None, "Qwen/Qwen2-VL-2B-Instruct") is None  # a hub id: its processor's own
     (broken / "lancetag_lineage.json").write_text(json.dumps({"datasets": []}))  # a run before the bounds were recorded
     assert read_image_pixels(str(broken)) is None
     assert ImagePixels.of_run({"image_max_pixels": "262144"}) == ImagePixels(262144, 32 * 32)  # --set gives text
     assert ImagePixels.of_run({}) == ImagePixels(768 * 768, 32 * 32)  # LLaMA-Factory's defaults
+    assert not ImagePixels.of_run({}).qwen2_vl
 
 
 def test_validation_inside_training_resizes_as_the_run_trains(tiny_qwen2_vl):

@@ -129,7 +129,7 @@ def label_train_relabel(
     assert math.isfinite(trained["train_loss"]) and (out / "adapter_model.safetensors").is_file()
     lineage = json.loads((out / "lancetag_lineage.json").read_text())
     assert [(d["uri"], d["label_column"]) for d in lineage["datasets"]] == [(uri, column)]
-    assert lineage["image_pixels"] == {"max": 768 * 768, "min": 32 * 32}  # LLaMA-Factory's defaults: the config sets none
+    assert lineage["image_pixels"] == {"max": 768 * 768, "min": 32 * 32, "qwen2_vl": True}  # LLaMA-Factory's defaults: the config sets none
 
     before = provenance_by_id(uri, column)
     stale = {i for i, p in before.items() if p == zero_shot["provenance"]}

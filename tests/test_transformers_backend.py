@@ -239,7 +239,7 @@ def test_images_are_resized_as_the_adapter_s_training_resized_them(tiny_qwen2_vl
     assert unrecorded.info()["image_pixels"] is None
     (adapter / "lancetag_lineage.json").write_text(json.dumps({"image_pixels": {"max": 56 * 56, "min": 32 * 32}}))
     recorded = create_backend(BackendConfig(model=str(tiny_qwen2_vl), adapter=str(adapter)))
-    assert recorded.info()["image_pixels"] == {"max": 56 * 56, "min": 32 * 32}
+    assert recorded.info()["image_pixels"] == {"max": 56 * 56, "min": 32 * 32, "qwen2_vl": False}
 
     as_trained = MMPluginMixin._preprocess_image(TEMPLATES["qwen2_vl"].mm_plugin, photo, image_max_pixels=56 * 56,
                                                  image_min_pixels=32 * 32)
@@ -252,6 +252,30 @@ def test_images_are_resized_as_the_adapter_s_training_resized_them(tiny_qwen2_vl
     reply = recorded.chat([ChatMessage("user", [photo, "What digit is this?"])], max_tokens=3)
     assert reply.prompt_tokens == recorded.chat([ChatMessage("user", [as_trained, "What digit is this?"])],
                                                 max_tokens=3).prompt_tokens  # free-form chat sees the same size
+
+
+def test_a_strip_qwen2_vl_refuses_is_labeled_as_llamafactory_trained_on_it(tiny_qwen2_vl, tmp_path):
+    """LLaMA-Factory's Qwen2-VL template stretches a side under 28 px and squeezes a strip over 200:1 before the
+    processor (which refuses over 200:1); a model trained through it labels such an image as trained on it."""
+    import json
+    import shutil
+
+    from llamafactory.data.template import TEMPLATES
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_qwen2_vl, trained)
+    bounds = {"max": 56 * 56, "min": 32 * 32}
+    (trained / "lancetag_lineage.json").write_text(json.dumps({"image_pixels": {**bounds, "qwen2_vl": True}}))
+    task, strip = load_task("digits"), png((1, 600))
+    as_trained = TEMPLATES["qwen2_vl"].mm_plugin._preprocess_image(
+        Image.open(io.BytesIO(strip)), image_max_pixels=bounds["max"], image_min_pixels=bounds["min"])
+    assert as_trained.size == (28, 783)  # 1x783 within the bounds, then the side stretched
+    (labeled,) = create_backend(BackendConfig(model=str(trained))).label([strip], task)
+    base = create_backend(BackendConfig(model=str(tiny_qwen2_vl)))
+    (expected,) = base.label([_png_of(as_trained)], task)
+    assert labeled.ok and labeled.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+    (refused,) = base.label([strip], task)  # without the run's record: the processor's own limit
+    assert refused.error == "backend_failed" and "aspect ratio" in refused.error_message
 
 
 def _png_of(image: Image.Image) -> bytes:

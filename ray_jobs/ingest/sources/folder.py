@@ -1,4 +1,4 @@
-"""Local folders (recursive, symlink-safe) and single image files; optional ImageFolder label from the parent directory."""
+"""Local folders (recursive, symlink-safe) and single image files; optional label: the folder a file sits in."""
 
 from __future__ import annotations
 
