@@ -304,6 +304,43 @@ def test_undecodable_image_gets_an_error_record_and_the_others_are_answered(vllm
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long  # a second vLLM engine (~30 s); the rule itself runs by default (test_image_size, test_transformers_backend)
+def test_a_strip_is_labeled_when_the_model_was_trained_through_the_qwen2_vl_template(vllm_backend, tiny_qwen2_vl, tmp_path):
+    """LLaMA-Factory's Qwen2-VL template stretches a side under 28 px; vLLM's processor refuses over 200:1. A model
+    whose lineage records that template gets the strip as training did, the base model refuses it."""
+    import json
+    import shutil
+
+    import ray
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_qwen2_vl, trained)
+    record = {"image_pixels": {"max": 56 * 56, "min": 32 * 32, "qwen2_vl": True}}
+    (trained / "lancetag_lineage.json").write_text(json.dumps(record))
+    config = _backend_config(trained, None)
+
+    class StripHost:  # defined here so Ray ships it by value to the vLLM environment
+        def __init__(self, config: BackendConfig) -> None:
+            from serve_apps.backends.base import create_backend
+
+            self.backend = create_backend(config)
+
+        def label(self, images: list[bytes], task: Any) -> list[LabelResult]:
+            return self.backend.label(images, task)
+
+    strip = _png((200, 10, 10), (1, 600))
+    host = ray.remote(num_cpus=0.5, runtime_env=vllm_runtime_env(config))(StripHost).remote(config)
+    try:
+        labeled = ray.get(host.label.remote([strip, IMAGES[0]], load_task("digits")), timeout=600)
+    finally:
+        ray.kill(host)
+    assert [r.ok for r in labeled] == [True, True]
+    refused, kept = _label(vllm_backend, "digits", [strip, IMAGES[0]])
+    assert refused.error == "backend_failed" and kept.ok
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_scored_probabilities_match_the_transformers_backend_on_the_same_model(vllm_backend, tiny_qwen2_vl):
     from serve_apps.backends.base import create_backend
 
