@@ -21,7 +21,6 @@ and the run trains from it; the lineage records the warm-up.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import io
 import math
@@ -38,7 +37,7 @@ from lance_io.augment import ImageAugment
 from lance_io.labels import answer_columns
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
-from llamafactory_ext.image_fit import fit_image
+from llamafactory_ext.image_fit import trained_pixels, training_fit
 from llamafactory_ext.source import LanceSource, dataset_names, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import rows_by_id, split_batches
 
@@ -84,11 +83,9 @@ def warm_vision_tower(
         )
     started = time.perf_counter()
     plugin = TEMPLATES[args["template"]].mm_plugin
-    max_pixels = args.get("image_max_pixels", 768 * 768)  # LLaMA-Factory's defaults
-    min_pixels = args.get("image_min_pixels", 32 * 32)
+    pixels = trained_pixels(args)  # the run's image_max_pixels/image_min_pixels, LLaMA-Factory's defaults where unset
     # each image held at its training size (decoded once), or as its file when that is smaller
-    fit = functools.partial(fit_image, plugin, max_pixels=max_pixels, min_pixels=min_pixels)
-    images, labels, classes, total = _training_rows(args, fit=fit)
+    images, labels, classes, total = _training_rows(args, fit=training_fit(args["template"], pixels.max, pixels.min))
     seed = int(args.get("seed", 42))
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -96,7 +93,7 @@ def warm_vision_tower(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).to(device)
     processor = AutoProcessor.from_pretrained(model_path)
-    processor.image_max_pixels, processor.image_min_pixels = max_pixels, min_pixels  # as LLaMA-Factory sets them
+    processor.image_max_pixels, processor.image_min_pixels = pixels.max, pixels.min  # as LLaMA-Factory sets them
     hidden = model.config.get_text_config().hidden_size
     head = torch.nn.Linear(hidden, len(classes)).to(device)
     # every weight is offered; only those the image features depend on get a gradient, and AdamW
