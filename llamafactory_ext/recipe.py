@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
-import itertools
 import json
 import math
 import random
@@ -294,11 +293,7 @@ def profiled_ids(ids: Iterable[str]) -> list[str]:
     held. A caller holding a big table reads the images of these ids alone, passes them in this order
     with ``rows=`` the number of training rows: the recipe is the one all the rows would give.
     """
-    stream = (str(i) for i in ids)
-    first = list(itertools.islice(stream, MAX_PROFILE_ROWS + 1))
-    if len(first) <= MAX_PROFILE_ROWS:
-        return first  # the order choose_recipe keeps them in
-    return heapq.nsmallest(MAX_PROFILE_ROWS, itertools.chain(first, stream), key=_profile_rank)
+    return heapq.nsmallest(MAX_PROFILE_ROWS, (str(i) for i in ids), key=_profile_rank)
 
 
 def choose_recipe(
@@ -310,8 +305,9 @@ def choose_recipe(
     (the epochs follow the whole count; everything else is measured on the rows given).
     """
     profile = [(str(i), b, str(t)) for i, b, t in zip(ids, images, labels, strict=True) if b and t is not None]
-    if len(profile) > MAX_PROFILE_ROWS:  # enough to measure; a subset chosen by id hash
-        profile = sorted(profile, key=lambda r: _profile_rank(r[0]))[:MAX_PROFILE_ROWS]
+    # In an order of their own ids, not the table's: the checks' fits and jitters then depend on the rows alone.
+    # Past MAX_PROFILE_ROWS, enough to measure: a subset chosen by id hash.
+    profile = sorted(profile, key=lambda r: (_profile_rank(r[0]), r[0], r[2]))[:MAX_PROFILE_ROWS]
     decoded = [(i, *picture, t) for i, b, t in profile if (picture := _decode(b)) is not None]
     pictures, sizes, truths = [image for _, image, _, _ in decoded], [size for *_, size, _ in decoded], [t for *_, t in decoded]
     if len(set(truths)) < 2:

@@ -294,3 +294,15 @@ def test_a_photo_is_profiled_from_a_small_decode_that_keeps_its_stored_size() ->
     images = [_png(_noise(rng, 100 if n % 2 else 250).resize((1000, 750))) for n in range(24)]
     recipe = choose_recipe(ids, images, ["dark" if n % 2 else "light" for n in range(24)])
     assert recipe.evidence["median_size"] == 1000  # the stored size, not the decoded one
+
+
+def test_the_same_rows_in_another_order_get_the_same_recipe(digits: Path) -> None:
+    """Ingest's workers store rows in any order: the checks' folds, fits and jitters follow the rows' ids, not their places."""
+    ids, images, labels = _rows(digits, keep=0.5)
+    rows = list(zip(ids, images, labels, strict=True))
+    recipes = []
+    for seed in (1, 2):
+        random.Random(seed).shuffle(rows)
+        recipes.append(choose_recipe(*map(list, zip(*rows, strict=True))))
+    assert recipes[0].evidence["jitter_check"]["folds"] > 1
+    assert recipes[0].as_dict() == recipes[1].as_dict()
