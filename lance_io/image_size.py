@@ -13,6 +13,7 @@ decoding a larger JPEG at 1/2, 1/4 or 1/8 of its scale first (:meth:`ImagePixels
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 LINEAGE_FILE = "lancetag_lineage.json"
 """Written beside trained weights by ``llamafactory_ext.train``; ``image_pixels`` holds the bounds."""
@@ -75,6 +76,19 @@ class ImagePixels:
         if image.height / image.width > QWEN2_VL_RATIO:
             image = image.resize((image.width, image.width * QWEN2_VL_SQUEEZED))
         return image
+
+
+def decode_upright(data: bytes, side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Return ``data``'s image in RGB, upright (its EXIF orientation applied, as training holds it), and its size as stored.
+
+    A JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 of its scale that keeps ``side`` pixels a
+    side, for a caller that looks at nothing finer. Raises what Pillow raises for an undecodable image.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        size = image.size
+        image.draft("RGB", (side, side))
+        ImageOps.exif_transpose(image, in_place=True)
+        return image.convert("RGB"), size
 
 
 def _scaled(image: Image.Image, pixels: int) -> Image.Image:

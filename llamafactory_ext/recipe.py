@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import json
 import math
 import random
@@ -64,6 +63,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lance_io.augment import ImageAugment, augment_image, border_grey
+from lance_io.image_size import decode_upright
 from lance_io.reasons import ReasonError
 
 SIDES = (56, 84, 112)
@@ -156,11 +156,7 @@ def _decode(data: bytes) -> tuple[Image.Image, tuple[int, int]] | None:
     average): 2,000 photos of 12 MP would hold 72 GB decoded whole.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            size = image.size
-            image.draft("RGB", (DETAIL_REFERENCE, DETAIL_REFERENCE))
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = image.convert("RGB")
+        rgb, size = decode_upright(data, DETAIL_REFERENCE)
     except Exception:  # an undecodable image tells nothing about the set
         return None
     factor = min(rgb.size) // DETAIL_REFERENCE

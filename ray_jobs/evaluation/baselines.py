@@ -25,7 +25,6 @@ says at :data:`SIGNIFICANCE`, not what the two percentages look like.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,18 +102,17 @@ def pixel_features(images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarr
 
     A photo turned by its EXIF orientation is taken upright, as the model trains on it and the labeler sees it.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from lance_io.image_size import decode_upright
 
     features = np.zeros((len(images), PIXELS * PIXELS * 3), dtype=np.float32)
     ok = np.zeros(len(images), dtype=bool)
     for i, data in enumerate(images):
         if not data:
             continue
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # a JPEG at 1/2-1/8 scale: a photo is not decoded whole
-                ImageOps.exif_transpose(image, in_place=True)
-                small = image.convert("RGB").resize((PIXELS, PIXELS), Image.Resampling.BOX)
+        try:  # a JPEG at 1/2-1/8 scale: a photo is not decoded whole
+            small = decode_upright(data, DRAFT_SIDE)[0].resize((PIXELS, PIXELS), Image.Resampling.BOX)
         except Exception:  # an undecodable image: the baseline cannot answer it (counted wrong)
             continue
         features[i] = np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
