@@ -34,6 +34,19 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
+def printable(text: str) -> str:
+    """Return ``text`` as valid UTF-8: a file name's bytes that are not UTF-8 (which Python holds as lone
+    surrogates, e.g. ``'bad\\udcffname.jpg'``) shown as ``\\xff``; any other lone surrogate as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate no file name holds (JSON can spell one)
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class ErrorRecord:
     """One failed input: where it came from, a reason code, and what to do about it."""
@@ -45,6 +58,10 @@ class ErrorRecord:
     stage: str = "ingest"
     id: str | None = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", printable(self.source))  # stored as text: a file name may not be
+        object.__setattr__(self, "message", printable(self.message))
 
 
 def errors_uri(table_uri: str) -> str:

@@ -101,7 +101,7 @@ def build_hostile_folder(base: Path) -> HostileFolder:
     outside.write_bytes(image_bytes(900))
     good = image_bytes(1)
     files = {
-        # added (11)
+        # added (11, and 1 below)
         "good.jpg": good,
         "nested/deep/a/b/c/photo.png": image_bytes(2, "PNG"),
         "cmyk.jpg": image_bytes(3, "JPEG", "CMYK"),
@@ -133,6 +133,12 @@ def build_hostile_folder(base: Path) -> HostileFolder:
     os.symlink("selfloop.jpg", root / "selfloop.jpg")  # symlink_loop
     os.symlink("gone.jpg", root / "broken.jpg")  # broken_symlink
     os.symlink(outside, root / "escape.jpg")  # outside_root
+    os.mkfifo(root / "pipe.jpg")  # not_a_file: refused unopened (a read would wait for a writer)
+    # a folder and a file whose names are not UTF-8 (Latin-1 bytes, as old archives hold): added,
+    # its source and class shown with \\xNN escapes
+    latin1 = Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9"))
+    latin1.mkdir()
+    (latin1 / os.fsdecode(b"cr\xe8me \xff.jpg")).write_bytes(image_bytes(13))
     errors = Counter(
         truncated=1,
         empty_file=1,
@@ -141,8 +147,9 @@ def build_hostile_folder(base: Path) -> HostileFolder:
         symlink_loop=1,
         broken_symlink=1,
         outside_root=1,
+        not_a_file=1,
     )
-    return HostileFolder(root=root, added=11, duplicates=2, skipped=3, errors=errors)
+    return HostileFolder(root=root, added=12, duplicates=2, skipped=3, errors=errors)
 
 
 def palette_png(seed: int) -> bytes:
@@ -169,7 +176,8 @@ class HostileServer:
     then the image), ``/down.jpg`` (503 always), ``/slow.jpg`` (a byte every 0.2 s, bounded to 20 s),
     ``/reset.jpg`` (connection reset), ``/loop`` (redirects to itself), ``/redirect/<n>.jpg``
     (one redirect to image n), ``/endless.jpg`` (JPEG magic then an unbounded body, cut after
-    256 MiB), ``/html.jpg`` (an HTML page), ``/hold/<n>.jpg`` (0.2 s wait, counts concurrent requests), ``/to/<url>`` (redirect to any URL).
+    256 MiB), ``/html.jpg`` (an HTML page), ``/hold/<n>.jpg`` (0.2 s wait, counts concurrent requests), ``/to/<url>`` (redirect to any URL),
+    ``/garbled.jpg`` (a body that is not the gzip its ``Content-Encoding`` says).
     """
 
     def __init__(self) -> None:
@@ -222,6 +230,12 @@ class HostileServer:
             self._send(h, 503, b"down", "text/plain")
         elif path == "/html.jpg":
             self._send(h, 200, b"<html><body>login</body></html>" * 4, "text/html")
+        elif path == "/garbled.jpg":
+            h.send_response(200)
+            h.send_header("Content-Encoding", "gzip")
+            h.send_header("Content-Length", "64")
+            h.end_headers()
+            h.wfile.write(b"\xff\xd8\xff" + bytes(61))
         elif path == "/loop":
             self._redirect(h, "/loop")
         elif path.startswith("/redirect/"):

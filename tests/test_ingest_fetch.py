@@ -151,6 +151,15 @@ def test_redirects_are_rechecked_against_the_address_rules(
     assert _reason(result) == "url_refused" and "127.0.0.2" in result.message
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "http://", "not a url"])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/a.jpg", "file:///etc/passwd", "http://", "not a url", "http://\u2603.com/a.jpg", "http://\ufffd.com/"],
+)
 def test_non_http_urls_are_invalid(url: str) -> None:
+    """Including hosts IDNA cannot encode (a snowman; the U+FFFD a non-UTF-8 byte of a URL list becomes)."""
     assert _reason(Fetcher(IngestOptions()).fetch(url)) == "invalid_url"
+
+
+def test_a_body_the_client_cannot_decode_is_that_urls_error(server: HostileServer) -> None:
+    result = Fetcher(IngestOptions(allow_private_urls=True)).fetch(server.url("/garbled.jpg"))
+    assert _reason(result) == "bad_response" and "DecodingError" in result.message

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lance_io import open_table, read_errors
+from lance_io.reasons import ReasonError
 from ray_jobs.ingest import IngestOptions, ingest
 from tests.conftest import LANCETAG
 from tests.ingest_fixtures import HostileServer, build_class_folder, build_hostile_folder, image_bytes
@@ -46,6 +47,9 @@ def test_hostile_folder_counts_reconcile_and_every_error_is_recorded(ray_cluster
     assert by_name["rotated.jpg"]["exif_orientation"] == 6
     assert by_name["cmyk.jpg"]["mode"] == "CMYK" and by_name["sixteen.png"]["mode"] == "I;16"
     assert by_name["été photo ü 写真.jpg"]["image"] == (folder.root / "été photo ü 写真.jpg").read_bytes()
+    not_utf8 = by_name["cr\\xe8me \\xff.jpg"]  # a Latin-1 name: the bytes reached, the name shown escaped
+    assert not_utf8["source"] == str(folder.root / "caf\\xe9" / "cr\\xe8me \\xff.jpg") and not_utf8["truth"] == "caf\\xe9"
+    assert not_utf8["image"] == image_bytes(13)
     errors = read_errors(table, job=summary.job).to_pylist()
     assert sorted(e["reason"] for e in errors) == sorted(folder.errors.elements())
     assert all(e["message"] and e["source"] for e in errors)
@@ -83,13 +87,16 @@ def test_url_list_ingest_accounts_for_every_url(ray_cluster, tmp_path: Path, ser
         "/reset.jpg",
     ]
     paths += ["/endless.jpg", "/html.jpg", "/slow.jpg", "/down.jpg"]
-    (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in paths) + "\nftp://nope/x.jpg\n")
+    # a host IDNA cannot encode: the client refuses it, and that must stay this URL's error
+    (tmp_path / "urls.txt").write_text(
+        "\n".join(server.url(p) for p in paths) + "\nftp://nope/x.jpg\nhttp://\u2603.com/x.jpg\n"
+    )
     options = IngestOptions(
         allow_private_urls=True, read_timeout_s=1, url_deadline_s=3, retries=2, max_bytes=2 * 1024**2, **QUIET
     )
     table = str(tmp_path / "u.lance")
     summary = ingest([str(tmp_path / "urls.txt")], table, options)
-    assert summary.reconciled and summary.inputs == 12
+    assert summary.reconciled and summary.inputs == 13
     assert (summary.added, summary.duplicates) == (3, 1)
     assert summary.errors_by_reason == {
         "http_status": 2,
@@ -98,7 +105,7 @@ def test_url_list_ingest_accounts_for_every_url(ray_cluster, tmp_path: Path, ser
         "too_large": 1,
         "not_an_image": 1,
         "timeout": 1,
-        "invalid_url": 1,
+        "invalid_url": 2,
     }
     assert summary.seconds < 30
 
@@ -181,6 +188,15 @@ def test_cli_ingest_json_prints_reconciled_counts(ray_cluster, tmp_path: Path) -
     assert out["table"] == table and out["version"] == open_table(table).version
     lone = open_table(table).to_table(columns=["source", "truth"], filter="source_kind = 'file'").to_pylist()
     assert lone == [{"source": str(tmp_path / "outside.jpg"), "truth": tmp_path.name}]  # --label-from-dir: its folder
+
+
+def test_an_empty_table_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--table "$OUT"` with OUT unset: not a table in the working directory."""
+    folder = build_class_folder(tmp_path / "photos", {"a": 1})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ReasonError, match="the table is empty") as refused:
+        ingest([str(folder)], "", IngestOptions(**QUIET))
+    assert refused.value.reason == "bad_option" and sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 def test_cli_reports_an_unreadable_source_as_a_json_error(tmp_path: Path) -> None:

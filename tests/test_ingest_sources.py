@@ -74,6 +74,33 @@ def test_manifest_paths_cannot_escape_their_root_unless_allowed(tmp_path: Path) 
     assert rooted[1].error is None and rooted[0].error is not None  # ../ from the new root still escapes
 
 
+def test_a_manifest_url_of_another_scheme_is_kept_for_the_fetch_to_refuse(tmp_path: Path) -> None:
+    """Not a `missing_location` under the row's number: the URL is the source, and `invalid_url` its error."""
+    (tmp_path / "m.csv").write_text("path,url\n,ftp://example.com/x.jpg\n,HTTP://Example.com/y.jpg\n,\n")
+    items = _items(str(tmp_path / "m.csv"))
+    assert [(i.locator, i.source) for i in items[:2]] == [
+        ("url", "ftp://example.com/x.jpg"),
+        ("url", "HTTP://Example.com/y.jpg"),
+    ]
+    assert items[2].error[0] == "missing_location"
+    from ray_jobs.ingest.fetch import Fetcher
+
+    assert Fetcher(IngestOptions()).fetch(items[0].url).reason == "invalid_url"
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_source_is_refused_not_read_as_the_working_directory(spec: str) -> None:
+    with pytest.raises(SourceError, match="empty") as refused:
+        open_source(spec, IngestOptions())
+    assert refused.value.reason == "bad_source"
+
+
+def test_a_misspelled_source_kind_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"no source kind 'foldr'.*folder"):
+        open_source(f"foldr:{tmp_path}", IngestOptions())
+    assert detect_kind("HTTP://example.com/a.jpg") == "url"
+
+
 def test_manifest_with_unknown_column_mapping_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("path\na.jpg\n")
     with pytest.raises(SourceError, match="no column"):

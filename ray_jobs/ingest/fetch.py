@@ -188,6 +188,10 @@ class Fetcher:
             raise TransientFetchFailed("timeout", f"{type(exc).__name__}: the server was too slow") from exc
         except httpx.TransportError as exc:
             raise TransientFetchFailed("connection_failed", f"{type(exc).__name__}: {exc}") from exc
+        except httpx.RequestError as exc:  # e.g. a body its Content-Encoding does not describe
+            raise FetchFailed("bad_response", f"{type(exc).__name__}: {exc}") from exc
+        except httpx.InvalidURL as exc:
+            raise FetchFailed("invalid_url", f"{url!r} is not a valid URL: {exc}") from exc
 
     def _read_body(self, chunks: Iterable[bytes], deadline: float) -> bytes:
         body = bytearray()
@@ -219,6 +223,10 @@ def check_url(url: str) -> None:
         raise FetchFailed("invalid_url", f"{url!r} is not a valid URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FetchFailed("invalid_url", f"{url!r} is not an http(s) URL with a host")
+    try:
+        httpx.URL(url)  # the client's own parse: a host IDNA cannot encode (e.g. '\u2603.com') fails here
+    except httpx.InvalidURL as exc:
+        raise FetchFailed("invalid_url", f"{url!r} is not a valid URL: {exc}") from exc
 
 
 def _check_status(response: httpx.Response) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lance_io.errors import printable
+
 Locator = Literal["path", "url", "bytes", "object", "member", "cell", "none"]
 """How a worker gets an item's bytes: read a local path, fetch a URL, use inline bytes, read an
 object-storage object (``url`` is its ``s3://...`` URI), read a tar member (``url`` is the shard,
@@ -89,6 +91,12 @@ class InputItem:
     sample: SampleSpec | None = None
     """The training sample this image belongs to (sharegpt), at ``sample_position`` among its images."""
     sample_position: int = 0
+
+    def __post_init__(self) -> None:
+        # what is stored as text, as valid UTF-8: a file or folder name need not be (``path`` keeps it as it is)
+        self.source = printable(self.source)
+        if isinstance(self.truth, str):
+            self.truth = printable(self.truth)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -71,6 +72,8 @@ def ingest(
         assert summary.reconciled
     """
     options = options or IngestOptions()
+    if not table.strip():  # "" would be the working directory: an unset shell variable, not a choice
+        raise ReasonError("bad_option", "the table is empty: name where it goes, e.g. --table photos.lance")
     opened = [open_source(spec, options) for spec in sources]
     metadata = merged_metadata_fields(opened)
     _check_answer_column(options, metadata)
@@ -162,7 +165,7 @@ def _run_segment(
                 {
                     "idx": idx,
                     "locator": item.locator,
-                    "path": item.path,
+                    "path": None if item.path is None else os.fsencode(item.path),
                     "url": item.url,
                     "data": item.data,
                     "scan": item.scan,

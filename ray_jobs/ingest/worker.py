@@ -37,7 +37,7 @@ WORK_SCHEMA = pa.schema(
     [
         ("idx", pa.int64()),
         ("locator", pa.string()),
-        ("path", pa.string()),
+        ("path", pa.binary()),  # os.fsencode: a file name need not be UTF-8 (see work_path)
         ("url", pa.string()),
         ("data", pa.large_binary()),
         ("scan", pa.bool_()),
@@ -65,6 +65,12 @@ SKIP = "skip"
 KNOWN = "known"
 _EMPTY = dict.fromkeys(RESULT_SCHEMA.names)
 _fetchers: dict[str, Fetcher] = {}
+
+
+def work_path(row: dict) -> str:
+    """Return a work row's ``path`` as the driver listed it (carried as bytes: on POSIX a file name is
+    bytes, and one that is not UTF-8 must still reach the file)."""
+    return os.fsdecode(row["path"])
 
 
 def read_batch(
@@ -123,9 +129,9 @@ def _bytes_of(
     if row["locator"] in ("url", "object", "member") or _remote_cell(row):
         return fetched[row["idx"]]
     if row["locator"] == "path":
-        return read_file(row["path"], options.max_bytes, scan=row["scan"])
+        return read_file(work_path(row), options.max_bytes, scan=row["scan"])
     if row["locator"] == "cell":
-        return read_cell(row["url"], row["path"], options.max_bytes)
+        return read_cell(row["url"], work_path(row), options.max_bytes)
     return row["data"] or b""
 
 
@@ -253,8 +259,8 @@ def _read_remote(row: dict, max_bytes: int, table_options: dict[str, str] | None
     if row["locator"] == "object":
         return read_object(row["url"], max_bytes, table_options, scan=row["scan"])
     if row["locator"] == "cell":
-        return read_cell(row["url"], row["path"], max_bytes, table_options)
-    return read_member(row["url"], row["path"], max_bytes, table_options)
+        return read_cell(row["url"], work_path(row), max_bytes, table_options)
+    return read_member(row["url"], work_path(row), max_bytes, table_options)
 
 
 def _object_options(uri: str, table_options: dict[str, str] | None) -> dict[str, str] | None:

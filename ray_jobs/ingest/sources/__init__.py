@@ -38,12 +38,15 @@ SOURCE_KINDS: dict[str, Callable[[str, IngestOptions], ListedSource]] = {
     "webdataset": webdataset_source,
 }
 _PREFIX = re.compile(rf"^({'|'.join(SOURCE_KINDS)}):(?!//)(.+)$")
+_UNKNOWN_KIND = re.compile(r"^([A-Za-z][A-Za-z0-9_-]+):(?!//)")
 
 __all__ = ["SOURCE_KINDS", "Source", "SourceError", "detect_kind", "open_source"]
 
 
 def open_source(spec: str, options: IngestOptions) -> Source:
     """Return the source named by ``[KIND:]LOCATION``; raise ``SourceError`` if it cannot be read."""
+    if not spec.strip():  # "" would be the working directory: an unset shell variable, not a choice
+        raise SourceError("a source is empty: name a folder, file, URL list, manifest or prefix")
     match = _PREFIX.match(spec)
     kind, location = (match.group(1), match.group(2)) if match else (detect_kind(spec), spec)
     return SOURCE_KINDS[kind](location, options)
@@ -51,7 +54,7 @@ def open_source(spec: str, options: IngestOptions) -> Source:
 
 def detect_kind(location: str) -> str:
     """Return the source kind a location looks like; raise ``SourceError`` when it is ambiguous."""
-    if location.startswith(("http://", "https://")):
+    if location.lower().startswith(("http://", "https://")):
         return "url"
     if looks_like_webdataset(location):
         return "webdataset"
@@ -63,6 +66,9 @@ def detect_kind(location: str) -> str:
         return "manifest" if location.lower().endswith(".csv") else "objectstore"
     path = Path(location)
     if not path.exists():
+        kind = _UNKNOWN_KIND.match(location)
+        if kind:  # `bogus:/data/x`: more likely a misspelled kind than a file named so
+            raise SourceError(f"{location}: no source kind {kind.group(1)!r} (kinds: {', '.join(SOURCE_KINDS)}), and no such file")
         raise SourceError(f"{location} does not exist")
     if path.is_dir():
         if path.suffix == ".lance" or (path / "_versions").is_dir():

@@ -59,7 +59,7 @@ def _walk(root: Path, options: IngestOptions) -> Iterator[InputItem]:
             try:
                 if entry.is_dir():
                     subdirs.append(path)
-                elif entry.is_file():
+                else:  # a FIFO, socket or device too: the worker refuses it as not_a_file, unopened
                     yield _item(path, root, options.label_from_dir)
             except OSError as exc:
                 yield _failed(entry.path, "unreadable", f"cannot stat: {exc.strerror or exc}")

@@ -187,7 +187,7 @@ def _locate(image: Any, url: Any, path: Any, row_name: str, ctx: RowContext) -> 
             source=path or url or row_name, source_kind=ctx.kind, locator="bytes", data=bytes(image)
         )
     for value in (url, path):
-        if isinstance(value, str) and value.startswith(("http://", "https://")):
+        if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
             return InputItem(source=value, source_kind=ctx.kind, locator="url", url=value)
     for value in (url, path):
         if isinstance(value, str) and is_object_uri(value):
@@ -207,6 +207,8 @@ def _locate(image: Any, url: Any, path: Any, row_name: str, ctx: RowContext) -> 
                 ),
             )
         return InputItem(source=path, source_kind=ctx.kind, locator="path", path=str(resolved))
+    if isinstance(url, str) and url.strip():  # a URL of no kind above (ftp://, a typo): the fetch says why not
+        return InputItem(source=url, source_kind=ctx.kind, locator="url", url=url)
     return InputItem(
         source=row_name,
         source_kind=ctx.kind,
