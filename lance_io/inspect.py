@@ -33,9 +33,10 @@ class TableSummary:
 def summarize_table(
     uri: str, version: int | str | None = None, *, storage_options: dict[str, str] | None = None
 ) -> TableSummary:
-    """Return rows, fragments, bytes, schema and non-null counts of the non-core columns."""
+    """Return rows, fragments, bytes, schema and non-null counts of the columns that may hold nulls
+    (every column but the core ones ingest always fills)."""
     ds = open_table(uri, version, storage_options=storage_options)
-    extra = [f.name for f in ds.schema if f.name not in IMAGE_SCHEMA.names]
+    extra = [f.name for f in ds.schema if f.name not in IMAGE_SCHEMA.names or IMAGE_SCHEMA.field(f.name).nullable]
     coverage = non_null_counts(ds, extra)
     size = sum(d.file_size_bytes or 0 for frag in ds.get_fragments() for d in frag.data_files())
     samples_version = samples_version_at(uri, ds.version, storage_options=storage_options)

@@ -105,7 +105,7 @@ def check_label_target(schema: pa.Schema, task: Task, column: str) -> None:
     the task looks at it) and a prefix ``column`` whose columns hold other data (``column_taken``).
 
     Columns a label run wrote carry the task kind on their answer field: those are relabeled in
-    place. Any other column of that name (``truth``, ``id``, a manifest's metadata) would be
+    place by a task of that kind, and refused to a task of another. Any other column of that name (``truth``, ``id``, a manifest's metadata) would be
     overwritten row by row, so it is refused before any work.
     """
     needed = ["id", "image"] if not isinstance(task, GenerateTask) or task.image else ["id"]
@@ -125,6 +125,14 @@ def check_label_target(schema: pa.Schema, task: Task, column: str) -> None:
             f"--column {column} would write {', '.join(taken)}, which the table already holds and no label run wrote; "
             "choose another --column (label columns are named <column>, <column>_confidence, <column>_provenance, "
             "<column>_error)",
+        )
+    kinds = {kind_of(schema, name) for name in answers}
+    clashing = [f.name for f in wanted if f.name in schema.names and schema.field(f.name).type != f.type]
+    if taken and (kinds != {task.kind} or clashing):
+        raise ReasonError(
+            "column_taken",
+            f"--column {column} holds {' and '.join(sorted(k or '?' for k in kinds))} answers of an earlier label run, "
+            f"and task {task.name!r} is a {task.kind} task; choose another --column",
         )
 
 

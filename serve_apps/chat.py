@@ -74,7 +74,7 @@ def check_bounds(messages: Any, bounds: ChatBounds) -> None:
                 raise ChatRequestError(
                     413, f"{where}: {len(text)} characters exceeds {bounds.max_text_chars}; shorten the message"
                 )
-            url = (part.get("image_url") or {}).get("url") if part.get("type") == "image_url" else None
+            url = image_url_of(part) if part.get("type") == "image_url" else None
             if isinstance(url, str):
                 images += 1
                 size = len(url.partition(",")[2]) * 3 // 4  # base64 -> bytes, before decoding it
@@ -84,6 +84,13 @@ def check_bounds(messages: Any, bounds: ChatBounds) -> None:
                     )
     if images > bounds.max_images:
         raise ChatRequestError(413, f"{images} images exceed {bounds.max_images} per conversation")
+
+
+def image_url_of(part: dict[str, Any]) -> Any:
+    """Return the URL of an ``image_url`` part: ``{"image_url": {"url": U}}`` as OpenAI sends it, or
+    ``{"image_url": U}`` as some clients do; anything else as it is, for the caller to refuse."""
+    value = part.get("image_url")
+    return value.get("url") if isinstance(value, dict) else value
 
 
 def chat_routes(tasks: list[Task]) -> dict[str, Task | None]:

@@ -13,6 +13,7 @@ from email.policy import HTTP
 from typing import Any
 
 from serve_apps.backends.base import ChatMessage, decode_image
+from serve_apps.chat import image_url_of
 
 MiB = 1024 * 1024
 
@@ -127,6 +128,10 @@ def check_images(images: list[bytes]) -> None:
     for i, data in enumerate(images):
         try:
             Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:  # an image, and too large to decode: say so
+            raise RequestError(
+                413, f"images[{i}]: image_too_large: {exc}; resize it, or on_invalid=record for error records"
+            ) from None
         except Exception:
             bad.append(i)
     if bad:
@@ -158,7 +163,9 @@ def parse_chat_messages(messages: Any) -> list[ChatMessage]:
             if part.get("type") == "text":
                 parts.append(str(part.get("text", "")))
             elif part.get("type") == "image_url":
-                url = (part.get("image_url") or {}).get("url", "")
+                url = image_url_of(part)
+                if not isinstance(url, str):
+                    raise RequestError(400, f'{where}: image_url must be {{"url": "data:image/...;base64,..."}}')
                 if not url.startswith("data:"):
                     raise RequestError(
                         400, f"{where}: only data: URLs are accepted (this server fetches nothing)"
@@ -169,6 +176,8 @@ def parse_chat_messages(messages: Any) -> list[ChatMessage]:
                 parts.append(image)
             else:
                 raise RequestError(400, f"{where}: unsupported part type {part.get('type')!r}")
+        if m["role"] == "user" and not parts:
+            raise RequestError(400, f"messages[{i}]: a user turn needs content (text or an image)")
         out.append(ChatMessage(role=m["role"], parts=parts))
     return out
 

@@ -101,6 +101,12 @@ def test_a_misspelled_source_kind_is_named(tmp_path: Path) -> None:
     assert detect_kind("HTTP://example.com/a.jpg") == "url"
 
 
+def test_a_manifest_line_that_is_not_json_is_named_by_its_line(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text('{"path": "a.jpg"}\n\n{"path": "b.jpg",}\n')
+    with pytest.raises(SourceError, match="line 3: Expecting property name"):
+        open_source(str(tmp_path / "m.jsonl"), IngestOptions())
+
+
 def test_manifest_with_unknown_column_mapping_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("path\na.jpg\n")
     with pytest.raises(SourceError, match="no column"):

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from lance_io import append_images, open_table
+from lance_io.reasons import ReasonError
 from ray_jobs.label import LabelOptions, label_commits, label_table
 from tests.conftest import LANCETAG, REPO_ROOT, rows_written_by_label_commits
 from tests.table_fixtures import image_rows
@@ -357,7 +358,22 @@ def test_cli_prints_the_json_summary(labeler, ray_cluster, tmp_path):
     assert summary["planned"] == summary["labeled"] == 10 and summary["errors"] == {}
 
 
+@pytest.mark.parametrize(
+    ("task", "backend", "reason"),
+    [("caption", "random", "task_kind_unsupported"), ("digits", "no_such_backend", "bad_option")],
+)
+def test_a_labeler_the_job_cannot_start_is_refused_before_anything_is_written(tmp_path, task, backend, reason):
+    """Before: the task's empty label columns were committed first (a version), then the labeler refused."""
+    uri = make_table(tmp_path, 4)
+    before = lance.dataset(uri).version
+    with pytest.raises(ReasonError) as refused:
+        label_table(uri, LabelOptions(task=task, model="random", backend=backend), progress=False)
+    assert refused.value.reason == reason and lance.dataset(uri).version == before
+
+
 def test_a_labeler_serving_another_task_is_refused_with_what_to_do(labeler, tmp_path):
     uri = make_table(tmp_path, 4)
-    with pytest.raises(ValueError, match="serves task 'digits'"):
+    before = lance.dataset(uri).version
+    with pytest.raises(ReasonError, match="serves task 'digits'") as refused:
         label_table(uri, LabelOptions(task="hotel", serve=labeler), progress=False)
+    assert refused.value.reason == "labeler_task_mismatch" and lance.dataset(uri).version == before

@@ -409,6 +409,10 @@ def test_a_label_prefix_that_would_overwrite_columns_no_label_run_wrote_is_colum
     check_label_target(schema, fashion, "attrs")
     check_label_target(schema, digits, "fresh")
     check_label_target(schema, fashion, "source")  # source_category, ...: names the table does not hold
+    for other_kind in [load_task("quality"), load_task("caption")]:  # answers of another kind (or type)
+        with pytest.raises(ReasonError, match="holds classify answers") as refused:
+            check_label_target(schema, other_kind, "label")
+        assert refused.value.reason == "column_taken"
 
     with pytest.raises(ReasonError, match="no id or image column") as refused:  # someone else's table
         check_label_target(pa.schema([("a", pa.int64())]), digits, "label")

@@ -173,6 +173,18 @@ def test_label_request_limits_give_413_and_unknown_content_type_415():
     assert wrong.value.status == 415
 
 
+def test_an_image_too_large_to_decode_is_named_so_not_called_a_non_image():
+    from serve_apps.http_requests import check_images
+    from tests.ingest_fixtures import png_declaring
+
+    with pytest.raises(RequestError, match=r"images\[1\]: image_too_large") as refused:
+        check_images([_png(), png_declaring(100_000, 100_000)])
+    assert refused.value.status == 413
+    with pytest.raises(RequestError, match=r"not an image Pillow can open: images\[0\]") as refused:
+        check_images([b"hello", _png()])
+    assert refused.value.status == 422
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda children: (
@@ -182,23 +194,49 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=80, deadline=None)
+parts = st.lists(  # content parts as clients build them, with any value where a value goes
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image_url", "input_image"])},
+        optional={"text": json_values, "image_url": json_values | st.fixed_dictionaries({"url": json_values})},
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=150, deadline=None)
 @given(
     messages=st.lists(
-        st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool"]), "content": json_values}),
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool"]), "content": json_values | parts}),
         max_size=3,
     )
     | json_values
 )
 def test_chat_message_parsing_refuses_garbage_with_a_4xx_never_a_crash(messages):
+    """The bounds check runs on the raw request first (a string ``image_url`` once made it a 500)."""
     from serve_apps.app import parse_chat_messages
+    from serve_apps.chat import ChatBounds, ChatRequestError, check_bounds
 
     try:
+        check_bounds(messages, ChatBounds())
         parsed = parse_chat_messages(messages)
-    except RequestError as exc:
+    except (RequestError, ChatRequestError) as exc:
         assert 400 <= exc.status < 500 and exc.message
     else:
         assert all(m.role in ("system", "user", "assistant") for m in parsed)
+        assert all(m.parts for m in parsed if m.role == "user")
+
+
+def test_an_image_url_given_as_a_bare_string_is_read_as_its_url():
+    """OpenAI sends ``{"image_url": {"url": U}}``; some clients send ``{"image_url": U}``."""
+    from serve_apps.app import parse_chat_messages
+    from serve_apps.chat import ChatBounds, check_bounds
+
+    url = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    for image_url in (url, {"url": url}):
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "Which?"}]}]
+        check_bounds(messages, ChatBounds())
+        image, text = parse_chat_messages(messages)[0].parts
+        assert isinstance(image, Image.Image) and image.size == Image.open(io.BytesIO(_png())).size and text == "Which?"
 
 
 def test_lancetag_serve_refuses_an_invalid_task_before_starting_ray(tmp_path):

@@ -111,7 +111,8 @@ def _labeler_identity(options: LabelOptions, task: Task) -> tuple[str, str | Non
     task_hash = task.prompt_hash()
     if info.get("task_hash") != task_hash:
         served = info.get("task", {}).get("name", "?")
-        raise ValueError(
+        raise ReasonError(
+            "labeler_task_mismatch",
             f"the labeler serves task {served!r} (hash {info.get('task_hash')}), not {options.task!r} "
             f"(hash {task_hash}): start it with --task {options.task} or label with --task {served}"
         )
@@ -194,6 +195,10 @@ def label_table(
     column = options.column
     schema = lance.dataset(table, storage_options=storage_options).schema
     check_label_target(schema, task, column)
+    if options.model and not isinstance(task, GenerateTask):  # a labeler the job starts: one that cannot
+        from serve_apps.backends.base import backend_class  # answer the task is refused before Ray or a write
+
+        backend_class(options.backend).check_task(task)
     ensure_ray(address)
 
     generator = _generator(options, task) if isinstance(task, GenerateTask) else None

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lance_io.augment import ImageViews, read_views
 from lance_io.image_size import ImagePixels, read_image_pixels
+from lance_io.reasons import ReasonError
 from lance_io.tasks import Question, Task
 from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
 
@@ -233,8 +234,8 @@ def backend_class(kind: str) -> type[Backend]:
     try:
         return _REGISTRY[kind]
     except KeyError:
-        raise ValueError(
-            f"unknown backend {kind!r}: choose one of {', '.join(available_backends())}"
+        raise ReasonError(
+            "bad_option", f"unknown backend {kind!r}: choose one of {', '.join(available_backends())}"
         ) from None
 
 

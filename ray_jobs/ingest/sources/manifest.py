@@ -11,6 +11,7 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -131,6 +132,13 @@ def _tabular(
     return ListedSource(kind, lambda: rows_to_items(batches(), mapping, context), mapping.metadata_fields)
 
 
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:  # its own line/column would say "line 1" of every line
+        raise SourceError(f"cannot read the manifest {path}: line {number}: {exc.msg} (column {exc.colno})") from exc
+
+
 def _read_manifest(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
@@ -140,7 +148,7 @@ def _read_manifest(path: Path) -> pa.Table:
             return pacsv.read_csv(path)
         if suffix in (".jsonl", ".ndjson"):
             with path.open(encoding="utf-8") as lines:
-                return pa.Table.from_pylist([json.loads(line) for line in lines if line.strip()])
+                return pa.Table.from_pylist([_json_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()])
         if suffix == ".json":
             rows = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(rows, list):
