@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -360,6 +361,32 @@ def test_manifest_paths_to_fifos_and_devices_are_refused_without_blocking(tmp_pa
     for path in (tmp_path / "pipe.jpg", Path("/dev/zero"), tmp_path):
         result = read_file(str(path), 1024)
         assert getattr(result, "reason", None) == "not_a_file"
+
+
+def test_an_input_whose_read_or_check_raises_unforeseen_is_its_own_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection (a stand-in for a bug no test knows yet): the URL and the image that raise become
+    `internal` records; the file beside them is read and checked as ever, so the job goes on."""
+    from ray_jobs.ingest.fetch import Fetcher
+
+    good, odd = tmp_path / "good.png", tmp_path / "odd.png"
+    good.write_bytes(image_bytes(1, "PNG"))
+    odd.write_bytes(image_bytes(2, "PNG"))
+    monkeypatch.setattr(Fetcher, "fetch", lambda self, url: 1 / 0)
+    real_validate = worker.validate_image
+    monkeypatch.setattr(
+        worker, "validate_image", lambda data, **k: [][0] if data == odd.read_bytes() else real_validate(data, **k)
+    )
+    rows = [
+        {"idx": 0, "locator": "url", "path": None, "url": "https://example.com/a.jpg", "data": None, "scan": False},
+        {"idx": 1, "locator": "path", "path": os.fsencode(good), "url": None, "data": None, "scan": False},
+        {"idx": 2, "locator": "path", "path": os.fsencode(odd), "url": None, "data": None, "scan": False},
+    ]
+    options = IngestOptions()
+    results = worker.check_batch(rows, worker.read_batch(rows, options, options.model_dump_json()), options).to_pylist()
+    assert [(r["status"], r["reason"]) for r in results] == [("error", "internal"), ("ok", None), ("error", "internal")]
+    assert results[0]["message"].startswith("ZeroDivisionError") and results[2]["message"].startswith("IndexError")
 
 
 def test_read_file_returns_every_byte_and_refuses_only_what_is_over_the_limit(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ import json
 import os
 import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import lance
 import numpy as np
@@ -62,6 +64,7 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 SKIP = "skip"
+T = TypeVar("T")
 KNOWN = "known"
 _EMPTY = dict.fromkeys(RESULT_SCHEMA.names)
 _fetchers: dict[str, Fetcher] = {}
@@ -86,14 +89,23 @@ def read_batch(
     if urls:
         fetcher = _fetcher(options_json, options)
         with ThreadPoolExecutor(min(options.fetch_threads, len(urls))) as pool:
-            bodies = pool.map(lambda row: fetcher.fetch(row["url"]), urls)
+            bodies = pool.map(lambda row: one_input(fetcher.fetch, row["url"]), urls)
             fetched = {row["idx"]: body for row, body in zip(urls, bodies, strict=True)}
     remote = [row for row in rows if row["locator"] in ("object", "member") or _remote_cell(row)]
     if remote:
         with ThreadPoolExecutor(min(options.fetch_threads, len(remote))) as pool:
-            bodies = pool.map(lambda row: _read_remote(row, options.max_bytes, storage_options), remote)
+            bodies = pool.map(lambda row: one_input(_read_remote, row, options.max_bytes, storage_options), remote)
             fetched.update({row["idx"]: body for row, body in zip(remote, bodies, strict=True)})
-    return [_bytes_of(row, fetched, options) for row in rows]
+    return [one_input(_bytes_of, row, fetched, options) for row in rows]
+
+
+def one_input(read: Callable[..., T], *args: Any) -> T | IngestError:
+    """Return ``read(*args)``, or an ``internal`` error of this one input when it raises what nothing
+    above expects (a bug): the job goes on and the input is accounted for, its exception the message."""
+    try:
+        return read(*args)
+    except Exception as exc:  # one input's unforeseen failure must not end the whole job
+        return IngestError("internal", f"{type(exc).__name__}: {exc} (a bug in lancetag: please report it)")
 
 
 def check_batch(
@@ -113,7 +125,8 @@ def check_batch(
         if hashed is not None and hashed[0] in known:
             result = {**_EMPTY, "idx": row["idx"], "status": KNOWN, "id": hashed[0]}
         else:
-            result = _result(row["idx"], data, hashed, options)
+            checked = one_input(_result, row["idx"], data, hashed, options)
+            result = checked if isinstance(checked, dict) else _result(row["idx"], checked, None, options)
         for name, value in result.items():
             columns[name].append(value)
     arrays = [
