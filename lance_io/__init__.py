@@ -27,6 +27,7 @@ _EXPORTS = {
     "image_id": "lance_io.schema",
     "AppendResult": "lance_io.table",
     "TableWriteError": "lance_io.table",
+    "check_new_table_location": "lance_io.table",
     "append_images": "lance_io.table",
     "existing_ids": "lance_io.table",
     "open_table": "lance_io.table",

@@ -10,9 +10,12 @@ Example::
 
 from __future__ import annotations
 
+import errno
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lance
 import pyarrow as pa
@@ -100,6 +103,28 @@ def table_exists(uri: str, *, storage_options: dict[str, str] | None = None) -> 
             raise
         return False
     return True
+
+
+def check_new_table_location(uri: str) -> None:
+    """Refuse a local path no table can be created at (inside a file, in a read-only or virtual file
+    system), so a job is refused before it starts work: Lance would fail only at its first write.
+
+    Object storage is not probed here: :func:`table_exists` has reached it already.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = Path(uri.removeprefix("file://")).absolute()
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ReasonError("bad_option", f"cannot create a table at {uri}: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        reason = "permission_denied" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "write_failed"
+        raise ReasonError(
+            reason, f"cannot create a table at {uri}: {ancestor} takes no new files ({exc.strerror}); choose another place"
+        ) from None
 
 
 def open_table(

@@ -199,6 +199,23 @@ def test_an_empty_table_is_refused_before_anything_is_written(tmp_path: Path, mo
     assert refused.value.reason == "bad_option" and sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("under a file", "bad_option"), ("/sys/t.lance", "permission_denied"), ("/proc/t.lance", "write_failed")],
+)
+def test_a_table_no_table_can_be_created_at_is_refused_before_ray_starts(tmp_path: Path, where: str, reason: str) -> None:
+    """Before: refused only at the workers' first write (write_failed), after Ray had started and the
+    images were read."""
+    folder = build_class_folder(tmp_path / "photos", {"a": 1})
+    (tmp_path / "a-file").write_text("not a folder")
+    table = str(tmp_path / "a-file" / "t.lance") if where == "under a file" else where
+    run = subprocess.run(
+        [LANCETAG, "ingest", str(folder), "--table", table, "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["reason"] == reason, run.stdout + run.stderr[-500:]
+    assert "Ray" not in run.stderr and "Started a local Ray" not in run.stderr
+
+
 def test_cli_reports_an_unreadable_source_as_a_json_error(tmp_path: Path) -> None:
     run = subprocess.run(
         [LANCETAG, "ingest", str(tmp_path / "missing"), "--table", str(tmp_path / "t.lance"), "--json"],

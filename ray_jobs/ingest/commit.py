@@ -22,7 +22,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from lance_io import ErrorRecord, ensure_columns, open_table, record_errors, table_exists
+from lance_io import (
+    ErrorRecord,
+    check_new_table_location,
+    ensure_columns,
+    open_table,
+    record_errors,
+    table_exists,
+)
 from lance_io.fragments import (
     WrittenFragment,
     commit_fragments,
@@ -78,6 +85,8 @@ class ChunkWriter:
         )
         self.metadata = metadata
         self._new_table = not table_exists(table, storage_options=storage_options)
+        if self._new_table:
+            check_new_table_location(table)
         self.start_version: int | None = None
         """The version the run started from: tasks look known content up in it."""
         self.target = self._target_schema()
