@@ -489,6 +489,22 @@ def test_a_sharegpt_jsonl_line_that_is_not_json_is_its_own_error_and_the_other_l
     assert bad.sample.error[0] == "invalid_sample" and "line 2 is not valid JSON" in bad.sample.error[1]
 
 
+def test_a_lone_surrogate_escape_in_json_is_that_sample_s_error_or_the_manifest_s(tmp_path: Path) -> None:
+    """JSON can spell half a character (\\ud800); Arrow and UTF-8 cannot hold it (it was an internal error at commit)."""
+    half = _chat(0)
+    half["messages"][0]["content"] = "<image>What \ud800 is it?"
+    pair = _chat(1) | {"images": ["img/1.jpg", "img/2.jpg"]}
+    pair["messages"][0]["content"] = "<image><image>Same \udcff?"
+    (tmp_path / "chats.json").write_text(json.dumps([half, pair, _chat(3)]))
+    items = _items(str(tmp_path / "chats.json"))
+    assert [i.sample.error[0] if i.sample.error else None for i in items] == ["invalid_sample"] * 3 + [None]
+    kept = [i.metadata["sharegpt_conversation"] for i in items[1:3]]  # what the pair's image rows keep: text
+    assert kept[0] == kept[1] and "Same \\xff?" in kept[0] and kept[0].encode()
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "a.jpg", "note": "a \udcff b"}) + "\n")
+    with pytest.raises(SourceError, match="half of a character"):
+        open_source(str(tmp_path / "m.jsonl"), IngestOptions())
+
+
 def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -> None:
     big = _chat(0) | {"system": "x" * 200_000}  # the first sample is longer than one read
     path = tmp_path / "data.json"

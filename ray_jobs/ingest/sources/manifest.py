@@ -158,6 +158,11 @@ def _read_manifest(path: Path) -> pa.Table:
         raise SourceError(f"cannot read the manifest {path}: {exc}; give each column one type") from exc
     except OverflowError as exc:  # JSON integers have no size limit; Arrow's have 64 bits
         raise SourceError(f"cannot read the manifest {path}: a number does not fit in 64 bits ({exc})") from exc
+    except UnicodeEncodeError as exc:  # a JSON \ud800 escape: half of a character, which no column can hold
+        raise SourceError(
+            f"cannot read the manifest {path}: a value holds {exc.object[exc.start:exc.end]!r}, half of a character "
+            "(a lone \\uD800-\\uDFFF escape), not text; fix that value"
+        ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise SourceError(f"cannot read the manifest {path}: {exc}") from exc
     raise SourceError(f"{path}: a manifest is .csv, .jsonl, .json or .parquet")

@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from lance_io.errors import printable
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
 from ray_jobs.ingest.items import InputItem, SampleSpec
 from ray_jobs.ingest.messages import InvalidMessages, normalize_turns, placeholder_problem
@@ -142,7 +143,7 @@ def _items(location: str, root: Path | str, options: IngestOptions) -> Iterator[
             item.metadata = {
                 SAMPLE: name,
                 IMAGE_INDEX: position,
-                CONVERSATION: json.dumps(turns, ensure_ascii=False) if len(images) > 1 else None,
+                CONVERSATION: printable(json.dumps(turns, ensure_ascii=False)) if len(images) > 1 else None,
             }
             yield item
 
@@ -171,7 +172,20 @@ def _spec(sample: Any, source: str, index: int) -> SampleSpec:
     extra = {k: v for k, v in sample.items() if k not in _SAMPLE_KEYS}
     spec.metadata = extra or None
     spec.split = sample.get("split") if isinstance(sample.get("split"), str) else None
+    if spec.error is None and not _is_text([spec.messages, spec.system, spec.tools, spec.metadata, spec.split]):
+        spec.error = (  # JSON can spell a lone surrogate (\ud800): no text a model trains on, nor a Lance string
+            "invalid_sample",
+            f"the sample holds a \\uD800-\\uDFFF escape that is half of a character, not text (sample {index})",
+        )
     return spec
+
+
+def _is_text(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _SAMPLE_KEYS = {"messages", "conversations", "images", "system", "tools", "split"}
