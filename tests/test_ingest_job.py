@@ -58,9 +58,9 @@ def test_hostile_folder_counts_reconcile_and_every_error_is_recorded(ray_cluster
 def test_rerunning_the_same_ingest_adds_nothing(ray_cluster, tmp_path: Path) -> None:
     folder = build_hostile_folder(tmp_path)
     table = str(tmp_path / "photos.lance")
-    first = ingest([str(folder.root)], table, IngestOptions(**QUIET))
+    first = ingest([folder.root], Path(table), IngestOptions(**QUIET))  # pathlib paths, as a Python user has them
     again = ingest([str(folder.root)], table, IngestOptions(**QUIET))
-    assert again.added == 0 and again.version == first.version
+    assert first.table == table and again.added == 0 and again.version == first.version
     assert again.duplicates == first.added + first.duplicates
     assert again.reconciled and open_table(table).count_rows() == first.added
 

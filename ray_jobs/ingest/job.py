@@ -56,8 +56,8 @@ from ray_jobs.ingest.write import validate_and_write
 
 
 def ingest(
-    sources: Iterable[str],
-    table: str,
+    sources: Iterable[str | os.PathLike[str]],
+    table: str | os.PathLike[str],
     options: IngestOptions | None = None,
     *,
     storage_options: dict[str, str] | None = None,
@@ -72,6 +72,7 @@ def ingest(
         assert summary.reconciled
     """
     options = options or IngestOptions()
+    table, sources = os.fspath(table), [os.fspath(s) for s in sources]  # a pathlib.Path is a path too
     if not table.strip():  # "" would be the working directory: an unset shell variable, not a choice
         raise ReasonError("bad_option", "the table is empty: name where it goes, e.g. --table photos.lance")
     opened = [open_source(spec, options) for spec in sources]
