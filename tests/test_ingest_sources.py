@@ -251,6 +251,49 @@ def test_hf_dataset_with_raw_bytes_column_and_splits(tmp_path: Path) -> None:
     assert [read_cell(i.url, i.path, 10**6) for i in items] == [image_bytes(n) for n in (0, 1, 10, 11)]
 
 
+def test_each_split_s_class_labels_are_its_own_and_minus_one_is_no_label(tmp_path: Path) -> None:
+    """Before: every split's label numbers were read by the first split's names (test's 0 stored as 'cat')."""
+    import datasets
+
+    def split(names: list[str], labels: list[int], offset: int) -> datasets.Dataset:
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        images = [{"bytes": image_bytes(offset + n), "path": None} for n in range(len(labels))]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    splits = {"train": split(["cat", "dog"], [0, 1], 0), "test": split(["dog", "cat"], [0, 1, -1], 10)}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    items = _items(str(tmp_path / "dd"))
+    assert [(i.metadata["split"], i.truth) for i in items] == [
+        ("train", "cat"), ("train", "dog"), ("test", "dog"), ("test", "cat"), ("test", None)
+    ]
+
+
+def test_an_image_only_dataset_is_listed_and_a_path_column_follows_manifest_root(tmp_path: Path) -> None:
+    """An image-only set was an internal error (zip of no rows); --manifest-root was not read for hf."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image()})
+    rows = {"image": [{"bytes": image_bytes(n), "path": None} for n in range(3)]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "only"))
+    items = _items(str(tmp_path / "only"))
+    assert [read_cell(i.url, i.path, 10**6) for i in items] == [image_bytes(n) for n in range(3)]
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.jpg").write_bytes(image_bytes(5))
+    datasets.Dataset.from_dict({"path": ["pics/a.jpg"]}).save_to_disk(str(tmp_path / "paths"))
+    assert _items(str(tmp_path / "paths"))[0].path == str(tmp_path / "paths" / "pics" / "a.jpg")  # by default
+    [item] = _items(str(tmp_path / "paths"), manifest_root=tmp_path)
+    assert item.error is None and item.path == str(tmp_path / "pics" / "a.jpg")
+
+
+def test_a_dotted_column_name_passes_through_with_an_underscore(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [image_bytes(1)], "meta.src": ["cam"], "meta_src": ["taken"]}), tmp_path / "d.parquet")
+    source = open_source(str(tmp_path / "d.parquet"), IngestOptions())
+    assert set(source.metadata_fields) == {"meta_src", "meta_src_"}
+    assert next(iter(source.items())).metadata == {"meta_src_": "cam", "meta_src": "taken"}
+
+
 def test_an_image_file_is_a_source_of_one_item_labeled_by_its_folder(tmp_path: Path) -> None:
     root = build_class_folder(tmp_path, {"beach": 1})
     photo = root / "beach" / "0.jpg"
@@ -503,6 +546,25 @@ def test_a_lone_surrogate_escape_in_json_is_that_sample_s_error_or_the_manifest_
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": "a.jpg", "note": "a \udcff b"}) + "\n")
     with pytest.raises(SourceError, match="half of a character"):
         open_source(str(tmp_path / "m.jsonl"), IngestOptions())
+
+
+def test_sharegpt_samples_of_odd_shapes_are_each_their_own_outcome(tmp_path: Path) -> None:
+    """Each of these ended the whole run as an internal error, or lost a value without a word."""
+    from ray_jobs.ingest.worker import read_file
+
+    number = _chat(1) | {"images": 5}
+    single = _chat(2) | {"images": {"path": "img/2.jpg"}, "split": 5}
+    nul = _chat(3) | {"images": ["img/\u0000.jpg"]}
+    lines = [json.dumps(s).encode() for s in (_chat(0), number, single, nul)]
+    lines.append(json.dumps(_chat(4)).encode().replace(b"Q4", b"Q\xff4"))  # a Latin-1 byte, past the first sample
+    (tmp_path / "chats.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    items = _items(str(tmp_path / "chats.jsonl"))
+    by_sample = {i.sample.index: i for i in items}
+    assert by_sample[1].skip and by_sample[1].sample.error[0] == "invalid_sample" and "got int" in by_sample[1].sample.error[1]
+    assert by_sample[2].path == str(tmp_path / "img" / "2.jpg") and by_sample[2].sample.split == "5"
+    assert by_sample[2].sample.error is None
+    assert by_sample[3].locator == "path" and read_file(by_sample[3].path, 1024).reason == "not_found"
+    assert by_sample[4].sample.error[0] == "invalid_sample" and "not UTF-8" in by_sample[4].sample.error[1]
 
 
 def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -> None:

@@ -84,6 +84,19 @@ def test_a_shard_lists_one_item_per_image_member_with_its_companions(tmp_path: P
     assert all(i.locator == "member" and i.data is None for i in items), "the driver reads no image bytes"
 
 
+def test_json_fields_lance_cannot_name_or_hold_as_given_still_land(ray_cluster, tmp_path: Path) -> None:
+    """A dotted key (Lance refuses '.' in a top-level column) and an integer past 64 bits: both ended the
+    whole run before (write_failed after Ray started; an internal OverflowError)."""
+    members = [(f"s{n}.jpg", image_bytes(n, size=(16, 12))) for n in range(2)]
+    members += [(f"s{n}.json", json.dumps({"a.b": f"x{n}", "big": 2**70 + n}).encode()) for n in range(2)]
+    (tmp_path / "odd.tar").write_bytes(_tar(sorted(members)))
+    table = str(tmp_path / "odd.lance")
+    summary = ingest([str(tmp_path / "odd.tar")], table, IngestOptions(**QUIET))
+    assert summary.reconciled and summary.added == 2
+    rows = open_table(table).to_table(columns=["a_b", "big"]).to_pylist()
+    assert sorted(rows, key=lambda r: r["a_b"]) == [{"a_b": "x0", "big": str(2**70)}, {"a_b": "x1", "big": str(2**70 + 1)}]
+
+
 @pytest.mark.slow
 def test_local_shards_with_broken_parts_ingest_every_good_member_and_record_the_rest(
     ray_cluster, tmp_path: Path

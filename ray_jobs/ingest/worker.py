@@ -380,6 +380,8 @@ def read_file(path: str, max_bytes: int, *, scan: bool = False) -> bytes | Inges
             return data
     except FileNotFoundError:
         return IngestError("not_found", "no such file (moved or deleted since it was listed?)")
+    except ValueError:  # os.stat's "embedded null byte"
+        return IngestError("not_found", "the path holds a NUL byte, which no file name can")
     except PermissionError:
         return IngestError("unreadable", "permission denied: the ingest user cannot read this file")
     except OSError as exc:

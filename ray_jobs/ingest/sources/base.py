@@ -53,6 +53,8 @@ def inside_root(path: Path, root: Path) -> bool:
     """True when `path`, symlinks resolved, stays inside `root` (also resolved)."""
     try:
         return path.resolve().is_relative_to(root.resolve())
+    except ValueError:  # a NUL byte: no file has this name, wherever it points; the read says not_found
+        return True
     except (OSError, RuntimeError):
         return False
 
@@ -79,15 +81,20 @@ def pass_through_columns(names: Sequence[str], exclude: set[str], *, computed: f
 
     A column named like one ingest computes keeps its values as ``source_<name>`` (a catalogue's own
     ``id``, a declared ``width``), unless the source has a ``source_<name>`` too; ``computed`` names
-    columns that mean what ingest computes again (an image table's own), which are left out.
+    columns that mean what ingest computes again (an image table's own), which are left out. A ``.``
+    in a name (``meta.src``), which Lance refuses in a top-level column, becomes ``_`` (``meta_src``),
+    with ``_`` added until the name is one the source does not have.
     """
     given = set(names)
     kept = {}
     for name in names:
         if name in exclude or name in computed:
             continue
-        if name not in RESERVED_COLUMNS:
-            kept[name] = name
-        elif KEPT_PREFIX + name not in given:
-            kept[KEPT_PREFIX + name] = name
+        column = name.replace(".", "_")
+        while column != name and (column in given or column in kept):
+            column += "_"
+        if column not in RESERVED_COLUMNS:
+            kept[column] = name
+        elif KEPT_PREFIX + column not in given:
+            kept[KEPT_PREFIX + column] = name
     return kept

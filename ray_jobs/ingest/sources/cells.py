@@ -146,7 +146,9 @@ def arrow_rows_with_cells(dataset: Any, image_column: str | None, location: str)
 
     def rows() -> Rows:
         for start in range(0, table.num_rows, BATCH_ROWS):
-            batch = rest.slice(start, BATCH_ROWS).to_pylist()
+            # an image-only set leaves no column, whose slices pyarrow does not cut at the table's end
+            rows_here = min(BATCH_ROWS, table.num_rows - start)
+            batch = rest.slice(start, BATCH_ROWS).to_pylist() if rest.num_columns else [{} for _ in range(rows_here)]
             images = _images_of(column.slice(start, BATCH_ROWS), layout, bytes_known=False)
             for row, value in zip(batch, _image_values(images, layout.struct, start, cell_of), strict=True):
                 row[image_column] = value

@@ -125,9 +125,8 @@ def _arrow_source(location: str, kind: str, loaded: Any, options: IngestOptions)
             batches = table.to_batches(1024)
         return batches
 
-    first = next(iter(splits.values()))
-    listed = {split: functools.partial(rows, dataset) for split, dataset in splits.items()}
-    return _split_source(location, kind, first.features, first.data.schema, listed, options)
+    listed = {split: (dataset.features, functools.partial(rows, dataset)) for split, dataset in splits.items()}
+    return _split_source(location, kind, next(iter(splits.values())).data.schema, listed, options)
 
 
 def _parquet_source(location: str, kind: str, splits: dict[str, list[str]], options: IngestOptions) -> ListedSource:
@@ -141,27 +140,29 @@ def _parquet_source(location: str, kind: str, splits: dict[str, list[str]], opti
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"cannot read the Parquet files of {location}: {exc}") from exc
 
-    first = next(iter(opened.values()))
-    features = datasets.Features.from_arrow_schema(first.schema)
     listed = {
-        split: functools.partial(parquet_dataset_rows, dataset, filesystem=LocalFileSystem(), uri_of=str)
+        split: (
+            datasets.Features.from_arrow_schema(dataset.schema),
+            functools.partial(parquet_dataset_rows, dataset, filesystem=LocalFileSystem(), uri_of=str),
+        )
         for split, dataset in opened.items()
     }
-    return _split_source(location, kind, features, first.schema, listed, options)
+    return _split_source(location, kind, next(iter(opened.values())).schema, listed, options)
 
 
 def _split_source(
     location: str,
     kind: str,
-    features: Any,
     schema: pa.Schema,
-    splits: dict[str | None, Callable[[str | None], Iterable[Any]]],
+    splits: dict[str | None, tuple[Any, Callable[[str | None], Iterable[Any]]]],
     options: IngestOptions,
 ) -> ListedSource:
-    """Rows of every split (``splits[split](image column)`` lists them); an ``Image`` feature is the image,
-    a ``ClassLabel`` truth its class name, and the split a column when there are several."""
+    """Rows of every split (``splits[split]`` is its features and the lister of its rows by image
+    column); an ``Image`` feature is the image, a ``ClassLabel`` truth its class name (by each split's
+    own names), and the split a column when there are several. Columns are mapped from the first split's."""
     import datasets
 
+    features = next(iter(splits.values()))[0]
     explicit = dict(options.columns)
     if "image" not in explicit:
         image_columns = [n for n, f in features.items() if isinstance(f, datasets.Image)]
@@ -169,17 +170,20 @@ def _split_source(
             explicit["image"] = image_columns[0]
     mapping = map_columns(schema, explicit, location)
     truth_column = mapping.roles.get("truth")
-    truth_feature = features.get(truth_column) if truth_column else None
-    label_names = list(truth_feature.names) if isinstance(truth_feature, datasets.ClassLabel) else None
+    for split, (split_features, _) in splits.items():
+        lacking = [c for c in mapping.roles.values() if c not in split_features]
+        if lacking:
+            raise SourceError(f"{location}: split {split!r} has no {', '.join(lacking)} column, which the first split has")
     if len(splits) > 1:
         mapping.metadata_fields[SPLIT_COLUMN] = pa.string()
+    root = Path(options.manifest_root) if options.manifest_root else Path(location)  # for image paths in a column
 
     def items() -> Iterator[InputItem]:
-        for split, rows in splits.items():
+        for split, (split_features, rows) in splits.items():
             name = f"{location}#{split}" if split else location
-            context = RowContext(
-                name=name, kind=kind, root=Path(location), options=options, label_names=label_names
-            )
+            truth_feature = split_features.get(truth_column) if truth_column else None
+            label_names = list(truth_feature.names) if isinstance(truth_feature, datasets.ClassLabel) else None
+            context = RowContext(name=name, kind=kind, root=root, options=options, label_names=label_names)
             for item in rows_to_items(rows(mapping.image_column), mapping, context):
                 if len(splits) > 1:
                     item.metadata[SPLIT_COLUMN] = split

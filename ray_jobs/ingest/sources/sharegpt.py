@@ -69,13 +69,15 @@ class InvalidLine:
 def _text_stream(location: str) -> Iterator[io.TextIOBase]:
     """The file as text, streamed: local, or an object read as it comes."""
     if not is_object_uri(location):
-        with open(location, encoding="utf-8") as handle:
+        # bytes that are not UTF-8 are kept (as Python keeps a file name's): a path of them still finds
+        # its file, and a sample whose text holds them is refused by _is_text
+        with open(location, encoding="utf-8", errors="surrogateescape") as handle:
             yield handle
         return
     filesystem, key = pyarrow_filesystem(location, resolve_storage_options(location))
     try:
         with filesystem.open_input_stream(key) as stream:
-            yield io.TextIOWrapper(stream, encoding="utf-8")
+            yield io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise SourceError(f"cannot read {location}: {exc}") from exc
 
@@ -129,9 +131,7 @@ def _items(location: str, root: Path | str, options: IngestOptions) -> Iterator[
     for index, sample in enumerate(_samples(location)):
         name = f"{location}#{index}"
         spec = _spec(sample, location, index)
-        images = sample.get("images") if isinstance(sample, dict) else None
-        if isinstance(images, str):
-            images = [images]
+        images = _image_list(sample)
         if not images:
             why = "text-only sample" if spec.error is None else "no image (the sample is invalid)"
             yield InputItem(source=name, source_kind=KIND, locator="none", skip=why, sample=spec)
@@ -150,34 +150,48 @@ def _items(location: str, root: Path | str, options: IngestOptions) -> Iterator[
 
 def _spec(sample: Any, source: str, index: int) -> SampleSpec:
     """Return the training sample of one sharegpt record (with its error when the turns are unusable)."""
-    images = sample.get("images") if isinstance(sample, dict) else None
-    count = 1 if isinstance(images, str) else len(images or [])
-    spec = SampleSpec(source=source, source_kind=KIND, index=index, images=count, messages=None)
+    images = _image_list(sample)
+    spec = SampleSpec(source=source, source_kind=KIND, index=index, images=len(images or []), messages=None)
     if isinstance(sample, InvalidLine):
         spec.error = ("invalid_sample", sample.message)
         return spec
     if not isinstance(sample, dict):
         spec.error = ("invalid_sample", f"a sample must be a JSON object, got {type(sample).__name__}")
         return spec
+    if images is None:
+        kind = type(sample["images"]).__name__
+        spec.error = ("invalid_sample", f"images must be a list of paths, got {kind} (sample {index})")
+        return spec
     try:
         spec.messages = normalize_turns(sample.get("messages", sample.get("conversations")))
     except InvalidMessages as exc:
         spec.error = ("invalid_messages", f"{exc} (sample {index})")
         return spec
-    problem = placeholder_problem(spec.messages, count)
+    problem = placeholder_problem(spec.messages, spec.images)
     if problem is not None:
         spec.error = ("placeholder_mismatch", f"{problem} (sample {index})")
     spec.system = _text(sample.get("system"))
     spec.tools = _text(sample.get("tools"))
     extra = {k: v for k, v in sample.items() if k not in _SAMPLE_KEYS}
     spec.metadata = extra or None
-    spec.split = sample.get("split") if isinstance(sample.get("split"), str) else None
+    spec.split = _text(sample.get("split"))  # a number (split: 5) as its text, not dropped
     if spec.error is None and not _is_text([spec.messages, spec.system, spec.tools, spec.metadata, spec.split]):
-        spec.error = (  # JSON can spell a lone surrogate (\ud800): no text a model trains on, nor a Lance string
+        spec.error = (  # bytes of another encoding, or JSON's \ud800 (half a character): no text to train on
             "invalid_sample",
-            f"the sample holds a \\uD800-\\uDFFF escape that is half of a character, not text (sample {index})",
+            f"the sample holds text that is not UTF-8 (bytes of another encoding, or a \\ud800-style escape) (sample {index})",
         )
     return spec
+
+
+def _image_list(sample: Any) -> list[Any] | None:
+    """A sample's images as a list (a single path or ``{"path": ...}`` object is a list of one); None when
+    ``images`` is something else (a number), [] when there is none."""
+    images = sample.get("images") if isinstance(sample, dict) else None
+    if images is None:
+        return []
+    if isinstance(images, str | dict):
+        return [images]
+    return images if isinstance(images, list) else None
 
 
 def _is_text(value: Any) -> bool:

@@ -160,7 +160,9 @@ def _row_item(row: dict[str, Any], number: int, mapping: ColumnMapping, ctx: Row
     item = _locate(get("image"), get("url"), get("path"), f"{ctx.name}#{number}", ctx)
     item.metadata = mapping.metadata_of(row)
     truth = get("truth")
-    if (
+    if ctx.label_names is not None and isinstance(truth, int) and truth == -1:
+        truth = None  # a ClassLabel's "no label" (as `datasets` writes a test split without answers)
+    elif (
         truth is not None
         and ctx.label_names is not None
         and isinstance(truth, int)

@@ -196,7 +196,7 @@ def _json_type(value: Any) -> pa.DataType:
     if isinstance(value, bool):
         return pa.bool_()
     if isinstance(value, int):
-        return pa.int64()
+        return pa.int64() if -(2**63) <= value < 2**63 else pa.string()  # JSON integers have no size limit
     if isinstance(value, float):
         return pa.float64()
     return pa.string()
@@ -208,7 +208,8 @@ def _fit(value: Any, dtype: pa.DataType) -> Any:
         return None
     if pa.types.is_string(dtype):
         return value if isinstance(value, str) else json.dumps(value)
-    return value if _json_type(value) == dtype or (pa.types.is_floating(dtype) and isinstance(value, int)) else None
+    fits = _json_type(value) == dtype or (pa.types.is_floating(dtype) and _json_type(value) == pa.int64())
+    return value if fits else None
 
 
 def _items(
