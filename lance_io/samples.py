@@ -196,6 +196,33 @@ def samples_version_at(
     return found
 
 
+def restore_samples(
+    table_uri: str, images_version: int, restored_as: int, *, storage_options: dict[str, str] | None = None
+) -> int | None:
+    """Make the samples as of image version ``images_version`` the latest again, recorded against
+    ``restored_as`` (the image version a restore made of it); return the new samples version.
+
+    An overwrite with that version's fragments (none when there was no sample yet; the data files are
+    shared, nothing is copied) recording ``restored_as``, then the id index again (an index commit
+    records nothing and keeps the overwrite's). Training at ``restored_as`` reads the samples
+    ``images_version`` had; the image versions before it keep theirs.
+    """
+    if not samples_exist(table_uri, storage_options=storage_options):
+        return None
+    uri = samples_uri(table_uri)
+    target = samples_version_at(table_uri, images_version, storage_options=storage_options)
+    samples = open_samples(table_uri, storage_options=storage_options)
+    fragments = [] if target is None else [f.metadata for f in open_samples(table_uri, target, storage_options=storage_options).get_fragments()]
+    properties = {"lancetag.operation": "restore_samples", IMAGES_VERSION_KEY: str(restored_as)}
+    operation = lance.LanceOperation.Overwrite(SAMPLES_SCHEMA if target is None else samples.schema, fragments)
+    with translated_write_errors(uri, samples.version):
+        written = lance.LanceDataset.commit(
+            uri, lance.Transaction(samples.version, operation, transaction_properties=properties), storage_options=storage_options
+        )
+        ensure_id_index(written)
+    return open_samples(table_uri, storage_options=storage_options).version
+
+
 @dataclass(frozen=True)
 class SamplesDiff:
     """Samples before and after, and how many were added and removed, between two image-table versions."""

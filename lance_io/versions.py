@@ -48,9 +48,8 @@ def _tags_by_version(ds: lance.LanceDataset) -> dict[int, list[str]]:
 
 def _run_properties(transaction: object) -> dict[str, str]:
     """Job summaries stored by :func:`record_run`, flattened to ``lancetag.*`` properties."""
-    updates = getattr(getattr(getattr(transaction, "operation", None), "table_metadata_updates", None), "updates", None)
     properties: dict[str, str] = {}
-    for key, value in (updates or {}).items():
+    for key, value in _metadata_updates(transaction).items():
         if key.startswith(RUN_KEY_PREFIX) and value:
             summary = json.loads(value)
             properties["lancetag.run"] = key.removeprefix(RUN_KEY_PREFIX)
@@ -110,10 +109,29 @@ def record_run(
 
 
 def run_summaries(uri: str, *, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
-    """Return every recorded job summary of the table, by run id."""
-    metadata = open_table(uri, storage_options=storage_options).metadata
-    metadata = metadata() if callable(metadata) else metadata
-    return {k.removeprefix(RUN_KEY_PREFIX): json.loads(v) for k, v in metadata.items() if k.startswith(RUN_KEY_PREFIX)}
+    """Return every recorded job summary of the table, by run id.
+
+    The latest metadata holds every run (:func:`record_run` adds to it), but a restore rolls it back:
+    the runs after the restored version are then read from the transactions of the versions that
+    stored them (``lancetag maintain`` may have removed old versions; the metadata keeps theirs).
+    """
+    ds = open_table(uri, storage_options=storage_options)
+    summaries: dict[str, dict[str, object]] = {}
+    for entry in ds.versions():
+        summaries.update(
+            (key.removeprefix(RUN_KEY_PREFIX), json.loads(value))
+            for key, value in _metadata_updates(ds.read_transaction(entry["version"])).items()
+            if key.startswith(RUN_KEY_PREFIX) and value
+        )
+    metadata = ds.metadata() if callable(ds.metadata) else ds.metadata
+    summaries.update((k.removeprefix(RUN_KEY_PREFIX), json.loads(v)) for k, v in metadata.items() if k.startswith(RUN_KEY_PREFIX))
+    return summaries
+
+
+def _metadata_updates(transaction: object) -> dict[str, str]:
+    """The table metadata a version's transaction set (``record_run``'s summaries are there)."""
+    updates = getattr(getattr(getattr(transaction, "operation", None), "table_metadata_updates", None), "updates", None)
+    return dict(updates or {})
 
 
 TAG_NAME = re.compile(r"(?!\d+$)(?!\.)(?!.*\.\.)(?!.*\.lock$)[A-Za-z0-9._-]{1,200}")
@@ -149,7 +167,16 @@ def tag_version(
 
 
 def restore_version(uri: str, version: int | str, *, storage_options: dict[str, str] | None = None) -> int:
-    """Make ``version`` (number or tag) the latest again, as a new version; return its number."""
+    """Make ``version`` (number or tag) the latest again, as a new version; return its number.
+
+    The training samples (:mod:`lance_io.samples`) go back with it: those ``version`` had are the
+    new version's.
+    """
+    from lance_io.samples import restore_samples
+
     ds = open_table(uri, version, storage_options=storage_options)
+    old = ds.version  # restore() moves ds to the version it makes
     ds.restore()
-    return open_table(uri, storage_options=storage_options).version
+    restored = open_table(uri, storage_options=storage_options).version
+    restore_samples(uri, old, restored, storage_options=storage_options)
+    return restored

@@ -79,6 +79,49 @@ def test_restore_makes_an_old_version_latest_again(history):
     assert ds.to_table(filter="label = 'a'").num_rows == 3
 
 
+def test_restore_brings_the_training_samples_of_that_version_back(tmp_path):
+    """Before: the samples stayed at the latest, so a restored table's samples pointed at images it no
+    longer held, and training skipped them (image_missing) without a word."""
+    from lance_io.samples import append_samples, open_samples, sample_rows, samples_version_at
+
+    uri = str(tmp_path / "s.lance")
+
+    def add(numbers):  # images and a sample about each, as ingest writes them
+        rows = image_rows(numbers)
+        version = append_images(uri, rows).version
+        samples = [
+            {"image_ids": [i], "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": str(n)}],
+             "source": "chats.json"}
+            for n, i in zip(numbers, rows.column("id").to_pylist(), strict=True)
+        ]
+        append_samples(uri, sample_rows(samples, job="ingest"), images_version=version)
+        return version
+
+    before_any = append_images(uri, image_rows(range(100, 101))).version
+    first, second = add(range(3)), add(range(3, 5))
+    restored = restore_version(uri, first)
+    held = set(open_table(uri).to_table(columns=["id"]).column("id").to_pylist())
+    now = open_samples(uri, samples_version_at(uri, restored)).to_table().to_pylist()
+    assert len(held) == 4 and len(now) == 3 and all(set(s["image_ids"]) <= held for s in now)
+    assert open_samples(uri, samples_version_at(uri, second)).count_rows() == 5, "the versions before keep theirs"
+    again = restore_version(uri, second)
+    assert open_samples(uri, samples_version_at(uri, again)).count_rows() == 5
+    empty = restore_version(uri, before_any)
+    assert open_samples(uri, samples_version_at(uri, empty)).count_rows() == 0 and open_table(uri).count_rows() == 1
+
+
+def test_a_restore_loses_no_run_summary(history):
+    """Before: the summaries lived in the latest metadata only, which a restore rolls back; eval of an
+    earlier labeled version then lost its cost and lineage."""
+    from lance_io.versions import record_run, run_summaries
+
+    uri, _, v_before, _ = history
+    record_run(uri, "early", {"images_per_second": 1.5})
+    record_run(uri, "late", {"images_per_second": 2.5})
+    restore_version(uri, v_before)
+    assert {k: v["images_per_second"] for k, v in run_summaries(uri).items()} == {"early": 1.5, "late": 2.5}
+
+
 def test_a_tag_that_lance_refuses_or_reads_as_a_number_is_bad_tag_and_a_label_run_checks_it_up_front(history):
     from pydantic import ValidationError
 
