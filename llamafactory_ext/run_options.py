@@ -54,7 +54,10 @@ def load_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Ru
         raise TrainConfigError(
             "config_not_found", f"no training config at {config}; see configs/train/ for examples"
         )
-    data = yaml.safe_load(Path(config).read_text()) if isinstance(config, str | Path) else dict(config)
+    try:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if isinstance(config, str | Path) else dict(config)
+    except UnicodeDecodeError as exc:
+        raise TrainConfigError("bad_yaml", f"{config} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise TrainConfigError(
             "config_not_mapping", f"{config} must be a YAML mapping of LLaMA-Factory arguments"
@@ -82,6 +85,7 @@ def check_datasets_and_template(args: dict[str, Any]) -> None:
     from llamafactory.data.parser import get_dataset_list
     from llamafactory.data.template import TEMPLATES
 
+    _check_types(args)  # first: the lookups below take these values as text
     dataset_dir = args.get("dataset_dir", "data")
     for key in ("dataset", "eval_dataset"):
         try:
@@ -91,7 +95,6 @@ def check_datasets_and_template(args: dict[str, Any]) -> None:
                 "dataset_not_found", f"{key}: {err} (dataset_dir {dataset_dir}); register a table there with "
                 "`lancetag lf register TABLE --name NAME --dataset-dir DIR`"
             ) from err
-    _check_number_types(args)
     template = args.get("template")
     if template is not None and template not in TEMPLATES:
         near = difflib.get_close_matches(str(template), list(TEMPLATES), n=3)
@@ -101,9 +104,10 @@ def check_datasets_and_template(args: dict[str, Any]) -> None:
         )
 
 
-def _check_number_types(args: dict[str, Any]) -> None:
-    """Refuse (``bad_training_config``) a value of the wrong type for a numeric LLaMA-Factory argument:
-    its parser passes ``learning_rate: abc`` through, and the optimizer fails after the model loaded."""
+def _check_types(args: dict[str, Any]) -> None:
+    """Refuse (``bad_training_config``) a value of the wrong type for a numeric or text LLaMA-Factory
+    argument: its parser passes ``learning_rate: abc`` or ``template: [1]`` through, and the run fails
+    later, after the model loaded or inside a lookup (``dataset``/``eval_dataset`` may be lists of names)."""
     import typing
     from dataclasses import fields
 
@@ -115,9 +119,15 @@ def _check_number_types(args: dict[str, Any]) -> None:
             if field.name not in args:
                 continue
             hint = hints.get(field.name)
-            allowed = {t for t in (hint, *typing.get_args(hint)) if t in (int, float)}
             value = args[field.name]
-            if not allowed or (value is None and type(None) in typing.get_args(hint)):
+            if value is None and type(None) in typing.get_args(hint):
+                continue
+            allowed = {t for t in (hint, *typing.get_args(hint)) if t in (int, float)}
+            if (set(typing.get_args(hint)) or {hint}) - {type(None)} == {str} and not isinstance(value, str):
+                names = field.name in ("dataset", "eval_dataset") and isinstance(value, list)
+                if not (names and all(isinstance(v, str) for v in value)):
+                    raise TrainConfigError("bad_training_config", f"{field.name} must be text, not {value!r}")
+            if not allowed:
                 continue
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not number or (float not in allowed and not isinstance(value, int)):

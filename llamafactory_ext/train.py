@@ -25,10 +25,12 @@ from typing import Any
 
 from lance_io.augment import VIEWS_FILE
 from lance_io.image_size import LINEAGE_FILE
+from lance_io.reasons import first_problem
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.image_fit import trained_pixels
 from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
 from llamafactory_ext.run_options import (
+    RunOptions,
     TrainConfigError,
     check_datasets_and_template,
     dataset_names,
@@ -172,7 +174,10 @@ def run_training(
     args, options = load_config(config)
     args.update(overrides or {})
     flags = {"workers": workers, "gpus_per_worker": gpus_per_worker, "storage": storage}
-    options = options.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    try:  # validated as the block's own values are (workers >= 0, ...), not merely copied in
+        options = RunOptions.model_validate({**options.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    except ValueError as err:
+        raise TrainConfigError("bad_option", f"{first_problem(err)}") from None
     if "output_dir" not in args:
         raise TrainConfigError(
             "output_dir_missing", "the training config needs output_dir (where the adapter goes)"

@@ -72,6 +72,20 @@ def test_the_article_run_keeps_the_article_settings():
     assert '"stage": 3' in Path(args["deepspeed"]).read_text()
 
 
+def test_a_config_that_is_not_utf8_or_a_negative_workers_flag_is_refused_with_its_reason(tmp_path):
+    from llamafactory_ext.run_options import TrainConfigError
+    from llamafactory_ext.train import run_training
+
+    (tmp_path / "latin1.yaml").write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TrainConfigError) as refused:
+        run_training(tmp_path / "latin1.yaml")
+    assert refused.value.reason == "bad_yaml" and "not UTF-8" in refused.value.message
+    config = {**yaml.safe_load((REPO_ROOT / "configs/train/tiny_qwen2_vl_cpu.yaml").read_text()), "output_dir": str(tmp_path / "o")}
+    with pytest.raises(TrainConfigError) as refused:  # the flag bypassed the block's own check (workers >= 0)
+        run_training(config, workers=-1)
+    assert refused.value.reason == "bad_option" and "workers" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("change", "reason", "says"),
     [
@@ -82,6 +96,11 @@ def test_the_article_run_keeps_the_article_settings():
         ({"learning_rate": "5e-5"}, "bad_training_config", "write 5.0e-05"),  # YAML 1.1 reads 5e-5 as text
         ({"per_device_train_batch_size": 2.5}, "bad_training_config", "must be an integer"),
         ({"num_train_epochs": True}, "bad_training_config", "must be a number"),
+        # each of these was an internal error (a TypeError or AttributeError inside a lookup)
+        ({"template": [1]}, "bad_training_config", "template must be text"),
+        ({"dataset_dir": 5}, "bad_training_config", "dataset_dir must be text"),
+        ({"dataset": 5}, "bad_training_config", "dataset must be text"),
+        ({"dataset": [["digits"]]}, "bad_training_config", "dataset must be text"),
     ],
 )
 def test_a_training_config_llamafactory_would_fail_late_on_is_refused_before_any_work(tmp_path, change, reason, says):
