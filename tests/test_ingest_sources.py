@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from ray_jobs.ingest import worker
-from ray_jobs.ingest.messages import InvalidMessages, messages_from_template, normalize_messages
+from ray_jobs.ingest.messages import InvalidMessages, messages_from_template, normalize_messages, normalize_turns
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources import SourceError, detect_kind, open_source
 from ray_jobs.ingest.worker import read_cell
@@ -380,9 +380,29 @@ def test_messages_are_normalised_to_role_content_with_one_image_placeholder() ->
         {"role": "assistant", "content": "a pool"},
     ]
     with pytest.raises(InvalidMessages, match="2 <image>"):
-        normalize_messages([{"role": "user", "content": "<image><image>"}])
+        normalize_messages([{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "x"}])
     with pytest.raises(InvalidMessages):
         normalize_messages([{"role": "robot", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    ("roles", "says"),
+    [
+        (["assistant", "user"], "turn 0 is assistant"),
+        (["user", "assistant", "user"], "end with a user turn"),
+        (["user", "system", "assistant"], "turn 1 is system"),
+        (["system"], "no user turn"),
+        (["user", "user", "assistant"], "turn 1 is user"),
+    ],
+)
+def test_turns_llamafactory_would_skip_are_invalid_messages_at_ingest(roles: list[str], says: str) -> None:
+    """LLaMA-Factory's converter skips such a sample with a log line and trains on without it: ingest
+    counted it as added. The orders it takes pass (a system turn first, tool turns in place)."""
+    with pytest.raises(InvalidMessages, match=says):
+        normalize_turns([{"role": r, "content": "<image>x" if k == 0 else "y"} for k, r in enumerate(roles)])
+    for good in (["user", "assistant"], ["system", "user", "assistant", "user", "assistant"],
+                 ["user", "function_call", "observation", "assistant"]):
+        assert [t["role"] for t in normalize_turns([{"role": r, "content": "z"} for r in good])] == good
 
 
 def test_prompt_template_builds_user_and_assistant_turns() -> None:

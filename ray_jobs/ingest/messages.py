@@ -34,7 +34,8 @@ def normalize_turns(raw: Any, roles: Mapping[str, str] = SAMPLE_ROLES) -> list[d
     """Return sharegpt turns as ``[{"role", "content"}]``, roles renamed, placeholders untouched.
 
     Accepts a JSON string or a list of turns with ``role``/``content`` or LLaMA-Factory's
-    ``from``/``value`` keys (human/gpt roles).
+    ``from``/``value`` keys (human/gpt roles), in the order LLaMA-Factory trains on
+    (:func:`turn_order_problem`): a sample it would skip is refused here, with what to fix.
     """
     if isinstance(raw, str):
         try:
@@ -56,7 +57,30 @@ def normalize_turns(raw: Any, roles: Mapping[str, str] = SAMPLE_ROLES) -> list[d
                 f"a turn needs a role among {sorted(roles)} and a text content, got {dict(turn)}"
             )
         turns.append({"role": roles[role], "content": content})
+    problem = turn_order_problem(turns)
+    if problem is not None:
+        raise InvalidMessages(problem)
     return turns
+
+
+def turn_order_problem(turns: list[dict[str, str]]) -> str | None:
+    """Return why LLaMA-Factory's sharegpt converter would skip these turns (it logs "Invalid role tag"
+    and trains on without the sample), else None: a system turn only first, then a user (or
+    observation) turn and an assistant (or function_call) turn in turn, ending with an assistant's."""
+    offset = 1 if turns and turns[0]["role"] == "system" else 0
+    body = turns[offset:]
+    if not body:
+        return "the turns hold no user turn and no answer"
+    for k, turn in enumerate(body):
+        expected = ("user", "observation") if k % 2 == 0 else ("assistant", "function_call")
+        if turn["role"] not in expected:
+            return (
+                f"turn {k + offset} is {turn['role']}, where LLaMA-Factory expects {' or '.join(expected)}: "
+                "turns alternate user and assistant, starting with the user (a system turn only first)"
+            )
+    if len(body) % 2:
+        return "the turns end with a user turn: LLaMA-Factory trains on the assistant's answer, and there is none"
+    return None
 
 
 def placeholder_problem(turns: list[dict[str, str]], images: int) -> str | None:
