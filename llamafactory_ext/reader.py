@@ -45,7 +45,7 @@ from llamafactory_ext.samples_reader import (
     sample_features,
     sample_fragment_ids,
 )
-from llamafactory_ext.source import LanceSource
+from llamafactory_ext.source import LanceEntryError, LanceSource
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,20 @@ class RowBuilder:
     def columns(self) -> list[str]:
         """Return the table columns this entry reads."""
         return list(dict.fromkeys([self.source.id_column, self.source.image_column, *self.text_columns]))
+
+    def require(self, ds: Any) -> None:
+        """Refuse a table without these columns (``column_missing``), or whose messages column does not
+        hold sharegpt turns (``bad_messages_column``: it would fail inside training)."""
+        require_columns(ds, self.columns, uri=self.source.uri)
+        name = self.source.messages_column
+        kind = ds.schema.field(name).type if name else None
+        turns = kind is None or ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and kind.value_type == MESSAGE_TYPE)
+        if not turns:
+            raise LanceEntryError(
+                "bad_messages_column",
+                f"{name} holds {kind}, not chat turns (a list of role/content): name the column ingest wrote "
+                "(messages), or register a label column with --label-column",
+            )
 
     def has_text(self) -> str:
         """Return the SQL predicate of rows with something to train on: messages, or at least one answer."""
@@ -189,7 +203,7 @@ def count_rows(source: LanceSource) -> int:
         return count_samples(source)
     builder = RowBuilder(source)
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-    require_columns(ds, builder.columns, uri=source.uri)
+    builder.require(ds)
     where = f"({source.where}) AND ({builder.has_text()})" if source.where else builder.has_text()
     if source.split == "all":
         return ds.count_rows(filter=where)
@@ -209,7 +223,7 @@ def iter_tables(
         return
     builder = RowBuilder(source)
     ds = open_at(source.uri, source.ref(), storage_options=source.storage_options())
-    require_columns(ds, builder.columns, uri=source.uri)
+    builder.require(ds)
     batch_size = rows_per_batch(ds)  # photos: a few dozen a batch, not 256
     for batch in scan_batches(ds, builder.columns, where=source.where, fragment_ids=fragment_ids, batch_size=batch_size):
         table = builder.build(batch, report)

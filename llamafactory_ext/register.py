@@ -61,6 +61,8 @@ def register_dataset(
     """
     from lance_io.schema import MESSAGES, TRUTH
 
+    if num_samples is not None and num_samples < 1:
+        raise LanceEntryError("bad_option", f"num_samples must be at least 1, not {num_samples}")
     check_entry_name(read_dataset_info(dataset_dir), name, dataset_dir)  # before any work (write_entry checks at the write)
     probe = LanceSource(uri=uri, label_column="x", storage_options_env=storage_options_env or {})
     ds = open_at(uri, version, storage_options=probe.storage_options())

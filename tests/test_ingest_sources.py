@@ -12,7 +12,12 @@ import pyarrow as pa
 import pytest
 
 from ray_jobs.ingest import worker
-from ray_jobs.ingest.messages import InvalidMessages, messages_from_template, normalize_messages, normalize_turns
+from ray_jobs.ingest.messages import (
+    InvalidMessages,
+    messages_from_template,
+    normalize_messages,
+    normalize_turns,
+)
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources import SourceError, detect_kind, open_source
 from ray_jobs.ingest.worker import read_cell

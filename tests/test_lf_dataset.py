@@ -116,6 +116,20 @@ def test_register_reports_missing_column_as_reason_code(digits_table, tmp_path):
     assert record["reason"] == "column_missing" and "no_such_column" in record["message"]
 
 
+def test_a_messages_column_that_holds_no_chat_turns_is_refused_at_register(digits_table, tmp_path):
+    """Before: registered (rows counted), then training failed inside LLaMA-Factory's loader (internal)."""
+    from llamafactory_ext.register import register_dataset
+    from llamafactory_ext.source import LanceEntryError
+
+    uri, _ = digits_table
+    with pytest.raises(LanceEntryError) as refused:
+        register_dataset(str(uri), "x", tmp_path, messages_column="truth")
+    assert refused.value.reason == "bad_messages_column" and "truth holds string" in refused.value.message
+    with pytest.raises(LanceEntryError, match="num_samples must be at least 1"):
+        register_dataset(str(uri), "x", tmp_path, num_samples=-5)
+    assert not (tmp_path / "dataset_info.json").exists()
+
+
 def test_key_value_options_reach_the_entry_and_an_item_without_equals_is_refused(digits_table, tmp_path):
     from llamafactory_ext.source import read_dataset_info
 

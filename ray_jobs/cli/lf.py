@@ -35,7 +35,7 @@ def register_command(
     split: Annotated[str, typer.Option(help="train, validation or all (id-hash split)")] = "all",
     val_fraction: Annotated[float, typer.Option(help="Share of ids in the validation split")] = 0.1,
     num_samples: Annotated[
-        int | None, typer.Option(help="LLaMA-Factory num_samples: sample/repeat rows")
+        int | None, typer.Option(min=1, help="LLaMA-Factory num_samples: sample/repeat rows")
     ] = None,
     storage_option: Annotated[
         list[str] | None,
