@@ -601,6 +601,11 @@ def test_detecting_a_sharegpt_file_reads_its_first_sample_only(tmp_path: Path) -
     assert detect_kind(str(tmp_path / "plain.json")) == "manifest"
     (tmp_path / "broken.jsonl").write_text("{broken\n" + json.dumps(_chat(1)) + "\n")
     assert detect_kind(str(tmp_path / "broken.jsonl")) == "manifest", "a first line that is not JSON is no sharegpt file"
+    text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    (tmp_path / "text_first.jsonl").write_text(json.dumps(text_only) + "\n" + json.dumps(_chat(1)) + "\n")
+    assert detect_kind(str(tmp_path / "text_first.jsonl")) == "sharegpt", "turns and no image column: a text-only sample"
+    (tmp_path / "rows.jsonl").write_text(json.dumps(text_only | {"path": "a.jpg"}) + "\n")
+    assert detect_kind(str(tmp_path / "rows.jsonl")) == "manifest", "a row's image and its turns: a manifest"
 
 
 def test_source_columns_named_like_computed_ones_are_kept_under_a_prefix_not_dropped(tmp_path: Path) -> None:

@@ -84,6 +84,25 @@ def test_a_shard_lists_one_item_per_image_member_with_its_companions(tmp_path: P
     assert all(i.locator == "member" and i.data is None for i in items), "the driver reads no image bytes"
 
 
+def test_a_link_member_is_its_own_not_a_file_record(tmp_path: Path) -> None:
+    """Before: a symlink or hard-link member was passed over unseen, in no count."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        data = image_bytes(1, size=(16, 12))
+        info = tarfile.TarInfo("s1.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for name, kind in (("s2.jpg", tarfile.SYMTYPE), ("s3.jpg", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "s1.jpg"
+            tar.addfile(link)
+    (tmp_path / "links.tar").write_bytes(buffer.getvalue())
+    items = list(open_source(str(tmp_path / "links.tar"), IngestOptions(**QUIET)).items())
+    assert [(i.source.rsplit("#", 1)[1], i.error[0] if i.error else i.locator) for i in items] == [
+        ("s1.jpg", "member"), ("s2.jpg", "not_a_file"), ("s3.jpg", "not_a_file")
+    ]
+
+
 def test_json_fields_lance_cannot_name_or_hold_as_given_still_land(ray_cluster, tmp_path: Path) -> None:
     """A dotted key (Lance refuses '.' in a top-level column) and an integer past 64 bits: both ended the
     whole run before (write_failed after Ray started; an internal OverflowError)."""

@@ -30,6 +30,7 @@ from ray_jobs.ingest.items import InputItem, SampleSpec
 from ray_jobs.ingest.messages import InvalidMessages, normalize_turns, placeholder_problem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.sources.base import ListedSource, SourceError, inside_root, object_item
+from ray_jobs.ingest.sources.tabular import DEFAULT_COLUMNS
 
 KIND = "sharegpt"
 SAMPLE, IMAGE_INDEX, CONVERSATION = "sharegpt_sample", "sharegpt_image_index", "sharegpt_conversation"
@@ -37,12 +38,16 @@ METADATA_FIELDS = {SAMPLE: pa.string(), IMAGE_INDEX: pa.int32(), CONVERSATION: p
 
 
 def looks_like_sharegpt(location: str | Path) -> bool:
-    """True when a JSON/JSONL file's first sample has chat turns and an ``images`` list (only that sample is read)."""
+    """True when a JSON/JSONL file's first sample has chat turns and an ``images`` list, or chat turns and
+    no column a manifest locates an image by (a text-only sample first). Only that sample is read."""
     try:
         first = _first_sample(str(location))
     except (SourceError, OSError, ValueError):  # ValueError: a first line that is not JSON, or not UTF-8
         return False
-    return isinstance(first, dict) and "images" in first and ("messages" in first or "conversations" in first)
+    if not isinstance(first, dict) or not ("messages" in first or "conversations" in first):
+        return False
+    locating = {name for role in ("path", "url", "image") for name in DEFAULT_COLUMNS[role]}
+    return "images" in first or not locating & set(first)
 
 
 def sharegpt_source(location: str, options: IngestOptions) -> ListedSource:

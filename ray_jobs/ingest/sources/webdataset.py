@@ -158,7 +158,7 @@ def _members(shard: str, storage_options: dict[str, str] | None) -> Iterator[tup
                     return
                 if member is None:
                     break
-                if member.isfile():
+                if member.isfile() or member.issym() or member.islnk():  # a link: its own not_a_file record
                     yield member, tar
             # tarfile stops silently at a broken header after the first: look at where it stopped.
             handle.seek(tar.offset)
@@ -229,7 +229,8 @@ def _items(
                 yield from _group_items(shard, group, options, fields)
                 group = []
             group_key = key
-            group.append((suffix, member, _read_text(member, tar) if suffix in ("txt", "json", "cls") else None))
+            text = suffix in ("txt", "json", "cls") and member.isfile()
+            group.append((suffix, member, _read_text(member, tar) if text else None))
         yield from _group_items(shard, group, options, fields)
 
 
@@ -272,6 +273,11 @@ def _group_items(
         source = f"{shard}#{member.name}"
         if problem is not None:
             yield InputItem(source=source, source_kind=KIND, locator="none", error=problem)
+        elif not member.isfile():
+            yield InputItem(
+                source=source, source_kind=KIND, locator="none",
+                error=("not_a_file", f"a link member (to {member.linkname}): WebDataset readers read regular members only"),
+            )
         elif member.size > options.max_bytes:
             yield InputItem(
                 source=source, source_kind=KIND, locator="none",
