@@ -104,9 +104,9 @@ def check_label_target(schema: pa.Schema, task: Task, column: str) -> None:
     """Refuse a table a label run cannot read (``column_missing``: no ``id``, or no ``image`` when
     the task looks at it) and a prefix ``column`` whose columns hold other data (``column_taken``).
 
-    Columns a label run wrote carry the task kind on their answer field: those are relabeled in
-    place by a task of that kind, and refused to a task of another. Any other column of that name (``truth``, ``id``, a manifest's metadata) would be
-    overwritten row by row, so it is refused before any work.
+    Columns a label run wrote carry the task kind on their answer field: a task of that kind relabels
+    them in place, a task of another is refused. Any other column of that name (``truth``, ``id``, a
+    manifest's metadata) would be overwritten row by row, so it is refused before any work.
     """
     needed = ["id", "image"] if not isinstance(task, GenerateTask) or task.image else ["id"]
     absent = [name for name in needed if name not in schema.names]

@@ -212,9 +212,10 @@ def restore_samples(
     uri = samples_uri(table_uri)
     target = samples_version_at(table_uri, images_version, storage_options=storage_options)
     samples = open_samples(table_uri, storage_options=storage_options)
-    fragments = [] if target is None else [f.metadata for f in open_samples(table_uri, target, storage_options=storage_options).get_fragments()]
+    then = None if target is None else open_samples(table_uri, target, storage_options=storage_options)
+    fragments = [] if then is None else [f.metadata for f in then.get_fragments()]
     properties = {"lancetag.operation": "restore_samples", IMAGES_VERSION_KEY: str(restored_as)}
-    operation = lance.LanceOperation.Overwrite(SAMPLES_SCHEMA if target is None else samples.schema, fragments)
+    operation = lance.LanceOperation.Overwrite(SAMPLES_SCHEMA if then is None else then.schema, fragments)
     with translated_write_errors(uri, samples.version):
         written = lance.LanceDataset.commit(
             uri, lance.Transaction(samples.version, operation, transaction_properties=properties), storage_options=storage_options
