@@ -94,7 +94,8 @@ class InputItem:
 
     def __post_init__(self) -> None:
         # what is stored as text, as valid UTF-8: a file or folder name need not be (``path`` keeps it as it is)
-        self.source = printable(self.source)
+        if isinstance(self.source, str):
+            self.source = printable(self.source)
         if isinstance(self.truth, str):
             self.truth = printable(self.truth)
 
