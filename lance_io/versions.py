@@ -108,24 +108,32 @@ def record_run(
     return open_table(uri, storage_options=storage_options).version
 
 
-def run_summaries(uri: str, *, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
-    """Return every recorded job summary of the table, by run id.
+def recorded_runs(
+    uri: str, *, storage_options: dict[str, str] | None = None
+) -> dict[str, tuple[int | None, dict[str, object]]]:
+    """Return every job summary :func:`record_run` stored, by run id: (the version that stored it, the summary).
 
-    The latest metadata holds every run (:func:`record_run` adds to it), but a restore rolls it back:
-    the runs after the restored version are then read from the transactions of the versions that
-    stored them (``lancetag maintain`` may have removed old versions; the metadata keeps theirs).
+    The latest metadata holds every run, but a restore rolls it back: the runs after the restored
+    version are read from the transactions of the versions that stored them. The version is None
+    for a run whose version ``lancetag maintain`` removed (the metadata keeps its summary).
     """
     ds = open_table(uri, storage_options=storage_options)
-    summaries: dict[str, dict[str, object]] = {}
+    runs: dict[str, tuple[int | None, dict[str, object]]] = {}
     for entry in ds.versions():
-        summaries.update(
-            (key.removeprefix(RUN_KEY_PREFIX), json.loads(value))
-            for key, value in _metadata_updates(ds.read_transaction(entry["version"])).items()
-            if key.startswith(RUN_KEY_PREFIX) and value
-        )
+        for key, value in _metadata_updates(ds.read_transaction(entry["version"])).items():
+            if key.startswith(RUN_KEY_PREFIX) and value:
+                runs[key.removeprefix(RUN_KEY_PREFIX)] = (entry["version"], json.loads(value))
     metadata = ds.metadata() if callable(ds.metadata) else ds.metadata
-    summaries.update((k.removeprefix(RUN_KEY_PREFIX), json.loads(v)) for k, v in metadata.items() if k.startswith(RUN_KEY_PREFIX))
-    return summaries
+    for key, value in metadata.items():
+        if key.startswith(RUN_KEY_PREFIX):
+            run = key.removeprefix(RUN_KEY_PREFIX)
+            runs[run] = (runs[run][0] if run in runs else None, json.loads(value))
+    return runs
+
+
+def run_summaries(uri: str, *, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
+    """Return every recorded job summary of the table, by run id (:func:`recorded_runs` without the versions)."""
+    return {run: summary for run, (_, summary) in recorded_runs(uri, storage_options=storage_options).items()}
 
 
 def _metadata_updates(transaction: object) -> dict[str, str]:

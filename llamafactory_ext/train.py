@@ -177,7 +177,7 @@ def run_training(
     try:  # validated as the block's own values are (workers >= 0, ...), not merely copied in
         options = RunOptions.model_validate({**options.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
     except ValueError as err:
-        raise TrainConfigError("bad_option", f"{first_problem(err)}") from None
+        raise TrainConfigError("bad_option", first_problem(err)) from None
     if "output_dir" not in args:
         raise TrainConfigError(
             "output_dir_missing", "the training config needs output_dir (where the adapter goes)"

@@ -371,6 +371,22 @@ def test_a_labeler_the_job_cannot_start_is_refused_before_anything_is_written(tm
     assert refused.value.reason == reason and lance.dataset(uri).version == before
 
 
+def test_eval_names_the_label_run_that_wrote_a_version_also_after_a_restore(labeler, tmp_path):
+    """The run's summary is found by the version that stored it; a restore rolled the metadata that
+    held it back, and eval of the labeled version then lost its cost and lineage."""
+    from lance_io.versions import restore_version
+    from ray_jobs.evaluation.job import evaluate_table
+
+    uri = make_table(tmp_path, 12)
+    first = lance.dataset(uri).version
+    run = label_table(uri, LabelOptions(task="digits", serve=labeler, version_tag="lab"), progress=False)
+    labeled = evaluate_table(uri, "label", version="lab")
+    assert labeled.lineage["labels_written_by"] == f"label run {run.run_id}" and labeled.images_per_second > 0
+    restore_version(uri, first)
+    again = evaluate_table(uri, "label", version="lab")
+    assert (again.lineage, again.images_per_second) == (labeled.lineage, labeled.images_per_second)
+
+
 def test_a_labeler_serving_another_task_is_refused_with_what_to_do(labeler, tmp_path):
     uri = make_table(tmp_path, 4)
     before = lance.dataset(uri).version

@@ -135,7 +135,7 @@ def evaluate_table(
     """
     from lance_io import open_table
     from lance_io.scan import one_predicate, scan_batches
-    from lance_io.versions import list_versions, run_summaries
+    from lance_io.versions import recorded_runs
 
     one_predicate(where)
     one_predicate(baseline_train)
@@ -156,12 +156,9 @@ def evaluate_table(
             rows = f"{scanned} row(s) matching {where!r}" if where else f"{scanned} row(s)"
             raise ReasonError("no_rows", f"none of the {rows} of {table} at version {ds.version} has a {t} value: "
                               "nothing to evaluate; check --where and --truth")
-    recorded_at = {
-        v.properties["lancetag.run"]: v.version
-        for v in list_versions(table, storage_options=storage_options)
-        if "lancetag.run" in v.properties
-    }
-    ips, lineage = _throughput(run_summaries(table, storage_options=storage_options), recorded_at, column, ds.version)
+    runs = recorded_runs(table, storage_options=storage_options)  # one pass over the versions' transactions
+    recorded_at = {run: version for run, (version, _) in runs.items() if version is not None}
+    ips, lineage = _throughput({run: summary for run, (_, summary) in runs.items()}, recorded_at, column, ds.version)
     lineage["evaluated_version"] = str(ds.version)
     baselines = {}
     if baseline_train is not None:

@@ -190,8 +190,6 @@ class Fetcher:
             raise TransientFetchFailed("connection_failed", f"{type(exc).__name__}: {exc}") from exc
         except httpx.RequestError as exc:  # e.g. a body its Content-Encoding does not describe
             raise FetchFailed("bad_response", f"{type(exc).__name__}: {exc}") from exc
-        except httpx.InvalidURL as exc:
-            raise FetchFailed("invalid_url", f"{url!r} is not a valid URL: {exc}") from exc
 
     def _read_body(self, chunks: Iterable[bytes], deadline: float) -> bytes:
         body = bytearray()
