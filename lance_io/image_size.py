@@ -9,6 +9,12 @@ cost. ``llamafactory_ext.train.run_training`` writes the bounds into the lineage
 weights (``image_pixels``); the labeler reads them from the adapter's folder, then the model's
 (:func:`read_image_pixels`), and resizes each image as LLaMA-Factory did (:meth:`ImagePixels.fit`),
 decoding a larger JPEG at 1/2, 1/4 or 1/8 of its scale first (:meth:`ImagePixels.draft`).
+
+What a model sees of an image is one function, :func:`model_image`, for the labeler and for
+training alike (``llamafactory_ext.image_fit`` holds each training image as it returns it): the
+EXIF orientation applied, the transparent parts over white (:data:`BACKGROUND`), then the resize.
+LLaMA-Factory alone would train on a palette image resized nearest-neighbour and on a transparent
+one over black, where the labeler saw it over whatever colour its transparent pixels store.
 """
 
 from __future__ import annotations
@@ -78,8 +84,39 @@ class ImagePixels:
         return image
 
 
+BACKGROUND = (255, 255, 255)
+"""What a transparent pixel shows once an image is flattened to RGB: white, as vLLM's server and a
+web page show it. (Its stored colour is arbitrary: in Tux Paint's stamps black, white or other.)"""
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Return whether ``image`` can hold transparent pixels: an alpha band, or a transparent colour (PNG ``tRNS``)."""
+    return not {"A", "a"}.isdisjoint(image.getbands()) or "transparency" in image.info
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """Return ``image`` in RGB, its transparent parts over :data:`BACKGROUND`."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if not has_alpha(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+
+
+def model_image(image: Image.Image, fit: ImagePixels | None = None) -> Image.Image:
+    """Return an opened, not yet loaded image as a model sees it, in RGB: upright (its EXIF orientation
+    applied), its transparent parts over white (:func:`flatten`), and with ``fit`` (the size the model
+    was trained at) resized as LLaMA-Factory resizes a training image, a larger JPEG decoded at 1/2 to
+    1/8 of its scale first. Raises what Pillow raises for an undecodable image."""
+    if fit is not None:
+        fit.draft(image)
+    upright = flatten(ImageOps.exif_transpose(image))
+    return fit.fit(upright) if fit is not None else upright
+
+
 def decode_upright(data: bytes, side: int) -> tuple[Image.Image, tuple[int, int]]:
-    """Return ``data``'s image in RGB, upright (its EXIF orientation applied, as training holds it), and its size as stored.
+    """Return ``data``'s image as a model sees it (:func:`model_image`, not resized) and its size as stored.
 
     A JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 of its scale that keeps ``side`` pixels a
     side, for a caller that looks at nothing finer. Raises what Pillow raises for an undecodable image.
@@ -87,8 +124,7 @@ def decode_upright(data: bytes, side: int) -> tuple[Image.Image, tuple[int, int]
     with Image.open(io.BytesIO(data)) as image:
         size = image.size
         image.draft("RGB", (side, side))
-        ImageOps.exif_transpose(image, in_place=True)
-        return image.convert("RGB"), size
+        return model_image(image), size
 
 
 def _scaled(image: Image.Image, pixels: int) -> Image.Image:

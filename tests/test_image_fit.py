@@ -6,7 +6,6 @@ import io
 import random
 
 import pytest
-import torch
 from PIL import Image
 
 from llamafactory_ext.image_fit import fit_image, training_fit
@@ -21,39 +20,72 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("template,model", [("qwen2_vl", "tiny_qwen2_vl"), ("llava_next", "tiny_llava_next")])
-def test_an_image_is_held_at_its_training_size_only_where_that_gives_the_same_tensors_in_fewer_bytes(
-    template, model, request
-):
+def _transparent(noise: Image.Image) -> Image.Image:
+    """RGBA whose transparent half stores the noise's colours (what a cut-out's hidden pixels hold is arbitrary)."""
+    alpha = Image.new("L", noise.size, 255)
+    alpha.paste(0, (0, 0, noise.width // 2, noise.height))
+    rgba = noise.convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba
+
+
+@pytest.mark.parametrize("template", ["qwen2_vl", "llava_next"])
+def test_an_image_is_trained_on_as_the_labeler_sees_it_and_kept_as_stored_where_that_is_the_same(template):
     from llamafactory.data.template import TEMPLATES
-    from transformers import AutoProcessor
+
+    from lance_io.image_size import ImagePixels
+    from serve_apps.backends.base import decode_image
 
     rng = random.Random(3)
     noise = Image.frombytes("RGB", (640, 480), rng.randbytes(640 * 480 * 3))
-    photo, strip, small, palette = (
-        _encoded(noise, "JPEG"),
-        _encoded(noise.crop((0, 0, 600, 20)), "PNG"),  # resized twice, it would not be the strip resized once
-        _encoded(noise.resize((56, 56)).convert("LA"), "PNG"),  # its training size takes more bytes
-        _encoded(noise.resize((300, 200)).quantize(64), "PNG"),  # LLaMA-Factory resizes a palette image nearest
-    )
+    images = {
+        "photo": _encoded(noise, "JPEG"),  # the labeler decodes it at 1/4 of its scale
+        "small photo": _encoded(noise.resize((120, 90)), "JPEG"),
+        "strip": _encoded(noise.crop((0, 0, 600, 20)), "PNG"),  # resized twice, it would not be the strip resized once
+        "small": _encoded(noise.resize((56, 56)), "PNG"),  # its training size takes more bytes
+        "grey": _encoded(noise.resize((300, 200)).convert("L"), "PNG"),
+        "palette": _encoded(noise.resize((300, 200)).quantize(64), "PNG"),  # LLaMA-Factory alone: resized nearest
+        "gif": _encoded(noise.resize((300, 200)).quantize(64), "GIF"),
+        "transparent": _encoded(_transparent(noise.resize((300, 200))), "PNG"),  # LLaMA-Factory alone: over black
+        "small transparent": _encoded(_transparent(noise.resize((56, 56))).convert("LA"), "PNG"),  # ... over its noise
+    }
     plugin = TEMPLATES[template].mm_plugin
-    processor = AutoProcessor.from_pretrained(request.getfixturevalue(model))
-    processor.image_max_pixels = processor.image_min_pixels = SIDE * SIDE  # what a run sets
-    held = {data: fit_image(plugin, data, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
-            for data in (photo, strip, small, palette)}
-    for data, kept in held.items():  # what LLaMA-Factory computes from either, as its collator opens them
-        before = plugin._get_mm_inputs([Image.open(io.BytesIO(data))], [], [], processor)
-        after = plugin._get_mm_inputs([Image.open(io.BytesIO(kept))], [], [], processor)
-        assert before.keys() == after.keys()
-        for key in before:
-            assert torch.equal(torch.as_tensor(before[key]), torch.as_tensor(after[key])), key
-    for data in (photo, palette):
-        with Image.open(io.BytesIO(held[data])) as image:
-            assert image.format == "PNG" and image.width * image.height <= SIDE * SIDE and len(held[data]) < len(data)
-    assert len(held[photo]) < len(photo) / 10
-    assert held[strip] == strip and held[small] == small
-    truncated = photo[: len(photo) // 2]
+    bounds = {"image_max_pixels": SIDE * SIDE, "image_min_pixels": SIDE * SIDE}  # what a run sets
+    fit = ImagePixels(max=SIDE * SIDE, min=SIDE * SIDE, qwen2_vl=template == "qwen2_vl")
+    held = {name: fit_image(plugin, data, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE) for name, data in images.items()}
+
+    def trained_on(data: bytes) -> Image.Image:  # what LLaMA-Factory hands its processor for an image it holds
+        return plugin._regularize_images([Image.open(io.BytesIO(data))], **bounds)["images"][0]
+
+    for name, data in images.items():  # the labeler hands the processor what decode_image returns
+        trained, labeled = trained_on(held[name]), decode_image(data, fit=fit)
+        assert trained.mode == labeled.mode == "RGB" and trained.size == labeled.size, name
+        assert trained.tobytes() == labeled.tobytes(), name
+    for name in ("photo", "palette", "gif", "transparent", "small transparent"):
+        with Image.open(io.BytesIO(held[name])) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and image.width * image.height <= SIDE * SIDE, name
+        assert trained_on(images[name]).tobytes() != trained_on(held[name]).tobytes(), name  # not what the file gives
+    assert len(held["photo"]) < len(images["photo"]) / 10
+    for name in ("strip", "small", "small photo"):  # LLaMA-Factory reads them as the labeler does, in no more bytes
+        assert held[name] == images[name], name
+    truncated = images["photo"][: len(images["photo"]) // 2]
     assert fit_image(plugin, truncated, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE) == truncated
+
+
+def test_the_labeler_sees_a_transparent_image_over_white_whatever_its_hidden_pixels_store():
+    from lance_io.image_size import ImagePixels
+    from serve_apps.backends.base import decode_image
+
+    cut_out = Image.new("RGBA", (200, 100), (0, 0, 0, 0))  # hidden pixels black, as most of Tux Paint's stamps
+    cut_out.paste((200, 30, 30, 255), (100, 0, 200, 100))
+    hidden_white = cut_out.copy()
+    hidden_white.paste((255, 255, 255, 0), (0, 0, 100, 100))
+    palette = cut_out.convert("RGB").quantize(4)
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    for image in (cut_out, hidden_white, cut_out.convert("LA"), palette):
+        for fit in (None, ImagePixels(max=50 * 25, min=32)):
+            seen = decode_image(_encoded(image, "PNG"), fit=fit)
+            assert seen.mode == "RGB" and seen.getpixel((1, 1)) == (255, 255, 255), (image.mode, fit)
 
 
 def test_the_jitter_stays_out_of_the_held_image():

@@ -388,15 +388,19 @@ def _odd_images() -> list[tuple[bytes, str]]:
 def test_an_in_memory_entry_holds_each_image_at_its_training_size_and_trains_on_the_same_pixels(
     tiny_qwen2_vl, tmp_path
 ):
-    """With the run's jitter installed, the Lance entry's batches equal the native files' batch for batch."""
+    """With the run's jitter installed, the Lance entry's batches equal, batch for batch, those of native files
+    holding what the labeler sees of each image at the run's size (the strip, which LLaMA-Factory reads as the
+    labeler does and would resize twice, as it came)."""
     import io
     import random
 
     from PIL import Image
 
     import llamafactory_ext
+    from lance_io.image_size import ImagePixels
     from llamafactory_ext.augment import ImageAugment, install
     from llamafactory_ext.register import register_dataset
+    from serve_apps.backends.base import decode_image
 
     llamafactory_ext.activate()
     images = _odd_images()
@@ -406,7 +410,15 @@ def test_an_in_memory_entry_holds_each_image_at_its_training_size_and_trains_on_
     register_dataset(str(uri), "odd_lance", data_dir)
     rows = [{"messages": [{"role": "user", "content": "<image>which?"}, {"role": "assistant", "content": label}]}
             for _, label in images]
-    write_native(data_dir, "odd_native", rows, [data for data, _ in images])
+    fit = ImagePixels(max=84 * 84, min=84 * 84, qwen2_vl=True)
+
+    def labeler_png(data: bytes) -> bytes:
+        out = io.BytesIO()
+        decode_image(data, fit=fit).save(out, format="PNG")
+        return out.getvalue()
+
+    strip = images[3][0]
+    write_native(data_dir, "odd_native", rows, [data if data == strip else labeler_png(data) for data, _ in images])
     pixels = {"image_max_pixels": 84 * 84, "image_min_pixels": 84 * 84}
     install(ImageAugment(rotate_degrees=10, scale=0.1, shift=0.08))
     try:
@@ -415,8 +427,9 @@ def test_an_in_memory_entry_holds_each_image_at_its_training_size_and_trains_on_
         held = [lance_ds[i]["images"][0] for i in range(len(images))]
         held = [h["bytes"] if isinstance(h, dict) else h for h in held]
         originals = {data for data, _ in images}
+        assert strip in held
         fitted = [h for h in held if h not in originals]
-        assert len(fitted) >= 3  # the photos and the palette image, at least
+        assert len(fitted) == 5  # all but the strip
         for data in fitted:
             with Image.open(io.BytesIO(data)) as image:
                 assert image.format == "PNG" and image.width * image.height <= 84 * 84

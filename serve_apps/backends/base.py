@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from lance_io.augment import ImageViews, read_views
-from lance_io.image_size import ImagePixels, read_image_pixels
+from lance_io.image_size import ImagePixels, model_image, read_image_pixels
 from lance_io.reasons import ReasonError
 from lance_io.tasks import Question, Task
 from serve_apps.results import Answer, ErrorCode, LabelResult, Provenance, assemble, error_result
@@ -255,13 +255,12 @@ class ImageError:
 def decode_image(
     data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, fit: ImagePixels | None = None
 ) -> Image.Image | ImageError:
-    """Return the image as RGB (EXIF orientation applied), or an ImageError saying why not.
+    """Return the image as the model sees it (:func:`~lance_io.image_size.model_image`: RGB, upright,
+    transparency over white), or an ImageError saying why not.
 
     ``fit``: the size the model was trained at. The image is resized to it as training resized it,
     and a JPEG larger than that is decoded at 1/2 to 1/8 of its scale first (:class:`ImagePixels`).
     """
-    from PIL import ImageOps
-
     if not data:
         return ImageError(ErrorCode.IMAGE_DECODE_FAILED, "image_decode_failed: empty image (0 bytes)")
     try:
@@ -274,10 +273,7 @@ def decode_image(
                     ErrorCode.IMAGE_TOO_LARGE,
                     f"image_too_large: {width}x{height} pixels exceeds the limit of {max_pixels}; resize it first",
                 )
-            if fit is not None:
-                fit.draft(image)
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            return fit.fit(image) if fit is not None else image
+            return model_image(image, fit)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageError(ErrorCode.IMAGE_TOO_LARGE, f"image_too_large: {exc}")
     except Exception as exc:  # Pillow raises many types for bad data
