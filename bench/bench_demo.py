@@ -26,7 +26,7 @@ RUNS = int(os.environ.get("LANCETAG_BENCH_DEMO_RUNS", "2"))
 ABOUT = {
     "digits": "scikit-learn's handwritten digits, 8x8 written as 56x56 PNGs (10 classes)",
     "elpv": "PyPI elpv-dataset: 300x300 electroluminescence images of solar cells, functional vs defective",
-    "tuxpaint": "Debian tuxpaint-stamps-default: clip-art stamps of 8 categories, composited on white",
+    "tuxpaint": "Debian tuxpaint-stamps-default: clip-art stamps of 8 categories, transparent PNGs as they ship",
 }
 
 

@@ -7,7 +7,9 @@
   (probability 1, 715 cells); the 401 cells the experts were unsure about are left out.
 - ``tuxpaint``: Debian ``tuxpaint-stamps-default`` (``apt-get install tuxpaint-stamps-default``):
   clip-art stamps, a class per top-level category with at least :data:`MIN_STAMPS` PNGs (8 classes,
-  about 700 images), alpha composited on white (a user's folder of JPEGs has no alpha).
+  about 700 images), as they ship: transparent PNGs (RGBA, grey with alpha, palette), whose hidden
+  pixels store black, white or other colours. The model sees them over white
+  (``lance_io.image_size.model_image``), in training and labeling alike.
 
 None of these sets is used to choose anything in the training recipe by hand: the recipe is chosen
 from each set's own training rows (``llamafactory_ext.recipe``).
@@ -15,7 +17,6 @@ from each set's own training rows (``llamafactory_ext.recipe``).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def write_elpv(folder: Path) -> Path:
 
 
 def write_tuxpaint(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
-    """Write Tux Paint's stamps of each category with >= MIN_STAMPS PNGs, on white, a folder per category."""
-    from PIL import Image
+    """Copy Tux Paint's stamps of each category with >= MIN_STAMPS PNGs, as they ship, a folder per category."""
+    import shutil
 
     if not stamps.is_dir():
         raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
@@ -53,12 +54,7 @@ def write_tuxpaint(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
         out = folder / category.name
         out.mkdir(parents=True, exist_ok=True)
         for k, path in enumerate(files):
-            with Image.open(path) as image:
-                rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            buffer = io.BytesIO()
-            Image.alpha_composite(white, rgba).convert("RGB").save(buffer, format="PNG")
-            (out / f"{k:04d}-{path.stem}.png").write_bytes(buffer.getvalue())
+            shutil.copyfile(path, out / f"{k:04d}-{path.stem}.png")
     return folder
 
 
