@@ -126,7 +126,7 @@ def run(workdir: Path) -> Section:
         shutil.copytree(root / "ft", root / "ft-whole", ignore=shutil.ignore_patterns("lancetag_lineage.json"))
         labeled, whole = (run_measured([sys.executable, "-c", LABEL, str(root / model), str(root / "photos.lance"),
                                         str(root / "tint.yaml")]) for model in ("ft", "ft-whole"))
-        for measured, recorded in ((labeled, {"max": SIDE * SIDE, "min": SIDE * SIDE}), (whole, None)):
+        for measured, recorded in ((labeled, {"max": SIDE * SIDE, "min": SIDE * SIDE, "qwen2_vl": True}), (whole, None)):
             done = json.loads(measured.stdout.strip().splitlines()[-1])
             assert done == {"labeled": PHOTOS, "image_pixels": recorded}, done
         chosen = json.loads(recipe.stdout.strip().splitlines()[-1])
