@@ -109,10 +109,15 @@ def model_image(image: Image.Image, fit: ImagePixels | None = None) -> Image.Ima
     applied), its transparent parts over white (:func:`flatten`), and with ``fit`` (the size the model
     was trained at) resized as LLaMA-Factory resizes a training image, a larger JPEG decoded at 1/2 to
     1/8 of its scale first. Raises what Pillow raises for an undecodable image."""
+    upright = upright_rgb(image, fit)
+    return fit.fit(upright) if fit is not None else upright
+
+
+def upright_rgb(image: Image.Image, fit: ImagePixels | None = None) -> Image.Image:
+    """Return :func:`model_image` before its resize: what the resize to ``fit`` starts from."""
     if fit is not None:
         fit.draft(image)
-    upright = flatten(ImageOps.exif_transpose(image))
-    return fit.fit(upright) if fit is not None else upright
+    return flatten(ImageOps.exif_transpose(image))
 
 
 def decode_upright(data: bytes, side: int) -> tuple[Image.Image, tuple[int, int]]:

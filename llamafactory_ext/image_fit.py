@@ -24,7 +24,7 @@ import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lance_io.image_size import ImagePixels, has_alpha, model_image
+from lance_io.image_size import ImagePixels, has_alpha, upright_rgb
 from llamafactory_ext.augment import paused
 
 EXIF_MARKERS = (b"Exif", b"eXIf", b"EXIF")
@@ -37,11 +37,14 @@ def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> 
 
     ``data`` comes back as it is when LLaMA-Factory computes the labeler's pixels from it
     (:func:`_read_alike`: an RGB or grey image, upright, opaque, decoded whole by both) and its
-    training size could not take fewer bytes (``max_pixels`` RGB pixels) or the PNG is no smaller;
-    and when resizing the resized image would change it again: Qwen2-VL makes a 600x20 strip
-    465x28 (downscaled, then stretched to a 28-pixel side) and would downscale 465x28 once more.
-    An image that does not decode comes back as it is too, for LLaMA-Factory to report as it would
-    have. The run's jitter is not applied here: it stays per epoch.
+    training size could not take fewer bytes (``max_pixels`` RGB pixels) or the PNG is no smaller.
+    Where LLaMA-Factory would resize the resized image again (Qwen2-VL makes a 600x20 strip 465x28,
+    downscaled, then stretched to a 28-pixel side, and would downscale 465x28 once more; an image
+    enlarged to ``min_pixels`` falls a few pixels short of it), it gets the image before the resize
+    instead (:func:`~lance_io.image_size.upright_rgb`, or ``data`` when it reads that alike), and
+    its one resize gives the labeler's pixels. An image that does not decode comes back as it is,
+    for LLaMA-Factory to report as it would have. The run's jitter is not applied here: it stays
+    per epoch.
     """
     from llamafactory.data.mm_plugin import Qwen2VLPlugin
     from PIL import Image
@@ -52,12 +55,15 @@ def fit_image(plugin: Any, data: bytes, *, max_pixels: int, min_pixels: int) -> 
             alike = _read_alike(image, data, pixels)
             if alike and max_pixels * 3 >= len(data):  # its training size could not take fewer bytes
                 return data
-            fitted = model_image(image, pixels)
-            again = plugin._preprocess_image(fitted, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
-            if again.size != fitted.size or again.mode != fitted.mode or again.tobytes() != fitted.tobytes():
-                return data
+            upright = upright_rgb(image, pixels)
+            held = pixels.fit(upright)
+            again = plugin._preprocess_image(held, image_max_pixels=max_pixels, image_min_pixels=min_pixels)
+            if again.size != held.size or again.mode != held.mode or again.tobytes() != held.tobytes():
+                if alike:
+                    return data
+                held = upright
             out = io.BytesIO()
-            fitted.save(out, format="PNG", compress_level=1)
+            held.save(out, format="PNG", compress_level=1)
     except (OSError, ValueError, Image.DecompressionBombError):  # LLaMA-Factory's own path reports it, as before
         return data
     return out.getvalue() if not alike or out.tell() < len(data) else data

@@ -48,6 +48,7 @@ def test_an_image_is_trained_on_as_the_labeler_sees_it_and_kept_as_stored_where_
         "gif": _encoded(noise.resize((300, 200)).quantize(64), "GIF"),
         "transparent": _encoded(_transparent(noise.resize((300, 200))), "PNG"),  # LLaMA-Factory alone: over black
         "small transparent": _encoded(_transparent(noise.resize((56, 56))).convert("LA"), "PNG"),  # ... over its noise
+        "cut-out to enlarge": _encoded(_transparent(noise.resize((20, 47))), "PNG"),  # enlarged 54x128, again 54x129
     }
     plugin = TEMPLATES[template].mm_plugin
     bounds = {"image_max_pixels": SIDE * SIDE, "image_min_pixels": SIDE * SIDE}  # what a run sets
@@ -61,7 +62,7 @@ def test_an_image_is_trained_on_as_the_labeler_sees_it_and_kept_as_stored_where_
         trained, labeled = trained_on(held[name]), decode_image(data, fit=fit)
         assert trained.mode == labeled.mode == "RGB" and trained.size == labeled.size, name
         assert trained.tobytes() == labeled.tobytes(), name
-    for name in ("photo", "palette", "gif", "transparent", "small transparent"):
+    for name in ("photo", "palette", "gif", "transparent", "small transparent", "cut-out to enlarge"):
         with Image.open(io.BytesIO(held[name])) as image:
             assert image.format == "PNG" and image.mode == "RGB" and image.width * image.height <= SIDE * SIDE, name
         assert trained_on(images[name]).tobytes() != trained_on(held[name]).tobytes(), name  # not what the file gives
