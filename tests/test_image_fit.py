@@ -20,6 +20,13 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
     return out.getvalue()
 
 
+def _mpo(image: Image.Image) -> bytes:
+    """A camera's multi-picture JPEG (MPO) of two frames, small enough to be kept as it is if read alike."""
+    out = io.BytesIO()
+    image.save(out, format="MPO", save_all=True, append_images=[image.rotate(90)], quality=20)
+    return out.getvalue()
+
+
 def _transparent(noise: Image.Image) -> Image.Image:
     """RGBA whose transparent half stores the noise's colours (what a cut-out's hidden pixels hold is arbitrary)."""
     alpha = Image.new("L", noise.size, 255)
@@ -41,6 +48,7 @@ def test_an_image_is_trained_on_as_the_labeler_sees_it_and_kept_as_stored_where_
     images = {
         "photo": _encoded(noise, "JPEG"),  # the labeler decodes it at 1/4 of its scale
         "small photo": _encoded(noise.resize((120, 90)), "JPEG"),
+        "camera's small photo": _mpo(noise.resize((200, 150))),  # decoded at 1/2 of its scale by the labeler
         "strip": _encoded(noise.crop((0, 0, 600, 20)), "PNG"),  # resized twice, it would not be the strip resized once
         "small": _encoded(noise.resize((56, 56)), "PNG"),  # its training size takes more bytes
         "grey": _encoded(noise.resize((300, 200)).convert("L"), "PNG"),
