@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
 LINEAGE_FILE = "lancetag_lineage.json"
 """Written beside trained weights by ``llamafactory_ext.train``; ``image_pixels`` holds the bounds."""
@@ -56,15 +57,16 @@ class ImagePixels:
         return cls(max=int(args.get("image_max_pixels", LLAMAFACTORY_PIXELS[0])),
                    min=int(args.get("image_min_pixels", LLAMAFACTORY_PIXELS[1])), qwen2_vl=qwen2_vl)
 
-    def draft(self, image: Image.Image) -> None:
-        """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels.
+    def drafts(self, image: Image.Image) -> bool:
+        """Whether :meth:`draft` decodes ``image`` at a smaller scale: a JPEG (a camera's MPO too) whose
+        half of each side still holds ``max`` pixels. Other formats have no smaller decode."""
+        return isinstance(image, JpegImageFile) and image.width * image.height >= 4 * self.max
 
-        Other formats have no smaller decode (Pillow's ``draft`` does nothing for them).
-        """
-        width, height = image.size
-        if width * height >= 4 * self.max:  # half of each side still holds max
-            shrink = math.sqrt(self.max / (width * height))
-            image.draft(None, (math.ceil(width * shrink), math.ceil(height * shrink)))
+    def draft(self, image: Image.Image) -> None:
+        """Let a JPEG decode at the smallest of 1/2, 1/4 or 1/8 of its scale that still holds ``max`` pixels."""
+        if self.drafts(image):
+            shrink = math.sqrt(self.max / (image.width * image.height))
+            image.draft(None, (math.ceil(image.width * shrink), math.ceil(image.height * shrink)))
 
     def fit(self, image: Image.Image) -> Image.Image:
         """Return ``image`` resized as LLaMA-Factory resizes a training image (``MMPluginMixin._preprocess_image``,
@@ -96,10 +98,8 @@ def has_alpha(image: Image.Image) -> bool:
 
 def flatten(image: Image.Image) -> Image.Image:
     """Return ``image`` in RGB, its transparent parts over :data:`BACKGROUND`."""
-    if image.mode == "RGB" and "transparency" not in image.info:
-        return image
     if not has_alpha(image):
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
 

@@ -76,7 +76,7 @@ def _read_alike(image: Any, data: bytes, pixels: ImagePixels) -> bool:
     at a smaller scale (:meth:`ImagePixels.draft`)."""
     if image.mode not in ("RGB", "L") or has_alpha(image):
         return False
-    if image.format in ("JPEG", "MPO") and image.width * image.height >= 4 * pixels.max:  # MPO: a camera's JPEG
+    if pixels.drafts(image):
         return False
     marked = any(data.find(marker, 0, 65536) >= 0 for marker in EXIF_MARKERS)  # most images: no EXIF to parse
     return not (marked and image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9))
