@@ -10,6 +10,9 @@
   about 700 images), as they ship: transparent PNGs (RGBA, grey with alpha, palette), whose hidden
   pixels store black, white or other colours. The model sees them over white
   (``lance_io.image_size.model_image``), in training and labeling alike.
+- ``tuxpaint_subcategories``: the same stamps, a class per subcategory (``animals/birds``,
+  ``symbols/alphabets``) with at least :data:`MIN_SUBCATEGORY_STAMPS` PNGs: 22 classes, 608 images.
+  A closed-set prompt listing 22 labels, as a hotel or shop task with dozens of classes has.
 
 None of these sets is used to choose anything in the training recipe by hand: the recipe is chosen
 from each set's own training rows (``llamafactory_ext.recipe``).
@@ -22,6 +25,7 @@ from pathlib import Path
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 MIN_STAMPS = 30
+MIN_SUBCATEGORY_STAMPS = 10
 
 
 def write_elpv(folder: Path) -> Path:
@@ -43,15 +47,28 @@ def write_elpv(folder: Path) -> Path:
 
 def write_tuxpaint(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
     """Copy Tux Paint's stamps of each category with >= MIN_STAMPS PNGs, as they ship, a folder per category."""
-    import shutil
-
     if not stamps.is_dir():
         raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
-    for category in sorted(p for p in stamps.iterdir() if p.is_dir()):
-        files = sorted(category.rglob("*.png"))
-        if len(files) < MIN_STAMPS:
+    return _copy_stamps(folder, [(c.name, c) for c in sorted(p for p in stamps.iterdir() if p.is_dir())], MIN_STAMPS)
+
+
+def write_tuxpaint_subcategories(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
+    """Copy Tux Paint's stamps of each subcategory (``animals/birds``) with >= MIN_SUBCATEGORY_STAMPS
+    PNGs, as they ship, a folder per subcategory (``animals_birds``): 22 classes, 608 images."""
+    if not stamps.is_dir():
+        raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
+    subcategories = sorted(p for p in stamps.glob("*/*") if p.is_dir())
+    return _copy_stamps(folder, [(f"{p.parent.name}_{p.name}", p) for p in subcategories], MIN_SUBCATEGORY_STAMPS)
+
+
+def _copy_stamps(folder: Path, classes: list[tuple[str, Path]], minimum: int) -> Path:
+    import shutil
+
+    for name, source in classes:
+        files = sorted(source.rglob("*.png"))
+        if len(files) < minimum:
             continue
-        out = folder / category.name
+        out = folder / name
         out.mkdir(parents=True, exist_ok=True)
         for k, path in enumerate(files):
             shutil.copyfile(path, out / f"{k:04d}-{path.stem}.png")
@@ -69,6 +86,7 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "digits": write_digits,
     "elpv": write_elpv,
     "tuxpaint": write_tuxpaint,
+    "tuxpaint_subcategories": write_tuxpaint_subcategories,
 }
 
 
@@ -82,7 +100,7 @@ def available() -> list[str]:
     except ImportError:
         pass
     if TUXPAINT_STAMPS.is_dir():
-        names.append("tuxpaint")
+        names += ["tuxpaint", "tuxpaint_subcategories"]
     return names
 
 

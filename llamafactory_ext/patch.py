@@ -3,7 +3,9 @@
 ``activate()`` wraps ``llamafactory.data.loader._load_single_dataset`` (looked up at call time
 by ``_get_merged_dataset``): a Lance entry is read by :mod:`llamafactory_ext.reader` and then
 goes through LLaMA-Factory's ``align_dataset`` and preprocessing like any other dataset;
-every other entry goes to the original function. It also teaches the web UI's preview
+every other entry goes to the original function. It wraps ``_get_preprocessed_dataset`` too: a
+supervised run that reads a Lance entry refuses examples cut to ``cutoff_len``
+(:mod:`llamafactory_ext.cutoff`). It also teaches the web UI's preview
 (``webui.components.data``) to show Lance entries. Idempotent.
 """
 
@@ -50,6 +52,30 @@ def _wrap_loader(original: Any) -> Any:
     return load_single_dataset
 
 
+def _wrap_preprocessing(original: Any) -> Any:
+    """Return ``_get_preprocessed_dataset`` that refuses cut examples in a supervised run reading Lance."""
+
+    @functools.wraps(original)
+    def get_preprocessed_dataset(dataset: Any, data_args: Any, training_args: Any, stage: str, *rest: Any, **kwargs: Any) -> Any:
+        from llamafactory_ext.cutoff import preprocess_uncut
+
+        if stage != "sft" or data_args.packing or not _reads_lance(data_args):
+            return original(dataset, data_args, training_args, stage, *rest, **kwargs)
+        return preprocess_uncut(original, dataset, data_args, training_args, stage, *rest, **kwargs)
+
+    setattr(get_preprocessed_dataset, _MARK, True)
+    return get_preprocessed_dataset
+
+
+def _reads_lance(data_args: Any) -> bool:
+    from llamafactory_ext.source import lance_entries
+
+    if str(data_args.dataset_dir).startswith(("ONLINE", "REMOTE:")):
+        return False
+    entries = lance_entries(data_args.dataset_dir)  # the loader read this same file a moment ago
+    return any(name in entries for name in [*(data_args.dataset or ()), *(data_args.eval_dataset or ())])
+
+
 def activate() -> bool:
     """Install the Lance loader (and web UI preview) into LLaMA-Factory; return True if it was newly installed."""
     import llamafactory.data.loader as loader
@@ -57,6 +83,7 @@ def activate() -> bool:
     if getattr(loader._load_single_dataset, _MARK, False):
         return False
     loader._load_single_dataset = _wrap_loader(loader._load_single_dataset)
+    loader._get_preprocessed_dataset = _wrap_preprocessing(loader._get_preprocessed_dataset)
     try:
         from llamafactory_ext.preview import patch_preview
 

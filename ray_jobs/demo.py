@@ -219,8 +219,10 @@ def training_recipe(table: str, version: int) -> Recipe:
 
 
 def _training_config(
-    model: str, tiny: bool, dataset_dir: Path, output_dir: Path, epochs: float | None, recipe: Recipe
+    model: str, tiny: bool, dataset_dir: Path, output_dir: Path, epochs: float | None, recipe: Recipe, cutoff_len: int = 0
 ) -> dict[str, Any]:
+    """Return the run's LLaMA-Factory config: the model's YAML with the recipe's choices, and a
+    ``cutoff_len`` of at least ``cutoff_len`` (``llamafactory_ext.cutoff.cutoff_for``)."""
     config = yaml.safe_load((TINY_CONFIG if tiny else LORA_CONFIG).read_text())
     config.update(model_name_or_path=model, dataset="demo_train", dataset_dir=str(dataset_dir), output_dir=str(output_dir))
     chosen = recipe.overrides()
@@ -234,6 +236,7 @@ def _training_config(
     config.update(chosen)
     if epochs is not None:
         config["num_train_epochs"] = epochs
+    config["cutoff_len"] = max(config.get("cutoff_len", 0), cutoff_len)
     return config
 
 
@@ -249,8 +252,11 @@ def run_demo(
 ) -> DemoResult:
     """Run the loop in ``workdir`` (default: a fresh ./lancetag-work/demo-<time>) and return the figures."""
     import ray
+    from transformers import AutoTokenizer
 
+    from lance_io.tasks import load_task
     from lance_io.versions import tag_version
+    from llamafactory_ext.cutoff import cutoff_for
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.train import run_training
     from llamafactory_ext.validation import require_validation_rows, validation_sources
@@ -303,6 +309,8 @@ def run_demo(
         table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
     )  # pinned at the ingested version: what it registers does not depend on when
     require_validation_rows(validation_sources(work / "lf", [registration.name], recipe.validation["fraction"]))
+    # a prompt listing dozens of labels outgrows a config's cutoff_len, and LLaMA-Factory would cut it
+    cutoff = cutoff_for(load_task(task), AutoTokenizer.from_pretrained(base), recipe.visual_tokens)
     step(f"recipe from the training rows (side {recipe.side}, {recipe.visual_tokens} visual tokens, "
          f"flip {'on' if recipe.flip else 'off'}, jitter {'on' if recipe.jitter else 'off'}, "
          f"up to {recipe.epochs} epochs)", t0)
@@ -316,7 +324,7 @@ def run_demo(
     step(f"zero-shot tagging (held-out accuracy {100 * before.accuracy:.1f}%)", t0)
 
     t0 = time.perf_counter()
-    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe),
+    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe, cutoff),
                            labeler=transformers_labeler)
     loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"
     step(f"fine-tuning on {registration.rows} rows (mean train loss {loss})", t0)

@@ -1,0 +1,118 @@
+"""A training example of a Lance entry is never cut to cutoff_len (llamafactory_ext.cutoff)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.data import digit_images, write_native, write_table
+from tests.conftest import REPO_ROOT
+from tests.test_lf_dataset import _lf_args, _preprocess
+
+# 24 labels of several words: the prompt lists them all, as a task with dozens of classes does
+LABELS = [f"category {word} of the long list" for word in (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo", "lima",
+    "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray")]
+VISUAL_TOKENS = 4  # the digits' 56x56 pixels: 2x2 merged patches of Qwen2-VL
+
+
+@pytest.fixture(scope="module")
+def long_task(tmp_path_factory) -> tuple[Path, Path, list[tuple[bytes, str]]]:
+    """(dataset_dir with `long` registered, the task's YAML, the rows): 12 digits labeled with LABELS."""
+    from llamafactory_ext.register import register_dataset
+
+    root = tmp_path_factory.mktemp("cutoff")
+    images = [(data, LABELS[int(digit) * 2]) for data, digit in digit_images(12)]
+    write_table(root / "long.lance", images)
+    task = root / "task.yaml"
+    task.write_text(yaml.safe_dump({"name": "long", "kind": "classify", "labels": LABELS}))
+    register_dataset(str(root / "long.lance"), "long", root / "data", task=str(task), label_column="truth")
+    return root / "data", task, images
+
+
+def _refused(model: Path, data: Path, tmp: Path, **extra) -> tuple[str, int]:
+    from llamafactory_ext.cutoff import CutoffError
+
+    with pytest.raises(CutoffError) as err:
+        _preprocess(_lf_args(model, data, "long", tmp, **extra))
+    assert err.value.reason == "cutoff_too_short"
+    return err.value.message, int(re.search(r"the longest is (\d+)\)", err.value.message).group(1))
+
+
+def test_cut_examples_are_refused_with_the_length_they_need(tiny_qwen2_vl, long_task, tmp_path):
+    import llamafactory_ext
+
+    llamafactory_ext.activate()
+    data, _, images = long_task
+    message, needed = _refused(tiny_qwen2_vl, data, tmp_path / "a", cutoff_len=128)
+    assert message.startswith(f"{len(images)} of {len(images)} training examples are longer than cutoff_len (128 tokens")
+    assert needed > 128
+    # the figure is exact: one token short is refused, at the length itself nothing is cut
+    message, longest = _refused(tiny_qwen2_vl, data, tmp_path / "b", cutoff_len=needed - 1)
+    assert longest == needed and not message.startswith(f"{len(images)} of")  # the labels' lengths differ
+    dataset, _ = _preprocess(_lf_args(tiny_qwen2_vl, data, "long", tmp_path / "c", cutoff_len=needed))
+    assert max(len(ids) for ids in dataset["input_ids"]) == needed
+    # streamed, the first cut example read stops the run
+    with pytest.raises(Exception, match="cutoff_too_short"):
+        streamed, _ = _preprocess(_lf_args(tiny_qwen2_vl, data, "long", tmp_path / "d", cutoff_len=128,
+                                           streaming=True, max_steps=2))
+        next(iter(streamed))
+
+
+def test_cutoff_for_holds_the_longest_example_of_the_task(tiny_qwen2_vl, long_task, tmp_path):
+    from transformers import AutoTokenizer
+
+    import llamafactory_ext
+    from lance_io.tasks import load_task
+    from llamafactory_ext.cutoff import cutoff_for
+
+    llamafactory_ext.activate()
+    data, task, _ = long_task
+    _, needed = _refused(tiny_qwen2_vl, data, tmp_path / "a", cutoff_len=128)
+    cutoff = cutoff_for(load_task(str(task)), AutoTokenizer.from_pretrained(tiny_qwen2_vl), VISUAL_TOKENS)
+    assert needed < cutoff <= needed + 128 and cutoff % 64 == 0
+    assert cutoff_for(load_task(str(task)), AutoTokenizer.from_pretrained(tiny_qwen2_vl), VISUAL_TOKENS, floor=4096) == 4096
+    dataset, _ = _preprocess(_lf_args(tiny_qwen2_vl, data, "long", tmp_path / "b", cutoff_len=cutoff))
+    assert len(dataset) == 12
+
+
+def test_a_file_dataset_keeps_llamafactorys_truncation(tiny_qwen2_vl, long_task, tmp_path):
+    """Only a run that reads a Lance entry is checked: a JSON dataset is cut as LLaMA-Factory always has."""
+    import llamafactory_ext
+    from lance_io.tasks import load_task
+
+    llamafactory_ext.activate()
+    _, task, images = long_task
+    question = load_task(str(task)).questions()[0]
+    rows = [{"messages": [{"role": "user", "content": "<image>" + question.prompt},
+                          {"role": "assistant", "content": f"this is a photo of {label}."}]} for _, label in images]
+    write_native(tmp_path / "data", "native", rows, [data for data, _ in images])
+    dataset, _ = _preprocess(_lf_args(tiny_qwen2_vl, tmp_path / "data", "native", tmp_path, cutoff_len=128))
+    assert {len(ids) for ids in dataset["input_ids"]} == {128}
+
+
+def test_a_run_with_a_short_cutoff_fails_before_training(tiny_qwen2_vl, long_task, tmp_path):
+    from llamafactory_ext.cutoff import CutoffError
+    from llamafactory_ext.train import run_training
+
+    data, _, _ = long_task
+    config = yaml.safe_load((REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_cpu.yaml").read_text())
+    config.update(model_name_or_path=str(tiny_qwen2_vl), dataset="long", dataset_dir=str(data),
+                  output_dir=str(tmp_path / "out"), cutoff_len=128)
+    with pytest.raises(CutoffError, match="cutoff_too_short"):
+        run_training(config)
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_the_demo_config_takes_the_larger_cutoff(tmp_path):
+    from llamafactory_ext.recipe import Recipe
+    from ray_jobs.demo import TINY_CONFIG, _training_config
+
+    recipe = Recipe(side=56, visual_tokens=4, flip=False, jitter=False, fill=0, epochs=5, validation={"fraction": 0.1})
+    configured = yaml.safe_load(TINY_CONFIG.read_text())["cutoff_len"]
+    assert _training_config("tiny", True, tmp_path, tmp_path / "o", None, recipe)["cutoff_len"] == configured
+    assert _training_config("tiny", True, tmp_path, tmp_path / "o", None, recipe, configured + 64)["cutoff_len"] == configured + 64
