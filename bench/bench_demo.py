@@ -27,6 +27,7 @@ ABOUT = {
     "digits": "scikit-learn's handwritten digits, 8x8 written as 56x56 PNGs (10 classes)",
     "elpv": "PyPI elpv-dataset: 300x300 electroluminescence images of solar cells, functional vs defective",
     "tuxpaint": "Debian tuxpaint-stamps-default: clip-art stamps of 8 categories, transparent PNGs as they ship",
+    "tuxpaint_subcategories": "the same stamps, a class per subcategory with 10 or more: 22 classes, a prompt of 22 labels",
 }
 
 
