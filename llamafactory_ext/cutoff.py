@@ -31,9 +31,9 @@ class CutoffError(ReasonError):
     """Training examples longer than ``cutoff_len``; ``reason`` is ``cutoff_too_short``."""
 
 
-def cutoff_for(task: Task, tokenizer: Any, visual_tokens: int, floor: int = 0) -> int:
-    """Return a ``cutoff_len`` (a multiple of ROUND_TO, at least ``floor``) that holds every turn of
-    ``task`` over one image of ``visual_tokens`` tokens, with its longest answer."""
+def cutoff_for(task: Task, tokenizer: Any, visual_tokens: int) -> int:
+    """Return a ``cutoff_len`` (a multiple of ROUND_TO) that holds every turn of ``task`` over one
+    image of ``visual_tokens`` tokens, with its longest answer."""
 
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -42,7 +42,7 @@ def cutoff_for(task: Task, tokenizer: Any, visual_tokens: int, floor: int = 0) -
     for question in task.questions():  # an attribute task asks several, in one conversation
         needed += TEMPLATE_TOKENS + length(question.prompt) + length(question.system or "")
         needed += max((length(choice) for choice in question.choices or ()), default=question.max_tokens)
-    return max(floor, ROUND_TO * math.ceil(needed / ROUND_TO))
+    return ROUND_TO * math.ceil(needed / ROUND_TO)
 
 
 def preprocess_uncut(original: Callable[..., Any], dataset: Any, data_args: Any, *rest: Any, **kwargs: Any) -> Any:

@@ -4,7 +4,7 @@
 by ``_get_merged_dataset``): a Lance entry is read by :mod:`llamafactory_ext.reader` and then
 goes through LLaMA-Factory's ``align_dataset`` and preprocessing like any other dataset;
 every other entry goes to the original function. It wraps ``_get_preprocessed_dataset`` too: a
-supervised run that reads a Lance entry refuses examples cut to ``cutoff_len``
+supervised run that reads a Lance entry refuses examples longer than ``cutoff_len``
 (:mod:`llamafactory_ext.cutoff`). It also teaches the web UI's preview
 (``webui.components.data``) to show Lance entries. Idempotent.
 """

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bench.data import digit_images, write_native, write_table
-from tests.conftest import REPO_ROOT
+from tests.conftest import LANCETAG, REPO_ROOT
 from tests.test_lf_dataset import _lf_args, _preprocess
 
 # 24 labels of several words: the prompt lists them all, as a task with dozens of classes does
@@ -74,7 +77,6 @@ def test_cutoff_for_holds_the_longest_example_of_the_task(tiny_qwen2_vl, long_ta
     _, needed = _refused(tiny_qwen2_vl, data, tmp_path / "a", cutoff_len=128)
     cutoff = cutoff_for(load_task(str(task)), AutoTokenizer.from_pretrained(tiny_qwen2_vl), VISUAL_TOKENS)
     assert needed < cutoff <= needed + 128 and cutoff % 64 == 0
-    assert cutoff_for(load_task(str(task)), AutoTokenizer.from_pretrained(tiny_qwen2_vl), VISUAL_TOKENS, floor=4096) == 4096
     dataset, _ = _preprocess(_lf_args(tiny_qwen2_vl, data, "long", tmp_path / "b", cutoff_len=cutoff))
     assert len(dataset) == 12
 
@@ -106,6 +108,22 @@ def test_a_run_with_a_short_cutoff_fails_before_training(tiny_qwen2_vl, long_tas
         run_training(config)
     assert not (tmp_path / "out" / "trainer_state.json").exists()
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_on_a_ray_train_worker_the_cli_prints_the_reason(ray_cluster, tiny_qwen2_vl, long_task, tmp_path):
+    data, _, _ = long_task
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    cmd = [LANCETAG, "train", str(REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_cpu.yaml"), "--workers", "1",
+           "--storage", str(tmp_path / "ray"), "--json"]
+    for key, value in {"model_name_or_path": tiny_qwen2_vl, "dataset": "long", "dataset_dir": data,
+                       "output_dir": tmp_path / "out", "cutoff_len": 128}.items():
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode != 0
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: cutoff_too_short: 12 of 12 training examples are longer than cutoff_len (128")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["error"]["reason"] == "cutoff_too_short"
+    assert "Traceback" not in proc.stderr
 
 
 def test_the_demo_config_takes_the_larger_cutoff(tmp_path):

@@ -43,6 +43,19 @@ def expected_error(exc: BaseException) -> ReasonError | None:
     return None
 
 
+def _train_worker(exc: BaseException) -> ReasonError | None:
+    """A ReasonError a Ray Train worker raised (a config its data cannot train with): Ray Train
+    reports it inside a WorkerGroupError, by rank, wrapped with its traceback text."""
+    failures = getattr(exc, "worker_failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for rank in sorted(failures):
+        inner = getattr(failures[rank], "_base_exc", failures[rank])  # ray.train's UserExceptionWithTraceback
+        if isinstance(inner, ReasonError):
+            return inner
+    return None
+
+
 def _pydantic(exc: BaseException) -> ReasonError | None:
     from pydantic import ValidationError
 
@@ -136,7 +149,7 @@ def _training_args(exc: BaseException) -> ReasonError | None:
 
 
 _TRANSLATORS: tuple[Callable[[BaseException], ReasonError | None], ...] = (
-    _pydantic, _yaml, _http, _model, _training_args, _os, _lance
+    _train_worker, _pydantic, _yaml, _http, _model, _training_args, _os, _lance
 )
 
 
