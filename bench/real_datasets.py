@@ -47,28 +47,27 @@ def write_elpv(folder: Path) -> Path:
 
 def write_tuxpaint(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
     """Copy Tux Paint's stamps of each category with >= MIN_STAMPS PNGs, as they ship, a folder per category."""
-    if not stamps.is_dir():
-        raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
-    return _copy_stamps(folder, [(c.name, c) for c in sorted(p for p in stamps.iterdir() if p.is_dir())], MIN_STAMPS)
+    return _copy_stamps(folder, stamps, "*", MIN_STAMPS)
 
 
 def write_tuxpaint_subcategories(folder: Path, stamps: Path = TUXPAINT_STAMPS) -> Path:
     """Copy Tux Paint's stamps of each subcategory (``animals/birds``) with >= MIN_SUBCATEGORY_STAMPS
     PNGs, as they ship, a folder per subcategory (``animals_birds``): 22 classes, 608 images."""
-    if not stamps.is_dir():
-        raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
-    subcategories = sorted(p for p in stamps.glob("*/*") if p.is_dir())
-    return _copy_stamps(folder, [(f"{p.parent.name}_{p.name}", p) for p in subcategories], MIN_SUBCATEGORY_STAMPS)
+    return _copy_stamps(folder, stamps, "*/*", MIN_SUBCATEGORY_STAMPS)
 
 
-def _copy_stamps(folder: Path, classes: list[tuple[str, Path]], minimum: int) -> Path:
+def _copy_stamps(folder: Path, stamps: Path, classes: str, minimum: int) -> Path:
+    """Copy the PNGs under each folder of ``stamps`` matching ``classes`` (a glob) that holds at least
+    ``minimum``, into a folder named by its path below ``stamps``, parts joined by ``_``."""
     import shutil
 
-    for name, source in classes:
+    if not stamps.is_dir():
+        raise FileNotFoundError(f"{stamps} not found: apt-get install tuxpaint-stamps-default")
+    for source in sorted(p for p in stamps.glob(classes) if p.is_dir()):
         files = sorted(source.rglob("*.png"))
         if len(files) < minimum:
             continue
-        out = folder / name
+        out = folder / "_".join(source.relative_to(stamps).parts)
         out.mkdir(parents=True, exist_ok=True)
         for k, path in enumerate(files):
             shutil.copyfile(path, out / f"{k:04d}-{path.stem}.png")
