@@ -96,8 +96,43 @@ def has_alpha(image: Image.Image) -> bool:
     return not {"A", "a"}.isdisjoint(image.getbands()) or "transparency" in image.info
 
 
+WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+"""Pillow's single-band modes of more than 8 bits (a 16-bit grey PNG or TIFF opens as ``I;16``).
+Pillow turns them into RGB by clipping at 255, so a 16-bit image comes out white wherever it is
+brighter than 255 of 65,535: nearly all of it."""
+
+
+def eight_bit_grey(image: Image.Image) -> Image.Image:
+    """Return a grey image of more than 8 bits (:data:`WIDE_GREY_MODES`) scaled to 8 bits ("L"); others as they are.
+
+    Integers are read as 16-bit (0-65,535 to 0-255, as scikit-image's ``img_as_ubyte`` and
+    torchvision's ``convert_image_dtype`` do; a value above 65,535 is white). Floats are read as
+    0-1 when the whole image lies there, and otherwise as 0-255, as Pillow reads them. A pixel
+    marked transparent (a 16-bit PNG's ``tRNS`` grey) comes back transparent ("LA").
+    """
+    if image.mode not in WIDE_GREY_MODES:
+        return image
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode != "F":
+        scaled = np.clip(values, 0, 65535) / 257
+    elif values.size and np.nanmin(values) >= 0 and np.nanmax(values) <= 1:
+        scaled = values * 255
+    else:
+        scaled = np.clip(values, 0, 255)
+    grey = Image.fromarray(np.rint(np.nan_to_num(scaled)).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int | float):
+        grey.putalpha(Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8)))
+    grey.info.update({k: v for k, v in image.info.items() if k != "transparency"})
+    return grey
+
+
 def flatten(image: Image.Image) -> Image.Image:
-    """Return ``image`` in RGB, its transparent parts over :data:`BACKGROUND`."""
+    """Return ``image`` in RGB, its transparent parts over :data:`BACKGROUND`; a grey image of more
+    than 8 bits scaled to 8 (:func:`eight_bit_grey`), not clipped."""
+    image = eight_bit_grey(image)
     if not has_alpha(image):
         return image if image.mode == "RGB" else image.convert("RGB")
     rgba = image.convert("RGBA")

@@ -150,3 +150,60 @@ def test_a_stream_trains_on_a_turned_photo_upright_too(tmp_path):
     (turned,) = streamed - {other}
     assert Image.open(io.BytesIO(turned)).convert("RGB").tobytes() == upright.tobytes()
     assert {row["images"][0] for row in reader.stream_rows(source)} == {photo, other}  # no fit: as stored
+
+
+def _wide_grey(grey: Image.Image, fmt: str, mode: str) -> bytes:
+    """``grey`` (8-bit) stored as a 16-bit PNG or TIFF (``I;16``), a 32-bit integer TIFF (``I``) or a 0-1 float TIFF (``F``)."""
+    import numpy as np
+
+    values = np.asarray(grey, dtype=np.float64)
+    wide = {"I;16": (values * 257).astype(np.uint16), "I": (values * 257).astype(np.int32),
+            "F": (values / 255).astype(np.float32)}[mode]
+    image = Image.fromarray(wide)
+    assert image.mode == mode
+    return _encoded(image, fmt)
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I"), ("TIFF", "F")])
+def test_a_grey_image_of_more_than_8_bits_is_seen_scaled_to_8_not_clipped_at_255(fmt, mode):
+    """Pillow alone turns a 16-bit grey image white wherever it is brighter than 255 of 65,535 (and a 0-1 float
+    image black): the labeler, training and the pixel baselines see the 8-bit image it holds."""
+    import numpy as np
+
+    from lance_io.image_size import ImagePixels
+    from ray_jobs.evaluation.baselines import pixel_features
+    from serve_apps.backends.base import decode_image
+
+    grey = Image.frombytes("L", (300, 200), random.Random(5).randbytes(300 * 200))
+    eight, wide = _encoded(grey, "PNG"), _wide_grey(grey, fmt, mode)
+    with Image.open(io.BytesIO(wide)) as pillow_alone:
+        assert len(np.unique(pillow_alone.convert("RGB"))) <= 2  # what the fix is for: 256 greys clipped to two
+    fit = ImagePixels(max=SIDE * SIDE, min=SIDE * SIDE, qwen2_vl=True)
+    for size in (None, fit):
+        assert decode_image(wide, fit=size).tobytes() == decode_image(eight, fit=size).tobytes()
+    assert np.array_equal(pixel_features([wide])[0], pixel_features([eight])[0])
+    held = training_fit("qwen2_vl", SIDE * SIDE, SIDE * SIDE)
+    with Image.open(io.BytesIO(held(wide))) as trained, Image.open(io.BytesIO(held(eight))) as trained_eight:
+        assert trained.convert("RGB").tobytes() == trained_eight.convert("RGB").tobytes()
+
+
+def test_a_16_bit_grey_png_keeps_its_transparent_grey_and_reaches_an_endpoint_as_8_bits():
+    import base64
+
+    import numpy as np
+
+    from serve_apps.backends.base import decode_image
+    from serve_apps.backends.openai_backend import data_url
+
+    values = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
+    wide = _encoded(Image.fromarray(values), "PNG")
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, format="PNG", transparency=5 * 257)
+    seen = np.asarray(decode_image(out.getvalue()))[..., 0].reshape(-1)
+    assert seen[5] == 255 and np.array_equal(np.delete(seen, 5), np.delete(np.arange(256), 5))  # over white
+    url = data_url(wide)
+    assert url.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as sent:
+        assert sent.mode == "RGB" and np.array_equal(np.asarray(sent)[..., 0].reshape(-1), np.arange(256))
+    small = _encoded(Image.fromarray(values.astype(np.uint8)), "PNG")  # 8 bits: sent as it is
+    assert base64.b64decode(data_url(small).split(",", 1)[1]) == small

@@ -33,7 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from lance_io.image_size import model_image
+from lance_io.image_size import WIDE_GREY_MODES, model_image
 from lance_io.reasons import first_problem
 from lance_io.tasks import Question, Task
 from serve_apps.backends.base import (
@@ -113,12 +113,13 @@ def read_completion(response: httpx.Response) -> Completion:
 
 
 def data_url(data: bytes) -> str:
-    """Return the image as a data: URL, re-encoded as PNG (as the model sees it) only when the endpoint may not read its format."""
+    """Return the image as a data: URL, re-encoded as PNG (as the model sees it) only when the endpoint may not
+    read its format, or would clip its grey of more than 8 bits (:data:`~lance_io.image_size.WIDE_GREY_MODES`)."""
     import io
 
     with Image.open(io.BytesIO(data)) as image:
         mime = _MIME.get(image.format or "")
-        if mime is None:
+        if mime is None or image.mode in WIDE_GREY_MODES:
             buffer = io.BytesIO()
             model_image(image).save(buffer, "PNG")  # upright and over white, as the endpoint shows the others
             data, mime = buffer.getvalue(), "image/png"
