@@ -114,7 +114,7 @@ def eight_bit_grey(image: Image.Image) -> Image.Image:
         return image
     import numpy as np
 
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image, dtype=np.float32)  # exact for every 16-bit integer
     if image.mode != "F":
         scaled = np.clip(values, 0, 65535) / 257
     elif values.size and np.nanmin(values) >= 0 and np.nanmax(values) <= 1:
