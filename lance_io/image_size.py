@@ -10,7 +10,8 @@ weights (``image_pixels``); the labeler reads them from the adapter's folder, th
 (:func:`read_image_pixels`), and resizes each image as LLaMA-Factory did (:meth:`ImagePixels.fit`),
 decoding a larger JPEG at 1/2, 1/4 or 1/8 of its scale first (:meth:`ImagePixels.draft`).
 
-What a model sees of an image is one function, :func:`model_image`, for the labeler and for
+Every module that decodes an image imports this one, which lets Pillow open HEIC/HEIF photos
+(:func:`register_heif`). What a model sees of an image is one function, :func:`model_image`, for the labeler and for
 training alike (``llamafactory_ext.image_fit`` holds each training image as it returns it): the
 EXIF orientation applied, the transparent parts over white (:data:`BACKGROUND`), then the resize.
 LLaMA-Factory alone would train on a palette image resized nearest-neighbour and on a transparent
@@ -29,6 +30,19 @@ from typing import Any
 
 from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
+
+
+def register_heif() -> None:
+    """Let Pillow open HEIC/HEIF, a phone camera's default format, where pillow-heif is installed (every
+    environment but the web UI's, whose gradio pins a Pillow too old for it). Called on import."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+register_heif()
 
 LINEAGE_FILE = "lancetag_lineage.json"
 """Written beside trained weights by ``llamafactory_ext.train``; ``image_pixels`` holds the bounds."""

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import lance_io.image_size  # noqa: F401  (registers HEIC/HEIF: image_bytes(..., "HEIF") saves through it)
+
 
 def noise_image(seed: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
     """Return a distinct random image (distinct seed, distinct content)."""
@@ -101,7 +103,7 @@ def build_hostile_folder(base: Path) -> HostileFolder:
     outside.write_bytes(image_bytes(900))
     good = image_bytes(1)
     files = {
-        # added (11, and 1 below)
+        # added (12, and 1 below)
         "good.jpg": good,
         "nested/deep/a/b/c/photo.png": image_bytes(2, "PNG"),
         "cmyk.jpg": image_bytes(3, "JPEG", "CMYK"),
@@ -113,6 +115,7 @@ def build_hostile_folder(base: Path) -> HostileFolder:
         "really a png.txt": image_bytes(9, "PNG"),
         "NOEXTENSION": image_bytes(10),
         "été photo ü 写真.jpg": image_bytes(11),
+        "phone.heic": image_bytes(14, "HEIF"),  # a phone camera's default format
         # duplicates (1 here + 1 symlink below)
         "copy of good.jpg": good,
         # errors
@@ -149,7 +152,7 @@ def build_hostile_folder(base: Path) -> HostileFolder:
         outside_root=1,
         not_a_file=1,
     )
-    return HostileFolder(root=root, added=12, duplicates=2, skipped=3, errors=errors)
+    return HostileFolder(root=root, added=13, duplicates=2, skipped=3, errors=errors)
 
 
 def palette_png(seed: int) -> bytes:

@@ -52,6 +52,7 @@ def test_an_image_is_trained_on_as_the_labeler_sees_it_and_kept_as_stored_where_
         "strip": _encoded(noise.crop((0, 0, 600, 20)), "PNG"),  # resized twice, it would not be the strip resized once
         "small": _encoded(noise.resize((56, 56)), "PNG"),  # its training size takes more bytes
         "grey": _encoded(noise.resize((300, 200)).convert("L"), "PNG"),
+        "phone photo": _encoded(noise.resize((300, 200)), "HEIF"),  # HEIC: pillow-heif, as the labeler reads it
         "palette": _encoded(noise.resize((300, 200)).quantize(64), "PNG"),  # LLaMA-Factory alone: resized nearest
         "gif": _encoded(noise.resize((300, 200)).quantize(64), "GIF"),
         "transparent": _encoded(_transparent(noise.resize((300, 200))), "PNG"),  # LLaMA-Factory alone: over black

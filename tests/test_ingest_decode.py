@@ -33,8 +33,9 @@ LIMITS = {"max_pixels": 178_956_970, "max_bytes": 64 * 1024**2}
         (image_bytes(6, "WEBP"), "WEBP", "RGB", 1),
         (image_bytes(7, "BMP"), "BMP", "RGB", 1),
         (image_bytes(8, "TIFF"), "TIFF", "RGB", 1),
+        (image_bytes(9, "HEIF"), "HEIF", "RGB", 1),  # a phone's photo: pillow-heif, registered by lance_io
     ],
-    ids=["cmyk-jpeg", "16-bit-png", "palette-png", "rgba-png", "animated-gif", "webp", "bmp", "tiff"],
+    ids=["cmyk-jpeg", "16-bit-png", "palette-png", "rgba-png", "animated-gif", "webp", "bmp", "tiff", "heic"],
 )
 def test_exotic_modes_are_accepted_with_their_format_mode_and_frames(
     data: bytes, fmt: str, mode: str, frames: int
@@ -115,5 +116,6 @@ def test_sniff_format_reads_magic_bytes_not_extensions() -> None:
     Image.new("RGB", (4, 4)).save(buffer, "PNG")
     assert sniff_format(buffer.getvalue()[:16]) == "PNG"
     assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
+    assert sniff_format(image_bytes(1, "HEIF")[:16]) == "HEIF"
     assert sniff_format(b"RIFF\x00\x00\x00\x00WAVEfmt ") is None
     assert sniff_format(b"hello world, no image") is None

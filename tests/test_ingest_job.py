@@ -46,6 +46,7 @@ def test_hostile_folder_counts_reconcile_and_every_error_is_recorded(ray_cluster
     assert by_name["animated.gif"]["frames"] == 3
     assert by_name["rotated.jpg"]["exif_orientation"] == 6
     assert by_name["cmyk.jpg"]["mode"] == "CMYK" and by_name["sixteen.png"]["mode"] == "I;16"
+    assert by_name["phone.heic"]["format"] == "HEIF" and by_name["phone.heic"]["image"] == (folder.root / "phone.heic").read_bytes()
     assert by_name["été photo ü 写真.jpg"]["image"] == (folder.root / "été photo ü 写真.jpg").read_bytes()
     not_utf8 = by_name["cr\\xe8me \\xff.jpg"]  # a Latin-1 name: the bytes reached, the name shown escaped
     assert not_utf8["source"] == str(folder.root / "caf\\xe9" / "cr\\xe8me \\xff.jpg") and not_utf8["truth"] == "caf\\xe9"

@@ -14,7 +14,10 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from lance_io.image_size import register_heif
 from ray_jobs.ingest.items import ImageInfo, IngestError
+
+register_heif()  # HEIC/HEIF photos validate in every process that ingests (done on import; again is harmless)
 
 EXIF_ORIENTATION = 0x0112
 
@@ -30,6 +33,16 @@ MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\x00\x00\x01\x00", 0, "ICO"),
     (b"ftypavif", 4, "AVIF"),
     (b"ftypavis", 4, "AVIF"),
+    (b"ftypheic", 4, "HEIF"),
+    (b"ftypheix", 4, "HEIF"),
+    (b"ftypheim", 4, "HEIF"),
+    (b"ftypheis", 4, "HEIF"),
+    (b"ftyphevc", 4, "HEIF"),
+    (b"ftyphevx", 4, "HEIF"),
+    (b"ftyphevm", 4, "HEIF"),
+    (b"ftyphevs", 4, "HEIF"),
+    (b"ftypmif1", 4, "HEIF"),
+    (b"ftypmsf1", 4, "HEIF"),
     (b"\x00\x00\x00\x0cjP  ", 0, "JPEG2000"),
     (b"\xff\x4f\xff\x51", 0, "JPEG2000"),
     (b"P1", 0, "PPM"),
