@@ -14,10 +14,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from lance_io.image_size import register_heif
+import lance_io.image_size  # noqa: F401  (registers HEIC/HEIF with Pillow on import: every ingest process reads them)
 from ray_jobs.ingest.items import ImageInfo, IngestError
-
-register_heif()  # HEIC/HEIF photos validate in every process that ingests (done on import; again is harmless)
 
 EXIF_ORIENTATION = 0x0112
 
