@@ -292,7 +292,10 @@ def run_demo(
 
     ensure_ray(object_store_memory=1024**3)
     t0 = time.perf_counter()
-    ingested = ingest([str(data_dir)], table, IngestOptions(label_from_dir=True, progress=progress))
+    # The user's own folder: its symlinks are followed wherever they lead, as a folder of links into
+    # a dataset kept elsewhere is a common way to lay one out (ingest refuses them by default).
+    options = IngestOptions(label_from_dir=True, allow_outside_root=True, progress=progress)
+    ingested = ingest([str(data_dir)], table, options)
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     _require_known_classes(table, labels, data_dir)

@@ -349,20 +349,27 @@ def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["undecodable", "one_class_of_images", "nested_class"])
+@pytest.mark.parametrize("case", ["undecodable", "one_class_of_images", "nested_class", "linked_nested_class"])
 def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_every_error(tmp_path, case):
     """Ingested, then refused in one line before any model work: files that are not images; images
     of one class only (the other class's folder holds a note and copies of the first's); or a class
-    whose images sit one folder deeper, where ingest would label them by that folder."""
+    whose images sit one folder deeper, where ingest would label them by that folder. The last case
+    again with the class folders symlinks into a dataset kept outside the folder given: the demo
+    follows them (before, every image was refused as ``outside_root``)."""
     import lance
 
     from lance_io.errors import errors_uri
     from tests.ingest_fixtures import image_bytes
 
     data = tmp_path / "data"
-    inner = {"nested_class": data / "b" / "scans"}.get(case, data / "b")
-    (data / "a").mkdir(parents=True)
+    classes = tmp_path / "kept" if case == "linked_nested_class" else data  # where the class folders really are
+    inner = classes / "b" / "scans" if case.endswith("nested_class") else classes / "b"
+    (classes / "a").mkdir(parents=True)
     inner.mkdir(parents=True)
+    if classes != data:  # data/a -> kept/a, data/b -> kept/b
+        data.mkdir()
+        for name in ("a", "b"):
+            (data / name).symlink_to(classes / name, target_is_directory=True)
     for i in range(12):
         picture = b"\xff\xd8\xff" + bytes(60) if case == "undecodable" else image_bytes(i)  # a cut JPEG
         (data / "a" / f"{i}.jpg").write_bytes(picture)
@@ -374,6 +381,7 @@ def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_e
 
     reason = {"undecodable": "no_images", "one_class_of_images": "recipe_needs_two_classes"}.get(case, "bad_source")
     assert refusal_problems(proc, reason, as_json=True) == [], proc.stderr[-2000:]
+    assert "fork-safe" not in proc.stderr  # Lance's at-fork warning, raised as Ray forks and execs its processes
     message = json.loads(proc.stdout)["error"]["message"]
     assert not (work / "models" / "fine-tuned").exists()  # refused before any training
     errors = errors_uri(str(work / "images.lance"))

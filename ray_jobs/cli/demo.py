@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,9 @@ def demo_command(
     from ray_jobs.demo import describe_ingest, run_demo
     from ray_jobs.evaluation.baselines import describe_verdict
 
+    # LLaMA-Factory logs every config and processor it loads (about 1,100 lines a run), which buries
+    # the demo's own progress lines; LLAMAFACTORY_VERBOSITY=INFO shows them again.
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
     log = (lambda msg: typer.echo(msg, err=True)) if as_json else typer.echo
     result = run_demo(workdir, data=data, task=task, model=model, epochs=epochs, progress=not as_json, log=log)
     if not as_json:
