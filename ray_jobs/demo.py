@@ -115,12 +115,18 @@ def folder_task(data: Path, out: Path) -> Path:
     """Write a classify task whose labels are the class folders of ``data``; return its path."""
     if not data.is_dir():
         raise ReasonError("bad_source", f"{data} is not a folder: give a folder with a sub-folder per class")
-    labels = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+    labels = sorted(p.name for p in data.iterdir() if p.is_dir() and not _metadata_folder(p.name))
     if len(labels) < 2:
         raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
     path = out / "task.yaml"
     path.write_text(yaml.safe_dump({"kind": "classify", "name": data.name or "folders", "labels": labels}))
     return path
+
+
+def _metadata_folder(name: str) -> bool:
+    """Whether a folder of ``--data`` is no class: hidden (``.git``), or the ``__MACOSX`` folder of
+    AppleDouble files a zip made on a Mac unpacks to (ingest skips those files as not images)."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _task_labels(task: str) -> set[str]:

@@ -128,8 +128,11 @@ def build_hostile_folder(base: Path) -> HostileFolder:
         "notes.txt": b"shopping list\n",
         ".DS_Store": b"\x00\x00\x00\x01Bud1" + bytes(64),
         "EMPTY": b"",
+        "._good.jpg": apple_double(),  # macOS metadata beside a copied file, and in a Mac-made zip
+        "__MACOSX/._good.jpg": apple_double(),
     }
     for name, data in files.items():
+        (root / name).parent.mkdir(exist_ok=True)
         (root / name).write_bytes(data)
     os.symlink("good.jpg", root / "link to good.jpg")  # duplicate
     os.symlink(".", root / "nested" / "loop")  # a folder loop: walked once, no input
@@ -152,7 +155,12 @@ def build_hostile_folder(base: Path) -> HostileFolder:
         outside_root=1,
         not_a_file=1,
     )
-    return HostileFolder(root=root, added=13, duplicates=2, skipped=3, errors=errors)
+    return HostileFolder(root=root, added=13, duplicates=2, skipped=5, errors=errors)
+
+
+def apple_double() -> bytes:
+    """Return a macOS AppleDouble file (``._photo.jpg``): its magic and version, then its filler."""
+    return b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\x00\x02" + bytes(4000)
 
 
 def palette_png(seed: int) -> bytes:

@@ -328,6 +328,8 @@ def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
 
     one_class = tmp_path / "one-class"
     (one_class / "cats").mkdir(parents=True)
+    (one_class / "__MACOSX" / "cats").mkdir(parents=True)  # a Mac-made zip's metadata: no class
+    (one_class / ".thumbnails").mkdir()
     a_file = tmp_path / "photo.png"
     a_file.write_bytes(b"not a folder")
     (tmp_path / "two-classes" / "dogs").mkdir(parents=True)

@@ -26,7 +26,7 @@ from ray_jobs.ingest.sources import SOURCE_KINDS
 from ray_jobs.ingest.sources.base import ListedSource
 from ray_jobs.ingest.sources.objectstore import object_source
 from ray_jobs.ingest.worker import read_object
-from tests.ingest_fixtures import image_bytes
+from tests.ingest_fixtures import apple_double, image_bytes
 from tests.s3_server import moto_server
 from tests.test_ingest_webdataset import build_shards
 
@@ -123,6 +123,7 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
         "photos/a/big.png": b"\x89PNG\r\n\x1a\n" + bytes(30_000),
         "photos/b/garbage.jpg": b"these bytes are not an image" * 4,
         "photos/a/notes.txt": b"a scanned object that is no image: skipped, as in a folder",
+        "photos/a/._00000.png": apple_double(),  # macOS metadata named like an image: skipped too
         "photos/b/gone.png": image_bytes(99_999, "PNG", size=(8, 8)),  # deleted after listing
         "photos/a/denied-1.png": image_bytes(99_998, "PNG", size=(8, 8)),  # the policy denies reading it
     }
@@ -147,7 +148,7 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
 
     assert summary.reconciled, summary
     assert summary.inputs == len(objects) + len(hostile)
-    assert (summary.added, summary.duplicates, summary.skipped) == (IMAGES, 3, 1)
+    assert (summary.added, summary.duplicates, summary.skipped) == (IMAGES, 3, 2)
     assert summary.errors_by_reason == {
         "empty_file": 1, "not_a_file": 1, "too_large": 1, "not_an_image": 1, "not_found": 1, "access_denied": 1
     }, summary.errors_by_reason
@@ -158,7 +159,8 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
     recorded = {e["source"] for e in errors} | {r["source"] for r in rows}
     listed = {f"s3://{s3.bucket}/{key}" for key in objects | hostile}
     duplicates = {f"s3://{s3.bucket}/photos/a/copy-{n}.png" for n in (0, 2, 4)}
-    assert listed - recorded == duplicates | {f"s3://{s3.bucket}/photos/a/notes.txt"}
+    skipped = {f"s3://{s3.bucket}/photos/a/{name}" for name in ("notes.txt", "._00000.png")}
+    assert listed - recorded == duplicates | skipped
     secret = s3.storage_options["aws_secret_access_key"]
     history = repr(list_versions(table, storage_options=s3.storage_options))
     assert secret not in history and not any(secret in e["message"] for e in errors), "no secret stored"

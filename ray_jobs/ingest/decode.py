@@ -85,6 +85,16 @@ IMAGE_EXTENSIONS = frozenset(
 SNIFF_BYTES = 16
 
 
+APPLE_DOUBLE = b"\x00\x05\x16\x07"
+"""The magic of macOS's AppleDouble files (``._photo.jpg`` beside each file, ``__MACOSX/`` in a zip
+made on a Mac): a file's metadata, named like the image it describes."""
+
+
+def is_mac_metadata(head: bytes) -> bool:
+    """Whether bytes are a macOS AppleDouble file: in a scanned folder or prefix, skipped as not an image."""
+    return head[: len(APPLE_DOUBLE)] == APPLE_DOUBLE
+
+
 def sniff_format(head: bytes) -> str | None:
     """Return the image format the magic bytes announce, or None if they announce no image."""
     for signature, offset, fmt in MAGIC:

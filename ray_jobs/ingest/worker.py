@@ -28,7 +28,13 @@ import pyarrow as pa
 from lance_io import existing_ids
 from lance_io.schema import content_hashes
 from lance_io.storage import is_object_uri, pyarrow_filesystem, resolve_storage_options
-from ray_jobs.ingest.decode import IMAGE_EXTENSIONS, SNIFF_BYTES, sniff_format, validate_image
+from ray_jobs.ingest.decode import (
+    IMAGE_EXTENSIONS,
+    SNIFF_BYTES,
+    is_mac_metadata,
+    sniff_format,
+    validate_image,
+)
 from ray_jobs.ingest.fetch import Fetcher
 from ray_jobs.ingest.items import ImageInfo, IngestError
 from ray_jobs.ingest.object_reads import ObjectMissing, ObjectTooLarge, ObjectUnreadable, read_range
@@ -299,7 +305,7 @@ def read_object(
         return IngestError("too_large", f"the object is over the limit of {max_bytes} bytes (raise --max-bytes)")
     except ObjectUnreadable as exc:
         return IngestError(*listing_failure(exc.cause))
-    return SKIP if data is None else data
+    return SKIP if data is None or (scan and is_mac_metadata(data)) else data
 
 
 def read_member(
@@ -377,7 +383,7 @@ def read_file(path: str, max_bytes: int, *, scan: bool = False) -> bytes | Inges
             data += handle.read(size + 1 - len(data))
             if len(data) > size:
                 data += handle.read(max_bytes + 1 - len(data))
-            return data
+            return SKIP if scan and is_mac_metadata(data) else data
     except FileNotFoundError:
         return IngestError("not_found", "no such file (moved or deleted since it was listed?)")
     except ValueError:  # os.stat's "embedded null byte"
