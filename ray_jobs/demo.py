@@ -39,6 +39,12 @@ LABEL_UNITS = 2
 TINY_CONFIG = REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_digits_full.yaml"
 LORA_CONFIG = REPO_ROOT / "configs" / "train" / "qwen2_vl_2b_lora.yaml"
 TEST_FRACTION = 0.2
+# Split folders a dataset may ship with, and what each is (compared lower-cased).
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train",
+    "test": "test", "testing": "test",
+    "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
+}
 SPLIT = pa.schema([pa.field("split", pa.string())])
 
 
@@ -79,16 +85,22 @@ def write_digits(folder: Path) -> Path:
     return folder
 
 
-def add_split_column(table: str) -> int:
-    """Write the ``split`` column (train/test by id hash) for rows without one; return the version."""
+def add_split_column(table: str, layout: FolderLayout | None = None) -> int:
+    """Write the ``split`` column for rows without one; return the version.
+
+    Train/test by id hash, or, for a folder laid out in splits, by the split folder each image sits in.
+    """
     from lance_io import open_table
     from lance_io.columns import fill_column
 
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
-        return pa.record_batch([pa.array([split_of(i, TEST_FRACTION, held_out="test") for i in batch.column("id").to_pylist()])], schema=SPLIT)
+        ids, sources = batch.column("id").to_pylist(), batch.column("source").to_pylist()
+        given = [layout.split_of(source) if layout else None for source in sources]
+        splits = [split or split_of(i, TEST_FRACTION, held_out="test") for i, split in zip(ids, given, strict=True)]
+        return pa.record_batch([pa.array(splits)], schema=SPLIT)
 
     # The labeling run's commit protocol, computed here: the whole column in a commit or two.
-    fill_column(table, compute, read_columns=[], output_schema=SPLIT, todo="split IS NULL", properties={"lancetag.job": "demo-split"})
+    fill_column(table, compute, read_columns=["source"], output_schema=SPLIT, todo="split IS NULL", properties={"lancetag.job": "demo-split"})
     return open_table(table).version
 
 
@@ -111,15 +123,57 @@ def labeler_resources(cluster: dict[str, float] | None) -> dict[str, Any]:
     return sized
 
 
-def folder_task(data: Path, out: Path) -> Path:
-    """Write a classify task whose labels are the class folders of ``data``; return its path."""
+@dataclass(frozen=True)
+class FolderLayout:
+    """How ``--data`` is laid out: a folder per class, or split folders (``train/``, ``test/``, ...)
+    that each hold a folder per class, as datasets are often shipped."""
+
+    root: Path
+    labels: list[str]
+    splits: dict[str, str] = field(default_factory=dict)  # split folder -> "train" or "test"
+
+    def split_of(self, source: str) -> str | None:
+        """Return the split of the image at ``source`` (a path under ``root``): its split folder's,
+        or None outside any (the rows of a folder per class, split by content hash)."""
+        parts = Path(source).parts
+        return self.splits.get(parts[len(self.root.parts)]) if len(parts) > len(self.root.parts) + 1 else None
+
+    def held_out(self) -> str:
+        """Say which rows are held out, for the progress line."""
+        held = sorted(name for name, split in self.splits.items() if split == "test")
+        return f"the folder's own {', '.join(held)} split" if held else f"{TEST_FRACTION:.0%} by content hash"
+
+
+def folder_layout(data: Path) -> FolderLayout:
+    """Return the classes of ``data`` (its sub-folders, or those of its split folders) and its splits.
+
+    Split folders (``train``, ``val``, ``test``, any case) keep the division the dataset shipped with:
+    ``test`` (or, with none, the validation folder) is held out; the others train.
+    """
     if not data.is_dir():
         raise ReasonError("bad_source", f"{data} is not a folder: give a folder with a sub-folder per class")
-    labels = sorted(p.name for p in data.iterdir() if p.is_dir() and not _metadata_folder(p.name))
+    folders = sorted(p for p in data.iterdir() if p.is_dir() and not _metadata_folder(p.name))
+    if folders and all(p.name.lower() in SPLIT_FOLDERS for p in folders):
+        labels = sorted({c.name for p in folders for c in p.iterdir() if c.is_dir() and not _metadata_folder(c.name)})
+        if len(labels) < 2:
+            raise ReasonError(
+                "bad_source",
+                f"{data} holds split folders ({', '.join(p.name for p in folders)}) but not two class folders "
+                f"in them, found {labels}: give each split a sub-folder per class",
+            )
+        kinds = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in folders}
+        held = "test" if "test" in kinds.values() else "validation"
+        return FolderLayout(data, labels, {name: "test" if kind == held else "train" for name, kind in kinds.items()})
+    labels = [p.name for p in folders]
     if len(labels) < 2:
         raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
+    return FolderLayout(data, labels)
+
+
+def folder_task(layout: FolderLayout, out: Path) -> Path:
+    """Write a classify task whose labels are the class folders of ``layout``; return its path."""
     path = out / "task.yaml"
-    path.write_text(yaml.safe_dump({"kind": "classify", "name": data.name or "folders", "labels": labels}))
+    path.write_text(yaml.safe_dump({"kind": "classify", "name": layout.root.name or "folders", "labels": layout.labels}))
     return path
 
 
@@ -287,7 +341,8 @@ def run_demo(
 
     t0 = time.perf_counter()
     data_dir = work / "data" if data is None else Path(data).resolve()
-    task = task or ("digits" if data is None else str(folder_task(data_dir, work)))
+    layout = None if data is None else folder_layout(data_dir)
+    task = task or ("digits" if layout is None else str(folder_task(layout, work)))
     labels = _task_labels(task)
     if data is None:
         write_digits(data_dir)
@@ -305,10 +360,10 @@ def run_demo(
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     _require_known_classes(table, labels, data_dir)
-    add_split_column(table)
+    add_split_column(table, layout)
     _require_held_out(table)
     versions = {"ingested": tag_version(table, "ingested")}
-    step(f"ingest ({describe_ingest(accounted)})", t0)
+    step(f"ingest ({describe_ingest(accounted)}; held out: {(layout or FolderLayout(data_dir, [])).held_out()})", t0)
 
     t0 = time.perf_counter()
     recipe = training_recipe(table, versions["ingested"])

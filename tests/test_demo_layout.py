@@ -1,0 +1,104 @@
+"""`lancetag demo --data DIR`: what the folder's layout tells the demo (classes, and the split a
+dataset shipped with: ``train/<class>/``, ``test/<class>/``), before any model work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lance_io.reasons import ReasonError
+from ray_jobs.demo import FolderLayout, add_split_column, folder_layout
+from tests.ingest_fixtures import image_bytes
+
+
+def _images(folder: Path, count: int, seed: int) -> list[bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [image_bytes(seed + i) for i in range(count)]
+    for i, image in enumerate(images):
+        (folder / f"{i}.jpg").write_bytes(image)
+    return images
+
+
+def test_a_folder_per_class_is_split_by_content_hash(tmp_path: Path) -> None:
+    for name in ("cats", "dogs", "__MACOSX", ".cache"):
+        (tmp_path / name).mkdir()
+    layout = folder_layout(tmp_path)
+    assert layout.labels == ["cats", "dogs"] and layout.splits == {}
+    assert layout.split_of(str(tmp_path / "cats" / "1.jpg")) is None
+    assert layout.held_out() == "20% by content hash"
+
+
+def test_split_folders_give_the_classes_inside_them_and_keep_the_shipped_split(tmp_path: Path) -> None:
+    for folder in ("Train/cats", "Train/dogs", "Train/birds", "val/cats", "test/cats", "test/dogs", "__MACOSX/Train"):
+        (tmp_path / folder).mkdir(parents=True)
+    layout = folder_layout(tmp_path)
+    assert layout.labels == ["birds", "cats", "dogs"]  # a class in one split only is still a class
+    assert layout.splits == {"Train": "train", "val": "train", "test": "test"}  # the test folder held out
+    assert layout.split_of(str(tmp_path / "test" / "cats" / "1.jpg")) == "test"
+    assert layout.split_of(str(tmp_path / "val" / "cats" / "1.jpg")) == "train"
+    assert layout.split_of(str(tmp_path / "notes.png")) is None  # beside the splits: no class, hash split
+    assert layout.held_out() == "the folder's own test split"
+
+
+def test_without_a_test_folder_the_validation_folder_is_held_out(tmp_path: Path) -> None:
+    for folder in ("training/a", "training/b", "validation/a", "validation/b"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert folder_layout(tmp_path).splits == {"training": "train", "validation": "test"}
+
+
+@pytest.mark.parametrize(
+    ("folders", "says"),
+    [
+        (["train", "test"], "holds split folders (test, train) but not two class folders"),  # images straight in them
+        (["train/a", "test/a"], "found ['a']"),
+        (["cats", "__MACOSX/cats"], "at least two class folders"),
+    ],
+)
+def test_a_layout_without_two_classes_is_refused(tmp_path: Path, folders: list[str], says: str) -> None:
+    for folder in folders:
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(ReasonError) as refused:
+        folder_layout(tmp_path)
+    assert refused.value.reason == "bad_source" and says in refused.value.message
+
+
+def test_the_split_column_follows_the_split_folders_and_a_copy_in_both_is_held_out(ray_cluster, tmp_path: Path) -> None:
+    """Ingested as the demo ingests, then split: every image in ``test/`` is held out, every other
+    one trains; an image shipped in both splits is one row, held out (never trained on)."""
+    import lance
+
+    from ray_jobs.ingest import IngestOptions, ingest
+
+    data = tmp_path / "data"
+    train = _images(data / "train" / "a", 5, 0) + _images(data / "train" / "b", 5, 10)
+    test = _images(data / "test" / "a", 2, 20) + _images(data / "test" / "b", 2, 30)
+    (data / "train" / "b" / "copy.jpg").write_bytes(test[0])  # leaked into training by the dataset
+    table = str(tmp_path / "images.lance")
+    summary = ingest([str(data)], table, IngestOptions(label_from_dir=True, allow_outside_root=True, progress=False))
+    assert (summary.added, summary.duplicates) == (14, 1)
+
+    add_split_column(table, folder_layout(data))
+    rows = lance.dataset(table).to_table(columns=["source", "split", "truth"]).to_pylist()
+    held = {r["source"] for r in rows if r["split"] == "test"}
+    assert held == {str(p) for p in (data / "test").rglob("*.jpg")} and len(train) + len(test) == len(rows)
+    assert all(r["split"] == "train" for r in rows if "/train/" in r["source"])
+    assert {r["truth"] for r in rows} == {"a", "b"}
+
+
+def test_a_folder_per_class_keeps_the_hash_split(ray_cluster, tmp_path: Path) -> None:
+    """The same function on a folder per class: the split is the content hash's, as before."""
+    import lance
+
+    from lance_io.splits import split_of
+    from ray_jobs.demo import TEST_FRACTION
+    from ray_jobs.ingest import IngestOptions, ingest
+
+    data = tmp_path / "data"
+    _images(data / "a", 10, 0)
+    _images(data / "b", 10, 10)
+    table = str(tmp_path / "images.lance")
+    ingest([str(data)], table, IngestOptions(label_from_dir=True, progress=False))
+    add_split_column(table, FolderLayout(data, ["a", "b"]))
+    rows = lance.dataset(table).to_table(columns=["id", "split"]).to_pylist()
+    assert [r["split"] for r in rows] == [split_of(r["id"], TEST_FRACTION, held_out="test") for r in rows]
