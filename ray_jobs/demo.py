@@ -249,7 +249,7 @@ def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None
         )
 
 
-def _require_held_out(table: str) -> None:
+def _require_held_out(table: str, layout: FolderLayout) -> None:
     """Refuse a folder so small that no image fell in the held-out split: the loop would measure nothing."""
     from lance_io import open_table
 
@@ -258,8 +258,8 @@ def _require_held_out(table: str) -> None:
         return
     raise ReasonError(
         "no_rows",
-        f"none of the {ds.count_rows()} images fell in the held-out share ({TEST_FRACTION:.0%}, chosen by each "
-        "image's content hash), so the loop would have nothing to measure its accuracy on: add images",
+        f"none of the {ds.count_rows()} images fell in the held-out share ({layout.held_out()}), so the loop "
+        "would have nothing to measure its accuracy on: add images",
     )
 
 
@@ -360,10 +360,11 @@ def run_demo(
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     _require_known_classes(table, labels, data_dir)
+    layout = layout or FolderLayout(data_dir, [])
     add_split_column(table, layout)
-    _require_held_out(table)
+    _require_held_out(table, layout)
     versions = {"ingested": tag_version(table, "ingested")}
-    step(f"ingest ({describe_ingest(accounted)}; held out: {(layout or FolderLayout(data_dir, [])).held_out()})", t0)
+    step(f"ingest ({describe_ingest(accounted)}; held out: {layout.held_out()})", t0)
 
     t0 = time.perf_counter()
     recipe = training_recipe(table, versions["ingested"])
