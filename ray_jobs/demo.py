@@ -135,8 +135,9 @@ class FolderLayout:
     def split_of(self, source: str) -> str | None:
         """Return the split of the image at ``source`` (a path under ``root``): its split folder's,
         or None outside any (the rows of a folder per class, split by content hash)."""
-        parts = Path(source).parts
-        return self.splits.get(parts[len(self.root.parts)]) if len(parts) > len(self.root.parts) + 1 else None
+        path = Path(source)
+        inside = path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
+        return self.splits.get(inside[0]) if len(inside) > 1 else None
 
     def held_out(self) -> str:
         """Say which rows are held out, for the progress line."""
@@ -152,9 +153,11 @@ def folder_layout(data: Path) -> FolderLayout:
     """
     if not data.is_dir():
         raise ReasonError("bad_source", f"{data} is not a folder: give a folder with a sub-folder per class")
-    folders = sorted(p for p in data.iterdir() if p.is_dir() and not _metadata_folder(p.name))
+    folders = _folders_in(data)
+    if len(folders) == 1 and len(_folders_in(folders[0])) >= 2:  # a wrapper, as an archive unpacks: flowers/<class>/
+        return folder_layout(folders[0])
     if folders and all(p.name.lower() in SPLIT_FOLDERS for p in folders):
-        labels = sorted({c.name for p in folders for c in p.iterdir() if c.is_dir() and not _metadata_folder(c.name)})
+        labels = sorted({c.name for p in folders for c in _folders_in(p)})
         if len(labels) < 2:
             raise ReasonError(
                 "bad_source",
@@ -168,6 +171,11 @@ def folder_layout(data: Path) -> FolderLayout:
     if len(labels) < 2:
         raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
     return FolderLayout(data, labels)
+
+
+def _folders_in(folder: Path) -> list[Path]:
+    """Return the sub-folders of ``folder`` that may be classes or splits, in name order."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _metadata_folder(p.name))
 
 
 def folder_task(layout: FolderLayout, out: Path) -> Path:

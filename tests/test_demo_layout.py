@@ -41,6 +41,24 @@ def test_split_folders_give_the_classes_inside_them_and_keep_the_shipped_split(t
     assert layout.held_out() == "the folder's own test split"
 
 
+def test_a_wrapper_folder_is_looked_into_as_an_archive_unpacks(tmp_path: Path) -> None:
+    """``flower_photos.tgz`` unpacks to ``flower_photos/<class>/`` (beside a LICENSE, and a Mac's
+    ``__MACOSX``); a dataset's archive to ``dataset/train/<class>/``, ``dataset/test/<class>/``."""
+    for folder in ("photos/flower_photos/daisy", "photos/flower_photos/roses", "photos/__MACOSX/flower_photos",
+                   "archive/dataset/train/a", "archive/dataset/train/b", "archive/dataset/test/a"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "photos" / "LICENSE.txt").write_text("CC-BY")
+    flowers = folder_layout(tmp_path / "photos")
+    assert (flowers.root, flowers.labels, flowers.splits) == (tmp_path / "photos" / "flower_photos", ["daisy", "roses"], {})
+    split = folder_layout(tmp_path / "archive")
+    assert (split.root, split.labels) == (tmp_path / "archive" / "dataset", ["a", "b"])
+    assert split.splits == {"test": "test", "train": "train"}
+    assert split.split_of(str(split.root / "test" / "a" / "1.jpg")) == "test"
+    assert split.split_of(str(tmp_path / "other" / "test" / "a" / "1.jpg")) is None  # not under the root
+    (tmp_path / "photos" / "tulips").mkdir()  # two folders at the top: they are the classes
+    assert folder_layout(tmp_path / "photos").labels == ["flower_photos", "tulips"]
+
+
 def test_without_a_test_folder_the_validation_folder_is_held_out(tmp_path: Path) -> None:
     for folder in ("training/a", "training/b", "validation/a", "validation/b"):
         (tmp_path / folder).mkdir(parents=True)
