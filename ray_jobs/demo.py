@@ -93,14 +93,17 @@ def add_split_column(table: str, layout: FolderLayout | None = None) -> int:
     from lance_io import open_table
     from lance_io.columns import fill_column
 
+    by_folder = layout is not None and bool(layout.splits)
+
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
-        ids, sources = batch.column("id").to_pylist(), batch.column("source").to_pylist()
-        given = [layout.split_of(source) if layout else None for source in sources]
+        ids = batch.column("id").to_pylist()
+        given = [layout.split_of(s) for s in batch.column("source").to_pylist()] if by_folder else [None] * len(ids)
         splits = [split or split_of(i, TEST_FRACTION, held_out="test") for i, split in zip(ids, given, strict=True)]
         return pa.record_batch([pa.array(splits)], schema=SPLIT)
 
     # The labeling run's commit protocol, computed here: the whole column in a commit or two.
-    fill_column(table, compute, read_columns=["source"], output_schema=SPLIT, todo="split IS NULL", properties={"lancetag.job": "demo-split"})
+    read = ["source"] if by_folder else []  # the path is read only where it decides
+    fill_column(table, compute, read_columns=read, output_schema=SPLIT, todo="split IS NULL", properties={"lancetag.job": "demo-split"})
     return open_table(table).version
 
 
