@@ -343,6 +343,12 @@ def run_demo(
     started = time.perf_counter()
     steps: dict[str, float] = {}
     work = Path(workdir or Path("lancetag-work") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    if data is not None and work.is_relative_to(Path(data).resolve()):  # `--data .` run from the photos' folder
+        raise ReasonError(
+            "bad_option",
+            f"the work folder {work} is inside the data folder {Path(data).resolve()}, whose every file the demo "
+            "reads as a photo (its tables and models too): give --workdir outside it, or run from elsewhere",
+        )
     work.mkdir(parents=True, exist_ok=True)
     table = str(work / "images.lance")
 

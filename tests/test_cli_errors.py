@@ -346,6 +346,10 @@ def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
         with pytest.raises(ReasonError) as refused:
             run_demo(tmp_path / "work", data=data, task=task)
         assert refused.value.reason == reason and says in refused.value.message
+    with pytest.raises(ReasonError) as refused:  # `lancetag demo --data .` run from the photos' own folder
+        run_demo(tmp_path / "two-classes" / "lancetag-work" / "demo-1", data=tmp_path / "two-classes")
+    assert refused.value.reason == "bad_option" and "is inside the data folder" in refused.value.message
+    assert not (tmp_path / "two-classes" / "lancetag-work").exists()  # nothing written into the photos
     assert not (tmp_path / "work" / "data").exists()
     assert not (tmp_path / "work" / "images.lance").exists() and not (tmp_path / "work" / "models").exists()
 
