@@ -167,6 +167,14 @@ def folder_layout(data: Path) -> FolderLayout:
                 f"{data} holds split folders ({', '.join(p.name for p in folders)}) but not two class folders "
                 f"in them, found {labels}: give each split a sub-folder per class",
             )
+        unlabeled = [p.name for p in folders if not _folders_in(p)]
+        if unlabeled:  # a test set shipped without its answers: nothing to train on or measure with
+            raise ReasonError(
+                "bad_source",
+                f"the split folder(s) {', '.join(unlabeled)} of {data} hold no class folders, so their images have "
+                "no label to train on or measure with: give each split a sub-folder per class, or move an "
+                "unlabeled split out of the folder",
+            )
         kinds = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in folders}
         held = "test" if "test" in kinds.values() else "validation"
         return FolderLayout(data, labels, {name: "test" if kind == held else "train" for name, kind in kinds.items()})

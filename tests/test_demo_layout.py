@@ -70,6 +70,7 @@ def test_without_a_test_folder_the_validation_folder_is_held_out(tmp_path: Path)
     [
         (["train", "test"], "holds split folders (test, train) but not two class folders"),  # images straight in them
         (["train/a", "test/a"], "found ['a']"),
+        (["train/a", "train/b", "test"], "split folder(s) test of"),  # a test set shipped without its answers
         (["cats", "__MACOSX/cats"], "at least two class folders"),
     ],
 )
