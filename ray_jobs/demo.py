@@ -177,11 +177,29 @@ def folder_layout(data: Path) -> FolderLayout:
             )
         kinds = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in folders}
         held = "test" if "test" in kinds.values() else "validation"
-        return FolderLayout(data, labels, {name: "test" if kind == held else "train" for name, kind in kinds.items()})
+        return FolderLayout(data, _label_set(labels, data), {n: "test" if k == held else "train" for n, k in kinds.items()})
     labels = [p.name for p in folders]
     if len(labels) < 2:
         raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
-    return FolderLayout(data, labels)
+    return FolderLayout(data, _label_set(labels, data))
+
+
+def _label_set(labels: list[str], data: Path) -> list[str]:
+    """Return ``labels`` if a classify task takes them; refuse folders that name one label twice."""
+    from pydantic import ValidationError
+
+    from lance_io.tasks import ClassifyTask
+
+    try:
+        ClassifyTask(name="folders", labels=labels)
+    except ValidationError as err:
+        problem = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ReasonError(
+            "bad_source",
+            f"the class folders of {data} do not make a label set ({problem}): an answer matches a "
+            "label whatever its case, spaces and final period, so 'Cat' and 'cat' are one label: merge such folders",
+        ) from None
+    return labels
 
 
 def _folders_in(folder: Path) -> list[Path]:

@@ -72,6 +72,8 @@ def test_without_a_test_folder_the_validation_folder_is_held_out(tmp_path: Path)
         (["train/a", "test/a"], "found ['a']"),
         (["train/a", "train/b", "test"], "split folder(s) test of"),  # a test set shipped without its answers
         (["cats", "__MACOSX/cats"], "at least two class folders"),
+        (["Cat", "cat", "dog"], "duplicate label 'cat'"),  # one label to the labeler, which ignores case
+        (["train/Cat", "test/cat", "train/dog"], "duplicate label 'cat'"),
     ],
 )
 def test_a_layout_without_two_classes_is_refused(tmp_path: Path, folders: list[str], says: str) -> None:
