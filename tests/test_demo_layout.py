@@ -86,7 +86,8 @@ def test_a_layout_without_two_classes_is_refused(tmp_path: Path, folders: list[s
 
 def test_the_split_column_follows_the_split_folders_and_a_copy_in_both_is_held_out(ray_cluster, tmp_path: Path) -> None:
     """Ingested as the demo ingests, then split: every image in ``test/`` is held out, every other
-    one trains; an image shipped in both splits is one row, held out (never trained on)."""
+    one trains; an image shipped in both splits is one row, in ``test/`` (read first, in name order),
+    never trained on."""
     import lance
 
     from ray_jobs.ingest import IngestOptions, ingest
