@@ -85,7 +85,7 @@ def write_digits(folder: Path) -> Path:
     return folder
 
 
-def add_split_column(table: str, layout: FolderLayout | None = None) -> int:
+def add_split_column(table: str, layout: FolderLayout) -> int:
     """Write the ``split`` column for rows without one; return the version.
 
     Train/test by id hash, or, for a folder laid out in splits, by the split folder each image sits in.
@@ -93,7 +93,7 @@ def add_split_column(table: str, layout: FolderLayout | None = None) -> int:
     from lance_io import open_table
     from lance_io.columns import fill_column
 
-    by_folder = layout is not None and bool(layout.splits)
+    by_folder = bool(layout.splits)
 
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
         ids = batch.column("id").to_pylist()
@@ -384,8 +384,8 @@ def run_demo(
 
     t0 = time.perf_counter()
     data_dir = work / "data" if data is None else Path(data).resolve()
-    layout = None if data is None else folder_layout(data_dir)
-    task = task or ("digits" if layout is None else str(folder_task(layout, work)))
+    layout = FolderLayout(data_dir, []) if data is None else folder_layout(data_dir)  # digits: a folder per class
+    task = task or ("digits" if data is None else str(folder_task(layout, work)))
     labels = _task_labels(task)
     if data is None:
         write_digits(data_dir)
@@ -403,7 +403,6 @@ def run_demo(
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     _require_known_classes(table, labels, data_dir)
-    layout = layout or FolderLayout(data_dir, [])
     add_split_column(table, layout)
     _require_held_out(table, layout)
     versions = {"ingested": tag_version(table, "ingested")}
