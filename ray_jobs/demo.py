@@ -23,6 +23,7 @@ import yaml
 
 from lance_io.errors import errors_uri
 from lance_io.reasons import ReasonError
+from lance_io.schema import TRUTH
 from lance_io.splits import split_of
 from llamafactory_ext.recipe import Recipe, choose_recipe, profiled_ids, set_processor_side
 
@@ -45,7 +46,7 @@ SPLIT_FOLDERS = {
     "test": "test", "testing": "test",
     "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
 }
-SPLIT = pa.schema([pa.field("split", pa.string())])
+LAYOUT_COLUMNS = pa.schema([pa.field(TRUTH, pa.string()), pa.field("split", pa.string())])
 
 
 @dataclass
@@ -85,25 +86,28 @@ def write_digits(folder: Path) -> Path:
     return folder
 
 
-def add_split_column(table: str, layout: FolderLayout) -> int:
-    """Write the ``split`` column for rows without one; return the version.
+def add_layout_columns(table: str, layout: FolderLayout) -> int:
+    """Write ``truth`` and ``split`` from where each image sits in ``layout``, for rows without a split;
+    return the version.
 
-    Train/test by id hash, or, for a folder laid out in splits, by the split folder each image sits in.
+    ``truth`` is the class folder the image sits in, at any depth below it (``cat/2021/a.jpg`` is a
+    ``cat``, as torchvision's ``ImageFolder`` reads a folder), or null outside every class folder.
+    ``split`` is the split folder's, or train/test by id hash for a folder per class.
     """
     from lance_io import open_table
     from lance_io.columns import fill_column
 
-    by_folder = bool(layout.splits)
-
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
         ids = batch.column("id").to_pylist()
-        given = [layout.split_of(s) for s in batch.column("source").to_pylist()] if by_folder else [None] * len(ids)
+        sources = batch.column("source").to_pylist()
+        given = [layout.split_of(s) for s in sources]
         splits = [split or split_of(i, TEST_FRACTION, held_out="test") for i, split in zip(ids, given, strict=True)]
-        return pa.record_batch([pa.array(splits)], schema=SPLIT)
+        return pa.record_batch([pa.array([layout.class_of(s) for s in sources], pa.string()), pa.array(splits)],
+                               schema=LAYOUT_COLUMNS)
 
-    # The labeling run's commit protocol, computed here: the whole column in a commit or two.
-    read = ["source"] if by_folder else []  # the path is read only where it decides
-    fill_column(table, compute, read_columns=read, output_schema=SPLIT, todo="split IS NULL", properties={"lancetag.job": "demo-split"})
+    # The labeling run's commit protocol, computed here: the whole columns in a commit or two.
+    fill_column(table, compute, read_columns=["source"], output_schema=LAYOUT_COLUMNS, todo="split IS NULL",
+                properties={"lancetag.job": "demo-layout"})
     return open_table(table).version
 
 
@@ -138,9 +142,18 @@ class FolderLayout:
     def split_of(self, source: str) -> str | None:
         """Return the split of the image at ``source`` (a path under ``root``): its split folder's,
         or None outside any (the rows of a folder per class, split by content hash)."""
-        path = Path(source)
-        inside = path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
+        inside = self._parts(source)
         return self.splits.get(inside[0]) if len(inside) > 1 else None
+
+    def class_of(self, source: str) -> str | None:
+        """Return the class folder the image at ``source`` sits in, at any depth below it (the folder
+        just under ``root``, or under its split folder), or None outside every class folder."""
+        inside = self._parts(source)[1 if self.splits else 0:]
+        return inside[0] if len(inside) > 1 and inside[0] in self.labels else None
+
+    def _parts(self, source: str) -> tuple[str, ...]:
+        path = Path(source)
+        return path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
 
     def held_out(self) -> str:
         """Say which rows are held out, for the progress line."""
@@ -255,6 +268,8 @@ def describe_ingest(accounted: dict[str, Any]) -> str:
         said += f", {_count(accounted['duplicates'], 'duplicate')}"
     if accounted["skipped"]:
         said += f", {accounted['skipped']} skipped (not images)"
+    if accounted.get("outside_classes"):
+        said += f", {accounted['outside_classes']} outside the class folders (no label: neither trained on nor measured)"
     if accounted["errors"]:
         reasons = ", ".join(f"{n} {reason}" for reason, n in accounted["errors_by_reason"].items())
         said += f", {_count(accounted['errors'], 'error')} ({reasons}) in {accounted['errors_table']}"
@@ -266,24 +281,28 @@ def _count(n: int, noun: str) -> str:
 
 
 def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None:
-    """Refuse images whose folder is not one of the task's labels (a nested folder, a misspelt class).
-
-    Ingest takes an image's class from the folder it sits in; training would skip such rows as
-    ``label_not_in_task`` and the model would learn the other classes only.
-    """
+    """Refuse images whose class folder is not one of the task's labels (a ``--task`` that misspells a
+    folder): training would skip such rows as ``label_not_in_task`` and learn the other classes only."""
     import pyarrow.compute as pc
 
     from lance_io import open_table
 
-    counts = pc.value_counts(open_table(table).to_table(columns=["truth"]).column("truth")).to_pylist()
+    counts = pc.value_counts(open_table(table).to_table(columns=[TRUTH]).column(TRUTH)).to_pylist()
     strays = {c["values"]: c["counts"] for c in counts if c["values"] is not None and c["values"] not in labels}
     if strays:
-        found = ", ".join(f"{n} in folders named {name!r}" for name, n in sorted(strays.items()))
+        found = ", ".join(f"{n} in the folder {name!r}" for name, n in sorted(strays.items()))
         raise ReasonError(
             "bad_source",
-            f"images under {data_dir} sit in folders that are not labels of the task ({found}); the labels are "
-            f"{sorted(labels)}: put each class's images directly in its class folder",
+            f"images under {data_dir} sit in class folders that are not labels of the task ({found}); the labels "
+            f"are {sorted(labels)}: name each class folder after a label of the task, or give no --task",
         )
+
+
+def _rows_outside_classes(table: str) -> int:
+    """Count the images outside every class folder (beside the class folders, or in a hidden one): no label."""
+    from lance_io import open_table
+
+    return open_table(table).count_rows(filter=f"{TRUTH} IS NULL")
 
 
 def _require_held_out(table: str, layout: FolderLayout) -> None:
@@ -384,11 +403,11 @@ def run_demo(
 
     t0 = time.perf_counter()
     data_dir = work / "data" if data is None else Path(data).resolve()
-    layout = FolderLayout(data_dir, []) if data is None else folder_layout(data_dir)  # digits: a folder per class
-    task = task or ("digits" if data is None else str(folder_task(layout, work)))
+    layout = None if data is None else folder_layout(data_dir)  # refused here, before anything is written
+    task = task or ("digits" if layout is None else str(folder_task(layout, work)))
     labels = _task_labels(task)
-    if data is None:
-        write_digits(data_dir)
+    if layout is None:
+        layout = folder_layout(write_digits(data_dir))  # a folder per digit
     tiny = model is None
     # the recipe's model (docs/training.md §7): text 4 heads of 32, vision tower 128 wide
     base = str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4, vision_hidden=128)) if tiny else model
@@ -398,12 +417,13 @@ def run_demo(
     t0 = time.perf_counter()
     # The user's own folder: its symlinks are followed wherever they lead, as a folder of links into
     # a dataset kept elsewhere is a common way to lay one out (ingest refuses them by default).
-    options = IngestOptions(label_from_dir=True, allow_outside_root=True, progress=progress)
-    ingested = ingest([str(data_dir)], table, options)
+    # An image's class is the class folder it sits in, at any depth: the layout's, not ingest's parent folder.
+    ingested = ingest([str(data_dir)], table, IngestOptions(allow_outside_root=True, progress=progress))
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
+    add_layout_columns(table, layout)
+    accounted["outside_classes"] = _rows_outside_classes(table)
     _require_known_classes(table, labels, data_dir)
-    add_split_column(table, layout)
     _require_held_out(table, layout)
     versions = {"ingested": tag_version(table, "ingested")}
     step(f"ingest ({describe_ingest(accounted)}; held out: {layout.held_out()})", t0)

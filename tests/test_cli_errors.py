@@ -355,21 +355,22 @@ def test_the_demo_refuses_data_it_cannot_learn_from_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["undecodable", "one_class_of_images", "nested_class", "linked_nested_class"])
+@pytest.mark.parametrize("case", ["undecodable", "one_class_of_images", "linked_class_not_in_task"])
 def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_every_error(tmp_path, case):
     """Ingested, then refused in one line before any model work: files that are not images; images
     of one class only (the other class's folder holds a note and copies of the first's); or a class
-    whose images sit one folder deeper, where ingest would label them by that folder. The last case
-    again with the class folders symlinks into a dataset kept outside the folder given: the demo
-    follows them (before, every image was refused as ``outside_root``)."""
+    folder that the ``--task`` given does not name. In the last case the class folders are symlinks
+    into a dataset kept outside the folder given, and the demo follows them (before, every image was
+    refused as ``outside_root``); class b's images sit one folder deeper and are still b's."""
     import lance
 
     from lance_io.errors import errors_uri
     from tests.ingest_fixtures import image_bytes
 
     data = tmp_path / "data"
-    classes = tmp_path / "kept" if case == "linked_nested_class" else data  # where the class folders really are
-    inner = classes / "b" / "scans" if case.endswith("nested_class") else classes / "b"
+    linked = case == "linked_class_not_in_task"
+    classes = tmp_path / "kept" if linked else data  # where the class folders really are
+    inner = classes / "b" / "scans" if linked else classes / "b"
     (classes / "a").mkdir(parents=True)
     inner.mkdir(parents=True)
     if classes != data:  # data/a -> kept/a, data/b -> kept/b
@@ -383,7 +384,9 @@ def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_e
         (inner / f"{i}.jpg").write_bytes(other)
     (data / "b" / "notes.txt").write_text("the photographer's notes")
     work = tmp_path / "work"
-    proc = lancetag(["demo", "--data", str(data), "--workdir", str(work), "--json"], env={"RAY_ADDRESS": ""})  # its own Ray
+    (tmp_path / "task.yaml").write_text("kind: classify\nname: ac\nlabels: [a, c]\n")
+    task = ["--task", str(tmp_path / "task.yaml")] if linked else []
+    proc = lancetag(["demo", "--data", str(data), "--workdir", str(work), "--json", *task], env={"RAY_ADDRESS": ""})  # its own Ray
 
     reason = {"undecodable": "no_images", "one_class_of_images": "recipe_needs_two_classes"}.get(case, "bad_source")
     assert refusal_problems(proc, reason, as_json=True) == [], proc.stderr[-2000:]
@@ -397,8 +400,8 @@ def test_the_demo_refuses_a_folder_it_cannot_learn_from_after_ingest_and_keeps_e
     elif case == "one_class_of_images":  # b's copies are duplicates of a's: the training rows hold one class
         assert "of 'a'" in message and "'b'" not in message
         assert lance.dataset(str(work / "images.lance")).count_rows() == 12
-    else:  # every image ingested, the deeper ones under their own folder's name, which no label matches
-        assert "12 in folders named 'scans'" in message and "['a', 'b']" in message
+    else:  # every image ingested, the deeper ones under their class folder's name, which the task lacks
+        assert "12 in the folder 'b'" in message and "['a', 'c']" in message
         assert lance.dataset(str(work / "images.lance")).count_rows() == 24
 
 

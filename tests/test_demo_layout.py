@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lance_io.reasons import ReasonError
-from ray_jobs.demo import FolderLayout, add_split_column, folder_layout
+from ray_jobs.demo import FolderLayout, add_layout_columns, folder_layout
 from tests.ingest_fixtures import image_bytes
 
 
@@ -27,6 +27,22 @@ def test_a_folder_per_class_is_split_by_content_hash(tmp_path: Path) -> None:
     assert layout.labels == ["cats", "dogs"] and layout.splits == {}
     assert layout.split_of(str(tmp_path / "cats" / "1.jpg")) is None
     assert layout.held_out() == "20% by content hash"
+
+
+def test_an_image_takes_the_class_folder_it_sits_in_at_any_depth(tmp_path: Path) -> None:
+    """``cats/2021/a.jpg`` is a cat, as torchvision's ImageFolder reads a folder; an image beside the
+    class folders, or in a folder that is no class (hidden, ``__MACOSX``), has none."""
+    for name in ("cats/2021/june", "dogs", ".thumbnails", "__MACOSX/cats"):
+        (tmp_path / name).mkdir(parents=True)
+    layout = folder_layout(tmp_path)
+    assert layout.class_of(str(tmp_path / "cats" / "2021" / "june" / "a.jpg")) == "cats"
+    assert layout.class_of(str(tmp_path / "dogs" / "b.jpg")) == "dogs"
+    for nowhere in ("c.jpg", ".thumbnails/d.jpg", "__MACOSX/cats/._e.jpg", "../dogs/f.jpg"):
+        assert layout.class_of(str(tmp_path / nowhere)) is None, nowhere
+    assert layout.class_of("/elsewhere/dogs/g.jpg") is None
+    split = FolderLayout(tmp_path, ["cats", "dogs"], {"train": "train", "test": "test"})
+    assert split.class_of(str(tmp_path / "test" / "cats" / "scans" / "a.jpg")) == "cats"
+    assert split.class_of(str(tmp_path / "test" / "a.jpg")) is None  # in a split folder, in no class
 
 
 def test_split_folders_give_the_classes_inside_them_and_keep_the_shipped_split(tmp_path: Path) -> None:
@@ -97,10 +113,10 @@ def test_the_split_column_follows_the_split_folders_and_a_copy_in_both_is_held_o
     test = _images(data / "test" / "a", 2, 20) + _images(data / "test" / "b", 2, 30)
     (data / "train" / "b" / "copy.jpg").write_bytes(test[0])  # leaked into training by the dataset
     table = str(tmp_path / "images.lance")
-    summary = ingest([str(data)], table, IngestOptions(label_from_dir=True, allow_outside_root=True, progress=False))
+    summary = ingest([str(data)], table, IngestOptions(allow_outside_root=True, progress=False))
     assert (summary.added, summary.duplicates) == (14, 1)
 
-    add_split_column(table, folder_layout(data))
+    add_layout_columns(table, folder_layout(data))
     rows = lance.dataset(table).to_table(columns=["source", "split", "truth"]).to_pylist()
     held = {r["source"] for r in rows if r["split"] == "test"}
     assert held == {str(p) for p in (data / "test").rglob("*.jpg")} and len(train) + len(test) == len(rows)
@@ -108,8 +124,10 @@ def test_the_split_column_follows_the_split_folders_and_a_copy_in_both_is_held_o
     assert {r["truth"] for r in rows} == {"a", "b"}
 
 
-def test_a_folder_per_class_keeps_the_hash_split(ray_cluster, tmp_path: Path) -> None:
-    """The same function on a folder per class: the split is the content hash's, as before."""
+def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(ray_cluster, tmp_path: Path) -> None:
+    """The same function on a folder per class: the split is the content hash's, as before; an image
+    one or two folders deeper in its class folder takes that class (ingest alone would name it after
+    the folder it sits in), and one beside the class folders or in a hidden folder has no label."""
     import lance
 
     from lance_io.splits import split_of
@@ -117,10 +135,19 @@ def test_a_folder_per_class_keeps_the_hash_split(ray_cluster, tmp_path: Path) ->
     from ray_jobs.ingest import IngestOptions, ingest
 
     data = tmp_path / "data"
-    _images(data / "a", 10, 0)
-    _images(data / "b", 10, 10)
+    _images(data / "a", 6, 0)
+    _images(data / "a" / "scans" / "2021", 4, 10)
+    _images(data / "b" / "more", 10, 20)
+    _images(data / ".thumbnails", 2, 40)
+    (data / "loose.jpg").write_bytes(image_bytes(50))
     table = str(tmp_path / "images.lance")
-    ingest([str(data)], table, IngestOptions(label_from_dir=True, progress=False))
-    add_split_column(table, FolderLayout(data, ["a", "b"]))
-    rows = lance.dataset(table).to_table(columns=["id", "split"]).to_pylist()
+    ingest([str(data)], table, IngestOptions(progress=False))
+    add_layout_columns(table, folder_layout(data))
+    rows = lance.dataset(table).to_table(columns=["id", "source", "truth", "split"]).to_pylist()
+    assert len(rows) == 23
     assert [r["split"] for r in rows] == [split_of(r["id"], TEST_FRACTION, held_out="test") for r in rows]
+    truths = {Path(r["source"]).relative_to(data).as_posix(): r["truth"] for r in rows}
+    assert {k: v for k, v in truths.items() if v is None} == {".thumbnails/0.jpg": None, ".thumbnails/1.jpg": None,
+                                                              "loose.jpg": None}
+    assert sum(v == "a" for v in truths.values()) == 10 and truths["a/scans/2021/3.jpg"] == "a"
+    assert sum(v == "b" for v in truths.values()) == 10
