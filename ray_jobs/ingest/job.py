@@ -192,8 +192,7 @@ def _run_segment(
         },
         concurrency=options.concurrency,
         zero_copy_batch=True,
-        ray_remote_args_fn=lambda: {"scheduling_strategy": "SPREAD"},  # every node, not packed by the work rows
-    )
+    )  # Ray Data spreads tasks over the nodes (work rows of paths and URLs are small args: its SPREAD)
     # One map operator and nothing downstream but this loop: Ray Data's per-operator reservation
     # (half of the CPUs by default) only idles the other half here. Measured on 2 CPUs: about one
     # task ran at a time with it, two without (bench/RESULTS.md, ingest section).
