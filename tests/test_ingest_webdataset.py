@@ -16,6 +16,7 @@ import pytest
 
 from lance_io import open_table, read_errors
 from ray_jobs.ingest import IngestOptions, ingest
+from ray_jobs.ingest.decode import APPLE_DOUBLE
 from ray_jobs.ingest.sources import detect_kind, open_source
 from ray_jobs.ingest.sources.webdataset import expand_braces
 from tests.ingest_fixtures import image_bytes
@@ -51,6 +52,7 @@ def build_shards(folder: Path) -> dict[str, int]:
     folder.mkdir(parents=True, exist_ok=True)
     good = [*sample_members(0, 20), ("textonly.txt", b"no image here"), ("bad.png", b"not an image at all" * 10)]
     good += [("dup.jpg", image_bytes(3, size=(16, 12)))]  # the same content as s00003.jpg
+    good += [("._s00001.jpg", APPLE_DOUBLE + bytes(120))]  # a tar made on a Mac: the metadata of s00001.jpg
     (folder / "shard-00000.tar").write_bytes(_tar(good))
     # Truncated inside the data of the last image member: its 9 samples before still ingest.
     truncated = _tar(sample_members(100, 10))
@@ -62,7 +64,7 @@ def build_shards(folder: Path) -> dict[str, int]:
     corrupt[header : header + 512] = b"\x07" * 512
     (folder / "shard-00002.tar").write_bytes(bytes(corrupt))
     (folder / "shard-00003.tar").write_bytes(b"this is not a tar file" * 40)
-    return {"added": 20 + 9 + 5, "duplicates": 1, "skipped": 1}
+    return {"added": 20 + 9 + 5, "duplicates": 1, "skipped": 2}
 
 
 def test_brace_patterns_expand_to_zero_padded_ranges_and_lists() -> None:

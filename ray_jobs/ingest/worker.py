@@ -279,7 +279,7 @@ def _read_remote(row: dict, max_bytes: int, table_options: dict[str, str] | None
         return read_object(row["url"], max_bytes, table_options, scan=row["scan"])
     if row["locator"] == "cell":
         return read_cell(row["url"], work_path(row), max_bytes, table_options)
-    return read_member(row["url"], work_path(row), max_bytes, table_options)
+    return read_member(row["url"], work_path(row), max_bytes, table_options, scan=row["scan"])
 
 
 def _object_options(uri: str, table_options: dict[str, str] | None) -> dict[str, str] | None:
@@ -309,9 +309,10 @@ def read_object(
 
 
 def read_member(
-    shard: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
-) -> bytes | IngestError:
-    """Return the bytes of the tar member at ``span`` (``"offset:size"``) of ``shard``, or why not."""
+    shard: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None, *, scan: bool = False
+) -> bytes | IngestError | str:
+    """Return the bytes of the tar member at ``span`` (``"offset:size"``) of ``shard``, or why not;
+    ``SKIP`` for a scanned member that is macOS metadata (a tar made on a Mac holds ``._photo.jpg``)."""
     from ray_jobs.ingest.sources.objectstore import listing_failure
 
     offset, size = (int(part) for part in span.split(":"))
@@ -332,7 +333,7 @@ def read_member(
         return IngestError(*listing_failure(exc))
     if len(data) < size:
         return IngestError("truncated", f"the shard ends inside this member ({len(data)} of {size} bytes)")
-    return data
+    return SKIP if scan and is_mac_metadata(data) else data
 
 
 def _known_ids(dataset: lance.LanceDataset | None, ids: list[str]) -> set[str]:

@@ -285,7 +285,7 @@ def _group_items(
             )
         else:
             yield InputItem(
-                source=source, source_kind=KIND, locator="member", url=shard,
+                source=source, source_kind=KIND, locator="member", url=shard, scan=True,
                 path=f"{member.offset_data}:{member.size}", truth=truth, metadata=dict(metadata),
             )
     if not images:
