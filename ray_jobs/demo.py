@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import yaml
 
-from lance_io.errors import errors_uri
+from lance_io.errors import errors_uri, printable
 from lance_io.reasons import ReasonError
 from lance_io.schema import TRUTH
 from lance_io.splits import split_of
@@ -152,8 +152,8 @@ class FolderLayout:
         return inside[0] if len(inside) > 1 and inside[0] in self.labels else None
 
     def _parts(self, source: str) -> tuple[str, ...]:
-        path = Path(source)
-        return path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
+        path, root = Path(source), Path(printable(str(self.root)))  # ingest's sources are printable
+        return path.relative_to(root).parts if path.is_relative_to(root) else ()
 
     def held_out(self) -> str:
         """Say which rows are held out, for the progress line."""
@@ -173,7 +173,7 @@ def folder_layout(data: Path) -> FolderLayout:
     if len(folders) == 1 and len(_folders_in(folders[0])) >= 2:  # a wrapper, as an archive unpacks: flowers/<class>/
         return folder_layout(folders[0])
     if folders and all(p.name.lower() in SPLIT_FOLDERS for p in folders):
-        labels = sorted({c.name for p in folders for c in _folders_in(p)})
+        labels = sorted({printable(c.name) for p in folders for c in _folders_in(p)})
         if len(labels) < 2:
             raise ReasonError(
                 "bad_source",
@@ -191,7 +191,7 @@ def folder_layout(data: Path) -> FolderLayout:
         kinds = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in folders}
         held = "test" if "test" in kinds.values() else "validation"
         return FolderLayout(data, _label_set(labels, data), {n: "test" if k == held else "train" for n, k in kinds.items()})
-    labels = [p.name for p in folders]
+    labels = [printable(p.name) for p in folders]  # a name not in UTF-8 as ingest shows it: '\\xff'
     if len(labels) < 2:
         raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
     return FolderLayout(data, _label_set(labels, data))
@@ -223,7 +223,7 @@ def _folders_in(folder: Path) -> list[Path]:
 def folder_task(layout: FolderLayout, out: Path) -> Path:
     """Write a classify task whose labels are the class folders of ``layout``; return its path."""
     path = out / "task.yaml"
-    path.write_text(yaml.safe_dump({"kind": "classify", "name": layout.root.name or "folders", "labels": layout.labels}))
+    path.write_text(yaml.safe_dump({"kind": "classify", "name": printable(layout.root.name) or "folders", "labels": layout.labels}))
     return path
 
 

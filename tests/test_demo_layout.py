@@ -151,3 +151,23 @@ def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(
                                                               "loose.jpg": None}
     assert sum(v == "a" for v in truths.values()) == 10 and truths["a/scans/2021/3.jpg"] == "a"
     assert sum(v == "b" for v in truths.values()) == 10
+
+
+def test_a_class_folder_named_in_no_utf8_is_the_label_ingest_shows(tmp_path: Path) -> None:
+    """A zip made on Windows or in Shift-JIS unpacks to folder names that are not UTF-8: the label is
+    the name as ingest writes its sources (``\\xff``), so the task can be written and each image is
+    labeled by it (before, the demo stopped with an internal UnicodeEncodeError at registration)."""
+    import os
+
+    from lance_io.errors import printable
+    from lance_io.tasks import load_task
+    from ray_jobs.demo import folder_task
+
+    os.makedirs(os.fsencode(tmp_path) + b"/data/d\xffogs/2021")
+    (tmp_path / "data" / "cats").mkdir()
+    layout = folder_layout(tmp_path / "data")
+    assert layout.labels == ["cats", "d\\xffogs"]
+    image = os.fsdecode(os.fsencode(tmp_path) + b"/data/d\xffogs/2021/a\xfe.jpg")
+    assert layout.class_of(printable(image)) == "d\\xffogs"  # a source as ingest stores it
+    task = load_task(str(folder_task(layout, tmp_path)))
+    assert task.questions()[0].values == ("cats", "d\\xffogs")
