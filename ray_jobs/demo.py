@@ -270,6 +270,8 @@ def describe_ingest(accounted: dict[str, Any]) -> str:
         said += f", {accounted['skipped']} skipped (not images)"
     if accounted.get("outside_classes"):
         said += f", {accounted['outside_classes']} outside the class folders (no label: neither trained on nor measured)"
+    if accounted.get("untrained_classes"):
+        said += f", no image to train on in {', '.join(accounted['untrained_classes'])}"
     if accounted["errors"]:
         reasons = ", ".join(f"{n} {reason}" for reason, n in accounted["errors_by_reason"].items())
         said += f", {_count(accounted['errors'], 'error')} ({reasons}) in {accounted['errors_table']}"
@@ -298,11 +300,15 @@ def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None
         )
 
 
-def _rows_outside_classes(table: str) -> int:
-    """Count the images outside every class folder (beside the class folders, or in a hidden one): no label."""
+def _label_coverage(table: str, labels: set[str]) -> dict[str, Any]:
+    """Return how many images sit outside every class folder (beside them, or in a hidden one: no
+    label), and the labels no training image has (an empty class folder: never learned)."""
     from lance_io import open_table
 
-    return open_table(table).count_rows(filter=f"{TRUTH} IS NULL")
+    ds = open_table(table)
+    trained = ds.to_table(columns=[TRUTH], filter=f"split = 'train' AND {TRUTH} IS NOT NULL").column(TRUTH)
+    return {"outside_classes": ds.count_rows(filter=f"{TRUTH} IS NULL"),
+            "untrained_classes": sorted(labels - set(trained.unique().to_pylist()))}
 
 
 def _require_held_out(table: str, layout: FolderLayout) -> None:
@@ -422,8 +428,8 @@ def run_demo(
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     add_layout_columns(table, layout)
-    accounted["outside_classes"] = _rows_outside_classes(table)
     _require_known_classes(table, labels, data_dir)
+    accounted.update(_label_coverage(table, labels))
     _require_held_out(table, layout)
     versions = {"ingested": tag_version(table, "ingested")}
     step(f"ingest ({describe_ingest(accounted)}; held out: {layout.held_out()})", t0)

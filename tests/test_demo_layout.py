@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lance_io.reasons import ReasonError
-from ray_jobs.demo import FolderLayout, add_layout_columns, folder_layout
+from ray_jobs.demo import FolderLayout, _label_coverage, add_layout_columns, folder_layout
 from tests.ingest_fixtures import image_bytes
 
 
@@ -140,9 +140,13 @@ def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(
     _images(data / "b" / "more", 10, 20)
     _images(data / ".thumbnails", 2, 40)
     (data / "loose.jpg").write_bytes(image_bytes(50))
+    (data / "c").mkdir()  # a class folder left empty
     table = str(tmp_path / "images.lance")
     ingest([str(data)], table, IngestOptions(progress=False))
-    add_layout_columns(table, folder_layout(data))
+    layout = folder_layout(data)
+    add_layout_columns(table, layout)
+    # what the ingest line reports: the unlabeled images, and the class no training image has
+    assert _label_coverage(table, set(layout.labels)) == {"outside_classes": 3, "untrained_classes": ["c"]}
     rows = lance.dataset(table).to_table(columns=["id", "source", "truth", "split"]).to_pylist()
     assert len(rows) == 23
     assert [r["split"] for r in rows] == [split_of(r["id"], TEST_FRACTION, held_out="test") for r in rows]

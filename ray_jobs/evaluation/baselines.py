@@ -90,7 +90,8 @@ def paired_verdict(model_only: int, baseline_only: int) -> tuple[float, str]:
 def describe_verdict(baseline: Baseline) -> str:
     """One phrase for people: where the model stands against ``baseline`` on the same rows, and why."""
     where = {"above": "above it", "below": "below it", "level": "level with it"}[baseline.verdict]
-    counts = (f"the model alone right on {baseline.model_only} rows, it alone on {baseline.baseline_only}; "
+    rows = "row" if baseline.model_only == 1 else "rows"
+    counts = (f"the model alone right on {baseline.model_only} {rows}, it alone on {baseline.baseline_only}; "
               f"McNemar p = {baseline.p_value:.3g}")
     if baseline.verdict == "level":
         counts += f", so these {baseline.rows} rows cannot tell the two apart"
