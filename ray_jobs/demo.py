@@ -14,7 +14,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from lance_io.splits import split_of
 from llamafactory_ext.recipe import Recipe, choose_recipe, profiled_ids, set_processor_side
 
 if TYPE_CHECKING:
+    from lance_io.tasks import Question
     from ray_jobs.evaluation.baselines import Baseline
     from ray_jobs.ingest.items import IngestSummary
 
@@ -138,6 +139,7 @@ class FolderLayout:
     root: Path
     labels: list[str]
     splits: dict[str, str] = field(default_factory=dict)  # split folder -> "train" or "test"
+    names: dict[str, str] = field(default_factory=dict)  # class folder -> the task's label, where they differ
 
     def split_of(self, source: str) -> str | None:
         """Return the split of the image at ``source`` (a path under ``root``): its split folder's,
@@ -149,7 +151,13 @@ class FolderLayout:
         """Return the class folder the image at ``source`` sits in, at any depth below it (the folder
         just under ``root``, or under its split folder), or None outside every class folder."""
         inside = self._parts(source)[1 if self.splits else 0:]
-        return inside[0] if len(inside) > 1 and inside[0] in self.labels else None
+        return self.names.get(inside[0], inside[0]) if len(inside) > 1 and inside[0] in self.labels else None
+
+    def named_by(self, question: Question) -> FolderLayout:
+        """Return this layout with each class folder labeled by the task's label it states, as an
+        answer matches a label (``Lobby/`` is a ``lobby``: case, spaces and a final period aside)."""
+        matched = {folder: question.match(folder) for folder in self.labels}
+        return replace(self, names={f: label for f, label in matched.items() if label not in (None, f)})
 
     def _parts(self, source: str) -> tuple[str, ...]:
         path, root = Path(source), Path(printable(str(self.root)))  # ingest's sources are printable
@@ -233,8 +241,8 @@ def _metadata_folder(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _task_labels(task: str) -> set[str]:
-    """Return the labels of ``task``, refusing a task folder names cannot be the truth of (not one closed question)."""
+def _task_question(task: str) -> Question:
+    """Return the one closed question of ``task``, refusing a task folder names cannot be the truth of."""
     from lance_io.tasks import load_task
 
     questions = load_task(task).questions()
@@ -245,7 +253,7 @@ def _task_labels(task: str) -> set[str]:
             f"{len(questions)} question(s){'' if len(questions) != 1 else ' with no fixed answers'}: "
             "give a classify task whose labels are the folder names, or no --task",
         )
-    return {str(v) for v in questions[0].values}
+    return questions[0]
 
 
 def _require_images(accounted: dict[str, Any], data_dir: Path) -> None:
@@ -411,9 +419,11 @@ def run_demo(
     data_dir = work / "data" if data is None else Path(data).resolve()
     layout = None if data is None else folder_layout(data_dir)  # refused here, before anything is written
     task = task or ("digits" if layout is None else str(folder_task(layout, work)))
-    labels = _task_labels(task)
+    question = _task_question(task)
+    labels = set(question.values or ())
     if layout is None:
         layout = folder_layout(write_digits(data_dir))  # a folder per digit
+    layout = layout.named_by(question)
     tiny = model is None
     # the recipe's model (docs/training.md §7): text 4 heads of 32, vision tower 128 wide
     base = str(build_tiny_model("qwen2_vl", work / "models" / "base", heads=4, vision_hidden=128)) if tiny else model

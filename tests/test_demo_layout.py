@@ -175,3 +175,18 @@ def test_a_class_folder_named_in_no_utf8_is_the_label_ingest_shows(tmp_path: Pat
     assert layout.class_of(printable(image)) == "d\\xffogs"  # a source as ingest stores it
     task = load_task(str(folder_task(layout, tmp_path)))
     assert task.questions()[0].values == ("cats", "d\\xffogs")
+
+
+def test_class_folders_take_the_task_label_they_state_whatever_the_case(tmp_path: Path) -> None:
+    """With ``--task`` given, ``Lobby/`` holds the task's ``lobby`` images, as an answer "Lobby."
+    matches that label; a folder no label matches keeps its name, which the demo then refuses."""
+    from lance_io.tasks import ClassifyTask
+
+    for name in ("Lobby", "POOL", "room", "spa"):
+        (tmp_path / name).mkdir()
+    question = ClassifyTask(name="hotel", labels=["lobby", "pool", "room"]).questions()[0]
+    layout = folder_layout(tmp_path).named_by(question)
+    assert layout.names == {"Lobby": "lobby", "POOL": "pool"}
+    assert layout.class_of(str(tmp_path / "Lobby" / "2021" / "a.jpg")) == "lobby"
+    assert layout.class_of(str(tmp_path / "room" / "a.jpg")) == "room"
+    assert layout.class_of(str(tmp_path / "spa" / "a.jpg")) == "spa"
