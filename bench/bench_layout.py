@@ -1,0 +1,75 @@
+"""The demo's label and split columns, written from where each image sits, as the table grows.
+
+    python -m bench layout
+
+``lancetag demo --data DIR`` labels each image by the class folder it sits in (at any depth) and
+splits it (its split folder's, or by id hash) in one pass over the ``source`` column
+(``ray_jobs.demo.add_layout_columns``), committed by ``lance_io.columns.fill_column``. Tables of
+10k, 100k and 1M rows of ids and paths (37 class folders, a year folder inside each; fragments of
+1,024 rows, as ingest writes them; no image bytes, which the pass never reads), side by side in one
+run: the pass as it is (:data:`ray_jobs.demo.COMMIT_ROWS` rows a commit) and the same pass
+committing every 4,096 rows, ``fill_column``'s default and the cadence the demo used before.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.report import Section
+
+SIZES = (10_000, 100_000, 1_000_000)
+CLASSES = 37
+OLD_COMMIT_ROWS = 4_096
+
+
+def _table(workdir: Path, rows: int, name: str) -> tuple[str, Path]:
+    """Write a table of ``rows`` ids and nested class-folder paths; return its URI and the folder root."""
+    import lance
+    import pyarrow as pa
+
+    root = Path("/data/photos")
+    sources = [f"{root}/class{i % CLASSES}/{2000 + i % 20}/{i:08d}.jpg" for i in range(rows)]
+    table = pa.table({"id": [f"{i:032x}" for i in range(rows)], "source": sources,
+                      "truth": pa.nulls(rows, pa.string())})
+    uri = str(workdir / f"{name}-{rows}.lance")
+    lance.write_dataset(table, uri, max_rows_per_file=1024)
+    return uri, root
+
+
+def _pass(workdir: Path, rows: int, commit_rows: int) -> tuple[float, int]:
+    """Return (seconds of the layout pass, versions it committed) on a fresh table of ``rows``."""
+    import lance
+
+    from ray_jobs import demo
+
+    uri, root = _table(workdir, rows, f"commit-{commit_rows}")
+    layout = demo.FolderLayout(root, [f"class{k}" for k in range(CLASSES)])
+    before = lance.dataset(uri).version
+    kept, demo.COMMIT_ROWS = demo.COMMIT_ROWS, commit_rows
+    try:
+        start = time.perf_counter()
+        version = demo.add_layout_columns(uri, layout)
+        seconds = time.perf_counter() - start
+    finally:
+        demo.COMMIT_ROWS = kept
+    labeled = lance.dataset(uri).count_rows(filter="truth IS NOT NULL AND split IS NOT NULL")
+    assert labeled == rows, f"{labeled} of {rows} rows labeled"
+    return seconds, version - before
+
+
+def run(workdir: Path) -> Section:
+    """Time the layout pass at each size, both commit cadences side by side; return the RESULTS.md section."""
+    from ray_jobs.demo import COMMIT_ROWS
+
+    lines = [
+        (__doc__ or "").split("\n\n", 2)[2].strip(),
+        "",
+        f"| rows | as it is ({COMMIT_ROWS:,} rows a commit) | versions | every {OLD_COMMIT_ROWS:,} rows | versions | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for rows in SIZES:
+        now, now_commits = _pass(workdir, rows, COMMIT_ROWS)
+        old, old_commits = _pass(workdir, rows, OLD_COMMIT_ROWS)
+        lines.append(f"| {rows:,} | {now:.2f} s | {now_commits} | {old:.2f} s | {old_commits} | {old / now:.1f}x |")
+    return Section("The demo's label and split columns from the folder layout, as the table grows", "\n".join(lines))
