@@ -142,6 +142,7 @@ class FolderLayout:
     labels: list[str]
     splits: dict[str, str] = field(default_factory=dict)  # split folder -> "train" or "test"
     names: dict[str, str] = field(default_factory=dict)  # class folder -> the task's label, where they differ
+    grouped: bool = False  # the class folders sit in grouping folders (SUN397's a/abbey/), as in split folders
 
     def split_of(self, source: str) -> str | None:
         """Return the split of the image at ``source`` (a path under ``root``): its split folder's,
@@ -152,7 +153,7 @@ class FolderLayout:
     def class_of(self, source: str) -> str | None:
         """Return the class folder the image at ``source`` sits in, at any depth below it (the folder
         just under ``root``, or under its split folder), or None outside every class folder."""
-        inside = self._parts(source)[1 if self.splits else 0:]
+        inside = self._parts(source)[1 if self.splits or self.grouped else 0:]
         return self.names.get(inside[0], inside[0]) if len(inside) > 1 and inside[0] in self._classes else None
 
     def named_by(self, question: Question) -> FolderLayout:
@@ -209,6 +210,12 @@ def folder_layout(data: Path) -> FolderLayout:
         kinds = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in folders}
         held = "test" if "test" in kinds.values() else "validation"
         return FolderLayout(data, _label_set(labels, data), {n: "test" if k == held else "train" for n, k in kinds.items()})
+    grouped = [c.name for p in folders for c in _folders_in(p)]
+    if len(set(grouped)) == len(grouped) > len(folders) and not any(map(_holds_images, folders)):
+        # Folders that only group the classes (SUN397's a/abbey/, b/bakery/): each name inside them
+        # is found once, some hold several, and no image sits in them directly. A name found in two
+        # (cats/2021/, dogs/2021/) is a part of each class, and the folders at the top are the classes.
+        return FolderLayout(data, _label_set(sorted(printable(n) for n in grouped), data), grouped=True)
     labels = [printable(p.name) for p in folders]  # a name not in UTF-8 as ingest shows it: '\\xff'
     if len(labels) < 2:
         raise ReasonError("bad_source", f"{data} needs at least two class folders (one per label), found {labels}")
@@ -231,6 +238,13 @@ def _label_set(labels: list[str], data: Path) -> list[str]:
             "label whatever its case, spaces and final period, so 'Cat' and 'cat' are one label: merge such folders",
         ) from None
     return labels
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether a file with an image's name sits directly in ``folder``."""
+    from ray_jobs.ingest.decode import IMAGE_EXTENSIONS
+
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir() for p in folder.iterdir())
 
 
 def _folders_in(folder: Path) -> list[Path]:

@@ -190,3 +190,30 @@ def test_class_folders_take_the_task_label_they_state_whatever_the_case(tmp_path
     assert layout.class_of(str(tmp_path / "Lobby" / "2021" / "a.jpg")) == "lobby"
     assert layout.class_of(str(tmp_path / "room" / "a.jpg")) == "room"
     assert layout.class_of(str(tmp_path / "spa" / "a.jpg")) == "spa"
+
+
+def test_folders_that_only_group_the_classes_are_looked_into(tmp_path: Path) -> None:
+    """SUN397 ships ``a/abbey/``, ``a/airport/``, ``b/bakery/``: the classes are inside the grouping
+    folders, whose names are found once each. A name found under two top folders (``cats/2021/``,
+    ``dogs/2021/``), a top folder holding images itself, or one sub-folder a class keeps the top
+    folders as the classes."""
+    sun = tmp_path / "sun"
+    for folder in ("a/abbey", "a/airport/terminal", "b/bakery", ".cache/x"):
+        (sun / folder).mkdir(parents=True)
+    (sun / "a" / "README").write_text("not an image")
+    layout = folder_layout(sun)
+    assert (layout.labels, layout.grouped) == (["abbey", "airport", "bakery"], True)
+    assert layout.class_of(str(sun / "a" / "airport" / "terminal" / "1.jpg")) == "airport"
+    assert layout.class_of(str(sun / "b" / "1.jpg")) is None
+    assert layout.held_out() == "20% by content hash"
+
+    years = tmp_path / "years"
+    for folder in ("cats/2021", "cats/2022", "dogs/2021"):
+        (years / folder).mkdir(parents=True)
+    assert (folder_layout(years).labels, folder_layout(years).grouped) == (["cats", "dogs"], False)
+    (sun / "b" / "1.jpg").write_bytes(image_bytes(0))  # an image in a top folder: a class, not a group
+    assert folder_layout(sun).labels == ["a", "b"]
+    pairs = tmp_path / "pairs"
+    for folder in ("cats/cat_photos", "dogs/dog_photos"):  # one sub-folder each: the top names are kept
+        (pairs / folder).mkdir(parents=True)
+    assert folder_layout(pairs).labels == ["cats", "dogs"]
