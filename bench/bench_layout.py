@@ -46,13 +46,9 @@ def _pass(workdir: Path, rows: int, commit_rows: int) -> tuple[float, int]:
     uri, root = _table(workdir, rows, f"commit-{commit_rows}")
     layout = demo.FolderLayout(root, [f"class{k}" for k in range(CLASSES)])
     before = lance.dataset(uri).version
-    kept, demo.COMMIT_ROWS = demo.COMMIT_ROWS, commit_rows
-    try:
-        start = time.perf_counter()
-        version = demo.add_layout_columns(uri, layout)
-        seconds = time.perf_counter() - start
-    finally:
-        demo.COMMIT_ROWS = kept
+    start = time.perf_counter()
+    version = demo.add_layout_columns(uri, layout, commit_rows=commit_rows)
+    seconds = time.perf_counter() - start
     labeled = lance.dataset(uri).count_rows(filter="truth IS NOT NULL AND split IS NOT NULL")
     assert labeled == rows, f"{labeled} of {rows} rows labeled"
     return seconds, version - before

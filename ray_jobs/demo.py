@@ -89,7 +89,7 @@ def write_digits(folder: Path) -> Path:
     return folder
 
 
-def add_layout_columns(table: str, layout: FolderLayout) -> int:
+def add_layout_columns(table: str, layout: FolderLayout, *, commit_rows: int = COMMIT_ROWS) -> int:
     """Write ``truth`` and ``split`` from where each image sits in ``layout``, for rows without a split;
     return the version.
 
@@ -110,7 +110,7 @@ def add_layout_columns(table: str, layout: FolderLayout) -> int:
 
     # The labeling run's commit protocol, computed here: the whole columns in a commit or two.
     fill_column(table, compute, read_columns=["source"], output_schema=LAYOUT_COLUMNS, todo="split IS NULL",
-                commit_rows=COMMIT_ROWS, properties={"lancetag.job": "demo-layout"})
+                commit_rows=commit_rows, properties={"lancetag.job": "demo-layout"})
     return open_table(table).version
 
 
