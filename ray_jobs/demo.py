@@ -210,8 +210,8 @@ def folder_layout(data: Path) -> FolderLayout:
         kinds = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in folders}
         held = "test" if "test" in kinds.values() else "validation"
         return FolderLayout(data, _label_set(labels, data), {n: "test" if k == held else "train" for n, k in kinds.items()})
-    grouped = [c.name for p in folders for c in _folders_in(p)]
-    if len(set(grouped)) == len(grouped) > len(folders) and not any(map(_holds_images, folders)):
+    grouped = [] if any(map(_holds_images, folders)) else [c.name for p in folders for c in _folders_in(p)]
+    if len(set(grouped)) == len(grouped) > len(folders):
         # Folders that only group the classes (SUN397's a/abbey/, b/bakery/): each name inside them
         # is found once, some hold several, and no image sits in them directly. A name found in two
         # (cats/2021/, dogs/2021/) is a part of each class, and the folders at the top are the classes.
