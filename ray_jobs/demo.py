@@ -108,7 +108,7 @@ def add_layout_columns(table: str, layout: FolderLayout, *, commit_rows: int = C
         return pa.record_batch([pa.array([layout.class_of(s) for s in sources], pa.string()), pa.array(splits)],
                                schema=LAYOUT_COLUMNS)
 
-    # The labeling run's commit protocol, computed here: the whole columns in a commit or two.
+    # The labeling run's commit protocol, computed here: a commit per ``commit_rows`` rows.
     fill_column(table, compute, read_columns=["source"], output_schema=LAYOUT_COLUMNS, todo="split IS NULL",
                 commit_rows=commit_rows, properties={"lancetag.job": "demo-layout"})
     return open_table(table).version
@@ -181,7 +181,7 @@ class FolderLayout:
 
 
 def folder_layout(data: Path) -> FolderLayout:
-    """Return the classes of ``data`` (its sub-folders, or those of its split folders) and its splits.
+    """Return the classes of ``data`` (its sub-folders, or those of its split or grouping folders) and its splits.
 
     Split folders (``train``, ``val``, ``test``, any case) keep the division the dataset shipped with:
     ``test`` (or, with none, the validation folder) is held out; the others train.
