@@ -174,6 +174,11 @@ class FolderLayout:
     def _classes(self) -> frozenset[str]:
         return frozenset(self.labels)
 
+    def classes(self) -> str:
+        """Say where the classes were found, for the progress line."""
+        inside = " inside the split folders" if self.splits else " inside the grouping folders" if self.grouped else ""
+        return f"{len(self.labels)} class folders{inside}"
+
     def held_out(self) -> str:
         """Say which rows are held out, for the progress line."""
         held = sorted(name for name, split in self.splits.items() if split == "test")
@@ -466,7 +471,7 @@ def run_demo(
     accounted.update(_label_coverage(table, labels))
     _require_held_out(table, layout)
     versions = {"ingested": tag_version(table, "ingested")}
-    step(f"ingest ({describe_ingest(accounted)}; held out: {layout.held_out()})", t0)
+    step(f"ingest ({describe_ingest(accounted)}; {layout.classes()}; held out: {layout.held_out()})", t0)
 
     t0 = time.perf_counter()
     recipe = training_recipe(table, versions["ingested"])

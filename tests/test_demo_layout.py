@@ -203,6 +203,7 @@ def test_folders_that_only_group_the_classes_are_looked_into(tmp_path: Path) -> 
     (sun / "a" / "README").write_text("not an image")
     layout = folder_layout(sun)
     assert (layout.labels, layout.grouped) == (["abbey", "airport", "bakery"], True)
+    assert layout.classes() == "3 class folders inside the grouping folders"  # said on the ingest line
     assert layout.class_of(str(sun / "a" / "airport" / "terminal" / "1.jpg")) == "airport"
     assert layout.class_of(str(sun / "b" / "1.jpg")) is None
     assert layout.held_out() == "20% by content hash"
