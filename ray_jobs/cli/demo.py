@@ -14,7 +14,7 @@ from ray_jobs.cli.output import emit_json, print_rows
 
 def demo_command(
     workdir: Annotated[Path | None, typer.Option(help="Where data, table and models go (default: a fresh folder)")] = None,
-    data: Annotated[Path | None, typer.Option(help="Your own photos: a folder per class (or train/ and test/ folders of them)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Your own photos: a folder per class, images at any depth in it (or train/ and test/ folders of them)")] = None,
     task: Annotated[str | None, typer.Option(help="Task name or YAML (default: digits, or the folder names)")] = None,
     model: Annotated[str | None, typer.Option(help="Base model (default: a tiny Qwen2-VL built offline)")] = None,
     epochs: Annotated[float | None, typer.Option(help="Training epochs (default: the recipe's)")] = None,
