@@ -70,8 +70,8 @@ class InputItem:
     """One input image as a source yields it, before any byte is read.
 
     ``source`` is what a user recognises in an error record (a path, a URL, ``file.json#3``);
-    ``scan`` marks items found by scanning a folder: those that are not images by extension
-    and magic bytes count as skipped instead of errors.
+    ``scan`` marks items found by scanning a folder, prefix or tar shard: those that are not images
+    by extension and magic bytes, and macOS metadata files, count as skipped instead of errors.
     """
 
     source: str

@@ -146,12 +146,15 @@ def _bytes_of(
     row: dict, fetched: dict[int, bytes | IngestError | str], options: IngestOptions
 ) -> bytes | IngestError | str:
     if row["locator"] in ("url", "object", "member") or _remote_cell(row):
-        return fetched[row["idx"]]
-    if row["locator"] == "path":
-        return read_file(work_path(row), options.max_bytes, scan=row["scan"])
-    if row["locator"] == "cell":
-        return read_cell(row["url"], work_path(row), options.max_bytes)
-    return row["data"] or b""
+        data = fetched[row["idx"]]
+    elif row["locator"] == "path":
+        data = read_file(work_path(row), options.max_bytes, scan=row["scan"])
+    elif row["locator"] == "cell":
+        data = read_cell(row["url"], work_path(row), options.max_bytes)
+    else:
+        data = row["data"] or b""
+    # a scanned file, object or tar member that is macOS metadata (``._photo.jpg``) is no image: skipped
+    return SKIP if row["scan"] and not isinstance(data, IngestError | str) and is_mac_metadata(data) else data
 
 
 def read_cell(
@@ -279,7 +282,7 @@ def _read_remote(row: dict, max_bytes: int, table_options: dict[str, str] | None
         return read_object(row["url"], max_bytes, table_options, scan=row["scan"])
     if row["locator"] == "cell":
         return read_cell(row["url"], work_path(row), max_bytes, table_options)
-    return read_member(row["url"], work_path(row), max_bytes, table_options, scan=row["scan"])
+    return read_member(row["url"], work_path(row), max_bytes, table_options)
 
 
 def _object_options(uri: str, table_options: dict[str, str] | None) -> dict[str, str] | None:
@@ -305,14 +308,13 @@ def read_object(
         return IngestError("too_large", f"the object is over the limit of {max_bytes} bytes (raise --max-bytes)")
     except ObjectUnreadable as exc:
         return IngestError(*listing_failure(exc.cause))
-    return SKIP if data is None or (scan and is_mac_metadata(data)) else data
+    return SKIP if data is None else data
 
 
 def read_member(
-    shard: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None, *, scan: bool = False
-) -> bytes | IngestError | str:
-    """Return the bytes of the tar member at ``span`` (``"offset:size"``) of ``shard``, or why not;
-    ``SKIP`` for a scanned member that is macOS metadata (a tar made on a Mac holds ``._photo.jpg``)."""
+    shard: str, span: str, max_bytes: int, table_options: dict[str, str] | None = None
+) -> bytes | IngestError:
+    """Return the bytes of the tar member at ``span`` (``"offset:size"``) of ``shard``, or why not."""
     from ray_jobs.ingest.sources.objectstore import listing_failure
 
     offset, size = (int(part) for part in span.split(":"))
@@ -333,7 +335,7 @@ def read_member(
         return IngestError(*listing_failure(exc))
     if len(data) < size:
         return IngestError("truncated", f"the shard ends inside this member ({len(data)} of {size} bytes)")
-    return SKIP if scan and is_mac_metadata(data) else data
+    return data
 
 
 def _known_ids(dataset: lance.LanceDataset | None, ids: list[str]) -> set[str]:
@@ -384,7 +386,7 @@ def read_file(path: str, max_bytes: int, *, scan: bool = False) -> bytes | Inges
             data += handle.read(size + 1 - len(data))
             if len(data) > size:
                 data += handle.read(max_bytes + 1 - len(data))
-            return SKIP if scan and is_mac_metadata(data) else data
+            return data
     except FileNotFoundError:
         return IngestError("not_found", "no such file (moved or deleted since it was listed?)")
     except ValueError:  # os.stat's "embedded null byte"
