@@ -14,6 +14,7 @@ import io
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -101,11 +102,10 @@ def add_layout_columns(table: str, layout: FolderLayout, *, commit_rows: int = C
     from lance_io.columns import fill_column
 
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
-        ids = batch.column("id").to_pylist()
-        sources = batch.column("source").to_pylist()
-        given = [layout.split_of(s) for s in sources]
-        splits = [split or split_of(i, TEST_FRACTION, held_out="test") for i, split in zip(ids, given, strict=True)]
-        return pa.record_batch([pa.array([layout.class_of(s) for s in sources], pa.string()), pa.array(splits)],
+        places = [layout.place_of(s) for s in batch.column("source").to_pylist()]
+        splits = [split or split_of(i, TEST_FRACTION, held_out="test")
+                  for i, (_, split) in zip(batch.column("id").to_pylist(), places, strict=True)]
+        return pa.record_batch([pa.array([truth for truth, _ in places], pa.string()), pa.array(splits)],
                                schema=LAYOUT_COLUMNS)
 
     # The labeling run's commit protocol, computed here: a commit per ``commit_rows`` rows.
@@ -144,17 +144,26 @@ class FolderLayout:
     names: dict[str, str] = field(default_factory=dict)  # class folder -> the task's label, where they differ
     grouped: bool = False  # the class folders sit in grouping folders (SUN397's a/abbey/), as in split folders
 
-    def split_of(self, source: str) -> str | None:
-        """Return the split of the image at ``source`` (a path under ``root``): its split folder's,
-        or None outside any (the rows of a folder per class, split by content hash)."""
+    def place_of(self, source: str) -> tuple[str | None, str | None]:
+        """Return the class and the split of the image at ``source`` (a path under ``root``), from one parse.
+
+        The class is the class folder the image sits in, at any depth below it (the folder just under
+        ``root``, or under its split or grouping folder), or None outside every class folder. The split
+        is its split folder's, or None outside any (the rows of a folder per class, split by content hash).
+        """
         inside = self._parts(source)
-        return self.splits.get(inside[0]) if len(inside) > 1 else None
+        split = self.splits.get(inside[0]) if len(inside) > 1 else None
+        below = inside[1 if self.splits or self.grouped else 0:]
+        truth = self.names.get(below[0], below[0]) if len(below) > 1 and below[0] in self._classes else None
+        return truth, split
+
+    def split_of(self, source: str) -> str | None:
+        """Return the split of the image at ``source``: its split folder's, or None outside any."""
+        return self.place_of(source)[1]
 
     def class_of(self, source: str) -> str | None:
-        """Return the class folder the image at ``source`` sits in, at any depth below it (the folder
-        just under ``root``, or under its split folder), or None outside every class folder."""
-        inside = self._parts(source)[1 if self.splits or self.grouped else 0:]
-        return self.names.get(inside[0], inside[0]) if len(inside) > 1 and inside[0] in self._classes else None
+        """Return the class folder the image at ``source`` sits in, at any depth, or None outside every one."""
+        return self.place_of(source)[0]
 
     def named_by(self, question: Question) -> FolderLayout:
         """Return this layout with each class folder labeled by the task's label it states, as an
@@ -319,15 +328,26 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None:
-    """Refuse images whose class folder is not one of the task's labels (a ``--task`` that misspells a
-    folder): training would skip such rows as ``label_not_in_task`` and learn the other classes only."""
-    import pyarrow.compute as pc
-
+def truth_counts(table: str) -> Counter[tuple[str | None, str | None]]:
+    """Return how many rows of ``table`` hold each (``truth``, ``split``) pair: one read of the two
+    columns, a batch at a time, for every check made of the layout columns."""
     from lance_io import open_table
 
-    counts = pc.value_counts(open_table(table).to_table(columns=[TRUTH]).column(TRUTH)).to_pylist()
-    strays = {c["values"]: c["counts"] for c in counts if c["values"] is not None and c["values"] not in labels}
+    counts: Counter[tuple[str | None, str | None]] = Counter()
+    for batch in open_table(table).to_batches(columns=[TRUTH, "split"]):
+        grouped = pa.table(batch).group_by([TRUTH, "split"], use_threads=False).aggregate([([], "count_all")])
+        for group in grouped.to_pylist():
+            counts[group[TRUTH], group["split"]] += group["count_all"]
+    return counts
+
+
+def _require_known_classes(counts: Counter[tuple[str | None, str | None]], labels: set[str], data_dir: Path) -> None:
+    """Refuse images whose class folder is not one of the task's labels (a ``--task`` that misspells a
+    folder): training would skip such rows as ``label_not_in_task`` and learn the other classes only."""
+    strays: Counter[str] = Counter()
+    for (truth, _), n in counts.items():
+        if truth is not None and truth not in labels:
+            strays[truth] += n
     if strays:
         found = ", ".join(f"{n} in the folder {name!r}" for name, n in sorted(strays.items()))
         raise ReasonError(
@@ -337,27 +357,21 @@ def _require_known_classes(table: str, labels: set[str], data_dir: Path) -> None
         )
 
 
-def _label_coverage(table: str, labels: set[str]) -> dict[str, Any]:
+def _label_coverage(counts: Counter[tuple[str | None, str | None]], labels: set[str]) -> dict[str, Any]:
     """Return how many images sit outside every class folder (beside them, or in a hidden one: no
     label), and the labels no training image has (an empty class folder: never learned)."""
-    from lance_io import open_table
-
-    ds = open_table(table)
-    trained = ds.to_table(columns=[TRUTH], filter=f"split = 'train' AND {TRUTH} IS NOT NULL").column(TRUTH)
-    return {"outside_classes": ds.count_rows(filter=f"{TRUTH} IS NULL"),
-            "untrained_classes": sorted(labels - set(trained.unique().to_pylist()))}
+    trained = {truth for (truth, split) in counts if split == "train"}
+    return {"outside_classes": sum(n for (truth, _), n in counts.items() if truth is None),
+            "untrained_classes": sorted(labels - trained)}
 
 
-def _require_held_out(table: str, layout: FolderLayout) -> None:
+def _require_held_out(counts: Counter[tuple[str | None, str | None]], layout: FolderLayout) -> None:
     """Refuse a folder so small that no image fell in the held-out split: the loop would measure nothing."""
-    from lance_io import open_table
-
-    ds = open_table(table)
-    if ds.count_rows(filter="split = 'test' AND truth IS NOT NULL"):
+    if any(truth is not None and split == "test" for truth, split in counts):
         return
     raise ReasonError(
         "no_rows",
-        f"none of the {ds.count_rows()} images fell in the held-out share ({layout.held_out()}), so the loop "
+        f"none of the {counts.total()} images fell in the held-out share ({layout.held_out()}), so the loop "
         "would have nothing to measure its accuracy on: add images",
     )
 
@@ -467,9 +481,10 @@ def run_demo(
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     add_layout_columns(table, layout)
-    _require_known_classes(table, labels, data_dir)
-    accounted.update(_label_coverage(table, labels))
-    _require_held_out(table, layout)
+    counts = truth_counts(table)
+    _require_known_classes(counts, labels, data_dir)
+    accounted.update(_label_coverage(counts, labels))
+    _require_held_out(counts, layout)
     versions = {"ingested": tag_version(table, "ingested")}
     step(f"ingest ({describe_ingest(accounted)}; {layout.classes()}; held out: {layout.held_out()})", t0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lance_io.reasons import ReasonError
-from ray_jobs.demo import FolderLayout, _label_coverage, add_layout_columns, folder_layout
+from ray_jobs.demo import FolderLayout, _label_coverage, add_layout_columns, folder_layout, truth_counts
 from tests.ingest_fixtures import image_bytes
 
 
@@ -146,7 +146,7 @@ def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(
     layout = folder_layout(data)
     add_layout_columns(table, layout)
     # what the ingest line reports: the unlabeled images, and the class no training image has
-    assert _label_coverage(table, set(layout.labels)) == {"outside_classes": 3, "untrained_classes": ["c"]}
+    assert _label_coverage(truth_counts(table), set(layout.labels)) == {"outside_classes": 3, "untrained_classes": ["c"]}
     rows = lance.dataset(table).to_table(columns=["id", "source", "truth", "split"]).to_pylist()
     assert len(rows) == 23
     assert [r["split"] for r in rows] == [split_of(r["id"], TEST_FRACTION, held_out="test") for r in rows]
