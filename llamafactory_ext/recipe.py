@@ -30,7 +30,8 @@ data"):
   ``VALIDATION_ROWS`` rows, scores about ``EVALUATIONS`` times, keeps the best weights (a later
   evaluation within ``TOLERANCE`` standard error of the best accuracy replaces it: about 100 rows
   cannot tell such points apart, and with a cosine schedule the later weights have trained
-  longer) and stops after ``PATIENCE`` evaluations without a better accuracy.
+  longer) and stops after ``PATIENCE`` evaluations in a row that fall below that: on a curve
+  flat within its noise the run trains to the end of its schedule.
 - **Vision warm-up** (a model whose vision tower starts from random weights, the demo's tiny
   model): before the fine-tune, the tower is trained as a plain classifier of the same training
   rows, for as many epochs as the fine-tune (``llamafactory_ext.vision_warmup``), and the fine-tune

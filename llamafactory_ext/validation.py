@@ -19,8 +19,8 @@ caller hands it in. The share of answers that match the truth is the validation 
 
 The trainable weights of the best evaluation (LoRA adapters, or every weight of a full
 fine-tune) are copied to CPU memory and put back when training ends, so what LLaMA-Factory saves
-into ``output_dir`` is the best checkpoint, not the last. ``patience`` evaluations without a
-better accuracy stop the run. Rank 0 evaluates and decides; under Ray Train every rank receives
+into ``output_dir`` is the best checkpoint, not the last. ``patience`` evaluations in a row not
+kept (none better, nor within ``tolerance`` of the best) stop the run. Rank 0 evaluates and decides; under Ray Train every rank receives
 the decision (a broadcast at the same point of every rank's loop), so all stop together. The
 curve (step, epoch, validation accuracy, train loss) goes to ``<output_dir>/lancetag_validation.json``
 after each evaluation and into the run's lineage.
@@ -394,7 +394,6 @@ class Validator:
         self.curve = Curve(fraction=plan.fraction, rows=0)
         self.best_weights: dict[str, Any] | None = None
         self.best_rows: list[ScoredRow] = []  # the kept evaluation's answers, the image alone
-        self.since_best = 0
         self.pending = False
         self.last_log: tuple[int, float] | None = None  # (step, loss) of the latest training log
         self._label: LabelImages | None = None
@@ -421,15 +420,13 @@ class Validator:
             accuracy, rows = _accuracy(scored, self.plan.rows)
             point = CurvePoint(step, round(epoch, 4), accuracy, train_loss, round(time.perf_counter() - started, 2))
             self.curve.rows = rows
-            kept, improved = self.curve.add(point, self.plan.options.tolerance)
-            self.since_best = 0 if improved else self.since_best + 1
-            if kept:
+            if self.curve.add(point, self.plan.options.tolerance):
                 self.best_rows = scored
                 self.best_weights = {
                     name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad
                 }
             patience = self.plan.options.patience
-            stop = not final and patience is not None and self.since_best >= patience
+            stop = not final and patience is not None and self.curve.since_kept() >= patience
             self.curve.stopped_early = stop
             self.write()
             logger.info("validation at step %d (epoch %.2f): accuracy %.4f%s", step, epoch, accuracy,

@@ -22,7 +22,7 @@ class ValidationOptions(BaseModel):
     every_epochs: int | None = Field(None, ge=1, description="score after every this many epochs (default 1)")
     every_steps: int | None = Field(None, ge=1, description="score every this many optimizer steps instead")
     patience: int | None = Field(
-        None, ge=1, description="stop after this many evaluations without a better accuracy (None: never)"
+        None, ge=1, description="stop after this many evaluations in a row not kept: none better, nor within tolerance (None: never)"
     )
     batch_size: int = Field(16, ge=1, description="validation images per forward")
     tolerance: float = Field(
@@ -68,23 +68,26 @@ class Curve:
     views: dict[str, Any] | None = None
     """The kept weights on views of each image: count, accuracy, single-view accuracy, chosen."""
 
-    def add(self, point: CurvePoint, tolerance: float = 0.0) -> tuple[bool, bool]:
-        """Append ``point``; return (whether its weights are kept as the best, whether it beat every earlier one).
+    def add(self, point: CurvePoint, tolerance: float = 0.0) -> bool:
+        """Append ``point``; return whether its weights are kept as the best.
 
         A point better than every earlier one is kept. With ``tolerance``, so is a later point at most
         that many standard errors below the best accuracy so far (:meth:`standard_error`): the
         validation rows cannot tell the two apart, and the later weights trained longer. Ties
-        otherwise keep the earlier point.
+        otherwise keep the earlier point. Early stopping counts the points not kept.
         """
         top = max((p.validation_accuracy for p in self.points), default=None)
         self.points.append(point)
-        improved = top is None or point.validation_accuracy > top
-        kept = improved or (
-            tolerance > 0 and point.validation_accuracy >= top - tolerance * self.standard_error(top) - 1e-9  # type: ignore[operator]
+        kept = top is None or point.validation_accuracy > top or (
+            tolerance > 0 and point.validation_accuracy >= top - tolerance * self.standard_error(top) - 1e-9
         )
         if kept:
             self.best = point
-        return kept, improved
+        return kept
+
+    def since_kept(self) -> int:
+        """Return how many evaluations came after the kept one: what ``patience`` counts."""
+        return next((k for k, p in enumerate(reversed(self.points)) if p is self.best), len(self.points))
 
     def standard_error(self, accuracy: float) -> float:
         """Return the standard error of ``accuracy`` measured on this curve's validation rows.

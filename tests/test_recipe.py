@@ -193,7 +193,7 @@ def test_a_later_evaluation_within_one_standard_error_of_the_best_is_kept() -> N
     curve = Curve(fraction=0.1, rows=100)
     accuracies = [0.90, 0.95, 0.93, 0.95, 0.91]  # one standard error at 0.95 on 100 rows: about 0.024
     decisions = [curve.add(CurvePoint(k, k, a, None, 0.0), tolerance=1.0) for k, a in enumerate(accuracies)]
-    assert decisions == [(True, True), (True, True), (True, False), (True, False), (False, False)]
+    assert decisions == [True, True, True, True, False]
     assert curve.best is not None and curve.best.step == 3  # 0.95 again, later: trained longer
     strict = Curve(fraction=0.1, rows=100)
     for k, a in enumerate(accuracies):
@@ -201,12 +201,33 @@ def test_a_later_evaluation_within_one_standard_error_of_the_best_is_kept() -> N
     assert strict.best is not None and strict.best.step == 1  # without tolerance ties keep the earlier
 
 
+def test_patience_counts_only_the_evaluations_validation_can_tell_below_the_best() -> None:
+    """A curve flat within its noise trains on; only points below the tolerance count toward a stop.
+
+    The first curve is a real demo run's on its 109 cells (2026-12-06): before, patience 2 stopped it
+    after epoch 6 of 12 (84.4%, 83.5%, 83.5%: no better point) and kept epoch 6's weights, mid-schedule.
+    """
+    flat = Curve(fraction=0.056, rows=109)
+    for k, accuracy in enumerate([0.844, 0.835, 0.835]):
+        flat.add(CurvePoint(k, 2 * k + 2, accuracy, None, 0.0), tolerance=1.0)
+    assert flat.since_kept() == 0 and flat.best is flat.points[-1]  # within one standard error: kept, no stop
+    falling = Curve(fraction=0.056, rows=109)
+    for k, accuracy in enumerate([0.844, 0.862, 0.78, 0.771]):
+        falling.add(CurvePoint(k, 2 * k + 2, accuracy, None, 0.0), tolerance=1.0)
+    assert falling.since_kept() == 2 and falling.best is falling.points[1]  # two real drops: patience 2 stops
+    strict = Curve(fraction=0.056, rows=109)
+    for k, accuracy in enumerate([0.844, 0.835, 0.835]):
+        strict.add(CurvePoint(k, 2 * k + 2, accuracy, None, 0.0))
+    assert strict.since_kept() == 2  # without tolerance, a point no better is not kept and counts
+    assert Curve(fraction=0.1, rows=100).since_kept() == 0
+
+
 def test_the_tolerance_shrinks_as_the_validation_set_grows() -> None:
     small, large = Curve(fraction=0.1, rows=100), Curve(fraction=0.1, rows=1000)
     for curve in (small, large):
         curve.add(CurvePoint(0, 0, 0.95, None, 0.0), tolerance=1.0)
-    assert small.add(CurvePoint(1, 1, 0.93, None, 0.0), tolerance=1.0) == (True, False)  # noise on 100 rows
-    assert large.add(CurvePoint(1, 1, 0.93, None, 0.0), tolerance=1.0) == (False, False)  # a real drop on 1,000
+    assert small.add(CurvePoint(1, 1, 0.93, None, 0.0), tolerance=1.0)  # noise on 100 rows
+    assert not large.add(CurvePoint(1, 1, 0.93, None, 0.0), tolerance=1.0)  # a real drop on 1,000
     assert large.standard_error(0.95) < small.standard_error(0.95) / 3
 
 
@@ -216,8 +237,8 @@ def test_a_perfect_validation_score_still_has_the_noise_of_its_rows() -> None:
     for curve in (one_below, three_below):
         curve.add(CurvePoint(0, 0, 1.0, None, 0.0), tolerance=1.0)
     assert 0 < one_below.standard_error(1.0) < 2 / rows
-    assert one_below.add(CurvePoint(1, 1, 1 - 1 / rows, None, 0.0), tolerance=1.0)[0]
-    assert not three_below.add(CurvePoint(1, 1, 1 - 3 / rows, None, 0.0), tolerance=1.0)[0]
+    assert one_below.add(CurvePoint(1, 1, 1 - 1 / rows, None, 0.0), tolerance=1.0)
+    assert not three_below.add(CurvePoint(1, 1, 1 - 3 / rows, None, 0.0), tolerance=1.0)
 
 
 def test_flip_mirrors_half_of_the_draws() -> None:
