@@ -157,14 +157,6 @@ class FolderLayout:
         truth = self.names.get(below[0], below[0]) if len(below) > 1 and below[0] in self._classes else None
         return truth, split
 
-    def split_of(self, source: str) -> str | None:
-        """Return the split of the image at ``source``: its split folder's, or None outside any."""
-        return self.place_of(source)[1]
-
-    def class_of(self, source: str) -> str | None:
-        """Return the class folder the image at ``source`` sits in, at any depth, or None outside every one."""
-        return self.place_of(source)[0]
-
     def named_by(self, question: Question) -> FolderLayout:
         """Return this layout with each class folder labeled by the task's label it states, as an
         answer matches a label (``Lobby/`` is a ``lobby``: case, spaces and a final period aside)."""

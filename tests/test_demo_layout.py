@@ -25,7 +25,7 @@ def test_a_folder_per_class_is_split_by_content_hash(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     layout = folder_layout(tmp_path)
     assert layout.labels == ["cats", "dogs"] and layout.splits == {}
-    assert layout.split_of(str(tmp_path / "cats" / "1.jpg")) is None
+    assert layout.place_of(str(tmp_path / "cats" / "1.jpg"))[1] is None
     assert layout.held_out() == "20% by content hash"
 
 
@@ -35,14 +35,14 @@ def test_an_image_takes_the_class_folder_it_sits_in_at_any_depth(tmp_path: Path)
     for name in ("cats/2021/june", "dogs", ".thumbnails", "__MACOSX/cats"):
         (tmp_path / name).mkdir(parents=True)
     layout = folder_layout(tmp_path)
-    assert layout.class_of(str(tmp_path / "cats" / "2021" / "june" / "a.jpg")) == "cats"
-    assert layout.class_of(str(tmp_path / "dogs" / "b.jpg")) == "dogs"
+    assert layout.place_of(str(tmp_path / "cats" / "2021" / "june" / "a.jpg"))[0] == "cats"
+    assert layout.place_of(str(tmp_path / "dogs" / "b.jpg"))[0] == "dogs"
     for nowhere in ("c.jpg", ".thumbnails/d.jpg", "__MACOSX/cats/._e.jpg", "../dogs/f.jpg"):
-        assert layout.class_of(str(tmp_path / nowhere)) is None, nowhere
-    assert layout.class_of("/elsewhere/dogs/g.jpg") is None
+        assert layout.place_of(str(tmp_path / nowhere))[0] is None, nowhere
+    assert layout.place_of("/elsewhere/dogs/g.jpg")[0] is None
     split = FolderLayout(tmp_path, ["cats", "dogs"], {"train": "train", "test": "test"})
-    assert split.class_of(str(tmp_path / "test" / "cats" / "scans" / "a.jpg")) == "cats"
-    assert split.class_of(str(tmp_path / "test" / "a.jpg")) is None  # in a split folder, in no class
+    assert split.place_of(str(tmp_path / "test" / "cats" / "scans" / "a.jpg"))[0] == "cats"
+    assert split.place_of(str(tmp_path / "test" / "a.jpg"))[0] is None  # in a split folder, in no class
 
 
 def test_split_folders_give_the_classes_inside_them_and_keep_the_shipped_split(tmp_path: Path) -> None:
@@ -51,9 +51,9 @@ def test_split_folders_give_the_classes_inside_them_and_keep_the_shipped_split(t
     layout = folder_layout(tmp_path)
     assert layout.labels == ["birds", "cats", "dogs"]  # a class in one split only is still a class
     assert layout.splits == {"Train": "train", "val": "train", "test": "test"}  # the test folder held out
-    assert layout.split_of(str(tmp_path / "test" / "cats" / "1.jpg")) == "test"
-    assert layout.split_of(str(tmp_path / "val" / "cats" / "1.jpg")) == "train"
-    assert layout.split_of(str(tmp_path / "notes.png")) is None  # beside the splits: no class, hash split
+    assert layout.place_of(str(tmp_path / "test" / "cats" / "1.jpg"))[1] == "test"
+    assert layout.place_of(str(tmp_path / "val" / "cats" / "1.jpg"))[1] == "train"
+    assert layout.place_of(str(tmp_path / "notes.png"))[1] is None  # beside the splits: no class, hash split
     assert layout.held_out() == "the folder's own test split"
 
 
@@ -69,8 +69,8 @@ def test_a_wrapper_folder_is_looked_into_as_an_archive_unpacks(tmp_path: Path) -
     split = folder_layout(tmp_path / "archive")
     assert (split.root, split.labels) == (tmp_path / "archive" / "dataset", ["a", "b"])
     assert split.splits == {"test": "test", "train": "train"}
-    assert split.split_of(str(split.root / "test" / "a" / "1.jpg")) == "test"
-    assert split.split_of(str(tmp_path / "other" / "test" / "a" / "1.jpg")) is None  # not under the root
+    assert split.place_of(str(split.root / "test" / "a" / "1.jpg"))[1] == "test"
+    assert split.place_of(str(tmp_path / "other" / "test" / "a" / "1.jpg"))[1] is None  # not under the root
     (tmp_path / "photos" / "tulips").mkdir()  # two folders at the top: they are the classes
     assert folder_layout(tmp_path / "photos").labels == ["flower_photos", "tulips"]
 
@@ -172,7 +172,7 @@ def test_a_class_folder_named_in_no_utf8_is_the_label_ingest_shows(tmp_path: Pat
     layout = folder_layout(tmp_path / "data")
     assert layout.labels == ["cats", "d\\xffogs"]
     image = os.fsdecode(os.fsencode(tmp_path) + b"/data/d\xffogs/2021/a\xfe.jpg")
-    assert layout.class_of(printable(image)) == "d\\xffogs"  # a source as ingest stores it
+    assert layout.place_of(printable(image))[0] == "d\\xffogs"  # a source as ingest stores it
     task = load_task(str(folder_task(layout, tmp_path)))
     assert task.questions()[0].values == ("cats", "d\\xffogs")
 
@@ -187,9 +187,9 @@ def test_class_folders_take_the_task_label_they_state_whatever_the_case(tmp_path
     question = ClassifyTask(name="hotel", labels=["lobby", "pool", "room"]).questions()[0]
     layout = folder_layout(tmp_path).named_by(question)
     assert layout.names == {"Lobby": "lobby", "POOL": "pool"}
-    assert layout.class_of(str(tmp_path / "Lobby" / "2021" / "a.jpg")) == "lobby"
-    assert layout.class_of(str(tmp_path / "room" / "a.jpg")) == "room"
-    assert layout.class_of(str(tmp_path / "spa" / "a.jpg")) == "spa"
+    assert layout.place_of(str(tmp_path / "Lobby" / "2021" / "a.jpg"))[0] == "lobby"
+    assert layout.place_of(str(tmp_path / "room" / "a.jpg"))[0] == "room"
+    assert layout.place_of(str(tmp_path / "spa" / "a.jpg"))[0] == "spa"
 
 
 def test_folders_that_only_group_the_classes_are_looked_into(tmp_path: Path) -> None:
@@ -204,8 +204,8 @@ def test_folders_that_only_group_the_classes_are_looked_into(tmp_path: Path) -> 
     layout = folder_layout(sun)
     assert (layout.labels, layout.grouped) == (["abbey", "airport", "bakery"], True)
     assert layout.classes() == "3 class folders inside the grouping folders"  # said on the ingest line
-    assert layout.class_of(str(sun / "a" / "airport" / "terminal" / "1.jpg")) == "airport"
-    assert layout.class_of(str(sun / "b" / "1.jpg")) is None
+    assert layout.place_of(str(sun / "a" / "airport" / "terminal" / "1.jpg"))[0] == "airport"
+    assert layout.place_of(str(sun / "b" / "1.jpg"))[0] is None
     assert layout.held_out() == "20% by content hash"
 
     years = tmp_path / "years"
