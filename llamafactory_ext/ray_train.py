@@ -164,22 +164,36 @@ def worker_env(args: dict[str, Any]) -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
+def connect_ray() -> None:
+    """Join the cluster at ``RAY_ADDRESS`` (or start a local one) unless this process already has."""
+    import ray
+
+    if not ray.is_initialized():
+        # configure_logging=False: Ray's "Connecting to existing Ray cluster" INFO lines stay out of
+        # the CLI's output, whose error is one line
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, configure_logging=False)
+
+
+def worker_resources(options: RunOptions) -> dict[str, float]:
+    """Return one Ray Train worker's resources: its CPUs, and its GPUs when it has any."""
+    resources = {"CPU": options.cpus_per_worker}
+    if options.gpus_per_worker > 0:
+        resources["GPU"] = options.gpus_per_worker
+    return resources
+
+
 def train_on_ray(args: dict[str, Any], options: RunOptions, validation: ValidationPlan | None) -> Any:
     """Run ``args`` on a Ray Train TorchTrainer; return its result (last checkpoint, last metrics).
 
     With ``max_failures`` > 0 a lost worker (kill -9, node lost) restarts the worker group, which
     resumes from the last checkpoint reported to ``storage`` (:func:`_resume_from`), not step 0.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    connect_ray()
     use_gpu = options.gpus_per_worker > 0
-    resources = {"CPU": options.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = options.gpus_per_worker
+    resources = worker_resources(options)
     name = options.name or Path(args["output_dir"]).name
     storage = options.storage or str(Path(args["output_dir"]).resolve().parent / "ray_results")
     trainer = TorchTrainer(

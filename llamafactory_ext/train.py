@@ -28,7 +28,14 @@ from lance_io.image_size import LINEAGE_FILE
 from lance_io.reasons import first_problem
 from llamafactory_ext.augment import ImageAugment, install
 from llamafactory_ext.image_fit import trained_pixels
-from llamafactory_ext.ray_train import final_train_loss, train_on_ray, training_callbacks
+from llamafactory_ext.placement import require_placeable
+from llamafactory_ext.ray_train import (
+    connect_ray,
+    final_train_loss,
+    train_on_ray,
+    training_callbacks,
+    worker_resources,
+)
 from llamafactory_ext.run_options import (
     RunOptions,
     TrainConfigError,
@@ -184,6 +191,9 @@ def run_training(
         )
     args = _absolute(args)
     check_datasets_and_template(args)
+    if options.workers > 0:  # before any work: Ray Train would wait for ever for workers no node holds
+        connect_ray()
+        require_placeable(options.workers, worker_resources(options), options.placement_strategy)
     output_dir = Path(args["output_dir"])
     started = time.time()
     args, lineage = pin_datasets(args, output_dir / PINNED_DIR)

@@ -160,3 +160,30 @@ def test_install_hook_writes_a_pth_that_activates_on_loader_import(tmp_path):
         [sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("block", "says"),
+    [
+        ({"gpus_per_worker": 1}, "1 worker of CPU 1, GPU 1 (PACK)"),  # a GPU config on this CPU machine
+        ({"cpus_per_worker": 64}, "1 worker of CPU 64 (PACK)"),
+        ({"workers": 2, "cpus_per_worker": 3, "placement_strategy": "STRICT_SPREAD"}, "2 workers of CPU 3 (STRICT_SPREAD)"),
+    ],
+)
+def test_lancetag_train_refuses_workers_no_node_of_the_cluster_holds_instead_of_waiting(
+    ray_cluster, registered, tiny_qwen2_vl, tmp_path, block, says
+):
+    import yaml
+
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["lancetag"].update({"workers": 1, **block})
+    out = tmp_path / "never"
+    config.update(model_name_or_path=str(tiny_qwen2_vl), dataset_dir=str(registered), output_dir=str(out))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    proc = subprocess.run([LANCETAG, "train", str(tmp_path / "train.yaml")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: resources_unavailable: the run asks ") and says in line, line
+    assert "(1 node of CPU 4" in line, "what the cluster's one node has"
+    assert not out.exists(), "refused before anything was pinned or trained"
