@@ -25,6 +25,7 @@ from lance_io.tasks import Task
 TEMPLATE_TOKENS = 64  # a chat template's own tokens around one turn: system prompt, role tags, image markers
 ROUND_TO = 64
 UNCUT = 1 << 30
+PROBE_RATIOS = (1.0, 2.0, 0.5, 3.0, 1 / 3)
 
 
 class CutoffError(ReasonError):
@@ -43,6 +44,30 @@ def cutoff_for(task: Task, tokenizer: Any, visual_tokens: int) -> int:
         needed += TEMPLATE_TOKENS + length(question.prompt) + length(question.system or "")
         needed += max((length(choice) for choice in question.choices or ()), default=question.max_tokens)
     return ROUND_TO * math.ceil(needed / ROUND_TO)
+
+
+def image_tokens(model: str, template: str, max_pixels: int, min_pixels: int | None = None) -> int:
+    """Return the most tokens LLaMA-Factory's ``template`` gives one image of at most ``max_pixels``
+    pixels for ``model``: its own rule (the template's plugin, the model's processor), over images from
+    square to 3:1 either way. Qwen2-VL's count grows with an image's area, LLaVA-NeXT's with its tiles."""
+    from llamafactory.data.template import TEMPLATES
+    from llamafactory.extras.constants import IMAGE_PLACEHOLDER
+    from llamafactory.hparams import ModelArguments
+    from llamafactory.model.patcher import patch_processor
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    bounds = {"image_max_pixels": max_pixels} | ({} if min_pixels is None else {"image_min_pixels": min_pixels})
+    processor = AutoProcessor.from_pretrained(model)
+    patch_processor(processor, processor.tokenizer, ModelArguments(model_name_or_path=model, **bounds))
+    plugin = TEMPLATES[template].mm_plugin
+    counts = []
+    for ratio in PROBE_RATIOS:  # width over height
+        height = max(1, int(math.sqrt(max_pixels / ratio)))
+        image = Image.new("RGB", (max(1, int(height * ratio)), height))
+        (message,) = plugin.process_messages([{"role": "user", "content": IMAGE_PLACEHOLDER}], [image], [], [], processor)
+        counts.append(message["content"].count(plugin.image_token))
+    return max(counts)
 
 
 def preprocess_uncut(original: Callable[..., Any], dataset: Any, data_args: Any, *rest: Any, **kwargs: Any) -> Any:

@@ -30,7 +30,7 @@ from lance_io.splits import split_of
 from llamafactory_ext.recipe import Recipe, choose_recipe, profiled_ids, set_processor_side
 
 if TYPE_CHECKING:
-    from lance_io.tasks import Question
+    from lance_io.tasks import Question, Task
     from ray_jobs.evaluation.baselines import Baseline
     from ray_jobs.ingest.items import IngestSummary
 
@@ -384,10 +384,17 @@ def training_recipe(table: str, version: int) -> Recipe:
 
 
 def _training_config(
-    model: str, tiny: bool, dataset_dir: Path, output_dir: Path, epochs: float | None, recipe: Recipe, cutoff_len: int = 0
+    model: str, tiny: bool, dataset_dir: Path, output_dir: Path, epochs: float | None, recipe: Recipe,
+    cluster: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Return the run's LLaMA-Factory config: the model's YAML with the recipe's choices, and a
-    ``cutoff_len`` of at least ``cutoff_len`` (``llamafactory_ext.cutoff.cutoff_for``)."""
+    """Return the run's LLaMA-Factory config: the model's YAML with the recipe's choices.
+
+    A pretrained model trains with the template LLaMA-Factory knows it by (``template_for``) and, on
+    the demo's own ``cluster`` (its resources), on one Ray Train worker sized to it: its GPU if it
+    has one, else its CPUs without bf16. ``None`` (a cluster the demo joined): the YAML's workers.
+    """
+    from llamafactory_ext.model_template import template_for
+
     config = yaml.safe_load((TINY_CONFIG if tiny else LORA_CONFIG).read_text())
     config.update(model_name_or_path=model, dataset="demo_train", dataset_dir=str(dataset_dir), output_dir=str(output_dir))
     chosen = recipe.overrides()
@@ -395,14 +402,33 @@ def _training_config(
         chosen.pop("num_train_epochs")
         chosen.pop("freeze_vision_tower")
         chosen["lancetag"].pop("vision_warmup")
+        config["template"] = template_for(model)
+        if cluster is not None:
+            gpu = cluster.get("GPU", 0.0) >= 1
+            cpus = min(config["lancetag"]["cpus_per_worker"], cluster.get("CPU", 1.0))
+            config["lancetag"].update(workers=1, gpus_per_worker=1 if gpu else 0, cpus_per_worker=cpus)
+            config["bf16"] = config.get("bf16", False) and gpu
     elif epochs is not None:
         chosen["lancetag"]["vision_warmup"]["epochs"] = math.ceil(epochs)
     config["lancetag"] = {**config.get("lancetag", {}), **chosen.pop("lancetag")}
     config.update(chosen)
     if epochs is not None:
         config["num_train_epochs"] = epochs
-    config["cutoff_len"] = max(config.get("cutoff_len", 0), cutoff_len)
     return config
+
+
+def _fit_cutoff(config: dict[str, Any], task: Task) -> dict[str, Any]:
+    """Return ``config`` with a ``cutoff_len`` that holds the task's longest example: a prompt listing
+    dozens of labels, or an image of thousands of tokens (LLaVA-NeXT), outgrows a YAML's, and
+    LLaMA-Factory would cut it (``llamafactory_ext.cutoff``)."""
+    from transformers import AutoTokenizer
+
+    from llamafactory_ext.cutoff import cutoff_for, image_tokens
+
+    model = config["model_name_or_path"]
+    tokens = image_tokens(model, config["template"], config["image_max_pixels"], config.get("image_min_pixels"))
+    needed = cutoff_for(task, AutoTokenizer.from_pretrained(model), tokens)
+    return {**config, "cutoff_len": max(config.get("cutoff_len", 0), needed)}
 
 
 def run_demo(
@@ -417,11 +443,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the loop in ``workdir`` (default: a fresh ./lancetag-work/demo-<time>) and return the figures."""
     import ray
-    from transformers import AutoTokenizer
 
     from lance_io.tasks import load_task
     from lance_io.versions import tag_version
-    from llamafactory_ext.cutoff import cutoff_for
     from llamafactory_ext.register import register_dataset
     from llamafactory_ext.train import run_training
     from llamafactory_ext.validation import require_validation_rows, validation_sources
@@ -488,14 +512,15 @@ def run_demo(
         table, "demo_train", work / "lf", version=versions["ingested"], task=task, where="split = 'train'", label_column="truth"
     )  # pinned at the ingested version: what it registers does not depend on when
     require_validation_rows(validation_sources(work / "lf", [registration.name], recipe.validation["fraction"]))
-    # a prompt listing dozens of labels outgrows a config's cutoff_len, and LLaMA-Factory would cut it
-    cutoff = cutoff_for(load_task(task), AutoTokenizer.from_pretrained(base), recipe.visual_tokens)
-    step(f"recipe from the training rows (side {recipe.side}, {recipe.visual_tokens} visual tokens, "
-         f"flip {'on' if recipe.flip else 'off'}, jitter {'on' if recipe.jitter else 'off'}, "
-         f"up to {recipe.epochs} epochs)", t0)
+    own_cluster = None if os.environ.get("RAY_ADDRESS") else ray.cluster_resources()
+    config = _fit_cutoff(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe, own_cluster),
+                         load_task(task))
+    step(f"recipe from the training rows (side {recipe.side}, flip {'on' if recipe.flip else 'off'}, "
+         f"jitter {'on' if recipe.jitter else 'off'}, up to {config['num_train_epochs']:g} epochs, "
+         f"cutoff_len {config['cutoff_len']})", t0)
 
     t0 = time.perf_counter()
-    labeler = labeler_resources(None if os.environ.get("RAY_ADDRESS") else ray.cluster_resources())
+    labeler = labeler_resources(own_cluster)
     label_table(table, LabelOptions(task=task, model=base, batch_size=LABEL_BATCH, version_tag="zero-shot", **labeler),
                 progress=progress)
     versions["zero-shot"] = tag_version(table, "zero-shot")
@@ -503,8 +528,7 @@ def run_demo(
     step(f"zero-shot tagging (held-out accuracy {100 * before.accuracy:.1f}%)", t0)
 
     t0 = time.perf_counter()
-    trained = run_training(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe, cutoff),
-                           labeler=transformers_labeler)
+    trained = run_training(config, labeler=transformers_labeler)
     loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"
     step(f"fine-tuning on {registration.rows} rows (mean train loss {loss})", t0)
 

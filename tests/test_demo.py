@@ -87,3 +87,30 @@ def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: 
     assert lineage["vision_warmup"]["epochs"] == 20 and lineage["vision_warmup"]["rows"] < result["train_rows"]
     assert lineage["model_name_or_path"] == lineage["vision_warmup"]["to"]
     assert lineage["image_pixels"] == {"max": 56 * 56, "min": 56 * 56, "qwen2_vl": True}  # the recipe's side: the labeler resizes to it
+
+
+def test_demo_fine_tunes_a_pretrained_llava_next_with_its_template_on_this_cpu_machine(tmp_path: Path, tiny_llava_next) -> None:
+    """`--model` with a model that is not the tiny Qwen2-VL: a LLaVA-NeXT (tiny and random, built offline,
+    standing in for a hub id) trains with LoRA on the template LLaMA-Factory knows it by, on one Ray
+    Train worker sized to this machine (no GPU: its CPUs). Before, the LoRA config's 1-GPU worker
+    waited for ever, and the demo would have used Qwen2-VL's template."""
+    counts = write_textures(tmp_path / "textures")
+    run = subprocess.run(
+        [LANCETAG, "demo", "--data", str(tmp_path / "textures"), "--workdir", str(tmp_path / "work"),
+         "--model", str(tiny_llava_next), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["train_rows"] + result["test_rows"] == sum(counts.values())
+    lineage = json.loads((Path(result["adapter"]) / "lancetag_lineage.json").read_text())
+    assert lineage["finetuning_type"] == "lora" and lineage["model_name_or_path"] == str(tiny_llava_next)
+    assert lineage["workers"] == 1 and lineage["vision_warmup"] is None, "a pretrained tower is not warmed"
+    assert lineage["image_pixels"]["qwen2_vl"] is False, "LLaVA-NeXT's template, not Qwen2-VL's"
+    assert (Path(result["adapter"]) / "adapter_model.safetensors").is_file()
+    labels = lance.dataset(result["table"], version=result["versions"]["fine-tuned"]).to_table(columns=["label"])
+    assert set(labels.column("label").to_pylist()) <= set(TEXTURES)
+    assert result["versions"]["ingested"] < result["versions"]["zero-shot"] < result["versions"]["fine-tuned"]
+    assert Path(result["report"]).is_file() and len(result["baselines"]) == 2

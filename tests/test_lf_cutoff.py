@@ -126,11 +126,56 @@ def test_on_a_ray_train_worker_the_cli_prints_the_reason(ray_cluster, tiny_qwen2
     assert "Traceback" not in proc.stderr
 
 
-def test_the_demo_config_takes_the_larger_cutoff(tmp_path):
-    from llamafactory_ext.recipe import Recipe
-    from ray_jobs.demo import TINY_CONFIG, _training_config
+@pytest.mark.parametrize(("fixture", "template"), [("tiny_qwen2_vl", "qwen2_vl"), ("tiny_llava_next", "llava_next")])
+def test_image_tokens_is_the_most_llamafactory_gives_an_image_of_the_run(fixture, template, request, tmp_path):
+    """Qwen2-VL's count grows with an image's area, LLaVA-NeXT's with its tiles: images as wide and as
+    tall as the probes, preprocessed by LLaMA-Factory itself, carry as many image tokens at most."""
+    import io
 
+    from llamafactory.data.template import TEMPLATES
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    import llamafactory_ext
+    from llamafactory_ext.cutoff import PROBE_RATIOS, image_tokens
+    from llamafactory_ext.register import register_dataset
+
+    llamafactory_ext.activate()
+    model, pixels = request.getfixturevalue(fixture), 56 * 56
+    shapes = []
+    for ratio in PROBE_RATIOS:
+        height = int((pixels / ratio) ** 0.5)
+        shapes.append((int(height * ratio), height))
+    images = []
+    for n, size in enumerate(shapes):
+        out = io.BytesIO()
+        Image.effect_noise(size, 40 + n).convert("RGB").save(out, format="PNG")
+        images.append((out.getvalue(), "a"))
+    write_table(tmp_path / "shapes.lance", images)
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump({"name": "ab", "kind": "classify", "labels": ["a", "b"]}))
+    register_dataset(str(tmp_path / "shapes.lance"), "shapes", tmp_path / "data", task=str(tmp_path / "task.yaml"),
+                     label_column="truth")
+    args = _lf_args(model, tmp_path / "data", "shapes", tmp_path, template=template, cutoff_len=4096,
+                    image_max_pixels=pixels, image_min_pixels=pixels)
+    dataset, _ = _preprocess(args)
+    token = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(TEMPLATES[template].mm_plugin.image_token)
+    counts = [ids.count(token) for ids in dataset["input_ids"]]
+    assert len(counts) == len(shapes) and len(set(counts)) > 1, "the images' shapes change their tokens"
+    assert image_tokens(str(model), template, pixels, pixels) == max(counts)
+
+
+def test_the_demo_config_takes_the_cutoff_its_task_and_images_need(tiny_qwen2_vl, long_task, tmp_path):
+    import llamafactory_ext
+    from lance_io.tasks import load_task
+    from llamafactory_ext.recipe import Recipe
+    from ray_jobs.demo import _fit_cutoff, _training_config
+
+    llamafactory_ext.activate()
+    data, task, _ = long_task
     recipe = Recipe(side=56, visual_tokens=4, flip=False, jitter=False, fill=0, epochs=5, validation={"fraction": 0.1})
-    configured = yaml.safe_load(TINY_CONFIG.read_text())["cutoff_len"]
-    assert _training_config("tiny", True, tmp_path, tmp_path / "o", None, recipe)["cutoff_len"] == configured
-    assert _training_config("tiny", True, tmp_path, tmp_path / "o", None, recipe, configured + 64)["cutoff_len"] == configured + 64
+    config = _training_config(str(tiny_qwen2_vl), True, data, tmp_path / "o", None, recipe)
+    configured = config["cutoff_len"]
+    assert _fit_cutoff(config, load_task("digits"))["cutoff_len"] == configured, "ten short labels fit the YAML's"
+    fitted = _fit_cutoff(config, load_task(str(task)))["cutoff_len"]
+    _, needed = _refused(tiny_qwen2_vl, data, tmp_path / "a", cutoff_len=128, image_max_pixels=56 * 56, image_min_pixels=56 * 56)
+    assert fitted > configured and needed <= fitted

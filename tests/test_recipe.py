@@ -96,6 +96,15 @@ def test_the_from_scratch_rules_reach_the_tiny_model_only(digits: Path, tmp_path
     lora = yaml.safe_load(LORA_CONFIG.read_text())
     assert hub["num_train_epochs"] == lora["num_train_epochs"] and hub["freeze_vision_tower"] is lora["freeze_vision_tower"]
     assert hub["image_max_pixels"] == recipe.side**2  # the data rules apply to any model
+    assert hub["lancetag"]["gpus_per_worker"] == lora["lancetag"]["gpus_per_worker"], "a joined cluster: the YAML's workers"
+    # on the demo's own cluster, one worker sized to it: a CPU machine trains on its CPUs, in fp32
+    cpu = _training_config("llava-hf/llava-v1.6-mistral-7b-hf", False, tmp_path, tmp_path / "out", None, recipe, {"CPU": 2.0})
+    assert cpu["template"] == "llava_next_mistral" and cpu["bf16"] is False
+    assert {k: cpu["lancetag"][k] for k in ("workers", "gpus_per_worker", "cpus_per_worker")} == {
+        "workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 2.0}
+    gpu = _training_config("Qwen/Qwen2-VL-2B-Instruct", False, tmp_path, tmp_path / "out", None, recipe, {"CPU": 16.0, "GPU": 2.0})
+    assert gpu["bf16"] is True and gpu["lancetag"]["gpus_per_worker"] == 1
+    assert gpu["lancetag"]["cpus_per_worker"] == lora["lancetag"]["cpus_per_worker"]
 
 
 def test_solar_cells_are_mirrored_and_get_more_visual_tokens(tmp_path: Path) -> None:
