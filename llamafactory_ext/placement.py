@@ -7,7 +7,8 @@ work with ``resources_unavailable``, naming what the run asks and what the nodes
 
 Judged by the nodes' total resources, not what is free now: a run that fits waits for busy
 resources, as Ray Train does. A cluster that autoscales is judged by the node types its autoscaler
-may start as well (their counts capped at the workers asked for).
+may start as well (their counts capped at the workers asked for), read from the cluster config the
+autoscaler keeps in Ray's GCS: where Ray Data reads whether a cluster autoscales.
 """
 
 from __future__ import annotations
