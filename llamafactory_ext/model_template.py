@@ -5,7 +5,7 @@ it asks :func:`template_for`. In order:
 
 1. LLaMA-Factory's own table of models (``SUPPORTED_MODELS``, the one its web UI reads): a hub id,
    or a local folder named as a hub id ends (``/models/llava-v1.6-mistral-7b-hf``).
-2. The model's ``config.json``: the Qwen2-VL family trains with ``qwen2_vl`` whatever its size;
+2. The model's ``config.json`` (a hub id's from the cache or the hub): the Qwen2-VL family trains with ``qwen2_vl`` whatever its size;
    a LLaVA-NeXT with ``llava_next_mistral`` over Mistral, and with ``llava_next`` over a Vicuna, whose
    chat template speaks ``USER:`` / ``ASSISTANT:``.
 
@@ -33,7 +33,7 @@ def template_for(model: str) -> str:
         for path in sources.values():
             if DEFAULT_TEMPLATE.get(name) and (path.lower() == wanted or (folder.is_dir() and path.lower().endswith("/" + folder.name.lower()))):
                 return DEFAULT_TEMPLATE[name]
-    config = _config(folder)
+    config = _config(model)
     kind = config.get("model_type")
     if kind in QWEN2_VL_TYPES:
         return "qwen2_vl"
@@ -51,11 +51,18 @@ def template_for(model: str) -> str:
     )
 
 
-def _config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # a hub id not in the table, or no config.json to read
-        return {}
+def _config(model: str) -> dict:
+    """Return ``model``'s config: a folder's ``config.json`` as it is, a hub id's through transformers
+    (from the cache, or the hub; a miss propagates, and the CLI reports it as ``model_not_found``)."""
+    folder = Path(model)
+    if folder.is_dir():
+        try:
+            return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # no config.json, or not JSON: not a model we know
+            return {}
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).to_dict()
 
 
 def _vicuna(folder: Path) -> bool:

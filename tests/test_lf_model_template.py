@@ -41,3 +41,13 @@ def test_a_local_folder_takes_its_template_from_its_hub_name_or_its_own_config(t
     (other / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
     with pytest.raises(Exception, match="template_unknown"):
         template_for(str(other))
+
+
+def test_a_hub_id_outside_the_table_is_read_through_transformers_and_a_miss_is_model_not_found():
+    """Offline (the test session is: conftest), a hub id LLaMA-Factory's table does not hold cannot be read: the CLI
+    says model_not_found, as it does for any model it cannot load, not template_unknown."""
+    from ray_jobs.cli.errors import expected_error
+
+    with pytest.raises(OSError) as err:
+        template_for("someone/their-qwen2-vl-finetune")
+    assert expected_error(err.value).reason == "model_not_found"
