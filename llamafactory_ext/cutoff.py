@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow.compute as pc
@@ -25,7 +25,8 @@ from lance_io.tasks import Task
 TEMPLATE_TOKENS = 64  # a chat template's own tokens around one turn: system prompt, role tags, image markers
 ROUND_TO = 64
 UNCUT = 1 << 30
-PROBE_RATIOS = (1.0, 2.0, 0.5, 3.0, 1 / 3)
+PROBE_RATIOS = (1 / 3, 3.0)  # images from 3:1 tall to 3:1 wide, whatever the data
+PROBE_STEPS = 33  # aspects probed between the tallest and the widest: Qwen2-VL's count is not monotone in them
 
 
 class CutoffError(ReasonError):
@@ -46,10 +47,26 @@ def cutoff_for(task: Task, tokenizer: Any, visual_tokens: int) -> int:
     return ROUND_TO * math.ceil(needed / ROUND_TO)
 
 
-def image_tokens(model: str, template: str, max_pixels: int, min_pixels: int | None = None) -> int:
+def probe_shapes(max_pixels: int, ratios: Iterable[float] = ()) -> list[tuple[int, int]]:
+    """Return the (width, height) of images of ``max_pixels`` pixels whose aspects run in PROBE_STEPS
+    geometric steps from the tallest to the widest of PROBE_RATIOS and ``ratios`` (width over height)."""
+    aspects = [*PROBE_RATIOS, *ratios]
+    low, high = math.log(min(aspects)), math.log(max(aspects))
+    shapes = []
+    for step in range(PROBE_STEPS):
+        ratio = math.exp(low + (high - low) * step / (PROBE_STEPS - 1))
+        height = max(1, round(math.sqrt(max_pixels / ratio)))
+        shapes.append((max(1, round(height * ratio)), height))
+    return shapes
+
+
+def image_tokens(
+    model: str, template: str, max_pixels: int, min_pixels: int | None = None, ratios: Iterable[float] = ()
+) -> int:
     """Return the most tokens LLaMA-Factory's ``template`` gives one image of at most ``max_pixels``
-    pixels for ``model``: its own rule (the template's plugin, the model's processor), over images from
-    square to 3:1 either way. Qwen2-VL's count grows with an image's area, LLaVA-NeXT's with its tiles."""
+    pixels for ``model``, by its own rule (the template's plugin, the model's processor), over the
+    :func:`probe_shapes` of ``ratios``, such as the data's widest and tallest. Qwen2-VL's count moves
+    with an image's aspect (not always up: its sides round to 28 pixels), LLaVA-NeXT's with its tiles."""
     from llamafactory.data.template import TEMPLATES
     from llamafactory.extras.constants import IMAGE_PLACEHOLDER
     from llamafactory.hparams import ModelArguments
@@ -62,10 +79,8 @@ def image_tokens(model: str, template: str, max_pixels: int, min_pixels: int | N
     patch_processor(processor, processor.tokenizer, ModelArguments(model_name_or_path=model, **bounds))
     plugin = TEMPLATES[template].mm_plugin
     counts = []
-    for ratio in PROBE_RATIOS:  # width over height
-        height = max(1, int(math.sqrt(max_pixels / ratio)))
-        image = Image.new("RGB", (max(1, int(height * ratio)), height))
-        (message,) = plugin.process_messages([{"role": "user", "content": IMAGE_PLACEHOLDER}], [image], [], [], processor)
+    for size in probe_shapes(max_pixels, ratios):
+        (message,) = plugin.process_messages([{"role": "user", "content": IMAGE_PLACEHOLDER}], [Image.new("RGB", size)], [], [], processor)
         counts.append(message["content"].count(plugin.image_token))
     return max(counts)
 

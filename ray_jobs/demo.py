@@ -417,16 +417,34 @@ def _training_config(
     return config
 
 
-def _fit_cutoff(config: dict[str, Any], task: Task) -> dict[str, Any]:
-    """Return ``config`` with a ``cutoff_len`` that holds the task's longest example: a prompt listing
-    dozens of labels, or an image of thousands of tokens (LLaVA-NeXT), outgrows a YAML's, and
-    LLaMA-Factory would cut it (``llamafactory_ext.cutoff``)."""
+def aspect_ratios(table: str, version: int, where: str) -> tuple[float, float]:
+    """Return the widest and the tallest aspect (width over height, upright: an EXIF orientation of 5-8
+    swaps the sides) of the rows of ``table`` at ``version`` that ``where`` selects: one read of three
+    integer columns, a batch at a time."""
+    import pyarrow.compute as pc
+
+    from lance_io import open_table
+
+    widest, tallest = 1.0, 1.0
+    columns = ["width", "height", "exif_orientation"]
+    for batch in open_table(table, version=version).to_batches(columns=columns, filter=where):
+        width, height = pc.cast(batch["width"], pa.float64()), pc.cast(batch["height"], pa.float64())
+        turned = pc.fill_null(pc.is_in(batch["exif_orientation"], pa.array([5, 6, 7, 8], batch["exif_orientation"].type)), False)
+        low, high = pc.min_max(pc.if_else(turned, pc.divide(height, width), pc.divide(width, height))).values()
+        widest, tallest = max(widest, high.as_py() or 1.0), min(tallest, low.as_py() or 1.0)
+    return widest, tallest
+
+
+def _fit_cutoff(config: dict[str, Any], task: Task, ratios: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Return ``config`` with a ``cutoff_len`` that holds the task's longest example, its images of
+    aspect ``ratios`` included: a prompt listing dozens of labels, an image of thousands of tokens
+    (LLaVA-NeXT) or a long strip outgrows a YAML's, and LLaMA-Factory would cut it (``llamafactory_ext.cutoff``)."""
     from transformers import AutoTokenizer
 
     from llamafactory_ext.cutoff import cutoff_for, image_tokens
 
     model = config["model_name_or_path"]
-    tokens = image_tokens(model, config["template"], config["image_max_pixels"], config.get("image_min_pixels"))
+    tokens = image_tokens(model, config["template"], config["image_max_pixels"], config.get("image_min_pixels"), ratios)
     needed = cutoff_for(task, AutoTokenizer.from_pretrained(model), tokens)
     return {**config, "cutoff_len": max(config.get("cutoff_len", 0), needed)}
 
@@ -513,8 +531,8 @@ def run_demo(
     )  # pinned at the ingested version: what it registers does not depend on when
     require_validation_rows(validation_sources(work / "lf", [registration.name], recipe.validation["fraction"]))
     own_cluster = None if os.environ.get("RAY_ADDRESS") else ray.cluster_resources()
-    config = _fit_cutoff(_training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe, own_cluster),
-                         load_task(task))
+    config = _training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe, own_cluster)
+    config = _fit_cutoff(config, load_task(task), aspect_ratios(table, versions["ingested"], "split = 'train'"))
     step(f"recipe from the training rows (side {recipe.side}, flip {'on' if recipe.flip else 'off'}, "
          f"jitter {'on' if recipe.jitter else 'off'}, up to {config['num_train_epochs']:g} epochs, "
          f"cutoff_len {config['cutoff_len']})", t0)

@@ -137,15 +137,12 @@ def test_image_tokens_is_the_most_llamafactory_gives_an_image_of_the_run(fixture
     from transformers import AutoTokenizer
 
     import llamafactory_ext
-    from llamafactory_ext.cutoff import PROBE_RATIOS, image_tokens
+    from llamafactory_ext.cutoff import image_tokens, probe_shapes
     from llamafactory_ext.register import register_dataset
 
     llamafactory_ext.activate()
-    model, pixels = request.getfixturevalue(fixture), 56 * 56
-    shapes = []
-    for ratio in PROBE_RATIOS:
-        height = int((pixels / ratio) ** 0.5)
-        shapes.append((int(height * ratio), height))
+    model, pixels, strip = request.getfixturevalue(fixture), 56 * 56, 10.0  # a strip: wider than the default probes
+    shapes = probe_shapes(pixels, [strip])
     images = []
     for n, size in enumerate(shapes):
         out = io.BytesIO()
@@ -161,7 +158,25 @@ def test_image_tokens_is_the_most_llamafactory_gives_an_image_of_the_run(fixture
     token = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(TEMPLATES[template].mm_plugin.image_token)
     counts = [ids.count(token) for ids in dataset["input_ids"]]
     assert len(counts) == len(shapes) and len(set(counts)) > 1, "the images' shapes change their tokens"
-    assert image_tokens(str(model), template, pixels, pixels) == max(counts)
+    assert shapes[0][1] / shapes[0][0] > 2.9 and shapes[-1][0] / shapes[-1][1] > 9.5, "from 3:1 tall to the strip"
+    assert image_tokens(str(model), template, pixels, pixels, ratios=[strip]) == max(counts)
+
+
+def test_aspect_ratios_are_the_widest_and_tallest_of_the_rows_selected(tmp_path):
+    import lance
+    import pyarrow as pa
+
+    from bench.data import image_rows
+    from ray_jobs.demo import aspect_ratios
+
+    rows = image_rows([(bytes([n]), label) for n, label in enumerate("aabbb")])
+    sizes = {"width": [80, 40, 30, 90, 50], "height": [20, 40, 30, 30, 50], "exif_orientation": [None, None, None, 6, 1]}
+    for name, values in sizes.items():
+        rows = rows.set_column(rows.schema.get_field_index(name), rows.schema.field(name), [pa.array(values, rows.schema.field(name).type)])
+    lance.write_dataset(rows, str(tmp_path / "t.lance"), max_rows_per_file=2)
+    assert aspect_ratios(str(tmp_path / "t.lance"), 1, "truth = 'a'") == (4.0, 1.0)
+    # the 90x30 row is turned upright by its EXIF orientation (6): 30 wide, 90 tall, not 3:1 wide
+    assert aspect_ratios(str(tmp_path / "t.lance"), 1, "truth = 'b'") == (1.0, 1 / 3)
 
 
 def test_the_demo_config_takes_the_cutoff_its_task_and_images_need(tiny_qwen2_vl, long_task, tmp_path):
