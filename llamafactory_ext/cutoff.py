@@ -7,7 +7,8 @@ the full prompt at random: a 22-class task whose label list is 295 tokens traine
 27.5% held out, under the pixel baselines. So a run that reads a Lance entry refuses such examples
 with ``cutoff_too_short`` and the length they need (:func:`preprocess_uncut`), and
 :func:`cutoff_for` gives a run built from a task (the demo) a ``cutoff_len`` that holds its
-longest example.
+longest example, its image's tokens counted by LLaMA-Factory's own rule for the model
+(:func:`image_tokens`).
 """
 
 from __future__ import annotations
