@@ -390,8 +390,8 @@ def _training_config(
     """Return the run's LLaMA-Factory config: the model's YAML with the recipe's choices.
 
     A pretrained model trains with the template LLaMA-Factory knows it by (``template_for``) and, on
-    the demo's own ``cluster`` (its resources), on one Ray Train worker sized to it: its GPU if it
-    has one, else its CPUs without bf16. ``None`` (a cluster the demo joined): the YAML's workers.
+    the demo's own ``cluster`` (its resources), on Ray Train workers sized to it: one a GPU, or one
+    worker on its CPUs without bf16. ``None`` (a cluster the demo joined): the YAML's workers.
     """
     from llamafactory_ext.model_template import template_for
 
@@ -403,10 +403,11 @@ def _training_config(
         chosen.pop("freeze_vision_tower")
         chosen["lancetag"].pop("vision_warmup")
         config["template"] = template_for(model)
-        if cluster is not None:
+        if cluster is not None:  # data parallel over its GPUs, or one worker on all of its CPUs
+            workers = max(1, int(cluster.get("GPU", 0.0)))
             gpu = cluster.get("GPU", 0.0) >= 1
-            cpus = min(config["lancetag"]["cpus_per_worker"], cluster.get("CPU", 1.0))
-            config["lancetag"].update(workers=1, gpus_per_worker=1 if gpu else 0, cpus_per_worker=cpus)
+            cpus = min(config["lancetag"]["cpus_per_worker"], cluster.get("CPU", 1.0) / workers)
+            config["lancetag"].update(workers=workers, gpus_per_worker=1 if gpu else 0, cpus_per_worker=cpus)
             config["bf16"] = config.get("bf16", False) and gpu
     elif epochs is not None:
         chosen["lancetag"]["vision_warmup"]["epochs"] = math.ceil(epochs)

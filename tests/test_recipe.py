@@ -102,9 +102,11 @@ def test_the_from_scratch_rules_reach_the_tiny_model_only(digits: Path, tmp_path
     assert cpu["template"] == "llava_next_mistral" and cpu["bf16"] is False
     assert {k: cpu["lancetag"][k] for k in ("workers", "gpus_per_worker", "cpus_per_worker")} == {
         "workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 2.0}
-    gpu = _training_config("Qwen/Qwen2-VL-2B-Instruct", False, tmp_path, tmp_path / "out", None, recipe, {"CPU": 16.0, "GPU": 2.0})
-    assert gpu["bf16"] is True and gpu["lancetag"]["gpus_per_worker"] == 1
-    assert gpu["lancetag"]["cpus_per_worker"] == lora["lancetag"]["cpus_per_worker"]
+    gpus = _training_config("Qwen/Qwen2-VL-2B-Instruct", False, tmp_path, tmp_path / "out", None, recipe, {"CPU": 16.0, "GPU": 2.0})
+    assert gpus["bf16"] is True and (gpus["lancetag"]["workers"], gpus["lancetag"]["gpus_per_worker"]) == (2, 1)  # data parallel
+    assert gpus["lancetag"]["cpus_per_worker"] == lora["lancetag"]["cpus_per_worker"]
+    few_cpus = _training_config("Qwen/Qwen2-VL-2B-Instruct", False, tmp_path, tmp_path / "out", None, recipe, {"CPU": 4.0, "GPU": 2.0})
+    assert few_cpus["lancetag"]["cpus_per_worker"] == 2.0, "the node's CPUs shared by its GPU workers"
 
 
 def test_solar_cells_are_mirrored_and_get_more_visual_tokens(tmp_path: Path) -> None:
