@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from lance_io.reasons import ReasonError
 from lance_io.scan import TableReadError, lance_detail, lance_reason, open_at
-from lance_io.schema import ID, IMAGE_SCHEMA
+from lance_io.schema import ID, IMAGE_SCHEMA, TRUTH
 from lance_io.sql import sql_strings
 
 # Keeps fragments a size where one fragment is one unit of tagging work (see columns.py).
@@ -172,6 +172,22 @@ def existing_ids(ds: lance.LanceDataset, ids: Iterable[str]) -> set[str]:
         hits = ds.to_table(columns=[ID], filter=f"{ID} IN ({sql_strings(chunk)})")
         found.update(hits.column(ID).to_pylist())
     return found
+
+
+def kept_truths(
+    uri: str, version: int | None, ids: Iterable[str], *, storage_options: dict[str, str] | None = None
+) -> dict[str, tuple[str | None, str | None]]:
+    """Return ``id -> (truth, source)`` of the rows among ``ids`` the table holds at ``version``
+    (latest when None): the copy of each image a table keeps, and the label it was added with."""
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    columns = [c for c in (ID, TRUTH, "source") if c in ds.schema.names]
+    kept: dict[str, tuple[str | None, str | None]] = {}
+    ids = list(ids)
+    for start in range(0, len(ids), _ID_LOOKUP_CHUNK):
+        rows = ds.to_table(columns=columns, filter=f"{ID} IN ({sql_strings(ids[start : start + _ID_LOOKUP_CHUNK])})")
+        for row in rows.to_pylist():
+            kept[row[ID]] = (row.get(TRUTH), row.get("source"))
+    return kept
 
 
 def drop_concurrent_duplicates(

@@ -90,6 +90,20 @@ def write_digits(folder: Path) -> Path:
     return folder
 
 
+def ingest_folder(data_dir: Path, table: str, layout: FolderLayout, *, progress: bool = True) -> IngestSummary:
+    """Ingest the user's folder ``data_dir`` into ``table``, each image labeled by ``layout``.
+
+    Symlinks are followed wherever they lead, as a folder of links into a dataset kept elsewhere is
+    a common way to lay one out (ingest refuses them by default). An image's class is the class
+    folder it sits in, at any depth (the layout's rule, not ingest's parent folder), given at
+    ingest: the same image in two class folders is a ``truth_conflict``, not a silent duplicate.
+    """
+    from ray_jobs.ingest import IngestOptions, ingest
+
+    options = IngestOptions(allow_outside_root=True, progress=progress)
+    return ingest([str(data_dir)], table, options, truth_of=lambda source: layout.place_of(source)[0])
+
+
 def add_layout_columns(table: str, layout: FolderLayout, *, commit_rows: int = COMMIT_ROWS) -> int:
     """Write ``truth`` and ``split`` from where each image sits in ``layout``, for rows without a split;
     return the version.
@@ -470,7 +484,6 @@ def run_demo(
     from llamafactory_ext.validation import require_validation_rows, validation_sources
     from ray_jobs.evaluation import evaluate_table
     from ray_jobs.evaluation.in_training import transformers_labeler
-    from ray_jobs.ingest import IngestOptions, ingest
     from ray_jobs.label import LabelOptions, label_table
     from ray_jobs.ray_session import ensure_ray
     from serve_apps.tiny_models import build_tiny_model
@@ -509,10 +522,7 @@ def run_demo(
 
     ensure_ray(object_store_memory=1024**3)
     t0 = time.perf_counter()
-    # The user's own folder: its symlinks are followed wherever they lead, as a folder of links into
-    # a dataset kept elsewhere is a common way to lay one out (ingest refuses them by default).
-    # An image's class is the class folder it sits in, at any depth: the layout's, not ingest's parent folder.
-    ingested = ingest([str(data_dir)], table, IngestOptions(allow_outside_root=True, progress=progress))
+    ingested = ingest_folder(data_dir, table, layout, progress=progress)
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
     add_layout_columns(table, layout)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from lance_io.reasons import ReasonError
-from ray_jobs.demo import FolderLayout, _label_coverage, add_layout_columns, folder_layout, truth_counts
+from ray_jobs.demo import (
+    FolderLayout,
+    _label_coverage,
+    add_layout_columns,
+    folder_layout,
+    ingest_folder,
+    truth_counts,
+)
 from tests.ingest_fixtures import image_bytes
 
 
@@ -103,20 +110,25 @@ def test_a_layout_without_two_classes_is_refused(tmp_path: Path, folders: list[s
 def test_the_split_column_follows_the_split_folders_and_a_copy_in_both_is_held_out(ray_cluster, tmp_path: Path) -> None:
     """Ingested as the demo ingests, then split: every image in ``test/`` is held out, every other
     one trains; an image shipped in both splits is one row, in ``test/`` (read first, in name order),
-    never trained on."""
+    never trained on. A copy in another class folder is a ``truth_conflict`` naming both classes."""
     import lance
 
-    from ray_jobs.ingest import IngestOptions, ingest
+    from lance_io import read_errors
 
     data = tmp_path / "data"
     train = _images(data / "train" / "a", 5, 0) + _images(data / "train" / "b", 5, 10)
     test = _images(data / "test" / "a", 2, 20) + _images(data / "test" / "b", 2, 30)
-    (data / "train" / "b" / "copy.jpg").write_bytes(test[0])  # leaked into training by the dataset
+    (data / "train" / "a" / "copy.jpg").write_bytes(test[0])  # leaked into training by the dataset
+    (data / "train" / "b" / "mislabeled.jpg").write_bytes(test[1])  # test/a/1.jpg, in class b as well
     table = str(tmp_path / "images.lance")
-    summary = ingest([str(data)], table, IngestOptions(allow_outside_root=True, progress=False))
-    assert (summary.added, summary.duplicates) == (14, 1)
+    layout = folder_layout(data)
+    summary = ingest_folder(data, table, layout, progress=False)
+    assert (summary.added, summary.duplicates, summary.errors_by_reason) == (14, 1, {"truth_conflict": 1})
+    (conflict,) = read_errors(table).to_pylist()
+    assert conflict["source"] == str(data / "train" / "b" / "mislabeled.jpg")
+    assert str(data / "test" / "a" / "1.jpg") in conflict["message"] and "'a'" in conflict["message"] and "'b'" in conflict["message"]
 
-    add_layout_columns(table, folder_layout(data))
+    add_layout_columns(table, layout)
     rows = lance.dataset(table).to_table(columns=["source", "split", "truth"]).to_pylist()
     held = {r["source"] for r in rows if r["split"] == "test"}
     assert held == {str(p) for p in (data / "test").rglob("*.jpg")} and len(train) + len(test) == len(rows)
@@ -132,7 +144,6 @@ def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(
 
     from lance_io.splits import split_of
     from ray_jobs.demo import TEST_FRACTION
-    from ray_jobs.ingest import IngestOptions, ingest
 
     data = tmp_path / "data"
     _images(data / "a", 6, 0)
@@ -142,8 +153,8 @@ def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(
     (data / "loose.jpg").write_bytes(image_bytes(50))
     (data / "c").mkdir()  # a class folder left empty
     table = str(tmp_path / "images.lance")
-    ingest([str(data)], table, IngestOptions(progress=False))
     layout = folder_layout(data)
+    ingest_folder(data, table, layout, progress=False)
     add_layout_columns(table, layout)
     # what the ingest line reports: the unlabeled images, and the class no training image has
     assert _label_coverage(truth_counts(table), set(layout.labels)) == {"outside_classes": 3, "untrained_classes": ["c"]}

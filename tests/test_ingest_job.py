@@ -66,6 +66,54 @@ def test_rerunning_the_same_ingest_adds_nothing(ray_cluster, tmp_path: Path) -> 
     assert again.reconciled and open_table(table).count_rows() == first.added
 
 
+@pytest.mark.parametrize(
+    "chunking",
+    [{}, {"segment_items": 1, "commit_rows": 1}],
+    ids=["one-task-one-commit", "a-commit-per-item"],  # a repeat found in the task / at commit time
+)
+def test_the_same_image_under_another_truth_is_a_truth_conflict_not_a_duplicate(
+    ray_cluster, tmp_path: Path, chunking: dict
+) -> None:
+    """A table keeps an image once with one truth: a copy labeled otherwise is an error naming both."""
+    folder = tmp_path / "classes"
+    for name, seed in {"a/x.jpg": 1, "a/y.jpg": 2, "a/y_again.jpg": 2, "b/w.jpg": 3, "b/x_again.jpg": 1, "c/x_third.jpg": 1}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(image_bytes(seed))
+    table = str(tmp_path / "t.lance")
+    summary = ingest([str(folder)], table, IngestOptions(label_from_dir=True, **chunking, **QUIET))
+    assert summary.reconciled and (summary.added, summary.duplicates, summary.errors) == (3, 1, 2)
+    assert summary.errors_by_reason == {"truth_conflict": 2}
+    truths = {Path(r["source"]).name: r["truth"] for r in open_table(table).to_table(columns=["source", "truth"]).to_pylist()}
+    assert truths == {"x.jpg": "a", "y.jpg": "a", "w.jpg": "b"}  # the first copy in name order
+    x_id = next(r["id"] for r in open_table(table).to_table(columns=["id", "source"]).to_pylist() if r["source"].endswith("x.jpg"))
+    errors = read_errors(table, job=summary.job).to_pylist()
+    assert sorted(Path(e["source"]).name for e in errors) == ["x_again.jpg", "x_third.jpg"]
+    for error in errors:
+        assert error["reason"] == "truth_conflict" and error["id"] == x_id
+        assert str(folder / "a" / "x.jpg") in error["message"] and "'a'" in error["message"]
+        assert f"'{Path(error['source']).parent.name}'" in error["message"]
+
+    (tmp_path / "later" / "a").mkdir(parents=True)
+    (tmp_path / "later" / "d").mkdir(parents=True)
+    (tmp_path / "later" / "a" / "x.jpg").write_bytes(image_bytes(1))  # the truth the table keeps: a duplicate
+    (tmp_path / "later" / "d" / "w.jpg").write_bytes(image_bytes(3))  # content the table holds as b
+    later = ingest([str(tmp_path / "later")], table, IngestOptions(label_from_dir=True, **QUIET))
+    assert (later.added, later.duplicates, later.errors_by_reason) == (0, 1, {"truth_conflict": 1}) and later.reconciled
+    (conflict,) = read_errors(table, job=later.job).to_pylist()
+    assert conflict["source"].endswith("w.jpg") and "'b'" in conflict["message"] and "'d'" in conflict["message"]
+
+
+def test_labels_given_to_images_the_table_holds_without_a_truth_are_reported_not_dropped(ray_cluster, tmp_path: Path) -> None:
+    folder = build_class_folder(tmp_path / "photos", {"a": 2, "b": 1})
+    table = str(tmp_path / "photos.lance")
+    ingest([str(folder)], table, IngestOptions(**QUIET))  # no labels
+    again = ingest([str(folder)], table, IngestOptions(label_from_dir=True, **QUIET))
+    assert (again.added, again.duplicates, again.errors_by_reason) == (0, 0, {"truth_conflict": 3}) and again.reconciled
+    errors = read_errors(table, job=again.job).to_pylist()
+    assert all("without a truth" in e["message"] for e in errors)
+    assert open_table(table).to_table(columns=["truth"]).column("truth").null_count == 3  # bytes and rows untouched
+
+
 def test_content_already_in_the_table_is_not_decoded_again(ray_cluster, tmp_path: Path) -> None:
     """A rerun with a 1-pixel limit: decoding any image would refuse it; known content is a duplicate."""
     folder = build_class_folder(tmp_path / "photos", {"a": 3, "b": 2})

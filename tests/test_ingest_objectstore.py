@@ -117,6 +117,7 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
     prefix = f"s3://{s3.bucket}/photos/"
     objects = {f"photos/{'ab'[n % 2]}/{n:05d}.png": image_bytes(n, "PNG", size=(8, 8)) for n in range(IMAGES)}
     objects |= {f"photos/a/copy-{n}.png": objects[f"photos/a/{n:05d}.png"] for n in (0, 2, 4)}
+    objects["photos/b/also-a.png"] = objects["photos/a/00006.png"]  # the same image under another truth
     hostile = {
         "photos/a/empty.jpg": b"",
         "photos/b/": b"",  # a folder marker
@@ -150,7 +151,8 @@ def test_a_prefix_of_2000_objects_with_every_hostile_case_reconciles(ray_cluster
     assert summary.inputs == len(objects) + len(hostile)
     assert (summary.added, summary.duplicates, summary.skipped) == (IMAGES, 3, 2)
     assert summary.errors_by_reason == {
-        "empty_file": 1, "not_a_file": 1, "too_large": 1, "not_an_image": 1, "not_found": 1, "access_denied": 1
+        "empty_file": 1, "not_a_file": 1, "too_large": 1, "not_an_image": 1, "not_found": 1, "access_denied": 1,
+        "truth_conflict": 1,
     }, summary.errors_by_reason
     rows = open_table(table, storage_options=s3.storage_options).to_table(columns=["source", "truth"]).to_pylist()
     assert len(rows) == IMAGES

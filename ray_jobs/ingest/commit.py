@@ -9,6 +9,10 @@ since a task checked are found by one lookup at commit time (the ``id`` index, k
 Another writer (a second ingest into the table) that commits between that lookup and the commit
 is caught after it: the rows it had first leave this commit's fragments
 (:func:`lance_io.table.drop_concurrent_duplicates`).
+
+A duplicate that carries a truth (a class folder, a manifest's label) is compared after the commit
+with the truth of the copy the table kept: the same image under two different labels is an error
+``truth_conflict`` naming both, not a duplicate, since the table keeps one label an image.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -40,7 +44,7 @@ from lance_io.fragments import (
 from lance_io.reasons import ReasonError
 from lance_io.samples import append_samples, sample_rows
 from lance_io.schema import IMAGE_SCHEMA, OPTIONAL_FIELDS, TRUTH
-from lance_io.table import AppendResult, drop_concurrent_duplicates
+from lance_io.table import AppendResult, drop_concurrent_duplicates, kept_truths
 from ray_jobs.ingest.items import IngestSummary, InputItem
 from ray_jobs.ingest.options import IngestOptions
 from ray_jobs.ingest.progress import IngestProgress
@@ -49,18 +53,26 @@ from ray_jobs.ingest.samples import SampleCollector
 from ray_jobs.ingest.worker import KNOWN, SKIP, WORK_SCHEMA
 from ray_jobs.ingest.write import FAILED, ROW, fragment_of
 
+TRUTH_CONFLICT = "truth_conflict"
+"""The reason of a duplicate whose truth differs from the truth the table keeps for its image."""
 INDEX_FOLD_ROWS = 100_000
 """Unindexed rows at which a commit folds them into the ``id`` index: bounds every dedup lookup."""
 
 
 @dataclass
 class _Chunk:
-    """What the next commit makes rows: fragments written by tasks, and ids to cut from them first."""
+    """What the next commit makes rows: fragments written by tasks, and ids to cut from them first;
+    the truths to check once it is committed."""
 
     fragments: list[WrittenFragment | None]
     cut: dict[int, set[str]]
     nodes: Counter[str]
     started: float
+    written: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """id -> (truth, source) of the labeled images the fragments hold: a row cut as a duplicate at
+    commit time still has its truth checked."""
+    repeats: list[tuple[str, str, str]] = field(default_factory=list)
+    """(id, truth, source) of the labeled inputs settled as duplicates."""
 
     @property
     def rows(self) -> int:
@@ -176,7 +188,11 @@ class ChunkWriter:
                 self.failed(item, reason, message, progress=progress)
             elif status == KNOWN or image_id in repeated:
                 self.duplicate(progress, item, image_id)
+                if item.truth is not None:
+                    self._chunk.repeats.append((image_id, item.truth, item.source))
             else:
+                if item.truth is not None:
+                    self._chunk.written[image_id] = (item.truth, item.source)
                 self.summary.inputs += 1
                 self.samples.settle(item, image_id)
                 progress.done(1, nbytes=size)
@@ -186,6 +202,7 @@ class ChunkWriter:
             or (chunk.fragments and time.monotonic() - chunk.started >= self.options.commit_seconds)
             or len(self.samples.ready) >= self.options.commit_rows
             or len(self._errors) >= self.options.commit_rows
+            or len(chunk.repeats) >= self.options.commit_rows
         ):
             self.flush()
 
@@ -221,7 +238,7 @@ class ChunkWriter:
         samples, sample_errors = self.samples.take()
         errors += sample_errors
         self.wait()
-        if chunk.fragments or errors or samples:
+        if chunk.fragments or chunk.repeats or errors or samples:
             self._pending = self._committer.submit(self._commit, chunk, errors, samples)
         self.summary.errors_by_reason = dict(self.reasons.most_common())
 
@@ -229,11 +246,16 @@ class ChunkWriter:
         """Wait for the commit in flight and count what it added (re-raises its failure)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            result, sampled = pending.result()
+            result, sampled, conflicts = pending.result()
             if result is not None:
                 self.summary.added += result.added
                 self.summary.duplicates += len(result.duplicate_ids)  # counted as inputs when they came
                 self.summary.version = result.version
+            if conflicts:  # counted as duplicates when they came
+                self.summary.duplicates -= conflicts
+                self.summary.errors += conflicts
+                self.reasons[TRUTH_CONFLICT] += conflicts
+                self.summary.errors_by_reason = dict(self.reasons.most_common())
             if sampled is not None:
                 counts = self.samples.counts
                 counts.added += sampled.added
@@ -249,10 +271,12 @@ class ChunkWriter:
 
     def _commit(
         self, chunk: _Chunk, errors: list[ErrorRecord], samples: list[dict[str, Any]]
-    ) -> tuple[AppendResult | None, AppendResult | None]:
+    ) -> tuple[AppendResult | None, AppendResult | None, int]:
         result = sampled = None
         if chunk.fragments:
             result = self._commit_images(chunk)
+        conflicts = self._truth_conflicts(chunk, result)
+        errors = errors + conflicts
         if samples:  # after the images: every id a sample refers to is in the table by now
             images_version = result.version if result is not None else self._images_version()
             sampled = append_samples(
@@ -264,7 +288,36 @@ class ChunkWriter:
             )
         if errors:
             record_errors(self.table, errors, storage_options=self.storage_options)
-        return result, sampled
+        return result, sampled, len(conflicts)
+
+    def _truth_conflicts(self, chunk: _Chunk, result: AppendResult | None) -> list[ErrorRecord]:
+        """The labeled duplicates of ``chunk`` whose truth is not the one the table kept for their image.
+
+        Looked up once the chunk is committed, when the table holds exactly the copy of each image
+        it keeps (an earlier run's, an earlier chunk's, or this chunk's): one ``id`` lookup for the
+        chunk's labeled duplicates, so the cost follows the duplicates, not the table.
+        """
+        cut = result.duplicate_ids if result is not None else []
+        repeats = chunk.repeats + [(i, *chunk.written[i]) for i in cut if i in chunk.written]
+        if not repeats:
+            return []
+        version = result.version if result is not None else None
+        kept = on_worker(
+            kept_truths, self.table, version, sorted({i for i, _, _ in repeats}), storage_options=self.storage_options
+        )
+        conflicts = []
+        for image_id, truth, source in repeats:
+            kept_truth, kept_source = kept.get(image_id, (truth, None))
+            if kept_truth == truth:
+                continue
+            held = f"with truth {kept_truth!r}" if kept_truth is not None else "without a truth"
+            conflicts.append(ErrorRecord(
+                source=source, reason=TRUTH_CONFLICT, job=self.job, id=image_id,
+                message=f"the same image as {kept_source} (id {image_id}), which the table keeps {held}; "
+                f"this copy's truth {truth!r} is not recorded: a table holds an image once, with the truth it was "
+                "first added with (correct the labels at the source and ingest into a new table to keep this one)",
+            ))
+        return conflicts
 
     def _commit_images(self, chunk: _Chunk) -> AppendResult:
         """Cut what the table gained since the tasks checked, rewrite the fragments that lose rows, commit.

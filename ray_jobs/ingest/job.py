@@ -14,7 +14,8 @@ Lifecycle, in one screen:
    Dedup stays exact without the driver holding ids beyond a chunk: an id two tasks of the chunk
    both wrote, or one the table gained since a task checked (an earlier chunk of this run, another
    writer), is cut from its fragment first (``without_ids``, a Ray task: the driver reads no
-   bytes). Error records go to the errors table in the same step.
+   bytes). Error records go to the errors table in the same step, with the labeled duplicates
+   whose truth is not the one the table keeps for their image (``truth_conflict``).
 4. **Samples**: a training sample (a sharegpt conversation, or an image that brings messages)
    is settled once all its images are (``samples.SampleCollector``); settled samples are appended
    to the samples table (``lance_io.samples``) in the same commit step, *after* the images they
@@ -34,7 +35,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,8 +63,12 @@ def ingest(
     *,
     storage_options: dict[str, str] | None = None,
     job: str | None = None,
+    truth_of: Callable[[str], str | None] | None = None,
 ) -> IngestSummary:
     """Ingest every image of `sources` into the Lance table `table`; return where each input went.
+
+    ``truth_of`` gives the truth of an input its source gives none (an unlabeled folder's file),
+    from its ``source`` (a path or URL), as ``lancetag demo`` labels by its folder layout.
 
     Example::
 
@@ -91,6 +96,8 @@ def ingest(
         started = time.monotonic()
         with IngestProgress(enabled=options.progress) as progress:
             items = itertools.chain.from_iterable(source.items() for source in opened)
+            if truth_of is not None:
+                items = (_with_truth(item, truth_of) for item in items)
             for segment in _segments(items, options.segment_items):
                 _run_segment(segment, writer, options, progress)
             writer.flush()
@@ -142,6 +149,12 @@ def _init_ray(options: IngestOptions) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def _with_truth(item: InputItem, truth_of: Callable[[str], str | None]) -> InputItem:
+    if item.truth is None and item.error is None and item.skip is None:
+        item.truth = truth_of(item.source)
+    return item
 
 
 def _segments(items: Iterator[InputItem], size: int) -> Iterator[list[InputItem]]:
