@@ -103,6 +103,27 @@ def test_the_same_image_under_another_truth_is_a_truth_conflict_not_a_duplicate(
     assert conflict["source"].endswith("w.jpg") and "'b'" in conflict["message"] and "'d'" in conflict["message"]
 
 
+def test_of_two_copies_in_different_tasks_the_first_listed_is_kept_whichever_task_ends_first(ray_cluster, tmp_path: Path) -> None:
+    """The first task holds the first copy and a large image that keeps it busy; the copy in a later
+    task, which ends first, is still the one counted against the first, run after run."""
+    folder = tmp_path / "classes"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    (folder / "a" / "0.png").write_bytes(image_bytes(1, "PNG"))
+    (folder / "a" / "1-large.png").write_bytes(image_bytes(2, "PNG", size=(2500, 2500)))
+    for n in range(4):
+        (folder / "b" / f"{n}.png").write_bytes(image_bytes(10 + n, "PNG"))
+    (folder / "b" / "4-copy-of-a0.png").write_bytes(image_bytes(1, "PNG"))
+    for run in range(2):
+        table = str(tmp_path / f"t{run}.lance")
+        summary = ingest([str(folder)], table, IngestOptions(label_from_dir=True, batch_size=1, **QUIET))
+        assert summary.errors_by_reason == {"truth_conflict": 1}, summary  # tasks of 2 items, 4 tasks
+        (conflict,) = read_errors(table).to_pylist()
+        assert conflict["source"] == str(folder / "b" / "4-copy-of-a0.png")
+        kept = open_table(table).to_table(columns=["source", "truth"], filter=f"id = '{conflict['id']}'").to_pylist()
+        assert kept == [{"source": str(folder / "a" / "0.png"), "truth": "a"}]
+
+
 def test_labels_given_to_images_the_table_holds_without_a_truth_are_reported_not_dropped(ray_cluster, tmp_path: Path) -> None:
     folder = build_class_folder(tmp_path / "photos", {"a": 2, "b": 1})
     table = str(tmp_path / "photos.lance")

@@ -210,6 +210,9 @@ def _run_segment(
     # (half of the CPUs by default) only idles the other half here. Measured on 2 CPUs: about one
     # task ran at a time with it, two without (bench/RESULTS.md, ingest section).
     dataset.context.op_resource_reservation_enabled = False
+    # Outcomes in listing order, whatever order the tasks finish in: of two copies of an image the
+    # first listed is the one kept (and its truth), run after run, as the docs promise.
+    dataset.context.execution_options.preserve_order = True
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add_outcomes(batch, segment, progress)
 
