@@ -3,8 +3,48 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 import warnings
 from typing import Any
+
+from lance_io.reasons import ReasonError
+
+REACH_DEADLINE_S = 10.0
+"""How long a cluster's address may go unanswered (a head restarting) before a job is refused."""
+
+
+def require_ray_at(address: str, *, deadline_s: float = REACH_DEADLINE_S) -> None:
+    """Raise ``ray_unreachable`` unless something answers at the Ray cluster ``address`` within ``deadline_s``.
+
+    ``ray.init`` retries an address nobody answers at for ever, printing a warning every few
+    seconds: with a stale ``RAY_ADDRESS`` (a cluster stopped or moved) every job would hang. The
+    address is probed as Ray will use it (``auto`` read from the last cluster started here,
+    ``localhost`` as this node's address; a Ray Client's ``ray://host:port`` as given); ``local`` and
+    forms Ray refuses itself at once pass.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        bootstrap = address.removeprefix("ray://") if address.startswith("ray://") else canonicalize_bootstrap_address(address)
+    except Exception:  # a form Ray parses and refuses itself, at once
+        return
+    if bootstrap is None:  # a new local cluster
+        return
+    host, _, port = bootstrap.rpartition(":")
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= give_up:
+                raise ReasonError(
+                    "ray_unreachable",
+                    f"no Ray cluster answers at {address} ({bootstrap}: {exc.strerror or exc}): start it "
+                    "(`ray start --head`), correct RAY_ADDRESS (or --address), or unset it to run on a new local cluster",
+                ) from None
+            time.sleep(1.0)
 
 
 def ensure_ray(address: str | None = None, **local: Any) -> None:
@@ -23,6 +63,7 @@ def ensure_ray(address: str | None = None, **local: Any) -> None:
         # Lance's at-fork warning ("lance is not fork-safe") would only alarm the user.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
         if address:
+            require_ray_at(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
             # "local": a new cluster, even when a `ray start` on this machine left one to auto-connect to.

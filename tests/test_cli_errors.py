@@ -171,6 +171,12 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
             "label no task": ([*label, "--task", "no_such_task"], "bad_task"),
             "serve bad task": (["serve", "--task", str(configs / "bad_task.yaml"), "--model", "m", "--no-blocking"], "bad_task"),
             "serve no task": (["serve", "--task", "no_such_task", "--model", "m", "--no-blocking"], "bad_task"),
+            # NO_RAY's RAY_ADDRESS is a cluster that is down: ray.init would retry it for ever
+            "serve on a cluster that is down": (["serve", "--task", "digits", "--model", "m", "--no-blocking"], "ray_unreachable"),
+            "ingest on a cluster that is down": (["ingest", str(photos), "--table", str(tmp_path / "down.lance")], "ray_unreachable"),
+            "train --workers on a cluster that is down": (
+                ["train", str(REPO_ROOT / "configs/train/tiny_qwen2_vl_cpu.yaml"), "--workers", "1"], "ray_unreachable"
+            ),
             "lf register bad task": (["lf", "register", table, "--name", "x", "--dataset-dir", datasets, "--task", str(configs / "bad_task.yaml")], "bad_task"),
             "train no config": (["train", str(configs / "none.yaml")], "config_not_found"),
             "train not yaml": (["train", str(configs / "not_yaml.yaml")], "bad_yaml"),
@@ -197,6 +203,17 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
             "unknown command": (["no-such-command"], "bad_usage"),
         }
     )
+
+
+@pytest.mark.parametrize("ray_address", [None, NO_RAY["RAY_ADDRESS"]], ids=["dashboard", "ray-address-first"])
+def test_submitting_to_a_cluster_that_does_not_answer_is_ray_unreachable_not_a_bug(ray_address):
+    """Ray's job client asks the cluster at RAY_ADDRESS before --address: either one down is refused at once."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ({"RAY_ADDRESS": ray_address} if ray_address else {})
+    address = f"http://127.0.0.1:{_closed_port()}"
+    proc = subprocess.run([LANCETAG, "submit", "--address", address, "--json", "--", "show", "x"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert refusal_problems(proc, "ray_unreachable", as_json=True) == []
+    assert (ray_address or address) in proc.stderr
 
 
 def test_without_json_stdout_stays_empty_and_stderr_holds_the_one_line(table, tmp_path):

@@ -272,14 +272,16 @@ def test_openai_backend_against_the_served_chat_route_records_invalid_answers_un
 
 
 
-def _refused_start(apps, name: str, backend: BackendConfig, reason: str) -> str:
+def _refused_start(apps, name: str, backend: BackendConfig, reason: str, **ask) -> str:
     """Deploy a labeler that cannot start beside ``apps``; check the refusal and that nothing is left; return its message."""
     from ray import serve
 
     from lance_io.reasons import ReasonError
 
     port = int(apps["qwen-digits"].rsplit(":", 1)[1].split("/")[0])
-    config = LabelerConfig(task="digits", backend=backend, port=port, num_cpus=0, app_name=name, route_prefix=f"/{name}")
+    config = LabelerConfig(
+        task="digits", backend=backend, port=port, app_name=name, route_prefix=f"/{name}", **{"num_cpus": 0, **ask}
+    )
     with pytest.raises(ReasonError) as refused:
         run_labeler(config)
     assert refused.value.reason == reason, refused.value
@@ -294,6 +296,34 @@ def test_a_labeler_whose_replicas_cannot_start_is_refused_with_their_error(apps,
     backend = BackendConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="LANCETAG_NO_SUCH_KEY")
     message = _refused_start(apps, "no-key", backend, "labeler_failed")
     assert "LANCETAG_NO_SUCH_KEY is not set" in message and "Deploying application" not in message
+
+
+@pytest.mark.parametrize(
+    "ask, says",
+    [({"num_gpus": 1}, "asks GPU 1"), ({"num_cpus": 64}, "asks CPU 64"), ({"resources": {"accel_a": 1}}, "accel_a 1")],
+    ids=["a-gpu", "more-cpus-than-a-node", "a-resource-no-node-has"],
+)
+def test_a_labeler_no_node_can_hold_is_refused_before_deploying_instead_of_waiting(apps, ask, says):
+    """Serve would wait for ever for such a replica (logging every 30 s); the refusal names what the nodes have."""
+    backend = BackendConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1")
+    message = _refused_start(apps, "unschedulable", backend, "resources_unavailable", **ask)
+    assert says in message and "the most a node of its 1 has: " in message, message
+
+
+def test_lancetag_serve_asking_a_gpu_of_a_cluster_without_one_is_one_error_line_not_a_wait(apps):
+    import os
+    import subprocess
+
+    import ray
+
+    from tests.conftest import LANCETAG
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    args = ["serve", "--task", "digits", "--model", "m", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"]
+    proc = subprocess.run([LANCETAG, *args, "--gpus", "1", "--no-blocking"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and not proc.stdout
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: resources_unavailable: a labeler replica asks CPU 1, GPU 1") and "GPU 0" in line, line
 
 
 @pytest.mark.long  # Serve starts the replica 3 times, each importing torch (about 40 s)

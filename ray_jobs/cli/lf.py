@@ -5,6 +5,7 @@ Heavy imports (LLaMA-Factory, torch, Ray) happen inside the commands so `--help`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -177,10 +178,15 @@ def train(
     """Fine-tune with LLaMA-Factory from Lance tables (pinned versions), locally or on Ray Train."""
     import yaml
 
+    from llamafactory_ext.run_options import load_config
     from llamafactory_ext.train import run_training
     from ray_jobs.evaluation.in_training import transformers_labeler
+    from ray_jobs.ray_session import require_ray_at
 
     overrides = {k: yaml.safe_load(v) for k, v in key_values(set_, "--set", "key=value", "bad_override").items()}
+    address = os.environ.get("RAY_ADDRESS")
+    if address and (workers if workers is not None else load_config(config)[1].workers) > 0:
+        require_ray_at(address)  # Ray Train's workers join it: ray.init would wait for ever on a cluster that is down
     result = run_training(config, workers=workers, gpus_per_worker=gpus_per_worker, storage=storage, overrides=overrides,
                           labeler=transformers_labeler)  # scores a `validation` block's rows with the labeler's code
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +57,7 @@ def serve_command(
     """Serve a labeling task over HTTP (POST /label, GET /health, GET /info, POST /v1/chat/completions)."""
     from lance_io.tasks import load_task
     from ray_jobs.chat_rows import read_row
+    from ray_jobs.ray_session import require_ray_at
     from serve_apps.app import ChatTable, LabelerConfig, run_labeler
     from serve_apps.backends.base import BackendConfig
 
@@ -95,6 +97,8 @@ def serve_command(
         summary["url"] = url
         emit_json(summary) if as_json else typer.echo(f"labeler for task {task!r} serving at {url}")
 
+    if os.environ.get("RAY_ADDRESS"):  # ray.init would wait for ever on a cluster that is down
+        require_ray_at(os.environ["RAY_ADDRESS"])
     url = run_labeler(config, blocking=False, row_reader=read_row if tables else None)
     announce(url)
     if blocking:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from lance_io.reasons import ReasonError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 EXCLUDES = [".git", ".venv", ".venv-vllm", ".cache", "**/__pycache__", "bench/out", "lancetag-work", "*.lance"]
 
@@ -34,6 +36,24 @@ def load_runtime_env(path: str | Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a runtime env is a mapping (working_dir, env_vars, pip, image_uri, ...)")
     return data
+
+
+def _client(address: str) -> Any:
+    """Return a job client of the cluster whose dashboard is at ``address``; ``ray_unreachable`` if none answers."""
+    from ray.job_submission import JobSubmissionClient
+
+    from ray_jobs.ray_session import require_ray_at
+
+    if os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        require_ray_at(os.environ["RAY_ADDRESS"])  # Ray's job client asks the cluster there first, whatever ``address`` says
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise ReasonError(
+            "ray_unreachable",
+            f"no Ray cluster's job server answers at {address} ({exc}): start the cluster, or correct "
+            "RAY_JOBS_ADDRESS (or --address: the head's dashboard, http://HEAD:8265)",
+        ) from None
 
 
 def job_entrypoint(args: list[str]) -> str:
@@ -52,8 +72,6 @@ def submit_job(
     entrypoint_num_cpus: float | None = None,
 ) -> str:
     """Submit ``lancetag <args>`` to the Ray cluster at ``address``; return the job id."""
-    from ray.job_submission import JobSubmissionClient
-
     runtime_env = dict(runtime_env if runtime_env is not None else load_runtime_env(None))
     env_vars = dict(runtime_env.get("env_vars") or {})
     missing = [name for name in env or [] if name not in os.environ]
@@ -62,7 +80,7 @@ def submit_job(
     env_vars.update({name: os.environ[name] for name in env or []})
     env_vars.setdefault("RAY_ADDRESS", "auto")  # the job's own driver joins the cluster it runs on
     runtime_env["env_vars"] = env_vars
-    client = JobSubmissionClient(address)
+    client = _client(address)
     return client.submit_job(
         entrypoint=job_entrypoint(args),
         runtime_env=runtime_env,
@@ -73,25 +91,19 @@ def submit_job(
 
 def job_status(address: str, job_id: str) -> str:
     """Return the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from ray.job_submission import JobSubmissionClient
-
-    return str(JobSubmissionClient(address).get_job_status(job_id).value)
+    return str(_client(address).get_job_status(job_id).value)
 
 
 def job_logs(address: str, job_id: str) -> str:
     """Return the job's logs so far."""
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address).get_job_logs(job_id)
+    return _client(address).get_job_logs(job_id)
 
 
 def follow_logs(address: str, job_id: str) -> Iterator[str]:
     """Yield the job's log output as it is written, until the job ends."""
     import asyncio
 
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = _client(address)
     loop = asyncio.new_event_loop()
     stream = client.tail_job_logs(job_id).__aiter__()
     try:
@@ -106,6 +118,4 @@ def follow_logs(address: str, job_id: str) -> Iterator[str]:
 
 def stop_job(address: str, job_id: str) -> bool:
     """Ask the cluster to stop the job; return whether it was running."""
-    from ray.job_submission import JobSubmissionClient
-
-    return bool(JobSubmissionClient(address).stop_job(job_id))
+    return bool(_client(address).stop_job(job_id))

@@ -1,0 +1,49 @@
+"""Whether a Ray cluster can ever start a labeler replica.
+
+Ray Serve waits for a replica no node can hold, and only logs every 30 s that it "has taken more
+than 30s to be scheduled": ``lancetag serve --gpus 1`` on a cluster without a GPU, or a replica of
+more CPUs than any node has, would wait for ever. :func:`require_schedulable` refuses it before
+deploying with ``resources_unavailable``, naming what a replica asks and what the nodes have.
+
+Judged by the nodes' total resources, not what is free now: a replica that fits waits for busy
+resources, as Serve does. A cluster with an autoscaler is left to it, since it may start a node
+that fits (its cluster config in Ray's GCS, where Ray Data reads whether a cluster autoscales).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from lance_io.reasons import ReasonError
+
+Resources = Mapping[str, float]
+
+_PRECISION = 1e-4  # Ray keeps resource quantities to 4 decimal places
+
+
+def holds(node: Resources, ask: Resources) -> bool:
+    """Return whether a node of ``node`` total resources can hold one replica asking ``ask``."""
+    return all(node.get(name, 0.0) + _PRECISION >= amount for name, amount in ask.items() if amount > 0)
+
+
+def require_schedulable(ask: Resources) -> None:
+    """Raise ``resources_unavailable`` unless a node of the connected Ray cluster can hold a replica
+    asking ``ask`` (``CPU``, ``GPU`` and custom resources), or the cluster has an autoscaler."""
+    import ray
+    from ray._private.state import state  # the autoscaler's config: no public API reads it
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if any(holds(node, ask) for node in nodes) or state.get_cluster_config() is not None:
+        return
+    asked = {name: amount for name, amount in ask.items() if amount > 0}
+    most = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in asked}
+    raise ReasonError(
+        "resources_unavailable",
+        f"a labeler replica asks {_listed(asked)}, and no node of the cluster holds it (the most a node of "
+        f"its {len(nodes)} has: {_listed(most)}): ask less (`lancetag serve --gpus`, `--resource`; LabelerConfig's "
+        "num_cpus, num_gpus, resources) or add a node that has it",
+    )
+
+
+def _listed(resources: Resources) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in resources.items())
