@@ -33,7 +33,12 @@ def require_schedulable(ask: Resources) -> None:
     from ray._private.state import state  # the autoscaler's config: no public API reads it
 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    if any(holds(node, ask) for node in nodes) or state.get_cluster_config() is not None:
+    if any(holds(node, ask) for node in nodes):
+        return
+    try:
+        if state.get_cluster_config() is not None:  # an autoscaler may start a node that holds it
+            return
+    except Exception:  # a connection that cannot read it (Ray Client): leave the wait to Serve, as before
         return
     asked = {name: amount for name, amount in ask.items() if amount > 0}
     most = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in asked}
