@@ -10,6 +10,7 @@ from typing import Any
 
 from lance_io.reasons import ReasonError
 
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ray": 10001}
 REACH_DEADLINE_S = 10.0
 """How long a cluster's address may go unanswered (a head restarting) before a job is refused."""
 
@@ -19,32 +20,49 @@ def require_ray_at(address: str, *, deadline_s: float = REACH_DEADLINE_S) -> Non
 
     ``ray.init`` retries an address nobody answers at for ever, printing a warning every few
     seconds: with a stale ``RAY_ADDRESS`` (a cluster stopped or moved) every job would hang. The
-    address is probed as Ray will use it (``auto`` read from the last cluster started here,
-    ``localhost`` as this node's address; a Ray Client's ``ray://host:port`` as given); ``local`` and
-    forms Ray refuses itself at once pass.
+    address is probed as Ray will use it: ``auto`` read from the last cluster started here,
+    ``localhost`` as this node's address, a URL (a Ray Client's ``ray://``, a dashboard's
+    ``http://`` for Ray Jobs) at its host and port. ``local`` (a new cluster) passes. An address
+    Ray cannot read, or ``auto`` with no cluster started here, is refused at once.
     """
+    from urllib.parse import urlsplit
+
     from ray._private.services import canonicalize_bootstrap_address
 
+    if address == "local":
+        return
     try:
-        bootstrap = address.removeprefix("ray://") if address.startswith("ray://") else canonicalize_bootstrap_address(address)
-    except Exception:  # a form Ray parses and refuses itself, at once
-        return
-    if bootstrap is None:  # a new local cluster
-        return
-    host, _, port = bootstrap.rpartition(":")
+        if "://" in address:
+            url = urlsplit(address)
+            port = url.port or _DEFAULT_PORTS.get(url.scheme)
+            if url.hostname is None or port is None:
+                raise ValueError(f"no host and port in {address}")
+            bootstrap = f"{url.hostname}:{port}"
+        else:
+            bootstrap = canonicalize_bootstrap_address(address)
+        if bootstrap is None:
+            raise ConnectionError("no Ray cluster was started on this machine")
+        host, _, port = bootstrap.rpartition(":")
+        port = int(port)
+    except (ValueError, ConnectionError) as exc:  # Ray's "Invalid address format", `auto` finding no cluster
+        raise _unreachable(address, str(exc)) from None
     give_up = time.monotonic() + deadline_s
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            with socket.create_connection((host.strip("[]"), port), timeout=2):
                 return
         except OSError as exc:
             if time.monotonic() >= give_up:
-                raise ReasonError(
-                    "ray_unreachable",
-                    f"no Ray cluster answers at {address} ({bootstrap}: {exc.strerror or exc}): start it "
-                    "(`ray start --head`), correct RAY_ADDRESS (or --address), or unset it to run on a new local cluster",
-                ) from None
+                raise _unreachable(address, f"{bootstrap}: {exc.strerror or exc}") from None
             time.sleep(1.0)
+
+
+def _unreachable(address: str, why: str) -> ReasonError:
+    return ReasonError(
+        "ray_unreachable",
+        f"no Ray cluster answers at {address} ({why}): start it (`ray start --head`), correct RAY_ADDRESS "
+        "(or --address), or unset it to run on a new local cluster",
+    )
 
 
 def ensure_ray(address: str | None = None, **local: Any) -> None:

@@ -205,6 +205,14 @@ def test_bad_sql_tasks_configs_and_usage_are_refused_with_their_reason(table, co
     )
 
 
+def test_a_ray_address_ray_cannot_read_is_ray_unreachable_not_a_bug(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(image_rows(range(1))["image"][0].as_py())
+    assert_refused({"ingest": (["ingest", str(photos), "--table", str(tmp_path / "t.lance")], "ray_unreachable")},
+                   env={"RAY_ADDRESS": "nonsense"})  # before: error: internal: ValueError: Invalid address format
+
+
 @pytest.mark.parametrize("ray_address", [None, NO_RAY["RAY_ADDRESS"]], ids=["dashboard", "ray-address-first"])
 def test_submitting_to_a_cluster_that_does_not_answer_is_ray_unreachable_not_a_bug(ray_address):
     """Ray's job client asks the cluster at RAY_ADDRESS before --address: either one down is refused at once."""
