@@ -449,7 +449,8 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
         ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)
-    require_schedulable({"CPU": config.num_cpus, "GPU": config.num_gpus, **(config.resources or {})})
+    replicas = config.num_replicas if config.autoscaling is None else max(1, config.autoscaling.min_replicas)
+    require_schedulable({"CPU": config.num_cpus, "GPU": config.num_gpus, **(config.resources or {})}, replicas)
     serve.start(http_options={"host": config.host, "port": config.port})
     app = build_app(config, token_sha256=token_hash, row_reader=row_reader)
     redeploy = config.app_name in serve.status().applications

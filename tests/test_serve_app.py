@@ -300,14 +300,31 @@ def test_a_labeler_whose_replicas_cannot_start_is_refused_with_their_error(apps,
 
 @pytest.mark.parametrize(
     "ask, says",
-    [({"num_gpus": 1}, "asks GPU 1"), ({"num_cpus": 64}, "asks CPU 64"), ({"resources": {"accel_a": 1}}, "accel_a 1")],
-    ids=["a-gpu", "more-cpus-than-a-node", "a-resource-no-node-has"],
+    [
+        ({"num_gpus": 1}, "asks GPU 1, and no node of the cluster holds it (the most a node of its 1 has: GPU 0)"),
+        ({"num_cpus": 64}, "asks CPU 64, and no node of the cluster holds it (the most a node of its 1 has: CPU 4)"),
+        ({"resources": {"accel_a": 1}}, "asks accel_a 1, and no node of the cluster holds it (the most a node of its 1 has: accel_a 0)"),
+        # the test cluster's one node has 4 logical CPUs: two replicas of 1.5 fit, the third would wait
+        ({"num_cpus": 1.5, "num_replicas": 3}, "3 labeler replicas ask CPU 1.5 each, and the nodes of the cluster (1) hold 2"),
+        ({"num_cpus": 1.5, "autoscaling": {"min_replicas": 3}}, "3 labeler replicas ask CPU 1.5 each"),
+    ],
+    ids=["a-gpu", "more-cpus-than-a-node", "a-resource-no-node-has", "more-replicas-than-the-nodes-hold", "autoscaling-minimum"],
 )
-def test_a_labeler_no_node_can_hold_is_refused_before_deploying_instead_of_waiting(apps, ask, says):
+def test_a_labeler_the_nodes_cannot_hold_is_refused_before_deploying_instead_of_waiting(apps, ask, says):
     """Serve would wait for ever for such a replica (logging every 30 s); the refusal names what the nodes have."""
     backend = BackendConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1")
     message = _refused_start(apps, "unschedulable", backend, "resources_unavailable", **ask)
-    assert says in message and "the most a node of its 1 has: " in message, message
+    assert says in message, message
+
+
+def test_the_check_counts_replicas_against_the_whole_cluster(apps):
+    from lance_io.reasons import ReasonError
+    from serve_apps.schedulable import require_schedulable
+
+    require_schedulable({"CPU": 1.5}, replicas=2)  # the node's 4 CPUs hold two, though the apps beside them run
+    require_schedulable({"CPU": 0}, replicas=1000)  # a replica asking nothing takes no room
+    with pytest.raises(ReasonError, match="hold 2 of them at once"):
+        require_schedulable({"CPU": 1.5}, replicas=3)
 
 
 def test_lancetag_serve_asking_a_gpu_of_a_cluster_without_one_is_one_error_line_not_a_wait(apps):
