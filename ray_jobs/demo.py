@@ -49,8 +49,8 @@ SPLIT_FOLDERS = {
     "test": "test", "testing": "test",
     "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
 }
-COMMIT_ROWS = 262_144  # the layout columns of this many rows per commit: a commit or two for a folder, 4 a million rows
-LAYOUT_COLUMNS = pa.schema([pa.field(TRUTH, pa.string()), pa.field("split", pa.string())])
+COMMIT_ROWS = 262_144  # the split column of this many rows per commit: a commit or two for a folder, 4 a million rows
+SPLIT_COLUMN = pa.schema([pa.field("split", pa.string())])
 
 
 @dataclass
@@ -104,26 +104,22 @@ def ingest_folder(data_dir: Path, table: str, layout: FolderLayout, *, progress:
     return ingest([str(data_dir)], table, options, truth_of=lambda source: layout.place_of(source)[0])
 
 
-def add_layout_columns(table: str, layout: FolderLayout, *, commit_rows: int = COMMIT_ROWS) -> int:
-    """Write ``truth`` and ``split`` from where each image sits in ``layout``, for rows without a split;
-    return the version.
+def add_split_column(table: str, layout: FolderLayout, *, commit_rows: int = COMMIT_ROWS) -> int:
+    """Write ``split`` from where each image sits in ``layout``, for rows without one; return the version.
 
-    ``truth`` is the class folder the image sits in, at any depth below it (``cat/2021/a.jpg`` is a
-    ``cat``, as torchvision's ``ImageFolder`` reads a folder), or null outside every class folder.
-    ``split`` is the split folder's, or train/test by id hash for a folder per class.
+    ``split`` is the split folder's, or train/test by id hash for a folder per class. Each row's
+    ``truth`` is written at ingest (:func:`ingest_folder`).
     """
     from lance_io import open_table
     from lance_io.columns import fill_column
 
     def compute(batch: pa.RecordBatch) -> pa.RecordBatch:
-        places = [layout.place_of(s) for s in batch.column("source").to_pylist()]
-        splits = [split or split_of(i, TEST_FRACTION, held_out="test")
-                  for i, (_, split) in zip(batch.column("id").to_pylist(), places, strict=True)]
-        return pa.record_batch([pa.array([truth for truth, _ in places], pa.string()), pa.array(splits)],
-                               schema=LAYOUT_COLUMNS)
+        splits = [layout.place_of(source)[1] or split_of(i, TEST_FRACTION, held_out="test")
+                  for i, source in zip(batch.column("id").to_pylist(), batch.column("source").to_pylist(), strict=True)]
+        return pa.record_batch([pa.array(splits, pa.string())], schema=SPLIT_COLUMN)
 
     # The labeling run's commit protocol, computed here: a commit per ``commit_rows`` rows.
-    fill_column(table, compute, read_columns=["source"], output_schema=LAYOUT_COLUMNS, todo="split IS NULL",
+    fill_column(table, compute, read_columns=["source"], output_schema=SPLIT_COLUMN, todo="split IS NULL",
                 commit_rows=commit_rows, properties={"lancetag.job": "demo-layout"})
     return open_table(table).version
 
@@ -525,7 +521,7 @@ def run_demo(
     ingested = ingest_folder(data_dir, table, layout, progress=progress)
     accounted = _accounted(ingested)
     _require_images(accounted, data_dir)
-    add_layout_columns(table, layout)
+    add_split_column(table, layout)
     counts = truth_counts(table)
     _require_known_classes(counts, labels, data_dir)
     accounted.update(_label_coverage(counts, labels))

@@ -11,7 +11,7 @@ from lance_io.reasons import ReasonError
 from ray_jobs.demo import (
     FolderLayout,
     _label_coverage,
-    add_layout_columns,
+    add_split_column,
     folder_layout,
     ingest_folder,
     truth_counts,
@@ -128,7 +128,7 @@ def test_the_split_column_follows_the_split_folders_and_a_copy_in_both_is_held_o
     assert conflict["source"] == str(data / "train" / "b" / "mislabeled.jpg")
     assert str(data / "test" / "a" / "1.jpg") in conflict["message"] and "'a'" in conflict["message"] and "'b'" in conflict["message"]
 
-    add_layout_columns(table, layout)
+    add_split_column(table, layout)
     rows = lance.dataset(table).to_table(columns=["source", "split", "truth"]).to_pylist()
     held = {r["source"] for r in rows if r["split"] == "test"}
     assert held == {str(p) for p in (data / "test").rglob("*.jpg")} and len(train) + len(test) == len(rows)
@@ -155,7 +155,7 @@ def test_a_folder_per_class_keeps_the_hash_split_and_labels_images_at_any_depth(
     table = str(tmp_path / "images.lance")
     layout = folder_layout(data)
     ingest_folder(data, table, layout, progress=False)
-    add_layout_columns(table, layout)
+    add_split_column(table, layout)
     # what the ingest line reports: the unlabeled images, and the class no training image has
     assert _label_coverage(truth_counts(table), set(layout.labels)) == {"outside_classes": 3, "untrained_classes": ["c"]}
     rows = lance.dataset(table).to_table(columns=["id", "source", "truth", "split"]).to_pylist()
