@@ -481,7 +481,7 @@ def run_demo(
     from ray_jobs.evaluation import evaluate_table
     from ray_jobs.evaluation.in_training import transformers_labeler
     from ray_jobs.label import LabelOptions, label_table
-    from ray_jobs.ray_session import ensure_ray
+    from ray_jobs.ray_session import ensure_ray, require_ray_data_at
     from serve_apps.tiny_models import build_tiny_model
 
     if epochs is not None and not epochs > 0:
@@ -495,6 +495,8 @@ def run_demo(
             f"the work folder {work} is inside the data folder {Path(data).resolve()}, whose every file the demo "
             "reads as a photo (its tables and models too): give --workdir outside it, or run from elsewhere",
         )
+    if os.environ.get("RAY_ADDRESS"):  # a cluster it cannot run on is refused before anything is written
+        require_ray_data_at(os.environ["RAY_ADDRESS"])
     work.mkdir(parents=True, exist_ok=True)
     table = str(work / "images.lance")
 

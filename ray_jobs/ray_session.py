@@ -65,6 +65,23 @@ def _unreachable(address: str, why: str) -> ReasonError:
     )
 
 
+def require_ray_data_at(address: str) -> None:
+    """Raise ``ray_client_unsupported`` if ``address`` is a Ray Client address (``ray://``).
+
+    Ingest, labeling and the demo run on Ray Data, which Ray Client cannot carry: through it, an
+    ingest fails inside Ray Data (``'Worker' object has no attribute 'core_worker'``) and a labeling
+    run on its streaming actor calls ("not currently supported when using Ray Client"), Ray 2.60.
+    ``serve`` and ``train --workers N`` work through it.
+    """
+    if address.startswith("ray://"):
+        raise ReasonError(
+            "ray_client_unsupported",
+            f"{address} is a Ray Client address, and this job runs on Ray Data, which Ray Client cannot carry: "
+            "submit it to the cluster (`lancetag submit --address http://HEAD:8265 -- <command>`), or run it on "
+            "a node of the cluster with RAY_ADDRESS=auto (or HEAD:6379)",
+        )
+
+
 def ensure_ray(address: str | None = None, **local: Any) -> None:
     """Initialise Ray once: ``address`` or ``$RAY_ADDRESS`` if set, else a local cluster with ``local`` settings.
 
@@ -81,6 +98,7 @@ def ensure_ray(address: str | None = None, **local: Any) -> None:
         # Lance's at-fork warning ("lance is not fork-safe") would only alarm the user.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
         if address:
+            require_ray_data_at(address)
             require_ray_at(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:

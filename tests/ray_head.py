@@ -20,8 +20,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2) -> Iterator[str]:
+def ray_head(num_cpus: int = 2, client_port: int | None = None) -> Iterator[str]:
     """Start a Ray head in its own process group; yield its jobs address; kill only that group.
+    Its Ray Client server listens at ``client_port`` (default: a free port).
 
     (`ray stop` would stop every Ray cluster on the machine, the test session's too.)
     """
@@ -34,7 +35,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
     process = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--num-cpus={num_cpus}", "--object-store-memory=400000000", f"--ray-client-server-port={free_port()}",
+         f"--num-cpus={num_cpus}", "--object-store-memory=400000000", f"--ray-client-server-port={client_port or free_port()}",
          f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

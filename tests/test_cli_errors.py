@@ -466,3 +466,21 @@ def test_the_demo_refuses_a_folder_too_small_to_measure_before_any_model_work(tm
     table = lance.dataset(str(work / "images.lance"))
     assert table.count_rows() == 6  # every image kept
     assert "zero-shot" not in table.tags.list() and not (work / "models" / "fine-tuned").exists()
+
+
+def test_a_ray_client_address_is_refused_for_the_jobs_that_run_on_ray_data(table, tmp_path):
+    """Through Ray Client (``ray://``) an ingest failed inside Ray Data and a labeling run on its
+    streaming actor calls, each as ``error: internal`` (a labeler already started); now both, and the
+    demo, are refused before anything starts or is written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(image_rows(range(1))["image"][0].as_py())
+    new_table = tmp_path / "new.lance"
+    cases = {
+        "ingest": (["ingest", str(photos), "--table", str(new_table)], "ray_client_unsupported"),
+        "label": (["label", table, "--task", "digits", "--backend", "random", "--model", "demo"], "ray_client_unsupported"),
+        "demo": (["demo", "--workdir", str(tmp_path / "demo")], "ray_client_unsupported"),
+    }
+    assert_refused(cases, env={"RAY_ADDRESS": "ray://127.0.0.1:10001"})
+    assert not new_table.exists() and not (tmp_path / "demo").exists()
+    assert_refused({"label --address": ([*cases["label"][0], "--address", "ray://head:10001"], "ray_client_unsupported")})

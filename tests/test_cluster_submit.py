@@ -16,11 +16,17 @@ from tests.conftest import LANCETAG
 pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.s3]
 
 
+CLIENT_PORT = None  # the head's Ray Client server, set by ``head``
+
+
 @pytest.fixture(scope="module")
 def head():
-    from tests.ray_head import ray_head
+    """The head's jobs address; its Ray Client address is ``ray://127.0.0.1:{CLIENT_PORT}``."""
+    global CLIENT_PORT
+    from tests.ray_head import free_port, ray_head
 
-    with ray_head() as address:
+    CLIENT_PORT = free_port()
+    with ray_head(client_port=CLIENT_PORT) as address:
         yield address
 
 
@@ -60,3 +66,30 @@ def test_jobs_submitted_to_a_head_ingest_and_label_an_s3_table_readable_locally(
     assert s3.storage_options["aws_secret_access_key"] not in logs.stdout
     status = subprocess.run([LANCETAG, "jobs", "status", labeled["job_id"], "--address", head], capture_output=True, text=True, check=True)
     assert status.stdout.strip() == "SUCCEEDED"
+
+
+def test_through_a_ray_client_address_serve_deploys_and_ray_data_jobs_are_refused(head, tmp_path):
+    """``ray://`` (as KubeRay hands out) carries a Serve deployment; an ingest would fail inside Ray
+    Data (``'Worker' object has no attribute 'core_worker'``), so it is refused before it starts."""
+    import httpx
+
+    from tests.ray_head import free_port
+
+    env = {**os.environ, "RAY_ADDRESS": f"ray://127.0.0.1:{CLIENT_PORT}"}
+    port = free_port()
+    serve = [LANCETAG, "serve", "--task", "digits", "--model", "m", "--backend", "openai", "--base-url",
+             "http://127.0.0.1:9/v1", "--port", str(port), "--no-blocking"]
+    proc = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=300)
+    if "Starting Ray client server failed" in proc.stderr:  # Ray's own start-up race (1 run in 5 here): once more
+        proc = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()["task"]["name"] == "digits"
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("L", (8, 8), 7).save(photos / "a.png")
+    table = tmp_path / "t.lance"
+    proc = subprocess.run([LANCETAG, "ingest", str(photos), "--table", str(table), "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["reason"] == "ray_client_unsupported", proc.stderr
+    assert not table.exists()
