@@ -76,14 +76,15 @@ def test_through_a_ray_client_address_serve_deploys_and_ray_data_jobs_are_refuse
     from tests.ray_head import free_port
 
     env = {**os.environ, "RAY_ADDRESS": f"ray://127.0.0.1:{CLIENT_PORT}"}
-    port = free_port()
     serve = [LANCETAG, "serve", "--task", "digits", "--model", "m", "--backend", "openai", "--base-url",
-             "http://127.0.0.1:9/v1", "--port", str(port), "--no-blocking"]
+             "http://127.0.0.1:9/v1", "--port", str(free_port()), "--app-name", "through-client",
+             "--no-blocking", "--json"]
     proc = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=300)
     if "Starting Ray client server failed" in proc.stderr:  # Ray's own start-up race (1 run in 5 here): once more
         proc = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()["task"]["name"] == "digits"
+    url = json.loads(proc.stdout)["url"]  # where Serve listens: the port of whoever started it on the cluster first
+    assert httpx.get(f"{url}/info", timeout=10).json()["task"]["name"] == "digits"
 
     photos = tmp_path / "photos"
     photos.mkdir()
