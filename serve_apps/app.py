@@ -51,6 +51,7 @@ from serve_apps.http_requests import (
     parse_chat_messages,
     parse_label_request,
 )
+from serve_apps.local_cluster import set_local_cluster_env
 from serve_apps.schedulable import require_schedulable
 
 __all__ = ["LabelerConfig", "Limits", "RequestError", "build_app", "parse_chat_messages", "parse_label_request", "run_labeler"]
@@ -448,7 +449,11 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
     token_hash = token_sha256(config.token_env)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
-        ray.init(address=address) if address else ray.init(address="local", include_dashboard=False, configure_logging=False)
+        if address:
+            ray.init(address=address)
+        else:
+            set_local_cluster_env()
+            ray.init(address="local", include_dashboard=False, configure_logging=False)
     replicas = config.num_replicas if config.autoscaling is None else max(1, config.autoscaling.min_replicas)
     require_schedulable({"CPU": config.num_cpus, "GPU": config.num_gpus, **(config.resources or {})}, replicas)
     serve.start(http_options={"host": config.host, "port": config.port})

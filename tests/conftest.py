@@ -31,6 +31,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        from serve_apps.local_cluster import set_local_cluster_env
+
+        set_local_cluster_env()  # as lancetag's own local clusters: Serve starts on a busy machine too
         ray.init(
             address="local",  # always a new cluster, never one a `ray start` left on the machine
             num_cpus=4,  # logical CPUs on 2 cores: Serve replicas and job tasks never deadlock on accounting
