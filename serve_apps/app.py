@@ -51,7 +51,7 @@ from serve_apps.http_requests import (
     parse_chat_messages,
     parse_label_request,
 )
-from serve_apps.local_cluster import set_local_cluster_env
+from serve_apps.local_cluster import port_in_use, require_port_free, set_local_cluster_env
 from serve_apps.schedulable import require_schedulable
 
 __all__ = ["LabelerConfig", "Limits", "RequestError", "build_app", "parse_chat_messages", "parse_label_request", "run_labeler"]
@@ -452,11 +452,17 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
         if address:
             ray.init(address=address)
         else:
+            require_port_free(config.host, config.port)  # the new cluster's proxy will bind it here
             set_local_cluster_env()
             ray.init(address="local", include_dashboard=False, configure_logging=False)
     replicas = config.num_replicas if config.autoscaling is None else max(1, config.autoscaling.min_replicas)
     require_schedulable({"CPU": config.num_cpus, "GPU": config.num_gpus, **(config.resources or {})}, replicas)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+    except Exception as exc:  # a cluster's proxy (Serve not yet running there) could not bind: a RayTaskError
+        if "Failed to bind to address" not in str(exc):
+            raise
+        raise port_in_use(config.host, config.port, "Serve's proxy failed to bind it") from None
     app = build_app(config, token_sha256=token_hash, row_reader=row_reader)
     redeploy = config.app_name in serve.status().applications
     try:

@@ -1,4 +1,4 @@
-"""What a local Ray cluster needs in its environment before it starts, for Serve to start on a busy machine.
+"""Before lancetag starts a local Ray cluster for Serve: the setting it needs, the port it must bind.
 
 Serve's controller gives its HTTP proxy 5 s to answer a ready check, then kills it, and
 ``serve.start`` fails with ``ActorDiedError``. With both cores of a 2-core machine busy (another
@@ -6,11 +6,17 @@ job, a test suite), the proxy takes longer to start: the test suite's Serve apps
 so beside two busy loops, and started with 60 s. Ray's processes read the setting from the
 environment they start with, so it is set before lancetag starts a local cluster (where unset: a
 user's own value wins). A cluster started with ``ray start`` takes it from that command's environment.
+
+A port another program holds made the proxy fail to bind, and ``lancetag serve`` print Ray's
+``RayTaskError`` with the proxy's tracebacks: :func:`require_port_free` binds it first, as the proxy will.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+
+from lance_io.reasons import ReasonError
 
 LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
@@ -19,3 +25,22 @@ def set_local_cluster_env() -> None:
     """Set :data:`LOCAL_CLUSTER_ENV` in this process's environment where unset, for the local cluster it starts."""
     for name, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def require_port_free(host: str, port: int) -> None:
+    """Raise ``port_in_use`` unless Serve's proxy on this machine can bind ``host:port`` (bound as it binds: no reuse)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise port_in_use(host, port, exc.strerror or str(exc)) from None
+
+
+def port_in_use(host: str, port: int, why: str) -> ReasonError:
+    """The refusal of a labeler whose HTTP port another program holds."""
+    return ReasonError(
+        "port_in_use",
+        f"the labeler cannot listen on {host}:{port} ({why}): another program holds the port; "
+        "give another (`lancetag serve --port`), or stop that program",
+    )

@@ -484,3 +484,16 @@ def test_a_ray_client_address_is_refused_for_the_jobs_that_run_on_ray_data(table
     assert_refused(cases, env={"RAY_ADDRESS": "ray://127.0.0.1:10001"})
     assert not new_table.exists() and not (tmp_path / "demo").exists()
     assert_refused({"label --address": ([*cases["label"][0], "--address", "ray://head:10001"], "ray_client_unsupported")})
+
+
+def test_serve_on_a_port_another_program_holds_is_port_in_use_before_a_cluster_starts():
+    """Before, the new cluster's Serve proxy failed to bind and the command printed Ray's RayTaskError
+    with the proxy's tracebacks (exit 3); now the port is bound first, as the proxy binds it."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        serve = ["serve", "--task", "digits", "--backend", "random", "--model", "demo", "--port", str(port), "--no-blocking"]
+        assert_refused({"serve": (serve, "port_in_use")}, env={"RAY_ADDRESS": ""})  # a new local cluster
+        proc = lancetag([*serve, "--json"], env={"RAY_ADDRESS": ""})
+    assert f"127.0.0.1:{port}" in json.loads(proc.stdout)["error"]["message"]
