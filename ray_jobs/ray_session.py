@@ -102,8 +102,6 @@ def ensure_ray(address: str | None = None, **local: Any) -> None:
             require_ray_at(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
-            from serve_apps.local_cluster import set_local_cluster_env
+            from serve_apps.local_cluster import init_local_ray
 
-            set_local_cluster_env()  # label and demo start Serve on it
-            # "local": a new cluster, even when a `ray start` on this machine left one to auto-connect to.
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
+            init_local_ray(log_to_driver=False, **local)  # label and demo start Serve on it

@@ -51,7 +51,7 @@ from serve_apps.http_requests import (
     parse_chat_messages,
     parse_label_request,
 )
-from serve_apps.local_cluster import port_in_use, require_port_free, set_local_cluster_env
+from serve_apps.local_cluster import init_local_ray, port_in_use, require_port_free
 from serve_apps.schedulable import require_schedulable
 
 __all__ = ["LabelerConfig", "Limits", "RequestError", "build_app", "parse_chat_messages", "parse_label_request", "run_labeler"]
@@ -453,8 +453,7 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
             ray.init(address=address)
         else:
             require_port_free(config.host, config.port)  # the new cluster's proxy will bind it here
-            set_local_cluster_env()
-            ray.init(address="local", include_dashboard=False, configure_logging=False)
+            init_local_ray()
     replicas = config.num_replicas if config.autoscaling is None else max(1, config.autoscaling.min_replicas)
     require_schedulable({"CPU": config.num_cpus, "GPU": config.num_gpus, **(config.resources or {})}, replicas)
     try:

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from lance_io.reasons import ReasonError
 
 LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
-def set_local_cluster_env() -> None:
-    """Set :data:`LOCAL_CLUSTER_ENV` in this process's environment where unset, for the local cluster it starts."""
+def init_local_ray(**options: Any) -> None:
+    """Start a new local Ray cluster (never one a ``ray start`` on this machine left to join), with
+    :data:`LOCAL_CLUSTER_ENV` set where unset; ``options`` go to ``ray.init``."""
+    import ray
+
     for name, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(name, value)
+    ray.init(address="local", include_dashboard=False, configure_logging=False, **options)
 
 
 def require_port_free(host: str, port: int) -> None:

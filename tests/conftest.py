@@ -31,16 +31,12 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        from serve_apps.local_cluster import set_local_cluster_env
+        from serve_apps.local_cluster import init_local_ray
 
-        set_local_cluster_env()  # as lancetag's own local clusters: Serve starts on a busy machine too
-        ray.init(
-            address="local",  # always a new cluster, never one a `ray start` left on the machine
+        init_local_ray(  # as lancetag starts its own: a new cluster, where Serve starts on a busy machine too
             num_cpus=4,  # logical CPUs on 2 cores: Serve replicas and job tasks never deadlock on accounting
             object_store_memory=512 * 1024**2,
-            include_dashboard=False,
             log_to_driver=False,
-            configure_logging=False,
         )
     yield ray
     try:
