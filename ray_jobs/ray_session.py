@@ -97,7 +97,7 @@ def ensure_ray(address: str | None = None, **local: Any) -> None:
         # Ray starts its processes by fork and exec: no Lance code runs in the forked child, so
         # Lance's at-fork warning ("lance is not fork-safe") would only alarm the user.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-        if address:
+        if address and address != "local":  # `local` asks for a new cluster, as no address does
             require_ray_data_at(address)
             require_ray_at(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)

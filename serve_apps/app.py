@@ -449,7 +449,7 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
     token_hash = token_sha256(config.token_env)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
-        if address:
+        if address and address != "local":  # `local` asks for a new cluster, as no address does
             ray.init(address=address)
         else:
             require_port_free(config.host, config.port)  # the new cluster's proxy will bind it here

@@ -486,7 +486,8 @@ def test_a_ray_client_address_is_refused_for_the_jobs_that_run_on_ray_data(table
     assert_refused({"label --address": ([*cases["label"][0], "--address", "ray://head:10001"], "ray_client_unsupported")})
 
 
-def test_serve_on_a_port_another_program_holds_is_port_in_use_before_a_cluster_starts():
+@pytest.mark.parametrize("ray_address", ["", "local"])  # no address, or Ray's own word for a new cluster
+def test_serve_on_a_port_another_program_holds_is_port_in_use_before_a_cluster_starts(ray_address):
     """Before, the new cluster's Serve proxy failed to bind and the command printed Ray's RayTaskError
     with the proxy's tracebacks (exit 3); now the port is bound first, as the proxy binds it."""
     with socket.socket() as holder:
@@ -494,6 +495,6 @@ def test_serve_on_a_port_another_program_holds_is_port_in_use_before_a_cluster_s
         holder.listen()
         port = holder.getsockname()[1]
         serve = ["serve", "--task", "digits", "--backend", "random", "--model", "demo", "--port", str(port), "--no-blocking"]
-        assert_refused({"serve": (serve, "port_in_use")}, env={"RAY_ADDRESS": ""})  # a new local cluster
-        proc = lancetag([*serve, "--json"], env={"RAY_ADDRESS": ""})
+        assert_refused({"serve": (serve, "port_in_use")}, env={"RAY_ADDRESS": ray_address})
+        proc = lancetag([*serve, "--json"], env={"RAY_ADDRESS": ray_address})
     assert f"127.0.0.1:{port}" in json.loads(proc.stdout)["error"]["message"]
