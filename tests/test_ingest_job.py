@@ -14,6 +14,7 @@ import pytest
 
 from lance_io import open_table, read_errors
 from lance_io.reasons import ReasonError
+from lance_io.versions import list_versions
 from ray_jobs.ingest import IngestOptions, ingest
 from tests.conftest import LANCETAG
 from tests.ingest_fixtures import HostileServer, build_class_folder, build_hostile_folder, image_bytes
@@ -124,15 +125,56 @@ def test_of_two_copies_in_different_tasks_the_first_listed_is_kept_whichever_tas
         assert kept == [{"source": str(folder / "a" / "0.png"), "truth": "a"}]
 
 
-def test_labels_given_to_images_the_table_holds_without_a_truth_are_reported_not_dropped(ray_cluster, tmp_path: Path) -> None:
+def test_labels_given_later_to_images_the_table_holds_without_a_truth_are_added_to_their_rows(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """Images ingested unlabeled, their classes given later (a folder per class): each row gets its
+    truth, the image bytes and the other rows untouched; a copy then labeled otherwise is a conflict.
+    Before, the three truths were reported as ``truth_conflict`` and never written."""
     folder = build_class_folder(tmp_path / "photos", {"a": 2, "b": 1})
     table = str(tmp_path / "photos.lance")
-    ingest([str(folder)], table, IngestOptions(**QUIET))  # no labels
-    again = ingest([str(folder)], table, IngestOptions(label_from_dir=True, **QUIET))
-    assert (again.added, again.duplicates, again.errors_by_reason) == (0, 0, {"truth_conflict": 3}) and again.reconciled
-    errors = read_errors(table, job=again.job).to_pylist()
-    assert all("without a truth" in e["message"] for e in errors)
-    assert open_table(table).to_table(columns=["truth"]).column("truth").null_count == 3  # bytes and rows untouched
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "unrelated.png").write_bytes(image_bytes(99, "PNG"))
+    first = ingest([str(folder), str(tmp_path / "other")], table, IngestOptions(**QUIET))  # no labels
+    before = open_table(table)
+    data_files = {f.path for fragment in before.get_fragments() for f in fragment.data_files()}
+    again = ingest([str(folder)], table, IngestOptions(label_from_dir=True, commit_rows=2, **QUIET))
+    assert (again.added, again.duplicates, again.errors, again.truths_added) == (0, 3, 0, 3) and again.reconciled
+    after = open_table(table)
+    truths = {Path(r["source"]).parent.name + "/" + Path(r["source"]).name: r["truth"]
+              for r in after.to_table(columns=["source", "truth"]).to_pylist()}
+    assert truths == {**{f"{p.parent.name}/{p.name}": p.parent.name for p in folder.rglob("*.*")}, "other/unrelated.png": None}
+    assert again.version == after.version > first.version
+    assert data_files <= {f.path for fragment in after.get_fragments() for f in fragment.data_files()}  # bytes not rewritten
+    assert after.to_table(columns=["image"]) == before.to_table(columns=["image"])
+    (given,) = [v for v in list_versions(table) if v.properties.get("lancetag.operation") == "ingest_truths"]
+    assert given.properties["lancetag.rows"] == "3" and given.properties["lancetag.job"] == again.job
+
+    relabeled = tmp_path / "relabeled"
+    (relabeled / "z").mkdir(parents=True)
+    some = sorted(folder.rglob("*.*"))[0]
+    (relabeled / "z" / some.name).write_bytes(some.read_bytes())
+    later = ingest([str(relabeled)], table, IngestOptions(label_from_dir=True, **QUIET))
+    assert (later.duplicates, later.truths_added, later.errors_by_reason) == (0, 0, {"truth_conflict": 1}) and later.reconciled
+    (conflict,) = read_errors(table, job=later.job).to_pylist()
+    assert f"'{some.parent.name}'" in conflict["message"] and "'z'" in conflict["message"]
+
+
+def test_of_two_labeled_copies_of_an_image_held_without_a_truth_the_first_gives_it_and_the_other_conflicts(
+    ray_cluster, tmp_path: Path
+) -> None:
+    table = str(tmp_path / "t.lance")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "x.png").write_bytes(image_bytes(5, "PNG"))
+    ingest([str(tmp_path / "raw")], table, IngestOptions(**QUIET))
+    for name in ("a/x.png", "b/x-copy.png"):
+        (tmp_path / "classes" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "classes" / name).write_bytes(image_bytes(5, "PNG"))
+    summary = ingest([str(tmp_path / "classes")], table, IngestOptions(label_from_dir=True, **QUIET))
+    assert (summary.truths_added, summary.duplicates, summary.errors_by_reason) == (1, 1, {"truth_conflict": 1})
+    assert open_table(table).to_table(columns=["truth"]).column("truth").to_pylist() == ["a"]
+    (conflict,) = read_errors(table, job=summary.job).to_pylist()
+    assert conflict["source"].endswith("x-copy.png") and "'a'" in conflict["message"] and "'b'" in conflict["message"]
 
 
 def test_content_already_in_the_table_is_not_decoded_again(ray_cluster, tmp_path: Path) -> None:

@@ -87,6 +87,8 @@ def ingest(
         f"{summary.errors} errors, {summary.skipped} skipped -> {table} version {summary.version} "
         f"({summary.seconds:.1f} s, {summary.to_json()['images_per_s']} images/s)"
     )
+    if summary.truths_added:
+        typer.echo(f"{summary.truths_added} images the table held without a truth got the one given here")
     if len(summary.nodes) > 1:
         print_rows("items read and checked per Ray node", [{"node": n, "items": c} for n, c in summary.nodes.items()])
     if summary.errors_by_reason:

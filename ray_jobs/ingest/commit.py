@@ -11,8 +11,10 @@ is caught after it: the rows it had first leave this commit's fragments
 (:func:`lance_io.table.drop_concurrent_duplicates`).
 
 A duplicate that carries a truth (a class folder, a manifest's label) is compared after the commit
-with the truth of the copy the table kept: the same image under two different labels is an error
-``truth_conflict`` naming both, not a duplicate, since the table keeps one label an image.
+with the truth of the copy the table kept. Kept without a truth (ingested unlabeled), the row gets
+this truth (``lance_io.columns.commit_values``: the ``truth`` column only, never the image bytes;
+the first copy's, if several come). Kept with another truth, it is an error ``truth_conflict``
+naming both, not a duplicate, since the table keeps one label an image.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lance_io import (
     record_errors,
     table_exists,
 )
+from lance_io.columns import commit_values
 from lance_io.fragments import (
     WrittenFragment,
     commit_fragments,
@@ -79,6 +82,15 @@ class _Chunk:
         return sum(f.rows for f in self.fragments if f is not None) - sum(len(c) for c in self.cut.values())
 
 
+@dataclass(frozen=True)
+class _Truths:
+    """What a chunk's labeled duplicates did: truths given to rows kept without one (in ``version``), conflicts."""
+
+    conflicts: list[ErrorRecord] = field(default_factory=list)
+    added: int = 0
+    version: int | None = None
+
+
 class ChunkWriter:
     """Counts outcomes; commits the fragments tasks wrote, and the errors, a chunk at a time."""
 
@@ -108,7 +120,7 @@ class ChunkWriter:
         self._chunk = self._new_chunk()
         self._chunk_ids: set[str] = set()
         self._errors: list[ErrorRecord] = []
-        self._pending: Future[tuple[AppendResult | None, AppendResult | None]] | None = None
+        self._pending: Future[tuple[AppendResult | None, AppendResult | None, _Truths]] | None = None
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lancetag-commit")
         self.samples = SampleCollector(job, options)
 
@@ -246,11 +258,15 @@ class ChunkWriter:
         """Wait for the commit in flight and count what it added (re-raises its failure)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            result, sampled, conflicts = pending.result()
+            result, sampled, truths = pending.result()
             if result is not None:
                 self.summary.added += result.added
                 self.summary.duplicates += len(result.duplicate_ids)  # counted as inputs when they came
                 self.summary.version = result.version
+            conflicts = len(truths.conflicts)
+            if truths.version is not None:
+                self.summary.truths_added += truths.added
+                self.summary.version = truths.version
             if conflicts:  # counted as duplicates when they came
                 self.summary.duplicates -= conflicts
                 self.summary.errors += conflicts
@@ -271,14 +287,14 @@ class ChunkWriter:
 
     def _commit(
         self, chunk: _Chunk, errors: list[ErrorRecord], samples: list[dict[str, Any]]
-    ) -> tuple[AppendResult | None, AppendResult | None, int]:
+    ) -> tuple[AppendResult | None, AppendResult | None, _Truths]:
         result = sampled = None
         if chunk.fragments:
             result = self._commit_images(chunk)
-        conflicts = self._truth_conflicts(chunk, result)
-        errors = errors + conflicts
+        truths = self._settle_truths(chunk, result)
+        errors = errors + truths.conflicts
         if samples:  # after the images: every id a sample refers to is in the table by now
-            images_version = result.version if result is not None else self._images_version()
+            images_version = truths.version or (result.version if result is not None else self._images_version())
             sampled = append_samples(
                 self.table,
                 sample_rows(samples, job=self.job),
@@ -288,23 +304,38 @@ class ChunkWriter:
             )
         if errors:
             record_errors(self.table, errors, storage_options=self.storage_options)
-        return result, sampled, len(conflicts)
+        return result, sampled, truths
 
-    def _truth_conflicts(self, chunk: _Chunk, result: AppendResult | None) -> list[ErrorRecord]:
-        """The labeled duplicates of ``chunk`` whose truth is not the one the table kept for their image.
+    def _settle_truths(self, chunk: _Chunk, result: AppendResult | None) -> _Truths:
+        """Give the labeled duplicates' truths to the rows the table keeps without one; return the
+        others whose truth is not the one the table kept for their image.
 
         Looked up once the chunk is committed, when the table holds exactly the copy of each image
         it keeps (an earlier run's, an earlier chunk's, or this chunk's): one ``id`` lookup for the
-        chunk's labeled duplicates, so the cost follows the duplicates, not the table.
+        chunk's labeled duplicates, so the cost follows the duplicates, not the table. Rows kept
+        without a truth get the first copy's in one more commit (``truth IS NULL`` checked at
+        commit time, so a truth another writer gave first stays), then are looked up again.
         """
         cut = result.duplicate_ids if result is not None else []
         repeats = chunk.repeats + [(i, *chunk.written[i]) for i in cut if i in chunk.written]
         if not repeats:
-            return []
+            return _Truths()
         version = result.version if result is not None else None
-        kept = on_worker(
-            kept_truths, self.table, version, sorted({i for i, _, _ in repeats}), storage_options=self.storage_options
-        )
+        ids = sorted({i for i, _, _ in repeats})
+        kept = on_worker(kept_truths, self.table, version, ids, storage_options=self.storage_options)
+        unlabeled: dict[str, str] = {}
+        for image_id, truth, _ in repeats:
+            if image_id in kept and kept[image_id][0] is None:
+                unlabeled.setdefault(image_id, truth)
+        added, version = 0, None
+        if unlabeled:
+            values = pa.table({"id": list(unlabeled), TRUTH: list(unlabeled.values())})
+            filled = on_worker(
+                commit_values, self.table, values, todo=f"{TRUTH} IS NULL", storage_options=self.storage_options,
+                properties={"lancetag.operation": "ingest_truths", "lancetag.job": self.job},
+            )
+            added, version = filled.rows, filled.version
+            kept = on_worker(kept_truths, self.table, version, ids, storage_options=self.storage_options)
         conflicts = []
         for image_id, truth, source in repeats:
             kept_truth, kept_source = kept.get(image_id, (truth, None))
@@ -317,7 +348,7 @@ class ChunkWriter:
                 f"this copy's truth {truth!r} is not recorded: a table holds an image once, with the truth it was "
                 "first added with (correct the labels at the source and ingest into a new table to keep this one)",
             ))
-        return conflicts
+        return _Truths(conflicts, added, version)
 
     def _commit_images(self, chunk: _Chunk) -> AppendResult:
         """Cut what the table gained since the tasks checked, rewrite the fragments that lose rows, commit.

@@ -151,6 +151,8 @@ class IngestSummary:
     errors: int = 0
     skipped: int = 0
     version: int | None = None
+    truths_added: int = 0
+    """Duplicates whose image the table held without a truth: their truth was added to its row."""
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     samples: SampleCounts = field(default_factory=SampleCounts)
@@ -178,6 +180,7 @@ class IngestSummary:
             "version": self.version,
             "table": self.table,
             "job": self.job,
+            "truths_added": self.truths_added,
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.inputs / self.seconds, 1) if self.seconds > 0 else None,

@@ -15,7 +15,8 @@ Lifecycle, in one screen:
    both wrote, or one the table gained since a task checked (an earlier chunk of this run, another
    writer), is cut from its fragment first (``without_ids``, a Ray task: the driver reads no
    bytes). Error records go to the errors table in the same step, with the labeled duplicates
-   whose truth is not the one the table keeps for their image (``truth_conflict``).
+   whose truth is not the one the table keeps for their image (``truth_conflict``); a labeled
+   duplicate of an image kept without a truth gives the row its truth (``truth`` alone written).
 4. **Samples**: a training sample (a sharegpt conversation, or an image that brings messages)
    is settled once all its images are (``samples.SampleCollector``); settled samples are appended
    to the samples table (``lance_io.samples``) in the same commit step, *after* the images they
