@@ -345,8 +345,8 @@ class ChunkWriter:
             conflicts.append(ErrorRecord(
                 source=source, reason=TRUTH_CONFLICT, job=self.job, id=image_id,
                 message=f"the same image as {kept_source} (id {image_id}), which the table keeps {held}; "
-                f"this copy's truth {truth!r} is not recorded: a table holds an image once, with the truth it was "
-                "first added with (correct the labels at the source and ingest into a new table to keep this one)",
+                f"this copy's truth {truth!r} is not recorded: a table holds an image once, with the first truth it was "
+                "given (correct the labels at the source and ingest into a new table to keep this one)",
             ))
         return _Truths(conflicts, added, version)
 
