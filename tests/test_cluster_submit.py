@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 
@@ -94,3 +95,30 @@ def test_through_a_ray_client_address_serve_deploys_and_ray_data_jobs_are_refuse
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["reason"] == "ray_client_unsupported", proc.stderr
     assert not table.exists()
+
+
+def test_through_a_ray_client_address_train_runs_on_a_ray_train_worker_of_the_head(head, tiny_qwen2_vl, tmp_path):
+    """``train --workers N`` through ``ray://``: Ray Train's workers start on the head's cluster and
+    the adapter, lineage and loss come back to the command, as on a cluster joined directly."""
+    from bench.data import digit_images, write_table
+    from llamafactory_ext.register import register_dataset
+    from tests.conftest import REPO_ROOT
+
+    write_table(tmp_path / "digits.lance", digit_images(8), rows_per_file=4)
+    register_dataset(str(tmp_path / "digits.lance"), "digits", tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = [LANCETAG, "train", str(REPO_ROOT / "configs" / "train" / "tiny_qwen2_vl_cpu.yaml"), "--workers", "1",
+           "--storage", str(tmp_path / "ray"), "--json"]
+    for key, value in {"model_name_or_path": tiny_qwen2_vl, "dataset_dir": tmp_path / "data", "output_dir": out,
+                       "max_steps": 2}.items():
+        cmd += ["--set", f"{key}={value}"]
+    env = {**os.environ, "RAY_ADDRESS": f"ray://127.0.0.1:{CLIENT_PORT}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if "Starting Ray client server failed" in proc.stderr:  # Ray's own start-up race, as above: once more
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["workers"] == 1 and math.isfinite(result["train_loss"])
+    assert (out / "adapter_model.safetensors").is_file()
+    lineage = json.loads((out / "lancetag_lineage.json").read_text())
+    assert lineage["workers"] == 1 and lineage["datasets"][0]["uri"].endswith("digits.lance")
