@@ -20,9 +20,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, client_port: int | None = None) -> Iterator[str]:
+def ray_head(num_cpus: int = 2, client_port: int | None = None, gcs_port: int | None = None) -> Iterator[str]:
     """Start a Ray head in its own process group; yield its jobs address; kill only that group.
-    Its Ray Client server listens at ``client_port`` (default: a free port).
+    Its Ray Client server listens at ``client_port``, its GCS (``RAY_ADDRESS=127.0.0.1:PORT``) at
+    ``gcs_port`` (default: free ports).
 
     (`ray stop` would stop every Ray cluster on the machine, the test session's too.)
     """
@@ -33,7 +34,7 @@ def ray_head(num_cpus: int = 2, client_port: int | None = None) -> Iterator[str]
     env = {**os.environ, "PATH": path, "VIRTUAL_ENV": str(ray_bin.parent.parent), "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     process = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port or free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--num-cpus={num_cpus}", "--object-store-memory=400000000", f"--ray-client-server-port={client_port or free_port()}",
          f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],

@@ -122,3 +122,26 @@ def test_through_a_ray_client_address_train_runs_on_a_ray_train_worker_of_the_he
     assert (out / "adapter_model.safetensors").is_file()
     lineage = json.loads((out / "lancetag_lineage.json").read_text())
     assert lineage["workers"] == 1 and lineage["datasets"][0]["uri"].endswith("digits.lance")
+
+
+def test_serve_on_a_joined_cluster_whose_proxy_cannot_bind_the_port_is_port_in_use(tmp_path):
+    """On a cluster the command joins (RAY_ADDRESS) where Serve is not running yet, Serve's proxy
+    fails to bind a port another program holds: one line ``error: port_in_use``, exit 2, not
+    ``error: internal: RayTaskError`` (exit 3). A head of its own: Serve must not be running on it."""
+    import socket
+
+    from tests.ray_head import free_port, ray_head
+
+    gcs_port = free_port()
+    with ray_head(num_cpus=1, gcs_port=gcs_port), socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+        proc = subprocess.run(
+            [LANCETAG, "serve", "--task", "digits", "--backend", "random", "--model", "demo", "--port", str(port),
+             "--no-blocking", "--json"], capture_output=True, text=True, env=env, timeout=300,
+        )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    error = json.loads(proc.stdout)["error"]
+    assert error["reason"] == "port_in_use" and f"127.0.0.1:{port}" in error["message"], error
