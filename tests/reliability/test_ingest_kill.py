@@ -31,6 +31,11 @@ pytestmark = pytest.mark.slow  # three CLI ingests of 6,500 files, each starting
 
 COMMIT_ROWS = 1_024  # a version per task's fragment or so: several commits before the end
 IMAGES = 6 * COMMIT_ROWS + 356  # the kill after the first commit leaves most of the folder to do
+WORKER_KILL_IMAGES = 24 * COMMIT_ROWS + 356
+"""The worker kill needs a commit and a task still writing at once. The first commit lands about
+1.3 s after the first task starts (worker start-up, the table's creation), whatever the folder: the
+6,500 small files were all written 0.2 s after it here (4 polls of 50 ms), and a fast run had none,
+so no worker was killed; 25,000 leave 1.3 s (25 polls)."""
 
 
 def _command(folder: Path, table: str) -> list[str]:
@@ -38,11 +43,11 @@ def _command(folder: Path, table: str) -> list[str]:
     return [LANCETAG, "ingest", str(folder), "--table", table, "--num-cpus", "2", "--json", "--commit-rows", str(COMMIT_ROWS)]
 
 
-def _photos(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+def _photos(tmp_path: Path, count: int = IMAGES) -> tuple[Path, dict[str, bytes]]:
     folder = tmp_path / "photos"
     folder.mkdir()
     files: dict[str, bytes] = {}
-    for n in range(IMAGES):
+    for n in range(count):
         path = folder / f"{n:05d}.png"
         path.write_bytes(image_bytes(n, "PNG", size=(8, 8)))
         files[str(path)] = path.read_bytes()
@@ -126,7 +131,7 @@ def _writing_worker(session: int) -> psutil.Process | None:
 
 
 def test_kill_9_of_a_writing_worker_is_retried_and_the_ingest_finishes_with_every_input_once(tmp_path: Path) -> None:
-    folder, files = _photos(tmp_path)
+    folder, files = _photos(tmp_path, WORKER_KILL_IMAGES)
     table = str(tmp_path / "photos.lance")
     log = tmp_path / "ingest.log"
     with open(log, "w") as err:
@@ -149,6 +154,7 @@ def test_kill_9_of_a_writing_worker_is_retried_and_the_ingest_finishes_with_ever
     assert killed is not None, f"no writing worker seen mid-run: {log.read_text()[-2000:]}"
     assert ingest.returncode == 0, log.read_text()[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert (summary["inputs"], summary["added"], summary["duplicates"], summary["errors"]) == (IMAGES, IMAGES, 0, 0)
+    counts = (summary["inputs"], summary["added"], summary["duplicates"], summary["errors"])
+    assert counts == (WORKER_KILL_IMAGES, WORKER_KILL_IMAGES, 0, 0)
     final = _check_rows(table, files)
     assert sorted(r["source"] for r in final) == sorted(files), "every input file present exactly once"
