@@ -92,16 +92,16 @@ def ensure_ray(address: str | None = None, **local: Any) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    from serve_apps.local_cluster import address_to_join, init_local_ray
+
+    address = address_to_join(address or os.environ.get("RAY_ADDRESS"))
     with warnings.catch_warnings():
         # Ray starts its processes by fork and exec: no Lance code runs in the forked child, so
         # Lance's at-fork warning ("lance is not fork-safe") would only alarm the user.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-        if address and address != "local":  # `local` asks for a new cluster, as no address does
+        if address:
             require_ray_data_at(address)
             require_ray_at(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
-            from serve_apps.local_cluster import init_local_ray
-
             init_local_ray(log_to_driver=False, **local)  # label and demo start Serve on it

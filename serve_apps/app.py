@@ -51,7 +51,7 @@ from serve_apps.http_requests import (
     parse_chat_messages,
     parse_label_request,
 )
-from serve_apps.local_cluster import init_local_ray, port_in_use, require_port_free
+from serve_apps.local_cluster import address_to_join, init_local_ray, port_in_use, require_port_free
 from serve_apps.schedulable import require_schedulable
 
 __all__ = ["LabelerConfig", "Limits", "RequestError", "build_app", "parse_chat_messages", "parse_label_request", "run_labeler"]
@@ -448,8 +448,8 @@ def run_labeler(config: LabelerConfig, *, blocking: bool = False, row_reader: Ro
 
     token_hash = token_sha256(config.token_env)
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")  # inside a Ray Job: its cluster; else a new local one
-        if address and address != "local":  # `local` asks for a new cluster, as no address does
+        address = address_to_join(os.environ.get("RAY_ADDRESS"))  # inside a Ray Job: its cluster; else a new local one
+        if address:
             ray.init(address=address)
         else:
             require_port_free(config.host, config.port)  # the new cluster's proxy will bind it here

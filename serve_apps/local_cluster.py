@@ -22,6 +22,12 @@ from lance_io.reasons import ReasonError
 LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
+def address_to_join(address: str | None) -> str | None:
+    """The Ray cluster ``address`` to join, or None for a new local cluster: none given, or ``local``
+    (Ray's own word for a new cluster), which then gets :func:`init_local_ray`'s settings too."""
+    return address if address and address != "local" else None
+
+
 def init_local_ray(**options: Any) -> None:
     """Start a new local Ray cluster (never one a ``ray start`` on this machine left to join), with
     :data:`LOCAL_CLUSTER_ENV` set where unset; ``options`` go to ``ray.init``."""

@@ -314,7 +314,7 @@ class ChunkWriter:
         it keeps (an earlier run's, an earlier chunk's, or this chunk's): one ``id`` lookup for the
         chunk's labeled duplicates, so the cost follows the duplicates, not the table. Rows kept
         without a truth get the first copy's in one more commit (``truth IS NULL`` checked at
-        commit time, so a truth another writer gave first stays), then are looked up again.
+        commit time, so a truth another writer gave first stays; only those rows are looked up again).
         """
         cut = result.duplicate_ids if result is not None else []
         repeats = chunk.repeats + [(i, *chunk.written[i]) for i in cut if i in chunk.written]
@@ -335,7 +335,11 @@ class ChunkWriter:
                 properties={"lancetag.operation": "ingest_truths", "lancetag.job": self.job},
             )
             added, version = filled.rows, filled.version
-            kept = on_worker(kept_truths, self.table, version, ids, storage_options=self.storage_options)
+            given = set(filled.written.column("id").to_pylist())
+            kept.update({i: (unlabeled[i], kept[i][1]) for i in given})
+            taken = [i for i in unlabeled if i not in given]  # another writer gave these first: what it gave
+            if taken:
+                kept.update(on_worker(kept_truths, self.table, version, taken, storage_options=self.storage_options))
         conflicts = []
         for image_id, truth, source in repeats:
             kept_truth, kept_source = kept.get(image_id, (truth, None))
