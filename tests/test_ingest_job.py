@@ -177,6 +177,43 @@ def test_of_two_labeled_copies_of_an_image_held_without_a_truth_the_first_gives_
     assert conflict["source"].endswith("x-copy.png") and "'a'" in conflict["message"] and "'b'" in conflict["message"]
 
 
+def test_a_truth_another_writer_gives_between_the_lookup_and_the_commit_stays_and_this_one_conflicts(
+    ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race ``truth IS NULL`` at commit time is for: ingest finds the row without a truth, another
+    writer (a real Lance commit from another process) gives it one, then ingest commits. The other
+    writer's truth stays, ingest looks the row up again and records its own copy as a conflict."""
+    import pyarrow as pa
+
+    import ray_jobs.ingest.commit as commit_module
+    from lance_io.columns import commit_values
+    from lance_io.table import kept_truths
+
+    table = str(tmp_path / "t.lance")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "x.png").write_bytes(image_bytes(7, "PNG"))
+    ingest([str(tmp_path / "raw")], table, IngestOptions(**QUIET))
+    (tmp_path / "classes" / "a").mkdir(parents=True)
+    (tmp_path / "classes" / "a" / "x.png").write_bytes(image_bytes(7, "PNG"))
+    raced = tmp_path / "raced"
+
+    def lookup_then_another_writer(uri, version, ids, **kwargs):  # runs in a Ray task: pickled by value
+        kept = kept_truths(uri, version, ids, **kwargs)
+        if not raced.exists():  # the first lookup only
+            raced.touch()
+            commit_values(uri, pa.table({"id": list(ids), "truth": ["z"] * len(ids)}), todo="truth IS NULL")
+        return kept
+
+    monkeypatch.setattr(commit_module, "kept_truths", lookup_then_another_writer)
+    summary = ingest([str(tmp_path / "classes")], table, IngestOptions(label_from_dir=True, **QUIET))
+    assert raced.exists()
+    assert (summary.truths_added, summary.duplicates, summary.errors_by_reason) == (0, 0, {"truth_conflict": 1})
+    assert summary.reconciled
+    assert open_table(table).to_table(columns=["truth"]).column("truth").to_pylist() == ["z"]
+    (conflict,) = read_errors(table, job=summary.job).to_pylist()
+    assert "with truth 'z'" in conflict["message"] and "'a'" in conflict["message"]
+
+
 def test_content_already_in_the_table_is_not_decoded_again(ray_cluster, tmp_path: Path) -> None:
     """A rerun with a 1-pixel limit: decoding any image would refuse it; known content is a duplicate."""
     folder = build_class_folder(tmp_path / "photos", {"a": 3, "b": 2})
