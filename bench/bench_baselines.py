@@ -13,7 +13,9 @@ table, the demo's recipe step (`ray_jobs.demo.training_recipe`: the mirror and j
 most 2,000 training rows chosen by id hash, their images alone read) in a process of its own, and
 the vision warm-up's rows (`llamafactory_ext.vision_warmup`: at most 20,000 training rows chosen by
 id hash from their ids and labels, their images alone read; the table registered as an entry of
-the `split = 'train'` rows, validation's 10% held back), in a process of its own.
+the `split = 'train'` rows, validation's 10% held back) and its pixel teacher
+(`llamafactory_ext.pixel_teacher`: an RBF SVM's out-of-fold probabilities for those rows, each of
+its five fits on at most 4,000 rows), in a process of its own.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ RECIPE = (
 )
 WARMUP = (
     "import json, sys; from llamafactory_ext.vision_warmup import _training_rows; "
-    "images, _, _, total = _training_rows({'dataset_dir': sys.argv[1], 'dataset': 'digits'}); "
-    "print(json.dumps({'rows': len(images), 'training_rows': total}))"
+    "from llamafactory_ext.pixel_teacher import teacher_probabilities; "
+    "images, labels, classes, total = _training_rows({'dataset_dir': sys.argv[1], 'dataset': 'digits'}); "
+    "_, teacher = teacher_probabilities(images, labels, len(classes), seed=42); "
+    "print(json.dumps({'rows': len(images), 'training_rows': total, 'teacher': teacher}))"
 )
 SIZES = tuple(int(s) for s in os.environ.get("LANCETAG_BENCH_BASELINE_SIZES", "10000,100000,1000000").split(","))
 LANCETAG = str(Path(sys.executable).parent / "lancetag")
@@ -74,8 +78,9 @@ def run(workdir: Path) -> Section:
     lines = [
         "| rows | held out | eval alone | with the baselines | baselines' share | peak memory, alone / with | "
         "baselines' rows (train / scored) | recipe step, peak memory (rows profiled, mirror) | "
-        "warm-up's rows, peak memory (rows chosen of training rows) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "warm-up's rows and teacher, peak memory (rows chosen of training rows) | of which the teacher (rows a fit, "
+        "out-of-fold accuracy) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     figures = []
     for rows in SIZES:
@@ -98,7 +103,8 @@ def run(workdir: Path) -> Section:
             f"| {rows:,} | {held_out:,} | {alone.seconds:.1f} s | {both.seconds:.1f} s | {extra:.1f} s | "
             f"{alone.peak_rss / 2**20:.0f} / {both.peak_rss / 2**20:.0f} MiB | {svm['train_rows']:,} / {svm['rows']:,} | "
             f"{recipe.seconds:.1f} s, {recipe.peak_rss / 2**20:.0f} MiB ({chosen['profiled']:,}, {'on' if chosen['flip'] else 'off'}) | "
-            f"{warmup.seconds:.1f} s, {warmup.peak_rss / 2**20:.0f} MiB ({warm['rows']:,} of {warm['training_rows']:,}) |"
+            f"{warmup.seconds:.1f} s, {warmup.peak_rss / 2**20:.0f} MiB ({warm['rows']:,} of {warm['training_rows']:,}) | "
+            f"{warm['teacher']['seconds']:.1f} s ({warm['teacher']['fit_rows']:,}, {warm['teacher']['accuracy']:.1%}) |"
         )
     (small, small_extra, _), (large, large_extra, large_scored) = figures[0], figures[-1]
     last_step = ""
@@ -107,7 +113,7 @@ def run(workdir: Path) -> Section:
         last_step = (f" From {before:,} to {large:,} rows, which score {before_scored:,} and {large_scored:,} rows, "
                      f"{before_extra:.1f} s to {large_extra:.1f} s.")
     return table_section(
-        "Pixel baselines, the demo's recipe and the vision warm-up's rows as the table grows", __doc__, lines,
+        "Pixel baselines, the demo's recipe and the vision warm-up's rows and teacher as the table grows", __doc__, lines,
         f"From {small:,} to {large:,} rows ({large // small}x), the baselines' share of the time goes from "
         f"{small_extra:.1f} s to {large_extra:.1f} s ({large_extra / small_extra:.1f}x).{last_step}",
     )

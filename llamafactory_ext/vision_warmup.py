@@ -17,6 +17,10 @@ pretrained tower needs no warming. The training rows are the run's Lance dataset
 side of validation's split: validation rows are never seen), read with the label column of a
 one-question closed task (classify). The warmed model goes to ``<output_dir>/lancetag_warm_start``
 and the run trains from it; the lineage records the warm-up.
+
+The loss also follows a classical teacher (``teacher_weight``, 0.3 by default): each training
+image's class probabilities from an RBF SVM on its pixels fitted on the other folds
+(``llamafactory_ext.pixel_teacher``), which gets other images wrong than the tower does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from lance_io.labels import answer_columns
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
 from llamafactory_ext.image_fit import trained_pixels, training_fit
+from llamafactory_ext.pixel_teacher import teacher_probabilities
 from llamafactory_ext.source import LanceSource, dataset_names, lance_source_of, read_dataset_info
 from llamafactory_ext.validation import rows_by_id, split_batches
 
@@ -59,6 +64,9 @@ class VisionWarmup(BaseModel):
     epochs: int = Field(ge=1, description="Passes over the training rows")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW, on a cosine to 0")
     batch_size: int = Field(32, ge=1)
+    teacher_weight: float = Field(
+        0.3, ge=0, lt=1, description="Share of the loss that follows a pixel SVM's probabilities (0: the labels alone)"
+    )
 
 
 def warm_vision_tower(
@@ -101,6 +109,8 @@ def warm_vision_tower(
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=warmup.learning_rate, weight_decay=0.0)
     steps = warmup.epochs * math.ceil(len(images) / warmup.batch_size)
     target = torch.tensor(labels, device=device)
+    taught = teacher_probabilities(images, labels, len(classes), seed=seed) if warmup.teacher_weight else None
+    teacher = torch.tensor(taught[0], device=device) if taught else None
     accuracy, step = 0.0, 0
     model.train()
     install(augment)  # the run's jitter, through LLaMA-Factory's own image path
@@ -119,6 +129,9 @@ def warm_vision_tower(
                 features = model.get_image_features(**inputs).pooler_output
                 logits = head(torch.stack([f.mean(0) for f in features]))
                 loss = torch.nn.functional.cross_entropy(logits, target[batch])
+                if teacher is not None:  # the labels and the teacher's probabilities, by its weight
+                    follow = torch.nn.functional.kl_div(logits.log_softmax(1), teacher[batch], reduction="batchmean")
+                    loss = (1 - warmup.teacher_weight) * loss + warmup.teacher_weight * follow
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -138,6 +151,7 @@ def warm_vision_tower(
         "training_rows": total,
         "classes": classes,
         "last_epoch_train_accuracy": round(accuracy, 4),
+        "teacher": taught[1] if taught else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
     return str(out), record

@@ -80,6 +80,8 @@ def test_the_tower_learns_the_training_rows_and_the_run_trains_from_it(tiny_qwen
     assert 0 < held_back < len(ids) and warmup["rows"] == warmup["training_rows"] == len(ids) - held_back
     assert warmup["classes"] == ["dark", "bright"]
     assert warmup["last_epoch_train_accuracy"] >= 0.9, warmup  # chance is 0.5: the tower tells the shades apart
+    assert warmup["teacher_weight"] == 0.3 and warmup["teacher"]["accuracy"] >= 0.9, warmup  # the pixel SVM too
+    assert warmup["teacher"]["fit_rows"] < warmup["rows"], "each image's probabilities come from the other folds"
 
     base, warmed = _weights(Path(tiny_qwen2_vl)), _weights(warm)
     assert base.keys() == warmed.keys()
