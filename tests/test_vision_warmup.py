@@ -147,6 +147,22 @@ def test_a_llava_next_tower_and_projector_warm_through_the_same_path(tiny_llava_
     assert not [k for k in changed if "language_model" in k or "lm_head" in k], "the language model is left as it was"
 
 
+def test_the_pixel_teacher_enters_the_loss_and_weight_zero_leaves_the_labels_alone(tiny_qwen2_vl, shades_dir, tmp_path):
+    from llamafactory_ext.vision_warmup import VisionWarmup, warm_vision_tower
+
+    def warm(name: str, **settings) -> tuple[dict, dict[str, torch.Tensor]]:
+        args = {"model_name_or_path": str(tiny_qwen2_vl), "template": "qwen2_vl", "finetuning_type": "full",
+                "dataset": "shades", "dataset_dir": str(shades_dir), "output_dir": str(tmp_path / name)}
+        folder, record = warm_vision_tower(args, VisionWarmup(epochs=1, **settings), None)
+        return record, _weights(Path(folder))
+
+    (alone, alone_weights), (again, again_weights) = warm("alone", teacher_weight=0), warm("again", teacher_weight=0)
+    taught, taught_weights = warm("taught")
+    assert alone["teacher"] is None and taught["teacher"]["accuracy"] >= 0.9, taught
+    assert all(torch.equal(alone_weights[k], again_weights[k]) for k in alone_weights), "a warm-up repeats itself"
+    assert any(not torch.equal(alone_weights[k], taught_weights[k]) for k in alone_weights), "the teacher moved the tower"
+
+
 def test_the_warmup_reads_the_images_of_the_rows_it_keeps_only(tmp_path, monkeypatch):
     """Past ``MAX_ROWS`` the lowest rows by id hash are kept, in hash order, from ids and labels alone.
 
