@@ -8,8 +8,8 @@ probabilities come from an SVM fitted on the other folds: an SVM fitted on an im
 with its own label, which teaches nothing the label does not.
 
 The fits grow with the square of their rows, so each fold's SVM is fitted on at most
-``MAX_FIT_ROWS`` of the others (the first in the rows' order, a hash of their ids): the teacher's
-cost stops growing past a few thousand training rows.
+``MAX_FIT_ROWS`` of the others (the first in the rows' order, a hash of their ids): past a few
+thousand training rows only decoding and scoring the thumbnails grow with the rows.
 """
 
 from __future__ import annotations
