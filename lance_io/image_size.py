@@ -16,6 +16,8 @@ training alike (``llamafactory_ext.image_fit`` holds each training image as it r
 EXIF orientation applied, the transparent parts over white (:data:`BACKGROUND`), then the resize.
 LLaMA-Factory alone would train on a palette image resized nearest-neighbour and on a transparent
 one over black, where the labeler saw it over whatever colour its transparent pixels store.
+The pixel classifiers (``lancetag eval``'s baselines, the warm-up's teacher, the recipe's checks)
+see the same image averaged down to a few pixels a side: :func:`thumbnails`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
@@ -179,6 +182,37 @@ def decode_upright(data: bytes, side: int) -> tuple[Image.Image, tuple[int, int]
         size = image.size
         image.draft("RGB", (side, side))
         return model_image(image), size
+
+
+DRAFT_PER_PIXEL = 8
+""":func:`thumbnails` decodes a JPEG at the smallest scale (1, 1/2, 1/4 or 1/8) that keeps this many
+pixels a side behind each thumbnail pixel: a 12 MP photo in about 9 ms instead of 72."""
+
+
+def thumbnail(image: Image.Image, side: int) -> np.ndarray:
+    """Return an RGB ``image`` averaged down to ``side`` x ``side`` pixels (BOX), in [0, 1], as one flat row.
+
+    What the pixel classifiers see: ``lancetag eval``'s baselines, the warm-up's teacher, the recipe's checks.
+    """
+    return np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255
+
+
+def thumbnails(images: Sequence[bytes | None], side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (each image's :func:`thumbnail` as a model sees it, upright and flattened, a row each; which decoded).
+
+    An image that is empty or does not decode gets a row of zeros and False in the mask.
+    """
+    rows = np.zeros((len(images), side * side * 3), dtype=np.float32)
+    decoded = np.zeros(len(images), dtype=bool)
+    for i, data in enumerate(images):
+        if not data:
+            continue
+        try:
+            rows[i] = thumbnail(decode_upright(data, DRAFT_PER_PIXEL * side)[0], side)
+        except Exception:  # an undecodable image: the caller counts it as it must
+            continue
+        decoded[i] = True
+    return rows, decoded
 
 
 def _scaled(image: Image.Image, pixels: int) -> Image.Image:

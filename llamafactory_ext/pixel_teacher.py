@@ -20,24 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from lance_io.image_size import decode_upright
+from lance_io.image_size import thumbnails
 
 THUMBNAIL = 16
 """Side of the thumbnails the SVM sees, as the pixel baselines of ``lancetag eval``."""
 FOLDS = 5
 MAX_FIT_ROWS = 4_000
 """At most this many rows fit each fold's SVM."""
-
-
-def thumbnails(images: Sequence[bytes]) -> np.ndarray:
-    """Return each image as the model sees it, ``THUMBNAIL`` pixels a side, RGB in [0, 1], a row each."""
-    from PIL import Image
-
-    rows = []
-    for data in images:
-        image = decode_upright(data, THUMBNAIL * 8)[0].convert("RGB").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
-        rows.append(np.asarray(image, dtype=np.float32).reshape(-1) / 255)
-    return np.stack(rows)
 
 
 def teacher_probabilities(
@@ -55,7 +44,7 @@ def teacher_probabilities(
     from sklearn.svm import SVC
 
     started = time.perf_counter()
-    features, truth = thumbnails(images), np.asarray(labels)
+    features, truth = thumbnails(images, THUMBNAIL)[0], np.asarray(labels)
     folds = np.random.default_rng(seed).permutation(len(truth)) % FOLDS  # a fold: a random fifth of the rows
     scores = np.zeros((len(truth), classes), dtype=np.float64)
     fitted = 0

@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lance_io.augment import ImageAugment, augment_image, border_grey
-from lance_io.image_size import decode_upright
+from lance_io.image_size import decode_upright, thumbnail
 from lance_io.reasons import ReasonError
 
 SIDES = (56, 84, 112)
@@ -194,10 +194,7 @@ def choose_side(images: Sequence[Image.Image], sizes: Sequence[tuple[int, int]])
 
 
 def _thumbnails(images: Sequence[Image.Image], side: int = THUMBNAIL) -> np.ndarray:
-    size = (side, side)
-    return np.stack(
-        [np.asarray(i.resize(size, Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255 for i in images]
-    )
+    return np.stack([thumbnail(image, side) for image in images])
 
 
 def flip_check(images: Sequence[Image.Image], labels: Sequence[str], folds: Sequence[int]) -> dict[str, float]:

@@ -263,7 +263,8 @@ def test_a_photo_gives_the_baselines_its_pixels_from_a_small_decode():
     """A JPEG is decoded at a fraction of its scale, which keeps 8x8 stored pixels behind each of the 16x16: a few levels off the whole decode."""
     import random
 
-    from ray_jobs.evaluation.baselines import DRAFT_SIDE, PIXELS, pixel_features
+    from lance_io.image_size import DRAFT_PER_PIXEL, thumbnails
+    from ray_jobs.evaluation.baselines import PIXELS
 
     rng = random.Random(3)
     photo = Image.frombytes("RGB", (80, 60), rng.randbytes(80 * 60 * 3)).resize((4000, 3000), Image.Resampling.BICUBIC)
@@ -276,13 +277,13 @@ def test_a_photo_gives_the_baselines_its_pixels_from_a_small_decode():
     def pixels(data: bytes, draft: bool) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             if draft:
-                image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+                image.draft("RGB", (DRAFT_PER_PIXEL * PIXELS,) * 2)
                 assert image.size == (500, 375)  # 1/8 of the scale: what is decoded
             small = image.convert("RGB").resize((PIXELS, PIXELS), Image.Resampling.BOX)
         return np.asarray(small, np.float32).ravel() / 255
 
     jpeg, png = encoded("JPEG"), encoded("PNG")
-    features, decoded = pixel_features([jpeg, png, b"not an image"])
+    features, decoded = thumbnails([jpeg, png, b"not an image"], PIXELS)
     assert decoded.tolist() == [True, True, False]
     assert np.array_equal(features[0], pixels(jpeg, draft=True))
     whole = pixels(jpeg, draft=False)
@@ -292,10 +293,11 @@ def test_a_photo_gives_the_baselines_its_pixels_from_a_small_decode():
 
 def test_a_photo_turned_by_its_exif_gives_the_baselines_its_upright_pixels():
     """A phone's portrait photo is stored on its side; the baselines see it upright, as the model trains on it."""
-    from ray_jobs.evaluation.baselines import PIXELS, pixel_features
+    from lance_io.image_size import thumbnails
+    from ray_jobs.evaluation.baselines import PIXELS
 
     photo, upright = turned_photo()
-    features, decoded = pixel_features([photo])
+    features, decoded = thumbnails([photo], PIXELS)
     assert decoded.tolist() == [True]
 
     def pixels(image: Image.Image) -> np.ndarray:
@@ -326,10 +328,11 @@ def test_the_same_training_rows_in_another_order_give_the_same_baselines():
     On these 1,000 digits scikit-learn's default tolerance stopped the logistic regression where each order
     of the rows gave a different accuracy.
     """
-    from ray_jobs.evaluation.baselines import PixelRows, fit_baselines, pixel_features
+    from lance_io.image_size import thumbnails
+    from ray_jobs.evaluation.baselines import PIXELS, PixelRows, fit_baselines
 
     images = digit_images(1797)
-    features, decoded = pixel_features([data for data, _ in images])
+    features, decoded = thumbnails([data for data, _ in images], PIXELS)
     ids = [content_hashes(data)[0] for data, _ in images]
     truth = np.asarray([label for _, label in images], dtype=object)
     answers = [None] * len(images)

@@ -171,8 +171,7 @@ def test_a_grey_image_of_more_than_8_bits_is_seen_scaled_to_8_not_clipped_at_255
     image black): the labeler, training and the pixel baselines see the 8-bit image it holds."""
     import numpy as np
 
-    from lance_io.image_size import ImagePixels
-    from ray_jobs.evaluation.baselines import pixel_features
+    from lance_io.image_size import ImagePixels, thumbnails
     from serve_apps.backends.base import decode_image
 
     grey = Image.frombytes("L", (300, 200), random.Random(5).randbytes(300 * 200))
@@ -182,7 +181,7 @@ def test_a_grey_image_of_more_than_8_bits_is_seen_scaled_to_8_not_clipped_at_255
     fit = ImagePixels(max=SIDE * SIDE, min=SIDE * SIDE, qwen2_vl=True)
     for size in (None, fit):
         assert decode_image(wide, fit=size).tobytes() == decode_image(eight, fit=size).tobytes()
-    assert np.array_equal(pixel_features([wide])[0], pixel_features([eight])[0])
+    assert np.array_equal(thumbnails([wide], 16)[0], thumbnails([eight], 16)[0])
     held = training_fit("qwen2_vl", SIDE * SIDE, SIDE * SIDE)
     with Image.open(io.BytesIO(held(wide))) as trained, Image.open(io.BytesIO(held(eight))) as trained_eight:
         assert trained.convert("RGB").tobytes() == trained_eight.convert("RGB").tobytes()

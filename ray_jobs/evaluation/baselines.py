@@ -5,9 +5,10 @@ learned anything a VLM is needed for. ``lancetag eval --baseline-train "split = 
 each baseline on the rows of that filter and scores it on exactly the rows it evaluates:
 
 - logistic regression and an RBF SVM (scikit-learn), each on the image resized to 16x16 RGB
-  (area averaging), standardized per feature; a greyscale image gives three equal channels. A
-  JPEG is decoded at the smallest scale that keeps :data:`DRAFT_SIDE` pixels a side, so a photo
-  costs a fraction of its whole decode.
+  (area averaging; ``lance_io.image_size.thumbnails``, upright as the model sees it), standardized
+  per feature; a greyscale image gives three equal channels. A JPEG is decoded at the smallest
+  scale that keeps 8 pixels behind each of the 16 a side, so a photo costs a fraction of its whole
+  decode.
 - Each is fitted on its training rows in the order of their ids, so the same rows give the same
   baseline whatever order the table stores them in, and the logistic regression is solved to
   :data:`LOGISTIC_TOLERANCE`: scikit-learn's default stops L-BFGS on these correlated pixels
@@ -26,18 +27,17 @@ says at :data:`SIGNIFICANCE`, not what the two percentages look like.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from lance_io.image_size import thumbnails
 from lance_io.reasons import ReasonError
 from lance_io.splits import id_bucket
 
 PIXELS = 16
-DRAFT_SIDE = 8 * PIXELS
-"""A JPEG is decoded at the smallest scale (1, 1/2, 1/4 or 1/8) that keeps this many pixels a side, so each
-of the 16 still averages at least 8x8 decoded ones: a 12 MP photo in about 9 ms instead of 72."""
+"""Side of the thumbnails the baselines see (``lance_io.image_size.thumbnails``)."""
 MAX_TRAIN_ROWS = 5000
 MAX_SCORED_ROWS = 20_000
 SALT = "baseline"
@@ -98,29 +98,6 @@ def describe_verdict(baseline: Baseline) -> str:
     return f"{where} ({counts})"
 
 
-def pixel_features(images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (16x16 RGB pixels in [0, 1], one row per image; mask of the images that decoded).
-
-    A photo turned by its EXIF orientation is taken upright, as the model trains on it and the labeler sees it.
-    """
-    from PIL import Image
-
-    from lance_io.image_size import decode_upright
-
-    features = np.zeros((len(images), PIXELS * PIXELS * 3), dtype=np.float32)
-    ok = np.zeros(len(images), dtype=bool)
-    for i, data in enumerate(images):
-        if not data:
-            continue
-        try:  # a JPEG at 1/2-1/8 scale: a photo is not decoded whole
-            small = decode_upright(data, DRAFT_SIDE)[0].resize((PIXELS, PIXELS), Image.Resampling.BOX)
-        except Exception:  # an undecodable image: the baseline cannot answer it (counted wrong)
-            continue
-        features[i] = np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
-        ok[i] = True
-    return features, ok
-
-
 def _models() -> dict[str, object]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -151,7 +128,7 @@ def pixel_rows(chunks: Iterable[dict[str, list]], image_column: str, truth: str,
     ids: list[str] = []
     features, decoded, truths, answers = [], [], [], []
     for chunk in chunks:
-        x, ok = pixel_features(chunk[image_column])
+        x, ok = thumbnails(chunk[image_column], PIXELS)
         ids += [str(i) for i in chunk["id"]]
         features.append(x)
         decoded.append(ok)
