@@ -68,16 +68,33 @@ def image_tokens(
     pixels for ``model``, by its own rule (the template's plugin, the model's processor), over the
     :func:`probe_shapes` of ``ratios``, such as the data's widest and tallest. Qwen2-VL's count moves
     with an image's aspect (not always up: its sides round to 28 pixels), LLaVA-NeXT's with its tiles."""
-    from llamafactory.data.template import TEMPLATES
-    from llamafactory.extras.constants import IMAGE_PLACEHOLDER
+    return _image_tokens(_processor(model, max_pixels, min_pixels), template, max_pixels, ratios)
+
+
+def task_cutoff(
+    task: Task, model: str, template: str, max_pixels: int, min_pixels: int | None = None, ratios: Iterable[float] = ()
+) -> int:
+    """Return :func:`cutoff_for` ``task`` over one image of :func:`image_tokens`, the model's processor loaded once."""
+    processor = _processor(model, max_pixels, min_pixels)
+    return cutoff_for(task, processor.tokenizer, _image_tokens(processor, template, max_pixels, ratios))
+
+
+def _processor(model: str, max_pixels: int, min_pixels: int | None) -> Any:
     from llamafactory.hparams import ModelArguments
     from llamafactory.model.patcher import patch_processor
-    from PIL import Image
     from transformers import AutoProcessor
 
     bounds = {"image_max_pixels": max_pixels} | ({} if min_pixels is None else {"image_min_pixels": min_pixels})
     processor = AutoProcessor.from_pretrained(model)
     patch_processor(processor, processor.tokenizer, ModelArguments(model_name_or_path=model, **bounds))
+    return processor
+
+
+def _image_tokens(processor: Any, template: str, max_pixels: int, ratios: Iterable[float]) -> int:
+    from llamafactory.data.template import TEMPLATES
+    from llamafactory.extras.constants import IMAGE_PLACEHOLDER
+    from PIL import Image
+
     plugin = TEMPLATES[template].mm_plugin
     counts = []
     for size in probe_shapes(max_pixels, ratios):

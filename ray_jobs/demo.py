@@ -450,13 +450,10 @@ def _fit_cutoff(config: dict[str, Any], task: Task, ratios: tuple[float, ...] = 
     """Return ``config`` with a ``cutoff_len`` that holds the task's longest example, its images of
     aspect ``ratios`` included: a prompt listing dozens of labels, an image of thousands of tokens
     (LLaVA-NeXT) or a long strip outgrows a YAML's, and LLaMA-Factory would cut it (``llamafactory_ext.cutoff``)."""
-    from transformers import AutoTokenizer
+    from llamafactory_ext.cutoff import task_cutoff
 
-    from llamafactory_ext.cutoff import cutoff_for, image_tokens
-
-    model = config["model_name_or_path"]
-    tokens = image_tokens(model, config["template"], config["image_max_pixels"], config.get("image_min_pixels"), ratios)
-    needed = cutoff_for(task, AutoTokenizer.from_pretrained(model), tokens)
+    pixels = (config["image_max_pixels"], config.get("image_min_pixels"))
+    needed = task_cutoff(task, config["model_name_or_path"], config["template"], *pixels, ratios)
     return {**config, "cutoff_len": max(config.get("cutoff_len", 0), needed)}
 
 

@@ -137,7 +137,8 @@ def test_image_tokens_is_the_most_llamafactory_gives_an_image_of_the_run(fixture
     from transformers import AutoTokenizer
 
     import llamafactory_ext
-    from llamafactory_ext.cutoff import image_tokens, probe_shapes
+    from lance_io.tasks import load_task
+    from llamafactory_ext.cutoff import cutoff_for, image_tokens, probe_shapes, task_cutoff
     from llamafactory_ext.register import register_dataset
 
     llamafactory_ext.activate()
@@ -160,6 +161,9 @@ def test_image_tokens_is_the_most_llamafactory_gives_an_image_of_the_run(fixture
     assert len(counts) == len(shapes) and len(set(counts)) > 1, "the images' shapes change their tokens"
     assert shapes[0][1] / shapes[0][0] > 2.9 and shapes[-1][0] / shapes[-1][1] > 9.5, "from 3:1 tall to the strip"
     assert image_tokens(str(model), template, pixels, pixels, ratios=[strip]) == max(counts)
+    task = load_task("digits")  # the processor's own tokenizer counts the text as the model's does
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert task_cutoff(task, str(model), template, pixels, pixels, [strip]) == cutoff_for(task, tokenizer, max(counts))
 
 
 def test_aspect_ratios_are_the_widest_and_tallest_of_the_rows_selected(tmp_path):
