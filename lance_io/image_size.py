@@ -186,7 +186,7 @@ def decode_upright(data: bytes, side: int) -> tuple[Image.Image, tuple[int, int]
 
 DRAFT_PER_PIXEL = 8
 """:func:`thumbnails` decodes a JPEG at the smallest scale (1, 1/2, 1/4 or 1/8) that keeps this many
-pixels a side behind each thumbnail pixel: a 12 MP photo in about 9 ms instead of 72."""
+pixels a side behind each thumbnail pixel: for 16x16, a 12 MP photo in about 9 ms instead of 72."""
 
 
 def thumbnail(image: Image.Image, side: int) -> np.ndarray:
