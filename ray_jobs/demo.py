@@ -67,7 +67,7 @@ class DemoResult:
     adapter: str
     report: str
     seconds: float
-    steps: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)  # seconds by step name; the log line adds its figures
     baselines: list[Baseline] = field(default_factory=list)  # pixel baselines on the held-out rows, each against the model
     recipe: dict[str, Any] = field(default_factory=dict)  # what llamafactory_ext.recipe chose from the data
     validation: dict[str, Any] | None = None  # the validation curve of the run
@@ -497,9 +497,10 @@ def run_demo(
     work.mkdir(parents=True, exist_ok=True)
     table = str(work / "images.lance")
 
-    def step(name: str, t0: float) -> None:
+    def step(name: str, t0: float, detail: str = "") -> None:  # ``steps`` keys are the names: one JSON shape a run
         steps[name] = round(time.perf_counter() - t0, 1)
-        log(f"[{time.perf_counter() - started:6.1f}s] {name} done in {steps[name]:.1f}s")
+        described = f"{name} ({detail})" if detail else name
+        log(f"[{time.perf_counter() - started:6.1f}s] {described} done in {steps[name]:.1f}s")
 
     t0 = time.perf_counter()
     data_dir = work / "data" if data is None else Path(data).resolve()
@@ -526,7 +527,7 @@ def run_demo(
     accounted.update(_label_coverage(counts, labels))
     _require_held_out(counts, layout)
     versions = {"ingested": tag_version(table, "ingested")}
-    step(f"ingest ({describe_ingest(accounted)}; {layout.classes()}; held out: {layout.held_out()})", t0)
+    step("ingest", t0, f"{describe_ingest(accounted)}; {layout.classes()}; held out: {layout.held_out()}")
 
     t0 = time.perf_counter()
     recipe = training_recipe(table, versions["ingested"])
@@ -539,9 +540,9 @@ def run_demo(
     own_cluster = None if os.environ.get("RAY_ADDRESS") else ray.cluster_resources()
     config = _training_config(base, tiny, work / "lf", work / "models" / "fine-tuned", epochs, recipe, own_cluster)
     config = _fit_cutoff(config, load_task(task), aspect_ratios(table, versions["ingested"], "split = 'train'"))
-    step(f"recipe from the training rows (side {recipe.side}, flip {'on' if recipe.flip else 'off'}, "
+    step("recipe from the training rows", t0, f"side {recipe.side}, flip {'on' if recipe.flip else 'off'}, "
          f"jitter {'on' if recipe.jitter else 'off'}, up to {config['num_train_epochs']:g} epochs, "
-         f"cutoff_len {config['cutoff_len']})", t0)
+         f"cutoff_len {config['cutoff_len']}")
 
     t0 = time.perf_counter()
     labeler = labeler_resources(own_cluster)
@@ -549,12 +550,12 @@ def run_demo(
                 progress=progress)
     versions["zero-shot"] = tag_version(table, "zero-shot")
     before = evaluate_table(table, "label", "truth", version="zero-shot", where="split = 'test'")
-    step(f"zero-shot tagging (held-out accuracy {100 * before.accuracy:.1f}%)", t0)
+    step("zero-shot tagging", t0, f"held-out accuracy {100 * before.accuracy:.1f}%")
 
     t0 = time.perf_counter()
     trained = run_training(config, labeler=transformers_labeler)
     loss = "n/a" if trained.train_loss is None else f"{trained.train_loss:.3f}"
-    step(f"fine-tuning on {registration.rows} rows (mean train loss {loss})", t0)
+    step("fine-tuning", t0, f"{registration.rows} rows, mean train loss {loss}")
 
     t0 = time.perf_counter()
     tuned = LabelOptions(task=task, relabel=True, batch_size=LABEL_BATCH, version_tag="fine-tuned", **labeler,
@@ -563,7 +564,7 @@ def run_demo(
     versions["fine-tuned"] = tag_version(table, "fine-tuned")
     after = evaluate_table(table, "label", "truth", version="fine-tuned", where="split = 'test'", report_dir=work / "report",
                            baseline_train="split = 'train'")
-    step(f"re-tagging (held-out accuracy {100 * after.accuracy:.1f}%)", t0)
+    step("re-tagging", t0, f"held-out accuracy {100 * after.accuracy:.1f}%")
 
     test_rows = next(iter(after.evaluations.values())).rows
     return DemoResult(

@@ -77,6 +77,12 @@ def test_demo_runs_the_whole_loop_on_another_folder_per_class_dataset(tmp_path: 
     assert result["accuracy_before"] <= 0.5
     assert result["accuracy_after"] >= max(0.5, result["accuracy_before"] + 0.15), result
     assert result["versions"]["ingested"] < result["versions"]["zero-shot"] < result["versions"]["fine-tuned"]
+    # Each step's seconds under a fixed name, whatever the data (one JSON shape); its figures are in its progress line.
+    assert list(result["steps"]) == [
+        "data + base model", "ingest", "recipe from the training rows", "zero-shot tagging", "fine-tuning", "re-tagging"
+    ]
+    assert all(seconds >= 0 for seconds in result["steps"].values())
+    assert "] ingest (243 images of 245 files, 1 skipped (not images), 1 error (1 decode_failed)" in run.stderr
     # The recipe came from the crops: a mirrored texture is the same texture, 56-pixel crops need
     # no more than 4 visual tokens, and the run validated and kept its best weights.
     assert result["recipe"]["flip"] is True and result["recipe"]["visual_tokens"] == 4
